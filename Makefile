@@ -1,0 +1,48 @@
+# opd: the two commands a fresh machine needs are `make run` and `make test`.
+# Both create .venv and install what they need (uv, torch, the package and its extras).
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+UV := $(BIN)/uv
+# Build caches (tiny models, control-plane binaries) live outside the checkout so CI reuses them.
+export OPD_CACHE_DIR ?= $(HOME)/.cache/opd
+TORCH_VERSION ?= 2.13.0
+# Local wheel folders (pip's PIP_FIND_LINKS) are searched first, so a machine that has the
+# CPU build of torch (torch-X+cpu) uses it; otherwise PyPI's build is installed.
+FIND_LINKS ?= $(PIP_FIND_LINKS)
+UV_FLAGS ?= $(foreach d,$(FIND_LINKS),$(if $(wildcard $(d)/*),--find-links $(d)))
+EXTRAS ?= runtime,operator,test
+WORKDIR ?= runs/tiny-math
+
+.PHONY: venv test test-fast run clean help
+
+help:
+	@echo "make run    run the demo (examples/tiny-math.yaml) on tiny models, locally"
+	@echo "make test   run the whole test suite"
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(UV): | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check uv
+
+$(VENV)/.installed-$(EXTRAS): pyproject.toml | $(UV)
+	VIRTUAL_ENV=$(VENV) $(UV) pip install --quiet $(UV_FLAGS) "torch==$(TORCH_VERSION)"
+	VIRTUAL_ENV=$(VENV) $(UV) pip install --quiet $(UV_FLAGS) "torch==$(TORCH_VERSION)" -e ".[$(EXTRAS)]"
+	touch $@
+
+venv: $(VENV)/.installed-$(EXTRAS)
+
+test: venv
+	$(BIN)/python -m pytest -q
+
+test-fast: venv
+	$(BIN)/python -m pytest -q -m "not slow"
+
+run: venv
+	$(BIN)/opd tiny-models --out $(WORKDIR)/models
+	$(BIN)/opd distill --config examples/tiny-math.yaml --workspace $(WORKDIR)
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

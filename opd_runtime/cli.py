@@ -1,0 +1,115 @@
+"""The ``opd`` command: every stage of a DistillationRun, runnable locally or inside a stage pod.
+
+Spec validation happens before torch or transformers are imported, so a bad file fails in well under a
+second with a message naming the field.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+EXIT_OK = 0
+EXIT_RETRY = 1  # transient failure: the operator may retry the stage
+EXIT_BAD_CONFIG = 2  # do not retry: the message says what to fix
+
+
+def _load(path: str):
+    from .spec import load_run
+
+    return load_run(path)
+
+
+def cmd_validate(args) -> int:
+    run = _load(args.config)
+    print(f"{args.config}: valid DistillationRun {run.metadata.name!r}; stages: {', '.join(run.spec.enabled_stages())}")
+    return EXIT_OK
+
+
+def cmd_tiny_models(args) -> int:
+    from .tiny_models import WorldConfig, build
+
+    cfg = WorldConfig(difficulty=args.difficulty, seed=args.seed)
+    if args.teacher_steps is not None:
+        cfg.teacher_steps = args.teacher_steps
+    if args.student_steps is not None:
+        cfg.student_steps = args.student_steps
+    report = build(Path(args.out), cfg)
+    print(json.dumps({k: v for k, v in report.items() if k != "config"}, indent=2))
+    return EXIT_OK
+
+
+def cmd_distill(args) -> int:
+    run = _load(args.config)
+    from .distill.learner import run_distill
+
+    def show(rec: dict) -> None:
+        print(f"step {rec['step']:>4}  reverse_kl {rec['reverse_kl']:.4f}  entropy {rec['entropy']:.3f}  "
+              f"tokens {rec['completion_tokens']:>6}  sample {rec['sample_seconds']:.1f}s  "
+              f"teacher {rec['teacher_seconds']:.1f}s  train {rec['train_seconds']:.1f}s", flush=True)
+
+    result = run_distill(run, Path(args.workspace), resume=args.resume, on_step=show)
+    print(json.dumps(result, indent=2))
+    return EXIT_OK
+
+
+def cmd_preflight(args) -> int:
+    from .preflight import check_pair
+
+    run = _load(args.config)
+    s, t = run.spec.student, run.spec.teacher
+    check_pair(s.model, t.model, student_tokenizer=s.tokenizer, teacher_tokenizer=t.tokenizer,
+               revision_s=s.revision, revision_t=t.revision)
+    print("pre-flight: student and teacher tokenizers, special tokens and chat templates match")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="opd", description=(
+        "On-policy distillation for math reasoning. Each stage reads a DistillationRun file "
+        "(--config) and a workspace directory (--workspace: a local folder, or the run's PVC in a pod)."))
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def stage(name: str, help_text: str, fn):
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--config", required=True, help="DistillationRun YAML file")
+        p.set_defaults(fn=fn)
+        return p
+
+    p = stage("distill", "stage 2: on-policy distillation of the student from the teacher", cmd_distill)
+    p.add_argument("--workspace", required=True, help="directory for checkpoints and metrics")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the workspace")
+    stage("validate", "check a DistillationRun file and exit", cmd_validate)
+    stage("preflight", "check that student and teacher tokenizers and chat templates match", cmd_preflight)
+
+    p = sub.add_parser("tiny-models", help="build the offline tiny world: tokenizer, teacher and students",
+                       description="Build a tokenizer and tiny Qwen3-architecture teacher and students "
+                       "on tinymath, locally (no network).")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--difficulty", type=int, default=2, help="tinymath difficulty (default 2)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--teacher-steps", type=int, default=None, help="teacher training steps")
+    p.add_argument("--student-steps", type=int, default=None, help="weak student training steps")
+    p.set_defaults(fn=cmd_tiny_models)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .preflight import TokenizerMismatch
+    from .spec import SpecError
+
+    try:
+        return args.fn(args)
+    except (SpecError, TokenizerMismatch) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    except KeyboardInterrupt:
+        print("interrupted; the workspace keeps the last checkpoint (re-run with --resume)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,234 @@
+"""The OPD learner loop (``opd distill``).
+
+Each step: sample ``samplesPerPrompt`` completions for ``promptsPerStep`` prompts from the current
+student -> the teacher scores exactly those tokens -> advantage = -klCoef * (student_lp - teacher_lp) on
+completion tokens -> importance-sampling (or PPO) loss -> one optimizer step. The next step samples
+from the updated weights, so every sample is on-policy.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from .. import modeling
+from ..data_sources import load_prompts
+from ..generation import Sample, sample
+from ..grading import is_correct_integer
+from ..metrics import MetricsSink
+from ..preflight import compare_tokenizers, TokenizerMismatch
+from ..spec import DistillationRun, DistillSpec, SpecError
+from ..training import checkpoint
+from ..training.batches import prompt_ids, right_pad, token_logprobs
+from ..training.optim import build_optimizer
+from ..workspace import Workspace
+from . import loss as L
+from .prompts import batch_at
+from .teacher import LocalTeacher, Teacher
+
+
+@dataclass
+class StepStats:
+    loss: float
+    reverse_kl: float
+    entropy: float
+    completion_tokens: int
+    grad_norm: float
+
+
+def init_model_path(run: DistillationRun, ws: Workspace) -> str:
+    """Where the student starts: ``initFrom``, else the SFT stage's output when SFT runs, else the student."""
+    spec = run.spec
+    if spec.distill.init_from:
+        return ws.resolve(spec.distill.init_from)
+    if spec.sft is not None and spec.sft.enabled:
+        return str(ws.final_model("sft"))
+    return ws.resolve(spec.student.model)
+
+
+def train_on_samples(model, samples: Sequence[Sample], teacher_logprobs: Sequence[Sequence[float]],
+                     cfg: DistillSpec, pad_id: int) -> StepStats:
+    """Accumulate gradients of the OPD loss over micro-batches of the step's samples (no optimizer step)."""
+    dev = next(model.parameters()).device
+    n_tokens = sum(len(s.completion_ids) for s in samples)
+    normalizer = float(max(n_tokens, 1))
+    total_loss = total_kl = total_entropy = 0.0
+    for start in range(0, len(samples), cfg.micro_batch_size):
+        chunk = samples[start: start + cfg.micro_batch_size]
+        batch = right_pad([s.prompt_ids for s in chunk], [s.completion_ids for s in chunk], pad_id)
+        old_lp_BT = torch.zeros_like(batch.loss_mask_BT)
+        teacher_lp_BT = torch.zeros_like(batch.loss_mask_BT)
+        for i, s in enumerate(chunk):
+            p, c = len(s.prompt_ids), len(s.completion_ids)
+            old_lp_BT[i, p: p + c] = torch.tensor(s.logprobs)
+            teacher_lp_BT[i, p: p + c] = torch.tensor(teacher_logprobs[start + i])
+        mask_BT = batch.loss_mask_BT.to(dev)
+        old_lp_BT, teacher_lp_BT = old_lp_BT.to(dev), teacher_lp_BT.to(dev)
+        ids = batch.input_ids_BT.to(dev)
+        logits = model(input_ids=ids, attention_mask=batch.attention_mask_BT.to(dev)).logits
+        new_lp_BT = token_logprobs(logits, ids, temperature=cfg.temperature)
+        adv_BT = L.advantages(old_lp_BT, teacher_lp_BT, mask_BT, kl_coef=cfg.kl_coef, discount=cfg.discount)
+        if cfg.loss == "ppo":
+            loss = L.ppo_loss(new_lp_BT, old_lp_BT, adv_BT, mask_BT, normalizer, clip=cfg.ppo_clip)
+        else:
+            loss = L.importance_sampling_loss(new_lp_BT, old_lp_BT, adv_BT, mask_BT, normalizer)
+        loss.backward()
+        with torch.no_grad():
+            total_loss += float(loss)
+            total_kl += float(L.per_token_reverse_kl(old_lp_BT, teacher_lp_BT, mask_BT).sum())
+            total_entropy += float(L.masked_entropy_sum(logits.detach() / cfg.temperature, mask_BT))
+    return StepStats(total_loss, total_kl / normalizer, total_entropy / normalizer, n_tokens, 0.0)
+
+
+def _build_student(init: str, cfg: DistillSpec, dtype: str, resume_from: Path | None):
+    model = modeling.load_causal_lm(init if resume_from is None or cfg.lora.enabled else
+                                    str(resume_from / "model"), dtype=dtype)
+    if cfg.lora.enabled:
+        from peft import LoraConfig, PeftModel, get_peft_model
+
+        if resume_from is not None:
+            model = PeftModel.from_pretrained(model, resume_from / "model", is_trainable=True)
+        else:
+            targets = cfg.lora.target_modules
+            model = get_peft_model(model, LoraConfig(
+                r=cfg.lora.rank, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                target_modules=targets[0] if targets == ["all-linear"] else targets, task_type="CAUSAL_LM"))
+    return model
+
+
+def _teacher(run: DistillationRun, ws: Workspace, cfg: DistillSpec) -> Teacher:
+    t = run.spec.teacher
+    if t.backend == "local":
+        model = modeling.load_causal_lm(ws.resolve(t.model), dtype=t.dtype, revision=t.revision,
+                                        trust_remote_code=t.trust_remote_code)
+        return LocalTeacher(model, micro_batch_size=max(cfg.micro_batch_size, 32))
+    raise SpecError("spec.teacher.backend: `vllm-server` scoring is not available in this build of the "
+                    "learner; set `backend: local` to score with an in-process teacher")
+
+
+def _sample_accuracy(tokenizer, samples: Sequence[Sample], answers: Sequence[str | None]) -> float | None:
+    graded = [(s, a) for s, a in zip(samples, answers) if a is not None]
+    if not graded:
+        return None
+    texts = tokenizer.batch_decode([s.completion_ids for s, _ in graded], skip_special_tokens=True)
+    return sum(is_correct_integer(t, a) for t, (_, a) in zip(texts, graded)) / len(graded)
+
+
+def run_distill(run: DistillationRun, workspace: Path, *, resume: bool = False,
+                log: Callable[[str], None] = print,
+                on_step: Callable[[dict], None] | None = None) -> dict:
+    cfg = run.spec.distill
+    if cfg is None or not cfg.enabled:
+        raise SpecError("spec.distill: the distill stage is not enabled in this run")
+    ws = Workspace(Path(workspace))
+    ckpt_root = ws.checkpoints("distill")
+    existing = checkpoint.latest(ckpt_root)
+    if existing is not None and not resume:
+        raise SpecError(f"{ckpt_root} already holds checkpoints ({existing.name}); pass --resume to continue "
+                        "that run, or use a fresh workspace")
+    init = init_model_path(run, ws)
+    teacher_name = ws.resolve(run.spec.teacher.model)
+    student = run.spec.student
+    from_checkpoint = init != ws.resolve(student.model)  # stage outputs carry their tokenizer
+    tokenizer = modeling.load_tokenizer(init if from_checkpoint or not student.tokenizer
+                                        else ws.resolve(student.tokenizer), revision=student.revision)
+    teacher_tok = modeling.load_tokenizer(run.spec.teacher.tokenizer and ws.resolve(run.spec.teacher.tokenizer)
+                                          or teacher_name, revision=run.spec.teacher.revision)
+    mismatches = compare_tokenizers(tokenizer, teacher_tok)
+    if mismatches:
+        raise TokenizerMismatch(mismatches, init, teacher_name)
+
+    records = load_prompts(cfg.prompts, ws.root)
+    log(f"distill: student {init}, teacher {teacher_name} ({run.spec.teacher.backend}), "
+        f"{len(records)} prompts, {cfg.steps} steps x {cfg.prompts_per_step} prompts x {cfg.samples_per_prompt} samples")
+
+    torch.manual_seed(cfg.seed)
+    model = _build_student(init, cfg, run.spec.student.dtype, existing)
+    model.train()
+    teacher = _teacher(run, ws, cfg)
+    opt = cfg.optimizer
+    optimizer, scheduler = build_optimizer(model.parameters(), lr=opt.learning_rate,
+                                           weight_decay=opt.weight_decay, betas=(opt.beta1, opt.beta2),
+                                           schedule=opt.schedule, warmup_steps=opt.warmup_steps,
+                                           total_steps=cfg.steps)
+    start_step = 0
+    sink = MetricsSink(ws.metrics("distill"), port=cfg.metrics_port, total_steps=cfg.steps)
+    if existing is not None:
+        state = checkpoint.load_state(existing)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        checkpoint.set_rng_state(state["rng"])
+        start_step = state["step"]
+        sink.truncate_after(start_step)
+        log(f"distill: resumed from {existing} (step {start_step})")
+    elif ws.metrics("distill").exists():
+        ws.metrics("distill").unlink()
+
+    prompt_cache: dict[str, list[int]] = {}
+    pad_id = tokenizer.pad_token_id
+    for step in range(start_step, cfg.steps):
+        t0 = time.perf_counter()
+        batch = batch_at(records, step * cfg.prompts_per_step, cfg.prompts_per_step, cfg.seed)
+        prompts = []
+        for r in batch:
+            if r.id not in prompt_cache:
+                prompt_cache[r.id] = prompt_ids(tokenizer, r.messages)
+            prompts.append(prompt_cache[r.id])
+        samples = sample(model, tokenizer, prompts, n=cfg.samples_per_prompt, temperature=cfg.temperature,
+                         top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.sampler.batch_size)
+        t1 = time.perf_counter()
+        teacher_lp = teacher.score(samples)
+        t2 = time.perf_counter()
+        stats = train_on_samples(model, samples, teacher_lp, cfg, pad_id)
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
+                                                   opt.max_grad_norm)
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        t3 = time.perf_counter()
+        answers = [r.answer for r in batch for _ in range(cfg.samples_per_prompt)]
+        record = {
+            "step": step + 1, "reverse_kl": stats.reverse_kl, "entropy": stats.entropy, "loss": stats.loss,
+            "completion_tokens": stats.completion_tokens,
+            "mean_completion_length": stats.completion_tokens / len(samples),
+            "finished_fraction": sum(s.finished for s in samples) / len(samples),
+            "sample_accuracy": _sample_accuracy(tokenizer, samples, answers),
+            "learning_rate": lr, "grad_norm": float(grad_norm),
+            "sample_seconds": t1 - t0, "teacher_seconds": t2 - t1, "train_seconds": t3 - t2,
+            "step_seconds": t3 - t0, "tokens_per_second": stats.completion_tokens / (t3 - t0),
+        }
+        sink.log(record)
+        if on_step is not None:
+            on_step(record)
+        done = step + 1
+        if done % cfg.checkpointing.every == 0 or done == cfg.steps:
+            checkpoint.save(ckpt_root, done, model=model, tokenizer=tokenizer, optimizer=optimizer,
+                            scheduler=scheduler, extra={"data_position": done * cfg.prompts_per_step},
+                            keep=cfg.checkpointing.keep)
+    return _finish(model, tokenizer, ws, cfg)
+
+
+def _finish(model, tokenizer, ws: Workspace, cfg: DistillSpec) -> dict:
+    final = ws.final_model("distill")
+    tmp = final.with_name(".final.tmp")
+    import shutil
+
+    shutil.rmtree(tmp, ignore_errors=True)
+    out_model = model.merge_and_unload() if cfg.lora.enabled else model
+    out_model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    lines = [json.loads(ln) for ln in ws.metrics("distill").read_text().splitlines() if ln.strip()]
+    result = {"stage": "distill", "steps": cfg.steps, "final_model": str(final),
+              "reverse_kl_first": lines[0]["reverse_kl"] if lines else None,
+              "reverse_kl_last": lines[-1]["reverse_kl"] if lines else None}
+    ws.result("distill").parent.mkdir(parents=True, exist_ok=True)
+    checkpoint.write_atomic_text(ws.result("distill"), json.dumps(result, indent=2))
+    return result

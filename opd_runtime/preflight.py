@@ -1,0 +1,101 @@
+"""Pre-flight check that a teacher can score a student's tokens.
+
+OPD compares log-probs token by token, so the two models must share the tokenizer (same ids for the
+same strings), the special tokens and the chat template; otherwise the teacher scores a different
+sequence than the student sampled and training silently goes wrong. This check loads only tokenizers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+PROBE_MESSAGES = [
+    {"role": "user", "content": "What is 12 * 7? Put the final answer in \\boxed{}."},
+    {"role": "assistant", "content": "<think>\n12 * 7 = 84\n</think>\n\n\\boxed{84}"},
+]
+PROBE_TEXT = "Héllo wörld 1234567890 \\frac{1}{2} <think>ok</think> 漢字 🙂"
+
+
+@dataclass
+class Mismatch:
+    what: str
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.what}: {self.detail}"
+
+
+class TokenizerMismatch(ValueError):
+    def __init__(self, mismatches: list[Mismatch], student: str, teacher: str):
+        self.mismatches = mismatches
+        lines = "\n".join(f"  - {m}" for m in mismatches)
+        super().__init__(
+            f"student ({student}) and teacher ({teacher}) cannot be used together for on-policy distillation; "
+            f"their tokenizers differ:\n{lines}\nUse a teacher from the same model family, or set "
+            "`tokenizer` on both models to the same tokenizer.")
+
+
+def _specials(tok) -> dict[str, object]:
+    return {
+        "eos_token": tok.eos_token, "pad_token": tok.pad_token, "bos_token": tok.bos_token,
+        "eos_token_id": tok.eos_token_id, "bos_token_id": tok.bos_token_id,
+        "additional_special_tokens": sorted(map(str, getattr(tok, "additional_special_tokens", []) or [])),
+    }
+
+
+def _render(tok, messages, **kw):
+    try:
+        return tok.apply_chat_template(messages, tokenize=False, **kw)
+    except Exception as err:  # a missing or broken template is itself a mismatch to report
+        return f"<cannot render: {err}>"
+
+
+def compare_tokenizers(student_tok, teacher_tok) -> list[Mismatch]:
+    out: list[Mismatch] = []
+    sv, tv = student_tok.get_vocab(), teacher_tok.get_vocab()
+    if sv != tv:
+        only_s = sorted(set(sv) - set(tv))
+        only_t = sorted(set(tv) - set(sv))
+        moved = sorted(k for k in set(sv) & set(tv) if sv[k] != tv[k])
+        parts = [f"sizes {len(sv)} vs {len(tv)}"]
+        if only_s:
+            parts.append(f"{len(only_s)} tokens only in the student's (e.g. {only_s[:3]})")
+        if only_t:
+            parts.append(f"{len(only_t)} tokens only in the teacher's (e.g. {only_t[:3]})")
+        if moved:
+            parts.append(f"{len(moved)} tokens with different ids (e.g. {moved[:3]})")
+        out.append(Mismatch("vocabulary", "; ".join(parts)))
+    elif student_tok(PROBE_TEXT)["input_ids"] != teacher_tok(PROBE_TEXT)["input_ids"]:
+        out.append(Mismatch("tokenization", "the same text encodes to different ids (merges or normalisation differ)"))
+    ss, ts = _specials(student_tok), _specials(teacher_tok)
+    for key in ss:
+        if ss[key] != ts[key]:
+            out.append(Mismatch(f"special token {key}", f"student {ss[key]!r}, teacher {ts[key]!r}"))
+    s_tpl, t_tpl = student_tok.chat_template, teacher_tok.chat_template
+    if (s_tpl is None) != (t_tpl is None):
+        which = "student" if s_tpl is None else "teacher"
+        out.append(Mismatch("chat template", f"the {which} has none"))
+    elif s_tpl is not None:
+        for kw in ({"add_generation_prompt": True}, {"add_generation_prompt": False}):
+            msgs = PROBE_MESSAGES[:1] if kw["add_generation_prompt"] else PROBE_MESSAGES
+            a, b = _render(student_tok, msgs, **kw), _render(teacher_tok, msgs, **kw)
+            if a != b:
+                out.append(Mismatch("chat template", f"renders differently ({kw}): student {a[:120]!r} vs "
+                                                     f"teacher {b[:120]!r}"))
+                break
+    return out
+
+
+def check_pair(student: str, teacher: str, *, student_tokenizer: str | None = None,
+               teacher_tokenizer: str | None = None, revision_s: str | None = None,
+               revision_t: str | None = None, trust_remote_code: bool = False) -> None:
+    """Raise TokenizerMismatch naming every difference between the two models' tokenizers."""
+    from transformers import AutoTokenizer
+
+    s = AutoTokenizer.from_pretrained(student_tokenizer or student, revision=revision_s,
+                                      trust_remote_code=trust_remote_code)
+    t = AutoTokenizer.from_pretrained(teacher_tokenizer or teacher, revision=revision_t,
+                                      trust_remote_code=trust_remote_code)
+    mismatches = compare_tokenizers(s, t)
+    if mismatches:
+        raise TokenizerMismatch(mismatches, student_tokenizer or student, teacher_tokenizer or teacher)

@@ -1,0 +1,17 @@
+"""The DistillationRun spec (group opd.dev, version v1alpha1). Imports without torch.
+
+The field descriptions here are the single source of documentation: the CRD's OpenAPI schema, the CLI
+help and the README reference are generated from them.
+"""
+
+from .models import DatasetSpec, LoraSpec, ModelSpec, OptimizerSpec, ResourcesSpec, TeacherServingSpec, TeacherSpec
+from .run import (API_VERSION, GROUP, KIND, VERSION, DistillationRun, DistillationRunSpec, SpecError,
+                  WorkspaceSpec, load_run, parse_run)
+from .stages import CheckpointingSpec, DistillSpec, EvalDatasetSpec, EvalSpec, SamplerSpec, SftSpec
+
+__all__ = [
+    "API_VERSION", "GROUP", "KIND", "VERSION", "CheckpointingSpec", "DatasetSpec", "DistillSpec",
+    "DistillationRun", "DistillationRunSpec", "EvalDatasetSpec", "EvalSpec", "LoraSpec", "ModelSpec",
+    "OptimizerSpec", "ResourcesSpec", "SamplerSpec", "SftSpec", "SpecError", "TeacherServingSpec",
+    "TeacherSpec", "WorkspaceSpec", "load_run", "parse_run",
+]

@@ -1,0 +1,99 @@
+"""Models, datasets, LoRA and optimizer settings shared by the stages."""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import Field, model_validator
+
+from .base import SpecModel
+
+Dtype = Literal["auto", "bfloat16", "float16", "float32"]
+
+
+class ModelSpec(SpecModel):
+    model: str = Field(
+        description="Hugging Face hub id (e.g. Qwen/Qwen3-1.7B-Base) or a path to a local model directory. "
+        "Relative paths are resolved against the workspace.",
+        min_length=1,
+    )
+    revision: Optional[str] = Field(None, description="Hub revision (branch, tag or commit) to load.")
+    tokenizer: Optional[str] = Field(
+        None, description="Tokenizer to use instead of the model's own (hub id or path). "
+        "Student and teacher must end up with identical tokenizers and chat templates.")
+    dtype: Dtype = Field("bfloat16", description="Weight dtype for training and serving. Use float32 on CPU.")
+    trust_remote_code: bool = Field(False, description="Allow custom modelling code from the hub.")
+
+
+class TeacherServingSpec(SpecModel):
+    port: int = Field(8000, ge=1, le=65535, description="Port the vLLM OpenAI-compatible server listens on.")
+    max_model_len: int = Field(16384, ge=16, description="Longest prompt+completion the teacher scores, in tokens.")
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs one teacher replica is sharded over.")
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0.0, le=1.0, description="Fraction of accelerator memory vLLM may use (on CPU: of host memory).")
+    replicas: int = Field(1, ge=1, description="Teacher server replicas behind the Service.")
+    max_concurrent_requests: int = Field(
+        16, ge=1, description="Scoring requests the learner keeps in flight against the teacher.")
+    max_batch_tokens: int = Field(
+        65536, ge=1, description="Token budget of one scoring request batch sent to the teacher.")
+    extra_args: list[str] = Field(default_factory=list, description="Extra command-line flags for `vllm serve`.")
+    url: Optional[str] = Field(
+        None, description="Use an already running OpenAI-compatible teacher at this base URL instead of "
+        "starting one (e.g. http://teacher:8000).")
+
+
+class TeacherSpec(ModelSpec):
+    backend: Literal["vllm-server", "local"] = Field(
+        "vllm-server", description="How the teacher scores sampled tokens: `vllm-server` (a vLLM server over "
+        "HTTP; a Deployment on Kubernetes) or `local` (an in-process Hugging Face model in the learner).")
+    serving: TeacherServingSpec = Field(default_factory=TeacherServingSpec,
+                                        description="vLLM server settings (backend `vllm-server`).")
+
+
+class DatasetSpec(SpecModel):
+    name: Optional[str] = Field(
+        None, description="Built-in set (`tinymath`, `aime24`, `gsm8k`) or a Hugging Face hub dataset id "
+        "(e.g. open-thoughts/OpenThoughts3-1.2M). Exactly one of `name` and `path`.")
+    path: Optional[str] = Field(None, description="Local .jsonl or .parquet file with the same fields.")
+    split: str = Field("train", description="Dataset split (tinymath: `train` or `test`).")
+    format: Literal["auto", "openthoughts", "chat", "problem"] = Field(
+        "auto", description="Record layout: `openthoughts` (conversations of {from, value}), `chat` "
+        "(messages of {role, content}), `problem` (a problem and an answer field). `auto` infers it.")
+    problem_field: str = Field("problem", description="Field holding the problem text (`problem` format).")
+    answer_field: str = Field("answer", description="Field holding the reference answer (`problem` format).")
+    max_samples: Optional[int] = Field(None, ge=1, description="Use at most this many records.")
+    difficulty: int = Field(2, ge=1, le=8, description="tinymath only: operations per problem minus one.")
+    seed: int = Field(0, description="tinymath only: generator seed.")
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.name is None) == (self.path is None):
+            raise ValueError("set exactly one of `name` (built-in or hub dataset) and `path` (local file)")
+        return self
+
+
+class LoraSpec(SpecModel):
+    enabled: bool = Field(False, description="Train a LoRA adapter instead of all weights.")
+    rank: int = Field(128, ge=1, description="LoRA rank.")
+    alpha: float = Field(32.0, gt=0, description="LoRA scaling numerator (scale = alpha / rank).")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA path.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["all-linear"], description="Modules to adapt; `all-linear` adapts every "
+        "linear layer except the output head.")
+
+
+class OptimizerSpec(SpecModel):
+    learning_rate: float = Field(1e-4, gt=0.0, description="Peak AdamW learning rate.")
+    warmup_steps: int = Field(0, ge=0, description="Optimizer steps of linear warmup from 0 to the peak.")
+    schedule: Literal["constant", "linear", "cosine"] = Field(
+        "constant", description="Learning-rate decay after warmup.")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW decoupled weight decay.")
+    beta1: float = Field(0.9, ge=0.0, lt=1.0, description="AdamW beta1.")
+    beta2: float = Field(0.95, ge=0.0, lt=1.0, description="AdamW beta2.")
+    max_grad_norm: float = Field(1.0, gt=0.0, description="Clip the global gradient norm to this value.")
+
+
+class ResourcesSpec(SpecModel):
+    gpus: int = Field(1, ge=0, description="GPUs (nvidia.com/gpu) the stage's pod requests.")
+    cpu: Optional[str] = Field(None, description="CPU request and limit, e.g. `8`.")
+    memory: Optional[str] = Field(None, description="Memory request and limit, e.g. `64Gi`.")

@@ -1,0 +1,143 @@
+"""The DistillationRun resource and loading it from a file with errors a person can act on."""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from pydantic import Field, ValidationError, model_validator
+
+from .base import SpecModel
+from .models import ModelSpec, TeacherSpec
+from .stages import DistillSpec, EvalSpec, SftSpec
+
+GROUP = "opd.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "DistillationRun"
+
+
+class WorkspaceSpec(SpecModel):
+    size: str = Field("200Gi", description="Size of the workspace PVC holding checkpoints, metrics and results.")
+    storage_class_name: Optional[str] = Field(None, description="StorageClass of the workspace PVC (cluster default if empty).")
+    access_modes: list[Literal["ReadWriteOnce", "ReadWriteMany", "ReadWriteOncePod"]] = Field(
+        default_factory=lambda: ["ReadWriteOnce"], description="Access modes of the workspace PVC.")
+    existing_claim: Optional[str] = Field(None, description="Use this existing PVC instead of creating one.")
+    retention_policy: Literal["Retain", "Delete"] = Field(
+        "Retain", description="What happens to the workspace PVC when the run is deleted.")
+
+
+class DistillationRunSpec(SpecModel):
+    student: ModelSpec = Field(description="The model being trained.")
+    teacher: TeacherSpec = Field(description="The model whose per-token log-probs the student learns to match.")
+    image: str = Field("ghcr.io/opd-dev/opd-runtime:0.1.0", description="Runtime image every stage runs in.")
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field("IfNotPresent", description="Pull policy of stage images.")
+    workspace: WorkspaceSpec = Field(default_factory=WorkspaceSpec, description="Where checkpoints and results live.")
+    sft: Optional[SftSpec] = Field(None, description="Stage 1: supervised fine-tuning on teacher traces.")
+    distill: Optional[DistillSpec] = Field(None, description="Stage 2: on-policy distillation from the teacher.")
+    eval: Optional[EvalSpec] = Field(None, description="Stage 3: accuracy on held-out problem sets.")
+    node_selector: dict[str, str] = Field(default_factory=dict, description="Node selector for stage pods.")
+    tolerations: list[dict[str, Any]] = Field(default_factory=list, description="Tolerations for stage pods.")
+    suspend: bool = Field(False, description="Pause the run: running stage pods are deleted, the workspace kept; "
+                          "unsetting resumes from the last checkpoint.")
+
+    @model_validator(mode="after")
+    def _some_stage(self):
+        if not any(s is not None and s.enabled for s in (self.sft, self.distill, self.eval)):
+            raise ValueError("enable at least one of the stages `sft`, `distill`, `eval`")
+        return self
+
+    def enabled_stages(self) -> list[str]:
+        return [name for name in ("sft", "distill", "eval")
+                if getattr(self, name) is not None and getattr(self, name).enabled]
+
+
+class Metadata(SpecModel):
+    name: str = Field("run", pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=63,
+                      description="Run name (a DNS label).")
+    namespace: Optional[str] = Field(None, description="Namespace.")
+    model_config = {**SpecModel.model_config, "extra": "ignore"}
+
+
+class DistillationRun(SpecModel):
+    api_version: Literal["opd.dev/v1alpha1"] = Field(API_VERSION, description="opd.dev/v1alpha1")
+    kind: Literal["DistillationRun"] = Field(KIND, description="DistillationRun")
+    metadata: Metadata = Field(default_factory=Metadata, description="Object metadata.")
+    spec: DistillationRunSpec = Field(description="What to train, from what, and how.")
+    model_config = {**SpecModel.model_config, "extra": "ignore"}  # status and other server fields
+
+
+class SpecError(ValueError):
+    """A DistillationRun file that cannot be used; the message names each bad field and its fix."""
+
+
+def _field_names(model: type[SpecModel], loc: tuple) -> list[str]:
+    """Wire names allowed at ``loc`` (used to suggest a fix for a misspelt field)."""
+    current: Any = model
+    for part in loc[:-1]:
+        if isinstance(part, int) or current is None:
+            continue
+        field = next((f for n, f in current.model_fields.items() if f.alias == part or n == part), None)
+        if field is None:
+            return []
+        ann = field.annotation
+        current = next((a for a in getattr(ann, "__args__", (ann,)) + (ann,)
+                        if isinstance(a, type) and issubclass(a, SpecModel)), None)
+        if current is None:
+            args = getattr(ann, "__args__", ())
+            current = next((getattr(a, "__args__", (None,))[0] for a in args
+                            if getattr(a, "__args__", None)), None)
+            if not (isinstance(current, type) and issubclass(current, SpecModel)):
+                return []
+    return [f.alias or n for n, f in current.model_fields.items()] if current else []
+
+
+def format_errors(err: ValidationError, root: type[SpecModel] = None) -> str:
+    root = root or DistillationRun
+    lines = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        where = ".".join(str(p) for p in loc) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            names = _field_names(root, loc)
+            close = difflib.get_close_matches(str(loc[-1]), names, n=1)
+            hint = f"did you mean `{close[0]}`?" if close else f"allowed fields: {', '.join(names)}"
+            lines.append(f"{where}: unknown field; {hint}")
+        elif e["type"] == "missing":
+            lines.append(f"{where}: required field is missing; add it")
+        else:
+            got = e.get("input")
+            shown = "" if isinstance(got, (dict, list)) else f" (got {got!r})"
+            lines.append(f"{where}: {e['msg']}{shown}")
+    return "\n".join(lines)
+
+
+def parse_run(data: Any, *, source: str = "<input>") -> DistillationRun:
+    """Validate a DistillationRun given as a manifest dict (or a bare spec dict)."""
+    if not isinstance(data, dict):
+        raise SpecError(f"{source}: expected a DistillationRun mapping, got {type(data).__name__}")
+    if "spec" not in data and ("student" in data or "teacher" in data):
+        data = {"spec": data}
+    if data.get("kind", KIND) != KIND:
+        raise SpecError(f"{source}: kind: expected {KIND}, got {data.get('kind')!r}")
+    try:
+        return DistillationRun.model_validate(data)
+    except ValidationError as err:
+        raise SpecError(f"{source}: invalid DistillationRun:\n" + format_errors(err)) from None
+
+
+def load_run(path: str | Path) -> DistillationRun:
+    import yaml
+
+    path = Path(path)
+    try:
+        docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+    except FileNotFoundError:
+        raise SpecError(f"{path}: no such file") from None
+    except yaml.YAMLError as err:
+        raise SpecError(f"{path}: not valid YAML: {err}") from None
+    runs = [d for d in docs if isinstance(d, dict) and d.get("kind", KIND) == KIND]
+    if len(runs) != 1:
+        raise SpecError(f"{path}: expected exactly one DistillationRun document, found {len(runs)}")
+    return parse_run(runs[0], source=str(path))

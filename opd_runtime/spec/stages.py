@@ -1,0 +1,98 @@
+"""The three stages of a run: SFT on teacher traces, on-policy distillation, evaluation."""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import Field, model_validator
+
+from .base import SpecModel
+from .models import DatasetSpec, LoraSpec, OptimizerSpec, ResourcesSpec
+
+
+class CheckpointingSpec(SpecModel):
+    every: int = Field(20, ge=1, description="Write a checkpoint every this many optimizer steps.")
+    keep: int = Field(3, ge=1, description="Keep this many most recent step checkpoints (the final one is always kept).")
+
+
+class SftSpec(SpecModel):
+    enabled: bool = Field(True, description="Run this stage.")
+    dataset: DatasetSpec = Field(description="Chat traces to imitate (assistant turns carry the loss).")
+    steps: int = Field(1000, ge=1, description="Optimizer steps.")
+    batch_size: int = Field(128, ge=1, description="Sequences per optimizer step (across all processes).")
+    micro_batch_size: int = Field(8, ge=1, description="Sequences per forward/backward; the rest is gradient accumulation.")
+    max_seq_length: int = Field(16384, ge=16, description="Longer traces are truncated to this many tokens.")
+    packing: bool = Field(True, description="Pack several short traces into one row (padding-free batching).")
+    lora: LoraSpec = Field(default_factory=LoraSpec, description="LoRA settings.")
+    optimizer: OptimizerSpec = Field(default_factory=lambda: OptimizerSpec(learning_rate=1e-4, warmup_steps=50,
+                                                                            schedule="cosine"),
+                                     description="Optimizer and schedule.")
+    checkpointing: CheckpointingSpec = Field(default_factory=CheckpointingSpec, description="Checkpoint cadence.")
+    seed: int = Field(0, description="Seed for data order and initialisation of new weights.")
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Pod resources.")
+
+
+class SamplerSpec(SpecModel):
+    backend: Literal["hf", "vllm"] = Field(
+        "hf", description="`hf`: Hugging Face generate on the training weights; `vllm`: an in-process vLLM "
+        "engine whose weights are refreshed after every optimizer step.")
+    batch_size: int = Field(256, ge=1, description="Sequences generated together (hf backend).")
+    gpu_memory_utilization: float = Field(0.3, gt=0, le=1, description="vLLM backend: memory share of the sampler.")
+
+
+class DistillSpec(SpecModel):
+    enabled: bool = Field(True, description="Run this stage.")
+    prompts: DatasetSpec = Field(description="Prompts only: the student writes the answers, the teacher grades each token.")
+    init_from: Optional[str] = Field(
+        None, description="Weights to start from: a path, or empty for the SFT stage's final checkpoint "
+        "when SFT is enabled and the student model otherwise.")
+    steps: int = Field(150, ge=1, description="OPD steps; each samples fresh completions and takes one optimizer step.")
+    prompts_per_step: int = Field(64, ge=1, description="Prompts sampled per step.")
+    samples_per_prompt: int = Field(4, ge=1, description="Completions sampled per prompt.")
+    micro_batch_size: int = Field(16, ge=1, description="Sequences per forward/backward; gradients accumulate "
+                                  "over the step's promptsPerStep x samplesPerPrompt sequences.")
+    max_new_tokens: int = Field(4096, ge=1, description="Longest completion sampled, in tokens.")
+    temperature: float = Field(1.0, gt=0.0, le=4.0, description="Sampling temperature (1.0 samples the student's own distribution).")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling cut-off.")
+    kl_coef: float = Field(1.0, gt=0.0, description="Advantage scale: advantage = -klCoef * (student logprob - teacher logprob).")
+    discount: float = Field(0.0, ge=0.0, le=1.0, description="Discount for summing future per-token advantages; 0 "
+                            "makes each token's advantage its own reverse-KL term.")
+    loss: Literal["importance_sampling", "ppo"] = Field(
+        "importance_sampling", description="Policy-gradient loss: `importance_sampling` (ratio x advantage) or "
+        "`ppo` (clipped ratio).")
+    ppo_clip: float = Field(0.2, gt=0.0, lt=1.0, description="Ratio clip range for `ppo`.")
+    lora: LoraSpec = Field(default_factory=LoraSpec, description="LoRA settings.")
+    optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec, description="Optimizer and schedule.")
+    sampler: SamplerSpec = Field(default_factory=SamplerSpec, description="How the student samples.")
+    checkpointing: CheckpointingSpec = Field(default_factory=CheckpointingSpec, description="Checkpoint cadence.")
+    metrics_port: int = Field(9400, ge=0, le=65535, description="Port of the Prometheus endpoint (0 disables it).")
+    seed: int = Field(0, description="Seed for prompt order and sampling.")
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Pod resources.")
+
+    @model_validator(mode="after")
+    def _micro_batch_fits(self):
+        if self.micro_batch_size > self.prompts_per_step * self.samples_per_prompt:
+            raise ValueError("microBatchSize cannot exceed promptsPerStep x samplesPerPrompt")
+        return self
+
+
+class EvalDatasetSpec(DatasetSpec):
+    label: Optional[str] = Field(None, description="Name in reports; defaults to the dataset name or file stem.")
+    kind: Literal["aime", "math"] = Field("math", description="`aime`: integer answers compared as integers; "
+                                          "`math`: symbolic comparison with math-verify.")
+
+
+EvalTarget = Literal["student", "sft", "distill", "teacher"]
+
+
+class EvalSpec(SpecModel):
+    enabled: bool = Field(True, description="Run this stage.")
+    datasets: list[EvalDatasetSpec] = Field(min_length=1, description="Problem sets to score.")
+    targets: list[EvalTarget] = Field(
+        default_factory=lambda: ["distill"], description="Models to score: `student` (before any training), "
+        "`sft`, `distill` (the final OPD checkpoint), `teacher`.")
+    samples_per_problem: int = Field(4, ge=1, description="Samples per problem; pass@1 is their mean accuracy.")
+    temperature: float = Field(0.6, ge=0.0, le=4.0, description="Sampling temperature (0 is greedy).")
+    top_p: float = Field(0.95, gt=0.0, le=1.0, description="Nucleus sampling cut-off.")
+    max_new_tokens: int = Field(32768, ge=1, description="Longest completion, in tokens.")
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Pod resources.")

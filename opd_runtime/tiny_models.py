@@ -1,0 +1,137 @@
+"""The tiny world: a tokenizer, a teacher and students of the Qwen3 architecture, built offline.
+
+``opd tiny-models --out DIR`` writes ``DIR/tokenizer``, ``DIR/teacher`` (trained on tinymath traces until
+it solves most held-out problems), ``DIR/student-init`` (random weights) and ``DIR/student`` (a weak
+student: the student architecture trained briefly on a small trace budget), plus ``DIR/world.json``
+with the measured accuracy of each. All models share one tokenizer and chat template, so they pass
+the OPD pre-flight check. Head dim is 64 because vLLM's CPU attention rejects smaller ones.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from . import tinymath
+
+
+@dataclass
+class ModelShape:
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    intermediate_size: int
+    head_dim: int = 64
+
+    def config(self, vocab_size: int, tokenizer):
+        from transformers import Qwen3Config
+
+        return Qwen3Config(
+            vocab_size=vocab_size, max_position_embeddings=1024, rope_theta=10000.0,
+            tie_word_embeddings=True, torch_dtype="float32",
+            bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+            **asdict(self),
+        )
+
+
+TEACHER_SHAPE = ModelShape(hidden_size=128, num_hidden_layers=3, num_attention_heads=2,
+                           num_key_value_heads=1, intermediate_size=384)
+STUDENT_SHAPE = ModelShape(hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
+                           num_key_value_heads=1, intermediate_size=384)
+
+
+@dataclass
+class WorldConfig:
+    """How the tiny world is built; the defaults give a teacher near 90% and a weak student."""
+
+    difficulty: int = 2
+    seed: int = 0
+    teacher_steps: int = 1500
+    teacher_lr: float = 3e-3
+    student_traces: int = 256
+    student_steps: int = 150
+    student_lr: float = 2e-3
+    batch_size: int = 64
+    eval_problems: int = 200
+    teacher: ModelShape = field(default_factory=lambda: TEACHER_SHAPE)
+    student: ModelShape = field(default_factory=lambda: STUDENT_SHAPE)
+
+
+def _corpus(cfg: WorldConfig, tokenizer_template) -> list[str]:
+    import jinja2
+
+    template = jinja2.Environment().from_string(tokenizer_template)
+    texts = []
+    for p in tinymath.generate(4000, seed=cfg.seed, difficulty=cfg.difficulty):
+        texts.append(template.render(messages=tinymath.chat_messages(p.problem, p.solution),
+                                     add_generation_prompt=False))
+    return texts
+
+
+def trace_examples(tokenizer, problems) -> list[tuple[list[int], list[int]]]:
+    from .training.batches import completion_ids, prompt_ids
+
+    return [(prompt_ids(tokenizer, tinymath.chat_messages(p.problem)), completion_ids(tokenizer, p.solution))
+            for p in problems]
+
+
+def accuracy(model, tokenizer, problems, *, temperature: float = 0.0, max_new_tokens: int = 96) -> float:
+    from .generation import sample
+    from .grading import is_correct_integer
+    from .training.batches import prompt_ids
+
+    prompts = [prompt_ids(tokenizer, tinymath.chat_messages(p.problem)) for p in problems]
+    samples = sample(model, tokenizer, prompts, temperature=temperature, max_new_tokens=max_new_tokens)
+    texts = tokenizer.batch_decode([s.completion_ids for s in samples], skip_special_tokens=False)
+    return sum(is_correct_integer(t, p.answer) for t, p in zip(texts, problems)) / len(problems)
+
+
+def new_model(shape: ModelShape, tokenizer, seed: int):
+    import torch
+    from transformers import Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    return Qwen3ForCausalLM(shape.config(len(tokenizer), tokenizer))
+
+
+def build(out: Path, cfg: WorldConfig, log=print) -> dict:
+    import torch
+
+    from .tokenizer_build import build_tokenizer, chat_template
+    from .training.supervised import fit
+
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    tokenizer = build_tokenizer(_corpus(cfg, chat_template()))
+    tokenizer.save_pretrained(out / "tokenizer")
+    train = tinymath.generate(20_000, split="train", seed=cfg.seed, difficulty=cfg.difficulty)
+    test = tinymath.generate(cfg.eval_problems, split="test", seed=cfg.seed, difficulty=cfg.difficulty)
+    report: dict = {"config": asdict(cfg), "vocab_size": len(tokenizer)}
+
+    def save(model, name: str, acc: float, seconds: float):
+        model.generation_config.eos_token_id = [tokenizer.eos_token_id]
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.save_pretrained(out / name)
+        tokenizer.save_pretrained(out / name)
+        n_params = sum(p.numel() for p in model.parameters())
+        report[name] = {"accuracy": acc, "parameters": n_params, "train_seconds": round(seconds, 1)}
+        log(f"{name}: {n_params / 1e6:.2f}M parameters, held-out greedy accuracy {acc:.1%} ({seconds:.0f}s)")
+
+    t0 = time.time()
+    teacher = new_model(cfg.teacher, tokenizer, cfg.seed)
+    fit(teacher, trace_examples(tokenizer, train), pad_id=tokenizer.pad_token_id, steps=cfg.teacher_steps,
+        batch_size=cfg.batch_size, lr=cfg.teacher_lr, warmup_steps=50, seed=cfg.seed)
+    save(teacher, "teacher", accuracy(teacher, tokenizer, test), time.time() - t0)
+
+    t0 = time.time()
+    student = new_model(cfg.student, tokenizer, cfg.seed + 1)
+    save(student, "student-init", accuracy(student, tokenizer, test), 0.0)
+    fit(student, trace_examples(tokenizer, train[: cfg.student_traces]), pad_id=tokenizer.pad_token_id,
+        steps=cfg.student_steps, batch_size=cfg.batch_size, lr=cfg.student_lr, warmup_steps=20,
+        seed=cfg.seed + 1)
+    save(student, "student", accuracy(student, tokenizer, test), time.time() - t0)
+    (out / "world.json").write_text(json.dumps(report, indent=2))
+    return report

@@ -1,0 +1,83 @@
+"""Atomic, resumable checkpoints.
+
+A checkpoint is a directory ``step-NNNNNN/`` holding ``model/`` (full weights, or the LoRA adapter) and
+``trainer_state.pt`` (optimizer, scheduler, RNG states and the data position). It is written under a
+temporary name and renamed into place, and ``latest`` (a one-line file, also replaced atomically) names
+the newest complete one, so a process killed at any moment leaves the previous checkpoint usable.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+STATE_FILE = "trainer_state.pt"
+LATEST = "latest"
+
+
+def step_dir(root: Path, step: int) -> Path:
+    return root / f"step-{step:06d}"
+
+
+def rng_state() -> dict[str, Any]:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+def write_atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save(root: Path, step: int, *, model, tokenizer, optimizer, scheduler, extra: dict[str, Any],
+         keep: int) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    final = step_dir(root, step)
+    tmp = root / f".{final.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp / "model")
+    tokenizer.save_pretrained(tmp / "model")
+    torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "rng": rng_state(), **extra}, tmp / STATE_FILE)
+    if final.exists():  # a previous attempt reached this step; the new one replaces it
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    write_atomic_text(root / LATEST, final.name + "\n")
+    _prune(root, keep)
+    return final
+
+
+def latest(root: Path) -> Path | None:
+    marker = root / LATEST
+    if not marker.exists():
+        return None
+    path = root / marker.read_text().strip()
+    return path if (path / STATE_FILE).exists() else None
+
+
+def load_state(path: Path) -> dict[str, Any]:
+    return torch.load(path / STATE_FILE, weights_only=False)
+
+
+def _prune(root: Path, keep: int) -> None:
+    steps = sorted(p for p in root.glob("step-*") if p.is_dir())
+    for old in steps[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob(".step-*.tmp-*"):  # left by killed writers
+        if not stale.name.endswith(f"-{os.getpid()}"):
+            shutil.rmtree(stale, ignore_errors=True)
