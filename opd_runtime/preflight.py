@@ -35,11 +35,22 @@ class TokenizerMismatch(ValueError):
             "`tokenizer` on both models to the same tokenizer.")
 
 
+def _additional_specials(tok) -> list[str]:
+    # transformers 4.x: ``additional_special_tokens``; 5.x dropped it for the ``extra_special_tokens`` list
+    # (in 4.x ``extra_special_tokens`` is a dict of named extras, hence the order of the look-ups).
+    extra = getattr(tok, "additional_special_tokens", None)
+    if extra is None:
+        extra = getattr(tok, "extra_special_tokens", None)
+    if isinstance(extra, dict):
+        extra = list(extra.values())
+    return sorted(map(str, extra or []))
+
+
 def _specials(tok) -> dict[str, object]:
     return {
         "eos_token": tok.eos_token, "pad_token": tok.pad_token, "bos_token": tok.bos_token,
         "eos_token_id": tok.eos_token_id, "bos_token_id": tok.bos_token_id,
-        "additional_special_tokens": sorted(map(str, getattr(tok, "additional_special_tokens", []) or [])),
+        "additional_special_tokens": _additional_specials(tok),
     }
 
 

@@ -45,15 +45,22 @@ STUDENT_SHAPE = ModelShape(hidden_size=128, num_hidden_layers=2, num_attention_h
 
 @dataclass
 class WorldConfig:
-    """How the tiny world is built; the defaults give a teacher near 90% and a weak student."""
+    """How the tiny world is built.
+
+    The teacher learns tinymath at every difficulty up to ``difficulty``; the weak student only sees
+    traces of ``student_difficulty`` (shorter chains), so on ``difficulty`` problems it tends to stop
+    reasoning too early. That gap, a behaviour the teacher has and the SFT traces did not show, is
+    what on-policy distillation is good at closing.
+    """
 
     difficulty: int = 2
+    student_difficulty: int = 1
     seed: int = 0
     teacher_steps: int = 1500
     teacher_lr: float = 3e-3
-    student_traces: int = 256
-    student_steps: int = 150
-    student_lr: float = 2e-3
+    student_traces: int = 4000
+    student_steps: int = 400
+    student_lr: float = 3e-3
     batch_size: int = 64
     eval_problems: int = 200
     teacher: ModelShape = field(default_factory=lambda: TEACHER_SHAPE)
@@ -65,10 +72,21 @@ def _corpus(cfg: WorldConfig, tokenizer_template) -> list[str]:
 
     template = jinja2.Environment().from_string(tokenizer_template)
     texts = []
-    for p in tinymath.generate(4000, seed=cfg.seed, difficulty=cfg.difficulty):
+    for p in tinymath.generate(2000, seed=cfg.seed, difficulty=cfg.difficulty):
         texts.append(template.render(messages=tinymath.chat_messages(p.problem, p.solution),
                                      add_generation_prompt=False))
     return texts
+
+
+def mixed_traces(cfg: WorldConfig, per_level: int = 4000) -> list:
+    """Teacher traces: an equal share of every difficulty from 1 to ``cfg.difficulty``."""
+    import random
+
+    out = []
+    for d in range(1, cfg.difficulty + 1):
+        out += tinymath.generate(per_level, seed=cfg.seed, difficulty=d)
+    random.Random(cfg.seed).shuffle(out)
+    return out
 
 
 def trace_examples(tokenizer, problems) -> list[tuple[list[int], list[int]]]:
@@ -107,7 +125,7 @@ def build(out: Path, cfg: WorldConfig, log=print) -> dict:
     torch.manual_seed(cfg.seed)
     tokenizer = build_tokenizer(_corpus(cfg, chat_template()))
     tokenizer.save_pretrained(out / "tokenizer")
-    train = tinymath.generate(20_000, split="train", seed=cfg.seed, difficulty=cfg.difficulty)
+    teacher_traces = mixed_traces(cfg)
     test = tinymath.generate(cfg.eval_problems, split="test", seed=cfg.seed, difficulty=cfg.difficulty)
     report: dict = {"config": asdict(cfg), "vocab_size": len(tokenizer)}
 
@@ -122,14 +140,15 @@ def build(out: Path, cfg: WorldConfig, log=print) -> dict:
 
     t0 = time.time()
     teacher = new_model(cfg.teacher, tokenizer, cfg.seed)
-    fit(teacher, trace_examples(tokenizer, train), pad_id=tokenizer.pad_token_id, steps=cfg.teacher_steps,
+    fit(teacher, trace_examples(tokenizer, teacher_traces), pad_id=tokenizer.pad_token_id, steps=cfg.teacher_steps,
         batch_size=cfg.batch_size, lr=cfg.teacher_lr, warmup_steps=50, seed=cfg.seed)
     save(teacher, "teacher", accuracy(teacher, tokenizer, test), time.time() - t0)
 
     t0 = time.time()
     student = new_model(cfg.student, tokenizer, cfg.seed + 1)
     save(student, "student-init", accuracy(student, tokenizer, test), 0.0)
-    fit(student, trace_examples(tokenizer, train[: cfg.student_traces]), pad_id=tokenizer.pad_token_id,
+    student_traces = tinymath.generate(cfg.student_traces, seed=cfg.seed, difficulty=cfg.student_difficulty)
+    fit(student, trace_examples(tokenizer, student_traces), pad_id=tokenizer.pad_token_id,
         steps=cfg.student_steps, batch_size=cfg.batch_size, lr=cfg.student_lr, warmup_steps=20,
         seed=cfg.seed + 1)
     save(student, "student", accuracy(student, tokenizer, test), time.time() - t0)

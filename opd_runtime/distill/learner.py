@@ -52,7 +52,7 @@ def init_model_path(run: DistillationRun, ws: Workspace) -> str:
 
 
 def train_on_samples(model, samples: Sequence[Sample], teacher_logprobs: Sequence[Sequence[float]],
-                     cfg: DistillSpec, pad_id: int) -> StepStats:
+                     cfg: DistillSpec, pad_id: int, teacher=None) -> StepStats:
     """Accumulate gradients of the OPD loss over micro-batches of the step's samples (no optimizer step)."""
     dev = next(model.parameters()).device
     n_tokens = sum(len(s.completion_ids) for s in samples)
@@ -73,7 +73,11 @@ def train_on_samples(model, samples: Sequence[Sample], teacher_logprobs: Sequenc
         logits = model(input_ids=ids, attention_mask=batch.attention_mask_BT.to(dev)).logits
         new_lp_BT = token_logprobs(logits, ids, temperature=cfg.temperature)
         adv_BT = L.advantages(old_lp_BT, teacher_lp_BT, mask_BT, kl_coef=cfg.kl_coef, discount=cfg.discount)
-        if cfg.loss == "ppo":
+        if cfg.loss in ("full_reverse_kl", "full_forward_kl"):
+            teacher_BTV = teacher.distributions(batch.input_ids_BT, batch.attention_mask_BT)
+            fn = L.full_reverse_kl_loss if cfg.loss == "full_reverse_kl" else L.full_forward_kl_loss
+            loss = fn(logits / cfg.temperature, teacher_BTV, mask_BT, normalizer)
+        elif cfg.loss == "ppo":
             loss = L.ppo_loss(new_lp_BT, old_lp_BT, adv_BT, mask_BT, normalizer, clip=cfg.ppo_clip)
         else:
             loss = L.importance_sampling_loss(new_lp_BT, old_lp_BT, adv_BT, mask_BT, normalizer)
@@ -180,11 +184,11 @@ def run_distill(run: DistillationRun, workspace: Path, *, resume: bool = False,
                 prompt_cache[r.id] = prompt_ids(tokenizer, r.messages)
             prompts.append(prompt_cache[r.id])
         samples = sample(model, tokenizer, prompts, n=cfg.samples_per_prompt, temperature=cfg.temperature,
-                         top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.sampler.batch_size)
+                         max_new_tokens=cfg.max_new_tokens, batch_size=cfg.sampler.batch_size)
         t1 = time.perf_counter()
         teacher_lp = teacher.score(samples)
         t2 = time.perf_counter()
-        stats = train_on_samples(model, samples, teacher_lp, cfg, pad_id)
+        stats = train_on_samples(model, samples, teacher_lp, cfg, pad_id, teacher)
         grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
                                                    opt.max_grad_norm)
         lr = scheduler.get_last_lr()[0]

@@ -57,6 +57,33 @@ def ppo_loss(new_logprobs_BT: torch.Tensor, old_logprobs_BT: torch.Tensor, advan
     return -(surrogate_BT * mask_BT).sum() / normalizer
 
 
+def full_reverse_kl_loss(student_logits_BTV: torch.Tensor, teacher_logprobs_BTV: torch.Tensor,
+                         mask_BT: torch.Tensor, normalizer: float) -> torch.Tensor:
+    """Exact reverse KL over the whole vocabulary at every sampled position, differentiated through the student.
+
+    sum_t sum_v p_s(v | x_<t) (log p_s(v | x_<t) - log p_t(v | x_<t)) / normalizer. The contexts are the
+    student's own samples (on-policy); each position's KL is computed exactly instead of estimated from
+    the one token sampled there, which removes the estimator's variance. Needs the teacher's full
+    distribution, so only a local teacher (or a shared small vocabulary) can provide it.
+    """
+    logp_s = torch.log_softmax(student_logits_BTV[:, :-1].float(), dim=-1)
+    kl_BT = (logp_s.exp() * (logp_s - teacher_logprobs_BTV[:, :-1].float())).sum(-1)
+    return (torch.nn.functional.pad(kl_BT, (1, 0)) * mask_BT).sum() / normalizer
+
+
+def full_forward_kl_loss(student_logits_BTV: torch.Tensor, teacher_logprobs_BTV: torch.Tensor,
+                         mask_BT: torch.Tensor, normalizer: float) -> torch.Tensor:
+    """Forward KL(teacher || student) over the whole vocabulary at every position the student sampled.
+
+    The generalized-KD variant (on-policy contexts, teacher-weighted targets): unlike reverse KL its
+    gradient pulls the student toward the teacher's choice even where the student gives it almost no mass.
+    """
+    logp_s = torch.log_softmax(student_logits_BTV[:, :-1].float(), dim=-1)
+    logp_t = teacher_logprobs_BTV[:, :-1].float()
+    kl_BT = (logp_t.exp() * (logp_t - logp_s)).sum(-1)
+    return (torch.nn.functional.pad(kl_BT, (1, 0)) * mask_BT).sum() / normalizer
+
+
 def masked_entropy_sum(logits_BTV: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:
     """Sum over completion positions of the entropy of the distribution that predicted each token."""
     logp = torch.log_softmax(logits_BTV[:, :-1].float(), dim=-1)

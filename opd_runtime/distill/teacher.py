@@ -26,6 +26,13 @@ class LocalTeacher:
         self.micro_batch_size = micro_batch_size
 
     @torch.no_grad()
+    def distributions(self, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor) -> torch.Tensor:
+        """Full next-token log-prob distributions (B, T, V) for an already padded batch."""
+        dev = next(self.model.parameters()).device
+        logits = self.model(input_ids=input_ids_BT.to(dev), attention_mask=attention_mask_BT.to(dev)).logits
+        return torch.log_softmax(logits.float(), dim=-1)
+
+    @torch.no_grad()
     def score(self, samples: Sequence[Sample]) -> list[list[float]]:
         out: list[list[float]] = []
         pad_id = 0

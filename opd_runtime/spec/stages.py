@@ -52,14 +52,16 @@ class DistillSpec(SpecModel):
     micro_batch_size: int = Field(16, ge=1, description="Sequences per forward/backward; gradients accumulate "
                                   "over the step's promptsPerStep x samplesPerPrompt sequences.")
     max_new_tokens: int = Field(4096, ge=1, description="Longest completion sampled, in tokens.")
-    temperature: float = Field(1.0, gt=0.0, le=4.0, description="Sampling temperature (1.0 samples the student's own distribution).")
-    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling cut-off.")
+    temperature: float = Field(1.0, gt=0.0, le=4.0, description="Sampling temperature (1.0 samples the student's "
+                               "own distribution). There is no top-p/top-k: a truncated sampler is not the policy "
+                               "being trained, and its log-probs would bias the reverse-KL estimate.")
     kl_coef: float = Field(1.0, gt=0.0, description="Advantage scale: advantage = -klCoef * (student logprob - teacher logprob).")
     discount: float = Field(0.0, ge=0.0, le=1.0, description="Discount for summing future per-token advantages; 0 "
                             "makes each token's advantage its own reverse-KL term.")
-    loss: Literal["importance_sampling", "ppo"] = Field(
-        "importance_sampling", description="Policy-gradient loss: `importance_sampling` (ratio x advantage) or "
-        "`ppo` (clipped ratio).")
+    loss: Literal["importance_sampling", "ppo", "full_reverse_kl", "full_forward_kl"] = Field(
+        "importance_sampling", description="`importance_sampling` (ratio x sampled-token advantage, the "
+        "published recipe), `ppo` (the same with a clipped ratio), or `full_reverse_kl` (exact reverse KL "
+        "over the whole vocabulary at each sampled position; needs teacher backend `local`).")
     ppo_clip: float = Field(0.2, gt=0.0, lt=1.0, description="Ratio clip range for `ppo`.")
     lora: LoraSpec = Field(default_factory=LoraSpec, description="LoRA settings.")
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec, description="Optimizer and schedule.")
