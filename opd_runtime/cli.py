@@ -29,14 +29,14 @@ def cmd_validate(args) -> int:
 
 
 def cmd_tiny_models(args) -> int:
-    from .tiny_models import WorldConfig, build
+    from .tiny_models import WorldConfig, build_cached, default_cache_dir
 
     cfg = WorldConfig(difficulty=args.difficulty, seed=args.seed)
     if args.teacher_steps is not None:
         cfg.teacher_steps = args.teacher_steps
     if args.student_steps is not None:
         cfg.student_steps = args.student_steps
-    report = build(Path(args.out), cfg)
+    report = build_cached(Path(args.out), cfg, None if args.no_cache else default_cache_dir())
     print(json.dumps({k: v for k, v in report.items() if k != "config"}, indent=2))
     return EXIT_OK
 
@@ -92,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--teacher-steps", type=int, default=None, help="teacher training steps")
     p.add_argument("--student-steps", type=int, default=None, help="weak student training steps")
+    p.add_argument("--no-cache", action="store_true",
+                   help="always build; by default an identical earlier build under $OPD_CACHE_DIR is reused")
     p.set_defaults(fn=cmd_tiny_models)
     return parser
 

@@ -1,0 +1,6 @@
+"""opd_operator: the kopf operator that reconciles DistillationRun resources (see issue 5).
+
+It imports the spec models from ``opd_runtime.spec`` (no torch) so the operator image stays slim.
+"""
+
+__version__ = "0.1.0"
