@@ -5,6 +5,10 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 UV := $(BIN)/uv
+# The fixed top-level folder operator/ (the opd_operator package) would shadow Python's stdlib
+# `operator` module for any interpreter started with the checkout as its working directory; never put
+# the current directory on sys.path.
+export PYTHONSAFEPATH := 1
 # Build caches (tiny models, control-plane binaries) live outside the checkout so CI reuses them.
 export OPD_CACHE_DIR ?= $(HOME)/.cache/opd
 TORCH_VERSION ?= 2.13.0
@@ -35,10 +39,10 @@ $(VENV)/.installed-$(EXTRAS): pyproject.toml | $(UV)
 venv: $(VENV)/.installed-$(EXTRAS)
 
 test: venv
-	$(BIN)/python -m pytest -q
+	$(BIN)/pytest -q
 
 test-fast: venv
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/pytest -q -m "not slow"
 
 run: venv
 	$(BIN)/opd tiny-models --out $(WORKDIR)/models

@@ -114,9 +114,10 @@ def write_run(path: Path, student, teacher, **kw) -> Path:
 
 
 def opd_env() -> dict[str, str]:
-    """Environment for ``python -m opd_runtime`` subprocesses: this checkout importable, one thread."""
+    """Environment for ``python -m opd_runtime`` subprocesses: one thread, and the checkout's folder kept
+    off sys.path (its operator/ folder would shadow the stdlib module; the package is installed)."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
+    env["PYTHONSAFEPATH"] = "1"
     env["OMP_NUM_THREADS"] = "1"
     env["TOKENIZERS_PARALLELISM"] = "false"
     return env

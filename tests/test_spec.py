@@ -1,5 +1,6 @@
 """The DistillationRun spec: defaults, validation messages, and no torch on the import path."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -131,7 +132,7 @@ def test_bad_spec_fails_before_anything_heavy_loads(tmp_path):
             "from opd_runtime.cli import main; rc = main(['distill', '--config', sys.argv[1], '--workspace', sys.argv[2]]); "
             "assert 'torch' not in sys.modules, 'torch was imported before validation failed'; sys.exit(rc)")
     proc = subprocess.run([sys.executable, "-c", code, str(bad), str(tmp_path / "ws")],
-                          capture_output=True, text=True, cwd=ROOT)
+                          capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONSAFEPATH": "1"})
     assert proc.returncode == 2, proc.stderr
     assert "spec.distill.optimizer.learningRate" in proc.stderr
     assert not (tmp_path / "ws").exists()
