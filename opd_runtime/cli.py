@@ -55,6 +55,19 @@ def cmd_distill(args) -> int:
     return EXIT_OK
 
 
+def cmd_sft(args) -> int:
+    run = _load(args.config)
+    from .sft.trainer import run_sft
+
+    def show(rec: dict) -> None:
+        print(f"step {rec['step']:>5}  loss {rec['loss']:.4f}  tokens {rec['completion_tokens']:>7}  "
+              f"lr {rec['learning_rate']:.2e}  {rec['step_seconds']:.2f}s", flush=True)
+
+    result = run_sft(run, Path(args.workspace), resume=args.resume, on_step=show)
+    print(json.dumps(result, indent=2))
+    return EXIT_OK
+
+
 def cmd_preflight(args) -> int:
     from .preflight import check_pair
 
@@ -78,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(fn=fn)
         return p
 
+    p = stage("sft", "stage 1: supervised fine-tuning of the student on teacher traces", cmd_sft)
+    p.add_argument("--workspace", required=True, help="directory for checkpoints and metrics")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the workspace")
     p = stage("distill", "stage 2: on-policy distillation of the student from the teacher", cmd_distill)
     p.add_argument("--workspace", required=True, help="directory for checkpoints and metrics")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the workspace")

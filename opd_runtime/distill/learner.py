@@ -25,10 +25,11 @@ from ..preflight import compare_tokenizers, TokenizerMismatch
 from ..spec import DistillationRun, DistillSpec, SpecError
 from ..training import checkpoint
 from ..training.batches import prompt_ids, right_pad, token_logprobs
+from ..training.model_setup import build_trainable, export_final
 from ..training.optim import build_optimizer
 from ..workspace import Workspace
 from . import loss as L
-from .prompts import batch_at
+from ..training.order import batch_at
 from .teacher import LocalTeacher, Teacher
 
 
@@ -89,22 +90,6 @@ def train_on_samples(model, samples: Sequence[Sample], teacher_logprobs: Sequenc
     return StepStats(total_loss, total_kl / normalizer, total_entropy / normalizer, n_tokens, 0.0)
 
 
-def _build_student(init: str, cfg: DistillSpec, dtype: str, resume_from: Path | None):
-    model = modeling.load_causal_lm(init if resume_from is None or cfg.lora.enabled else
-                                    str(resume_from / "model"), dtype=dtype)
-    if cfg.lora.enabled:
-        from peft import LoraConfig, PeftModel, get_peft_model
-
-        if resume_from is not None:
-            model = PeftModel.from_pretrained(model, resume_from / "model", is_trainable=True)
-        else:
-            targets = cfg.lora.target_modules
-            model = get_peft_model(model, LoraConfig(
-                r=cfg.lora.rank, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                target_modules=targets[0] if targets == ["all-linear"] else targets, task_type="CAUSAL_LM"))
-    return model
-
-
 def _teacher(run: DistillationRun, ws: Workspace, cfg: DistillSpec) -> Teacher:
     t = run.spec.teacher
     if t.backend == "local":
@@ -152,7 +137,9 @@ def run_distill(run: DistillationRun, workspace: Path, *, resume: bool = False,
         f"{len(records)} prompts, {cfg.steps} steps x {cfg.prompts_per_step} prompts x {cfg.samples_per_prompt} samples")
 
     torch.manual_seed(cfg.seed)
-    model = _build_student(init, cfg, run.spec.student.dtype, existing)
+    model = build_trainable(init, cfg.lora, student.dtype, existing,
+                            revision=None if from_checkpoint else student.revision,
+                            trust_remote_code=student.trust_remote_code)
     model.train()
     teacher = _teacher(run, ws, cfg)
     opt = cfg.optimizer
@@ -219,16 +206,7 @@ def run_distill(run: DistillationRun, workspace: Path, *, resume: bool = False,
 
 
 def _finish(model, tokenizer, ws: Workspace, cfg: DistillSpec) -> dict:
-    final = ws.final_model("distill")
-    tmp = final.with_name(".final.tmp")
-    import shutil
-
-    shutil.rmtree(tmp, ignore_errors=True)
-    out_model = model.merge_and_unload() if cfg.lora.enabled else model
-    out_model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
+    final = export_final(model, tokenizer, ws.final_model("distill"), lora_enabled=cfg.lora.enabled)
     lines = [json.loads(ln) for ln in ws.metrics("distill").read_text().splitlines() if ln.strip()]
     result = {"stage": "distill", "steps": cfg.steps, "final_model": str(final),
               "reverse_kl_first": lines[0]["reverse_kl"] if lines else None,

@@ -1,0 +1,59 @@
+"""Chat traces for SFT: OpenThoughts3 (``conversations`` of ``{from, value}``), generic chat JSONL
+(``messages`` of ``{role, content}``) and tinymath traces, all turned into role/content messages.
+
+Loss goes on the final assistant turn (a reasoning trace); earlier turns are context. The prompt is
+rendered with the chat template's generation prompt and the answer is appended as raw text plus the
+end-of-turn token, which is exactly the layout the sampler produces during OPD and evaluation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from .. import tinymath
+from ..data_sources import iter_records
+
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+@dataclass(frozen=True)
+class Trace:
+    id: str
+    messages: list[dict]
+
+
+def _messages(record: dict, fmt: str) -> list[dict]:
+    if fmt == "openthoughts" or (fmt == "auto" and "conversations" in record):
+        turns = record["conversations"]
+        return [{"role": ROLES[t["from"]], "content": t["value"]} for t in turns]
+    if fmt == "chat" or (fmt == "auto" and "messages" in record):
+        return [{"role": ROLES.get(m["role"], m["role"]), "content": m["content"]} for m in record["messages"]]
+    raise ValueError(f"record has neither `conversations` nor `messages` (fields: {sorted(record)}); "
+                     "set the dataset's format")
+
+
+def load_traces(spec, workspace: Path | None = None) -> Iterator[Trace]:
+    n = 0
+    for i, rec in enumerate(iter_records(spec, workspace)):
+        if spec.max_samples is not None and n >= spec.max_samples:
+            return
+        if spec.name == "tinymath":
+            msgs = tinymath.chat_messages(rec["problem"], rec["solution"])
+        else:
+            msgs = _messages(rec, spec.format)
+        if not msgs or msgs[-1]["role"] != "assistant":
+            continue  # nothing to learn from
+        n += 1
+        yield Trace(str(rec.get("id", i)), msgs)
+
+
+def tokenize(tokenizer, trace: Trace, max_seq_length: int) -> tuple[list[int], list[int]]:
+    """(prompt ids, completion ids), the completion truncated so the whole fits ``max_seq_length``."""
+    from ..training.batches import completion_ids, prompt_ids
+
+    prompt = prompt_ids(tokenizer, trace.messages[:-1])
+    completion = completion_ids(tokenizer, trace.messages[-1]["content"])
+    room = max(0, max_seq_length - len(prompt))
+    return prompt[:max_seq_length], completion[:room]

@@ -1,0 +1,129 @@
+"""The SFT loop (``opd sft``): next-token loss on the final assistant turn of teacher traces.
+
+One optimizer step per ``batchSize`` traces, accumulated over micro-batches of ``microBatchSize``
+(packed into rows of ``maxSeqLength`` when ``packing`` is on). The loss is the mean NLL over all
+assistant tokens of the step, so accumulation and packing do not change it. Checkpoints and resume work
+as in the OPD learner; the output (``checkpoints/sft/final``) is what the distill stage starts from.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .. import modeling
+from ..metrics import MetricsSink
+from ..spec import DistillationRun, SpecError
+from ..training import checkpoint
+from ..training.batches import right_pad
+from ..training.model_setup import build_trainable, export_final
+from ..training.optim import build_optimizer
+from ..training.order import batch_at
+from ..workspace import Workspace
+from .packing import pack
+from .traces import load_traces, tokenize
+
+
+def micro_batch_nll(model, examples, *, packing: bool, capacity: int, pad_id: int) -> torch.Tensor:
+    """Summed NLL of the completion tokens of ``examples`` (one forward pass)."""
+    dev = next(model.parameters()).device
+    if packing:
+        rows = pack(examples, capacity, pad_id, dtype=model.dtype)
+        logits = model(input_ids=rows.input_ids_BT.to(dev), position_ids=rows.position_ids_BT.to(dev),
+                       attention_mask=rows.attention_mask_B1TT.to(dev)).logits
+        ids, mask = rows.input_ids_BT.to(dev), rows.loss_mask_BT.to(dev)
+    else:
+        batch = right_pad([p for p, _ in examples], [c for _, c in examples], pad_id)
+        logits = model(input_ids=batch.input_ids_BT.to(dev), attention_mask=batch.attention_mask_BT.to(dev)).logits
+        ids, mask = batch.input_ids_BT.to(dev), batch.loss_mask_BT.to(dev)
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    nll = -logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
+    return (nll * mask[:, 1:]).sum()
+
+
+def run_sft(run: DistillationRun, workspace: Path, *, resume: bool = False,
+            log: Callable[[str], None] = print, on_step: Callable[[dict], None] | None = None) -> dict:
+    cfg = run.spec.sft
+    if cfg is None or not cfg.enabled:
+        raise SpecError("spec.sft: the sft stage is not enabled in this run")
+    ws = Workspace(Path(workspace))
+    ckpt_root = ws.checkpoints("sft")
+    existing = checkpoint.latest(ckpt_root)
+    if existing is not None and not resume:
+        raise SpecError(f"{ckpt_root} already holds checkpoints ({existing.name}); pass --resume to continue "
+                        "that run, or use a fresh workspace")
+    student = run.spec.student
+    init = ws.resolve(student.model)
+    tokenizer = modeling.load_tokenizer(ws.resolve(student.tokenizer) if student.tokenizer else init,
+                                        revision=None if student.tokenizer else student.revision,
+                                        trust_remote_code=student.trust_remote_code)
+    traces = list(load_traces(cfg.dataset, ws.root))
+    if not traces:
+        raise SpecError("spec.sft.dataset: no trace ends with an assistant turn; check the dataset and format")
+    log(f"sft: student {init}, {len(traces)} traces, {cfg.steps} steps x {cfg.batch_size} traces "
+        f"({'packed' if cfg.packing else 'padded'} micro-batches of {cfg.micro_batch_size})")
+
+    torch.manual_seed(cfg.seed)
+    model = build_trainable(init, cfg.lora, student.dtype, existing, revision=student.revision,
+                            trust_remote_code=student.trust_remote_code)
+    model.train()
+    opt = cfg.optimizer
+    optimizer, scheduler = build_optimizer(model.parameters(), lr=opt.learning_rate,
+                                           weight_decay=opt.weight_decay, betas=(opt.beta1, opt.beta2),
+                                           schedule=opt.schedule, warmup_steps=opt.warmup_steps,
+                                           total_steps=cfg.steps)
+    sink = MetricsSink(ws.metrics("sft"))
+    start_step = 0
+    if existing is not None:
+        state = checkpoint.load_state(existing)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        checkpoint.set_rng_state(state["rng"])
+        start_step = state["step"]
+        sink.truncate_after(start_step)
+        log(f"sft: resumed from {existing} (step {start_step})")
+    elif ws.metrics("sft").exists():
+        ws.metrics("sft").unlink()
+
+    pad_id = tokenizer.pad_token_id
+    order = list(range(len(traces)))
+    for step in range(start_step, cfg.steps):
+        t0 = time.perf_counter()
+        examples = [tokenize(tokenizer, traces[i], cfg.max_seq_length)
+                    for i in batch_at(order, step * cfg.batch_size, cfg.batch_size, cfg.seed)]
+        n_tokens = max(1, sum(len(c) for _, c in examples))
+        total = 0.0
+        for start in range(0, len(examples), cfg.micro_batch_size):
+            nll = micro_batch_nll(model, examples[start: start + cfg.micro_batch_size], packing=cfg.packing,
+                                  capacity=cfg.max_seq_length, pad_id=pad_id) / n_tokens
+            nll.backward()
+            total += nll.item()
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
+                                                   opt.max_grad_norm)
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        seconds = time.perf_counter() - t0
+        record = {"step": step + 1, "loss": total, "completion_tokens": n_tokens,
+                  "tokens": sum(len(p) + len(c) for p, c in examples), "learning_rate": lr,
+                  "grad_norm": float(grad_norm), "step_seconds": seconds, "tokens_per_second": n_tokens / seconds}
+        sink.log(record)
+        if on_step is not None:
+            on_step(record)
+        done = step + 1
+        if done % cfg.checkpointing.every == 0 or done == cfg.steps:
+            checkpoint.save(ckpt_root, done, model=model, tokenizer=tokenizer, optimizer=optimizer,
+                            scheduler=scheduler, extra={"data_position": done * cfg.batch_size},
+                            keep=cfg.checkpointing.keep)
+    final = export_final(model, tokenizer, ws.final_model("sft"), lora_enabled=cfg.lora.enabled)
+    lines = [json.loads(ln) for ln in ws.metrics("sft").read_text().splitlines() if ln.strip()]
+    result = {"stage": "sft", "steps": cfg.steps, "final_model": str(final),
+              "loss_first": lines[0]["loss"] if lines else None, "loss_last": lines[-1]["loss"] if lines else None}
+    ws.result("sft").parent.mkdir(parents=True, exist_ok=True)
+    checkpoint.write_atomic_text(ws.result("sft"), json.dumps(result, indent=2))
+    return result

@@ -1,0 +1,125 @@
+"""The SFT stage: trace loaders, packing, loss on assistant tokens only, exact resume, output for OPD."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from opd_runtime import modeling
+from opd_runtime.sft.packing import first_fit, pack
+from opd_runtime.sft.trainer import micro_batch_nll, run_sft
+from opd_runtime.sft.traces import Trace, load_traces, tokenize
+from opd_runtime.spec import DatasetSpec, parse_run
+
+
+def sft_run(student: Path, dataset: dict, **sft) -> dict:
+    spec_sft = {"dataset": dataset, "steps": 4, "batchSize": 4, "microBatchSize": 2, "maxSeqLength": 128,
+                "packing": True, "seed": 0,
+                "optimizer": {"learningRate": 1e-2, "warmupSteps": 0, "schedule": "constant"},
+                "checkpointing": {"every": 2, "keep": 2}}
+    spec_sft.update(sft)
+    return {"apiVersion": "opd.dev/v1alpha1", "kind": "DistillationRun", "metadata": {"name": "sft-test"},
+            "spec": {"student": {"model": str(student), "dtype": "float32"},
+                     "teacher": {"model": str(student), "backend": "local"}, "sft": spec_sft}}
+
+
+def test_openthoughts_and_chat_records_become_messages(tmp_path):
+    ot = tmp_path / "ot.jsonl"
+    ot.write_text(json.dumps({"conversations": [{"from": "human", "value": "1+1?"},
+                                                {"from": "gpt", "value": "<think>\n1+1=2\n</think>\n\n\\boxed{2}"}]}) + "\n"
+                  + json.dumps({"conversations": [{"from": "human", "value": "no answer"}]}) + "\n")
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text(json.dumps({"id": "c1", "messages": [{"role": "system", "content": "be brief"},
+                                                         {"role": "user", "content": "2+2?"},
+                                                         {"role": "assistant", "content": "4"}]}) + "\n")
+    traces = list(load_traces(DatasetSpec(path=str(ot), format="openthoughts")))
+    assert [m["role"] for m in traces[0].messages] == ["user", "assistant"]
+    assert len(traces) == 1  # the record without an assistant turn has nothing to learn
+    (c,) = load_traces(DatasetSpec(path=str(chat)))
+    assert c.id == "c1" and [m["role"] for m in c.messages] == ["system", "user", "assistant"]
+    tm = list(load_traces(DatasetSpec(name="tinymath", maxSamples=3)))
+    assert len(tm) == 3 and "\\boxed{" in tm[0].messages[-1]["content"]
+
+
+def test_loss_covers_only_the_assistant_answer(tiny_world):
+    tok = modeling.load_tokenizer(str(tiny_world.tokenizer))
+    trace = Trace("t", [{"role": "user", "content": "Start with 2, add 3."},
+                        {"role": "assistant", "content": "<think>\n2 + 3 = 5\n</think>\n\n\\boxed{5}"}])
+    prompt, completion = tokenize(tok, trace, 512)
+    assert tok.decode(prompt).endswith("<|im_start|>assistant\n")
+    assert tok.decode(completion) == trace.messages[-1]["content"] + "<|im_end|>"
+    p2, c2 = tokenize(tok, trace, len(prompt) + 3)
+    assert p2 == prompt and c2 == completion[:3]  # truncation cuts the answer, never the prompt
+
+
+def test_first_fit_respects_capacity():
+    rows = first_fit([5, 4, 3, 3, 2, 7], capacity=8)
+    assert sorted(i for r in rows for i in r) == list(range(6))
+    assert all(sum([5, 4, 3, 3, 2, 7][i] for i in r) <= 8 for r in rows)
+
+
+def test_packed_rows_compute_what_separate_traces_compute(tiny_world):
+    model = modeling.load_causal_lm(str(tiny_world.teacher), dtype="float32").eval()
+    examples = [([1, 5, 9, 2], [7, 8, 2]), ([1, 4], [6, 6, 6, 2]), ([1, 3, 3, 3, 3], [2])]
+    capacity = 13  # two traces share a row, the third sits in a padded row of its own
+    rows = pack(examples, capacity=capacity, pad_id=0)
+    layout = first_fit([len(p) + len(c) for p, c in examples], capacity)
+    assert rows.input_ids_BT.shape[0] == len(layout) == 2
+    with torch.no_grad():
+        packed = model(input_ids=rows.input_ids_BT, position_ids=rows.position_ids_BT,
+                       attention_mask=rows.attention_mask_B1TT).logits
+        for b, row in enumerate(layout):
+            at = 0
+            for i in row:
+                p, c = examples[i]
+                alone = model(input_ids=torch.tensor([p + c])).logits[0]
+                assert torch.allclose(packed[b, at: at + len(p) + len(c)], alone, atol=1e-5)
+                at += len(p) + len(c)
+        nll_packed = micro_batch_nll(model, examples, packing=True, capacity=capacity, pad_id=0)
+        nll_padded = micro_batch_nll(model, examples, packing=False, capacity=capacity, pad_id=0)
+    assert nll_packed.item() == pytest.approx(nll_padded.item(), rel=1e-5)
+
+
+class Stop(Exception):
+    pass
+
+
+def test_sft_resumes_exactly_and_feeds_the_distill_stage(tiny_world, tmp_path):
+    doc = sft_run(tiny_world.student, {"name": "tinymath", "maxSamples": 40})
+    run = parse_run(doc)
+    straight = tmp_path / "straight"
+    run_sft(run, straight, log=lambda *_: None)
+
+    def stop_after_3(rec):
+        if rec["step"] == 3:
+            raise Stop()
+
+    interrupted = tmp_path / "interrupted"
+    with pytest.raises(Stop):
+        run_sft(run, interrupted, log=lambda *_: None, on_step=stop_after_3)
+    run_sft(run, interrupted, resume=True, log=lambda *_: None)
+    a = load_file(str(straight / "checkpoints/sft/final/model.safetensors"))
+    b = load_file(str(interrupted / "checkpoints/sft/final/model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.loads(ln)["step"] for ln in (interrupted / "metrics/sft.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+    result = json.loads((straight / "results/sft.json").read_text())
+    assert result["loss_last"] < result["loss_first"]
+
+    # the distill stage of the same run starts from the SFT output without being told where it is
+    from opd_runtime.distill.learner import init_model_path
+
+    doc["spec"]["distill"] = {"prompts": {"name": "tinymath"}, "steps": 1}
+    assert init_model_path(parse_run(doc), modeling_ws(straight)) == str(straight / "checkpoints/sft/final")
+    assert modeling.load_causal_lm(str(straight / "checkpoints/sft/final"), dtype="float32") is not None
+
+
+def modeling_ws(root: Path):
+    from opd_runtime.workspace import Workspace
+
+    return Workspace(root)
