@@ -143,6 +143,14 @@ def build(out: Path, cfg: WorldConfig, log=print) -> dict:
     return report
 
 
+# Bump when build() changes what it trains; the modules below are hashed as well.
+BUILD_VERSION = 1
+# The code that decides the world's weights (data, tokenizer, training loop), so a change to it
+# invalidates cached builds while unrelated edits do not.
+_WEIGHT_SOURCES = ("tinymath.py", "tokenizer_build.py", "templates/chatml_think.jinja",
+                   "training/supervised.py", "training/batches.py", "training/optim.py")
+
+
 def _cache_key(cfg: WorldConfig) -> str:
     import hashlib
 
@@ -150,11 +158,9 @@ def _cache_key(cfg: WorldConfig) -> str:
     import transformers
 
     h = hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True).encode())
-    h.update(f"{torch.__version__}/{transformers.__version__}".encode())
+    h.update(f"{BUILD_VERSION}/{torch.__version__}/{transformers.__version__}".encode())
     here = Path(__file__).parent
-    for src in ("tinymath.py", "tiny_models.py", "tokenizer_build.py", "generation.py",
-                "training/supervised.py", "training/batches.py", "training/optim.py",
-                "templates/chatml_think.jinja"):
+    for src in _WEIGHT_SOURCES:
         h.update((here / src).read_bytes())
     return h.hexdigest()[:16]
 
