@@ -68,6 +68,28 @@ def cmd_sft(args) -> int:
     return EXIT_OK
 
 
+def cmd_eval(args) -> int:
+    run = _load(args.config)
+    from .evaluate import run_eval
+
+    summary = run_eval(run, Path(args.workspace), batch_size=args.batch_size)
+    print(json.dumps(summary, indent=2))
+    return EXIT_OK
+
+
+def cmd_grade(args) -> int:
+    from .grading import GradeInputError, grade_file
+
+    try:
+        report = grade_file(args.input, default_kind=args.kind, output=args.output, timeout_s=args.timeout,
+                            workers=args.workers)
+    except GradeInputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    print(f"accuracy {report['accuracy']:.3f} ({report['correct']}/{report['total']})")
+    return EXIT_OK
+
+
 def cmd_preflight(args) -> int:
     from .preflight import check_pair
 
@@ -97,7 +119,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = stage("distill", "stage 2: on-policy distillation of the student from the teacher", cmd_distill)
     p.add_argument("--workspace", required=True, help="directory for checkpoints and metrics")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the workspace")
+    p = stage("eval", "stage 3: accuracy of the student, SFT, distilled and teacher models on held-out "
+              "problem sets", cmd_eval)
+    p.add_argument("--workspace", required=True, help="directory holding the stages' checkpoints; results "
+                   "go to eval/ and results/eval.json")
+    p.add_argument("--batch-size", type=int, default=64, help="sequences generated together (default 64)")
     stage("validate", "check a DistillationRun file and exit", cmd_validate)
+
+    p = sub.add_parser("grade", help="grade completions in a JSON-lines file",
+                       description="Grade a JSON-lines file of {\"completion\", \"answer\", optional \"kind\"} "
+                       "objects: the last \\boxed{} answer of each completion against its reference answer. "
+                       "Prints the accuracy.")
+    p.add_argument("--input", required=True, help="JSON-lines file to grade")
+    p.add_argument("--kind", choices=("aime", "math"), default="math",
+                   help="comparison for lines without a `kind`: `aime` (integers) or `math` (math-verify; default)")
+    p.add_argument("--output", default=None, help="write one JSON line of results per input line here")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds allowed per math-verify comparison "
+                   "(a comparison that takes longer is graded wrong; default 5)")
+    p.add_argument("--workers", type=int, default=None, help="math-verify worker processes (default: up to 4)")
+    p.set_defaults(fn=cmd_grade)
     stage("preflight", "check that student and teacher tokenizers and chat templates match", cmd_preflight)
 
     p = sub.add_parser("tiny-models", help="build the offline tiny world: tokenizer, teacher and students",

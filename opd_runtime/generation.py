@@ -32,8 +32,13 @@ def stop_token_ids(tokenizer) -> list[int]:
 
 @torch.no_grad()
 def sample(model, tokenizer, prompts: Sequence[Sequence[int]], *, n: int = 1, temperature: float = 1.0,
-           top_p: float = 1.0, max_new_tokens: int = 256, batch_size: int = 256) -> list[Sample]:
-    """``n`` completions for each prompt, grouped prompt by prompt (prompt 0's n samples first)."""
+           top_p: float = 1.0, max_new_tokens: int = 256, batch_size: int = 256,
+           logprobs: bool = True) -> list[Sample]:
+    """``n`` completions for each prompt, grouped prompt by prompt (prompt 0's n samples first).
+
+    ``logprobs=False`` skips the per-token log-probs (``Sample.logprobs`` stays empty): evaluation does
+    not need them, and keeping every step's full-vocabulary scores costs memory that grows with length.
+    """
     stops = stop_token_ids(tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     rows = [list(p) for p in prompts for _ in range(n)]
@@ -54,18 +59,21 @@ def sample(model, tokenizer, prompts: Sequence[Sequence[int]], *, n: int = 1, te
             do_sample=not greedy, temperature=None if greedy else temperature,
             top_p=None if greedy else top_p, top_k=None if greedy else 0,
             eos_token_id=stops, pad_token_id=pad_id,
-            output_scores=True, return_dict_in_generate=True,
+            output_scores=logprobs, return_dict_in_generate=True,
         )
         new_BT = gen.sequences[:, width:]
-        # scores are the processed logits the sampler drew from (temperature, top-p applied)
-        logp_BT = torch.stack([torch.log_softmax(s.float(), dim=-1) for s in gen.scores], dim=1)
-        tok_logp_BT = logp_BT.gather(-1, new_BT[:, :, None]).squeeze(-1)
+        tok_logp_BT = None
+        if logprobs:
+            # scores are the processed logits the sampler drew from (temperature, top-p applied)
+            logp_BT = torch.stack([torch.log_softmax(s.float(), dim=-1) for s in gen.scores], dim=1)
+            tok_logp_BT = logp_BT.gather(-1, new_BT[:, :, None]).squeeze(-1)
         for i, r in enumerate(chunk):
             ids = new_BT[i].tolist()
             end = next((t + 1 for t, tok in enumerate(ids) if tok in stops), None)
             finished = end is not None
             end = end or len(ids)
-            out.append(Sample(r, ids[:end], tok_logp_BT[i, :end].tolist(), finished))
+            lps = tok_logp_BT[i, :end].tolist() if tok_logp_BT is not None else []
+            out.append(Sample(r, ids[:end], lps, finished))
     if was_training:
         model.train()
     return out

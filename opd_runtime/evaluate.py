@@ -1,0 +1,230 @@
+"""The evaluation stage (``opd eval``): accuracy of each target model on each problem set.
+
+For every target in ``spec.eval.targets`` (``student``: the model before training, ``sft`` and ``distill``:
+those stages' final checkpoints in the workspace, ``teacher``) and every dataset in ``spec.eval.datasets``,
+it samples ``samplesPerProblem`` completions per problem (temperature 0 is greedy decoding, and then one
+sample is taken, since more would be identical), grades each (``grading``, the dataset's ``kind``) and
+writes
+
+    eval/<target>/<label>.json    per-problem results: each sample's extracted answer and correctness
+    results/eval.json             {"targets": {target: {label: {pass_at_1, majority_vote, ...}}}}, last
+
+pass@1 is the mean correctness of all samples (every problem has the same number of samples, so this is
+also the mean of the per-problem accuracies). Majority vote takes, per problem, the most common
+normalised answer among the samples that have one (ties go to the answer that appeared first); the
+problem counts as solved when that answer was graded correct. Problems where no sample boxed an answer
+count as unsolved.
+
+Targets are resolved, and a missing model directory reported (``SpecError``, exit 2), before any model
+loads or torch is imported.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+from .spec import DistillationRun, EvalDatasetSpec, SpecError
+from .workspace import Workspace
+
+DEFAULT_BATCH_SIZE = 64
+SEED = 0
+MAX_STORED_ANSWER_CHARS = 1000
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    model: str  # local directory or hub id
+    tokenizer: str
+    dtype: str
+    revision: str | None = None
+    trust_remote_code: bool = False
+
+
+def _looks_local(path: str) -> bool:
+    """A path rather than a hub id (``org/name``): absolute, explicitly relative, or with more parts."""
+    return Path(path).is_absolute() or path.startswith(("./", "../", "~")) or path.count("/") > 1
+
+
+def resolve_targets(run: DistillationRun, ws: Workspace) -> list[Target]:
+    """The models to score, each checked to exist when it is a local directory."""
+    spec = run.spec
+    out = []
+    for name in spec.eval.targets:
+        if name in ("sft", "distill"):
+            path = ws.final_model(name)
+            if not path.is_dir():
+                raise SpecError(
+                    f"spec.eval.targets: target `{name}` needs the {name} stage's final model at {path}, which "
+                    f"does not exist; run `opd {name}` with this workspace first, or remove `{name}` from "
+                    "spec.eval.targets")
+            # stage outputs carry their tokenizer
+            out.append(Target(name, str(path), str(path), spec.student.dtype,
+                              trust_remote_code=spec.student.trust_remote_code))
+            continue
+        m = spec.student if name == "student" else spec.teacher
+        model = ws.resolve(m.model)
+        if _looks_local(model) and not Path(model).expanduser().is_dir():
+            raise SpecError(f"spec.eval.targets: target `{name}` is spec.{name}.model = {m.model!r}, and the "
+                            f"model directory {model} does not exist; fix spec.{name}.model or remove "
+                            f"`{name}` from spec.eval.targets")
+        tok = ws.resolve(m.tokenizer) if m.tokenizer else model
+        out.append(Target(name, model, tok, m.dtype, m.revision, m.trust_remote_code))
+    return out
+
+
+def dataset_label(ds: EvalDatasetSpec) -> str:
+    return ds.label or ds.name or Path(ds.path).stem
+
+
+def _file_name(label: str) -> str:
+    """A label as a file name (a hub dataset name holds a `/`)."""
+    return re.sub(r"[^A-Za-z0-9._=-]+", "_", label).strip("._") or "dataset"
+
+
+def majority_vote(samples: Sequence[dict]) -> tuple[str | None, bool]:
+    """(answer, correct) of the most common ``key`` among ``samples`` (dicts with ``key`` and ``correct``);
+    ties go to the answer seen first; samples without an answer (``key`` None) do not vote."""
+    votes = Counter(s["key"] for s in samples if s["key"] is not None)
+    if not votes:
+        return None, False
+    top = max(votes.values())
+    winner = next(s["key"] for s in samples if s["key"] is not None and votes[s["key"]] == top)
+    return winner, any(s["correct"] for s in samples if s["key"] == winner)
+
+
+def aggregate(problems: Sequence[dict]) -> dict:
+    """pass@1 and majority-vote accuracy over problems (dicts with a ``samples`` list, each sample with
+    ``key`` and ``correct``); fills in each problem's ``pass_at_1``, ``majority_answer`` and
+    ``majority_correct``."""
+    if not problems:
+        raise ValueError("no problems to aggregate")
+    for p in problems:
+        if not p["samples"]:
+            raise ValueError(f"problem {p.get('id')!r} has no samples")
+        p["pass_at_1"] = sum(bool(s["correct"]) for s in p["samples"]) / len(p["samples"])
+        p["majority_answer"], p["majority_correct"] = majority_vote(p["samples"])
+    all_samples = [s for p in problems for s in p["samples"]]
+    counts = {len(p["samples"]) for p in problems}
+    return {
+        "pass_at_1": sum(bool(s["correct"]) for s in all_samples) / len(all_samples),
+        "majority_vote": sum(p["majority_correct"] for p in problems) / len(problems),
+        "n_problems": len(problems),
+        "samples_per_problem": counts.pop() if len(counts) == 1 else sorted(counts),
+    }
+
+
+def _write_json(path: Path, obj) -> None:
+    from .training.checkpoint import write_atomic_text
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def _clip(text: str | None) -> str | None:
+    if text is None or len(text) <= MAX_STORED_ANSWER_CHARS:
+        return text
+    return text[:MAX_STORED_ANSWER_CHARS] + "…"
+
+
+def evaluate_dataset(model, tokenizer, prompts, ds: EvalDatasetSpec, run: DistillationRun, *,
+                     batch_size: int = DEFAULT_BATCH_SIZE, seed: int = SEED) -> dict:
+    """Sample, grade and aggregate one dataset for one loaded model; the report of eval/<target>/<label>.json."""
+    import torch
+
+    from .generation import sample
+    from .grading import judge_many
+    from .training.batches import prompt_ids
+
+    cfg = run.spec.eval
+    greedy = cfg.temperature <= 0
+    n = 1 if greedy else cfg.samples_per_problem
+    ids = [prompt_ids(tokenizer, p.messages) for p in prompts]
+    torch.manual_seed(seed)
+    t0 = time.monotonic()
+    samples = sample(model, tokenizer, ids, n=n, temperature=cfg.temperature, top_p=cfg.top_p,
+                     max_new_tokens=cfg.max_new_tokens, batch_size=batch_size, logprobs=False)
+    sample_seconds = time.monotonic() - t0
+    texts = tokenizer.batch_decode([s.completion_ids for s in samples], skip_special_tokens=True)
+    t1 = time.monotonic()
+    graded = judge_many([(t, prompts[i // n].answer) for i, t in enumerate(texts)], ds.kind)
+    grade_seconds = time.monotonic() - t1
+    problems = []
+    for j, p in enumerate(prompts):
+        rows = []
+        for k in range(j * n, (j + 1) * n):
+            g = graded[k]
+            rows.append({"extracted": _clip(g.extracted), "key": _clip(g.key), "correct": g.correct,
+                         "method": g.method, "completion_tokens": len(samples[k].completion_ids),
+                         "finished": samples[k].finished})
+        problems.append({"id": p.id, "answer": p.answer, "samples": rows})
+    summary = aggregate(problems)
+    return {
+        **summary,
+        "kind": ds.kind, "temperature": cfg.temperature, "top_p": None if greedy else cfg.top_p,
+        "max_new_tokens": cfg.max_new_tokens,
+        "mean_completion_tokens": sum(len(s.completion_ids) for s in samples) / len(samples),
+        "finished_fraction": sum(s.finished for s in samples) / len(samples),
+        "sample_seconds": sample_seconds, "grade_seconds": grade_seconds,
+        "problems": problems,
+    }
+
+
+def run_eval(run: DistillationRun, workspace: Path, *, log: Callable[[str], None] = print,
+             batch_size: int = DEFAULT_BATCH_SIZE) -> dict:
+    cfg = run.spec.eval
+    if cfg is None or not cfg.enabled:
+        raise SpecError("spec.eval: the eval stage is not enabled in this run; add an `eval` section with "
+                        "`datasets` (and `targets`)")
+    ws = Workspace(Path(workspace))
+    targets = resolve_targets(run, ws)
+    labels = [dataset_label(ds) for ds in cfg.datasets]
+    for i, label in enumerate(labels):
+        if labels.index(label) != i or [_file_name(x) for x in labels].count(_file_name(label)) > 1:
+            raise SpecError(f"spec.eval.datasets[{i}]: label {label!r} is used twice; set distinct `label`s")
+
+    from .data_sources import load_prompts
+
+    datasets = []
+    for i, (ds, label) in enumerate(zip(cfg.datasets, labels)):
+        try:
+            prompts = load_prompts(ds, ws.root)
+        except (FileNotFoundError, ValueError) as err:
+            raise SpecError(f"spec.eval.datasets[{i}] ({label}): {err}") from None
+        missing = [p.id for p in prompts if p.answer is None]
+        if missing:
+            raise SpecError(f"spec.eval.datasets[{i}] ({label}): {len(missing)} problems (first: {missing[0]!r}) "
+                            f"have no reference answer in field `{ds.answer_field}`; set answerField")
+        datasets.append((ds, label, prompts))
+
+    import gc
+
+    from . import modeling
+
+    summary: dict = {"stage": "eval", "targets": {}}
+    for target in targets:
+        log(f"eval: loading {target.name} from {target.model}")
+        tokenizer = modeling.load_tokenizer(target.tokenizer, revision=target.revision,
+                                            trust_remote_code=target.trust_remote_code)
+        model = modeling.load_causal_lm(target.model, dtype=target.dtype, revision=target.revision,
+                                        trust_remote_code=target.trust_remote_code)
+        per_target = summary["targets"][target.name] = {}
+        for ds, label, prompts in datasets:
+            report = evaluate_dataset(model, tokenizer, prompts, ds, run, batch_size=batch_size)
+            report = {"target": target.name, "model": target.model, "dataset": label, **report}
+            _write_json(ws.eval_dir(target.name) / f"{_file_name(label)}.json", report)
+            per_target[label] = {k: report[k] for k in ("pass_at_1", "majority_vote", "n_problems",
+                                                        "samples_per_problem")}
+            log(f"eval: {target.name} on {label}: pass@1 {report['pass_at_1']:.3f}  majority "
+                f"{report['majority_vote']:.3f}  ({report['n_problems']} problems x "
+                f"{report['samples_per_problem']} samples, {report['sample_seconds']:.1f}s sampling)")
+        del model
+        gc.collect()
+    _write_json(ws.result("eval"), summary)
+    return summary

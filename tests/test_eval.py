@@ -1,0 +1,164 @@
+"""The eval stage: reports written by `opd eval` with the untrained tiny models, the pass@1 and
+majority-vote arithmetic on known samples, and refusing targets whose model is missing.
+
+The random models score about 0; what is checked is the pipeline and its bookkeeping.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import run_doc
+from opd_runtime import cli
+from opd_runtime.data_sources import load_prompts
+from opd_runtime.evaluate import aggregate, majority_vote
+from opd_runtime.spec import load_run
+
+SUMMARY_FIELDS = {"pass_at_1", "majority_vote", "n_problems", "samples_per_problem"}
+
+
+def write_eval_run(path: Path, student, teacher, **eval_section) -> Path:
+    doc = run_doc(student, teacher)
+    doc["spec"]["eval"] = {
+        "datasets": [
+            {"name": "tinymath", "split": "test", "maxSamples": 8, "label": "tinymath-test"},
+            {"name": "aime24", "maxSamples": 3, "kind": "aime"},
+        ],
+        "targets": ["student", "teacher"],
+        "samplesPerProblem": 3, "temperature": 1.0, "topP": 0.95, "maxNewTokens": 16,
+        "resources": {"gpus": 0},
+        **eval_section,
+    }
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def opd(*argv: str) -> tuple[int, str, str]:
+    """`opd ...` in this process, on one thread like the opd subprocesses."""
+    out, err = io.StringIO(), io.StringIO()
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = cli.main(list(argv))
+    finally:
+        torch.set_num_threads(before)
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def evaluated(tiny_world, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("eval")
+    config = write_eval_run(tmp / "run.yaml", tiny_world.student, tiny_world.teacher)
+    ws = tmp / "ws"
+    code, out, err = opd("eval", "--config", str(config), "--workspace", str(ws))
+    assert code == 0, out + err
+    return config, ws, out
+
+
+def test_opd_eval_writes_a_report_per_target_and_dataset(evaluated):
+    config, ws, _ = evaluated
+    run = load_run(config)
+    expected = {"tinymath-test": (load_prompts(run.spec.eval.datasets[0]), "math"),
+                "aime24": (load_prompts(run.spec.eval.datasets[1]), "aime")}
+    for target in ("student", "teacher"):
+        for label, (prompts, kind) in expected.items():
+            report = json.loads((ws / "eval" / target / f"{label}.json").read_text())
+            assert report["target"] == target and report["dataset"] == label and report["kind"] == kind
+            assert (report["n_problems"], report["samples_per_problem"]) == (len(prompts), 3)
+            assert (report["temperature"], report["top_p"], report["max_new_tokens"]) == (1.0, 0.95, 16)
+            assert [p["id"] for p in report["problems"]] == [p.id for p in prompts]
+            assert [p["answer"] for p in report["problems"]] == [p.answer for p in prompts]
+            for p in report["problems"]:
+                assert len(p["samples"]) == 3
+                for s in p["samples"]:
+                    assert isinstance(s["correct"], bool)
+                    assert 1 <= s["completion_tokens"] <= 16
+                    assert (s["extracted"] is None) == (s["key"] is None)
+                    if s["extracted"] is None:
+                        assert s["correct"] is False
+                assert p["pass_at_1"] == pytest.approx(sum(s["correct"] for s in p["samples"]) / 3)
+                assert (p["majority_answer"], p["majority_correct"]) == majority_vote(p["samples"])
+            samples = [s for p in report["problems"] for s in p["samples"]]
+            assert report["pass_at_1"] == pytest.approx(sum(s["correct"] for s in samples) / len(samples))
+            assert report["majority_vote"] == pytest.approx(
+                sum(p["majority_correct"] for p in report["problems"]) / len(prompts))
+            assert 0.0 <= report["finished_fraction"] <= 1.0
+
+
+def test_opd_eval_summary_lists_every_target_and_dataset(evaluated):
+    _, ws, out = evaluated
+    summary = json.loads((ws / "results" / "eval.json").read_text())
+    assert set(summary["targets"]) == {"student", "teacher"}
+    for target, per_label in summary["targets"].items():
+        assert set(per_label) == {"tinymath-test", "aime24"}
+        for label, row in per_label.items():
+            assert set(row) == SUMMARY_FIELDS
+            report = json.loads((ws / "eval" / target / f"{label}.json").read_text())
+            assert row == {k: report[k] for k in SUMMARY_FIELDS}
+    assert json.loads(out[out.index("{"):]) == summary  # the CLI prints the summary last
+    assert not list(ws.rglob("*.tmp-*"))  # atomic writes leave no temporaries
+
+
+def test_greedy_eval_takes_one_sample_per_problem(tiny_world, tmp_path):
+    config = write_eval_run(tmp_path / "run.yaml", tiny_world.student, tiny_world.teacher, targets=["student"],
+                            temperature=0.0, samplesPerProblem=4,
+                            datasets=[{"name": "tinymath", "split": "test", "maxSamples": 4}])
+    ws = tmp_path / "ws"
+    code, out, err = opd("eval", "--config", str(config), "--workspace", str(ws))
+    assert code == 0, out + err
+    report = json.loads((ws / "eval" / "student" / "tinymath.json").read_text())
+    assert (report["n_problems"], report["samples_per_problem"], report["top_p"]) == (4, 1, None)
+    first = [p["samples"] for p in report["problems"]]
+    assert opd("eval", "--config", str(config), "--workspace", str(ws))[0] == 0
+    again = json.loads((ws / "eval" / "student" / "tinymath.json").read_text())
+    assert [p["samples"] for p in again["problems"]] == first  # greedy decoding is deterministic
+
+
+def sample(key, correct):
+    return {"extracted": key, "key": key, "correct": correct}
+
+
+def test_pass_at_1_and_majority_vote_on_known_samples():
+    problems = [
+        # 1 of 4 right; the majority (3 votes for "5") is wrong
+        {"id": "a", "samples": [sample("5", False), sample("7", True), sample("5", False), sample("5", False)]},
+        # no answer boxed in 3 samples: the one boxed answer is the majority, and it is right
+        {"id": "b", "samples": [sample(None, False), sample("12", True), sample(None, False), sample(None, False)]},
+        # a 2-2 tie: the answer seen first wins (here the right one)
+        {"id": "c", "samples": [sample("1/2", True), sample("3", False), sample("3", False), sample("1/2", True)]},
+        # nothing boxed at all
+        {"id": "d", "samples": [sample(None, False)] * 4},
+    ]
+    result = aggregate(problems)
+    assert result == {"pass_at_1": pytest.approx(4 / 16), "majority_vote": pytest.approx(2 / 4),
+                      "n_problems": 4, "samples_per_problem": 4}
+    assert [p["pass_at_1"] for p in problems] == [0.25, 0.25, 0.5, 0.0]
+    assert [(p["majority_answer"], p["majority_correct"]) for p in problems] == [
+        ("5", False), ("12", True), ("1/2", True), (None, False)]
+    # the tie-break is by first appearance, not by correctness
+    assert majority_vote([sample("3", False), sample("1/2", True), sample("1/2", True), sample("3", False)]) \
+        == ("3", False)
+
+
+def test_missing_target_model_is_a_configuration_error(tiny_world, tmp_path):
+    config = write_eval_run(tmp_path / "run.yaml", tiny_world.student, tiny_world.teacher,
+                            targets=["student", "distill"])
+    ws = tmp_path / "ws"
+    code, out, err = opd("eval", "--config", str(config), "--workspace", str(ws))
+    assert code == 2, out + err
+    assert "target `distill`" in err and str(ws / "checkpoints" / "distill" / "final") in err
+    assert not (ws / "eval").exists() and not (ws / "results").exists()  # refused before any model ran
+
+    missing = tmp_path / "no-such-teacher"
+    config = write_eval_run(tmp_path / "run2.yaml", tiny_world.student, missing, targets=["teacher"])
+    code, out, err = opd("eval", "--config", str(config), "--workspace", str(ws))
+    assert code == 2, out + err
+    assert "target `teacher`" in err and str(missing) in err
