@@ -44,9 +44,13 @@ test: venv
 test-fast: venv
 	$(BIN)/pytest -q -m "not slow"
 
+# The demo, stage by stage on one machine (`opd run` will chain them): build the tiny world, distill
+# the weak student from the teacher, then score student, distilled student and teacher. Re-running
+# continues (or re-uses) the previous run in $(WORKDIR) instead of overwriting it.
 run: venv
 	$(BIN)/opd tiny-models --out $(WORKDIR)/models
-	$(BIN)/opd distill --config examples/tiny-math.yaml --workspace $(WORKDIR)
+	$(BIN)/opd distill --config examples/tiny-math.yaml --workspace $(WORKDIR) --resume
+	$(BIN)/opd eval --config examples/tiny-math.yaml --workspace $(WORKDIR)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
