@@ -31,6 +31,13 @@ class MetricsSink:
         if port:
             self._prom = _PromExporter(port, stage, total_steps)
 
+    def begin(self, resumed_step: int) -> None:
+        """Start a fresh file, or keep a resumed run's lines up to its checkpoint."""
+        if resumed_step > 0:
+            self.truncate_after(resumed_step)
+        elif self.path.exists():
+            self.path.unlink()
+
     def truncate_after(self, step: int) -> None:
         """Drop lines of steps after ``step`` (logged by a run that died before checkpointing them)."""
         if not self.path.exists():

@@ -25,11 +25,10 @@ from ..preflight import compare_tokenizers, TokenizerMismatch
 from ..spec import DistillationRun, DistillSpec, SpecError
 from ..training import checkpoint
 from ..training.batches import prompt_ids, right_pad, token_logprobs
-from ..training.model_setup import build_trainable, export_final
-from ..training.optim import build_optimizer
+from ..training.model_setup import build_trainable, export_final, optimizer_for
+from ..training.order import batch_at
 from ..workspace import Workspace
 from . import loss as L
-from ..training.order import batch_at
 from .teacher import LocalTeacher, Teacher
 
 
@@ -143,22 +142,12 @@ def run_distill(run: DistillationRun, workspace: Path, *, resume: bool = False,
     model.train()
     teacher = _teacher(run, ws, cfg)
     opt = cfg.optimizer
-    optimizer, scheduler = build_optimizer(model.parameters(), lr=opt.learning_rate,
-                                           weight_decay=opt.weight_decay, betas=(opt.beta1, opt.beta2),
-                                           schedule=opt.schedule, warmup_steps=opt.warmup_steps,
-                                           total_steps=cfg.steps)
-    start_step = 0
+    optimizer, scheduler = optimizer_for(model.parameters(), opt, cfg.steps)
     sink = MetricsSink(ws.metrics("distill"), port=cfg.metrics_port, total_steps=cfg.steps)
-    if existing is not None:
-        state = checkpoint.load_state(existing)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        checkpoint.set_rng_state(state["rng"])
-        start_step = state["step"]
-        sink.truncate_after(start_step)
+    start_step = checkpoint.restore(existing, optimizer, scheduler) if existing is not None else 0
+    sink.begin(start_step)
+    if start_step:
         log(f"distill: resumed from {existing} (step {start_step})")
-    elif ws.metrics("distill").exists():
-        ws.metrics("distill").unlink()
 
     prompt_cache: dict[str, list[int]] = {}
     pad_id = tokenizer.pad_token_id

@@ -20,8 +20,7 @@ from ..metrics import MetricsSink
 from ..spec import DistillationRun, SpecError
 from ..training import checkpoint
 from ..training.batches import right_pad
-from ..training.model_setup import build_trainable, export_final
-from ..training.optim import build_optimizer
+from ..training.model_setup import build_trainable, export_final, optimizer_for
 from ..training.order import batch_at
 from ..workspace import Workspace
 from .packing import pack
@@ -72,22 +71,12 @@ def run_sft(run: DistillationRun, workspace: Path, *, resume: bool = False,
                             trust_remote_code=student.trust_remote_code)
     model.train()
     opt = cfg.optimizer
-    optimizer, scheduler = build_optimizer(model.parameters(), lr=opt.learning_rate,
-                                           weight_decay=opt.weight_decay, betas=(opt.beta1, opt.beta2),
-                                           schedule=opt.schedule, warmup_steps=opt.warmup_steps,
-                                           total_steps=cfg.steps)
+    optimizer, scheduler = optimizer_for(model.parameters(), opt, cfg.steps)
     sink = MetricsSink(ws.metrics("sft"))
-    start_step = 0
-    if existing is not None:
-        state = checkpoint.load_state(existing)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        checkpoint.set_rng_state(state["rng"])
-        start_step = state["step"]
-        sink.truncate_after(start_step)
+    start_step = checkpoint.restore(existing, optimizer, scheduler) if existing is not None else 0
+    sink.begin(start_step)
+    if start_step:
         log(f"sft: resumed from {existing} (step {start_step})")
-    elif ws.metrics("sft").exists():
-        ws.metrics("sft").unlink()
 
     pad_id = tokenizer.pad_token_id
     order = list(range(len(traces)))

@@ -79,6 +79,15 @@ def load_state(path: Path) -> dict[str, Any]:
     return torch.load(path / STATE_FILE, weights_only=False)
 
 
+def restore(path: Path, optimizer, scheduler) -> int:
+    """Load optimizer, scheduler and RNG state from checkpoint ``path``; returns its step."""
+    state = load_state(path)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
+    return state["step"]
+
+
 def _prune(root: Path, keep: int) -> None:
     steps = sorted(p for p in root.glob("step-*") if p.is_dir())
     for old in steps[:-keep]:

@@ -38,3 +38,12 @@ def export_final(model, tokenizer, final: Path, *, lora_enabled: bool) -> Path:
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     return final
+
+
+def optimizer_for(params, spec, total_steps: int):
+    """AdamW and its schedule from a stage's ``OptimizerSpec``."""
+    from .optim import build_optimizer
+
+    return build_optimizer(params, lr=spec.learning_rate, weight_decay=spec.weight_decay,
+                           betas=(spec.beta1, spec.beta2), schedule=spec.schedule,
+                           warmup_steps=spec.warmup_steps, total_steps=total_steps)
