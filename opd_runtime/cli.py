@@ -90,6 +90,18 @@ def cmd_grade(args) -> int:
     return EXIT_OK
 
 
+def cmd_spec_reference(args) -> int:
+    from .spec import reference
+
+    if args.readme:
+        path = Path(args.readme)
+        path.write_text(reference.embed(path.read_text()))
+        print(f"{path}: spec reference updated")
+    else:
+        print(reference.markdown(), end="")
+    return EXIT_OK
+
+
 def cmd_preflight(args) -> int:
     from .preflight import check_pair
 
@@ -139,6 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, help="math-verify worker processes (default: up to 4)")
     p.set_defaults(fn=cmd_grade)
     stage("preflight", "check that student and teacher tokenizers and chat templates match", cmd_preflight)
+
+    p = sub.add_parser("spec-reference", help="print the DistillationRun field reference (Markdown)",
+                       description="Print the field reference generated from the spec models' descriptions.")
+    p.add_argument("--readme", help="rewrite the reference between the markers in this file instead")
+    p.set_defaults(fn=cmd_spec_reference)
 
     p = sub.add_parser("tiny-models", help="build the offline tiny world: tokenizer, teacher and students",
                        description="Build a tokenizer and tiny Qwen3-architecture teacher and students "

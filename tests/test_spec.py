@@ -136,3 +136,19 @@ def test_bad_spec_fails_before_anything_heavy_loads(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert "spec.distill.optimizer.learningRate" in proc.stderr
     assert not (tmp_path / "ws").exists()
+
+
+def test_every_field_is_documented():
+    from opd_runtime.spec.reference import rows
+    from opd_runtime.spec.run import DistillationRunSpec
+
+    undocumented = [path for path, _, _, desc in rows(DistillationRunSpec) if len(desc) < 10]
+    assert undocumented == []
+
+
+def test_readme_reference_is_current():
+    from opd_runtime.spec.reference import BEGIN, embed
+
+    readme = (ROOT / "README.md").read_text()
+    assert BEGIN in readme
+    assert embed(readme) == readme, "run `opd spec-reference --readme README.md`"

@@ -1,7 +1,7 @@
 """The DistillationRun spec (group opd.dev, version v1alpha1). Imports without torch.
 
-The field descriptions here are the single source of documentation: the CRD's OpenAPI schema, the CLI
-help and the README reference are generated from them.
+The field descriptions here are the single source of documentation: the README's reference table is
+generated from them (``opd spec-reference``), and the CRD's OpenAPI schema is to be generated the same way.
 """
 
 from .models import DatasetSpec, LoraSpec, ModelSpec, OptimizerSpec, ResourcesSpec, TeacherServingSpec, TeacherSpec
