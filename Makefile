@@ -19,7 +19,7 @@ UV_FLAGS ?= $(foreach d,$(FIND_LINKS),$(if $(wildcard $(d)/*),--find-links $(d))
 EXTRAS ?= runtime,operator,test
 WORKDIR ?= runs/tiny-math
 
-.PHONY: venv test test-fast run clean help
+.PHONY: venv test test-fast run bench clean help
 
 help:
 	@echo "make run    run the demo (examples/tiny-math.yaml) on tiny models, locally"
@@ -51,6 +51,11 @@ run: venv
 	$(BIN)/opd tiny-models --out $(WORKDIR)/models
 	$(BIN)/opd distill --config examples/tiny-math.yaml --workspace $(WORKDIR) --resume
 	$(BIN)/opd eval --config examples/tiny-math.yaml --workspace $(WORKDIR)
+
+# Speed targets live here, not in unit tests: each script prints a comparison table.
+bench: venv
+	$(BIN)/python bench/cli_latency.py
+	$(BIN)/python bench/opd_step.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
