@@ -115,10 +115,7 @@ def run_distill(run: DistillationRun, workspace: Path, *, resume: bool = False,
         raise SpecError("spec.distill: the distill stage is not enabled in this run")
     ws = Workspace(Path(workspace))
     ckpt_root = ws.checkpoints("distill")
-    existing = checkpoint.latest(ckpt_root)
-    if existing is not None and not resume:
-        raise SpecError(f"{ckpt_root} already holds checkpoints ({existing.name}); pass --resume to continue "
-                        "that run, or use a fresh workspace")
+    existing = checkpoint.resumable(ckpt_root, resume)
     init = init_model_path(run, ws)
     teacher_name = ws.resolve(run.spec.teacher.model)
     student = run.spec.student

@@ -51,10 +51,7 @@ def run_sft(run: DistillationRun, workspace: Path, *, resume: bool = False,
         raise SpecError("spec.sft: the sft stage is not enabled in this run")
     ws = Workspace(Path(workspace))
     ckpt_root = ws.checkpoints("sft")
-    existing = checkpoint.latest(ckpt_root)
-    if existing is not None and not resume:
-        raise SpecError(f"{ckpt_root} already holds checkpoints ({existing.name}); pass --resume to continue "
-                        "that run, or use a fresh workspace")
+    existing = checkpoint.resumable(ckpt_root, resume)
     student = run.spec.student
     init = ws.resolve(student.model)
     tokenizer = modeling.load_tokenizer(ws.resolve(student.tokenizer) if student.tokenizer else init,

@@ -75,6 +75,17 @@ def latest(root: Path) -> Path | None:
     return path if (path / STATE_FILE).exists() else None
 
 
+def resumable(root: Path, resume: bool) -> Path | None:
+    """The checkpoint to resume from; refuses to start over a workspace that already has one."""
+    from ..spec import SpecError
+
+    existing = latest(root)
+    if existing is not None and not resume:
+        raise SpecError(f"{root} already holds checkpoints ({existing.name}); pass --resume to continue "
+                        "that run, or use a fresh workspace")
+    return existing
+
+
 def load_state(path: Path) -> dict[str, Any]:
     return torch.load(path / STATE_FILE, weights_only=False)
 
