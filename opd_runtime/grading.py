@@ -70,18 +70,11 @@ def last_boxed(text: str) -> str | None:
 
 
 def as_int(text: str) -> int | None:
+    """The integer a short answer denotes (``025``, ``1,000``, ``\\text{25}``, ``25.0``), else None."""
     s = text.strip().replace(",", "").replace("$", "").replace(" ", "")
     s = re.sub(r"^\\text\{(.*)\}$", r"\1", s)
-    return int(s) if _INT.match(s) else None
-
-
-def as_aime_int(text: str) -> int | None:
-    """``as_int``, also accepting numerals with an all-zero fractional part (``25.0``)."""
-    got = as_int(text)
-    if got is not None:
-        return got
-    s = text.strip().replace(",", "").replace("$", "").replace(" ", "")
-    s = re.sub(r"^\\text\{(.*)\}$", r"\1", s)
+    if _INT.match(s):
+        return int(s)
     m = _INTEGRAL_DECIMAL.match(s)
     return int(m.group(1)) if m else None
 
@@ -102,7 +95,7 @@ def normalize(answer: str) -> str:
     """A canonical string for comparing answers and counting votes: integers as ``str(int)``, otherwise
     without ``$``, spacing commands, ``\\left``/``\\right``, ``\\text{}`` wrappers, whitespace and a
     trailing period, with ``\\dfrac``/``\\tfrac`` as ``\\frac``."""
-    n = as_aime_int(answer) if len(answer) < 100 else None
+    n = as_int(answer) if len(answer) < 100 else None
     if n is not None:
         return str(n)
     s = answer.replace("$", "")
@@ -144,9 +137,9 @@ def _judge_fast(completion: str, answer, kind: str) -> Graded | _Pending:
         return Graded(False, None, None, "none")
     gold = gold_answer(answer)
     key = normalize(extracted)
-    want = as_aime_int(gold) if len(gold) < 100 else None
+    want = as_int(gold) if len(gold) < 100 else None
     if want is not None:
-        got = as_aime_int(extracted) if len(extracted) < 100 else None
+        got = as_int(extracted) if len(extracted) < 100 else None
         if got is not None or kind == "aime":
             return Graded(got == want, extracted, key, "integer")
     if key == normalize(gold):

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
 from opd_runtime import modeling
@@ -15,6 +14,7 @@ from opd_runtime.sft.packing import first_fit, pack
 from opd_runtime.sft.trainer import micro_batch_nll, run_sft
 from opd_runtime.sft.traces import Trace, load_traces, tokenize
 from opd_runtime.spec import DatasetSpec, parse_run
+from opd_runtime.workspace import Workspace
 
 
 def sft_run(student: Path, dataset: dict, **sft) -> dict:
@@ -115,11 +115,5 @@ def test_sft_resumes_exactly_and_feeds_the_distill_stage(tiny_world, tmp_path):
     from opd_runtime.distill.learner import init_model_path
 
     doc["spec"]["distill"] = {"prompts": {"name": "tinymath"}, "steps": 1}
-    assert init_model_path(parse_run(doc), modeling_ws(straight)) == str(straight / "checkpoints/sft/final")
+    assert init_model_path(parse_run(doc), Workspace(straight)) == str(straight / "checkpoints/sft/final")
     assert modeling.load_causal_lm(str(straight / "checkpoints/sft/final"), dtype="float32") is not None
-
-
-def modeling_ws(root: Path):
-    from opd_runtime.workspace import Workspace
-
-    return Workspace(root)

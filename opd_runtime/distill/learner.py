@@ -8,7 +8,6 @@ from the updated weights, so every sample is on-policy.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,8 @@ from ..preflight import compare_tokenizers, TokenizerMismatch
 from ..spec import DistillationRun, DistillSpec, SpecError
 from ..training import checkpoint
 from ..training.batches import prompt_ids, right_pad, token_logprobs
-from ..training.model_setup import build_trainable, export_final, optimizer_for
+from ..training.loop import end_step, finish_stage, optimizer_step
+from ..training.model_setup import build_trainable, optimizer_for
 from ..training.order import batch_at
 from ..workspace import Workspace
 from . import loss as L
@@ -38,7 +38,6 @@ class StepStats:
     reverse_kl: float
     entropy: float
     completion_tokens: int
-    grad_norm: float
 
 
 def init_model_path(run: DistillationRun, ws: Workspace) -> str:
@@ -86,7 +85,7 @@ def train_on_samples(model, samples: Sequence[Sample], teacher_logprobs: Sequenc
             total_loss += float(loss)
             total_kl += float(L.per_token_reverse_kl(old_lp_BT, teacher_lp_BT, mask_BT).sum())
             total_entropy += float(L.masked_entropy_sum(logits.detach() / cfg.temperature, mask_BT))
-    return StepStats(total_loss, total_kl / normalizer, total_entropy / normalizer, n_tokens, 0.0)
+    return StepStats(total_loss, total_kl / normalizer, total_entropy / normalizer, n_tokens)
 
 
 def _teacher(run: DistillationRun, ws: Workspace, cfg: DistillSpec) -> Teacher:
@@ -162,12 +161,7 @@ def run_distill(run: DistillationRun, workspace: Path, *, resume: bool = False,
         teacher_lp = teacher.score(samples)
         t2 = time.perf_counter()
         stats = train_on_samples(model, samples, teacher_lp, cfg, pad_id, teacher)
-        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
-                                                   opt.max_grad_norm)
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm, lr = optimizer_step(model, optimizer, scheduler, opt.max_grad_norm)
         t3 = time.perf_counter()
         answers = [r.answer for r in batch for _ in range(cfg.samples_per_prompt)]
         record = {
@@ -176,27 +170,13 @@ def run_distill(run: DistillationRun, workspace: Path, *, resume: bool = False,
             "mean_completion_length": stats.completion_tokens / len(samples),
             "finished_fraction": sum(s.finished for s in samples) / len(samples),
             "sample_accuracy": _sample_accuracy(tokenizer, samples, answers),
-            "learning_rate": lr, "grad_norm": float(grad_norm),
+            "learning_rate": lr, "grad_norm": grad_norm,
             "sample_seconds": t1 - t0, "teacher_seconds": t2 - t1, "train_seconds": t3 - t2,
             "step_seconds": t3 - t0, "tokens_per_second": stats.completion_tokens / (t3 - t0),
         }
-        sink.log(record)
-        if on_step is not None:
-            on_step(record)
-        done = step + 1
-        if done % cfg.checkpointing.every == 0 or done == cfg.steps:
-            checkpoint.save(ckpt_root, done, model=model, tokenizer=tokenizer, optimizer=optimizer,
-                            scheduler=scheduler, extra={"data_position": done * cfg.prompts_per_step},
-                            keep=cfg.checkpointing.keep)
-    return _finish(model, tokenizer, ws, cfg)
+        end_step(record, sink=sink, on_step=on_step, ckpt_root=ckpt_root, checkpointing=cfg.checkpointing,
+                 total_steps=cfg.steps, data_position=(step + 1) * cfg.prompts_per_step, model=model,
+                 tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler)
+    return finish_stage("distill", ws, model, tokenizer, lora_enabled=cfg.lora.enabled, steps=cfg.steps,
+                        summary_metric="reverse_kl")
 
-
-def _finish(model, tokenizer, ws: Workspace, cfg: DistillSpec) -> dict:
-    final = export_final(model, tokenizer, ws.final_model("distill"), lora_enabled=cfg.lora.enabled)
-    lines = [json.loads(ln) for ln in ws.metrics("distill").read_text().splitlines() if ln.strip()]
-    result = {"stage": "distill", "steps": cfg.steps, "final_model": str(final),
-              "reverse_kl_first": lines[0]["reverse_kl"] if lines else None,
-              "reverse_kl_last": lines[-1]["reverse_kl"] if lines else None}
-    ws.result("distill").parent.mkdir(parents=True, exist_ok=True)
-    checkpoint.write_atomic_text(ws.result("distill"), json.dumps(result, indent=2))
-    return result

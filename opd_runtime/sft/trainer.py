@@ -8,7 +8,6 @@ as in the OPD learner; the output (``checkpoints/sft/final``) is what the distil
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Callable
@@ -20,7 +19,8 @@ from ..metrics import MetricsSink
 from ..spec import DistillationRun, SpecError
 from ..training import checkpoint
 from ..training.batches import right_pad
-from ..training.model_setup import build_trainable, export_final, optimizer_for
+from ..training.loop import end_step, finish_stage, optimizer_step
+from ..training.model_setup import build_trainable, optimizer_for
 from ..training.order import batch_at
 from ..workspace import Workspace
 from .packing import pack
@@ -88,28 +88,13 @@ def run_sft(run: DistillationRun, workspace: Path, *, resume: bool = False,
                                   capacity=cfg.max_seq_length, pad_id=pad_id) / n_tokens
             nll.backward()
             total += nll.item()
-        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
-                                                   opt.max_grad_norm)
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm, lr = optimizer_step(model, optimizer, scheduler, opt.max_grad_norm)
         seconds = time.perf_counter() - t0
         record = {"step": step + 1, "loss": total, "completion_tokens": n_tokens,
                   "tokens": sum(len(p) + len(c) for p, c in examples), "learning_rate": lr,
-                  "grad_norm": float(grad_norm), "step_seconds": seconds, "tokens_per_second": n_tokens / seconds}
-        sink.log(record)
-        if on_step is not None:
-            on_step(record)
-        done = step + 1
-        if done % cfg.checkpointing.every == 0 or done == cfg.steps:
-            checkpoint.save(ckpt_root, done, model=model, tokenizer=tokenizer, optimizer=optimizer,
-                            scheduler=scheduler, extra={"data_position": done * cfg.batch_size},
-                            keep=cfg.checkpointing.keep)
-    final = export_final(model, tokenizer, ws.final_model("sft"), lora_enabled=cfg.lora.enabled)
-    lines = [json.loads(ln) for ln in ws.metrics("sft").read_text().splitlines() if ln.strip()]
-    result = {"stage": "sft", "steps": cfg.steps, "final_model": str(final),
-              "loss_first": lines[0]["loss"] if lines else None, "loss_last": lines[-1]["loss"] if lines else None}
-    ws.result("sft").parent.mkdir(parents=True, exist_ok=True)
-    checkpoint.write_atomic_text(ws.result("sft"), json.dumps(result, indent=2))
-    return result
+                  "grad_norm": grad_norm, "step_seconds": seconds, "tokens_per_second": n_tokens / seconds}
+        end_step(record, sink=sink, on_step=on_step, ckpt_root=ckpt_root, checkpointing=cfg.checkpointing,
+                 total_steps=cfg.steps, data_position=(step + 1) * cfg.batch_size, model=model,
+                 tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler)
+    return finish_stage("sft", ws, model, tokenizer, lora_enabled=cfg.lora.enabled, steps=cfg.steps,
+                        summary_metric="loss")

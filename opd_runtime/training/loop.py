@@ -1,0 +1,51 @@
+"""The parts of a training stage's loop that SFT and the OPD learner share: the optimizer step, the
+end-of-step bookkeeping (metrics line, checkpoint cadence) and the stage's final output and summary."""
+
+from __future__ import annotations
+
+import json
+from typing import Callable
+
+import torch
+
+from ..metrics import MetricsSink
+from ..workspace import Workspace
+from . import checkpoint
+from .model_setup import export_final
+
+
+def optimizer_step(model, optimizer, scheduler, max_grad_norm: float) -> tuple[float, float]:
+    """Clip, step and advance the schedule; returns (gradient norm before clipping, learning rate used)."""
+    grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
+                                               max_grad_norm)
+    lr = scheduler.get_last_lr()[0]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(grad_norm), lr
+
+
+def end_step(record: dict, *, sink: MetricsSink, on_step: Callable[[dict], None] | None, ckpt_root,
+             checkpointing, total_steps: int, data_position: int, model, tokenizer, optimizer,
+             scheduler) -> None:
+    """Log the step's record, then checkpoint on the stage's cadence and after the last step."""
+    sink.log(record)
+    if on_step is not None:
+        on_step(record)
+    done = record["step"]
+    if done % checkpointing.every == 0 or done == total_steps:
+        checkpoint.save(ckpt_root, done, model=model, tokenizer=tokenizer, optimizer=optimizer,
+                        scheduler=scheduler, extra={"data_position": data_position}, keep=checkpointing.keep)
+
+
+def finish_stage(stage: str, ws: Workspace, model, tokenizer, *, lora_enabled: bool, steps: int,
+                 summary_metric: str) -> dict:
+    """Export ``checkpoints/<stage>/final`` and write ``results/<stage>.json`` last (its presence = done)."""
+    final = export_final(model, tokenizer, ws.final_model(stage), lora_enabled=lora_enabled)
+    lines = [json.loads(ln) for ln in ws.metrics(stage).read_text().splitlines() if ln.strip()]
+    result = {"stage": stage, "steps": steps, "final_model": str(final),
+              f"{summary_metric}_first": lines[0][summary_metric] if lines else None,
+              f"{summary_metric}_last": lines[-1][summary_metric] if lines else None}
+    ws.result(stage).parent.mkdir(parents=True, exist_ok=True)
+    checkpoint.write_atomic_text(ws.result(stage), json.dumps(result, indent=2))
+    return result
