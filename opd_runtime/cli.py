@@ -50,6 +50,11 @@ def cmd_distill(args) -> int:
               f"tokens {rec['completion_tokens']:>6}  sample {rec['sample_seconds']:.1f}s  "
               f"teacher {rec['teacher_seconds']:.1f}s  train {rec['train_seconds']:.1f}s", flush=True)
 
+    if args.teacher_url:
+        teacher = run.spec.teacher.model_copy(update={
+            "backend": "vllm-server",
+            "serving": run.spec.teacher.serving.model_copy(update={"url": args.teacher_url})})
+        run = run.model_copy(update={"spec": run.spec.model_copy(update={"teacher": teacher})})
     result = run_distill(run, Path(args.workspace), resume=args.resume, on_step=show)
     print(json.dumps(result, indent=2))
     return EXIT_OK
@@ -72,7 +77,7 @@ def cmd_eval(args) -> int:
     run = _load(args.config)
     from .evaluate import run_eval
 
-    summary = run_eval(run, Path(args.workspace), batch_size=args.batch_size)
+    summary = run_eval(run, Path(args.workspace), batch_size=args.batch_size, resume=args.resume)
     print(json.dumps(summary, indent=2))
     return EXIT_OK
 
@@ -131,11 +136,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = stage("distill", "stage 2: on-policy distillation of the student from the teacher", cmd_distill)
     p.add_argument("--workspace", required=True, help="directory for checkpoints and metrics")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the workspace")
+    p.add_argument("--teacher-url", default=None, help="score with the vLLM teacher server at this base URL "
+                   "(overrides spec.teacher.serving.url; implies backend vllm-server)")
     p = stage("eval", "stage 3: accuracy of the student, SFT, distilled and teacher models on held-out "
               "problem sets", cmd_eval)
     p.add_argument("--workspace", required=True, help="directory holding the stages' checkpoints; results "
                    "go to eval/ and results/eval.json")
     p.add_argument("--batch-size", type=int, default=64, help="sequences generated together (default 64)")
+    p.add_argument("--resume", action="store_true", help="reuse results already written for the same model "
+                   "and settings")
     stage("validate", "check a DistillationRun file and exit", cmd_validate)
 
     p = sub.add_parser("grade", help="grade completions in a JSON-lines file",

@@ -177,7 +177,9 @@ def evaluate_dataset(model, tokenizer, prompts, ds: EvalDatasetSpec, run: Distil
 
 
 def run_eval(run: DistillationRun, workspace: Path, *, log: Callable[[str], None] = print,
-             batch_size: int = DEFAULT_BATCH_SIZE) -> dict:
+             batch_size: int = DEFAULT_BATCH_SIZE, resume: bool = False) -> dict:
+    """Score every target on every dataset; with ``resume``, reuse per-dataset results already written
+    for the same model and settings (an interrupted eval continues with the next target)."""
     cfg = run.spec.eval
     if cfg is None or not cfg.enabled:
         raise SpecError("spec.eval: the eval stage is not enabled in this run; add an `eval` section with "
@@ -208,16 +210,33 @@ def run_eval(run: DistillationRun, workspace: Path, *, log: Callable[[str], None
     from . import modeling
 
     summary: dict = {"stage": "eval", "targets": {}}
+    settings = {"samples_per_problem": cfg.samples_per_problem, "temperature": cfg.temperature,
+                "max_new_tokens": cfg.max_new_tokens}
     for target in targets:
+        per_target = summary["targets"][target.name] = {}
+        done = {}
+        for ds, label, prompts in datasets:
+            path = ws.eval_dir(target.name) / f"{_file_name(label)}.json"
+            if resume and path.exists():
+                old = json.loads(path.read_text())
+                if old.get("model") == target.model and old.get("n_problems") == len(prompts) and all(
+                        old.get("settings", {}).get(k) == v for k, v in settings.items()):
+                    done[label] = old
+        if len(done) == len(datasets):
+            for label, report in done.items():
+                per_target[label] = {k: report[k] for k in ("pass_at_1", "majority_vote", "n_problems",
+                                                            "samples_per_problem")}
+            log(f"eval: {target.name}: reusing results already in {ws.eval_dir(target.name)}")
+            continue
         log(f"eval: loading {target.name} from {target.model}")
         tokenizer = modeling.load_tokenizer(target.tokenizer, revision=target.revision,
                                             trust_remote_code=target.trust_remote_code)
         model = modeling.load_causal_lm(target.model, dtype=target.dtype, revision=target.revision,
                                         trust_remote_code=target.trust_remote_code)
-        per_target = summary["targets"][target.name] = {}
         for ds, label, prompts in datasets:
             report = evaluate_dataset(model, tokenizer, prompts, ds, run, batch_size=batch_size)
-            report = {"target": target.name, "model": target.model, "dataset": label, **report}
+            report = {"target": target.name, "model": target.model, "dataset": label, "settings": settings,
+                      **report}
             _write_json(ws.eval_dir(target.name) / f"{_file_name(label)}.json", report)
             per_target[label] = {k: report[k] for k in ("pass_at_1", "majority_vote", "n_problems",
                                                         "samples_per_problem")}

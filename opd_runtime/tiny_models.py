@@ -183,7 +183,8 @@ def build_cached(out: Path, cfg: WorldConfig, cache_dir: Path | None, log=print)
     else:
         log(f"tiny world: reusing the build cached in {entry}")
     out.mkdir(parents=True, exist_ok=True)
-    for item in entry.iterdir():
+    # world.json last: its presence tells other processes the copy is complete
+    for item in sorted(entry.iterdir(), key=lambda i: i.name == "world.json"):
         dest = out / item.name
         if dest.exists():
             shutil.rmtree(dest) if dest.is_dir() else dest.unlink()

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 STAGES = ("sft", "distill", "eval")
+TINY_SCHEME = "tiny://"
+TINY_MODELS = ("teacher", "student-init", "student", "tokenizer")
 
 
 @dataclass(frozen=True)
@@ -37,7 +39,14 @@ class Workspace:
         return self.root / "eval" / target
 
     def resolve(self, path_or_id: str) -> str:
-        """A relative local path is taken relative to the workspace; hub ids pass through."""
+        """A relative local path is taken relative to the workspace; hub ids pass through.
+
+        ``tiny://NAME`` names a model of the tiny world (``teacher``, ``student-init``, ``student``,
+        ``tokenizer``), built into ``models/`` of the workspace on first use. It lets one run file work
+        unchanged locally, in CI and on a kind cluster, where no stage can download a model.
+        """
+        if path_or_id.startswith(TINY_SCHEME):
+            return str(ensure_tiny_world(self.root / "models") / path_or_id[len(TINY_SCHEME):])
         p = Path(path_or_id)
         if p.is_absolute():
             return str(p)
@@ -45,3 +54,19 @@ class Workspace:
         if candidate.exists() or path_or_id.startswith(("./", "../")):
             return str(candidate)
         return path_or_id
+
+
+def ensure_tiny_world(models_dir: Path) -> Path:
+    """Build (or copy from the cache) the tiny world into ``models_dir`` once, even with concurrent stages."""
+    import fcntl
+
+    if (models_dir / "world.json").exists():
+        return models_dir
+    models_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(models_dir.parent / ".models.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a second stage waits for the first one's build
+        if not (models_dir / "world.json").exists():
+            from .tiny_models import WorldConfig, build_cached, default_cache_dir
+
+            build_cached(models_dir, WorldConfig(), default_cache_dir())
+    return models_dir
