@@ -7,7 +7,9 @@ second with a message naming the field.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -20,6 +22,40 @@ def _load(path: str):
     from .spec import load_run
 
     return load_run(path)
+
+
+# Stage commands report progress to the operator and leave their result in the pod's termination
+# message (opd_runtime.stage_report; a no-op outside a pod). Only rank 0 of a torchrun reports.
+REPORTING_STAGES = ("sft", "distill", "eval")
+
+
+def _stage_report(stage: str, total_steps: int | None = None):
+    from .stage_report import StageReport
+
+    return StageReport(stage, total_steps) if _rank() == 0 else None
+
+
+def _and_report(show, report):
+    if report is None:
+        return show
+
+    def on_step(rec: dict) -> None:
+        show(rec)
+        report.on_step(rec)
+
+    return on_step
+
+
+def _report_done(report, result: dict) -> None:
+    if report is not None:
+        report.done(result)
+
+
+def _report_failure(command: str, exit_code: int, error: str) -> None:
+    if command in REPORTING_STAGES and _rank() == 0:
+        from .stage_report import write_failure
+
+        write_failure(command, exit_code, error)
 
 
 def cmd_validate(args) -> int:
@@ -55,8 +91,45 @@ def cmd_distill(args) -> int:
             "backend": "vllm-server",
             "serving": run.spec.teacher.serving.model_copy(update={"url": args.teacher_url})})
         run = run.model_copy(update={"spec": run.spec.model_copy(update={"teacher": teacher})})
-    result = run_distill(run, Path(args.workspace), resume=args.resume, on_step=show)
-    print(json.dumps(result, indent=2))
+    report = _stage_report("distill", run.spec.distill.steps if run.spec.distill else None)
+    result = run_distill(run, Path(args.workspace), resume=args.resume, on_step=_and_report(show, report))
+    if _rank() == 0:
+        print(json.dumps(result, indent=2))
+    _report_done(report, result)
+    return EXIT_OK
+
+
+def cmd_run(args) -> int:
+    from .runner import RunOptions, StageFailed, log_tail, run_all
+
+    workdir = Path(args.workdir) if args.workdir else None
+    if workdir is None:
+        workdir = Path("runs") / _load(args.file).metadata.name
+    opts = RunOptions(source=Path(args.file), workdir=workdir, resume=args.resume, teacher=args.teacher,
+                      progress=not args.no_progress)
+    resume_cmd = f"opd run {args.file} --workdir {workdir} --resume"
+    try:
+        run_all(opts)
+    except StageFailed as err:
+        print(f"\nerror: {err}\n--- last lines of {err.log} ---\n{log_tail(err.log)}\n---\n"
+              f"fix the cause, then continue with: {resume_cmd}", file=sys.stderr)
+        return EXIT_BAD_CONFIG if err.returncode == EXIT_BAD_CONFIG else EXIT_RETRY
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; the workdir keeps every finished stage and the last checkpoint. "
+              f"Continue with: {resume_cmd}", file=sys.stderr)
+        return 130
+    return EXIT_OK
+
+
+def cmd_report(args) -> int:
+    from .report import write_report
+    from .plan import planned_stages
+    from .runner import RUN_FILE, STATE_FILE, RunState
+    from .workspace import Workspace
+
+    ws = Workspace(Path(args.workspace))
+    run = _load(args.config or str(ws.root / RUN_FILE))
+    write_report(run, ws, RunState.load(ws.root / STATE_FILE).stages, planned_stages(run))
     return EXIT_OK
 
 
@@ -68,8 +141,11 @@ def cmd_sft(args) -> int:
         print(f"step {rec['step']:>5}  loss {rec['loss']:.4f}  tokens {rec['completion_tokens']:>7}  "
               f"lr {rec['learning_rate']:.2e}  {rec['step_seconds']:.2f}s", flush=True)
 
-    result = run_sft(run, Path(args.workspace), resume=args.resume, on_step=show)
-    print(json.dumps(result, indent=2))
+    report = _stage_report("sft", run.spec.sft.steps if run.spec.sft else None)
+    result = run_sft(run, Path(args.workspace), resume=args.resume, on_step=_and_report(show, report))
+    if _rank() == 0:
+        print(json.dumps(result, indent=2))
+    _report_done(report, result)
     return EXIT_OK
 
 
@@ -77,9 +153,19 @@ def cmd_eval(args) -> int:
     run = _load(args.config)
     from .evaluate import run_eval
 
+    report = _stage_report("eval")
     summary = run_eval(run, Path(args.workspace), batch_size=args.batch_size, resume=args.resume)
     print(json.dumps(summary, indent=2))
+    _report_done(report, summary)
     return EXIT_OK
+
+
+def cmd_serve_teacher(args) -> int:
+    run = _load(args.config)
+    from .serving import serve_teacher
+
+    return serve_teacher(run, Path(args.workspace), host=args.host, port=args.port,
+                         startup_timeout=args.startup_timeout)
 
 
 def cmd_grade(args) -> int:
@@ -130,6 +216,25 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(fn=fn)
         return p
 
+    p = sub.add_parser("run", help="run every stage of a DistillationRun on this machine",
+                       description="Validate a DistillationRun file, then run its stages (SFT, teacher "
+                       "serving, OPD, eval) here as subprocesses, with the same commands the operator puts "
+                       "in pods. Ends with a results table and WORKDIR/report.md with plots.")
+    p.add_argument("file", help="DistillationRun YAML file (the one you would kubectl apply)")
+    p.add_argument("--workdir", default=None, help="workspace directory (default runs/<metadata.name>)")
+    p.add_argument("--resume", action="store_true", help="skip finished stages and continue the unfinished "
+                   "one from its last checkpoint")
+    p.add_argument("--teacher", choices=("auto", "vllm", "local"), default="auto",
+                   help="how a `vllm-server` teacher is provided: `vllm` serves it with vLLM, `local` scores "
+                   "in-process; `auto` (default) uses vLLM when it is installed")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(fn=cmd_run)
+    p = sub.add_parser("report", help="rebuild report.md and plots for a workspace",
+                       description="Write the results table, report.md and PNG plots from a workspace's files.")
+    p.add_argument("--workspace", required=True, help="workspace directory")
+    p.add_argument("--config", default=None, help="run file (default WORKSPACE/run.yaml)")
+    p.set_defaults(fn=cmd_report)
+
     p = stage("sft", "stage 1: supervised fine-tuning of the student on teacher traces", cmd_sft)
     p.add_argument("--workspace", required=True, help="directory for checkpoints and metrics")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the workspace")
@@ -146,6 +251,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="reuse results already written for the same model "
                    "and settings")
     stage("validate", "check a DistillationRun file and exit", cmd_validate)
+    p = stage("serve-teacher", "serve the teacher model with vLLM's OpenAI-compatible server (what the learner's "
+              "`vllm-server` teacher backend scores against); runs until stopped", cmd_serve_teacher)
+    p.add_argument("--workspace", required=True, help="workspace directory (relative model paths and tiny:// "
+                   "models resolve against it)")
+    p.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
+    p.add_argument("--port", type=int, default=None, help="port (default spec.teacher.serving.port)")
+    p.add_argument("--startup-timeout", type=float, default=1800.0, help="seconds to wait for the server to "
+                   "answer /health before giving up (default 1800)")
 
     p = sub.add_parser("grade", help="grade completions in a JSON-lines file",
                        description="Grade a JSON-lines file of {\"completion\", \"answer\", optional \"kind\"} "
@@ -180,16 +293,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Stages that run data-parallel when torchrun starts several processes (training/distributed.py).
+DATA_PARALLEL = ("sft", "distill")
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def _processes(command: str):
+    """torchrun's process group for the stage, when torchrun started it; nothing for one process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return contextlib.nullcontext()
+    if command not in DATA_PARALLEL:
+        from .spec import SpecError
+
+        raise SpecError(f"`opd {command}` runs as a single process; start it without torchrun (only "
+                        f"{' and '.join(DATA_PARALLEL)} run as several processes)")
+    from .training.distributed import session
+
+    return session()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .preflight import TokenizerMismatch
     from .spec import SpecError
 
     try:
-        return args.fn(args)
+        with _processes(args.command):
+            return args.fn(args)
     except (SpecError, TokenizerMismatch) as err:
         print(f"error: {err}", file=sys.stderr)
+        _report_failure(args.command, EXIT_BAD_CONFIG, str(err))
         return EXIT_BAD_CONFIG
+    except Exception as err:  # a traceback and exit 1 (retry); the operator gets the error line too
+        _report_failure(args.command, EXIT_RETRY, f"{type(err).__name__}: {err}")
+        raise
     except KeyboardInterrupt:
         print("interrupted; the workspace keeps the last checkpoint (re-run with --resume)", file=sys.stderr)
         return 130

@@ -172,16 +172,21 @@ def build_cached(out: Path, cfg: WorldConfig, cache_dir: Path | None, log=print)
 
     if cache_dir is None:
         return build(out, cfg, log)
+    import fcntl
+
     entry = cache_dir / "tiny-world" / _cache_key(cfg)
-    if not (entry / "world.json").exists():
-        tmp = entry.with_name(f".{entry.name}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        build(tmp, cfg, log)
-        entry.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(entry, ignore_errors=True)
-        os.replace(tmp, entry)
-    else:
-        log(f"tiny world: reusing the build cached in {entry}")
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    with open(entry.with_name(f".{entry.name}.lock"), "w") as lock:
+        # concurrent processes (test workers, stages) wait for one build instead of each training
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (entry / "world.json").exists():
+            tmp = entry.with_name(f".{entry.name}.tmp-{os.getpid()}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            build(tmp, cfg, log)
+            shutil.rmtree(entry, ignore_errors=True)
+            os.replace(tmp, entry)
+        else:
+            log(f"tiny world: reusing the build cached in {entry}")
     out.mkdir(parents=True, exist_ok=True)
     # world.json last: its presence tells other processes the copy is complete
     for item in sorted(entry.iterdir(), key=lambda i: i.name == "world.json"):

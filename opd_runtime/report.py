@@ -1,0 +1,196 @@
+"""The end of ``opd run``: a results table, ``report.md`` and PNG plots, from the workspace's files.
+
+Everything is read back from what the stages wrote (results/, metrics/, eval/), so a report can be
+rebuilt for any workspace, including one filled by pods on a cluster (``opd report --workspace DIR``).
+
+Compute is estimated with the usual transformer rule of thumb: 2 FLOPs per parameter per token for a
+forward pass (sampling, teacher scoring, evaluation) and 6 for forward plus backward (training).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+from .spec import DistillationRun
+from .workspace import Workspace
+
+# Names in the report for eval targets, in the order a reader follows the pipeline.
+TARGET_TITLES = {"student": "student before SFT", "sft": "after SFT", "distill": "after OPD",
+                 "teacher": "teacher"}
+
+
+def count_parameters(model_dir: str | Path) -> int | None:
+    """Parameters of a saved model, from its safetensors headers (no torch, no weights read)."""
+    files = sorted(Path(model_dir).glob("*.safetensors")) if Path(model_dir).is_dir() else []
+    if not files:
+        return None
+    total = 0
+    for f in files:
+        with f.open("rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+        for name, info in header.items():
+            if name != "__metadata__":
+                size = 1
+                for d in info["shape"]:
+                    size *= d
+                total += size
+    return total
+
+
+def _records(ws: Workspace, stage: str) -> list[dict]:
+    path = ws.metrics(stage)
+    if not path.exists():
+        return []
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+
+
+def _json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def stage_flops(run: DistillationRun, ws: Workspace) -> dict[str, float]:
+    """Estimated FLOPs per stage from the tokens each stage recorded."""
+    flops: dict[str, float] = {}
+    student = count_parameters(ws.resolve(run.spec.student.model))
+    teacher = count_parameters(ws.resolve(run.spec.teacher.model))
+    sft = _records(ws, "sft")
+    if sft and student:
+        flops["sft"] = 6.0 * student * sum(r.get("tokens", r["completion_tokens"]) for r in sft)
+    distill = _records(ws, "distill")
+    if distill and student:
+        tokens = sum(r.get("tokens", r["completion_tokens"]) for r in distill)
+        # sample (forward), train (forward + backward), teacher scoring (teacher forward)
+        flops["distill"] = (2.0 + 6.0) * student * tokens + 2.0 * (teacher or 0) * tokens
+    total = 0.0
+    for path in ws.root.glob("eval/*/*.json"):
+        r = json.loads(path.read_text())
+        n = count_parameters(r.get("model", ""))
+        if n:
+            total += 2.0 * n * r["n_problems"] * _mean(r["samples_per_problem"]) * r["mean_completion_tokens"]
+    if total:
+        flops["eval"] = total
+    return flops
+
+
+def _mean(x) -> float:
+    return sum(x) / len(x) if isinstance(x, list) else float(x)
+
+
+def accuracy_table(ws: Workspace) -> list[tuple[str, str, float, float]]:
+    """(target title, dataset, pass@1, majority vote) rows from results/eval.json, pipeline order."""
+    summary = _json(ws.result("eval")) or {"targets": {}}
+    rows = []
+    for target in sorted(summary["targets"], key=lambda t: list(TARGET_TITLES).index(t)
+                         if t in TARGET_TITLES else 99):
+        for label, r in summary["targets"][target].items():
+            rows.append((TARGET_TITLES.get(target, target), label, r["pass_at_1"], r["majority_vote"]))
+    return rows
+
+
+def _fmt_flops(x: float) -> str:
+    for unit, scale in (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9)):
+        if x >= scale:
+            return f"{x / scale:.1f} {unit}"
+    return f"{x:.2e} FLOP"
+
+
+def plot(ws: Workspace, out_dir: Path) -> list[Path]:
+    """PNG plots: OPD reverse KL per step, SFT loss per step, accuracy per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    distill = _records(ws, "distill")
+    if distill:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot([r["step"] for r in distill], [r["reverse_kl"] for r in distill], lw=1, alpha=0.5,
+                label="per step")
+        window = max(1, len(distill) // 20)
+        kl = [r["reverse_kl"] for r in distill]
+        smooth = [sum(kl[max(0, i - window + 1): i + 1]) / len(kl[max(0, i - window + 1): i + 1])
+                  for i in range(len(kl))]
+        ax.plot([r["step"] for r in distill], smooth, lw=2, label=f"mean of {window}")
+        ax.set(xlabel="OPD step", ylabel="reverse KL (nats/token)", title="Student-teacher reverse KL")
+        ax.legend()
+        written.append(_save(fig, out_dir / "reverse_kl.png"))
+    sft = _records(ws, "sft")
+    if sft:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot([r["step"] for r in sft], [r["loss"] for r in sft], lw=1)
+        ax.set(xlabel="SFT step", ylabel="loss (nats/token)", title="SFT loss")
+        written.append(_save(fig, out_dir / "sft_loss.png"))
+    rows = accuracy_table(ws)
+    if rows:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        labels = [f"{t}\n{d}" if len({r[1] for r in rows}) > 1 else t for t, d, _, _ in rows]
+        ax.bar(labels, [100 * r[2] for r in rows], color="tab:blue")
+        for i, r in enumerate(rows):
+            ax.text(i, 100 * r[2] + 1, f"{100 * r[2]:.1f}%", ha="center")
+        ax.set(ylabel="pass@1 (%)", ylim=(0, 110), title="Held-out accuracy")
+        written.append(_save(fig, out_dir / "accuracy.png"))
+    return written
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_report(run: DistillationRun, ws: Workspace, stage_times: dict[str, dict],
+                 stages: list[str], echo=print) -> dict:
+    """Print the results table and write report.md with its plots; returns the numbers in it."""
+    rows = accuracy_table(ws)
+    distill = _records(ws, "distill")
+    flops = stage_flops(run, ws)
+    kl = None
+    if distill:
+        k = max(1, min(10, len(distill) // 5))
+        kl = {"first": sum(r["reverse_kl"] for r in distill[:k]) / k,
+              "last": sum(r["reverse_kl"] for r in distill[-k:]) / k, "window": k, "steps": len(distill)}
+    plots = plot(ws, ws.root)
+
+    lines = [f"# Run `{run.metadata.name}`", ""]
+    if rows:
+        lines += ["## Held-out accuracy", "", "| model | dataset | pass@1 | majority vote |", "|---|---|---|---|"]
+        lines += [f"| {t} | {d} | {100 * p:.1f}% | {100 * m:.1f}% |" for t, d, p, m in rows]
+        lines.append("")
+    if kl:
+        lines += ["## On-policy distillation", "",
+                  f"Reverse KL(student ‖ teacher) on the step's own samples, mean of {kl['window']} steps: "
+                  f"{kl['first']:.3f} at the start → {kl['last']:.3f} at the end ({kl['steps']} steps).", ""]
+    lines += ["## Stages", "", "| stage | wall time | attempts | estimated compute |", "|---|---|---|---|"]
+    for stage in stages:
+        t = stage_times.get(stage, {})
+        secs = f"{t['seconds']:.0f} s" if t else "—"
+        lines.append(f"| {stage} | {secs} | {t.get('attempts', '—')} | "
+                     f"{_fmt_flops(flops[stage]) if stage in flops else '—'} |")
+    lines.append("")
+    if plots:
+        lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
+    lines += ["Compute is estimated as 2 FLOPs per parameter per forward token and 6 per trained token.", ""]
+    (ws.root / "report.md").write_text("\n".join(lines))
+
+    echo("")
+    if rows:
+        width = max(len(t) for t, *_ in rows)
+        echo(f"{'model':<{width}}  {'dataset':<12} {'pass@1':>7} {'majority':>9}")
+        for t, d, p, m in rows:
+            echo(f"{t:<{width}}  {d:<12} {100 * p:>6.1f}% {100 * m:>8.1f}%")
+    if kl:
+        echo(f"OPD reverse KL: {kl['first']:.3f} -> {kl['last']:.3f} over {kl['steps']} steps")
+    for stage in stages:
+        t = stage_times.get(stage)
+        if t:
+            echo(f"{stage:<8} {t['seconds']:>7.0f} s" + (f"   ~{_fmt_flops(flops[stage])}" if stage in flops else ""))
+    echo(f"report: {ws.root / 'report.md'}")
+    return {"accuracy": [{"model": t, "dataset": d, "pass_at_1": p, "majority_vote": m} for t, d, p, m in rows],
+            "reverse_kl": kl, "flops": flops, "stage_seconds": {s: t["seconds"] for s, t in stage_times.items()}}
