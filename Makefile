@@ -19,7 +19,7 @@ UV_FLAGS ?= $(foreach d,$(FIND_LINKS),$(if $(wildcard $(d)/*),--find-links $(d))
 EXTRAS ?= runtime,operator,test
 WORKDIR ?= runs/tiny-math
 
-.PHONY: venv test test-fast run bench clean help images kind-e2e chart
+.PHONY: controlplane venv test test-fast run bench clean help images kind-e2e chart
 
 help:
 	@echo "make run    run the demo (examples/tiny-math.yaml) on tiny models, locally"
@@ -51,6 +51,11 @@ run: venv
 	$(BIN)/opd tiny-models --out $(WORKDIR)/models
 	$(BIN)/opd distill --config examples/tiny-math.yaml --workspace $(WORKDIR) --resume
 	$(BIN)/opd eval --config examples/tiny-math.yaml --workspace $(WORKDIR)
+
+# The test control plane's binaries (etcd, kube-apiserver, -controller-manager, -scheduler, kwok,
+# kubectl, helm), built once with Go into $(OPD_CACHE_DIR)/k8s; the k8s tests do this themselves if needed.
+controlplane: venv
+	$(BIN)/python tests/controlplane/binaries.py
 
 # Speed targets live here, not in unit tests: each script prints a comparison table.
 bench: venv

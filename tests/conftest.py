@@ -23,6 +23,9 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# The real Kubernetes control plane (session fixture `control_plane`, namespaces `k8s_namespace`).
+pytest_plugins = ["controlplane.fixtures"]
+
 # Smaller than tiny_models' shapes: this is about mechanics, not about learning anything.
 STUDENT_SHAPE = dict(hidden_size=64, num_hidden_layers=1, num_attention_heads=1, num_key_value_heads=1,
                      intermediate_size=128, head_dim=64)

@@ -1,0 +1,50 @@
+"""pytest plugin (``pytest_plugins = ["controlplane.fixtures"]``): a real Kubernetes control plane.
+
+``control_plane`` (session): one cluster shared by every test that asks for it, started on first use
+(binaries built on the very first run, then taken from the cache) and stopped at the end of the session.
+If it cannot be built or started the test FAILS with the error, never skips.
+``k8s_namespace`` (function): a fresh namespace with PodSecurity ``restricted`` enforced.
+A failing test that used the cluster gets the components' last log lines in its report.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+
+import pytest
+
+from .cluster import ControlPlane, start
+
+_FAILED_TO_START: list[str] = []
+
+
+@pytest.fixture(scope="session")
+def control_plane() -> Iterator[ControlPlane]:
+    if _FAILED_TO_START:  # do not try again for every test
+        pytest.fail(_FAILED_TO_START[0], pytrace=False)
+    try:
+        cp = start()
+    except Exception as err:  # a clear failure, never a skip
+        _FAILED_TO_START.append(f"cannot start the test Kubernetes control plane: {type(err).__name__}: {err}")
+        pytest.fail(_FAILED_TO_START[0], pytrace=False)
+    try:
+        yield cp
+    finally:
+        cp.stop()
+
+
+@pytest.fixture
+def k8s_namespace(control_plane: ControlPlane, request: pytest.FixtureRequest) -> str:
+    prefix = re.sub(r"[^a-z0-9-]+", "-", request.node.name.lower().removeprefix("test_"))[:40].strip("-")
+    return control_plane.new_namespace(prefix or "test")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    report = yield
+    if report.failed and call.when == "call" and "control_plane" in getattr(item, "fixturenames", ()):
+        cp = item.funcargs.get("control_plane")
+        if isinstance(cp, ControlPlane):
+            report.sections.append(("control plane logs", cp.dump()))
+    return report
