@@ -94,8 +94,8 @@ def test_deployment_defaults():
     probe = c["livenessProbe"]["httpGet"]
     assert probe["path"] == "/healthz"
     assert {p["name"]: p["containerPort"] for p in c["ports"]}[probe["port"]] == 8080
-    assert "--liveness=http://0.0.0.0:8080/healthz" in c["args"]
-    assert "--all-namespaces" in c["args"] and not any(a.startswith("--namespace") for a in c["args"])
+    assert "--liveness=http://0.0.0.0:8080/healthz" in c["args"] and "--metrics-port=8000" in c["args"]
+    assert not any(a.startswith("--namespace") for a in c["args"])  # every namespace
     assert c["resources"]["requests"] and c["resources"]["limits"]["memory"]
     # Pod Security Standard `restricted`.
     assert pod["securityContext"]["runAsNonRoot"] is True
@@ -127,7 +127,7 @@ def test_namespaced_install_renders_no_cluster_scoped_object():
     assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
                                   "name": role["metadata"]["name"]}
     args = one(objs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
-    assert f"--namespace={NS}" in args and "--all-namespaces" not in args
+    assert f"--namespace={NS}" in args
 
 
 def test_watching_listed_namespaces_grants_a_role_in_each():
@@ -145,10 +145,38 @@ def test_watching_listed_namespaces_grants_a_role_in_each():
     assert one(objs, "PodMonitor")["spec"]["namespaceSelector"] == {"matchNames": ["team-a", "team-b"]}
 
 
+def operator_main_call(args: list[str]) -> dict:
+    """Run the operator's real command line (operator/__main__.py) on ``args`` with kopf stubbed out;
+    returns the keyword arguments it would start kopf with."""
+    from unittest import mock
+
+    from opd_operator.__main__ import main
+
+    with mock.patch("kopf.run") as run, mock.patch("kopf.configure") as configure, \
+            mock.patch.dict("os.environ", {}, clear=False):
+        assert main(args) == 0
+    return {**run.call_args.kwargs, **configure.call_args.kwargs}
+
+
+@pytest.mark.parametrize("values_file", VARIANTS, ids=VARIANT_IDS)
+def test_operator_accepts_the_rendered_arguments(values_file):
+    objs = render(values_file, namespace=NS)
+    args = one(objs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
+    started = operator_main_call(args)
+    assert started["standalone"] is True
+    assert started["liveness_endpoint"] == "http://0.0.0.0:8080/healthz"
+    watched = [r["metadata"]["namespace"] for r in by_kind(objs, "Role")]
+    if watched:
+        assert started["clusterwide"] is False and list(started["namespaces"]) == watched
+    else:
+        assert started["clusterwide"] is True and not started["namespaces"]
+
+
 def test_log_level_and_extra_args():
     args = one(render(sets={"operator.logLevel": "debug", "operator.extraArgs": "{--foo=1}"}), "Deployment")[
         "spec"]["template"]["spec"]["containers"][0]["args"]
     assert "--debug" in args and args[-1] == "--foo=1"
+    assert operator_main_call(args[:-1])["debug"] is True
 
 
 def test_monitoring_variant():
@@ -204,7 +232,7 @@ BAD_VALUES = [
     ({"image": {"pullPolicy": "Sometimes"}}, "/image/pullPolicy", "must be one of"),
     ({"watch": {"namespaces": "team-a"}}, "/watch/namespaces", "want array"),
     ({"crds": {"install": "yes"}}, "/crds/install", "want boolean"),
-    ({"operator": {"logLevel": "loud"}}, "/operator/logLevel", "must be one of"),
+    ({"operator": {"logLevel": "quiet"}}, "/operator/logLevel", "must be one of"),
     ({"metrics": {"podMonitor": {"interval": "15 seconds"}}}, "/metrics/podMonitor/interval", "does not match"),
 ]
 
