@@ -19,7 +19,7 @@ UV_FLAGS ?= $(foreach d,$(FIND_LINKS),$(if $(wildcard $(d)/*),--find-links $(d))
 EXTRAS ?= runtime,operator,test
 WORKDIR ?= runs/tiny-math
 
-.PHONY: controlplane venv test test-fast run bench clean help images kind-e2e chart
+.PHONY: crds controlplane venv test test-fast run bench clean help images kind-e2e chart
 
 help:
 	@echo "make run    run the demo (examples/tiny-math.yaml) on tiny models, locally"
@@ -86,6 +86,10 @@ images:
 # kind cluster + images + chart + examples/tiny-math.yaml until Succeeded (needs docker, kind, kubectl, helm).
 kind-e2e:
 	REGISTRY=$(REGISTRY) TAG=$(TAG) images/kind-e2e.sh
+
+# The DistillationRun CRD, generated from the spec models (a test fails when crds/ is stale).
+crds: venv
+	$(BIN)/python -m opd_operator.crd --write
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

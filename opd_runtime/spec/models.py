@@ -40,6 +40,9 @@ class TeacherServingSpec(SpecModel):
     url: Optional[str] = Field(
         None, description="Use an already running OpenAI-compatible teacher at this base URL instead of "
         "starting one (e.g. http://teacher:8000).")
+    resources: Optional["ResourcesSpec"] = Field(
+        None, description="Pod resources of each teacher replica; by default it requests "
+        "tensorParallelSize GPUs.")
 
 
 class TeacherSpec(ModelSpec):
@@ -93,7 +96,11 @@ class OptimizerSpec(SpecModel):
     max_grad_norm: float = Field(1.0, gt=0.0, description="Clip the global gradient norm to this value.")
 
 
+# A Kubernetes resource quantity such as 8, 500m, 64Gi or 1.5G.
+QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti|P|Pi|E|Ei)?$"
+
+
 class ResourcesSpec(SpecModel):
     gpus: int = Field(1, ge=0, description="GPUs (nvidia.com/gpu) the stage's pod requests.")
-    cpu: Optional[str] = Field(None, description="CPU request and limit, e.g. `8`.")
-    memory: Optional[str] = Field(None, description="Memory request and limit, e.g. `64Gi`.")
+    cpu: Optional[str] = Field(None, pattern=QUANTITY, description="CPU request and limit, e.g. `8`.")
+    memory: Optional[str] = Field(None, pattern=QUANTITY, description="Memory request and limit, e.g. `64Gi`.")

@@ -9,7 +9,7 @@ from typing import Any, Literal, Optional
 from pydantic import Field, ValidationError, model_validator
 
 from .base import SpecModel
-from .models import ModelSpec, TeacherSpec
+from .models import QUANTITY, ModelSpec, TeacherSpec
 from .stages import DistillSpec, EvalSpec, SftSpec
 
 GROUP = "opd.dev"
@@ -19,7 +19,7 @@ KIND = "DistillationRun"
 
 
 class WorkspaceSpec(SpecModel):
-    size: str = Field("200Gi", description="Size of the workspace PVC holding checkpoints, metrics and results.")
+    size: str = Field("200Gi", pattern=QUANTITY, description="Size of the workspace PVC holding checkpoints, metrics and results.")
     storage_class_name: Optional[str] = Field(None, description="StorageClass of the workspace PVC (cluster default if empty).")
     access_modes: list[Literal["ReadWriteOnce", "ReadWriteMany", "ReadWriteOncePod"]] = Field(
         default_factory=lambda: ["ReadWriteOnce"], description="Access modes of the workspace PVC.")
@@ -41,6 +41,11 @@ class DistillationRunSpec(SpecModel):
     tolerations: list[dict[str, Any]] = Field(default_factory=list, description="Tolerations for stage pods.")
     suspend: bool = Field(False, description="Pause the run: running stage pods are deleted, the workspace kept; "
                           "unsetting resumes from the last checkpoint.")
+    retries: int = Field(2, ge=0, le=20, description="Times a failed stage is started again (from its last "
+                         "checkpoint) before the run fails. A stage that exits with code 2 (bad configuration) "
+                         "is not retried until the spec changes.")
+    backoff_seconds: int = Field(10, ge=0, le=3600, description="Seconds before the first retry of a failed "
+                                 "stage; each further retry waits twice as long (at most 10 minutes).")
 
     @model_validator(mode="after")
     def _some_stage(self):

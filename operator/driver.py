@@ -1,0 +1,70 @@
+"""One reconcile of one run against the API: read, decide (pure), act, write status, post events."""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timezone
+from typing import Any, Optional
+
+from . import metrics
+from .kube import Api, apply_action, list_children, post_event
+from .observe import observe
+from .reconcile import Decision, decide, rfc3339
+
+log = logging.getLogger("opd_operator")
+Manifest = dict[str, Any]
+
+
+def without_none(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: without_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [without_none(v) for v in value]
+    return value
+
+
+def merge_patch(old: Any, new: Any) -> Any:
+    """The JSON merge patch (RFC 7386) that turns ``old`` into ``new`` (None when equal); ``new`` holds no
+    None values (a null in a merge patch deletes the key)."""
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        return None if old == new else new
+    patch: Manifest = {key: None for key in old.keys() - new.keys()}
+    for key, value in new.items():
+        sub = merge_patch(old[key], value) if key in old else value
+        if sub is not None:
+            patch[key] = sub
+    return patch or None
+
+
+def reconcile_once(api: Api, namespace: str, name: str, now: Optional[datetime] = None) -> Optional[Decision]:
+    """Reconcile run ``namespace/name``; None when it is gone or being deleted (its children go with it)."""
+    now = now or datetime.now(timezone.utc)
+    obj = api.get("DistillationRun", namespace, name)
+    if obj is None or obj["metadata"].get("deletionTimestamp"):
+        return None
+    decision = decide(obj, observe(name, list_children(api, namespace, name)), now)
+    for action in decision.actions:
+        apply_action(api, namespace, action)
+    old = {k: v for k, v in (obj.get("status") or {}).items() if k != "progress"}
+    patch = merge_patch(old, without_none(decision.status))
+    if patch:
+        api.patch("DistillationRun", namespace, name, {"status": patch}, subresource="status")
+    for event in decision.events:
+        post_event(api, obj, event, rfc3339(now))
+        log.info("%s/%s: %s: %s", namespace, name, event.reason, event.message)
+    for outcome in decision.outcomes:
+        metrics.observe_stage(outcome.stage, outcome.outcome, outcome.seconds)
+    metrics.set_phase(namespace, name, decision.status.get("phase"))
+    return decision
+
+
+def reconcile_safely(api: Api, namespace: str, name: str) -> Optional[float]:
+    """``reconcile_once`` that counts and logs errors instead of raising; returns the requeue delay."""
+    metrics.RECONCILES.inc()
+    try:
+        decision = reconcile_once(api, namespace, name)
+    except Exception:  # the next round retries; the error is counted and logged with its traceback
+        metrics.RECONCILE_ERRORS.inc()
+        log.exception("reconcile of %s/%s failed", namespace, name)
+        return None
+    return decision.requeue_after if decision else None

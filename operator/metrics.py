@@ -1,0 +1,63 @@
+"""The operator's Prometheus metrics (served on :8000 by prometheus_client).
+
+- ``opd_operator_runs{phase}``: runs this operator reconciles, by status.phase;
+- ``opd_operator_stage_duration_seconds{stage,outcome}``: first start to success/final failure of a stage;
+- ``opd_operator_reconciles_total`` and ``opd_operator_reconcile_errors_total``.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from opd_runtime.spec.status import Phase
+
+PHASES: tuple[str, ...] = Phase.__args__  # type: ignore[attr-defined]
+# Stages last minutes (tiny runs) to days (SFT on 400k traces).
+DURATION_BUCKETS = (30, 60, 300, 900, 1800, 3600, 2 * 3600, 4 * 3600, 8 * 3600, 16 * 3600, 24 * 3600,
+                    48 * 3600, 96 * 3600, float("inf"))
+
+REGISTRY = CollectorRegistry()
+RUNS = Gauge("opd_operator_runs", "DistillationRuns reconciled by this operator, by phase", ["phase"],
+             registry=REGISTRY)
+STAGE_DURATION = Histogram("opd_operator_stage_duration_seconds",
+                           "Seconds from a stage's first start to its success or final failure",
+                           ["stage", "outcome"], buckets=DURATION_BUCKETS, registry=REGISTRY)
+RECONCILES = Counter("opd_operator_reconciles", "Reconciles of DistillationRuns", registry=REGISTRY)
+RECONCILE_ERRORS = Counter("opd_operator_reconcile_errors", "Reconciles that raised an error",
+                           registry=REGISTRY)
+
+_phases: dict[tuple[str, str], str] = {}
+_lock = threading.Lock()
+
+
+def _publish() -> None:
+    counts = {p: 0 for p in PHASES}
+    for phase in _phases.values():
+        counts[phase] = counts.get(phase, 0) + 1
+    for phase, n in counts.items():
+        RUNS.labels(phase=phase).set(n)
+
+
+def set_phase(namespace: str, name: str, phase: str | None) -> None:
+    with _lock:
+        if phase:
+            _phases[(namespace, name)] = phase
+        _publish()
+
+
+def forget(namespace: str, name: str) -> None:
+    with _lock:
+        _phases.pop((namespace, name), None)
+        _publish()
+
+
+def observe_stage(stage: str, outcome: str, seconds: float) -> None:
+    STAGE_DURATION.labels(stage=stage, outcome=outcome).observe(seconds)
+
+
+def serve(port: int) -> None:
+    with _lock:
+        _publish()
+    start_http_server(port, registry=REGISTRY)

@@ -1,0 +1,141 @@
+"""What a run's children say about it: plain-dict API objects folded into small typed views (pure)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+from . import names
+
+Manifest = dict[str, Any]
+JobState = Literal["active", "succeeded", "failed"]
+# The kinds the operator lists per run (by label selector), and their API paths.
+KINDS = ("ServiceAccount", "Role", "RoleBinding", "ConfigMap", "PersistentVolumeClaim", "Job", "Pod",
+         "Deployment", "Service")
+
+
+@dataclass(frozen=True)
+class Termination:
+    """How a stage container ended: its exit code and its termination message (see stage_report)."""
+    exit_code: Optional[int]
+    reason: Optional[str] = None
+    finished_at: Optional[str] = None
+    result: dict[str, Any] = field(default_factory=dict)  # the JSON message, or {"error": text}
+
+    @property
+    def error(self) -> str:
+        msg = self.result.get("error") or ""
+        return str(msg).strip() or (self.reason or "")
+
+
+@dataclass(frozen=True)
+class JobView:
+    name: str
+    stage: str
+    attempt: int
+    state: JobState
+    deleting: bool
+    spec_hash: Optional[str]
+    termination: Optional[Termination]
+
+
+@dataclass(frozen=True)
+class TeacherView:
+    available: bool
+    deleting: bool
+    spec_hash: Optional[str]
+    ready_replicas: int
+
+
+@dataclass(frozen=True)
+class Observed:
+    present: frozenset[tuple[str, str]]  # (kind, name) of every child found
+    jobs: tuple[JobView, ...] = ()
+    live_pods: dict[str, tuple[str, ...]] = field(default_factory=dict)  # stage -> pods not yet finished
+    teacher: Optional[TeacherView] = None
+    pvc: Optional[Manifest] = None
+    config_map: Optional[Manifest] = None
+
+    def has(self, kind: str, name: str) -> bool:
+        return (kind, name) in self.present
+
+
+def parse_message(text: str | None) -> dict[str, Any]:
+    text = (text or "").strip()
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return {"error": text[-1000:]}
+    return value if isinstance(value, dict) else {"error": text[-1000:]}
+
+
+def termination(pod: Manifest) -> Optional[Termination]:
+    for status in (pod.get("status") or {}).get("containerStatuses") or []:
+        term = (status.get("state") or {}).get("terminated") or (status.get("lastState") or {}).get("terminated")
+        if term:
+            return Termination(exit_code=term.get("exitCode"), reason=term.get("reason"),
+                               finished_at=term.get("finishedAt"), result=parse_message(term.get("message")))
+    return None
+
+
+def _condition(obj: Manifest, type_: str) -> bool:
+    return any(c.get("type") == type_ and c.get("status") == "True"
+               for c in (obj.get("status") or {}).get("conditions") or [])
+
+
+def job_state(job: Manifest) -> JobState:
+    if _condition(job, "Complete"):
+        return "succeeded"
+    if _condition(job, "Failed"):
+        return "failed"
+    return "active"
+
+
+def _pods_of(job_name: str, pods: list[Manifest]) -> list[Manifest]:
+    return [p for p in pods if (p["metadata"].get("labels") or {}).get("job-name") == job_name]
+
+
+def job_view(job: Manifest, pods: list[Manifest]) -> Optional[JobView]:
+    meta = job["metadata"]
+    labels = meta.get("labels") or {}
+    try:
+        attempt = int(labels.get(names.ATTEMPT_LABEL, ""))
+    except ValueError:
+        return None
+    term = next((t for t in map(termination, _pods_of(meta["name"], pods)) if t is not None), None)
+    return JobView(name=meta["name"], stage=labels.get(names.STAGE_LABEL, ""), attempt=attempt,
+                   state=job_state(job), deleting=bool(meta.get("deletionTimestamp")),
+                   spec_hash=(meta.get("annotations") or {}).get(names.SPEC_HASH_ANNOTATION), termination=term)
+
+
+def teacher_view(deployment: Manifest) -> TeacherView:
+    meta, status = deployment["metadata"], deployment.get("status") or {}
+    current = status.get("observedGeneration", 0) >= meta.get("generation", 0)
+    return TeacherView(available=current and _condition(deployment, "Available")
+                       and (status.get("availableReplicas") or 0) > 0,
+                       deleting=bool(meta.get("deletionTimestamp")),
+                       spec_hash=(meta.get("annotations") or {}).get(names.SPEC_HASH_ANNOTATION),
+                       ready_replicas=status.get("readyReplicas") or 0)
+
+
+def observe(run_name: str, children: dict[str, list[Manifest]]) -> Observed:
+    """Fold the run's children (``kind -> objects`` labelled with the run) into an ``Observed``."""
+    present = frozenset((kind, o["metadata"]["name"]) for kind, objs in children.items() for o in objs)
+    pods = children.get("Pod", [])
+    jobs = tuple(v for v in (job_view(j, pods) for j in children.get("Job", [])) if v is not None)
+    live: dict[str, list[str]] = {}
+    for pod in pods:
+        if (pod.get("status") or {}).get("phase") not in ("Succeeded", "Failed"):
+            stage = (pod["metadata"].get("labels") or {}).get(names.STAGE_LABEL, "")
+            live.setdefault(stage, []).append(pod["metadata"]["name"])
+    deployment = next((d for d in children.get("Deployment", []) if d["metadata"]["name"] == names.teacher(run_name)),
+                      None)
+    pvc = next((p for p in children.get("PersistentVolumeClaim", [])
+                if p["metadata"]["name"] == names.workspace_claim(run_name)), None)
+    cm = next((c for c in children.get("ConfigMap", []) if c["metadata"]["name"] == names.spec_configmap(run_name)),
+              None)
+    return Observed(present=present, jobs=jobs, live_pods={k: tuple(v) for k, v in live.items()},
+                    teacher=teacher_view(deployment) if deployment else None, pvc=pvc, config_map=cm)

@@ -1,0 +1,450 @@
+"""The operator's decisions: ``decide(run, observed children, now) -> actions + status + events`` (pure).
+
+A run walks its planned stages in order (``opd_runtime.plan.planned_stages``):
+workspace plumbing -> ``sft`` Job -> teacher Deployment + Service (until Available) -> ``distill`` Job ->
+``eval`` Job -> teacher removed -> Succeeded. Each batch stage runs as Jobs ``<run>-<stage>-<attempt>``
+with ``backoffLimit: 0``; a failed attempt (exit 1, or a pod that vanished) is retried after
+``backoffSeconds * 2^(failures-1)`` (at most 10 minutes) until ``spec.retries`` is used up; exit 2 (bad
+configuration) fails the stage at once, and a later spec edit retries it. Everything is derived from
+the run's status and the children that exist, so an operator restarted at any point continues without
+duplicating anything.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any, Literal, Optional
+
+import yaml
+
+from opd_runtime.plan import planned_stages
+from opd_runtime.spec import DistillationRun, SpecError, parse_run
+
+from . import children, conditions, names
+from .conditions import STAGE_CONDITIONS
+from .observe import JobView, Observed
+
+Manifest = dict[str, Any]
+BATCH = ("sft", "distill", "eval")
+MAX_BACKOFF_SECONDS = 600
+EXIT_BAD_CONFIG = 2
+
+
+@dataclass(frozen=True)
+class Action:
+    verb: Literal["create", "delete", "patch"]
+    kind: str
+    name: str
+    body: Optional[Manifest] = None  # the object (create) or a merge patch (patch)
+
+
+@dataclass(frozen=True)
+class Event:
+    type: Literal["Normal", "Warning"]
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class StageOutcome:
+    stage: str
+    outcome: Literal["succeeded", "failed"]
+    seconds: float
+
+
+@dataclass
+class Decision:
+    actions: list[Action] = field(default_factory=list)
+    status: Manifest = field(default_factory=dict)  # the whole status except `progress`
+    events: list[Event] = field(default_factory=list)
+    outcomes: list[StageOutcome] = field(default_factory=list)
+    requeue_after: Optional[float] = None  # seconds until something is due (a retry's back-off)
+
+
+def rfc3339(t: datetime) -> str:
+    return t.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_time(text: str | None) -> Optional[datetime]:
+    if not text:
+        return None
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+
+
+def backoff_seconds(base: int, failures: int) -> float:
+    return float(min(MAX_BACKOFF_SECONDS, base * 2 ** max(0, failures - 1)))
+
+
+def changed_paths(old: Any, new: Any, prefix: str = "spec") -> list[str]:
+    """Field paths whose values differ between two wire-form specs."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[str] = []
+        for key in sorted(set(old) | set(new)):
+            out += changed_paths(old.get(key), new.get(key), f"{prefix}.{key}")
+        return out
+    return [] if old == new else [prefix]
+
+
+class _Walk:
+    """One reconcile of one run; ``decide`` below is its only entry point."""
+
+    def __init__(self, obj: Manifest, run: DistillationRun, observed: Observed, now: datetime):
+        self.obj, self.run, self.observed, self.now = obj, run, observed, now
+        self.name = obj["metadata"]["name"]
+        self.generation = obj["metadata"].get("generation")
+        self.old: Manifest = obj.get("status") or {}
+        status = copy.deepcopy(self.old)
+        status.pop("progress", None)
+        self.status = status
+        self.stages: Manifest = status.setdefault("stages", {})
+        self.conds: list[Manifest] = status.get("conditions") or []
+        self.d = Decision()
+        self.planned = planned_stages(run)
+
+    # ---- helpers ---------------------------------------------------------------------------------
+    def ts(self) -> str:
+        return rfc3339(self.now)
+
+    def cond(self, type_: str, value: bool | None, reason: str, message: str = "") -> None:
+        self.conds = conditions.set_condition(self.conds, type_, value, reason, message, now=self.ts(),
+                                              generation=self.generation)
+
+    def event(self, type_: Literal["Normal", "Warning"], reason: str, message: str) -> None:
+        self.d.events.append(Event(type_, reason, message))
+
+    def create(self, manifest: Manifest) -> None:
+        self.d.actions.append(Action("create", manifest["kind"], manifest["metadata"]["name"], manifest))
+
+    def delete(self, kind: str, name: str) -> None:
+        self.d.actions.append(Action("delete", kind, name))
+
+    def stage(self, name: str) -> Manifest:
+        return self.stages.setdefault(name, {"phase": "Pending", "attempts": 0, "failures": 0})
+
+    def old_stage_phase(self, name: str) -> Optional[str]:
+        return ((self.old.get("stages") or {}).get(name) or {}).get("phase")
+
+    def seconds_since(self, start: Optional[str]) -> float:
+        begun = parse_time(start)
+        return max(0.0, (self.now - begun).total_seconds()) if begun else 0.0
+
+    # ---- plumbing: account, role, binding, spec ConfigMap, workspace PVC ---------------------------
+    def plumbing(self) -> None:
+        for manifest in children.plumbing(self.obj, self.run):
+            if not self.observed.has(manifest["kind"], manifest["metadata"]["name"]):
+                self.create(manifest)
+        pvc = self.observed.pvc
+        if pvc is not None and not self.run.spec.workspace.existing_claim:
+            owned = any(r.get("uid") == self.obj["metadata"]["uid"]
+                        for r in pvc["metadata"].get("ownerReferences") or [])
+            want = self.run.spec.workspace.retention_policy == "Delete"
+            if owned != want:
+                refs = [names.owner_reference(self.obj)] if want else None
+                self.d.actions.append(Action("patch", "PersistentVolumeClaim", pvc["metadata"]["name"],
+                                             {"metadata": {"ownerReferences": refs}}))
+        self.status["workspaceClaim"] = (self.run.spec.workspace.existing_claim
+                                         or names.workspace_claim(self.name))
+
+    def spec_freeze(self) -> None:
+        """Stages read the run file from the ConfigMap: it changes only while nothing runs; an edit made
+        while a stage runs is refused for that stage (SpecAccepted=False names the fields)."""
+        want = children.spec_hash(self.run)
+        active = [j for j in self.observed.jobs if j.state == "active" and not j.deleting]
+        teacher = self.observed.teacher
+        running = next((j.spec_hash for j in active), None) or (
+            teacher.spec_hash if teacher is not None and not teacher.deleting else None)
+        cm = self.observed.config_map
+        if running is not None and running != want:
+            frozen = yaml.safe_load((cm or {}).get("data", {}).get(names.CONFIG_FILE, "") or "{}") or {}
+            paths = changed_paths(frozen.get("spec", {}), children.stage_spec(self.run)) or ["spec"]
+            what = active[0].stage if active else "teacher"
+            self.cond(conditions.SPEC_ACCEPTED, False, "ChangedWhileRunning",
+                      f"{', '.join(paths[:5])}{' ...' if len(paths) > 5 else ''} changed while the {what} stage "
+                      f"runs; it keeps running with the previous spec and later stages get the new one. Revert "
+                      f"the edit, or suspend and resume the run to restart {what} with it.")
+            before = conditions.get(self.old.get("conditions") or [], conditions.SPEC_ACCEPTED) or {}
+            if before.get("status") != "False":
+                self.event("Warning", "SpecChangeRefused", f"{', '.join(paths[:5])} cannot change while {what} runs")
+            return
+        if cm is not None and (cm["metadata"].get("annotations") or {}).get(names.SPEC_HASH_ANNOTATION) != want:
+            desired = children.config_map(self.obj, self.run)
+            self.d.actions.append(Action("patch", "ConfigMap", desired["metadata"]["name"],
+                                         {"metadata": {"annotations": desired["metadata"]["annotations"]},
+                                          "data": desired["data"]}))
+        self.cond(conditions.SPEC_ACCEPTED, True, "Applied", "Stages run with the current spec.")
+
+    # ---- suspend ---------------------------------------------------------------------------------
+    def suspend(self) -> None:
+        deleted = []
+        for job in self.observed.jobs:
+            if job.state == "active" and not job.deleting:
+                self.delete("Job", job.name)
+                deleted.append(job.name)
+        self.stop_teacher(reason="Suspended")
+        for name in BATCH:
+            ss = self.stages.get(name)
+            if ss and ss.get("phase") in ("Running", "Waiting", "Retrying"):
+                ss["phase"] = "Pending"
+        self.status.update(phase="Suspended", message="Suspended: stage pods deleted, workspace kept; set "
+                           "spec.suspend=false to resume from the last checkpoint.")
+        self.cond(conditions.SUSPENDED, True, "Suspended", "spec.suspend is true.")
+        self.cond(conditions.READY, False, "Suspended", "The run is suspended.")
+        if self.old.get("phase") != "Suspended":
+            self.event("Normal", "Suspended", "Suspended" + (f"; deleted {', '.join(deleted)}" if deleted else "")
+                       + "; the workspace is kept")
+
+    # ---- teacher ---------------------------------------------------------------------------------
+    def stop_teacher(self, reason: str) -> None:
+        teacher = self.observed.teacher
+        if teacher is not None and not teacher.deleting:
+            self.delete("Deployment", names.teacher(self.name))
+            if reason == "Finished":
+                self.event("Normal", "TeacherStopped", "Distillation finished; the teacher server is removed")
+        if self.observed.has("Service", names.teacher(self.name)):
+            self.delete("Service", names.teacher(self.name))
+        if "teacher" in self.planned:
+            ts = self.stage("teacher")
+            if ts.get("phase") in ("Running", "Waiting"):
+                ts["phase"] = "Succeeded" if reason == "Finished" else "Pending"
+                if reason == "Finished":
+                    ts["completionTime"] = self.ts()
+            self.cond(conditions.TEACHER_READY, False, "Stopped" if reason == "Finished" else reason,
+                      "The teacher server is not running.")
+
+    def teacher_ready(self) -> bool:
+        """Ensure the teacher Deployment and Service exist; True once the Deployment is Available."""
+        ts = self.stage("teacher")
+        teacher = self.observed.teacher
+        if teacher is None:
+            self.create(children.teacher_deployment(self.obj, self.run))
+            ts.update(phase="Waiting", attempts=ts.get("attempts", 0) + 1, job=names.teacher(self.name))
+            ts.setdefault("startTime", self.ts())
+            self.event("Normal", "TeacherStarting", f"Created Deployment {names.teacher(self.name)}")
+        if not self.observed.has("Service", names.teacher(self.name)):
+            self.create(children.teacher_service(self.obj, self.run))
+        if teacher is not None and teacher.available and not teacher.deleting:
+            if ts.get("phase") != "Running":
+                self.event("Normal", "TeacherReady", f"Teacher server {names.teacher(self.name)} is available")
+            ts["phase"] = "Running"
+            self.cond(conditions.TEACHER_READY, True, "Available",
+                      f"Deployment {names.teacher(self.name)} is available.")
+            return True
+        ts["phase"] = "Waiting"
+        self.cond(conditions.TEACHER_READY, False, "Starting",
+                  f"Waiting for Deployment {names.teacher(self.name)} to become available (model loading).")
+        return False
+
+    # ---- batch stages ------------------------------------------------------------------------------
+    def record_success(self, stage: str, ss: Manifest, job: JobView) -> None:
+        result = job.termination.result if job.termination else {}
+        ss.update(phase="Succeeded", completionTime=(job.termination and job.termination.finished_at) or self.ts(),
+                  exitCode=0, job=job.name)
+        for key, field_name in (("checkpoint", "checkpoint"), ("step", "step"), ("reverse_kl", "reverseKL"),
+                                ("eval_score", "evalScore")):
+            if result.get(key) is not None:
+                ss[field_name] = result[key]
+        ss.pop("message", None)
+        seconds = self.seconds_since(ss.get("startTime"))
+        self.d.outcomes.append(StageOutcome(stage, "succeeded", seconds))
+        self.event("Normal", "StageSucceeded", f"{stage} succeeded ({job.name})"
+                   + (f": checkpoint {ss['checkpoint']}" if ss.get("checkpoint") else "")
+                   + (f", eval score {ss['evalScore']}" if ss.get("evalScore") is not None else ""))
+
+    def record_failure(self, stage: str, ss: Manifest, job: JobView) -> None:
+        term = job.termination
+        code = term.exit_code if term else None
+        error = (term.error if term else "") or ("the pod was lost before it finished" if term is None else "")
+        ss.update(failures=ss.get("failures", 0) + 1, lastFailedAttempt=job.attempt, exitCode=code,
+                  lastFailureTime=(term and term.finished_at) or self.ts(), message=error[-1000:] or None,
+                  job=job.name)
+        if code == EXIT_BAD_CONFIG:
+            ss["failedGeneration"] = self.generation
+        self.event("Warning", "StageFailed", f"{stage} attempt {job.attempt} ({job.name}) failed"
+                   f"{f' with exit code {code}' if code is not None else ''}: {error or 'no message'}"[:1000])
+
+    def final_failure(self, ss: Manifest) -> Optional[str]:
+        """Why the stage's failure is final (no retry now), or None."""
+        if ss.get("failures", 0) == 0 or ss.get("lastFailedAttempt") != ss.get("attempts"):
+            return None
+        if ss.get("exitCode") == EXIT_BAD_CONFIG and ss.get("failedGeneration") == self.generation:
+            return "BadConfiguration"
+        if ss["failures"] > self.run.spec.retries:
+            return "RetriesExhausted"
+        return None
+
+    def walk_stage(self, stage: str) -> Literal["done", "busy", "failed"]:
+        ss = self.stage(stage)
+        if ss.get("phase") == "Succeeded":
+            return "done"
+        jobs = sorted((j for j in self.observed.jobs if j.stage == stage), key=lambda j: j.attempt)
+        ss["attempts"] = max([ss.get("attempts", 0)] + [j.attempt for j in jobs])
+        latest = next((j for j in jobs if j.attempt == ss["attempts"]), None)
+        if latest is not None and latest.state == "active" and not latest.deleting:
+            ss.update(phase="Running", job=latest.name)
+            return "busy"
+        if latest is not None and latest.state == "succeeded":
+            self.record_success(stage, ss, latest)
+            return "done"
+        if latest is not None and latest.state == "failed" and ss.get("lastFailedAttempt") != latest.attempt:
+            self.record_failure(stage, ss, latest)
+        why = self.final_failure(ss)
+        if why is not None:
+            if self.old_stage_phase(stage) != "Failed":
+                self.d.outcomes.append(StageOutcome(stage, "failed", self.seconds_since(ss.get("startTime"))))
+            ss.update(phase="Failed", completionTime=ss.get("completionTime") or self.ts(), reason=why)
+            return "failed"
+        ss.pop("reason", None)
+        ss.pop("completionTime", None)
+        # A new attempt is due: first wait for the previous attempt's pod to be gone (never two writers).
+        if self.observed.live_pods.get(stage):
+            ss["phase"] = "Waiting"
+            self.status["message"] = f"{stage}: waiting for pod {self.observed.live_pods[stage][0]} to stop"
+            return "busy"
+        if stage == "distill" and "teacher" in self.planned and not self.teacher_ready():
+            ss["phase"] = "Waiting"
+            self.status["message"] = "distill: waiting for the teacher server to become available"
+            return "busy"
+        if ss.get("lastFailedAttempt") == ss["attempts"] and ss.get("failures", 0) > 0:
+            due = parse_time(ss.get("lastFailureTime")) or self.now
+            due += timedelta(seconds=backoff_seconds(self.run.spec.backoff_seconds, ss["failures"]))
+            if self.now < due:
+                ss["phase"] = "Retrying"
+                wait = (due - self.now).total_seconds()
+                self.d.requeue_after = wait
+                self.status["message"] = f"{stage}: retrying in {wait:.0f}s after failure {ss['failures']}"
+                return "busy"
+        attempt = ss["attempts"] + 1
+        job = children.stage_job(self.obj, self.run, stage, attempt)
+        self.create(job)
+        ss.update(phase="Running", attempts=attempt, job=job["metadata"]["name"])
+        ss.setdefault("startTime", self.ts())
+        self.status.setdefault("startTime", self.ts())
+        self.event("Normal", "StageStarted", f"Started {stage} attempt {attempt}: Job {job['metadata']['name']}")
+        return "busy"
+
+    # ---- the whole run -----------------------------------------------------------------------------
+    def stage_conditions(self, current: Optional[str]) -> None:
+        if "teacher" in self.planned and conditions.get(self.conds, conditions.TEACHER_READY) is None:
+            self.cond(conditions.TEACHER_READY, None, "NotStarted", "The teacher server starts before distill.")
+        for stage in BATCH:
+            if stage not in self.planned:
+                continue
+            ss = self.stage(stage)
+            phase = ss.get("phase", "Pending")
+            type_ = STAGE_CONDITIONS[stage]
+            if phase == "Succeeded":
+                self.cond(type_, True, "Succeeded", f"Job {ss.get('job')} finished.")
+            elif phase == "Failed":
+                self.cond(type_, False, ss.get("reason", "Failed"),
+                          f"{stage} failed {ss.get('failures', 0)} time(s); last: {ss.get('message') or 'no message'}")
+            elif phase in ("Running", "Waiting", "Retrying"):
+                self.cond(type_, None, phase, f"Job {ss.get('job')}" if phase == "Running" and ss.get("job")
+                          else f"{stage} is {phase.lower()}.")
+            else:
+                self.cond(type_, None, "NotStarted", f"{stage} has not started.")
+
+    def numbers(self, current: Optional[str]) -> None:
+        """step / totalSteps / reverseKL / evalScore: finished stages' results, then live progress."""
+        for stage in ("sft", "distill"):
+            ss = self.stages.get(stage) or {}
+            if ss.get("phase") == "Succeeded" and ss.get("step") is not None:
+                self.status["step"] = ss["step"]
+                self.status["totalSteps"] = getattr(self.run.spec, stage).steps
+                if ss.get("reverseKL") is not None:
+                    self.status["reverseKL"] = ss["reverseKL"]
+        progress = self.old.get("progress") or {}
+        if progress.get("stage") in ("sft", "distill") and progress.get("stage") == current:
+            if progress.get("step") is not None:
+                self.status["step"] = progress["step"]
+                self.status["totalSteps"] = progress.get("totalSteps")
+                self.stage(current)["step"] = progress["step"]
+            if progress.get("reverseKL") is not None:
+                self.status["reverseKL"] = progress["reverseKL"]
+                self.stage(current)["reverseKL"] = progress["reverseKL"]
+        ev = self.stages.get("eval") or {}
+        if ev.get("evalScore") is not None:
+            self.status["evalScore"] = ev["evalScore"]
+
+    def decide(self) -> Decision:
+        self.plumbing()
+        self.spec_freeze()
+        finished = all((self.stages.get(s) or {}).get("phase") == "Succeeded" for s in self.planned if s in BATCH)
+        if self.run.spec.suspend and not finished:
+            self.suspend()
+            return self.finish(current=None)
+        self.cond(conditions.SUSPENDED, False, "NotSuspended", "")
+        if self.old.get("phase") == "Suspended":
+            self.event("Normal", "Resumed", "Resumed; stages continue from their last checkpoint")
+        current: Optional[str] = None
+        outcome = "done"
+        for stage in (s for s in self.planned if s in BATCH):
+            outcome = self.walk_stage(stage)
+            if outcome != "done":
+                current = stage
+                break
+        distill_over = (self.stages.get("distill") or {}).get("phase") in ("Succeeded", "Failed")
+        teacher_up = self.observed.teacher is not None or self.observed.has("Service", names.teacher(self.name))
+        if "teacher" in self.planned and teacher_up and (distill_over or outcome == "failed" or current == "sft"):
+            self.stop_teacher(reason="Finished" if distill_over and outcome != "failed" else "Stopped")
+        self.status["stage"] = current or ""
+        if outcome == "failed":
+            ss = self.stages[current]
+            msg = (f"{current} failed ({ss.get('reason')}) after {ss.get('attempts')} attempt(s): "
+                   f"{ss.get('message') or 'no message'}")
+            self.status.update(phase="Failed", message=msg[:1000])
+            self.status.setdefault("completionTime", self.ts())
+            self.cond(conditions.FAILED, True, f"{current.capitalize()}Failed", msg[:1000])
+            self.cond(conditions.READY, False, "Failed", msg[:1000])
+            if self.old.get("phase") != "Failed":
+                self.event("Warning", "RunFailed", msg[:1000])
+        elif current is None:
+            self.status.update(phase="Succeeded", message="All stages succeeded.")
+            self.status.setdefault("completionTime", self.ts())
+            self.cond(conditions.FAILED, False, "Succeeded", "")
+            self.cond(conditions.READY, True, "Succeeded", "All stages succeeded.")
+            if self.old.get("phase") != "Succeeded":
+                self.event("Normal", "RunSucceeded", "All stages succeeded")
+        else:
+            started = any((self.stages.get(s) or {}).get("attempts") for s in self.planned)
+            self.status["phase"] = "Running" if started else "Pending"
+            self.status.pop("completionTime", None)
+            ss = self.stages[current]
+            if ss.get("phase") == "Running":
+                self.status["message"] = f"{current}: running Job {ss.get('job')}"
+            self.cond(conditions.FAILED, False, "NoFailure", "")
+            self.cond(conditions.READY, False, "InProgress", f"Stage {current} is {ss.get('phase', '').lower()}.")
+        return self.finish(current)
+
+    def finish(self, current: Optional[str]) -> Decision:
+        self.stage_conditions(current)
+        self.numbers(current)
+        self.status["conditions"] = self.conds
+        self.status["observedGeneration"] = self.generation
+        self.d.status = self.status
+        return self.d
+
+
+def invalid(obj: Manifest, err: SpecError, now: datetime) -> Decision:
+    """A run whose spec the models reject (the CRD schema let it through): Failed, with the reasons."""
+    old = obj.get("status") or {}
+    status = {k: v for k, v in copy.deepcopy(old).items() if k != "progress"}
+    gen = obj["metadata"].get("generation")
+    text = str(err).split(":\n", 1)[-1].replace("\n", "; ")
+    conds = conditions.set_condition(status.get("conditions") or [], conditions.FAILED, True, "InvalidSpec", text,
+                                     now=rfc3339(now), generation=gen)
+    conds = conditions.set_condition(conds, conditions.READY, False, "InvalidSpec", text, now=rfc3339(now),
+                                     generation=gen)
+    status.update(phase="Failed", message=f"invalid spec: {text}"[:1000], conditions=conds, observedGeneration=gen)
+    events = [] if old.get("phase") == "Failed" else [Event("Warning", "InvalidSpec", text[:1000])]
+    return Decision(status=status, events=events)
+
+
+def decide(obj: Manifest, observed: Observed, now: datetime) -> Decision:
+    """What should exist for run ``obj`` given its ``observed`` children, and its new status."""
+    try:
+        run = parse_run(obj, source=f"DistillationRun {obj['metadata']['name']}")
+    except SpecError as err:
+        return invalid(obj, err, now)
+    return _Walk(obj, run, observed, now).decide()
