@@ -52,6 +52,16 @@ class MetricsSink:
             self._prom.update(record)
 
 
+class NullSink:
+    """The sink of a process that writes nothing: ranks other than 0 of a multi-process stage."""
+
+    def begin(self, resumed_step: int) -> None:
+        pass
+
+    def log(self, record: dict[str, Any]) -> None:
+        pass
+
+
 class _PromExporter:
     def __init__(self, port: int, stage: str, total_steps: int | None):
         from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server

@@ -72,3 +72,20 @@ def stage_command(run: DistillationRun, stage: str, *, config: str, workspace: s
     else:
         argv = (program, stage, *common, "--resume")
     return StageCommand(stage=stage, argv=argv, env=env)
+
+
+# Stages that run as several data-parallel processes under torchrun (training/distributed.py).
+DATA_PARALLEL_STAGES = ("sft", "distill")
+
+
+def launcher_argv(nproc: int, *, python: str = "python") -> tuple[str, ...]:
+    """The prefix that runs an ``sft`` or ``distill`` stage command as ``nproc`` data-parallel processes
+    on one node (one per GPU); empty for one process.
+
+    It is torchrun, started through ``opd_runtime.launch`` so that the stage's exit codes (2: do not
+    retry) survive torchrun; ``--no-python`` lets the stage's program be a command on PATH such as
+    ``opd``. Usage: ``launcher_argv(gpus) + stage_command(...).argv``.
+    """
+    if nproc <= 1:
+        return ()
+    return (python, "-m", "opd_runtime.launch", "--standalone", f"--nproc-per-node={nproc}", "--no-python")

@@ -19,10 +19,10 @@ from .. import modeling
 from ..data_sources import load_prompts
 from ..generation import Sample, sample
 from ..grading import is_correct_integer
-from ..metrics import MetricsSink
+from ..metrics import MetricsSink, NullSink
 from ..preflight import compare_tokenizers, TokenizerMismatch
 from ..spec import DistillationRun, DistillSpec, SpecError
-from ..training import checkpoint
+from ..training import checkpoint, distributed
 from ..training.batches import prompt_ids, right_pad, token_logprobs
 from ..training.loop import end_step, finish_stage, optimizer_step
 from ..training.model_setup import build_trainable, optimizer_for
@@ -51,11 +51,17 @@ def init_model_path(run: DistillationRun, ws: Workspace) -> str:
 
 
 def train_on_samples(model, samples: Sequence[Sample], teacher_logprobs: Sequence[Sequence[float]],
-                     cfg: DistillSpec, pad_id: int, teacher=None) -> StepStats:
-    """Accumulate gradients of the OPD loss over micro-batches of the step's samples (no optimizer step)."""
+                     cfg: DistillSpec, pad_id: int, teacher=None, *,
+                     total_tokens: int | None = None) -> StepStats:
+    """Accumulate gradients of the OPD loss over micro-batches of the step's samples (no optimizer step).
+
+    Loss, reverse KL and entropy are divided by ``total_tokens``, the completion tokens of the whole
+    step over all processes (default: these samples' own), so the processes' values and gradients sum
+    to the whole step's; ``completion_tokens`` counts these samples only.
+    """
     dev = next(model.parameters()).device
     n_tokens = sum(len(s.completion_ids) for s in samples)
-    normalizer = float(max(n_tokens, 1))
+    normalizer = float(max(n_tokens if total_tokens is None else total_tokens, 1))
     total_loss = total_kl = total_entropy = 0.0
     for start in range(0, len(samples), cfg.micro_batch_size):
         chunk = samples[start: start + cfg.micro_batch_size]
@@ -98,12 +104,17 @@ def _teacher(run: DistillationRun, ws: Workspace, cfg: DistillSpec) -> Teacher:
                     "learner; set `backend: local` to score with an in-process teacher")
 
 
-def _sample_accuracy(tokenizer, samples: Sequence[Sample], answers: Sequence[str | None]) -> float | None:
+def _graded(tokenizer, samples: Sequence[Sample], answers: Sequence[str | None]) -> tuple[int, int]:
+    """(correct, graded): samples whose answer matches, out of those with a reference answer."""
     graded = [(s, a) for s, a in zip(samples, answers) if a is not None]
     if not graded:
-        return None
+        return 0, 0
     texts = tokenizer.batch_decode([s.completion_ids for s, _ in graded], skip_special_tokens=True)
-    return sum(is_correct_integer(t, a) for t, (_, a) in zip(texts, graded)) / len(graded)
+    return sum(is_correct_integer(t, a) for t, (_, a) in zip(texts, graded)), len(graded)
+
+
+def _quiet(*_args) -> None:
+    pass
 
 
 def run_distill(run: DistillationRun, workspace: Path, *, resume: bool = False,
@@ -112,6 +123,8 @@ def run_distill(run: DistillationRun, workspace: Path, *, resume: bool = False,
     cfg = run.spec.distill
     if cfg is None or not cfg.enabled:
         raise SpecError("spec.distill: the distill stage is not enabled in this run")
+    if not distributed.is_main():  # rank 0 reports for all processes
+        log = _quiet
     ws = Workspace(Path(workspace))
     ckpt_root = ws.checkpoints("distill")
     existing = checkpoint.resumable(ckpt_root, resume)
@@ -135,11 +148,13 @@ def run_distill(run: DistillationRun, workspace: Path, *, resume: bool = False,
     model = build_trainable(init, cfg.lora, student.dtype, existing,
                             revision=None if from_checkpoint else student.revision,
                             trust_remote_code=student.trust_remote_code)
+    distributed.broadcast_parameters(model)
     model.train()
     teacher = _teacher(run, ws, cfg)
     opt = cfg.optimizer
     optimizer, scheduler = optimizer_for(model.parameters(), opt, cfg.steps)
-    sink = MetricsSink(ws.metrics("distill"), port=cfg.metrics_port, total_steps=cfg.steps)
+    sink = (MetricsSink(ws.metrics("distill"), port=cfg.metrics_port, total_steps=cfg.steps)
+            if distributed.is_main() else NullSink())
     start_step = checkpoint.restore(existing, optimizer, scheduler) if existing is not None else 0
     sink.begin(start_step)
     if start_step:
@@ -149,7 +164,9 @@ def run_distill(run: DistillationRun, workspace: Path, *, resume: bool = False,
     pad_id = tokenizer.pad_token_id
     for step in range(start_step, cfg.steps):
         t0 = time.perf_counter()
-        batch = batch_at(records, step * cfg.prompts_per_step, cfg.prompts_per_step, cfg.seed)
+        distributed.seed_step(cfg.seed, step)
+        # this process's share of the step's prompts (all of them for a single process)
+        batch = distributed.share(batch_at(records, step * cfg.prompts_per_step, cfg.prompts_per_step, cfg.seed))
         prompts = []
         for r in batch:
             if r.id not in prompt_cache:
@@ -160,19 +177,25 @@ def run_distill(run: DistillationRun, workspace: Path, *, resume: bool = False,
         t1 = time.perf_counter()
         teacher_lp = teacher.score(samples)
         t2 = time.perf_counter()
-        stats = train_on_samples(model, samples, teacher_lp, cfg, pad_id, teacher)
+        n_tokens = int(distributed.all_sum(sum(len(s.completion_ids) for s in samples))[0])
+        stats = train_on_samples(model, samples, teacher_lp, cfg, pad_id, teacher, total_tokens=n_tokens)
+        distributed.all_reduce_gradients(model)
         grad_norm, lr = optimizer_step(model, optimizer, scheduler, opt.max_grad_norm)
         t3 = time.perf_counter()
         answers = [r.answer for r in batch for _ in range(cfg.samples_per_prompt)]
+        # the step's numbers over all processes (each process's values are already per global token)
+        loss, reverse_kl, entropy, n_samples, finished, correct, graded = distributed.all_sum(
+            stats.loss, stats.reverse_kl, stats.entropy, len(samples), sum(s.finished for s in samples),
+            *_graded(tokenizer, samples, answers))
         record = {
-            "step": step + 1, "reverse_kl": stats.reverse_kl, "entropy": stats.entropy, "loss": stats.loss,
-            "completion_tokens": stats.completion_tokens,
-            "mean_completion_length": stats.completion_tokens / len(samples),
-            "finished_fraction": sum(s.finished for s in samples) / len(samples),
-            "sample_accuracy": _sample_accuracy(tokenizer, samples, answers),
+            "step": step + 1, "reverse_kl": reverse_kl, "entropy": entropy, "loss": loss,
+            "completion_tokens": n_tokens,
+            "mean_completion_length": n_tokens / n_samples,
+            "finished_fraction": finished / n_samples,
+            "sample_accuracy": correct / graded if graded else None,
             "learning_rate": lr, "grad_norm": grad_norm,
             "sample_seconds": t1 - t0, "teacher_seconds": t2 - t1, "train_seconds": t3 - t2,
-            "step_seconds": t3 - t0, "tokens_per_second": stats.completion_tokens / (t3 - t0),
+            "step_seconds": t3 - t0, "tokens_per_second": n_tokens / (t3 - t0),
         }
         end_step(record, sink=sink, on_step=on_step, ckpt_root=ckpt_root, checkpointing=cfg.checkpointing,
                  total_steps=cfg.steps, data_position=(step + 1) * cfg.prompts_per_step, model=model,

@@ -15,9 +15,9 @@ from typing import Callable
 import torch
 
 from .. import modeling
-from ..metrics import MetricsSink
+from ..metrics import MetricsSink, NullSink
 from ..spec import DistillationRun, SpecError
-from ..training import checkpoint
+from ..training import checkpoint, distributed
 from ..training.batches import right_pad
 from ..training.loop import end_step, finish_stage, optimizer_step
 from ..training.model_setup import build_trainable, optimizer_for
@@ -44,11 +44,17 @@ def micro_batch_nll(model, examples, *, packing: bool, capacity: int, pad_id: in
     return (nll * mask[:, 1:]).sum()
 
 
+def _quiet(*_args) -> None:
+    pass
+
+
 def run_sft(run: DistillationRun, workspace: Path, *, resume: bool = False,
             log: Callable[[str], None] = print, on_step: Callable[[dict], None] | None = None) -> dict:
     cfg = run.spec.sft
     if cfg is None or not cfg.enabled:
         raise SpecError("spec.sft: the sft stage is not enabled in this run")
+    if not distributed.is_main():  # rank 0 reports for all processes
+        log = _quiet
     ws = Workspace(Path(workspace))
     ckpt_root = ws.checkpoints("sft")
     existing = checkpoint.resumable(ckpt_root, resume)
@@ -61,15 +67,17 @@ def run_sft(run: DistillationRun, workspace: Path, *, resume: bool = False,
     if not traces:
         raise SpecError("spec.sft.dataset: no trace ends with an assistant turn; check the dataset and format")
     log(f"sft: student {init}, {len(traces)} traces, {cfg.steps} steps x {cfg.batch_size} traces "
-        f"({'packed' if cfg.packing else 'padded'} micro-batches of {cfg.micro_batch_size})")
+        f"({'packed' if cfg.packing else 'padded'} micro-batches of {cfg.micro_batch_size})"
+        + (f", split over {distributed.world_size()} processes" if distributed.world_size() > 1 else ""))
 
     torch.manual_seed(cfg.seed)
     model = build_trainable(init, cfg.lora, student.dtype, existing, revision=student.revision,
                             trust_remote_code=student.trust_remote_code)
+    distributed.broadcast_parameters(model)
     model.train()
     opt = cfg.optimizer
     optimizer, scheduler = optimizer_for(model.parameters(), opt, cfg.steps)
-    sink = MetricsSink(ws.metrics("sft"))
+    sink = MetricsSink(ws.metrics("sft")) if distributed.is_main() else NullSink()
     start_step = checkpoint.restore(existing, optimizer, scheduler) if existing is not None else 0
     sink.begin(start_step)
     if start_step:
@@ -79,19 +87,23 @@ def run_sft(run: DistillationRun, workspace: Path, *, resume: bool = False,
     order = list(range(len(traces)))
     for step in range(start_step, cfg.steps):
         t0 = time.perf_counter()
-        examples = [tokenize(tokenizer, traces[i], cfg.max_seq_length)
-                    for i in batch_at(order, step * cfg.batch_size, cfg.batch_size, cfg.seed)]
-        n_tokens = max(1, sum(len(c) for _, c in examples))
+        distributed.seed_step(cfg.seed, step)
+        # this process's share of the step's batch; the loss is normalised by the whole batch's tokens
+        examples = [tokenize(tokenizer, traces[i], cfg.max_seq_length) for i in
+                    distributed.share(batch_at(order, step * cfg.batch_size, cfg.batch_size, cfg.seed))]
+        n_tokens = max(1, int(distributed.all_sum(sum(len(c) for _, c in examples))[0]))
         total = 0.0
         for start in range(0, len(examples), cfg.micro_batch_size):
             nll = micro_batch_nll(model, examples[start: start + cfg.micro_batch_size], packing=cfg.packing,
                                   capacity=cfg.max_seq_length, pad_id=pad_id) / n_tokens
             nll.backward()
             total += nll.item()
+        distributed.all_reduce_gradients(model)
         grad_norm, lr = optimizer_step(model, optimizer, scheduler, opt.max_grad_norm)
+        total, tokens = distributed.all_sum(total, sum(len(p) + len(c) for p, c in examples))
         seconds = time.perf_counter() - t0
         record = {"step": step + 1, "loss": total, "completion_tokens": n_tokens,
-                  "tokens": sum(len(p) + len(c) for p, c in examples), "learning_rate": lr,
+                  "tokens": int(tokens), "learning_rate": lr,
                   "grad_norm": grad_norm, "step_seconds": seconds, "tokens_per_second": n_tokens / seconds}
         end_step(record, sink=sink, on_step=on_step, ckpt_root=ckpt_root, checkpointing=cfg.checkpointing,
                  total_steps=cfg.steps, data_position=(step + 1) * cfg.batch_size, model=model,

@@ -10,7 +10,7 @@ import torch
 
 from ..metrics import MetricsSink
 from ..workspace import Workspace
-from . import checkpoint
+from . import checkpoint, distributed
 from .model_setup import export_final
 
 
@@ -28,19 +28,33 @@ def optimizer_step(model, optimizer, scheduler, max_grad_norm: float) -> tuple[f
 def end_step(record: dict, *, sink: MetricsSink, on_step: Callable[[dict], None] | None, ckpt_root,
              checkpointing, total_steps: int, data_position: int, model, tokenizer, optimizer,
              scheduler) -> None:
-    """Log the step's record, then checkpoint on the stage's cadence and after the last step."""
-    sink.log(record)
-    if on_step is not None:
-        on_step(record)
+    """Log the step's record, then checkpoint on the stage's cadence and after the last step.
+
+    Multi-process runs: rank 0 logs and writes the checkpoint (every rank holds the same weights and
+    optimizer state), and the others wait for it, so a checkpoint named ``latest`` is always complete.
+    """
+    main = distributed.is_main()
+    if main:
+        sink.log(record)
+        if on_step is not None:
+            on_step(record)
     done = record["step"]
     if done % checkpointing.every == 0 or done == total_steps:
-        checkpoint.save(ckpt_root, done, model=model, tokenizer=tokenizer, optimizer=optimizer,
-                        scheduler=scheduler, extra={"data_position": data_position}, keep=checkpointing.keep)
+        if main:
+            checkpoint.save(ckpt_root, done, model=model, tokenizer=tokenizer, optimizer=optimizer,
+                            scheduler=scheduler, extra={"data_position": data_position},
+                            keep=checkpointing.keep)
+        distributed.barrier()
 
 
 def finish_stage(stage: str, ws: Workspace, model, tokenizer, *, lora_enabled: bool, steps: int,
                  summary_metric: str) -> dict:
-    """Export ``checkpoints/<stage>/final`` and write ``results/<stage>.json`` last (its presence = done)."""
+    """Export ``checkpoints/<stage>/final`` and write ``results/<stage>.json`` last (its presence = done).
+
+    Rank 0 writes them; every rank returns its summary.
+    """
+    if not distributed.is_main():
+        return distributed.broadcast_object(None)
     final = export_final(model, tokenizer, ws.final_model(stage), lora_enabled=lora_enabled)
     lines = [json.loads(ln) for ln in ws.metrics(stage).read_text().splitlines() if ln.strip()]
     result = {"stage": stage, "steps": steps, "final_model": str(final),
@@ -48,4 +62,4 @@ def finish_stage(stage: str, ws: Workspace, model, tokenizer, *, lora_enabled: b
               f"{summary_metric}_last": lines[-1][summary_metric] if lines else None}
     ws.result(stage).parent.mkdir(parents=True, exist_ok=True)
     checkpoint.write_atomic_text(ws.result(stage), json.dumps(result, indent=2))
-    return result
+    return distributed.broadcast_object(result)

@@ -1,0 +1,270 @@
+"""SFT and the OPD learner as two data-parallel processes under torchrun (gloo, CPU), on the tiny models.
+
+Real ``torchrun --nproc-per-node 2 opd ...`` subprocesses: SFT on two processes ends with the weights one
+process gets on the same global batch; OPD on two processes logs the same fields as one process, with
+step totals that are the sums of what each rank sampled; a failure on one rank ends the whole run (no
+hang), and ``--resume`` continues it to exactly the weights of an uninterrupted two-process run.
+Each torchrun start costs several seconds (two interpreters importing torch), so the launches are few.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from conftest import free_port, opd_env, run_doc
+from opd_runtime import cli, modeling
+from opd_runtime.data_sources import load_prompts
+from opd_runtime.distill.learner import run_distill
+from opd_runtime.distill.teacher import LocalTeacher
+from opd_runtime.generation import sample
+from opd_runtime.plan import launcher_argv, stage_command
+from opd_runtime.sft.trainer import run_sft
+from opd_runtime.spec import load_run, parse_run
+from opd_runtime.training import checkpoint
+from opd_runtime.training.batches import prompt_ids
+from opd_runtime.training.distributed import share_bounds, step_seed
+from opd_runtime.training.order import batch_at
+
+pytestmark = pytest.mark.slow
+
+BIN = Path(sys.executable).parent
+TORCHRUN = [str(BIN / "torchrun"), "--standalone", "--nproc-per-node", "2"]
+OPD = str(BIN / "opd")
+LAUNCH_TIMEOUT_S = 300
+OPD_STEPS = 4
+OPD_SETTINGS = dict(steps=OPD_STEPS, promptsPerStep=4, samplesPerPrompt=2, checkpointing={"every": 2, "keep": 2})
+
+# Rank 1 fails in its third training pass (step 3, after the step-2 checkpoint); rank 0 is then waiting
+# in the gradient all-reduce and must not wait forever.
+FAIL_ON_RANK_1 = """
+import os, sys
+from opd_runtime import cli
+from opd_runtime.distill import learner
+
+if os.environ.get("RANK") == "1":
+    real, calls = learner.train_on_samples, []
+
+    def failing(*args, **kwargs):
+        calls.append(None)
+        if len(calls) == 3:
+            raise RuntimeError("injected failure on rank 1")
+        return real(*args, **kwargs)
+
+    learner.train_on_samples = failing
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def quiet(*_args) -> None:
+    pass
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Like the torchrun workers (OMP_NUM_THREADS=1), so both sides reduce floats in the same order."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def torchrun(log: Path, *args: str, program: str = OPD) -> SimpleNamespace:
+    start = time.monotonic()
+    with open(log, "w") as out:
+        proc = subprocess.run([*TORCHRUN, program, *args], env=opd_env(), stdout=out, stderr=subprocess.STDOUT,
+                              timeout=LAUNCH_TIMEOUT_S)
+    return SimpleNamespace(code=proc.returncode, log=log.read_text(), seconds=time.monotonic() - start)
+
+
+def metrics_lines(ws: Path, stage: str) -> list[dict]:
+    return [json.loads(ln) for ln in (ws / "metrics" / f"{stage}.jsonl").read_text().splitlines() if ln.strip()]
+
+
+def final_weights(ws: Path, stage: str) -> dict[str, torch.Tensor]:
+    return load_file(str(ws / "checkpoints" / stage / "final" / "model.safetensors"))
+
+
+def test_each_rank_gets_a_contiguous_share_and_all_of_the_batch_is_covered():
+    for n in range(0, 12):
+        for world in (1, 2, 3, 4):
+            bounds = [share_bounds(n, r, world) for r in range(world)]
+            assert bounds[0][0] == 0 and bounds[-1][1] == n
+            assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+            sizes = [e - s for s, e in bounds]
+            assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
+
+
+def test_launcher_prefix_for_stage_pods(tiny_world, tmp_path):
+    run = parse_run(run_doc(tiny_world.student, tiny_world.teacher))
+    assert launcher_argv(1) == ()
+    argv = launcher_argv(4) + stage_command(run, "distill", config="/etc/opd/run.yaml", workspace="/ws").argv
+    assert argv[:6] == ("python", "-m", "opd_runtime.launch", "--standalone", "--nproc-per-node=4", "--no-python")
+    assert argv[6:8] == ("opd", "distill")
+
+
+def test_single_process_stages_refuse_to_run_under_torchrun(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert cli.main(["eval", "--config", "unused.yaml", "--workspace", "unused"]) == cli.EXIT_BAD_CONFIG
+    assert "without torchrun" in capsys.readouterr().err
+
+
+# --- a.: SFT, two processes against one ----------------------------------------------------------------
+
+
+def test_sft_on_two_processes_gives_the_weights_of_one(tiny_world, tmp_path):
+    """LoRA, packed rows (4D masks) and a batch of 5 traces that the ranks split 3 + 2: the micro-batches
+    differ from the single process's, the step's gradient must not."""
+    from test_sft import sft_run
+
+    doc = sft_run(tiny_world.student, {"name": "tinymath", "maxSamples": 40}, steps=3, batchSize=5,
+                  lora={"enabled": True, "rank": 4, "alpha": 8.0})
+    config = tmp_path / "sft.yaml"
+    config.write_text(yaml.safe_dump(doc, sort_keys=False))
+    with one_thread():
+        run_sft(parse_run(doc), tmp_path / "one", log=quiet)
+    two = torchrun(tmp_path / "two.log", "sft", "--config", str(config), "--workspace", str(tmp_path / "two"))
+    assert two.code == 0, two.log
+    print(f"torchrun sft, 2 processes: {two.seconds:.1f}s")
+
+    one_w, two_w, init = (final_weights(tmp_path / "one", "sft"), final_weights(tmp_path / "two", "sft"),
+                          load_file(str(tiny_world.student / "model.safetensors")))
+    assert one_w.keys() == two_w.keys() == init.keys()
+    worst = max(float((one_w[k] - two_w[k]).abs().max() / one_w[k].abs().max().clamp_min(1e-12)) for k in one_w)
+    moved = max(float((one_w[k] - init[k]).abs().max()) for k in one_w)
+    print(f"largest relative weight difference, 1 vs 2 processes: {worst:.2e} (training moved weights by {moved:.2e})")
+    assert worst < 1e-5 and moved > 1e-3
+
+    one_m, two_m = metrics_lines(tmp_path / "one", "sft"), metrics_lines(tmp_path / "two", "sft")
+    assert [m["step"] for m in two_m] == [1, 2, 3]  # rank 0 alone writes the file
+    for a, b in zip(one_m, two_m):
+        assert a.keys() == b.keys()
+        assert (a["completion_tokens"], a["tokens"]) == (b["completion_tokens"], b["tokens"])
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+    one_r = json.loads((tmp_path / "one" / "results" / "sft.json").read_text())
+    two_r = json.loads((tmp_path / "two" / "results" / "sft.json").read_text())
+    assert one_r.keys() == two_r.keys()
+    assert two.log.count("split over 2 processes") == 1 and two.log.count('"stage": "sft"') == 1
+
+
+# --- b. / c.: OPD on two processes; a failing rank; resume ----------------------------------------------
+
+
+def opd_config(path: Path, tiny_world, *, port: int = 0) -> Path:
+    path.write_text(yaml.safe_dump(run_doc(tiny_world.student, tiny_world.teacher, metricsPort=port,
+                                           **OPD_SETTINGS), sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def opd_runs(tiny_world, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("opd-dist")
+    with one_thread():
+        run_distill(load_run(opd_config(tmp / "one.yaml", tiny_world)), tmp / "one", log=quiet)
+    # a metrics port: a second rank serving Prometheus too would fail on the taken port
+    two = torchrun(tmp / "two.log", "distill", "--config", str(opd_config(tmp / "two.yaml", tiny_world,
+                                                                          port=free_port())),
+                   "--workspace", str(tmp / "two"))
+    assert two.code == 0, two.log
+    return SimpleNamespace(tmp=tmp, one=tmp / "one", two=tmp / "two", two_run=two)
+
+
+def test_distill_on_two_processes_logs_what_one_process_logs(opd_runs):
+    one, two = metrics_lines(opd_runs.one, "distill"), metrics_lines(opd_runs.two, "distill")
+    assert [m["step"] for m in two] == list(range(1, OPD_STEPS + 1))
+    for a, b in zip(one, two):
+        assert a.keys() == b.keys()
+        # the global batch: 4 prompts x 2 samples over both ranks
+        assert b["completion_tokens"] / b["mean_completion_length"] == pytest.approx(4 * 2)
+        assert 0 <= b["finished_fraction"] <= 1 and b["completion_tokens"] > 0
+    one_r = json.loads((opd_runs.one / "results" / "distill.json").read_text())
+    two_r = json.loads((opd_runs.two / "results" / "distill.json").read_text())
+    assert one_r.keys() == two_r.keys() and two_r["steps"] == OPD_STEPS
+    root = opd_runs.two / "checkpoints" / "distill"
+    assert sorted(p.name for p in root.iterdir()) == ["final", "latest", "step-000002", "step-000004"]
+    assert opd_runs.two_run.log.count('"stage": "distill"') == 1  # one summary, from rank 0
+    print(f"torchrun distill, 2 processes, {OPD_STEPS} steps: {opd_runs.two_run.seconds:.1f}s")
+
+
+def test_distill_step_totals_are_the_sums_of_the_ranks_shares(opd_runs, tiny_world):
+    """Step 1 again, rank by rank in this process: each rank's half of the prompts, sampled with its own
+    seed; the logged tokens and reverse KL are those of the union."""
+    run = load_run(opd_runs.tmp / "two.yaml")
+    cfg = run.spec.distill
+    tok = modeling.load_tokenizer(str(tiny_world.student))
+    student = modeling.load_causal_lm(str(tiny_world.student), dtype="float32")
+    teacher = LocalTeacher(modeling.load_causal_lm(str(tiny_world.teacher), dtype="float32"))
+    batch = batch_at(load_prompts(cfg.prompts, opd_runs.two), 0, cfg.prompts_per_step, cfg.seed)
+    tokens, kl_sum, finished, shares = 0, 0.0, 0, []
+    with one_thread():
+        for rank in (0, 1):
+            start, end = share_bounds(len(batch), rank, 2)
+            shares.append([r.id for r in batch[start:end]])
+            torch.manual_seed(step_seed(cfg.seed, 0, rank))
+            samples = sample(student, tok, [prompt_ids(tok, r.messages) for r in batch[start:end]],
+                             n=cfg.samples_per_prompt, temperature=cfg.temperature,
+                             max_new_tokens=cfg.max_new_tokens, batch_size=cfg.sampler.batch_size)
+            for s, t_lp in zip(samples, teacher.score(samples)):
+                tokens += len(s.completion_ids)
+                kl_sum += sum(a - b for a, b in zip(s.logprobs, t_lp))
+                finished += s.finished
+    assert len(shares[0]) == len(shares[1]) == 2 and not set(shares[0]) & set(shares[1])
+    first = metrics_lines(opd_runs.two, "distill")[0]
+    assert first["completion_tokens"] == tokens
+    assert first["reverse_kl"] == pytest.approx(kl_sum / tokens, rel=1e-4, abs=1e-6)
+    assert first["finished_fraction"] == finished / 8
+
+
+def test_a_failing_rank_ends_the_run_and_resume_continues_it_exactly(opd_runs, tiny_world, tmp_path):
+    script = tmp_path / "fail_on_rank_1.py"
+    script.write_text(FAIL_ON_RANK_1)
+    config = opd_config(tmp_path / "run.yaml", tiny_world)
+    ws = tmp_path / "ws"
+    failed = torchrun(tmp_path / "failed.log", "distill", "--config", str(config), "--workspace", str(ws),
+                      program=str(script))
+    assert failed.code != 0 and "injected failure on rank 1" in failed.log, failed.log
+    print(f"torchrun with a failing rank ended after {failed.seconds:.1f}s (exit {failed.code})")
+    latest = checkpoint.latest(ws / "checkpoints" / "distill")
+    assert latest is not None and latest.name == "step-000002"
+    assert not (ws / "results" / "distill.json").exists()
+
+    resumed = torchrun(tmp_path / "resumed.log", "distill", "--config", str(config), "--workspace", str(ws),
+                       "--resume")
+    assert resumed.code == 0, resumed.log
+    assert "resumed from" in resumed.log and "(step 2)" in resumed.log
+    assert [m["step"] for m in metrics_lines(ws, "distill")] == list(range(1, OPD_STEPS + 1))
+    a, b = final_weights(ws, "distill"), final_weights(opd_runs.two, "distill")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs between the resumed and the uninterrupted run"
+    deterministic = ("reverse_kl", "entropy", "loss", "completion_tokens", "grad_norm", "finished_fraction")
+    for x, y in zip(metrics_lines(ws, "distill"), metrics_lines(opd_runs.two, "distill")):
+        assert {k: x[k] for k in deterministic} == {k: y[k] for k in deterministic}
+
+
+def test_bad_configuration_keeps_exit_code_2_through_the_launcher(opd_runs, tiny_world):
+    """Starting over a workspace with checkpoints and no --resume is a "do not retry" error on every rank;
+    plain torchrun would report 1, ``opd_runtime.launch`` (the stage pods' prefix) reports 2."""
+    run = load_run(opd_runs.tmp / "two.yaml")
+    argv = stage_command(run, "distill", config=str(opd_runs.tmp / "two.yaml"), workspace=str(opd_runs.two),
+                         program=OPD).argv
+    argv = tuple(a for a in argv if a != "--resume")
+    before = sorted(p.name for p in (opd_runs.two / "checkpoints" / "distill").iterdir())
+    proc = subprocess.run([*launcher_argv(2, python=sys.executable), *argv], env=opd_env(), capture_output=True,
+                          text=True, timeout=LAUNCH_TIMEOUT_S)
+    assert proc.returncode == cli.EXIT_BAD_CONFIG, proc.stdout + proc.stderr
+    assert "already holds checkpoints" in proc.stdout + proc.stderr
+    assert sorted(p.name for p in (opd_runs.two / "checkpoints" / "distill").iterdir()) == before
