@@ -264,3 +264,67 @@ def test_impersonated_operator_requests_succeed_or_are_forbidden(cp: ControlPlan
     cp.kubectl("create", "--namespace", ns, "-f", "-", input=json.dumps(job), as_user=user)
     as_sa("get", "jobs,pods,deployments,services,persistentvolumeclaims")
     as_sa("delete", "job", "demo-eval")
+
+
+# ---- the operator runs with exactly the chart's permissions -------------------------------------------
+
+STAGE_RESULTS = {  # termination messages of the stage pods (opd_runtime.stage_report's format)
+    "sft": {"stage": "sft", "step": 400, "checkpoint": "/workspace/checkpoints/sft/final"},
+    "distill": {"stage": "distill", "step": 200, "reverse_kl": 0.42,
+                "checkpoint": "/workspace/checkpoints/distill/final"},
+    "eval": {"stage": "eval", "eval_score": 0.41, "scores": {"distill/tinymath": 0.41}},
+}
+
+
+def test_operator_with_the_charts_serviceaccount_drives_tiny_math_to_succeeded(cp: ControlPlane, tmp_path):
+    """The chart installed for its release namespace; the operator process (python -m opd_operator) runs
+    here with a real token of the chart's ServiceAccount, so every request it makes is authorised by the
+    chart's RBAC alone. kwok plays the kubelet: the test ends each stage pod with the stage's result."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    ns = cp.new_namespace("opd-e2e")
+    release = "opd-e2e"
+    install(cp, release, ns, "--set", "watch.allNamespaces=false")
+    kubeconfig = cp.serviceaccount_kubeconfig(ns, f"{release}-opd-operator")
+    env = {**os.environ, "KUBECONFIG": str(kubeconfig), "PYTHONSAFEPATH": "1", "OPD_RESYNC_SECONDS": "1"}
+    log_path = tmp_path / "operator.log"
+    with open(log_path, "w") as log:
+        operator = subprocess.Popen([sys.executable, "-m", "opd_operator", "--namespace", ns, "--liveness=",
+                                     "--metrics-port=0"], env=env, cwd=tmp_path, stdout=log,
+                                    stderr=subprocess.STDOUT)
+    try:
+        cp.apply((ROOT / "examples" / "tiny-math.yaml").read_text(), namespace=ns)
+        finished: set[str] = set()
+        deadline = time.monotonic() + 240
+        phase = None
+        while time.monotonic() < deadline:
+            assert operator.poll() is None, f"the operator exited:\n{log_path.read_text()[-4000:]}"
+            for pod in cp.pods(ns, "app.kubernetes.io/name=opd"):
+                stage = pod["metadata"]["labels"].get("opd.dev/stage")
+                name = pod["metadata"]["name"]
+                if stage in STAGE_RESULTS and name not in finished and pod["status"].get("phase") == "Running":
+                    cp.set_pod_exit(ns, name, 0, json.dumps(STAGE_RESULTS[stage]))
+                    finished.add(name)
+            run = json.loads(cp.kubectl("get", "dr", "tiny-math", "-n", ns, "-o", "json").stdout)
+            phase = run.get("status", {}).get("phase")
+            if phase in ("Succeeded", "Failed"):
+                break
+            time.sleep(1)
+        status = run.get("status", {})
+        assert phase == "Succeeded", (f"phase {phase}; status {json.dumps(status)[:2000]}\n"
+                                      f"operator log:\n{log_path.read_text()[-4000:]}")
+        assert status["evalScore"] == 0.41 and status["reverseKL"] == 0.42
+        assert {p["metadata"]["labels"]["opd.dev/stage"] for p in cp.pods(ns, "app.kubernetes.io/name=opd")} >= \
+            {"sft", "distill", "eval"}
+        # Nothing the operator tried was refused.
+        assert "403" not in log_path.read_text() and "Forbidden" not in log_path.read_text()
+    finally:
+        operator.terminate()
+        try:
+            operator.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            operator.kill()
+            operator.wait()
