@@ -63,7 +63,10 @@ def run_sft(run: DistillationRun, workspace: Path, *, resume: bool = False,
     tokenizer = modeling.load_tokenizer(ws.resolve(student.tokenizer) if student.tokenizer else init,
                                         revision=None if student.tokenizer else student.revision,
                                         trust_remote_code=student.trust_remote_code)
-    traces = list(load_traces(cfg.dataset, ws.root))
+    try:
+        traces = list(load_traces(cfg.dataset, ws.root))
+    except FileNotFoundError as err:
+        raise SpecError(f"spec.sft.dataset: {err}; fix `path` (relative paths are taken from the workspace)") from None
     if not traces:
         raise SpecError("spec.sft.dataset: no trace ends with an assistant turn; check the dataset and format")
     log(f"sft: student {init}, {len(traces)} traces, {cfg.steps} steps x {cfg.batch_size} traces "
