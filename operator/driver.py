@@ -55,6 +55,7 @@ def reconcile_once(api: Api, namespace: str, name: str, now: Optional[datetime] 
     for outcome in decision.outcomes:
         metrics.observe_stage(outcome.stage, outcome.outcome, outcome.seconds)
     metrics.set_phase(namespace, name, decision.status.get("phase"))
+    metrics.set_eval_score(namespace, name, decision.status.get("evalScore"))
     return decision
 
 

@@ -2,7 +2,9 @@
 
 - ``opd_operator_runs{phase}``: runs this operator reconciles, by status.phase;
 - ``opd_operator_stage_duration_seconds{stage,outcome}``: first start to success/final failure of a stage;
-- ``opd_operator_reconciles_total`` and ``opd_operator_reconcile_errors_total``.
+- ``opd_operator_reconciles_total`` and ``opd_operator_reconcile_errors_total``;
+- ``opd_operator_run_eval_score{namespace,run}``: a run's headline eval pass@1 (status.evalScore), kept
+  after the eval pod is gone (the Grafana dashboard's eval panel reads it).
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ STAGE_DURATION = Histogram("opd_operator_stage_duration_seconds",
                            "Seconds from a stage's first start to its success or final failure",
                            ["stage", "outcome"], buckets=DURATION_BUCKETS, registry=REGISTRY)
 RECONCILES = Counter("opd_operator_reconciles", "Reconciles of DistillationRuns", registry=REGISTRY)
+EVAL_SCORE = Gauge("opd_operator_run_eval_score", "Headline eval pass@1 of a run (status.evalScore)",
+                   ["namespace", "run"], registry=REGISTRY)
 RECONCILE_ERRORS = Counter("opd_operator_reconcile_errors", "Reconciles that raised an error",
                            registry=REGISTRY)
 
@@ -51,6 +55,15 @@ def forget(namespace: str, name: str) -> None:
     with _lock:
         _phases.pop((namespace, name), None)
         _publish()
+        try:
+            EVAL_SCORE.remove(namespace, name)
+        except KeyError:
+            pass
+
+
+def set_eval_score(namespace: str, name: str, score: float | None) -> None:
+    if score is not None:
+        EVAL_SCORE.labels(namespace=namespace, run=name).set(score)
 
 
 def observe_stage(stage: str, outcome: str, seconds: float) -> None:

@@ -191,6 +191,7 @@ def test_monitoring_variant():
     assert sm["apiVersion"] == "monitoring.coreos.com/v1"
     assert set(sm["spec"]["selector"]["matchLabels"].items()) <= set(svc["metadata"]["labels"].items())
     assert sm["spec"]["endpoints"][0]["port"] == "metrics"
+    assert sm["spec"]["endpoints"][0]["honorLabels"] is True  # the run's `namespace` label survives
     assert sm["metadata"]["labels"]["release"] == "kube-prometheus-stack"
 
     pm = one(objs, "PodMonitor")
@@ -334,3 +335,18 @@ def test_dashboard_queries_use_only_exported_metrics():
     assert any(m.startswith("opd_operator_") for m in used)
     assert any(m.startswith("opd_") and not m.startswith("opd_operator_") for m in used)
     assert any(m.startswith("vllm:") for m in used)
+
+
+def test_operator_exports_the_eval_score_the_dashboard_shows():
+    from opd_operator import metrics
+
+    def value():
+        return metrics.REGISTRY.get_sample_value("opd_operator_run_eval_score",
+                                                 {"namespace": "team", "run": "chart-test"})
+
+    metrics.set_eval_score("team", "chart-test", None)  # no score yet: no series
+    assert value() is None
+    metrics.set_eval_score("team", "chart-test", 0.41)
+    assert value() == 0.41
+    metrics.forget("team", "chart-test")
+    assert value() is None

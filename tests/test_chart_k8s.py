@@ -5,18 +5,26 @@
 - a real `helm install`, `upgrade` and `uninstall` (the CRD is upgraded with the chart and kept after it);
 - values outside the schema make `helm install` fail naming the value;
 - least privilege, by impersonating the chart's ServiceAccount: it can do everything operator/rbac.py
-  lists and nothing else (no Secrets, no cluster-wide writes), in the namespaces it watches only.
+  lists and nothing else (no Secrets, no cluster-wide writes), in the namespaces it watches only;
+- the operator itself, authenticated as that ServiceAccount, drives examples/tiny-math.yaml to Succeeded.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
 
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 import monitoring_crds
 from chart_support import CHART, ROOT, VALUES_FILES, load_sync, render_text, rule_triples
+from conftest import free_port
 from controlplane import ControlPlane
 
 pytestmark = pytest.mark.k8s
@@ -279,21 +287,18 @@ STAGE_RESULTS = {  # termination messages of the stage pods (opd_runtime.stage_r
 def test_operator_with_the_charts_serviceaccount_drives_tiny_math_to_succeeded(cp: ControlPlane, tmp_path):
     """The chart installed for its release namespace; the operator process (python -m opd_operator) runs
     here with a real token of the chart's ServiceAccount, so every request it makes is authorised by the
-    chart's RBAC alone. kwok plays the kubelet: the test ends each stage pod with the stage's result."""
-    import os
-    import subprocess
-    import sys
-    import time
-
+    chart's RBAC alone. kwok plays the kubelet: the test ends each stage pod with the stage's result.
+    At the end the operator's /metrics carry what the Grafana dashboard reads."""
     ns = cp.new_namespace("opd-e2e")
     release = "opd-e2e"
     install(cp, release, ns, "--set", "watch.allNamespaces=false")
     kubeconfig = cp.serviceaccount_kubeconfig(ns, f"{release}-opd-operator")
     env = {**os.environ, "KUBECONFIG": str(kubeconfig), "PYTHONSAFEPATH": "1", "OPD_RESYNC_SECONDS": "1"}
     log_path = tmp_path / "operator.log"
+    metrics_port = free_port()
     with open(log_path, "w") as log:
         operator = subprocess.Popen([sys.executable, "-m", "opd_operator", "--namespace", ns, "--liveness=",
-                                     "--metrics-port=0"], env=env, cwd=tmp_path, stdout=log,
+                                     f"--metrics-port={metrics_port}"], env=env, cwd=tmp_path, stdout=log,
                                     stderr=subprocess.STDOUT)
     try:
         cp.apply((ROOT / "examples" / "tiny-math.yaml").read_text(), namespace=ns)
@@ -319,6 +324,15 @@ def test_operator_with_the_charts_serviceaccount_drives_tiny_math_to_succeeded(c
         assert status["evalScore"] == 0.41 and status["reverseKL"] == 0.42
         assert {p["metadata"]["labels"]["opd.dev/stage"] for p in cp.pods(ns, "app.kubernetes.io/name=opd")} >= \
             {"sft", "distill", "eval"}
+        # The operator's metrics that the Grafana dashboard reads.
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                   for family in text_string_to_metric_families(
+                       urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode())
+                   for s in family.samples}
+        assert samples[("opd_operator_run_eval_score", (("namespace", ns), ("run", "tiny-math")))] == 0.41
+        assert samples[("opd_operator_runs", (("phase", "Succeeded"),))] == 1
+        assert {dict(k[1]).get("stage") for k in samples if k[0] == "opd_operator_stage_duration_seconds_count"} \
+            >= {"sft", "distill", "eval"}
         # Nothing the operator tried was refused.
         assert "403" not in log_path.read_text() and "Forbidden" not in log_path.read_text()
     finally:
