@@ -198,10 +198,15 @@ def fetch_kubectl_helm() -> None:
             _install(path, name)
 
 
+def missing() -> list[str]:
+    """The components not in the cache yet."""
+    return [c for c in COMPONENTS if not binary_path(c).is_file()]
+
+
 def ensure_binaries() -> dict[str, Path]:
     """Paths of all components, building or fetching the missing ones first (under a file lock)."""
     paths = {c: binary_path(c) for c in COMPONENTS}
-    if all(p.is_file() for p in paths.values()):
+    if not missing():
         return paths
     with _locked(cache_root() / "k8s" / ".build.lock"):
         if not all(binary_path(c).is_file() for c in ("etcd", *KUBE_COMPONENTS)):

@@ -9,24 +9,31 @@ A failing test that used the cluster gets the components' last log lines in its 
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Iterator
 
 import pytest
 
+from . import binaries
 from .cluster import ControlPlane, start
 
 _FAILED_TO_START: list[str] = []
 
 
 @pytest.fixture(scope="session")
-def control_plane() -> Iterator[ControlPlane]:
+def control_plane(request: pytest.FixtureRequest) -> Iterator[ControlPlane]:
     if _FAILED_TO_START:  # do not try again for every test
         pytest.fail(_FAILED_TO_START[0], pytrace=False)
     try:
+        if binaries.missing():  # the first run builds for minutes: show its progress, uncaptured
+            capman = request.config.pluginmanager.getplugin("capturemanager")
+            with capman.global_and_fixture_disabled() if capman else contextlib.nullcontext():
+                binaries.ensure_binaries()
         cp = start()
     except Exception as err:  # a clear failure, never a skip
         _FAILED_TO_START.append(f"cannot start the test Kubernetes control plane: {type(err).__name__}: {err}")
+    if _FAILED_TO_START:
         pytest.fail(_FAILED_TO_START[0], pytrace=False)
     try:
         yield cp
