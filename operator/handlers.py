@@ -44,6 +44,8 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         prefix="opd.dev", key="last-handled-configuration")
     settings.posting.enabled = False  # the reconciler posts its own, meaningful Events
     settings.watching.server_timeout = 300
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)  # not "Handler ... succeeded" per event
     if METRICS_PORT:
         metrics.serve(METRICS_PORT)
     api()

@@ -1,0 +1,440 @@
+"""The operator against a real control plane (tests/controlplane: etcd, kube-apiserver, controller-manager,
+scheduler, kwok playing the kubelet).
+
+The operator runs as a subprocess (``opd-operator``) with a ServiceAccount token that holds exactly
+``operator/rbac.py``'s rules. Tests play each stage through the same channels a real stage uses: the
+stage's ServiceAccount ``<run>-stage`` patches ``status.progress`` (with ``opd_runtime.stage_report``
+and a real token), and kwok ends the pod with an exit code and a JSON termination message
+(``set_pod_exit``). kwok marks pods Ready, so the teacher Deployment becomes Available by itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from controlplane import ControlPlane
+from opd_operator.rbac import cluster_role
+from opd_runtime.stage_report import ProgressReporter, StatusPatcher
+
+pytestmark = pytest.mark.k8s
+
+ROOT = Path(__file__).resolve().parents[1]
+CRD_FILE = ROOT / "crds" / "distillationruns.opd.dev.yaml"
+OPERATOR = Path(sys.executable).parent / "opd-operator"
+TIMEOUT = 45.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---- fixtures ------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def cp(control_plane: ControlPlane) -> ControlPlane:
+    """The control plane with the DistillationRun CRD of crds/ installed."""
+    control_plane.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD_FILE))
+    control_plane.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/distillationruns.opd.dev")
+    return control_plane
+
+
+@pytest.fixture(scope="module")
+def operator_kubeconfig(cp: ControlPlane) -> Path:
+    """A kubeconfig for ServiceAccount opd-operator, bound to a ClusterRole of exactly rbac.OPERATOR_RULES."""
+    ns = cp.new_namespace("opd-system")
+    role = cluster_role(f"opd-operator-{ns}")
+    cp.apply([
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "opd-operator", "namespace": ns}},
+        role,
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+         "metadata": {"name": role["metadata"]["name"]},
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role["metadata"]["name"]},
+         "subjects": [{"kind": "ServiceAccount", "name": "opd-operator", "namespace": ns}]},
+    ])
+    return cp.serviceaccount_kubeconfig(ns, "opd-operator")
+
+
+class Operator:
+    """``opd-operator`` as a subprocess serving one namespace; its log goes to a file."""
+
+    def __init__(self, cp: ControlPlane, kubeconfig: Path, namespace: str, log_dir: Path):
+        self.cp, self.kubeconfig, self.namespace = cp, kubeconfig, namespace
+        self.log = log_dir / f"operator-{namespace}.log"
+        self.proc: subprocess.Popen | None = None
+        self.metrics_port = self.health_port = 0
+        self.starts = 0
+
+    def start(self) -> None:
+        self.metrics_port, self.health_port = free_port(), free_port()
+        env = {**self.cp.env, "KUBECONFIG": str(self.kubeconfig), "PYTHONSAFEPATH": "1"}
+        self.starts += 1
+        with open(self.log, "a") as out:
+            out.write(f"\n===== start {self.starts} =====\n")
+            out.flush()
+            self.proc = subprocess.Popen(
+                [str(OPERATOR), "--namespace", self.namespace, "--resync-seconds", "0.5",
+                 "--metrics-port", str(self.metrics_port),
+                 "--liveness", f"http://127.0.0.1:{self.health_port}/healthz", "--verbose"],
+                env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self.cp.wait("the operator's liveness endpoint", lambda: self.http(self.health_port, "/healthz"), timeout=30)
+
+    def http(self, port: int, path: str) -> str | None:
+        if self.proc is None or self.proc.poll() is not None:
+            raise AssertionError(f"the operator exited:\n{self.tail()}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as resp:
+                return resp.read().decode()
+        except OSError:
+            return None
+
+    def metrics(self) -> str:
+        return self.http(self.metrics_port, "/metrics") or ""
+
+    def kill(self) -> None:
+        """SIGKILL: no chance to clean up, as when a node dies."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def tail(self, lines: int = 60) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:]) if self.log.exists() else ""
+
+
+@pytest.fixture
+def ns(cp: ControlPlane, k8s_namespace: str) -> str:
+    return k8s_namespace
+
+
+@pytest.fixture
+def operator(cp: ControlPlane, operator_kubeconfig: Path, ns: str, tmp_path: Path,
+             request: pytest.FixtureRequest) -> Iterator[Operator]:
+    op = Operator(cp, operator_kubeconfig, ns, tmp_path)
+    op.start()
+    yield op
+    op.stop()
+    if request.node.rep_call.failed if hasattr(request.node, "rep_call") else False:
+        print(f"--- operator log ---\n{op.tail(200)}")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    report = yield
+    if call.when == "call":
+        item.rep_call = report  # type: ignore[attr-defined]
+        op = item.funcargs.get("operator") if hasattr(item, "funcargs") else None
+        if report.failed and isinstance(op, Operator):
+            report.sections.append(("operator log", op.tail(150)))
+    return report
+
+
+# ---- helpers -----------------------------------------------------------------------------------------
+
+def tiny_math(name: str = "tiny-math", **spec: Any) -> dict:
+    doc = yaml.safe_load((ROOT / "examples" / "tiny-math.yaml").read_text())
+    doc["metadata"]["name"] = name
+    doc["spec"].update(spec)
+    return doc
+
+
+class Run:
+    """One DistillationRun in a test namespace, with the stage side played by the test."""
+
+    def __init__(self, cp: ControlPlane, ns: str, doc: dict):
+        self.cp, self.ns, self.name = cp, ns, doc["metadata"]["name"]
+        cp.apply(doc, namespace=ns)
+
+    @property
+    def path(self) -> str:
+        return f"/apis/opd.dev/v1alpha1/namespaces/{self.ns}/distillationruns/{self.name}"
+
+    def obj(self) -> dict:
+        return self.cp.get(self.path)
+
+    def status(self) -> dict:
+        return self.obj().get("status") or {}
+
+    def wait(self, what: str, predicate: Callable[[dict], Any], timeout: float = TIMEOUT) -> dict:
+        """The status, once ``predicate(status)`` holds."""
+        last: dict = {}
+
+        def check() -> Any:
+            nonlocal last
+            last = self.status()
+            return last if predicate(last) else None
+
+        try:
+            return self.cp.wait(what, check, timeout=timeout, interval=0.2)
+        except Exception as err:
+            raise AssertionError(f"{err}\nlast status: {json.dumps(last, indent=1)[:3000]}") from None
+
+    def condition(self, type_: str) -> dict:
+        return next((c for c in self.status().get("conditions", []) if c["type"] == type_), {})
+
+    def jobs(self) -> list[str]:
+        out = self.cp.get(f"/apis/batch/v1/namespaces/{self.ns}/jobs?labelSelector=opd.dev/run={self.name}")
+        return sorted(j["metadata"]["name"] for j in out["items"])
+
+    def running_pod(self, job: str, timeout: float = TIMEOUT) -> dict:
+        return self.cp.wait_for_pod(self.ns, f"job-name={job}", lambda p: p["status"].get("phase") == "Running",
+                                    "Running", timeout=timeout)
+
+    def finish(self, job: str, code: int, message: dict | str) -> None:
+        pod = self.running_pod(job)
+        text = json.dumps(message) if isinstance(message, dict) else message
+        self.cp.set_pod_exit(self.ns, pod["metadata"]["name"], code, text)
+
+    def report_progress(self, stage: str, step: int, total: int, reverse_kl: float | None = None) -> None:
+        """What the stage process does: patch status.progress with its own ServiceAccount token."""
+        token = self.cp.kubectl("create", "token", f"{self.name}-stage", f"--namespace={self.ns}").stdout.strip()
+        token_file = self.cp.dir / f"token-{self.ns}-{self.name}"
+        token_file.write_text(token)
+        patcher = StatusPatcher(self.name, self.ns, api=self.cp.api_url, token_file=token_file,
+                                ca_file=self.cp.pki / "ca.crt")
+        reporter = ProgressReporter(stage, total, patcher, interval=0.01)
+        reporter({"step": step, "reverse_kl": reverse_kl})
+        reporter.close()
+        assert self.status().get("progress", {}).get("step") == step, "the stage's progress report did not land"
+
+    def get_dr(self) -> dict[str, str]:
+        """`kubectl get dr NAME`: printer column -> value."""
+        header, row = self.cp.kubectl("get", "dr", self.name, "-n", self.ns).stdout.splitlines()[:2]
+        starts = [i for i, ch in enumerate(header) if ch != " " and (i == 0 or header[i - 1] == " ")]
+        ends = starts[1:] + [None]
+        return {header[a:b].strip(): row[a:b].strip() for a, b in zip(starts, ends)}
+
+    def events(self) -> list[str]:
+        items = self.cp.get(f"/api/v1/namespaces/{self.ns}/events")["items"]
+        return [e["reason"] for e in items if e["involvedObject"].get("name") == self.name]
+
+
+def exists(cp: ControlPlane, path: str) -> bool:
+    return cp.request("GET", path, ok=(200, 404)).get("kind") not in (None, "Status")
+
+
+def complete_pipeline_until_distill(run: Run) -> None:
+    run.wait("the sft Job", lambda st: st.get("stage") == "sft")
+    run.finish(f"{run.name}-sft-1", 0, {"stage": "sft", "step": 400, "loss": 0.5,
+                                        "checkpoint": "/workspace/checkpoints/sft/final"})
+    run.wait("the distill Job", lambda st: (st.get("stages", {}).get("distill") or {}).get("phase") == "Running")
+
+
+# ---- tests ---------------------------------------------------------------------------------------------
+
+def test_crd_explains_fields_and_rejects_invalid_specs(cp: ControlPlane, ns: str):
+    # The API server publishes a new CRD's OpenAPI a few seconds after it is Established.
+    explain = cp.wait("kubectl explain", lambda: cp.kubectl(
+        "explain", "distillationrun.spec.distill.klCoef", check=False).stdout, timeout=60)
+    assert "Advantage scale" in explain
+    assert "Stage 2: on-policy distillation" in cp.kubectl("explain", "dr.spec.distill").stdout
+    bad_cases = [
+        ({"distill": {"steps": "many"}}, "spec.distill.steps"),
+        ({"distill": {"steps": -5}}, "spec.distill.steps"),
+        ({"distil": {"steps": 5}}, 'unknown field "spec.distil"'),
+        ({"eval": {"targets": ["distill", "teacherr"]}}, "spec.eval.targets[1]"),
+        ({"sft": {"enabled": False}, "distill": {"enabled": False}, "eval": {"enabled": False}},
+         "enable at least one of the stages"),
+        ({"distill": {"prompts": {"name": "tinymath", "path": "x.jsonl"}}}, "exactly one of `name`"),
+    ]
+    for i, (change, expected) in enumerate(bad_cases):
+        doc = tiny_math(f"bad-{i}")
+        for key, value in change.items():
+            doc["spec"][key] = {**(doc["spec"].get(key) or {}), **value}
+        proc = cp.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(doc), check=False)
+        assert proc.returncode != 0 and expected in proc.stderr, (change, proc.stderr)
+    doc = tiny_math("x" * 50)
+    proc = cp.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(doc), check=False)
+    assert proc.returncode != 0 and "at most 45 characters" in proc.stderr
+
+
+def test_tiny_math_runs_through_every_stage_to_succeeded(cp: ControlPlane, ns: str, operator: Operator):
+    run = Run(cp, ns, tiny_math())
+    run.wait("the sft stage", lambda st: st.get("stage") == "sft" and st.get("phase") == "Running")
+    assert run.jobs() == ["tiny-math-sft-1"]
+    pod = run.running_pod("tiny-math-sft-1")  # admitted under PodSecurity restricted
+    spec = pod["spec"]["containers"][0]
+    assert spec["command"][:2] == ["opd", "sft"] and "--resume" in spec["command"]
+    # Plumbing: workspace PVC (bound by kwok's provisioner), run file, the stage's narrow identity.
+    for path in (f"/api/v1/namespaces/{ns}/persistentvolumeclaims/tiny-math-workspace",
+                 f"/api/v1/namespaces/{ns}/configmaps/tiny-math-spec",
+                 f"/api/v1/namespaces/{ns}/serviceaccounts/tiny-math-stage"):
+        assert exists(cp, path), path
+    # The stage's ServiceAccount may patch its run's status, and nothing else.
+    user = f"system:serviceaccount:{ns}:tiny-math-stage"
+    assert cp.kubectl("auth", "can-i", "patch", "distillationruns/tiny-math", "--subresource=status", "-n", ns,
+                      as_user=user, check=False).stdout.strip() == "yes"
+    for args in (("patch", "distillationruns/tiny-math"), ("patch", "distillationruns/other", "--subresource=status"),
+                 ("create", "pods"), ("get", "secrets")):
+        assert cp.kubectl("auth", "can-i", *args, "-n", ns, as_user=user, check=False).stdout.strip() == "no", args
+
+    run.report_progress("sft", 120, 400)
+    run.wait("step 120 from the sft stage's progress", lambda st: st.get("step") == 120)
+    assert run.get_dr()["STEP"] == "120"
+    run.finish("tiny-math-sft-1", 0, {"stage": "sft", "step": 400, "loss": 0.4,
+                                      "checkpoint": "/workspace/checkpoints/sft/final"})
+    st = run.wait("the distill stage", lambda st: (st.get("stages", {}).get("distill") or {}).get("phase") == "Running")
+    assert st["stages"]["sft"]["checkpoint"] == "/workspace/checkpoints/sft/final"
+    assert run.condition("TeacherReady")["status"] == "True"
+    teacher = cp.get(f"/apis/apps/v1/namespaces/{ns}/deployments/tiny-math-teacher")
+    assert teacher["spec"]["template"]["spec"]["containers"][0]["command"][:2] == ["opd", "serve-teacher"]
+    assert exists(cp, f"/api/v1/namespaces/{ns}/services/tiny-math-teacher")
+    distill = run.running_pod("tiny-math-distill-1")["spec"]["containers"][0]["command"]
+    assert distill[distill.index("--teacher-url") + 1] == f"http://tiny-math-teacher.{ns}.svc:8000"
+
+    run.report_progress("distill", 37, 200, reverse_kl=0.6125)
+    run.wait("the learner's reverse KL", lambda st: st.get("reverseKL") == 0.6125 and st.get("step") == 37)
+    cols = run.get_dr()
+    assert (cols["PHASE"], cols["STAGE"], cols["STEP"], cols["REVERSEKL"]) == ("Running", "distill", "37", "0.6125")
+    run.finish("tiny-math-distill-1", 0, {"stage": "distill", "step": 200, "reverse_kl": 0.46,
+                                          "checkpoint": "/workspace/checkpoints/distill/final"})
+    run.wait("the eval stage", lambda st: st.get("stage") == "eval")
+    cp.wait("the teacher to be removed", lambda: not exists(
+        cp, f"/apis/apps/v1/namespaces/{ns}/deployments/tiny-math-teacher"), timeout=TIMEOUT)
+    run.finish("tiny-math-eval-1", 0, {"stage": "eval", "eval_score": 0.41,
+                                       "scores": {"student/tinymath": 0.0, "distill/tinymath": 0.41}})
+    st = run.wait("Succeeded", lambda st: st.get("phase") == "Succeeded")
+    assert run.jobs() == ["tiny-math-distill-1", "tiny-math-eval-1", "tiny-math-sft-1"]
+    assert st["observedGeneration"] == run.obj()["metadata"]["generation"]
+    states = {c["type"]: c["status"] for c in st["conditions"]}
+    assert states.items() >= {"Ready": "True", "Failed": "False", "SftSucceeded": "True", "DistillSucceeded": "True",
+                              "EvalSucceeded": "True", "TeacherReady": "False"}.items()
+    for stage in ("sft", "distill", "eval"):
+        assert st["stages"][stage]["startTime"] <= st["stages"][stage]["completionTime"]
+    cols = run.get_dr()
+    assert (cols["PHASE"], cols["STEP"], cols["REVERSEKL"], cols["SCORE"]) == ("Succeeded", "200", "0.46", "0.41")
+    reasons = run.events()
+    for reason in ("StageStarted", "TeacherReady", "StageSucceeded", "TeacherStopped", "RunSucceeded"):
+        assert reason in reasons, reasons
+    metrics = operator.metrics()
+    assert 'opd_operator_runs{phase="Succeeded"} 1.0' in metrics
+    assert 'opd_operator_stage_duration_seconds_count{outcome="succeeded",stage="eval"} 1.0' in metrics
+    assert "opd_operator_reconciles_total" in metrics and "opd_operator_reconcile_errors_total 0.0" in metrics
+
+
+def test_a_failing_stage_is_retried_then_fails_the_run(cp: ControlPlane, ns: str, operator: Operator):
+    run = Run(cp, ns, tiny_math(retries=1, backoffSeconds=1))
+    run.wait("the sft stage", lambda st: st.get("stage") == "sft")
+    run.finish("tiny-math-sft-1", 1, {"stage": "sft", "exit_code": 1, "error": "RuntimeError: CUDA out of memory"})
+    run.wait("the retry", lambda st: st.get("stages", {}).get("sft", {}).get("attempts") == 2)
+    assert run.jobs() == ["tiny-math-sft-1", "tiny-math-sft-2"]
+    run.finish("tiny-math-sft-2", 1, "Traceback (most recent call last):\nRuntimeError: NCCL watchdog timeout")
+    st = run.wait("Failed", lambda st: st.get("phase") == "Failed")
+    failed = run.condition("Failed")
+    assert failed["status"] == "True" and failed["reason"] == "SftFailed"
+    assert "RetriesExhausted" in failed["message"] and "NCCL watchdog timeout" in failed["message"]
+    assert run.get_dr()["PHASE"] == "Failed"
+    assert "StageFailed" in run.events() and "RunFailed" in run.events()
+    time.sleep(2)
+    assert run.jobs() == ["tiny-math-sft-1", "tiny-math-sft-2"]
+
+
+def test_bad_configuration_fails_at_once_with_the_stage_message(cp: ControlPlane, ns: str, operator: Operator):
+    run = Run(cp, ns, tiny_math())
+    run.wait("the sft stage", lambda st: st.get("stage") == "sft")
+    run.finish("tiny-math-sft-1", 2, {"stage": "sft", "exit_code": 2,
+                                      "error": "spec.sft.dataset.path: no such file /workspace/x.jsonl"})
+    run.wait("Failed", lambda st: st.get("phase") == "Failed")
+    assert "spec.sft.dataset.path: no such file" in run.condition("Failed")["message"]
+    assert run.jobs() == ["tiny-math-sft-1"]
+
+
+def test_operator_restarts_mid_run_without_duplicate_children(cp: ControlPlane, ns: str, operator: Operator):
+    run = Run(cp, ns, tiny_math())
+    run.wait("the sft stage", lambda st: st.get("stage") == "sft")
+    operator.kill()
+    operator.start()
+    time.sleep(2)
+    assert run.jobs() == ["tiny-math-sft-1"]
+    run.finish("tiny-math-sft-1", 0, {"stage": "sft", "step": 400})
+    run.wait("the distill Job", lambda st: (st.get("stages", {}).get("distill") or {}).get("phase") == "Running")
+    operator.kill()
+    run.finish("tiny-math-distill-1", 0, {"stage": "distill", "step": 200, "reverse_kl": 0.5})
+    operator.start()
+    run.wait("the eval stage", lambda st: st.get("stage") == "eval")
+    operator.kill()
+    operator.start()
+    run.finish("tiny-math-eval-1", 0, {"stage": "eval", "eval_score": 0.3})
+    run.wait("Succeeded", lambda st: st.get("phase") == "Succeeded")
+    assert run.jobs() == ["tiny-math-distill-1", "tiny-math-eval-1", "tiny-math-sft-1"]
+    deployments = cp.get(f"/apis/apps/v1/namespaces/{ns}/deployments")["items"]
+    assert deployments == []
+    assert run.status()["stages"]["teacher"]["attempts"] == 1
+
+
+def test_suspend_then_resume(cp: ControlPlane, ns: str, operator: Operator):
+    run = Run(cp, ns, tiny_math())
+    complete_pipeline_until_distill(run)
+    cp.kubectl("patch", "dr", run.name, "-n", ns, "--type=merge", "-p", '{"spec": {"suspend": true}}')
+    run.wait("Suspended", lambda st: st.get("phase") == "Suspended")
+    cp.wait("stage pods and the teacher to go", lambda: not cp.pods(ns, "opd.dev/stage in (distill,teacher)")
+            and not exists(cp, f"/apis/apps/v1/namespaces/{ns}/deployments/tiny-math-teacher"), timeout=TIMEOUT)
+    assert run.jobs() == ["tiny-math-sft-1"]
+    assert exists(cp, f"/api/v1/namespaces/{ns}/persistentvolumeclaims/tiny-math-workspace")
+    assert run.get_dr()["PHASE"] == "Suspended"
+    cp.kubectl("patch", "dr", run.name, "-n", ns, "--type=merge", "-p", '{"spec": {"suspend": false}}')
+    run.wait("distill again", lambda st: (st.get("stages", {}).get("distill") or {}).get("attempts") == 2
+             and st["stages"]["distill"]["phase"] == "Running")
+    assert run.jobs() == ["tiny-math-distill-2", "tiny-math-sft-1"]
+    assert run.status()["stages"]["distill"]["failures"] == 0
+    assert "Suspended" in run.events() and "Resumed" in run.events()
+    cmd = run.running_pod("tiny-math-distill-2")["spec"]["containers"][0]["command"]
+    assert "--resume" in cmd
+
+
+def test_spec_edit_of_the_running_stage_is_refused_with_a_condition(cp: ControlPlane, ns: str, operator: Operator):
+    run = Run(cp, ns, tiny_math())
+    run.wait("the sft stage", lambda st: st.get("stage") == "sft")
+    cp.kubectl("patch", "dr", run.name, "-n", ns, "--type=merge", "-p", '{"spec": {"sft": {"steps": 10}}}')
+    run.wait("SpecAccepted=False", lambda st: any(c["type"] == "SpecAccepted" and c["status"] == "False"
+                                                  for c in st.get("conditions", [])))
+    assert "spec.sft.steps" in run.condition("SpecAccepted")["message"]
+    cm = cp.get(f"/api/v1/namespaces/{ns}/configmaps/tiny-math-spec")
+    assert "steps: 400" in cm["data"]["run.yaml"]
+    proc = cp.kubectl("patch", "dr", run.name, "-n", ns, "--type=merge", "-p",
+                      '{"spec": {"teacher": {"model": "tiny://student"}}}', check=False)
+    assert proc.returncode != 0 and "spec.teacher.model is immutable" in proc.stderr
+
+
+@pytest.mark.parametrize("policy", ["Retain", "Delete"])
+def test_deletion_removes_children_and_honours_the_pvc_policy(cp: ControlPlane, ns: str, operator: Operator,
+                                                              policy: str):
+    run = Run(cp, ns, tiny_math(workspace={"size": "2Gi", "retentionPolicy": policy}))
+    complete_pipeline_until_distill(run)
+    cp.kubectl("delete", "dr", run.name, "-n", ns, "--wait=true", "--timeout=60s")
+    children = [f"/apis/batch/v1/namespaces/{ns}/jobs/tiny-math-distill-1",
+                f"/apis/apps/v1/namespaces/{ns}/deployments/tiny-math-teacher",
+                f"/api/v1/namespaces/{ns}/services/tiny-math-teacher",
+                f"/api/v1/namespaces/{ns}/configmaps/tiny-math-spec",
+                f"/api/v1/namespaces/{ns}/serviceaccounts/tiny-math-stage",
+                f"/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/roles/tiny-math-stage"]
+    cp.wait("the children to be garbage-collected", lambda: not any(exists(cp, p) for p in children),
+            timeout=TIMEOUT)
+    pvc = f"/api/v1/namespaces/{ns}/persistentvolumeclaims/tiny-math-workspace"
+    if policy == "Retain":
+        time.sleep(2)
+        kept = cp.get(pvc)
+        assert "ownerReferences" not in kept["metadata"]
+    else:
+        cp.wait("the workspace PVC to be deleted", lambda: not exists(cp, pvc), timeout=TIMEOUT)
