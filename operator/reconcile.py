@@ -297,10 +297,13 @@ class _Walk:
             return "failed"
         ss.pop("reason", None)
         ss.pop("completionTime", None)
-        # A new attempt is due: first wait for the previous attempt's pod to be gone (never two writers).
-        if self.observed.live_pods.get(stage):
+        # A new attempt is due: first wait for every other stage pod to be gone (never two writers of the
+        # workspace), e.g. a previous attempt, or a stage an edit took out of the plan while it ran.
+        busy = next((pods[0] for s, pods in sorted(self.observed.live_pods.items()) if s in BATCH and pods), None)
+        busy = busy or next((j.name for j in self.observed.jobs if j.state == "active" and not j.deleting), None)
+        if busy is not None:
             ss["phase"] = "Waiting"
-            self.status["message"] = f"{stage}: waiting for pod {self.observed.live_pods[stage][0]} to stop"
+            self.status["message"] = f"{stage}: waiting for {busy} to stop"
             return "busy"
         if stage == "distill" and "teacher" in self.planned and not self.teacher_ready():
             ss["phase"] = "Waiting"

@@ -376,3 +376,18 @@ def test_the_operator_imports_without_torch():
 
     code = "import sys, opd_operator.handlers, opd_operator.crd; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, env={"PYTHONSAFEPATH": "1", "PATH": ""})
+
+
+def test_a_stage_edited_out_of_the_plan_while_running_is_waited_for():
+    s = Story()
+    s.reconcile()
+    s.api.edit_spec(sft={"enabled": False})
+    s.reconcile()
+    assert s.jobs() == ["tiny-sft-1"] and s.api.names("Deployment") == []
+    assert "waiting for tiny-sft-1" in s.status["message"]
+    assert cond(s.status, "SpecAccepted")["status"] == "False"
+    s.api.finish_job("tiny-sft-1", 0, {"stage": "sft"})
+    s.reconcile()
+    s.api.make_available("tiny-teacher")
+    s.reconcile()
+    assert s.jobs() == ["tiny-distill-1", "tiny-sft-1"]
