@@ -210,7 +210,8 @@ class ProgressReporter:
                 if self._closed:
                     return
                 latest = self._sent = self._latest
-            self._send(latest)
+            if latest is not None:
+                self._send(latest)
             time.sleep(self.interval)
 
     def close(self) -> None:

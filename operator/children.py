@@ -130,7 +130,7 @@ def resources(spec: ResourcesSpec) -> Manifest:
 
 def teacher_resources(run: DistillationRun) -> ResourcesSpec:
     serving = run.spec.teacher.serving
-    return serving.resources or ResourcesSpec(gpus=serving.tensor_parallel_size)
+    return serving.resources or ResourcesSpec.model_validate({"gpus": serving.tensor_parallel_size})
 
 
 def _volumes(obj: Manifest, run: DistillationRun) -> list[Manifest]:
@@ -142,7 +142,7 @@ def _volumes(obj: Manifest, run: DistillationRun) -> list[Manifest]:
     ]
 
 
-_MOUNTS = [{"name": "workspace", "mountPath": names.WORKSPACE_MOUNT},
+_MOUNTS: list[Manifest] = [{"name": "workspace", "mountPath": names.WORKSPACE_MOUNT},
            {"name": "spec", "mountPath": names.CONFIG_DIR, "readOnly": True},
            {"name": "dshm", "mountPath": "/dev/shm"}]
 
@@ -176,7 +176,7 @@ def _pod_spec(obj: Manifest, run: DistillationRun, container: Manifest, *, accou
     if run.spec.node_selector:
         spec["nodeSelector"] = dict(run.spec.node_selector)
     if run.spec.tolerations:
-        spec["tolerations"] = [dict(t) for t in run.spec.tolerations]
+        spec["tolerations"] = [dict(t) for t in run.spec.tolerations]  # type: ignore[call-overload]
     return spec
 
 

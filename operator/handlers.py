@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import kopf
@@ -23,7 +24,7 @@ from .kube import RestApi
 log = logging.getLogger("opd_operator")
 RESYNC_SECONDS = float(os.environ.get("OPD_RESYNC_SECONDS", "10"))
 METRICS_PORT = int(os.environ.get("OPD_METRICS_PORT", "8000"))
-CHILD_LABELS = {names.RUN_LABEL: kopf.PRESENT, "app.kubernetes.io/managed-by": names.MANAGER}
+CHILD_LABELS: dict[str, Any] = {names.RUN_LABEL: kopf.PRESENT, "app.kubernetes.io/managed-by": names.MANAGER}
 
 _wakers: dict[tuple[str, str], asyncio.Event] = {}
 _api: RestApi | None = None
@@ -58,13 +59,13 @@ def _wake(namespace: str | None, name: str | None) -> None:
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
-async def run_changed(namespace: str, name: str, **_: Any) -> None:
+async def run_changed(namespace: str | None, name: str, **_: Any) -> None:
     _wake(namespace, name)
 
 
 @kopf.on.event("batch", "v1", "jobs", labels=CHILD_LABELS)
 @kopf.on.event("apps", "v1", "deployments", labels=CHILD_LABELS)
-async def child_changed(namespace: str, labels: dict[str, str], **_: Any) -> None:
+async def child_changed(namespace: str | None, labels: Mapping[str, str], **_: Any) -> None:
     _wake(namespace, labels.get(names.RUN_LABEL))
 
 
@@ -79,7 +80,8 @@ async def _sleep(wake: asyncio.Event, stopped: kopf.DaemonStopped, seconds: floa
 
 
 @kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=10.0)
-async def reconcile_run(namespace: str, name: str, stopped: kopf.DaemonStopped, **_: Any) -> None:
+async def reconcile_run(namespace: str | None, name: str, stopped: kopf.DaemonStopped, **_: Any) -> None:
+    assert namespace is not None  # DistillationRuns are namespaced
     wake = _wakers.setdefault((namespace, name), asyncio.Event())
     try:
         while not stopped:

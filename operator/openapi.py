@@ -63,10 +63,10 @@ class _Converter:
     def convert(self, node: Schema, model: type[BaseModel] | None = None) -> Schema:
         if "$ref" in node:
             name = node["$ref"].rsplit("/", 1)[-1]
-            out = self.convert(self.defs[name], self.models.get(name))
+            inlined = self.convert(self.defs[name], self.models.get(name))
             if "description" in node:
-                out["description"] = node["description"]
-            return out
+                inlined["description"] = node["description"]
+            return inlined
         for key in ("anyOf", "oneOf"):
             if key in node:
                 options = [o for o in node[key] if o.get("type") != "null"]
@@ -112,7 +112,8 @@ class _Converter:
             value = field.get_default(call_default_factory=True)
             if value is None:
                 continue
-            wire = TypeAdapter(field.annotation).dump_python(value, mode="json", by_alias=True)
+            adapter: TypeAdapter[Any] = TypeAdapter(field.annotation)  # type: ignore[arg-type]
+            wire = adapter.dump_python(value, mode="json", by_alias=True)
             out["properties"][alias]["default"] = _strip_none(wire)
 
     def root(self, model: type[BaseModel]) -> Schema:

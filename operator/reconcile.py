@@ -358,7 +358,7 @@ class _Walk:
                 if ss.get("reverseKL") is not None:
                     self.status["reverseKL"] = ss["reverseKL"]
         progress = self.old.get("progress") or {}
-        if progress.get("stage") in ("sft", "distill") and progress.get("stage") == current:
+        if current is not None and progress.get("stage") in ("sft", "distill") and progress.get("stage") == current:
             if progress.get("step") is not None:
                 self.status["step"] = progress["step"]
                 self.status["totalSteps"] = progress.get("totalSteps")
@@ -392,7 +392,7 @@ class _Walk:
         if "teacher" in self.planned and teacher_up and (distill_over or outcome == "failed" or current == "sft"):
             self.stop_teacher(reason="Finished" if distill_over and outcome != "failed" else "Stopped")
         self.status["stage"] = current or ""
-        if outcome == "failed":
+        if outcome == "failed" and current is not None:
             ss = self.stages[current]
             msg = (f"{current} failed ({ss.get('reason')}) after {ss.get('attempts')} attempt(s): "
                    f"{ss.get('message') or 'no message'}")

@@ -94,7 +94,7 @@ class DistillationRunStatus(StatusModel):
     completion_time: Optional[str] = Field(None, description="When the run succeeded or failed.")
     conditions: list[Condition] = Field(default_factory=list, description="Current state as conditions: "
                                         "`Ready`, `Failed`, `Suspended`, `SpecAccepted` and one per stage.")
-    stages: StagesStatus = Field(default_factory=StagesStatus, description="Per-stage attempts, times, "
+    stages: StagesStatus = Field(default_factory=lambda: StagesStatus.model_validate({}), description="Per-stage attempts, times, "
                                  "results and checkpoints.")
     progress: Optional[Progress] = Field(
         None, description="Written by the running stage itself (ServiceAccount `<run>-stage` may only "
