@@ -38,10 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-try:  # run as part of the tests package, or as a script from this folder
-    from . import binaries
-except ImportError:  # pragma: no cover
-    import binaries  # type: ignore[no-redef]
+from . import binaries
 
 HERE = Path(__file__).resolve().parent
 STAGES = HERE / "kwok_stages.yaml"
@@ -153,7 +150,8 @@ def _kubeconfig(server: str, ca: Path, user: dict[str, str]) -> str:
 
 
 def _set_pdeathsig() -> None:
-    """In the child before exec: die with the parent (no orphans even if pytest is killed)."""
+    """In the child before exec: die with the parent (no orphans even if pytest is killed). Linux sends the
+    signal when the *thread* that started the child ends: start a cluster from a thread that outlives it."""
     with contextlib.suppress(Exception):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
