@@ -264,6 +264,9 @@ def test_crd_explains_fields_and_rejects_invalid_specs(cp: ControlPlane, ns: str
             doc["spec"][key] = {**(doc["spec"].get(key) or {}), **value}
         proc = cp.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(doc), check=False)
         assert proc.returncode != 0 and expected in proc.stderr, (change, proc.stderr)
+    for example in sorted((ROOT / "examples").glob("*.yaml")):  # every example is a valid resource
+        cp.kubectl("apply", "--dry-run=server", "-n", ns, "-f", str(example))
+    assert "No resources found" in cp.kubectl("get", "opd", "-n", ns).stderr  # the `opd` category
     doc = tiny_math("x" * 50)
     proc = cp.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(doc), check=False)
     assert proc.returncode != 0 and "at most 45 characters" in proc.stderr
