@@ -162,12 +162,14 @@ def run_stage(cmd: StageCommand, log: Path, watch: Callable[[subprocess.Popen], 
     with log.open("ab") as out:
         out.write(f"$ {cmd.shell()}\n".encode())
         out.flush()
-        proc = subprocess.Popen(list(cmd.argv), stdout=out, stderr=subprocess.STDOUT, env=_child_env(cmd))
+        # its own session: a Ctrl-C reaches only this process, which passes it on exactly once
+        proc = subprocess.Popen(list(cmd.argv), stdout=out, stderr=subprocess.STDOUT, env=_child_env(cmd),
+                                start_new_session=True)
         try:
             watch(proc)
             return proc.wait()
         except KeyboardInterrupt:
-            # the child got the same SIGINT (same process group): let it finish its checkpoint write
+            proc.send_signal(signal.SIGINT)  # the stage stops between steps; checkpoints are atomic
             try:
                 proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
@@ -199,7 +201,7 @@ def run_all(opts: RunOptions, log: Callable[[str], None] = print) -> dict:
     run = load_run(config)
     ws = Workspace(opts.workdir)
     state = RunState.load(opts.workdir / STATE_FILE)
-    stages = planned_stages(load_run(opts.source))
+    stages = planned_stages(run)  # the effective file: no teacher server when scored in-process
     if teacher_mode == "vllm":
         log("teacher: served by vLLM (`opd serve-teacher`), scored over HTTP")
     elif teacher_mode == "local":
