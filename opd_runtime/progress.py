@@ -65,7 +65,7 @@ def watcher_for(stage: str, run: DistillationRun, ws: Workspace, *,
 
         tty = sys.stderr.isatty()
         started = time.time()
-        offset, done, last_plain = 0, 0, time.monotonic()
+        offset, done, last_plain, latest = 0, 0, time.monotonic(), None
         records, offset = read_records(ws.metrics(stage), 0)
         done = initial = records[-1]["step"] if records and stage != "eval" else 0
         unit = "problem set" if stage == "eval" else "step"
@@ -76,11 +76,10 @@ def watcher_for(stage: str, run: DistillationRun, ws: Workspace, *,
                 if stage == "eval":
                     written = [p for p in ws.root.glob("eval/*/*.json") if p.stat().st_mtime >= started]
                     new = len(written) - done
-                    latest = None
                 else:
                     records, offset = read_records(ws.metrics(stage), offset)
                     new = records[-1]["step"] - done if records else 0
-                    latest = records[-1] if records else None
+                    latest = records[-1] if records else latest
                 if new > 0:
                     done += new
                     bar.update(new)
