@@ -163,3 +163,28 @@ def test_bad_run_file_fails_before_torch_loads(tiny_world, tmp_path, case):
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert field in proc.stderr and hint in proc.stderr
     assert not (tmp_path / "w").exists()  # nothing was written
+
+
+def test_run_serves_the_teacher_with_vllm_and_stops_it_after_opd(tiny_world, tmp_path):
+    """`--teacher vllm`: `opd serve-teacher` (real vLLM) runs beside OPD, which scores over HTTP."""
+    doc = yaml.safe_load(run_file(tmp_path, tiny_world, distill_steps=2).read_text())
+    doc["spec"].pop("sft")
+    doc["spec"]["eval"]["targets"] = ["distill"]
+    doc["spec"]["teacher"]["serving"] = {"maxModelLen": 256, "gpuMemoryUtilization": 0.1}
+    src = tmp_path / "vllm.yaml"
+    src.write_text(yaml.safe_dump(doc, sort_keys=False))
+    workdir = tmp_path / "work"
+    proc = opd_run(str(src), "--workdir", str(workdir), "--teacher", "vllm")
+    assert proc.returncode == 0, proc.stdout + proc.stderr + "\n" + (workdir / "logs" / "teacher.log").read_text()[-3000:]
+    assert "teacher: served by vLLM" in proc.stdout
+    assert "[teacher] ready at http://127.0.0.1:" in proc.stdout
+    url = proc.stdout.split("[teacher] ready at ")[1].split()[0]
+    distill_log = (workdir / "logs" / "distill.log").read_text()
+    assert distill_log.splitlines()[0].endswith(f"--resume --teacher-url {url}")
+    assert metric_steps(workdir, "distill") == [1, 2]
+    # the server is gone once OPD finished (eval does not need it)
+    import urllib.request
+
+    with pytest.raises(OSError):
+        urllib.request.urlopen(url + "/v1/models", timeout=2)
+    assert "teacher" in json.loads((workdir / "run-state.json").read_text())["stages"]
