@@ -7,9 +7,10 @@ from datetime import datetime, timezone
 from typing import Any, Optional
 
 from . import metrics
-from .kube import Api, apply_action, list_children, post_event
+from .conditions import READY, set_condition
+from .kube import Api, ApiError, apply_action, list_children, post_event
 from .observe import observe
-from .reconcile import Decision, decide, rfc3339
+from .reconcile import Decision, Event, decide, rfc3339
 
 log = logging.getLogger("opd_operator")
 Manifest = dict[str, Any]
@@ -43,9 +44,13 @@ def reconcile_once(api: Api, namespace: str, name: str, now: Optional[datetime] 
     if obj is None or obj["metadata"].get("deletionTimestamp"):
         return None
     decision = decide(obj, observe(name, list_children(api, namespace, name)), now)
-    for action in decision.actions:
-        apply_action(api, namespace, action)
     old = {k: v for k, v in (obj.get("status") or {}).items() if k != "progress"}
+    for action in decision.actions:
+        try:
+            apply_action(api, namespace, action)
+        except ApiError as err:  # e.g. admission refused a pod spec, or a quota: say so on the run
+            report_refusal(api, obj, old, f"{action.verb} {action.kind} {action.name}: {err}", now)
+            raise
     patch = merge_patch(old, without_none(decision.status))
     if patch:
         api.patch("DistillationRun", namespace, name, {"status": patch}, subresource="status")
@@ -57,6 +62,18 @@ def reconcile_once(api: Api, namespace: str, name: str, now: Optional[datetime] 
     metrics.set_phase(namespace, name, decision.status.get("phase"))
     metrics.set_eval_score(namespace, name, decision.status.get("evalScore"))
     return decision
+
+
+def report_refusal(api: Api, obj: Manifest, old: Manifest, message: str, now: datetime) -> None:
+    """The API refused an action: keep the status as it was (the next round retries the same step) but
+    for Ready=False/ReconcileError with the API's message, and one Warning event per new message."""
+    conds = set_condition(old.get("conditions") or [], READY, False, "ReconcileError", message[:1000],
+                          now=rfc3339(now), generation=obj["metadata"].get("generation"))
+    meta = obj["metadata"]
+    api.patch("DistillationRun", meta["namespace"], meta["name"],
+              {"status": {"message": message[:1000], "conditions": conds}}, subresource="status")
+    if old.get("message") != message[:1000]:
+        post_event(api, obj, Event("Warning", "ReconcileError", message), rfc3339(now))
 
 
 def reconcile_safely(api: Api, namespace: str, name: str) -> Optional[float]:

@@ -41,6 +41,7 @@ class FakeApi:
         self.objects: dict[tuple[str, str, str], Manifest] = {}
         self.calls: list[tuple[str, str, str]] = []
         self._ids = itertools.count(1)
+        self.refuse: dict[str, str] = {}  # kind -> message of a 422 for every create of that kind
 
     # ---- the Api protocol -----------------------------------------------------------------------
     def get(self, kind: str, namespace: str, name: str) -> Optional[Manifest]:
@@ -54,6 +55,10 @@ class FakeApi:
     def create(self, namespace: str, body: Manifest) -> bool:
         kind, name = body["kind"], body["metadata"]["name"]
         self.calls.append(("create", kind, name))
+        if kind in self.refuse:
+            from opd_operator.kube import ApiError
+
+            raise ApiError(422, self.refuse[kind])
         if (kind, namespace, name) in self.objects:
             return False
         obj = copy.deepcopy(body)

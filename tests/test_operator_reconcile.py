@@ -391,3 +391,21 @@ def test_a_stage_edited_out_of_the_plan_while_running_is_waited_for():
     s.api.make_available("tiny-teacher")
     s.reconcile()
     assert s.jobs() == ["tiny-distill-1", "tiny-sft-1"]
+
+
+def test_a_refused_create_is_reported_on_the_run_and_retried_unchanged():
+    s = Story()
+    s.api.refuse["Job"] = 'pods "x" is forbidden: violates PodSecurity "restricted:latest"'
+    for _ in range(3):
+        with pytest.raises(Exception, match="PodSecurity"):
+            s.reconcile()
+    st = s.api.run()["status"]
+    ready = cond(st, "Ready")
+    assert ready["reason"] == "ReconcileError" and "create Job tiny-sft-1" in ready["message"]
+    assert "PodSecurity" in st["message"]
+    events = [o for o in s.api.of_kind("Event") if o["reason"] == "ReconcileError"]
+    assert len(events) == 1
+    del s.api.refuse["Job"]
+    s.reconcile()
+    assert s.jobs() == ["tiny-sft-1"] and s.status["stages"]["sft"]["attempts"] == 1
+    assert cond(s.status, "Ready")["reason"] == "InProgress"
