@@ -58,40 +58,6 @@ def _report_failure(command: str, exit_code: int, error: str) -> None:
         write_failure(command, exit_code, error)
 
 
-# Stage commands report progress to the operator and leave their result in the pod's termination
-# message (opd_runtime.stage_report; a no-op outside a pod). Only rank 0 of a torchrun reports.
-REPORTING_STAGES = ("sft", "distill", "eval")
-
-
-def _stage_report(stage: str, total_steps: int | None = None):
-    from .stage_report import StageReport
-
-    return StageReport(stage, total_steps) if _rank() == 0 else None
-
-
-def _and_report(show, report):
-    if report is None:
-        return show
-
-    def on_step(rec: dict) -> None:
-        show(rec)
-        report.on_step(rec)
-
-    return on_step
-
-
-def _report_done(report, result: dict) -> None:
-    if report is not None:
-        report.done(result)
-
-
-def _report_failure(command: str, exit_code: int, error: str) -> None:
-    if command in REPORTING_STAGES and _rank() == 0:
-        from .stage_report import write_failure
-
-        write_failure(command, exit_code, error)
-
-
 def cmd_validate(args) -> int:
     run = _load(args.config)
     print(f"{args.config}: valid DistillationRun {run.metadata.name!r}; stages: {', '.join(run.spec.enabled_stages())}")
