@@ -185,18 +185,25 @@ def test_helm_install_rejects_values_outside_the_schema(cp: ControlPlane, tmp_pa
 
 # ---- least privilege ----------------------------------------------------------------------------------
 
+def uninstall(cp: ControlPlane, release: str, namespace: str) -> None:
+    """Remove a release (the session's cluster is shared: leave no releases behind for other tests)."""
+    cp.helm("uninstall", release, "--namespace", namespace, "--wait", "--timeout", "120s", check=False)
+
+
 @pytest.fixture(scope="module")
-def cluster_wide_release(cp: ControlPlane) -> tuple[str, str]:
+def cluster_wide_release(cp: ControlPlane):
     ns = cp.new_namespace("opd-rbac-all")
     install(cp, "opd-all", ns)
-    return ns, sa_user(ns, "opd-all")
+    yield ns, sa_user(ns, "opd-all")
+    uninstall(cp, "opd-all", ns)
 
 
 @pytest.fixture(scope="module")
-def namespaced_release(cp: ControlPlane) -> tuple[str, str]:
+def namespaced_release(cp: ControlPlane):
     ns = cp.new_namespace("opd-rbac-ns")
     install(cp, "opd-ns", ns, "--values", str(CHART / "ci" / "namespaced-values.yaml"))
-    return ns, sa_user(ns, "opd-ns")
+    yield ns, sa_user(ns, "opd-ns")
+    uninstall(cp, "opd-ns", ns)
 
 
 def test_cluster_wide_operator_can_do_what_it_uses_in_any_namespace(cp: ControlPlane, cluster_wide_release):
@@ -342,3 +349,4 @@ def test_operator_with_the_charts_serviceaccount_drives_tiny_math_to_succeeded(c
         except subprocess.TimeoutExpired:
             operator.kill()
             operator.wait()
+        uninstall(cp, release, ns)
