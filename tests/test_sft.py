@@ -117,3 +117,22 @@ def test_sft_resumes_exactly_and_feeds_the_distill_stage(tiny_world, tmp_path):
     doc["spec"]["distill"] = {"prompts": {"name": "tinymath"}, "steps": 1}
     assert init_model_path(parse_run(doc), Workspace(straight)) == str(straight / "checkpoints/sft/final")
     assert modeling.load_causal_lm(str(straight / "checkpoints/sft/final"), dtype="float32") is not None
+
+
+def test_trace_store_reads_back_every_trace_by_index_from_disk(tmp_path):
+    from opd_runtime.sft.trace_store import TraceStore, store_path, write_store
+    from opd_runtime.sft.traces import load_traces
+    from opd_runtime.spec.models import DatasetSpec
+
+    spec = DatasetSpec(name="tinymath", max_samples=50)
+    path = store_path(spec, tmp_path)
+    assert write_store(load_traces(spec, tmp_path), path) == 50
+    assert not list(path.parent.glob(".*tmp*"))  # written atomically
+    expected = list(load_traces(spec, tmp_path))
+    store = TraceStore(path)
+    assert len(store) == 50
+    assert [store[i] for i in (49, 0, 17)] == [expected[49], expected[0], expected[17]]
+    assert store[-1] == expected[-1] and store[10:12] == expected[10:12]
+    # another dataset section gets its own file; the same one maps to the same file
+    assert store_path(DatasetSpec(name="tinymath", max_samples=51), tmp_path) != path
+    assert store_path(DatasetSpec(name="tinymath", max_samples=50), tmp_path) == path

@@ -24,6 +24,7 @@ from ..training.model_setup import build_trainable, optimizer_for
 from ..training.order import batch_at
 from ..workspace import Workspace
 from .packing import pack
+from .trace_store import TraceStore, store_path, write_store
 from .traces import load_traces, tokenize
 
 
@@ -63,10 +64,16 @@ def run_sft(run: DistillationRun, workspace: Path, *, resume: bool = False,
     tokenizer = modeling.load_tokenizer(ws.resolve(student.tokenizer) if student.tokenizer else init,
                                         revision=None if student.tokenizer else student.revision,
                                         trust_remote_code=student.trust_remote_code)
-    try:
-        traces = list(load_traces(cfg.dataset, ws.root))
-    except FileNotFoundError as err:
-        raise SpecError(f"spec.sft.dataset: {err}; fix `path` (relative paths are taken from the workspace)") from None
+    store = store_path(cfg.dataset, ws.root)
+    if distributed.is_main() and not store.exists():
+        try:
+            n = write_store(load_traces(cfg.dataset, ws.root), store)
+        except FileNotFoundError as err:
+            raise SpecError(f"spec.sft.dataset: {err}; fix `path` (relative paths are taken from the "
+                            "workspace)") from None
+        log(f"sft: {n} traces written to {store}")
+    distributed.barrier()
+    traces = TraceStore(store)
     if not traces:
         raise SpecError("spec.sft.dataset: no trace ends with an assistant turn; check the dataset and format")
     log(f"sft: student {init}, {len(traces)} traces, {cfg.steps} steps x {cfg.batch_size} traces "
