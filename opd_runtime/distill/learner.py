@@ -1,8 +1,9 @@
 """The OPD learner loop (``opd distill``).
 
 Each step: sample ``samplesPerPrompt`` completions for ``promptsPerStep`` prompts from the current
-student -> the teacher scores exactly those tokens -> advantage = -klCoef * (student_lp - teacher_lp) on
-completion tokens -> importance-sampling (or PPO) loss -> one optimizer step. The next step samples
+student -> the teacher scores exactly those tokens -> the loss of ``spec.distill.loss`` on completion
+tokens (``importance_sampling`` or ``ppo`` on the advantage -klCoef * (student_lp - teacher_lp), or the
+full-distribution ``full_reverse_kl`` / ``full_forward_kl``) -> one optimizer step. The next step samples
 from the updated weights, so every sample is on-policy.
 """
 
