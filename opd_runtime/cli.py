@@ -114,10 +114,10 @@ def cmd_run(args) -> int:
         print(f"\nerror: {err}\n--- last lines of {err.log} ---\n{log_tail(err.log)}\n---\n"
               f"fix the cause, then continue with: {resume_cmd}", file=sys.stderr)
         return EXIT_BAD_CONFIG if err.returncode == EXIT_BAD_CONFIG else EXIT_RETRY
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:  # Ctrl-C, SIGTERM or SIGHUP (runner.Stopped): 128 + the signal
         print(f"\ninterrupted; the workdir keeps every finished stage and the last checkpoint. "
               f"Continue with: {resume_cmd}", file=sys.stderr)
-        return 130
+        return 128 + getattr(err, "signum", 2)
     return EXIT_OK
 
 
@@ -317,6 +317,7 @@ def _processes(command: str):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _stop_on_ctrl_c()
     from .preflight import TokenizerMismatch
     from .spec import SpecError
 
@@ -333,6 +334,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; the workspace keeps the last checkpoint (re-run with --resume)", file=sys.stderr)
         return 130
+
+
+def _stop_on_ctrl_c() -> None:
+    """SIGINT raises KeyboardInterrupt even when this process started with SIGINT ignored (a background
+    job of a script: Python then installs no handler), so a stage always stops on it, between steps."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 if __name__ == "__main__":

@@ -4,10 +4,20 @@ Each stage runs the command line ``plan.stage_command`` builds, the one the oper
 the run file copied into the workdir (the pod's /etc/opd/run.yaml) and the workdir as the workspace (the
 pod's PVC). Stages that finished (``results/<stage>.json`` exists) are skipped on ``--resume``; the
 unfinished one continues from its last checkpoint because every stage command carries ``--resume``.
+
+Stopping: Ctrl-C (SIGINT), SIGTERM (``kill``, ``timeout``, a cancelled CI job) and SIGHUP (the terminal
+closed) all stop the run the same way: the running stage gets SIGINT and stops between steps, and ``opd
+run`` exits with 128 + the signal's number. The handlers are installed explicitly, so this holds when
+``opd run`` was started with SIGINT ignored (a background job of a script). Each stage process gets
+SIGTERM if ``opd run`` dies without stopping it (``kill -9``): no orphan keeps writing the workdir. A lock
+on the workdir refuses a second concurrent ``opd run`` there, naming the first one's PID.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import fcntl
 import importlib.util
 import json
 import os
@@ -15,11 +25,13 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import yaml
 
@@ -29,8 +41,96 @@ from .workspace import Workspace
 
 RUN_FILE = "run.yaml"  # the run file as the stages read it
 STATE_FILE = "run-state.json"  # wall time and outcome of each stage, kept across resumes
+LOCK_FILE = ".opd-run.lock"  # held (flock) by the `opd run` using the workdir; holds its PID
 LOG_TAIL_LINES = 25
 TEACHER_START_TIMEOUT_S = 600.0
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class Stopped(KeyboardInterrupt):
+    """A stop signal arrived; handled exactly as Ctrl-C, and ``opd run`` exits with 128 + ``signum``."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(signal.Signals(signum).name)
+
+
+@contextmanager
+def stop_signals() -> Iterator[None]:
+    """SIGINT, SIGTERM and SIGHUP raise ``Stopped`` in the main thread while the block runs.
+
+    Explicit, because Python installs no SIGINT handler when it starts with SIGINT ignored (any
+    background job of a non-interactive shell), and SIGTERM/SIGHUP would otherwise end the process at
+    once, leaving its stage behind. Outside the main thread (where handlers cannot be set) nothing changes.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, _frame) -> None:
+        raise Stopped(signum)
+
+    previous = {sig: signal.signal(sig, stop) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+class WorkdirBusy(SpecError):
+    """Another ``opd run`` holds the workdir's lock (exit code 2, like a configuration error)."""
+
+
+@contextmanager
+def workdir_lock(workdir: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``workdir`` (flock on its lock file) for the block, or raise WorkdirBusy.
+
+    The kernel drops the lock when the holder exits however it exits, so a killed run never leaves a
+    stale lock. The file is kept (removing a lock file races with the next locker).
+    """
+    workdir.mkdir(parents=True, exist_ok=True)
+    f = open(workdir / LOCK_FILE, "a+")
+    try:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            if err.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            raise WorkdirBusy(f"--workdir {workdir}: another `opd run` (PID {holder}) is running in it; wait "
+                              f"for it to finish or stop it (kill -INT {holder}), then continue with --resume")
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        yield
+    finally:
+        f.close()
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent_fn() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that makes the child get SIGTERM when this process dies (Linux); None elsewhere.
+
+    libc is loaded here, before the fork, so the child only makes the call. If this process died between
+    the fork and the call, the child would never get the signal, so it checks its parent and exits.
+    """
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def die_with_parent() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return die_with_parent
 
 
 class StageFailed(RuntimeError):
@@ -131,7 +231,8 @@ class TeacherServer:
     def start(self, timeout_s: float = TEACHER_START_TIMEOUT_S) -> None:
         out = self.log.open("ab")
         self.proc = subprocess.Popen(list(self.cmd.argv), stdout=out, stderr=subprocess.STDOUT,
-                                     env=_child_env(self.cmd), start_new_session=True)
+                                     env=_child_env(self.cmd), start_new_session=True,
+                                     preexec_fn=_die_with_parent_fn())
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -162,9 +263,10 @@ def run_stage(cmd: StageCommand, log: Path, watch: Callable[[subprocess.Popen], 
     with log.open("ab") as out:
         out.write(f"$ {cmd.shell()}\n".encode())
         out.flush()
-        # its own session: a Ctrl-C reaches only this process, which passes it on exactly once
+        # its own session: a Ctrl-C reaches only this process, which passes it on exactly once; and it
+        # gets SIGTERM if this process dies without stopping it
         proc = subprocess.Popen(list(cmd.argv), stdout=out, stderr=subprocess.STDOUT, env=_child_env(cmd),
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=_die_with_parent_fn())
         try:
             watch(proc)
             return proc.wait()
@@ -191,12 +293,22 @@ class RunOptions:
 
 
 def run_all(opts: RunOptions, log: Callable[[str], None] = print) -> dict:
-    """Run every planned stage; returns the report summary. Raises StageFailed / SpecError / Ctrl-C."""
+    """Run every planned stage; returns the report summary.
+
+    Raises StageFailed, SpecError (WorkdirBusy when another run holds the workdir) or KeyboardInterrupt
+    (``Stopped`` for SIGINT, SIGTERM and SIGHUP).
+    """
+    with stop_signals():
+        run = load_run(opts.source)  # before anything heavy: a bad file fails in well under a second
+        teacher_mode = choose_teacher(run, opts.teacher)
+        with workdir_lock(opts.workdir):
+            return _run_all(opts, run, teacher_mode, log)
+
+
+def _run_all(opts: RunOptions, run: DistillationRun, teacher_mode: str, log: Callable[[str], None]) -> dict:
     from .progress import watcher_for
     from .report import write_report
 
-    run = load_run(opts.source)  # before anything heavy: a bad file fails in well under a second
-    teacher_mode = choose_teacher(run, opts.teacher)
     config = prepare_workdir(opts.source, opts.workdir, resume=opts.resume, teacher=teacher_mode)
     run = load_run(config)
     ws = Workspace(opts.workdir)

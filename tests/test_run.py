@@ -2,7 +2,8 @@
 
 Runs on the untrained tiny models of conftest (mechanics, not learning): SFT -> OPD -> eval as real
 subprocesses, an interrupted run continued with --resume, a failing stage, and bad files rejected before
-torch loads.
+torch loads. Runs that get signals start with SIGINT ignored, as every background job of a script does,
+so they show that ``opd run`` and its stages install their own handlers whatever started the suite.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import opd_env
+from conftest import opd_cmd, opd_env, write_run
 from opd_runtime.plan import stage_command
+from opd_runtime.runner import LOCK_FILE
 from opd_runtime.spec import load_run
 
 
@@ -45,6 +47,16 @@ def run_file(tmp_path: Path, world, *, distill_steps: int = 3, sft_dataset: dict
     return path
 
 
+def distill_run_file(tmp_path: Path, world, *, distill_steps: int) -> Path:
+    """A run of OPD and eval only (no SFT): what the signal tests stop in the middle of OPD."""
+    doc = yaml.safe_load(run_file(tmp_path, world, distill_steps=distill_steps).read_text())
+    doc["spec"].pop("sft")
+    doc["spec"]["eval"]["targets"] = ["student", "distill"]
+    path = tmp_path / "distill-only.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
 def opd_run(*args: str, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "opd_runtime", "run", *args, "--no-progress"],
                           capture_output=True, text=True, env=opd_env(), timeout=600, **kw)
@@ -53,6 +65,51 @@ def opd_run(*args: str, **kw) -> subprocess.CompletedProcess:
 def metric_steps(workdir: Path, stage: str) -> list[int]:
     lines = (workdir / "metrics" / f"{stage}.jsonl").read_text().splitlines()
     return [json.loads(ln)["step"] for ln in lines if ln.strip()]
+
+
+def ignore_sigint() -> None:
+    """``preexec_fn``: start with SIGINT ignored, as a background job of a non-interactive shell does (Python
+    then installs no KeyboardInterrupt handler of its own)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def start_run(src: Path, workdir: Path) -> subprocess.Popen:
+    """``opd run`` in the background, in its own session (a terminal's foreground job), SIGINT ignored."""
+    return subprocess.Popen([sys.executable, "-m", "opd_runtime", "run", str(src), "--workdir", str(workdir),
+                             "--teacher", "local", "--no-progress"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=opd_env(), start_new_session=True,
+                            preexec_fn=ignore_sigint)
+
+
+def wait_for_checkpoint(proc: subprocess.Popen, ckpt: Path, step: int, timeout: float = 300) -> None:
+    """Until ``ckpt`` holds step ``step`` (or a later one); fails if ``proc`` ends first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if ckpt.exists() and any(p.name.startswith("step-") and p.name >= f"step-{step:06d}"
+                                 for p in ckpt.iterdir()):
+            return
+        time.sleep(0.1)
+    out, err = ("", "") if proc.poll() is None else proc.communicate()
+    pytest.fail(f"no {ckpt.name} checkpoint {step} while the process ran (exit {proc.poll()}):\n{out}{err}")
+
+
+def _stat(pid: int) -> tuple[str, int] | None:
+    """(state, parent PID) from /proc/PID/stat; None once the process is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return None
+    return fields[0], int(fields[1])
+
+
+def children(pid: int) -> list[int]:
+    return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and (_stat(int(p.name)) or ("", 0))[1] == pid]
+
+
+def running(pid: int) -> bool:
+    """Alive and not a zombie (an exited child that nobody has reaped yet counts as gone)."""
+    st = _stat(pid)
+    return st is not None and st[0] not in ("Z", "X")
 
 
 def test_run_executes_every_stage_with_the_pod_commands_and_writes_a_report(tiny_world, tmp_path):
@@ -96,18 +153,11 @@ def test_run_executes_every_stage_with_the_pod_commands_and_writes_a_report(tiny
 
 
 def test_interrupted_run_resumes_without_redoing_finished_stages(tiny_world, tmp_path):
+    """Ctrl-C stops the run with 130 even though it started with SIGINT ignored; --resume continues it."""
     src = run_file(tmp_path, tiny_world, distill_steps=40)
     workdir = tmp_path / "work"
-    proc = subprocess.Popen([sys.executable, "-m", "opd_runtime", "run", str(src), "--workdir", str(workdir),
-                             "--teacher", "local", "--no-progress"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=opd_env(), start_new_session=True)
-    ckpt = workdir / "checkpoints" / "distill"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None:
-        if ckpt.exists() and any(p.name.startswith("step-") and p.name >= "step-000003" for p in ckpt.iterdir()):
-            break
-        time.sleep(0.1)
-    assert proc.poll() is None, "the run ended before it could be interrupted:\n" + proc.stderr.read()
+    proc = start_run(src, workdir)
+    wait_for_checkpoint(proc, workdir / "checkpoints" / "distill", 3)
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, out + err
@@ -126,6 +176,68 @@ def test_interrupted_run_resumes_without_redoing_finished_stages(tiny_world, tmp
     assert interrupted_at < 40
     assert "distill: resumed from" in (workdir / "logs" / "distill.log").read_text()
     assert (workdir / "results" / "eval.json").exists() and (workdir / "report.md").exists()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_sigterm_and_sighup_stop_the_run_as_ctrl_c_does_and_the_workdir_is_locked(tiny_world, tmp_path, sig):
+    """`kill`, `timeout`, a cancelled CI job (SIGTERM) or a closed terminal (SIGHUP): the stage stops between
+    steps as on Ctrl-C, no stage is left running, and a second run on the workdir is refused meanwhile."""
+    src = distill_run_file(tmp_path, tiny_world, distill_steps=500)
+    workdir = tmp_path / "work"
+    proc = start_run(src, workdir)
+    wait_for_checkpoint(proc, workdir / "checkpoints" / "distill", 1)
+    stages = children(proc.pid)
+    assert len(stages) == 1 and running(stages[0])
+
+    second = opd_run(str(src), "--workdir", str(workdir), "--teacher", "local", "--resume")
+    assert second.returncode == 2, second.stdout + second.stderr
+    assert f"another `opd run` (PID {proc.pid}) is running in it" in second.stderr
+    assert proc.poll() is None  # the first run went on
+
+    os.kill(proc.pid, sig)  # the run's process only, as kill and timeout do
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig, out + err
+    assert f"Continue with: opd run {src} --workdir {workdir} --resume" in err
+    assert not running(stages[0])
+    distill_log = (workdir / "logs" / "distill.log").read_text()
+    assert "interrupted; the workspace keeps the last checkpoint" in distill_log  # stopped by its SIGINT
+    assert json.loads((workdir / "run-state.json").read_text())["stages"]["distill"]["outcome"] == "interrupted"
+    assert not (workdir / "results" / "distill.json").exists()
+
+
+def test_a_killed_run_takes_its_stage_with_it_and_frees_the_workdir(tiny_world, tmp_path):
+    """kill -9 of `opd run` (no chance to clean up): the kernel's parent-death signal ends the stage."""
+    src = distill_run_file(tmp_path, tiny_world, distill_steps=500)
+    workdir = tmp_path / "work"
+    proc = start_run(src, workdir)
+    wait_for_checkpoint(proc, workdir / "checkpoints" / "distill", 1)
+    stages = children(proc.pid)
+    assert len(stages) == 1 and running(stages[0])
+    proc.kill()
+    proc.communicate(timeout=30)
+    deadline = time.monotonic() + 10
+    while running(stages[0]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not running(stages[0]), f"stage process {stages[0]} still runs after its `opd run` was killed"
+    import fcntl
+
+    with open(workdir / LOCK_FILE) as lock:  # the lock went with the killed run
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def test_a_stage_started_with_sigint_ignored_still_stops_on_sigint(tiny_world, tmp_path):
+    """`opd distill` run by hand or by a script in the background: Ctrl-C stops it with 130."""
+    config = write_run(tmp_path / "run.yaml", tiny_world.student, tiny_world.teacher, steps=500)
+    ws = tmp_path / "ws"
+    proc = subprocess.Popen(opd_cmd("distill", "--config", str(config), "--workspace", str(ws)),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=opd_env(),
+                            start_new_session=True, preexec_fn=ignore_sigint)
+    wait_for_checkpoint(proc, ws / "checkpoints" / "distill", 1)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, out[-3000:] + err[-3000:]
+    assert "interrupted; the workspace keeps the last checkpoint" in err
+    assert not (ws / "results" / "distill.json").exists()
 
 
 def test_failed_stage_stops_the_run_with_its_log_tail_and_the_resume_command(tiny_world, tmp_path):
