@@ -5,6 +5,8 @@ carries what the Dockerfiles copy; and `make images` failing clearly without an 
 from __future__ import annotations
 
 import fnmatch
+import os
+import shutil
 import importlib.util
 import re
 import shlex
@@ -20,15 +22,26 @@ PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 EXTRAS = PYPROJECT["project"]["optional-dependencies"]
 
 
+# Every instruction Docker's frontend knows (docs.docker.com/reference/dockerfile); the parser below accepts
+# any word, so an unknown one is what a broken continuation line looks like.
+KNOWN_INSTRUCTIONS = {"ADD", "ARG", "CMD", "COPY", "ENTRYPOINT", "ENV", "EXPOSE", "FROM", "HEALTHCHECK", "LABEL",
+                      "MAINTAINER", "ONBUILD", "RUN", "SHELL", "STOPSIGNAL", "USER", "VOLUME", "WORKDIR"}
+DOCKERFILES = ["operator", "runtime-cpu", "runtime-gpu"]
+
+
+def parsed(name: str):
+    """images/<name>/Dockerfile through Docker's own parser (BuildKit's, via the `dockerfile` package)."""
+    import dockerfile
+
+    return dockerfile.parse_file(str(IMAGES / name / "Dockerfile"))
+
+
 def instructions(name: str) -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) of images/<name>/Dockerfile, continuation lines joined, comments dropped."""
-    text = (IMAGES / name / "Dockerfile").read_text()
-    text = re.sub(r"\\\n", " ", "\n".join(ln for ln in text.splitlines() if not ln.lstrip().startswith("#")))
+    """(INSTRUCTION, arguments as written) of images/<name>/Dockerfile, as Docker's parser splits them."""
     out = []
-    for line in text.splitlines():
-        if line.strip():
-            word, _, rest = line.strip().partition(" ")
-            out.append((word.upper(), rest.strip()))
+    for cmd in parsed(name):
+        _word, _, rest = cmd.original.partition(" ")
+        out.append((cmd.cmd.upper(), re.sub(r"\s+", " ", rest).strip()))
     return out
 
 
@@ -52,7 +65,16 @@ def run_lines(name: str) -> str:
     return "\n".join(rest for word, rest in instructions(name) if word == "RUN")
 
 
-@pytest.mark.parametrize("name", ["operator", "runtime-cpu", "runtime-gpu"])
+@pytest.mark.parametrize("name", DOCKERFILES)
+def test_every_line_is_a_known_instruction(name):
+    """A comment line that lost its `#` parses as an instruction named by its first word: Docker stops there."""
+    for cmd in parsed(name):
+        assert cmd.cmd.upper() in KNOWN_INSTRUCTIONS, (
+            f"images/{name}/Dockerfile line {cmd.start_line}: unknown instruction {cmd.cmd!r} "
+            f"(a comment line without `#`?): {cmd.original[:80]}")
+
+
+@pytest.mark.parametrize("name", DOCKERFILES)
 def test_base_images_are_pinned_and_users_are_not_root(name):
     for image in base_images(name):
         repo, _, tag = image.rpartition(":")
@@ -107,19 +129,10 @@ def test_operator_image_is_slim_without_torch():
     assert importlib.util.find_spec("opd_operator.__main__") is not None
 
 
-@pytest.mark.parametrize("name", ["operator", "runtime-cpu", "runtime-gpu"])
+@pytest.mark.parametrize("name", DOCKERFILES)
 def test_build_context_carries_what_the_dockerfile_copies(name):
-    patterns = [ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines()
-                if ln.strip() and not ln.startswith("#")]
-
     def included(rel: str) -> bool:
-        keep = True
-        for pat in patterns:
-            neg = pat.startswith("!")
-            pat = pat.lstrip("!").rstrip("/")
-            if fnmatch.fnmatch(rel, pat) or rel.startswith(pat + "/") or fnmatch.fnmatch(rel, pat + "/*"):
-                keep = neg
-        return keep
+        return not dockerignored(rel)
 
     copies = [rest for word, rest in instructions(name) if word == "COPY" and "--from" not in rest]
     assert copies
@@ -151,3 +164,67 @@ def test_kind_e2e_script_is_wired_and_parses():
         assert step in text, step
     make = subprocess.run(["make", "-n", "kind-e2e"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert "images/kind-e2e.sh" in make
+
+
+def dockerignored(rel: str) -> bool:
+    """Whether .dockerignore keeps ``rel`` (a path relative to the repository root) out of the build context.
+
+    Docker's rules: patterns in order, the last match wins, `!` re-includes, a directory's pattern covers
+    everything below it."""
+    patterns = [ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines()
+                if ln.strip() and not ln.startswith("#")]
+    excluded = False
+    for pat in patterns:
+        neg = pat.startswith("!")
+        pat = pat.lstrip("!").rstrip("/")
+        parts = rel.split("/")
+        if any(fnmatch.fnmatch("/".join(parts[:i]), pat) for i in range(1, len(parts) + 1)):
+            excluded = not neg
+    return excluded
+
+
+def build_context(dest: Path) -> None:
+    """Copy what `docker build .` would send (the working tree filtered by .dockerignore) into ``dest``."""
+    for top in ROOT.iterdir():
+        if dockerignored(top.name):
+            continue
+        for path in [top] if top.is_file() else sorted(top.rglob("*")):
+            rel = path.relative_to(ROOT).as_posix()
+            if path.is_file() and not dockerignored(rel):
+                (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(path, dest / rel)
+
+
+@pytest.mark.slow
+def test_operator_image_install_step_runs_in_a_scratch_environment(tmp_path):
+    """The operator image's build-stage RUN, executed here on its COPY'd context only: the extras resolve from
+    PyPI, the package builds from exactly what the Dockerfile copies, and torch stays out.
+
+    The runtime images' install steps cannot run here: runtime-cpu resolves torch from PyTorch's CPU index
+    (not reachable from this machine) and runtime-gpu starts from the vLLM CUDA image.
+    """
+    context, workdir, prefix = tmp_path / "context", tmp_path / "src", tmp_path / "opt-opd"
+    context.mkdir()
+    workdir.mkdir()
+    build_context(context)
+    stage = instructions("operator")
+    stage = stage[: [i for i, (w, _) in enumerate(stage) if w == "FROM"][1]]  # the `build` stage
+    for word, rest in stage:
+        if word == "COPY":
+            *sources, dest = shlex.split(rest)
+            for src in sources:
+                target = workdir / dest if dest not in ("./", ".") else workdir
+                if (context / src).is_dir():
+                    shutil.copytree(context / src, workdir / dest)
+                else:
+                    shutil.copy2(context / src, target)
+    (run,) = [rest for word, rest in stage if word == "RUN"]
+    assert "/opt/opd" in run
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VIRTUAL_ENV", "PYTHON"))}
+    env.update(PIP_DISABLE_PIP_VERSION_CHECK="1", PIP_NO_CACHE_DIR="1")
+    proc = subprocess.run(["bash", "-c", run.replace("/opt/opd", str(prefix))], cwd=workdir, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    check = subprocess.run([str(prefix / "bin" / "python"), "-c", "import opd_operator.handlers, kopf"],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert check.returncode == 0, check.stderr[-2000:]
