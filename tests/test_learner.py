@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 
 from conftest import free_port, opd_cmd, opd_env, write_run
 from opd_runtime import cli, modeling, tinymath
-from opd_runtime.distill.learner import run_distill, train_on_samples
+from opd_runtime.distill.learner import micro_batches, run_distill, train_on_samples
 from opd_runtime.distill.teacher import LocalTeacher
 from opd_runtime.generation import Sample, sample
 from opd_runtime.spec import DistillSpec, load_run
@@ -341,6 +341,49 @@ def test_only_completion_tokens_carry_loss(tiny_world, student_and_samples, loss
     _, grads_pad = grads_of(model, noisy, teacher_lp, cfg, tok.convert_tokens_to_ids("<think>"), teacher)
     for n in grads:
         assert torch.allclose(grads[n], grads_pad[n], rtol=1e-5, atol=1e-8), f"{n}: depends on the pad id"
+
+
+@pytest.mark.parametrize("loss", ["full_forward_kl", "full_reverse_kl"])
+def test_local_teacher_runs_once_per_micro_batch_for_full_kl(tiny_world, student_and_samples, loss):
+    """A local teacher with a full-distribution loss: no separate ``score`` pass; one teacher forward per
+    micro-batch gives both its distributions and the sampled tokens' log-probs, and the step is the same
+    as with the log-probs scored beforehand."""
+    tok, model, samples = student_and_samples
+    teacher = LocalTeacher(modeling.load_causal_lm(str(tiny_world.other_student), dtype="float32"))
+    cfg = spec(loss=loss)
+    scored = teacher.score(samples)
+    teacher.forwards = 0
+    stats_a, grads_a = grads_of(model, samples, scored, cfg, tok.pad_token_id, teacher)
+    micro = len(micro_batches(samples, cfg))
+    assert micro == 3 and teacher.forwards == micro
+    teacher.forwards = 0
+    stats_b, grads_b = grads_of(model, samples, None, cfg, tok.pad_token_id, teacher)
+    assert teacher.forwards == micro  # not one more for scoring
+    assert stats_b.reverse_kl == pytest.approx(stats_a.reverse_kl, rel=1e-5) and abs(stats_a.reverse_kl) > 1e-3
+    assert stats_b.loss == pytest.approx(stats_a.loss, rel=1e-6)
+    for n in grads_a:
+        assert torch.equal(grads_a[n], grads_b[n]), n
+
+
+@pytest.mark.parametrize("loss", ["importance_sampling", "full_reverse_kl"])
+def test_token_budget_micro_batches_leave_the_step_unchanged(tiny_world, student_and_samples, loss):
+    tok, model, samples = student_and_samples
+    teacher = LocalTeacher(modeling.load_causal_lm(str(tiny_world.other_student), dtype="float32"))
+    teacher_lp = teacher.score(samples)
+    lengths = sorted(len(s.prompt_ids) + len(s.completion_ids) for s in samples)
+    by_count = spec(loss=loss, micro_batch_size=6)
+    by_tokens = spec(loss=loss, micro_batch_size=6, max_tokens_per_micro_batch=2 * lengths[-1])
+    groups = micro_batches(samples, by_tokens)
+    assert len(micro_batches(samples, by_count)) == 1 and len(groups) >= 3  # the budget really splits the step
+    for g in groups:  # rows x longest row within the budget
+        assert len(g) * max(len(samples[i].prompt_ids) + len(samples[i].completion_ids) for i in g) <= 2 * lengths[-1]
+    stats_a, grads_a = grads_of(model, samples, teacher_lp, by_count, tok.pad_token_id, teacher)
+    stats_b, grads_b = grads_of(model, samples, teacher_lp, by_tokens, tok.pad_token_id, teacher)
+    assert stats_a.completion_tokens == stats_b.completion_tokens
+    for field in ("loss", "reverse_kl", "entropy"):
+        assert getattr(stats_b, field) == pytest.approx(getattr(stats_a, field), rel=1e-5, abs=1e-7), field
+    for n in grads_a:
+        assert torch.allclose(grads_a[n], grads_b[n], rtol=1e-4, atol=1e-7), n
 
 
 # --- g.: the sampler's behaviour log-probs are the trainer's log-probs --------------------------------

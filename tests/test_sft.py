@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from opd_runtime import modeling
 from opd_runtime.sft.packing import first_fit, pack
+from opd_runtime.training.batches import length_groups
 from opd_runtime.sft.trainer import micro_batch_nll, run_sft
 from opd_runtime.sft.traces import Trace, load_traces, tokenize
 from opd_runtime.spec import DatasetSpec, parse_run
@@ -63,26 +64,91 @@ def test_first_fit_respects_capacity():
     assert all(sum([5, 4, 3, 3, 2, 7][i] for i in r) <= 8 for r in rows)
 
 
+LENGTHS = [40, 3, 17, 17, 90, 5, 33, 8, 61, 2, 12, 25]
+
+
+@pytest.mark.parametrize("packed", [True, False])
+@pytest.mark.parametrize("budget", [None, 64, 100])
+def test_token_budget_micro_batches(packed, budget):
+    groups = length_groups(LENGTHS, max_count=4, max_tokens=budget, packed=packed)
+    assert sorted(i for g in groups for i in g) == list(range(len(LENGTHS)))  # each exactly once
+    for g in groups:
+        assert 1 <= len(g) <= 4
+        cost = sum(LENGTHS[i] for i in g) if packed else max(LENGTHS[i] for i in g) * len(g)
+        if budget is not None and len(g) > 1:
+            assert cost <= budget, (g, cost)
+    if budget == 64:  # the 90-token sequence exceeds the budget and sits alone
+        assert [4] in groups
+    if not packed:  # grouped longest first: a micro-batch never mixes lengths around another's
+        spans = [(min(LENGTHS[i] for i in g), max(LENGTHS[i] for i in g)) for g in groups]
+        assert all(hi_b <= lo_a for (lo_a, _), (_, hi_b) in zip(spans, spans[1:]))
+    if budget is None:  # the count cap alone: 12 sequences, 4 per micro-batch
+        assert len(groups) == 3
+
+
 def test_packed_rows_compute_what_separate_traces_compute(tiny_world):
     model = modeling.load_causal_lm(str(tiny_world.teacher), dtype="float32").eval()
     examples = [([1, 5, 9, 2], [7, 8, 2]), ([1, 4], [6, 6, 6, 2]), ([1, 3, 3, 3, 3], [2])]
     capacity = 13  # two traces share a row, the third sits in a padded row of its own
     rows = pack(examples, capacity=capacity, pad_id=0)
+    assert not hasattr(rows, "attention_mask_B1TT")  # no O(T^2) mask is built: only restarted positions
     layout = first_fit([len(p) + len(c) for p, c in examples], capacity)
     assert rows.input_ids_BT.shape[0] == len(layout) == 2
     with torch.no_grad():
-        packed = model(input_ids=rows.input_ids_BT, position_ids=rows.position_ids_BT,
-                       attention_mask=rows.attention_mask_B1TT).logits
+        # what the SFT stage passes: position ids, no attention mask, no cache
+        packed = model(input_ids=rows.input_ids_BT, position_ids=rows.position_ids_BT, use_cache=False).logits
+        # the same row with running positions (no restarts): the traces see each other, so the check can fail
+        mixed = model(input_ids=rows.input_ids_BT, use_cache=False).logits
         for b, row in enumerate(layout):
             at = 0
-            for i in row:
+            for k, i in enumerate(row):
                 p, c = examples[i]
                 alone = model(input_ids=torch.tensor([p + c])).logits[0]
                 assert torch.allclose(packed[b, at: at + len(p) + len(c)], alone, atol=1e-5)
+                if k > 0:
+                    assert not torch.allclose(mixed[b, at: at + len(p) + len(c)], alone, atol=1e-3)
                 at += len(p) + len(c)
-        nll_packed = micro_batch_nll(model, examples, packing=True, capacity=capacity, pad_id=0)
-        nll_padded = micro_batch_nll(model, examples, packing=False, capacity=capacity, pad_id=0)
-    assert nll_packed.item() == pytest.approx(nll_padded.item(), rel=1e-5)
+    # the SFT loss: one packed row == one padded row per trace, values and gradients
+    model.train()
+    grads = {}
+    for packing in (True, False):
+        model.zero_grad(set_to_none=True)
+        nll = micro_batch_nll(model, examples, packing=packing, pad_id=0)
+        nll.backward()
+        grads[packing] = (nll.item(), {n: p.grad.clone() for n, p in model.named_parameters()})
+    assert grads[True][0] == pytest.approx(grads[False][0], rel=1e-5)
+    for n, g in grads[True][1].items():
+        assert torch.allclose(g, grads[False][1][n], rtol=1e-4, atol=1e-6), n
+    model.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_token_budget_leaves_the_step_loss_unchanged(tiny_world, packing):
+    """The step's summed NLL and gradients over token-budget micro-batches equal those of count-based ones."""
+    from opd_runtime.sft.trainer import micro_batches
+    from opd_runtime.spec.stages import SftSpec
+
+    model = modeling.load_causal_lm(str(tiny_world.student), dtype="float32").train()
+    gen = torch.Generator().manual_seed(0)
+    examples = [([1] + torch.randint(3, 60, (int(n) % 7 + 1,), generator=gen).tolist(),
+                 torch.randint(3, 60, (int(n),), generator=gen).tolist() + [2])
+                for n in torch.randint(1, 40, (10,), generator=gen)]
+    results = []
+    for budget in (None, 48):
+        cfg = SftSpec(dataset={"name": "tinymath"}, micro_batch_size=4, max_tokens_per_micro_batch=budget,
+                      packing=packing)
+        groups = micro_batches(examples, cfg)
+        assert (len(groups) == 3) == (budget is None)
+        model.zero_grad(set_to_none=True)
+        total = 0.0
+        for g in groups:
+            nll = micro_batch_nll(model, [examples[i] for i in g], packing=packing, pad_id=0)
+            nll.backward()
+            total += nll.item()
+        results.append((total, {n: p.grad.clone() for n, p in model.named_parameters()}))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-5)
+    for n, g in results[0][1].items():
+        assert torch.allclose(g, results[1][1][n], rtol=1e-4, atol=1e-6), n
 
 
 class Stop(Exception):

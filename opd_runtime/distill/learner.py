@@ -23,14 +23,14 @@ from ..grading import is_correct_integer
 from ..metrics import MetricsSink, NullSink
 from ..preflight import compare_tokenizers, TokenizerMismatch
 from ..spec import DistillationRun, DistillSpec, SpecError
-from ..training import checkpoint, distributed
-from ..training.batches import prompt_ids, right_pad, token_logprobs
+from ..training import activations, checkpoint, chunked, distributed
+from ..training.batches import length_groups, prompt_ids, right_pad
 from ..training.loop import end_step, finish_stage, optimizer_step
 from ..training.model_setup import build_trainable, optimizer_for
 from ..training.order import batch_at
 from ..workspace import Workspace
 from . import loss as L
-from .teacher import LocalTeacher, Teacher
+from .teacher import LocalTeacher, Teacher, TeacherHidden
 
 
 @dataclass
@@ -51,47 +51,88 @@ def init_model_path(run: DistillationRun, ws: Workspace) -> str:
     return ws.resolve(spec.student.model)
 
 
-def train_on_samples(model, samples: Sequence[Sample], teacher_logprobs: Sequence[Sequence[float]],
-                     cfg: DistillSpec, pad_id: int, teacher=None, *,
+FULL_KL = {"full_reverse_kl": "reverse", "full_forward_kl": "forward"}
+
+
+def micro_batches(samples: Sequence[Sample], cfg: DistillSpec) -> list[list[int]]:
+    """Indices of the samples per micro-batch: right-padded rows grouped by length, at most
+    ``microBatchSize`` sequences and ``maxTokensPerMicroBatch`` padded tokens each."""
+    return length_groups([len(s.prompt_ids) + len(s.completion_ids) for s in samples],
+                         max_count=cfg.micro_batch_size, max_tokens=cfg.max_tokens_per_micro_batch)
+
+
+def _teacher_rows(targets, sel_BT: torch.Tensor, dev) -> chunked.TeacherRows:
+    """The teacher's distributions at the selected positions (those that predict a completion token)."""
+    if isinstance(targets, TeacherHidden):
+        return chunked.DenseTeacherRows(targets.hidden_BTD[:, :-1][sel_BT.to(targets.hidden_BTD.device)],
+                                        targets.head)
+    return chunked.TopKRows(targets.ids_BTK[:, :-1].to(dev)[sel_BT], targets.logprobs_BTK[:, :-1].to(dev)[sel_BT],
+                            targets.valid_BTK[:, :-1].to(dev)[sel_BT])
+
+
+def train_on_samples(model, samples: Sequence[Sample], teacher_logprobs: Sequence[Sequence[float]] | None,
+                     cfg: DistillSpec, pad_id: int, teacher: Teacher | None = None, *,
                      total_tokens: int | None = None) -> StepStats:
     """Accumulate gradients of the OPD loss over micro-batches of the step's samples (no optimizer step).
 
     Loss, reverse KL and entropy are divided by ``total_tokens``, the completion tokens of the whole
     step over all processes (default: these samples' own), so the processes' values and gradients sum
     to the whole step's; ``completion_tokens`` counts these samples only.
+
+    ``teacher_logprobs`` (the teacher's log-prob of each completion token) may be None with a
+    full-distribution loss and a teacher whose ``kl_targets`` carry them (a local teacher): they are
+    then read from the same teacher forward that gives the distributions, one per micro-batch.
+
+    Each micro-batch: one forward of the student to its final hidden states (right-padded rows, no
+    attention mask), then every per-token value (log-probs, entropy, full KL) from the positions that
+    predict a completion token, a chunk of tokens at a time (``training.chunked``).
     """
     dev = next(model.parameters()).device
     n_tokens = sum(len(s.completion_ids) for s in samples)
     normalizer = float(max(n_tokens if total_tokens is None else total_tokens, 1))
+    kl_kind = FULL_KL.get(cfg.loss)
+    if kl_kind is None and teacher_logprobs is None:
+        raise ValueError(f"loss {cfg.loss} needs the teacher's log-probs of the sampled tokens")
+    if kl_kind is not None and teacher is None:
+        raise ValueError(f"loss {cfg.loss} needs the teacher's distributions")
+    head = chunked.output_head(model)
     total_loss = total_kl = total_entropy = 0.0
-    for start in range(0, len(samples), cfg.micro_batch_size):
-        chunk = samples[start: start + cfg.micro_batch_size]
+    for group in micro_batches(samples, cfg):
+        chunk = [samples[i] for i in group]
         batch = right_pad([s.prompt_ids for s in chunk], [s.completion_ids for s in chunk], pad_id)
         old_lp_BT = torch.zeros_like(batch.loss_mask_BT)
         teacher_lp_BT = torch.zeros_like(batch.loss_mask_BT)
-        for i, s in enumerate(chunk):
+        for b, (i, s) in enumerate(zip(group, chunk)):
             p, c = len(s.prompt_ids), len(s.completion_ids)
-            old_lp_BT[i, p: p + c] = torch.tensor(s.logprobs)
-            teacher_lp_BT[i, p: p + c] = torch.tensor(teacher_logprobs[start + i])
+            old_lp_BT[b, p: p + c] = torch.tensor(s.logprobs)
+            if teacher_logprobs is not None:
+                teacher_lp_BT[b, p: p + c] = torch.tensor(teacher_logprobs[i])
         mask_BT = batch.loss_mask_BT.to(dev)
         old_lp_BT, teacher_lp_BT = old_lp_BT.to(dev), teacher_lp_BT.to(dev)
-        ids = batch.input_ids_BT.to(dev)
-        logits = model(input_ids=ids, attention_mask=batch.attention_mask_BT.to(dev)).logits
-        new_lp_BT = token_logprobs(logits, ids, temperature=cfg.temperature)
-        adv_BT = L.advantages(old_lp_BT, teacher_lp_BT, mask_BT, kl_coef=cfg.kl_coef, discount=cfg.discount)
-        if cfg.loss in ("full_reverse_kl", "full_forward_kl"):
-            teacher_BTV = teacher.distributions(batch.input_ids_BT, batch.attention_mask_BT)
-            fn = L.full_reverse_kl_loss if cfg.loss == "full_reverse_kl" else L.full_forward_kl_loss
-            loss = fn(logits / cfg.temperature, teacher_BTV, mask_BT, normalizer)
+        ids_BT = batch.input_ids_BT.to(dev)
+        sel_BT = chunked.select_predicting(mask_BT)  # (B, T-1): position t predicts completion token t+1
+        rows = _teacher_rows(teacher.kl_targets(batch.input_ids_BT, batch.attention_mask_BT), sel_BT, dev) \
+            if kl_kind is not None else None
+        hidden_BTD = chunked.final_hidden_states(model, ids_BT)
+        terms = chunked.token_terms(hidden_BTD[:, :-1][sel_BT], head, ids_BT[:, 1:][sel_BT],
+                                    temperature=cfg.temperature, entropy=True, kl=kl_kind, teacher=rows)
+        if teacher_logprobs is None:  # read from the teacher's forward above
+            teacher_lp_BT[:, 1:][sel_BT] = terms.teacher_logprobs_N.to(teacher_lp_BT.dtype)
+        adv_N = L.advantages(old_lp_BT, teacher_lp_BT, mask_BT, kl_coef=cfg.kl_coef,
+                             discount=cfg.discount)[:, 1:][sel_BT]
+        old_lp_N = old_lp_BT[:, 1:][sel_BT]
+        ones_N = torch.ones_like(old_lp_N)  # every selected position carries the loss
+        if kl_kind is not None:
+            loss = terms.kl_N.sum() / normalizer
         elif cfg.loss == "ppo":
-            loss = L.ppo_loss(new_lp_BT, old_lp_BT, adv_BT, mask_BT, normalizer, clip=cfg.ppo_clip)
+            loss = L.ppo_loss(terms.logprobs_N, old_lp_N, adv_N, ones_N, normalizer, clip=cfg.ppo_clip)
         else:
-            loss = L.importance_sampling_loss(new_lp_BT, old_lp_BT, adv_BT, mask_BT, normalizer)
+            loss = L.importance_sampling_loss(terms.logprobs_N, old_lp_N, adv_N, ones_N, normalizer)
         loss.backward()
         with torch.no_grad():
             total_loss += float(loss)
             total_kl += float(L.per_token_reverse_kl(old_lp_BT, teacher_lp_BT, mask_BT).sum())
-            total_entropy += float(L.masked_entropy_sum(logits.detach() / cfg.temperature, mask_BT))
+            total_entropy += float(terms.entropy_N.sum())
     return StepStats(total_loss, total_kl / normalizer, total_entropy / normalizer, n_tokens)
 
 
@@ -100,7 +141,9 @@ def _teacher(run: DistillationRun, ws: Workspace, cfg: DistillSpec) -> Teacher:
     if t.backend == "local":
         model = modeling.load_causal_lm(ws.resolve(t.model), dtype=t.dtype, revision=t.revision,
                                         trust_remote_code=t.trust_remote_code)
-        return LocalTeacher(model, micro_batch_size=max(cfg.micro_batch_size, 32))
+        activations.use_fast_attention(model)
+        return LocalTeacher(model, micro_batch_size=max(cfg.micro_batch_size, 32),
+                            max_tokens_per_micro_batch=cfg.max_tokens_per_micro_batch)
     from .server_teacher import ServerTeacher
 
     s = t.serving
@@ -174,6 +217,8 @@ def run_distill(run: DistillationRun, workspace: Path, *, resume: bool = False,
     model = build_trainable(init, cfg.lora, student.dtype, existing,
                             revision=None if from_checkpoint else student.revision,
                             trust_remote_code=student.trust_remote_code)
+    activations.use_gradient_checkpointing(model, cfg.gradient_checkpointing)
+    activations.use_fast_attention(model, log)
     distributed.broadcast_parameters(model)
     model.train()
     teacher = _teacher(run, ws, cfg)
@@ -202,7 +247,9 @@ def run_distill(run: DistillationRun, workspace: Path, *, resume: bool = False,
         samples = sampler(model, tokenizer, prompts, n=cfg.samples_per_prompt, temperature=cfg.temperature,
                           max_new_tokens=cfg.max_new_tokens, batch_size=cfg.sampler.batch_size)
         t1 = time.perf_counter()
-        teacher_lp = teacher.score(samples)
+        # a local teacher with a full-distribution loss runs once per micro-batch inside train_on_samples,
+        # giving the distributions and these log-probs together; otherwise it scores the step's samples here
+        teacher_lp = None if cfg.loss in FULL_KL and teacher.scores_from_kl_targets else teacher.score(samples)
         t2 = time.perf_counter()
         n_tokens = int(distributed.all_sum(sum(len(s.completion_ids) for s in samples))[0])
         stats = train_on_samples(model, samples, teacher_lp, cfg, pad_id, teacher, total_tokens=n_tokens)

@@ -79,26 +79,58 @@ class TopKLogprobs:
     valid_BTK: torch.Tensor  # bool
 
 
-def _coarsened(student_logits_BTV: torch.Tensor, teacher: TopKLogprobs):
+def _coarsened(student_logp_NV: torch.Tensor, ids_NK: torch.Tensor, teacher_lp_NK: torch.Tensor,
+               valid_NK: torch.Tensor):
     """Student and teacher distributions over {the teacher's listed tokens} + one "any other token" outcome.
 
-    Returns (student log-probs of the listed tokens, teacher log-probs of them, validity, whether any token
-    is left over, student log-prob of the rest, teacher probability of the rest), all for positions :-1,
-    with every value finite so that no -inf * 0 makes a NaN (in the loss or its gradient).
+    From the student's full log-probs at N positions and the teacher's top-k there, returns (student
+    log-probs of the listed tokens, teacher log-probs of them, validity, whether any token is left over,
+    student log-prob of the rest, teacher probability of the rest), with every value finite so that no
+    -inf * 0 makes a NaN (in the loss or its gradient).
     """
-    logits_BTV = student_logits_BTV[:, :-1].float()
-    ids_BTK, valid_BTK = teacher.ids_BTK[:, :-1].to(logits_BTV.device), teacher.valid_BTK[:, :-1].to(logits_BTV.device)
-    lse_BT = torch.logsumexp(logits_BTV, dim=-1)
-    s_top_BTK = logits_BTV.gather(-1, ids_BTK) - lse_BT[..., None]
-    t_top_BTK = torch.where(valid_BTK, teacher.logprobs_BTK[:, :-1].to(logits_BTV.device).float(), 0.0)
-    # the student's mass on everything else, computed from its logits (exact, unlike 1 - sum p)
-    listed_BTV = torch.zeros_like(logits_BTV).scatter_reduce(-1, ids_BTK, valid_BTK.float(), reduce="amax") > 0
-    rest_empty_BT = listed_BTV.all(-1)
-    lse_rest_BT = torch.logsumexp(logits_BTV.masked_fill(listed_BTV, -1e30), dim=-1)
-    s_rest_BT = torch.where(rest_empty_BT, 0.0, lse_rest_BT - lse_BT)
-    t_mass_BT = (t_top_BTK.double().exp() * valid_BTK).sum(-1)
-    t_rest_BT = torch.where(rest_empty_BT, 0.0, (1.0 - t_mass_BT).clamp(min=0.0).float())
-    return s_top_BTK, t_top_BTK, valid_BTK.float(), (~rest_empty_BT).float(), s_rest_BT, t_rest_BT
+    ids_NK, valid_NK = ids_NK.to(student_logp_NV.device), valid_NK.to(student_logp_NV.device)
+    s_top_NK = student_logp_NV.gather(-1, ids_NK)
+    t_top_NK = torch.where(valid_NK, teacher_lp_NK.to(student_logp_NV.device).float(), 0.0)
+    # the student's mass on everything else, computed from its log-probs (exact, unlike 1 - sum p)
+    # amax: an id listed both as a valid entry and as a padding placeholder stays listed
+    listed_NV = torch.zeros_like(student_logp_NV).scatter_reduce(-1, ids_NK, valid_NK.float(), reduce="amax") > 0
+    rest_empty_N = listed_NV.all(-1)
+    s_rest_N = torch.where(rest_empty_N, 0.0, torch.logsumexp(student_logp_NV.masked_fill(listed_NV, -1e30), dim=-1))
+    t_mass_N = (t_top_NK.double().exp() * valid_NK).sum(-1)
+    t_rest_N = torch.where(rest_empty_N, 0.0, (1.0 - t_mass_N).clamp(min=0.0).float())
+    return s_top_NK, t_top_NK, valid_NK.float(), (~rest_empty_N).float(), s_rest_N, t_rest_N
+
+
+def dense_kl_per_token(student_logp_NV: torch.Tensor, teacher_logp_NV: torch.Tensor, kind: str) -> torch.Tensor:
+    """KL between two full next-token distributions at each of N positions (N,).
+
+    ``reverse``: KL(student || teacher) = sum_v p_s (log p_s - log p_t); ``forward``: KL(teacher || student).
+    """
+    if kind == "reverse":
+        return (student_logp_NV.exp() * (student_logp_NV - teacher_logp_NV)).sum(-1)
+    return (teacher_logp_NV.exp() * (teacher_logp_NV - student_logp_NV)).sum(-1)
+
+
+def topk_kl_per_token(student_logp_NV: torch.Tensor, ids_NK: torch.Tensor, teacher_lp_NK: torch.Tensor,
+                      valid_NK: torch.Tensor, kind: str) -> torch.Tensor:
+    """The same KL with a served teacher's top-k: over the listed tokens plus one "any other token" outcome."""
+    s_top, t_top, valid, has_rest, s_rest, t_rest = _coarsened(student_logp_NV, ids_NK, teacher_lp_NK, valid_NK)
+    if kind == "reverse":
+        kl_N = (valid * s_top.exp() * (s_top - t_top)).sum(-1)
+        return kl_N + has_rest * s_rest.exp() * (s_rest - torch.log(t_rest.clamp(min=TAIL_FLOOR)))
+    kl_N = (valid * t_top.exp() * (t_top - s_top)).sum(-1)
+    return kl_N + torch.special.xlogy(t_rest, t_rest) - t_rest * s_rest
+
+
+def _dense_reference_kl(student_logits_BTV: torch.Tensor, teacher: torch.Tensor | TopKLogprobs,
+                        mask_BT: torch.Tensor, normalizer: float, kind: str) -> torch.Tensor:
+    logp_s_BTV = torch.log_softmax(student_logits_BTV[:, :-1].float(), dim=-1)
+    if isinstance(teacher, TopKLogprobs):
+        kl_BT = topk_kl_per_token(logp_s_BTV, teacher.ids_BTK[:, :-1], teacher.logprobs_BTK[:, :-1],
+                                  teacher.valid_BTK[:, :-1], kind)
+    else:
+        kl_BT = dense_kl_per_token(logp_s_BTV, teacher[:, :-1].float().to(logp_s_BTV.device), kind)
+    return (torch.nn.functional.pad(kl_BT, (1, 0)) * mask_BT).sum() / normalizer
 
 
 def full_reverse_kl_loss(student_logits_BTV: torch.Tensor, teacher_logprobs_BTV: torch.Tensor | TopKLogprobs,
@@ -110,15 +142,11 @@ def full_reverse_kl_loss(student_logits_BTV: torch.Tensor, teacher_logprobs_BTV:
     the one token sampled there, which removes the estimator's variance. With a dense teacher (a local
     model) the sum runs over the whole vocabulary; with a served teacher's ``TopKLogprobs`` it runs over
     the listed tokens plus one "any other token" outcome (see ``_coarsened``).
+
+    This is the dense reference (full (B, T, V) logits in fp32): small models and tests only. The learner
+    computes the same per-token values chunk by chunk from hidden states (``training.chunked``).
     """
-    if isinstance(teacher_logprobs_BTV, TopKLogprobs):
-        s_top, t_top, valid, has_rest, s_rest, t_rest = _coarsened(student_logits_BTV, teacher_logprobs_BTV)
-        kl_BT = (valid * s_top.exp() * (s_top - t_top)).sum(-1)
-        kl_BT = kl_BT + has_rest * s_rest.exp() * (s_rest - torch.log(t_rest.clamp(min=TAIL_FLOOR)))
-        return (torch.nn.functional.pad(kl_BT, (1, 0)) * mask_BT).sum() / normalizer
-    logp_s = torch.log_softmax(student_logits_BTV[:, :-1].float(), dim=-1)
-    kl_BT = (logp_s.exp() * (logp_s - teacher_logprobs_BTV[:, :-1].float())).sum(-1)
-    return (torch.nn.functional.pad(kl_BT, (1, 0)) * mask_BT).sum() / normalizer
+    return _dense_reference_kl(student_logits_BTV, teacher_logprobs_BTV, mask_BT, normalizer, "reverse")
 
 
 def full_forward_kl_loss(student_logits_BTV: torch.Tensor, teacher_logprobs_BTV: torch.Tensor | TopKLogprobs,
@@ -128,20 +156,15 @@ def full_forward_kl_loss(student_logits_BTV: torch.Tensor, teacher_logprobs_BTV:
     The generalized-KD variant (on-policy contexts, teacher-weighted targets): unlike reverse KL its
     gradient pulls the student toward the teacher's choice even where the student gives it almost no mass.
     With a served teacher's ``TopKLogprobs``: over the listed tokens plus one "any other token" outcome.
+    Dense reference, like ``full_reverse_kl_loss``.
     """
-    if isinstance(teacher_logprobs_BTV, TopKLogprobs):
-        s_top, t_top, valid, _, s_rest, t_rest = _coarsened(student_logits_BTV, teacher_logprobs_BTV)
-        kl_BT = (valid * t_top.exp() * (t_top - s_top)).sum(-1)
-        kl_BT = kl_BT + torch.special.xlogy(t_rest, t_rest) - t_rest * s_rest
-        return (torch.nn.functional.pad(kl_BT, (1, 0)) * mask_BT).sum() / normalizer
-    logp_s = torch.log_softmax(student_logits_BTV[:, :-1].float(), dim=-1)
-    logp_t = teacher_logprobs_BTV[:, :-1].float()
-    kl_BT = (logp_t.exp() * (logp_t - logp_s)).sum(-1)
-    return (torch.nn.functional.pad(kl_BT, (1, 0)) * mask_BT).sum() / normalizer
+    return _dense_reference_kl(student_logits_BTV, teacher_logprobs_BTV, mask_BT, normalizer, "forward")
 
 
 def masked_entropy_sum(logits_BTV: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:
-    """Sum over completion positions of the entropy of the distribution that predicted each token."""
+    """Sum over completion positions of the entropy of the distribution that predicted each token.
+
+    Dense reference on (B, T, V) logits; the learner takes the entropy per chunk (``training.chunked``)."""
     logp = torch.log_softmax(logits_BTV[:, :-1].float(), dim=-1)
     ent_BT = -(logp.exp() * logp).sum(-1)
     return (torch.nn.functional.pad(ent_BT, (1, 0)) * mask_BT).sum()

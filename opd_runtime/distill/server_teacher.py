@@ -54,6 +54,10 @@ class _TopK:
 
 
 class ServerTeacher:
+    # ``score`` fetches the top-k lists together with the sampled tokens' log-probs (one request per
+    # batch), and ``kl_targets`` answers from them: the learner calls both
+    scores_from_kl_targets = False
+
     def __init__(self, url: str, *, top_logprobs: int = 0, max_batch_tokens: int = 65536,
                  max_concurrent_requests: int = 16, retry_seconds: float = 600.0,
                  request_timeout: float = REQUEST_TIMEOUT_S, log: Callable[[str], None] | None = None):
@@ -213,3 +217,5 @@ class ServerTeacher:
             vals[i, : n - 1, :k] = torch.from_numpy(top.logprobs_LK[1:n])
             valid[i, : n - 1, :k] = row_ids >= 0
         return TopKLogprobs(ids, vals, valid)
+
+    kl_targets = distributions  # the Teacher protocol's name (distill/teacher.py)

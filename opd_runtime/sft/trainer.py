@@ -1,7 +1,8 @@
 """The SFT loop (``opd sft``): next-token loss on the final assistant turn of teacher traces.
 
-One optimizer step per ``batchSize`` traces, accumulated over micro-batches of ``microBatchSize``
-(packed into rows of ``maxSeqLength`` when ``packing`` is on). The loss is the mean NLL over all
+One optimizer step per ``batchSize`` traces, accumulated over micro-batches of at most
+``microBatchSize`` traces and ``maxTokensPerMicroBatch`` tokens (each packed into one row when
+``packing`` is on). The loss is the mean NLL over all
 assistant tokens of the step, so accumulation and packing do not change it. Checkpoints and resume work
 as in the OPD learner; the output (``checkpoints/sft/final``) is what the distill stage starts from.
 """
@@ -17,8 +18,8 @@ import torch
 from .. import modeling
 from ..metrics import MetricsSink, NullSink
 from ..spec import DistillationRun, SpecError
-from ..training import checkpoint, distributed
-from ..training.batches import right_pad
+from ..training import activations, checkpoint, chunked, distributed
+from ..training.batches import length_groups, right_pad
 from ..training.loop import end_step, finish_stage, optimizer_step
 from ..training.model_setup import build_trainable, optimizer_for
 from ..training.order import batch_at
@@ -28,21 +29,31 @@ from .trace_store import TraceStore, store_path, write_store
 from .traces import load_traces, tokenize
 
 
-def micro_batch_nll(model, examples, *, packing: bool, capacity: int, pad_id: int) -> torch.Tensor:
-    """Summed NLL of the completion tokens of ``examples`` (one forward pass)."""
+def micro_batch_nll(model, examples, *, packing: bool, pad_id: int) -> torch.Tensor:
+    """Summed NLL of the completion tokens of ``examples`` (one forward pass).
+
+    Packed: the examples concatenated into one row with restarted position ids (no attention mask, no
+    padding). Padded: one right-padded row each (no attention mask either: causal attention never lets a
+    real token see the padding after it). The loss is taken from the final hidden states a chunk of
+    tokens at a time (``training.chunked``), never as a (tokens x vocabulary) tensor.
+    """
     dev = next(model.parameters()).device
     if packing:
-        rows = pack(examples, capacity, pad_id, dtype=model.dtype)
-        logits = model(input_ids=rows.input_ids_BT.to(dev), position_ids=rows.position_ids_BT.to(dev),
-                       attention_mask=rows.attention_mask_B1TT.to(dev)).logits
-        ids, mask = rows.input_ids_BT.to(dev), rows.loss_mask_BT.to(dev)
+        rows = pack(examples, None, pad_id)
+        ids_BT, mask_BT = rows.input_ids_BT.to(dev), rows.loss_mask_BT.to(dev)
+        hidden_BTD = chunked.final_hidden_states(model, ids_BT, position_ids_BT=rows.position_ids_BT.to(dev))
     else:
         batch = right_pad([p for p, _ in examples], [c for _, c in examples], pad_id)
-        logits = model(input_ids=batch.input_ids_BT.to(dev), attention_mask=batch.attention_mask_BT.to(dev)).logits
-        ids, mask = batch.input_ids_BT.to(dev), batch.loss_mask_BT.to(dev)
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    nll = -logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
-    return (nll * mask[:, 1:]).sum()
+        ids_BT, mask_BT = batch.input_ids_BT.to(dev), batch.loss_mask_BT.to(dev)
+        hidden_BTD = chunked.final_hidden_states(model, ids_BT)
+    sel_BT = chunked.select_predicting(mask_BT)
+    return chunked.cross_entropy_sum(hidden_BTD[:, :-1][sel_BT], chunked.output_head(model), ids_BT[:, 1:][sel_BT])
+
+
+def micro_batches(examples, cfg) -> list[list[int]]:
+    """Indices of the step's examples per micro-batch (``microBatchSize`` and ``maxTokensPerMicroBatch``)."""
+    return length_groups([len(p) + len(c) for p, c in examples], max_count=cfg.micro_batch_size,
+                         max_tokens=cfg.max_tokens_per_micro_batch, packed=cfg.packing)
 
 
 def _quiet(*_args) -> None:
@@ -77,12 +88,15 @@ def run_sft(run: DistillationRun, workspace: Path, *, resume: bool = False,
     if not traces:
         raise SpecError("spec.sft.dataset: no trace ends with an assistant turn; check the dataset and format")
     log(f"sft: student {init}, {len(traces)} traces, {cfg.steps} steps x {cfg.batch_size} traces "
-        f"({'packed' if cfg.packing else 'padded'} micro-batches of {cfg.micro_batch_size})"
+        f"({'packed' if cfg.packing else 'padded'} micro-batches of <= {cfg.micro_batch_size} traces"
+        + (f", <= {cfg.max_tokens_per_micro_batch} tokens" if cfg.max_tokens_per_micro_batch else "") + ")"
         + (f", split over {distributed.world_size()} processes" if distributed.world_size() > 1 else ""))
 
     torch.manual_seed(cfg.seed)
     model = build_trainable(init, cfg.lora, student.dtype, existing, revision=student.revision,
                             trust_remote_code=student.trust_remote_code)
+    activations.use_gradient_checkpointing(model, cfg.gradient_checkpointing)
+    activations.use_fast_attention(model, log)
     distributed.broadcast_parameters(model)
     model.train()
     opt = cfg.optimizer
@@ -103,9 +117,8 @@ def run_sft(run: DistillationRun, workspace: Path, *, resume: bool = False,
                     distributed.share(batch_at(order, step * cfg.batch_size, cfg.batch_size, cfg.seed))]
         n_tokens = max(1, int(distributed.all_sum(sum(len(c) for _, c in examples))[0]))
         total = 0.0
-        for start in range(0, len(examples), cfg.micro_batch_size):
-            nll = micro_batch_nll(model, examples[start: start + cfg.micro_batch_size], packing=cfg.packing,
-                                  capacity=cfg.max_seq_length, pad_id=pad_id) / n_tokens
+        for group in micro_batches(examples, cfg):
+            nll = micro_batch_nll(model, [examples[i] for i in group], packing=cfg.packing, pad_id=pad_id) / n_tokens
             nll.backward()
             total += nll.item()
         distributed.all_reduce_gradients(model)

@@ -20,9 +20,20 @@ class SftSpec(SpecModel):
     dataset: DatasetSpec = Field(description="Chat traces to imitate (assistant turns carry the loss).")
     steps: int = Field(1000, ge=1, description="Optimizer steps.")
     batch_size: int = Field(128, ge=1, description="Sequences per optimizer step (across all processes).")
-    micro_batch_size: int = Field(8, ge=1, description="Sequences per forward/backward; the rest is gradient accumulation.")
+    micro_batch_size: int = Field(8, ge=1, description="At most this many sequences per forward/backward "
+                                  "(see maxTokensPerMicroBatch); the rest is gradient accumulation.")
     max_seq_length: int = Field(16384, ge=16, description="Longer traces are truncated to this many tokens.")
-    packing: bool = Field(True, description="Pack several short traces into one row (padding-free batching).")
+    packing: bool = Field(True, description="Pack the traces of a micro-batch into one row with restarted "
+                          "position ids and no padding (flash-attention varlen on GPU, no attention mask); "
+                          "`false`: one right-padded row per trace.")
+    max_tokens_per_micro_batch: Optional[int] = Field(
+        None, ge=1, description="Token budget of one forward/backward: with packing, the length of a packed "
+        "row; without, rows x longest row. Traces are grouped by length (longest first) so padding stays "
+        "small; microBatchSize still caps the count. A trace longer than this gets a micro-batch of its "
+        "own. Empty: microBatchSize alone decides.")
+    gradient_checkpointing: bool = Field(
+        True, description="Recompute each decoder layer's activations in backward instead of keeping them "
+        "(about a third more compute, activation memory of one layer instead of all); `false` for tiny models.")
     lora: LoraSpec = Field(default_factory=LoraSpec, description="LoRA settings.")
     optimizer: OptimizerSpec = Field(default_factory=lambda: OptimizerSpec(learning_rate=1e-4, warmup_steps=50,
                                                                             schedule="cosine"),
@@ -51,8 +62,17 @@ class DistillSpec(SpecModel):
     steps: int = Field(150, ge=1, description="OPD steps; each samples fresh completions and takes one optimizer step.")
     prompts_per_step: int = Field(64, ge=1, description="Prompts sampled per step.")
     samples_per_prompt: int = Field(4, ge=1, description="Completions sampled per prompt.")
-    micro_batch_size: int = Field(16, ge=1, description="Sequences per forward/backward; gradients accumulate "
+    micro_batch_size: int = Field(16, ge=1, description="At most this many sequences per forward/backward "
+                                  "(see maxTokensPerMicroBatch); gradients accumulate "
                                   "over the step's promptsPerStep x samplesPerPrompt sequences.")
+    max_tokens_per_micro_batch: Optional[int] = Field(
+        None, ge=1, description="Token budget of one forward/backward, counted as rows x longest row (rows "
+        "are right-padded): sequences are grouped by length (longest first) so padding stays small; "
+        "microBatchSize still caps the count. A sequence longer than this gets a micro-batch of its own. "
+        "Empty: microBatchSize alone decides.")
+    gradient_checkpointing: bool = Field(
+        True, description="Recompute each decoder layer's activations in backward instead of keeping them "
+        "(about a third more compute, activation memory of one layer instead of all); `false` for tiny models.")
     max_new_tokens: int = Field(4096, ge=1, description="Longest completion sampled, in tokens.")
     temperature: float = Field(1.0, gt=0.0, le=4.0, description="Sampling temperature (1.0 samples the student's "
                                "own distribution). There is no top-p/top-k: a truncated sampler is not the policy "

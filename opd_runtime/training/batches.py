@@ -53,9 +53,45 @@ def right_pad(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[i
     return PackedBatch(ids, attn, loss)
 
 
+def length_groups(lengths: Sequence[int], *, max_count: int, max_tokens: int | None = None,
+                  packed: bool = False) -> list[list[int]]:
+    """Indices of sequences grouped into micro-batches: at most ``max_count`` sequences and, when
+    ``max_tokens`` is set, at most that many tokens each. Every index appears exactly once.
+
+    Padded micro-batches (``packed=False``) cost rows x longest row: sequences are taken longest first, so
+    the ones sharing a micro-batch have similar lengths and padding stays small. Packed micro-batches
+    (one row of concatenated sequences) cost the sum of the lengths: first-fit decreasing. A sequence
+    longer than ``max_tokens`` gets a micro-batch of its own. The grouping does not change a step's loss
+    or gradient: losses are sums over tokens, normalised by the whole step's token count.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    budget = max_tokens if max_tokens is not None else float("inf")
+    groups: list[list[int]] = []
+    if packed:
+        used: list[int] = []
+        for i in order:
+            for g, group in enumerate(groups):
+                if len(group) < max_count and used[g] + lengths[i] <= budget:
+                    group.append(i)
+                    used[g] += lengths[i]
+                    break
+            else:
+                groups.append([i])
+                used.append(lengths[i])
+        return groups
+    for i in order:
+        # sorted longest first: a group's first sequence is its longest, so its cost is that x its size
+        if groups and len(groups[-1]) < max_count and lengths[groups[-1][0]] * (len(groups[-1]) + 1) <= budget:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
 def token_logprobs(logits_BTV: torch.Tensor, input_ids_BT: torch.Tensor,
                    temperature: float = 1.0) -> torch.Tensor:
-    """Log-prob of each token given the tokens before it; position 0 gets 0.
+    """Log-prob of each token given the tokens before it; position 0 gets 0 (dense reference on full
+    logits, for tests and small models; the stages use ``training.chunked``).
 
     Computed per row of the vocabulary in float32 so bf16 models do not lose precision in the softmax.
     """
