@@ -12,10 +12,12 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-EXIT_OK = 0
-EXIT_RETRY = 1  # transient failure: the operator may retry the stage
-EXIT_BAD_CONFIG = 2  # do not retry: the message says what to fix
+from .contract import BATCH_STAGES, EXIT_BAD_CONFIG, EXIT_INTERRUPTED, EXIT_OK, EXIT_RETRY, TRAINING_STAGES
+
+if TYPE_CHECKING:
+    from .stage_report import StageReport
 
 
 def _load(path: str):
@@ -24,20 +26,20 @@ def _load(path: str):
     return load_run(path)
 
 
-# Stage commands report progress to the operator and leave their result in the pod's termination
-# message (opd_runtime.stage_report; a no-op outside a pod). Only rank 0 of a torchrun reports.
-REPORTING_STAGES = ("sft", "distill", "eval")
-
-
-def _stage_report(stage: str, total_steps: int | None = None):
+# The batch stages report progress to the operator and leave their result or failure in the pod's
+# termination message (opd_runtime.stage_report; a no-op outside a pod). Only rank 0 of a torchrun reports.
+def _stage_report(command: str) -> StageReport | None:
+    if command not in BATCH_STAGES or _rank() != 0:
+        return None
     from .stage_report import StageReport
 
-    return StageReport(stage, total_steps) if _rank() == 0 else None
+    return StageReport(command)
 
 
-def _and_report(show, report):
+def _and_report(show, report: StageReport | None, total_steps: int | None):
     if report is None:
         return show
+    report.begin(total_steps)
 
     def on_step(rec: dict) -> None:
         show(rec)
@@ -46,16 +48,14 @@ def _and_report(show, report):
     return on_step
 
 
-def _report_done(report, result: dict) -> None:
+def _report_done(report: StageReport | None, result: dict) -> None:
     if report is not None:
         report.done(result)
 
 
-def _report_failure(command: str, exit_code: int, error: str) -> None:
-    if command in REPORTING_STAGES and _rank() == 0:
-        from .stage_report import write_failure
-
-        write_failure(command, exit_code, error)
+def _report_failure(report: StageReport | None, exit_code: int, error: str) -> None:
+    if report is not None:
+        report.failed(exit_code, error)
 
 
 def cmd_validate(args) -> int:
@@ -82,20 +82,26 @@ def cmd_distill(args) -> int:
     from .distill.learner import run_distill
 
     def show(rec: dict) -> None:
-        print(f"step {rec['step']:>4}  reverse_kl {rec['reverse_kl']:.4f}  entropy {rec['entropy']:.3f}  "
-              f"tokens {rec['completion_tokens']:>6}  sample {rec['sample_seconds']:.1f}s  "
-              f"teacher {rec['teacher_seconds']:.1f}s  train {rec['train_seconds']:.1f}s", flush=True)
+        print(
+            f"step {rec['step']:>4}  reverse_kl {rec['reverse_kl']:.4f}  entropy {rec['entropy']:.3f}  "
+            f"tokens {rec['completion_tokens']:>6}  sample {rec['sample_seconds']:.1f}s  "
+            f"teacher {rec['teacher_seconds']:.1f}s  train {rec['train_seconds']:.1f}s",
+            flush=True,
+        )
 
     if args.teacher_url:
-        teacher = run.spec.teacher.model_copy(update={
-            "backend": "vllm-server",
-            "serving": run.spec.teacher.serving.model_copy(update={"url": args.teacher_url})})
+        teacher = run.spec.teacher.model_copy(
+            update={
+                "backend": "vllm-server",
+                "serving": run.spec.teacher.serving.model_copy(update={"url": args.teacher_url}),
+            }
+        )
         run = run.model_copy(update={"spec": run.spec.model_copy(update={"teacher": teacher})})
-    report = _stage_report("distill", run.spec.distill.steps if run.spec.distill else None)
-    result = run_distill(run, Path(args.workspace), resume=args.resume, on_step=_and_report(show, report))
+    on_step = _and_report(show, args.report, run.spec.distill.steps if run.spec.distill else None)
+    result = run_distill(run, Path(args.workspace), resume=args.resume, on_step=on_step)
     if _rank() == 0:
         print(json.dumps(result, indent=2))
-    _report_done(report, result)
+    _report_done(args.report, result)
     return EXIT_OK
 
 
@@ -105,25 +111,32 @@ def cmd_run(args) -> int:
     workdir = Path(args.workdir) if args.workdir else None
     if workdir is None:
         workdir = Path("runs") / _load(args.file).metadata.name
-    opts = RunOptions(source=Path(args.file), workdir=workdir, resume=args.resume, teacher=args.teacher,
-                      progress=not args.no_progress)
+    opts = RunOptions(
+        source=Path(args.file), workdir=workdir, resume=args.resume, teacher=args.teacher, progress=not args.no_progress
+    )
     resume_cmd = f"opd run {args.file} --workdir {workdir} --resume"
     try:
         run_all(opts)
     except StageFailed as err:
-        print(f"\nerror: {err}\n--- last lines of {err.log} ---\n{log_tail(err.log)}\n---\n"
-              f"fix the cause, then continue with: {resume_cmd}", file=sys.stderr)
+        print(
+            f"\nerror: {err}\n--- last lines of {err.log} ---\n{log_tail(err.log)}\n---\n"
+            f"fix the cause, then continue with: {resume_cmd}",
+            file=sys.stderr,
+        )
         return EXIT_BAD_CONFIG if err.returncode == EXIT_BAD_CONFIG else EXIT_RETRY
     except KeyboardInterrupt as err:  # Ctrl-C, SIGTERM or SIGHUP (runner.Stopped): 128 + the signal
-        print(f"\ninterrupted; the workdir keeps every finished stage and the last checkpoint. "
-              f"Continue with: {resume_cmd}", file=sys.stderr)
+        print(
+            f"\ninterrupted; the workdir keeps every finished stage and the last checkpoint. "
+            f"Continue with: {resume_cmd}",
+            file=sys.stderr,
+        )
         return 128 + getattr(err, "signum", 2)
     return EXIT_OK
 
 
 def cmd_report(args) -> int:
-    from .report import write_report
     from .plan import planned_stages
+    from .report import write_report
     from .runner import RUN_FILE, STATE_FILE, RunState
     from .workspace import Workspace
 
@@ -138,14 +151,17 @@ def cmd_sft(args) -> int:
     from .sft.trainer import run_sft
 
     def show(rec: dict) -> None:
-        print(f"step {rec['step']:>5}  loss {rec['loss']:.4f}  tokens {rec['completion_tokens']:>7}  "
-              f"lr {rec['learning_rate']:.2e}  {rec['step_seconds']:.2f}s", flush=True)
+        print(
+            f"step {rec['step']:>5}  loss {rec['loss']:.4f}  tokens {rec['completion_tokens']:>7}  "
+            f"lr {rec['learning_rate']:.2e}  {rec['step_seconds']:.2f}s",
+            flush=True,
+        )
 
-    report = _stage_report("sft", run.spec.sft.steps if run.spec.sft else None)
-    result = run_sft(run, Path(args.workspace), resume=args.resume, on_step=_and_report(show, report))
+    on_step = _and_report(show, args.report, run.spec.sft.steps if run.spec.sft else None)
+    result = run_sft(run, Path(args.workspace), resume=args.resume, on_step=on_step)
     if _rank() == 0:
         print(json.dumps(result, indent=2))
-    _report_done(report, result)
+    _report_done(args.report, result)
     return EXIT_OK
 
 
@@ -153,10 +169,9 @@ def cmd_eval(args) -> int:
     run = _load(args.config)
     from .evaluate import run_eval
 
-    report = _stage_report("eval")
     summary = run_eval(run, Path(args.workspace), batch_size=args.batch_size, resume=args.resume)
     print(json.dumps(summary, indent=2))
-    _report_done(report, summary)
+    _report_done(args.report, summary)
     return EXIT_OK
 
 
@@ -164,16 +179,18 @@ def cmd_serve_teacher(args) -> int:
     run = _load(args.config)
     from .serving import serve_teacher
 
-    return serve_teacher(run, Path(args.workspace), host=args.host, port=args.port,
-                         startup_timeout=args.startup_timeout)
+    return serve_teacher(
+        run, Path(args.workspace), host=args.host, port=args.port, startup_timeout=args.startup_timeout
+    )
 
 
 def cmd_grade(args) -> int:
     from .grading import GradeInputError, grade_file
 
     try:
-        report = grade_file(args.input, default_kind=args.kind, output=args.output, timeout_s=args.timeout,
-                            workers=args.workers)
+        report = grade_file(
+            args.input, default_kind=args.kind, output=args.output, timeout_s=args.timeout, workers=args.workers
+        )
     except GradeInputError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_CONFIG
@@ -198,16 +215,26 @@ def cmd_preflight(args) -> int:
 
     run = _load(args.config)
     s, t = run.spec.student, run.spec.teacher
-    check_pair(s.model, t.model, student_tokenizer=s.tokenizer, teacher_tokenizer=t.tokenizer,
-               revision_s=s.revision, revision_t=t.revision)
+    check_pair(
+        s.model,
+        t.model,
+        student_tokenizer=s.tokenizer,
+        teacher_tokenizer=t.tokenizer,
+        revision_s=s.revision,
+        revision_t=t.revision,
+    )
     print("pre-flight: student and teacher tokenizers, special tokens and chat templates match")
     return EXIT_OK
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="opd", description=(
-        "On-policy distillation for math reasoning. Each stage reads a DistillationRun file "
-        "(--config) and a workspace directory (--workspace: a local folder, or the run's PVC in a pod)."))
+    parser = argparse.ArgumentParser(
+        prog="opd",
+        description=(
+            "On-policy distillation for math reasoning. Each stage reads a DistillationRun file "
+            "(--config) and a workspace directory (--workspace: a local folder, or the run's PVC in a pod)."
+        ),
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def stage(name: str, help_text: str, fn):
@@ -216,21 +243,34 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(fn=fn)
         return p
 
-    p = sub.add_parser("run", help="run every stage of a DistillationRun on this machine",
-                       description="Validate a DistillationRun file, then run its stages (SFT, teacher "
-                       "serving, OPD, eval) here as subprocesses, with the same commands the operator puts "
-                       "in pods. Ends with a results table and WORKDIR/report.md with plots.")
+    p = sub.add_parser(
+        "run",
+        help="run every stage of a DistillationRun on this machine",
+        description="Validate a DistillationRun file, then run its stages (SFT, teacher "
+        "serving, OPD, eval) here as subprocesses, with the same commands the operator puts "
+        "in pods. Ends with a results table and WORKDIR/report.md with plots.",
+    )
     p.add_argument("file", help="DistillationRun YAML file (the one you would kubectl apply)")
     p.add_argument("--workdir", default=None, help="workspace directory (default runs/<metadata.name>)")
-    p.add_argument("--resume", action="store_true", help="skip finished stages and continue the unfinished "
-                   "one from its last checkpoint")
-    p.add_argument("--teacher", choices=("auto", "vllm", "local"), default="auto",
-                   help="how a `vllm-server` teacher is provided: `vllm` serves it with vLLM, `local` scores "
-                   "in-process; `auto` (default) uses vLLM when it is installed")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="skip finished stages and continue the unfinished one from its last checkpoint",
+    )
+    p.add_argument(
+        "--teacher",
+        choices=("auto", "vllm", "local"),
+        default="auto",
+        help="how a `vllm-server` teacher is provided: `vllm` serves it with vLLM, `local` scores "
+        "in-process; `auto` (default) uses vLLM when it is installed",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(fn=cmd_run)
-    p = sub.add_parser("report", help="rebuild report.md and plots for a workspace",
-                       description="Write the results table, report.md and PNG plots from a workspace's files.")
+    p = sub.add_parser(
+        "report",
+        help="rebuild report.md and plots for a workspace",
+        description="Write the results table, report.md and PNG plots from a workspace's files.",
+    )
     p.add_argument("--workspace", required=True, help="workspace directory")
     p.add_argument("--config", default=None, help="run file (default WORKSPACE/run.yaml)")
     p.set_defaults(fn=cmd_report)
@@ -241,60 +281,96 @@ def build_parser() -> argparse.ArgumentParser:
     p = stage("distill", "stage 2: on-policy distillation of the student from the teacher", cmd_distill)
     p.add_argument("--workspace", required=True, help="directory for checkpoints and metrics")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the workspace")
-    p.add_argument("--teacher-url", default=None, help="score with the vLLM teacher server at this base URL "
-                   "(overrides spec.teacher.serving.url; implies backend vllm-server)")
-    p = stage("eval", "stage 3: accuracy of the student, SFT, distilled and teacher models on held-out "
-              "problem sets", cmd_eval)
-    p.add_argument("--workspace", required=True, help="directory holding the stages' checkpoints; results "
-                   "go to eval/ and results/eval.json")
+    p.add_argument(
+        "--teacher-url",
+        default=None,
+        help="score with the vLLM teacher server at this base URL "
+        "(overrides spec.teacher.serving.url; implies backend vllm-server)",
+    )
+    p = stage(
+        "eval", "stage 3: accuracy of the student, SFT, distilled and teacher models on held-out problem sets", cmd_eval
+    )
+    p.add_argument(
+        "--workspace",
+        required=True,
+        help="directory holding the stages' checkpoints; results go to eval/ and results/eval.json",
+    )
     p.add_argument("--batch-size", type=int, default=64, help="sequences generated together (default 64)")
-    p.add_argument("--resume", action="store_true", help="reuse results already written for the same model "
-                   "and settings")
+    p.add_argument(
+        "--resume", action="store_true", help="reuse results already written for the same model and settings"
+    )
     stage("validate", "check a DistillationRun file and exit", cmd_validate)
-    p = stage("serve-teacher", "serve the teacher model with vLLM's OpenAI-compatible server (what the learner's "
-              "`vllm-server` teacher backend scores against); runs until stopped", cmd_serve_teacher)
-    p.add_argument("--workspace", required=True, help="workspace directory (relative model paths and tiny:// "
-                   "models resolve against it)")
+    p = stage(
+        "serve-teacher",
+        "serve the teacher model with vLLM's OpenAI-compatible server (what the learner's "
+        "`vllm-server` teacher backend scores against); runs until stopped",
+        cmd_serve_teacher,
+    )
+    p.add_argument(
+        "--workspace",
+        required=True,
+        help="workspace directory (relative model paths and tiny:// models resolve against it)",
+    )
     p.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
     p.add_argument("--port", type=int, default=None, help="port (default spec.teacher.serving.port)")
-    p.add_argument("--startup-timeout", type=float, default=1800.0, help="seconds to wait for the server to "
-                   "answer /health before giving up (default 1800)")
+    p.add_argument(
+        "--startup-timeout",
+        type=float,
+        default=1800.0,
+        help="seconds to wait for the server to answer /health before giving up (default 1800)",
+    )
 
-    p = sub.add_parser("grade", help="grade completions in a JSON-lines file",
-                       description="Grade a JSON-lines file of {\"completion\", \"answer\", optional \"kind\"} "
-                       "objects: the last \\boxed{} answer of each completion against its reference answer. "
-                       "Prints the accuracy.")
+    p = sub.add_parser(
+        "grade",
+        help="grade completions in a JSON-lines file",
+        description='Grade a JSON-lines file of {"completion", "answer", optional "kind"} '
+        "objects: the last \\boxed{} answer of each completion against its reference answer. "
+        "Prints the accuracy.",
+    )
     p.add_argument("--input", required=True, help="JSON-lines file to grade")
-    p.add_argument("--kind", choices=("aime", "math"), default="math",
-                   help="comparison for lines without a `kind`: `aime` (integers) or `math` (math-verify; default)")
+    p.add_argument(
+        "--kind",
+        choices=("aime", "math"),
+        default="math",
+        help="comparison for lines without a `kind`: `aime` (integers) or `math` (math-verify; default)",
+    )
     p.add_argument("--output", default=None, help="write one JSON line of results per input line here")
-    p.add_argument("--timeout", type=float, default=5.0, help="seconds allowed per math-verify comparison "
-                   "(a comparison that takes longer is graded wrong; default 5)")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=5.0,
+        help="seconds allowed per math-verify comparison (a comparison that takes longer is graded wrong; default 5)",
+    )
     p.add_argument("--workers", type=int, default=None, help="math-verify worker processes (default: up to 4)")
     p.set_defaults(fn=cmd_grade)
     stage("preflight", "check that student and teacher tokenizers and chat templates match", cmd_preflight)
 
-    p = sub.add_parser("spec-reference", help="print the DistillationRun field reference (Markdown)",
-                       description="Print the field reference generated from the spec models' descriptions.")
+    p = sub.add_parser(
+        "spec-reference",
+        help="print the DistillationRun field reference (Markdown)",
+        description="Print the field reference generated from the spec models' descriptions.",
+    )
     p.add_argument("--readme", help="rewrite the reference between the markers in this file instead")
     p.set_defaults(fn=cmd_spec_reference)
 
-    p = sub.add_parser("tiny-models", help="build the offline tiny world: tokenizer, teacher and students",
-                       description="Build a tokenizer and tiny Qwen3-architecture teacher and students "
-                       "on tinymath, locally (no network).")
+    p = sub.add_parser(
+        "tiny-models",
+        help="build the offline tiny world: tokenizer, teacher and students",
+        description="Build a tokenizer and tiny Qwen3-architecture teacher and students "
+        "on tinymath, locally (no network).",
+    )
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--difficulty", type=int, default=2, help="tinymath difficulty (default 2)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--teacher-steps", type=int, default=None, help="teacher training steps")
     p.add_argument("--student-steps", type=int, default=None, help="weak student training steps")
-    p.add_argument("--no-cache", action="store_true",
-                   help="always build; by default an identical earlier build under $OPD_CACHE_DIR is reused")
+    p.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="always build; by default an identical earlier build under $OPD_CACHE_DIR is reused",
+    )
     p.set_defaults(fn=cmd_tiny_models)
     return parser
-
-
-# Stages that run data-parallel when torchrun starts several processes (training/distributed.py).
-DATA_PARALLEL = ("sft", "distill")
 
 
 def _rank() -> int:
@@ -305,11 +381,13 @@ def _processes(command: str):
     """torchrun's process group for the stage, when torchrun started it; nothing for one process."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return contextlib.nullcontext()
-    if command not in DATA_PARALLEL:
+    if command not in TRAINING_STAGES:
         from .spec import SpecError
 
-        raise SpecError(f"`opd {command}` runs as a single process; start it without torchrun (only "
-                        f"{' and '.join(DATA_PARALLEL)} run as several processes)")
+        raise SpecError(
+            f"`opd {command}` runs as a single process; start it without torchrun (only "
+            f"{' and '.join(TRAINING_STAGES)} run as several processes)"
+        )
     from .training.distributed import session
 
     return session()
@@ -321,19 +399,21 @@ def main(argv: list[str] | None = None) -> int:
     from .preflight import TokenizerMismatch
     from .spec import SpecError
 
+    args.report = report = _stage_report(args.command)
     try:
         with _processes(args.command):
             return args.fn(args)
     except (SpecError, TokenizerMismatch) as err:
         print(f"error: {err}", file=sys.stderr)
-        _report_failure(args.command, EXIT_BAD_CONFIG, str(err))
+        _report_failure(report, EXIT_BAD_CONFIG, str(err))
         return EXIT_BAD_CONFIG
     except Exception as err:  # a traceback and exit 1 (retry); the operator gets the error line too
-        _report_failure(args.command, EXIT_RETRY, f"{type(err).__name__}: {err}")
+        _report_failure(report, EXIT_RETRY, f"{type(err).__name__}: {err}")
         raise
     except KeyboardInterrupt:
         print("interrupted; the workspace keeps the last checkpoint (re-run with --resume)", file=sys.stderr)
-        return 130
+        _report_failure(report, EXIT_INTERRUPTED, "interrupted")
+        return EXIT_INTERRUPTED
 
 
 def _stop_on_ctrl_c() -> None:

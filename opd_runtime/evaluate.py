@@ -7,6 +7,7 @@ sample is taken, since more would be identical), grades each (``grading``, the d
 writes
 
     eval/<target>/<label>.json    per-problem results: each sample's extracted answer and correctness
+    metrics/eval.jsonl            a line per (target, problem set) as it finishes (progress)
     results/eval.json             {"targets": {target: {label: {pass_at_1, majority_vote, ...}}}}, last
 
 pass@1 is the mean correctness of all samples (every problem has the same number of samples, so this is
@@ -25,11 +26,11 @@ import json
 import re
 import time
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
-from .spec import DistillationRun, EvalDatasetSpec, SpecError
+from .spec import DistillationRun, EvalDatasetSpec, EvalSpec, SpecError
 from .workspace import Workspace
 
 DEFAULT_BATCH_SIZE = 64
@@ -52,35 +53,49 @@ def _looks_local(path: str) -> bool:
     return Path(path).is_absolute() or path.startswith(("./", "../", "~")) or path.count("/") > 1
 
 
+def eval_spec(run: DistillationRun) -> EvalSpec:
+    cfg = run.spec.eval
+    if cfg is None or not cfg.enabled:
+        raise SpecError(
+            "spec.eval: the eval stage is not enabled in this run; add an `eval` section with "
+            "`datasets` (and `targets`)"
+        )
+    return cfg
+
+
 def resolve_targets(run: DistillationRun, ws: Workspace) -> list[Target]:
     """The models to score, each checked to exist when it is a local directory."""
     spec = run.spec
     out = []
-    for name in spec.eval.targets:
+    for name in eval_spec(run).targets:
         if name in ("sft", "distill"):
             path = ws.final_model(name)
             if not path.is_dir():
                 raise SpecError(
                     f"spec.eval.targets: target `{name}` needs the {name} stage's final model at {path}, which "
                     f"does not exist; run `opd {name}` with this workspace first, or remove `{name}` from "
-                    "spec.eval.targets")
+                    "spec.eval.targets"
+                )
             # stage outputs carry their tokenizer
-            out.append(Target(name, str(path), str(path), spec.student.dtype,
-                              trust_remote_code=spec.student.trust_remote_code))
+            out.append(
+                Target(name, str(path), str(path), spec.student.dtype, trust_remote_code=spec.student.trust_remote_code)
+            )
             continue
         m = spec.student if name == "student" else spec.teacher
         model = ws.resolve(m.model)
         if _looks_local(model) and not Path(model).expanduser().is_dir():
-            raise SpecError(f"spec.eval.targets: target `{name}` is spec.{name}.model = {m.model!r}, and the "
-                            f"model directory {model} does not exist; fix spec.{name}.model or remove "
-                            f"`{name}` from spec.eval.targets")
+            raise SpecError(
+                f"spec.eval.targets: target `{name}` is spec.{name}.model = {m.model!r}, and the "
+                f"model directory {model} does not exist; fix spec.{name}.model or remove "
+                f"`{name}` from spec.eval.targets"
+            )
         tok = ws.resolve(m.tokenizer) if m.tokenizer else model
         out.append(Target(name, model, tok, m.dtype, m.revision, m.trust_remote_code))
     return out
 
 
 def dataset_label(ds: EvalDatasetSpec) -> str:
-    return ds.label or ds.name or Path(ds.path).stem
+    return ds.label or ds.name or Path(ds.path or "").stem
 
 
 def _file_name(label: str) -> str:
@@ -133,8 +148,16 @@ def _clip(text: str | None) -> str | None:
     return text[:MAX_STORED_ANSWER_CHARS] + "…"
 
 
-def evaluate_dataset(model, tokenizer, prompts, ds: EvalDatasetSpec, run: DistillationRun, *,
-                     batch_size: int = DEFAULT_BATCH_SIZE, seed: int = SEED) -> dict:
+def evaluate_dataset(
+    model,
+    tokenizer,
+    prompts,
+    ds: EvalDatasetSpec,
+    run: DistillationRun,
+    *,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    seed: int = SEED,
+) -> dict:
     """Sample, grade and aggregate one dataset for one loaded model; the report of eval/<target>/<label>.json."""
     import torch
 
@@ -142,14 +165,23 @@ def evaluate_dataset(model, tokenizer, prompts, ds: EvalDatasetSpec, run: Distil
     from .grading import judge_many
     from .training.batches import prompt_ids
 
-    cfg = run.spec.eval
+    cfg = eval_spec(run)
     greedy = cfg.temperature <= 0
     n = 1 if greedy else cfg.samples_per_problem
     ids = [prompt_ids(tokenizer, p.messages) for p in prompts]
     torch.manual_seed(seed)
     t0 = time.monotonic()
-    samples = sample(model, tokenizer, ids, n=n, temperature=cfg.temperature, top_p=cfg.top_p,
-                     max_new_tokens=cfg.max_new_tokens, batch_size=batch_size, logprobs=False)
+    samples = sample(
+        model,
+        tokenizer,
+        ids,
+        n=n,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        max_new_tokens=cfg.max_new_tokens,
+        batch_size=batch_size,
+        logprobs=False,
+    )
     sample_seconds = time.monotonic() - t0
     texts = tokenizer.batch_decode([s.completion_ids for s in samples], skip_special_tokens=True)
     t1 = time.monotonic()
@@ -160,30 +192,58 @@ def evaluate_dataset(model, tokenizer, prompts, ds: EvalDatasetSpec, run: Distil
         rows = []
         for k in range(j * n, (j + 1) * n):
             g = graded[k]
-            rows.append({"extracted": _clip(g.extracted), "key": _clip(g.key), "correct": g.correct,
-                         "method": g.method, "completion_tokens": len(samples[k].completion_ids),
-                         "finished": samples[k].finished})
+            rows.append(
+                {
+                    "extracted": _clip(g.extracted),
+                    "key": _clip(g.key),
+                    "correct": g.correct,
+                    "method": g.method,
+                    "completion_tokens": len(samples[k].completion_ids),
+                    "finished": samples[k].finished,
+                }
+            )
         problems.append({"id": p.id, "answer": p.answer, "samples": rows})
     summary = aggregate(problems)
     return {
         **summary,
-        "kind": ds.kind, "temperature": cfg.temperature, "top_p": None if greedy else cfg.top_p,
+        "kind": ds.kind,
+        "temperature": cfg.temperature,
+        "top_p": None if greedy else cfg.top_p,
         "max_new_tokens": cfg.max_new_tokens,
         "mean_completion_tokens": sum(len(s.completion_ids) for s in samples) / len(samples),
         "finished_fraction": sum(s.finished for s in samples) / len(samples),
-        "sample_seconds": sample_seconds, "grade_seconds": grade_seconds,
+        "sample_seconds": sample_seconds,
+        "grade_seconds": grade_seconds,
         "problems": problems,
     }
 
 
-def run_eval(run: DistillationRun, workspace: Path, *, log: Callable[[str], None] = print,
-             batch_size: int = DEFAULT_BATCH_SIZE, resume: bool = False) -> dict:
+class _ProgressLog:
+    """``metrics/eval.jsonl``: one line per (target, problem set) as it finishes, ``step`` counting them
+    from 1 in each eval process (``opd run``'s progress view follows it)."""
+
+    def __init__(self, path: Path):
+        self.path, self.step = path, 0
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def finished(self, target: str, dataset: str, pass_at_1: float) -> None:
+        self.step += 1
+        record = {"step": self.step, "target": target, "dataset": dataset, "pass_at_1": pass_at_1, "time": time.time()}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def run_eval(
+    run: DistillationRun,
+    workspace: Path,
+    *,
+    log: Callable[[str], None] = print,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    resume: bool = False,
+) -> dict:
     """Score every target on every dataset; with ``resume``, reuse per-dataset results already written
     for the same model and settings (an interrupted eval continues with the next target)."""
-    cfg = run.spec.eval
-    if cfg is None or not cfg.enabled:
-        raise SpecError("spec.eval: the eval stage is not enabled in this run; add an `eval` section with "
-                        "`datasets` (and `targets`)")
+    cfg = eval_spec(run)
     ws = Workspace(Path(workspace))
     targets = resolve_targets(run, ws)
     labels = [dataset_label(ds) for ds in cfg.datasets]
@@ -195,14 +255,13 @@ def run_eval(run: DistillationRun, workspace: Path, *, log: Callable[[str], None
 
     datasets = []
     for i, (ds, label) in enumerate(zip(cfg.datasets, labels)):
-        try:
-            prompts = load_prompts(ds, ws.root)
-        except (FileNotFoundError, ValueError) as err:
-            raise SpecError(f"spec.eval.datasets[{i}] ({label}): {err}") from None
+        prompts = load_prompts(ds, ws.root, field=f"spec.eval.datasets[{i}]")
         missing = [p.id for p in prompts if p.answer is None]
         if missing:
-            raise SpecError(f"spec.eval.datasets[{i}] ({label}): {len(missing)} problems (first: {missing[0]!r}) "
-                            f"have no reference answer in field `{ds.answer_field}`; set answerField")
+            raise SpecError(
+                f"spec.eval.datasets[{i}] ({label}): {len(missing)} problems (first: {missing[0]!r}) "
+                f"have no reference answer in field `{ds.answer_field}`; set answerField"
+            )
         datasets.append((ds, label, prompts))
 
     import gc
@@ -210,39 +269,53 @@ def run_eval(run: DistillationRun, workspace: Path, *, log: Callable[[str], None
     from . import modeling
 
     summary: dict = {"stage": "eval", "targets": {}}
-    settings = {"samples_per_problem": cfg.samples_per_problem, "temperature": cfg.temperature,
-                "max_new_tokens": cfg.max_new_tokens}
+    progress = _ProgressLog(ws.metrics("eval"))
+    settings = {
+        "samples_per_problem": cfg.samples_per_problem,
+        "temperature": cfg.temperature,
+        "max_new_tokens": cfg.max_new_tokens,
+    }
     for target in targets:
         per_target = summary["targets"][target.name] = {}
         done = {}
-        for ds, label, prompts in datasets:
+        for _ds, label, prompts in datasets:
             path = ws.eval_dir(target.name) / f"{_file_name(label)}.json"
             if resume and path.exists():
                 old = json.loads(path.read_text())
-                if old.get("model") == target.model and old.get("n_problems") == len(prompts) and all(
-                        old.get("settings", {}).get(k) == v for k, v in settings.items()):
+                if (
+                    old.get("model") == target.model
+                    and old.get("n_problems") == len(prompts)
+                    and all(old.get("settings", {}).get(k) == v for k, v in settings.items())
+                ):
                     done[label] = old
         if len(done) == len(datasets):
             for label, report in done.items():
-                per_target[label] = {k: report[k] for k in ("pass_at_1", "majority_vote", "n_problems",
-                                                            "samples_per_problem")}
+                per_target[label] = {
+                    k: report[k] for k in ("pass_at_1", "majority_vote", "n_problems", "samples_per_problem")
+                }
+                progress.finished(target.name, label, report["pass_at_1"])
             log(f"eval: {target.name}: reusing results already in {ws.eval_dir(target.name)}")
             continue
         log(f"eval: loading {target.name} from {target.model}")
-        tokenizer = modeling.load_tokenizer(target.tokenizer, revision=target.revision,
-                                            trust_remote_code=target.trust_remote_code)
-        model = modeling.load_causal_lm(target.model, dtype=target.dtype, revision=target.revision,
-                                        trust_remote_code=target.trust_remote_code)
+        tokenizer = modeling.load_tokenizer(
+            target.tokenizer, revision=target.revision, trust_remote_code=target.trust_remote_code
+        )
+        model = modeling.load_causal_lm(
+            target.model, dtype=target.dtype, revision=target.revision, trust_remote_code=target.trust_remote_code
+        )
         for ds, label, prompts in datasets:
             report = evaluate_dataset(model, tokenizer, prompts, ds, run, batch_size=batch_size)
-            report = {"target": target.name, "model": target.model, "dataset": label, "settings": settings,
-                      **report}
+            report = {"target": target.name, "model": target.model, "dataset": label, "settings": settings, **report}
             _write_json(ws.eval_dir(target.name) / f"{_file_name(label)}.json", report)
-            per_target[label] = {k: report[k] for k in ("pass_at_1", "majority_vote", "n_problems",
-                                                        "samples_per_problem")}
-            log(f"eval: {target.name} on {label}: pass@1 {report['pass_at_1']:.3f}  majority "
+            per_target[label] = {
+                k: report[k] for k in ("pass_at_1", "majority_vote", "n_problems", "samples_per_problem")
+            }
+            progress.finished(target.name, label, report["pass_at_1"])
+            log(
+                f"eval: {target.name} on {label}: pass@1 {report['pass_at_1']:.3f}  majority "
                 f"{report['majority_vote']:.3f}  ({report['n_problems']} problems x "
-                f"{report['samples_per_problem']} samples, {report['sample_seconds']:.1f}s sampling)")
+                f"{report['samples_per_problem']} samples, {report['sample_seconds']:.1f}s sampling)"
+            )
         del model
         gc.collect()
     _write_json(ws.result("eval"), summary)

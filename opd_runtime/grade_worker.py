@@ -20,7 +20,7 @@ def main() -> None:
     logging.disable(logging.CRITICAL)
     try:
         from math_verify import parse, verify
-    except Exception:  # noqa: BLE001 - not installed, or broken: the parent falls back to strings
+    except Exception:
         channel.write(json.dumps({"ready": False}) + "\n")
         return
     channel.write(json.dumps({"ready": True}) + "\n")
@@ -37,8 +37,10 @@ def main() -> None:
         try:
             gold = parse("$" + req["gold"].strip().strip("$") + "$", parsing_timeout=None)
             pred = parse("$" + req["pred"].strip().strip("$") + "$", parsing_timeout=None)
-            reply = {"ok": bool(gold) and bool(pred) and bool(verify(gold, pred, timeout_seconds=None))}
-        except BaseException as err:  # noqa: BLE001 - RecursionError, sympy errors...
+            reply: dict[str, bool | str | None] = {
+                "ok": bool(gold) and bool(pred) and bool(verify(gold, pred, timeout_seconds=None))
+            }
+        except BaseException as err:
             reply = {"ok": None, "error": f"{type(err).__name__}: {err}"[:500]}
         if has_alarm:
             signal.alarm(0)

@@ -23,6 +23,7 @@ longer than ``MAX_VERIFY_CHARS`` are compared as strings only. Extraction is lin
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import re
@@ -33,9 +34,9 @@ import tempfile
 import threading
 import time
 from collections import deque
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
 
 KINDS = ("aime", "math")
 DEFAULT_TIMEOUT_S = 5.0
@@ -66,7 +67,7 @@ def last_boxed(text: str) -> str | None:
             start = stack.pop()
             if start in openers and (best is None or start > best[0]):
                 best = (start, i)
-    return None if best is None else text[best[0] + 1: best[1]]
+    return None if best is None else text[best[0] + 1 : best[1]]
 
 
 def as_int(text: str) -> int | None:
@@ -161,19 +162,32 @@ class _Worker:
         env = dict(os.environ, PYTHONSAFEPATH="1", OMP_NUM_THREADS="1")
         code = f"import runpy; runpy.run_path({str(_WORKER_SCRIPT)!r}, run_name='__main__')"
         # A neutral working directory: a checkout's folders (operator/) must not shadow stdlib modules.
-        self.proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                     cwd=tempfile.gettempdir(), env=env)
-        self.fd = self.proc.stdout.fileno()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", code],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            cwd=tempfile.gettempdir(),
+            env=env,
+        )
+        assert self.proc.stdin is not None and self.proc.stdout is not None  # both are pipes
+        self.stdin, self.stdout = self.proc.stdin, self.proc.stdout
+        self.fd = self.stdout.fileno()
         self.buf = b""
         self.state = "starting"  # starting | idle | busy | dead
         self.item: int | None = None
         self.deadline = time.monotonic() + WORKER_START_TIMEOUT_S
 
+    @property
+    def current(self) -> int:
+        """The item a busy worker is grading."""
+        assert self.item is not None, f"the worker is {self.state}, not grading"
+        return self.item
+
     def send(self, item: int, gold: str, pred: str, timeout_s: float) -> None:
         msg = json.dumps({"gold": gold, "pred": pred, "alarm": int(timeout_s) + 2}) + "\n"
-        self.proc.stdin.write(msg.encode())
-        self.proc.stdin.flush()
+        self.stdin.write(msg.encode())
+        self.stdin.flush()
         self.state, self.item, self.deadline = "busy", item, time.monotonic() + timeout_s
 
     def read_messages(self) -> list[dict] | None:
@@ -185,25 +199,19 @@ class _Worker:
         *lines, self.buf = self.buf.split(b"\n")
         out = []
         for line in lines:
-            try:
+            with contextlib.suppress(ValueError):
                 out.append(json.loads(line))
-            except ValueError:
-                pass
         return out
 
     def kill(self) -> None:
         self.state = "dead"
         if self.proc.poll() is None:
             self.proc.kill()
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            pass
-        for f in (self.proc.stdin, self.proc.stdout):
-            try:
+        for f in (self.stdin, self.stdout):
+            with contextlib.suppress(OSError):
                 f.close()
-            except OSError:
-                pass
 
 
 class VerifyPool:
@@ -222,7 +230,7 @@ class VerifyPool:
         self.timeouts = 0
         self._cache: dict[tuple[str, str], tuple[bool | None, str]] = {}
 
-    def __enter__(self) -> "VerifyPool":
+    def __enter__(self) -> VerifyPool:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -234,8 +242,11 @@ class VerifyPool:
                 w.kill()
             self._workers = []
 
-    def compare(self, pairs: Sequence[tuple[str, str]], timeout_s: float = DEFAULT_TIMEOUT_S,
-                ) -> list[tuple[bool | None, str]]:
+    def compare(
+        self,
+        pairs: Sequence[tuple[str, str]],
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+    ) -> list[tuple[bool | None, str]]:
         """(verdict, method) per pair; method is math-verify, timeout, error or unavailable."""
         pairs = list(pairs)
         with self._lock:
@@ -253,7 +264,7 @@ class VerifyPool:
             return [(None, "unavailable")] * len(pairs)
         todo = deque(range(len(pairs)))
         self._workers = [w for w in self._workers if w.state != "dead" and w.proc.poll() is None]
-        while self._workers[self.size:]:
+        while self._workers[self.size :]:
             self._workers.pop().kill()
         while todo or any(w.state == "busy" for w in self._workers):
             live = [w for w in self._workers if w.state != "dead"]
@@ -283,7 +294,7 @@ class VerifyPool:
                     if msgs is None:  # the worker died
                         if w.state == "starting":
                             return self._give_up(out, todo)
-                        out[w.item] = (False, "error")
+                        out[w.current] = (False, "error")
                         w.kill()
                         continue
                     for msg in msgs:
@@ -294,12 +305,12 @@ class VerifyPool:
                             w.state = "idle"
                         elif w.state == "busy":
                             ok = msg.get("ok")
-                            out[w.item] = (None, "error") if ok is None else (bool(ok), "math-verify")
+                            out[w.current] = (None, "error") if ok is None else (bool(ok), "math-verify")
                             w.state, w.item = "idle", None
                 elif time.monotonic() >= w.deadline:
                     if w.state == "starting":  # cannot even start in time: no math-verify
                         return self._give_up(out, todo)
-                    out[w.item] = (False, "timeout")
+                    out[w.current] = (False, "timeout")
                     self.timeouts += 1
                     w.kill()
         return out  # type: ignore[return-value]
@@ -339,15 +350,23 @@ def _shared_pool(workers: int | None) -> VerifyPool:
 # --- the public API --------------------------------------------------------------------------------------
 
 
-def judge_many(items: Iterable[Sequence], kind: str = "math", *, timeout_s: float = DEFAULT_TIMEOUT_S,
-               workers: int | None = None, pool: VerifyPool | None = None) -> list[Graded]:
+def judge_many(
+    items: Iterable[Sequence],
+    kind: str = "math",
+    *,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    workers: int | None = None,
+    pool: VerifyPool | None = None,
+) -> list[Graded]:
     """Grade ``(completion, answer)`` or ``(completion, answer, kind)`` items (``kind`` is the default),
     with the extracted answer and how each verdict was reached."""
     fast: list[Graded | _Pending] = []
     for item in items:
         completion, answer, *rest = item
         fast.append(_judge_fast(completion, answer, rest[0] if rest and rest[0] else kind))
-    todo = {}  # (gold, extracted) -> index of its first occurrence; identical comparisons run once
+    todo: dict[
+        tuple[str, str], int
+    ] = {}  # (gold, extracted) -> index of its first occurrence; identical comparisons run once
     for g in fast:
         if isinstance(g, _Pending):
             todo.setdefault((g.gold, g.extracted), len(todo))
@@ -365,8 +384,9 @@ def judge_many(items: Iterable[Sequence], kind: str = "math", *, timeout_s: floa
     return out
 
 
-def grade_many(items: Iterable[Sequence], kind: str = "math", timeout_s: float = DEFAULT_TIMEOUT_S,
-               workers: int | None = None) -> list[bool]:
+def grade_many(
+    items: Iterable[Sequence], kind: str = "math", timeout_s: float = DEFAULT_TIMEOUT_S, workers: int | None = None
+) -> list[bool]:
     """Correctness of each ``(completion, answer)`` (or ``(completion, answer, kind)``) item."""
     return [g.correct for g in judge_many(items, kind, timeout_s=timeout_s, workers=workers)]
 
@@ -404,12 +424,14 @@ def read_grade_file(path: str | Path, default_kind: str = "math") -> list[tuple[
         except ValueError as err:
             raise GradeInputError(f"{where}: not valid JSON ({err})") from None
         if not isinstance(rec, dict):
-            raise GradeInputError(f"{where}: expected a JSON object with `completion` and `answer`, "
-                                  f"got {type(rec).__name__}")
+            raise GradeInputError(
+                f"{where}: expected a JSON object with `completion` and `answer`, got {type(rec).__name__}"
+            )
         for name in ("completion", "answer"):
             if name not in rec:
-                raise GradeInputError(f"{where}: missing field `{name}` (each line needs `completion` and "
-                                      "`answer`, and may set `kind`)")
+                raise GradeInputError(
+                    f"{where}: missing field `{name}` (each line needs `completion` and `answer`, and may set `kind`)"
+                )
         if not isinstance(rec["completion"], str):
             raise GradeInputError(f"{where}: `completion` must be a string, got {type(rec['completion']).__name__}")
         answer = rec["answer"]
@@ -424,8 +446,14 @@ def read_grade_file(path: str | Path, default_kind: str = "math") -> list[tuple[
     return out
 
 
-def grade_file(path: str | Path, *, default_kind: str = "math", output: str | Path | None = None,
-               timeout_s: float = DEFAULT_TIMEOUT_S, workers: int | None = None) -> dict:
+def grade_file(
+    path: str | Path,
+    *,
+    default_kind: str = "math",
+    output: str | Path | None = None,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    workers: int | None = None,
+) -> dict:
     """Grade a JSON-lines file; with ``output``, write one result line per input line."""
     rows = read_grade_file(path, default_kind)
     graded = judge_many([(c, a, k) for _, c, a, k in rows], default_kind, timeout_s=timeout_s, workers=workers)

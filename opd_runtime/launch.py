@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import sys
 
-EXIT_RETRY = 1
-EXIT_BAD_CONFIG = 2
+from .contract import EXIT_BAD_CONFIG, EXIT_RETRY
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,13 +11,8 @@ from __future__ import annotations
 import shlex
 from dataclasses import dataclass, field
 
+from .contract import NO_USAGE_STATS_ENV, STAGES
 from .spec import DistillationRun
-
-# Every stage a run can have, in execution order. ``teacher`` is the vLLM server the OPD learner scores
-# against; it runs beside ``distill`` (a Deployment on Kubernetes, a background process locally).
-STAGE_ORDER = ("sft", "teacher", "distill", "eval")
-# Stages that run to completion (a Job on Kubernetes); ``teacher`` is long-running.
-BATCH_STAGES = ("sft", "distill", "eval")
 
 
 @dataclass(frozen=True)
@@ -37,20 +32,32 @@ class StageCommand:
 def serves_teacher(run: DistillationRun) -> bool:
     """The run needs its own teacher server: OPD is on, scoring goes over HTTP, and no URL is given."""
     spec = run.spec
-    return (spec.distill is not None and spec.distill.enabled and spec.teacher.backend == "vllm-server"
-            and spec.teacher.serving.url is None)
+    return (
+        spec.distill is not None
+        and spec.distill.enabled
+        and spec.teacher.backend == "vllm-server"
+        and spec.teacher.serving.url is None
+    )
 
 
 def planned_stages(run: DistillationRun) -> list[str]:
     enabled = set(run.spec.enabled_stages())
     if serves_teacher(run):
         enabled.add("teacher")
-    return [s for s in STAGE_ORDER if s in enabled]
+    return [s for s in STAGES if s in enabled]
 
 
-def stage_command(run: DistillationRun, stage: str, *, config: str, workspace: str,
-                  teacher_url: str | None = None, host: str = "0.0.0.0", port: int | None = None,
-                  program: str = "opd") -> StageCommand:
+def stage_command(
+    run: DistillationRun,
+    stage: str,
+    *,
+    config: str,
+    workspace: str,
+    teacher_url: str | None = None,
+    host: str = "0.0.0.0",
+    port: int | None = None,
+    program: str = "opd",
+) -> StageCommand:
     """The command line of one stage.
 
     ``config`` is the run file as the stage sees it (``/etc/opd/run.yaml`` in a pod), ``workspace`` the
@@ -58,10 +65,11 @@ def stage_command(run: DistillationRun, stage: str, *, config: str, workspace: s
     or a re-run continues from the last checkpoint and starts afresh when there is none.
     ``teacher_url`` points the OPD learner at the served teacher (the teacher Service in a cluster).
     """
-    if stage not in STAGE_ORDER:
-        raise ValueError(f"unknown stage {stage!r}; stages are {', '.join(STAGE_ORDER)}")
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
     common = ("--config", config, "--workspace", workspace)
-    env = {"PYTHONUNBUFFERED": "1", "OPD_STAGE": stage}
+    argv: tuple[str, ...]
+    env = {"PYTHONUNBUFFERED": "1", "OPD_STAGE": stage, **NO_USAGE_STATS_ENV}
     if stage == "teacher":
         serving = run.spec.teacher.serving
         argv = (program, "serve-teacher", *common, "--host", host, "--port", str(port or serving.port))
@@ -72,10 +80,6 @@ def stage_command(run: DistillationRun, stage: str, *, config: str, workspace: s
     else:
         argv = (program, stage, *common, "--resume")
     return StageCommand(stage=stage, argv=argv, env=env)
-
-
-# Stages that run as several data-parallel processes under torchrun (training/distributed.py).
-DATA_PARALLEL_STAGES = ("sft", "distill")
 
 
 def launcher_argv(nproc: int, *, python: str = "python") -> tuple[str, ...]:

@@ -1,7 +1,9 @@
-"""Progress of a running stage, read from the files it writes (metrics/<stage>.jsonl, eval/).
+"""Progress of a running stage, read from the metrics file it appends to (``metrics/<stage>.jsonl``).
 
-``opd run`` shows a bar per stage; the stage process itself only appends its step records, so the same
-records feed the bar, the report and the operator's view of a pod.
+``opd run`` follows each stage: SFT and OPD append one record per optimizer step, eval one per finished
+(target, problem set). The same records feed this view, the report and the operator's view of a pod.
+On a terminal the view is a tqdm bar; otherwise (a log file, CI) a plain line every
+``PLAIN_LINE_SECONDS``.
 """
 
 from __future__ import annotations
@@ -10,9 +12,11 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
+from typing import Any, Protocol
 
+from .contract import TRAINING_STAGES
 from .spec import DistillationRun
 from .workspace import Workspace
 
@@ -20,7 +24,7 @@ POLL_SECONDS = 0.5
 PLAIN_LINE_SECONDS = 30.0  # without a terminal, one progress line this often
 
 
-def read_records(path: Path, start: int = 0) -> tuple[list[dict], int]:
+def read_records(path: Path, start: int = 0) -> tuple[list[dict[str, Any]], int]:
     """Complete JSON lines from byte ``start`` on, and the offset after the last complete line."""
     if not path.exists():
         return [], start
@@ -32,68 +36,114 @@ def read_records(path: Path, start: int = 0) -> tuple[list[dict], int]:
     return records, start + end
 
 
-def postfix(stage: str, rec: dict) -> dict:
-    """What the bar shows next to the step count."""
+def postfix(stage: str, rec: dict[str, Any]) -> dict[str, str]:
+    """What the view shows next to the step count."""
     shown = {}
     if stage == "distill":
         shown["rev_kl"] = f"{rec['reverse_kl']:.3f}"
     elif "loss" in rec:
         shown["loss"] = f"{rec['loss']:.3f}"
+    elif "pass_at_1" in rec:
+        shown[f"{rec['target']}/{rec['dataset']}"] = f"{rec['pass_at_1']:.3f}"
     if rec.get("tokens_per_second"):
         shown["tok/s"] = f"{rec['tokens_per_second']:.0f}"
     return shown
 
 
-def _total(stage: str, run: DistillationRun) -> int | None:
+def total_steps(stage: str, run: DistillationRun) -> int | None:
     spec = run.spec
-    if stage in ("sft", "distill"):
-        return getattr(spec, stage).steps
-    if stage == "eval":
+    if stage in TRAINING_STAGES:
+        stage_spec = spec.sft if stage == "sft" else spec.distill
+        return stage_spec.steps if stage_spec is not None else None
+    if stage == "eval" and spec.eval is not None:
         return len(spec.eval.datasets) * len(spec.eval.targets)
     return None
 
 
-def watcher_for(stage: str, run: DistillationRun, ws: Workspace, *,
-                enabled: bool = True) -> Callable[[subprocess.Popen], None]:
-    """A function that follows ``stage``'s progress until its process exits."""
-    total = _total(stage, run)
+class View(Protocol):
+    def update(self, done: int, latest: dict[str, Any]) -> None: ...
 
-    def watch(proc: subprocess.Popen) -> None:
-        if not enabled:
-            return
+    def close(self) -> None: ...
+
+
+class BarView:
+    """A tqdm bar on stderr (a terminal)."""
+
+    def __init__(self, stage: str, total: int | None, initial: int, unit: str):
         from tqdm import tqdm
 
-        tty = sys.stderr.isatty()
-        started = time.time()
-        offset, done, last_plain, latest = 0, 0, time.monotonic(), None
-        records, offset = read_records(ws.metrics(stage), 0)
-        done = initial = records[-1]["step"] if records and stage != "eval" else 0
-        unit = "problem set" if stage == "eval" else "step"
-        bar = tqdm(total=total, initial=done, desc=stage, unit=unit, disable=not tty, dynamic_ncols=True)
+        self.stage, self.done = stage, initial
+        self.bar = tqdm(total=total, initial=initial, desc=stage, unit=unit, dynamic_ncols=True)
+
+    def update(self, done: int, latest: dict[str, Any]) -> None:
+        self.bar.set_postfix(postfix(self.stage, latest), refresh=False)
+        self.bar.update(done - self.done)
+        self.done = done
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class PlainView:
+    """One line on stdout every ``every`` seconds while the stage advances (a log file, CI)."""
+
+    def __init__(
+        self,
+        stage: str,
+        total: int | None,
+        initial: int,
+        unit: str,
+        *,
+        every: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.stage, self.total, self.initial, self.unit = stage, total, initial, unit
+        self.every = PLAIN_LINE_SECONDS if every is None else every
+        self.clock = clock
+        self.started = self.last_line = clock()
+
+    def line(self, done: int, latest: dict[str, Any]) -> str:
+        extra = "  ".join(f"{k} {v}" for k, v in postfix(self.stage, latest).items())
+        elapsed = self.clock() - self.started
+        rate = (done - self.initial) / elapsed if elapsed > 0 else 0.0
+        eta = f"  eta {(self.total - done) / rate:.0f}s" if rate and self.total else ""
+        total = self.total if self.total is not None else "?"
+        return f"[{self.stage}] {done}/{total} {self.unit}s  {extra}{eta}".rstrip()
+
+    def update(self, done: int, latest: dict[str, Any]) -> None:
+        if self.clock() - self.last_line >= self.every:
+            self.last_line = self.clock()
+            print(self.line(done, latest), flush=True)
+
+    def close(self) -> None:
+        pass
+
+
+def watcher_for(
+    stage: str, run: DistillationRun, ws: Workspace, *, enabled: bool = True
+) -> Callable[[subprocess.Popen[bytes]], None]:
+    """A function that follows ``stage``'s progress until its process exits."""
+    total = total_steps(stage, run)
+    unit = "problem set" if stage == "eval" else "step"
+
+    def watch(proc: subprocess.Popen[bytes]) -> None:
+        if not enabled:
+            return
+        # A resumed training stage continues from its last recorded step; eval counts afresh (its records
+        # restart at 1 in every eval process).
+        records, offset = read_records(ws.metrics(stage))
+        done = records[-1]["step"] if records and stage in TRAINING_STAGES else 0
+        view: View = (BarView if sys.stderr.isatty() else PlainView)(stage, total, done, unit)
         try:
-            while proc.poll() is None:
+            running = True
+            while running:
                 time.sleep(POLL_SECONDS)
-                if stage == "eval":
-                    written = [p for p in ws.root.glob("eval/*/*.json") if p.stat().st_mtime >= started]
-                    new = len(written) - done
-                else:
-                    records, offset = read_records(ws.metrics(stage), offset)
-                    new = records[-1]["step"] - done if records else 0
-                    latest = records[-1] if records else latest
-                if new > 0:
-                    done += new
-                    bar.update(new)
-                    if latest:
-                        bar.set_postfix(postfix(stage, latest), refresh=False)
-                if not tty and time.monotonic() - last_plain >= PLAIN_LINE_SECONDS:
-                    last_plain = time.monotonic()
-                    extra = "  ".join(f"{k} {v}" for k, v in (postfix(stage, latest) if latest else {}).items())
-                    elapsed = time.time() - started
-                    rate = (done - initial) / elapsed if elapsed > 0 else 0
-                    eta = f"  eta {(total - done) / rate:.0f}s" if rate and total else ""
-                    print(f"[{stage}] {done}/{total if total is not None else '?'} {unit}s  {extra}{eta}",
-                          flush=True)
+                running = proc.poll() is None  # then one last read: what the stage wrote before it ended
+                records, offset = read_records(ws.metrics(stage), offset)
+                if records:
+                    done = records[-1]["step"]
+                    view.update(done, records[-1])
         finally:
-            bar.close()
+            view.close()
 
     return watch

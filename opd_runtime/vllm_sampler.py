@@ -23,14 +23,13 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
 from .generation import Sample, stop_token_ids
 
-CPU_MEMORY_UTILIZATION = 0.1  # on CPU vLLM reserves this share of host memory (see serving.py)
 PROBE_TOKENS = 64
 # Largest |vLLM - trainer| log-prob on the probe after a reload: float32 engines agree to ~1e-6; half
 # precision kernels differ more, so there the check only catches gross staleness.
@@ -46,7 +45,7 @@ class SyncExtension:
 
     def opd_reload_weights(self, weights_dir: str) -> int:
         """Reload from ``weights_dir`` and, on CPU, rebuild the packed GEMM handles; returns how many."""
-        self.reload_weights(weights_path=weights_dir)
+        self.reload_weights(weights_path=weights_dir)  # type: ignore[attr-defined]  # the vLLM worker's
         from vllm.platforms import current_platform
 
         if not current_platform.is_cpu():
@@ -54,9 +53,13 @@ class SyncExtension:
         from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
 
         rebuilt = 0
-        for module in self.model_runner.get_model().modules():
-            if hasattr(module, "cpu_linear") and getattr(module, "weight", None) is not None \
-                    and module.weight.ndim == 2 and module.weight.numel() > 0:
+        for module in self.model_runner.get_model().modules():  # type: ignore[attr-defined]
+            if (
+                hasattr(module, "cpu_linear")
+                and getattr(module, "weight", None) is not None
+                and module.weight.ndim == 2
+                and module.weight.numel() > 0
+            ):
                 dispatch_cpu_unquantized_gemm(module, remove_weight=False)
                 rebuilt += 1
         return rebuilt
@@ -67,17 +70,18 @@ def trainer_state_dict(model) -> dict[str, torch.Tensor]:
     from peft import PeftModel
     from peft.tuners.lora import LoraLayer
 
+    merged: dict[str, torch.Tensor] = {}
     if not isinstance(model, PeftModel):
-        base, merged = model, {}
+        base = model
     else:
         base = model.get_base_model()
-        merged = {}
         for name, module in base.named_modules():
             if isinstance(module, LoraLayer):
                 weight = module.base_layer.weight.detach()
                 for adapter in module.active_adapters:
                     if adapter in module.lora_A:
-                        weight = weight + module.get_delta_weight(adapter).detach().to(weight.dtype)
+                        delta = module.get_delta_weight(adapter)  # type: ignore[attr-defined]  # lora.Linear's
+                        weight = weight + delta.detach().to(weight.dtype)
                 merged[f"{name}.weight"] = weight
     out: dict[str, torch.Tensor] = {}
     for key, value in base.state_dict().items():
@@ -103,22 +107,41 @@ def _scratch_root() -> str | None:
 class VllmSampler:
     """An in-process vLLM engine on the student, kept in step with the trainer's weights."""
 
-    def __init__(self, model_dir: str, *, dtype: str = "auto", gpu_memory_utilization: float = 0.3,
-                 seed: int = 0, trust_remote_code: bool = False, max_model_len: int | None = None,
-                 verify: bool = True):
+    def __init__(
+        self,
+        model_dir: str,
+        *,
+        dtype: str = "auto",
+        gpu_memory_utilization: float = 0.3,
+        seed: int = 0,
+        trust_remote_code: bool = False,
+        max_model_len: int | None = None,
+        verify: bool = True,
+    ):
+        from .contract import NO_USAGE_STATS_ENV
+
+        for key, value in NO_USAGE_STATS_ENV.items():  # read by vLLM when the engine starts
+            os.environ.setdefault(key, value)
         from vllm import LLM
 
-        from .serving import cuda_available, serving_dtype
+        from .serving import cuda_available, memory_utilization, serving_dtype
 
         self.cuda = cuda_available()
         self.dtype = serving_dtype(dtype, self.cuda)
         self.verify = verify
-        memory = gpu_memory_utilization if self.cuda else min(gpu_memory_utilization, CPU_MEMORY_UTILIZATION)
+        memory = memory_utilization(gpu_memory_utilization, self.cuda)
         # token ids in, token ids out: the engine needs no tokenizer (stop ids come with each call)
-        kwargs = dict(model=model_dir, skip_tokenizer_init=True, dtype=self.dtype, seed=seed,
-                      gpu_memory_utilization=memory, enforce_eager=not self.cuda,
-                      trust_remote_code=trust_remote_code, logprobs_mode="processed_logprobs",
-                      worker_extension_cls=f"{SyncExtension.__module__}.{SyncExtension.__qualname__}")
+        kwargs = dict(
+            model=model_dir,
+            skip_tokenizer_init=True,
+            dtype=self.dtype,
+            seed=seed,
+            gpu_memory_utilization=memory,
+            enforce_eager=not self.cuda,
+            trust_remote_code=trust_remote_code,
+            logprobs_mode="processed_logprobs",
+            worker_extension_cls=f"{SyncExtension.__module__}.{SyncExtension.__qualname__}",
+        )
         if max_model_len is not None:
             kwargs["max_model_len"] = max_model_len
         self.llm = LLM(**kwargs)
@@ -163,45 +186,84 @@ class VllmSampler:
             raise StaleSamplerWeights(
                 f"after a weight reload the vLLM sampler's log-probs differ from the trainer's by up to {err:.3g} "
                 f"(tolerance {tolerance:g} in {self.dtype}): the engine did not take the new weights; sampling "
-                "from it would silently turn OPD off-policy")
+                "from it would silently turn OPD off-policy"
+            )
         return err
 
     def prompt_logprobs(self, token_ids: Sequence[int]) -> list[float]:
         """The engine's log-prob of each token of ``token_ids`` after the first (raw, no temperature)."""
         from vllm import SamplingParams
 
-        out = self.llm.generate([{"prompt_token_ids": list(token_ids)}],
-                                SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False),
-                                use_tqdm=False)[0]
+        out = self.llm.generate(
+            [{"prompt_token_ids": list(token_ids)}],
+            SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False),
+            use_tqdm=False,
+        )[0]
         return [float(d[t].logprob) for t, d in zip(token_ids[1:], out.prompt_logprobs[1:])]
 
     # --- sampling -------------------------------------------------------------------------------------
 
-    def __call__(self, model, tokenizer, prompts: Sequence[Sequence[int]], *, n: int = 1,
-                 temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 256,
-                 batch_size: int | None = None, logprobs: bool = True) -> list[Sample]:
+    def __call__(
+        self,
+        model,
+        tokenizer,
+        prompts: Sequence[Sequence[int]],
+        *,
+        n: int = 1,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        max_new_tokens: int = 256,
+        batch_size: int | None = None,
+        logprobs: bool = True,
+    ) -> list[Sample]:
         """``generation.sample``'s signature: ``n`` completions per prompt, prompt by prompt, sampled by the
         engine after it has taken ``model``'s current weights (``batch_size`` is vLLM's own business)."""
         if self._version is None or weights_version(model) != self._version:
             if self._probe is None and prompts:
                 self._probe = list(prompts[0])[:PROBE_TOKENS]
             self.sync(model)
-        return self.sample(prompts, stop_ids=stop_token_ids(tokenizer), n=n, temperature=temperature, top_p=top_p,
-                           max_new_tokens=max_new_tokens, seed=int(torch.randint(0, 2**31 - 1, (1,))),
-                           logprobs=logprobs)
+        return self.sample(
+            prompts,
+            stop_ids=stop_token_ids(tokenizer),
+            n=n,
+            temperature=temperature,
+            top_p=top_p,
+            max_new_tokens=max_new_tokens,
+            seed=int(torch.randint(0, 2**31 - 1, (1,))),
+            logprobs=logprobs,
+        )
 
-    def sample(self, prompts: Sequence[Sequence[int]], *, stop_ids: Sequence[int], n: int = 1,
-               temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 256, seed: int | None = None,
-               logprobs: bool = True) -> list[Sample]:
+    def sample(
+        self,
+        prompts: Sequence[Sequence[int]],
+        *,
+        stop_ids: Sequence[int],
+        n: int = 1,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        max_new_tokens: int = 256,
+        seed: int | None = None,
+        logprobs: bool = True,
+    ) -> list[Sample]:
         """Sample with the weights the engine holds now (``__call__`` first brings them up to date)."""
         from vllm import SamplingParams
 
         greedy = temperature <= 0
-        params = [SamplingParams(
-            n=n, temperature=0.0 if greedy else temperature, top_p=1.0 if greedy else top_p, top_k=0,
-            max_tokens=max_new_tokens, stop_token_ids=list(stop_ids), logprobs=0 if logprobs else None,
-            seed=None if seed is None else seed + i * n, detokenize=False, skip_special_tokens=False)
-            for i in range(len(prompts))]
+        params = [
+            SamplingParams(
+                n=n,
+                temperature=0.0 if greedy else temperature,
+                top_p=1.0 if greedy else top_p,
+                top_k=0,
+                max_tokens=max_new_tokens,
+                stop_token_ids=list(stop_ids),
+                logprobs=0 if logprobs else None,
+                seed=None if seed is None else seed + i * n,
+                detokenize=False,
+                skip_special_tokens=False,
+            )
+            for i in range(len(prompts))
+        ]
         outputs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
         samples: list[Sample] = []
         for prompt, out in zip(prompts, outputs):

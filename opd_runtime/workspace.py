@@ -14,9 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-STAGES = ("sft", "distill", "eval")
 TINY_SCHEME = "tiny://"
-TINY_MODELS = ("teacher", "student-init", "student", "tokenizer")
 
 
 @dataclass(frozen=True)
@@ -46,7 +44,7 @@ class Workspace:
         unchanged locally, in CI and on a kind cluster, where no stage can download a model.
         """
         if path_or_id.startswith(TINY_SCHEME):
-            return str(ensure_tiny_world(self.root / "models") / path_or_id[len(TINY_SCHEME):])
+            return str(ensure_tiny_world(self.root / "models") / path_or_id[len(TINY_SCHEME) :])
         p = Path(path_or_id)
         if p.is_absolute():
             return str(p)

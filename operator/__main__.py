@@ -14,10 +14,18 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="opd-operator", description=__doc__.splitlines()[0])
-    parser.add_argument("-n", "--namespace", action="append", default=None,
-                        help="serve only this namespace (repeatable; default: all namespaces)")
-    parser.add_argument("--liveness", default="http://0.0.0.0:8080/healthz",
-                        help="kopf liveness endpoint (empty disables; default %(default)s)")
+    parser.add_argument(
+        "-n",
+        "--namespace",
+        action="append",
+        default=None,
+        help="serve only this namespace (repeatable; default: all namespaces)",
+    )
+    parser.add_argument(
+        "--liveness",
+        default="http://0.0.0.0:8080/healthz",
+        help="kopf liveness endpoint (empty disables; default %(default)s)",
+    )
     parser.add_argument("--metrics-port", type=int, default=None, help="Prometheus port (default 8000, 0 disables)")
     parser.add_argument("--resync-seconds", type=float, default=None, help="re-check each run this often")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -34,8 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     from . import handlers  # noqa: F401  (registers the handlers)
 
     kopf.configure(verbose=args.verbose, debug=args.debug)
-    kopf.run(standalone=True, clusterwide=not namespaces, namespaces=namespaces,
-             liveness_endpoint=args.liveness or None)
+    kopf.run(
+        standalone=True, clusterwide=not namespaces, namespaces=namespaces, liveness_endpoint=args.liveness or None
+    )
     return 0
 
 

@@ -24,10 +24,14 @@ Manifest = dict[str, Any]
 OPERATIONAL_FIELDS = ("suspend", "retries", "backoffSeconds")
 
 
-def _meta(obj: Manifest, name: str, stage: str | None = None, *, owned: bool = True,
-          annotations: dict[str, str] | None = None) -> Manifest:
-    meta: Manifest = {"name": name, "namespace": obj["metadata"]["namespace"],
-                      "labels": names.labels(obj["metadata"]["name"], stage)}
+def _meta(
+    obj: Manifest, name: str, stage: str | None = None, *, owned: bool = True, annotations: dict[str, str] | None = None
+) -> Manifest:
+    meta: Manifest = {
+        "name": name,
+        "namespace": obj["metadata"]["namespace"],
+        "labels": names.labels(obj["metadata"]["name"], stage),
+    }
     if owned:
         meta["ownerReferences"] = [names.owner_reference(obj)]
     if annotations:
@@ -50,12 +54,17 @@ def spec_hash(run: DistillationRun) -> str:
 
 def run_yaml(run: DistillationRun, namespace: str) -> str:
     """The run file stages read from /etc/opd/run.yaml."""
-    doc = {"apiVersion": run.api_version, "kind": run.kind,
-           "metadata": {"name": run.metadata.name, "namespace": namespace}, "spec": stage_spec(run)}
+    doc = {
+        "apiVersion": run.api_version,
+        "kind": run.kind,
+        "metadata": {"name": run.metadata.name, "namespace": namespace},
+        "spec": stage_spec(run),
+    }
     return yaml.safe_dump(doc, sort_keys=False)
 
 
 # ---- per-run plumbing ---------------------------------------------------------------------------------
+
 
 def workspace_pvc(obj: Manifest, run: DistillationRun) -> Manifest:
     """The workspace claim; owned by the run (so deleted with it) only under retentionPolicy Delete."""
@@ -64,36 +73,54 @@ def workspace_pvc(obj: Manifest, run: DistillationRun) -> Manifest:
     if ws.storage_class_name:
         spec["storageClassName"] = ws.storage_class_name
     name = names.workspace_claim(obj["metadata"]["name"])
-    return {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
-            "metadata": _meta(obj, name, owned=ws.retention_policy == "Delete"), "spec": spec}
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": _meta(obj, name, owned=ws.retention_policy == "Delete"),
+        "spec": spec,
+    }
 
 
 def config_map(obj: Manifest, run: DistillationRun) -> Manifest:
     name = names.spec_configmap(obj["metadata"]["name"])
-    return {"apiVersion": "v1", "kind": "ConfigMap",
-            "metadata": _meta(obj, name, annotations={names.SPEC_HASH_ANNOTATION: spec_hash(run)}),
-            "data": {names.CONFIG_FILE: run_yaml(run, obj["metadata"]["namespace"])}}
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _meta(obj, name, annotations={names.SPEC_HASH_ANNOTATION: spec_hash(run)}),
+        "data": {names.CONFIG_FILE: run_yaml(run, obj["metadata"]["namespace"])},
+    }
 
 
 def service_account(obj: Manifest) -> Manifest:
     name = names.stage_account(obj["metadata"]["name"])
-    return {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _meta(obj, name),
-            "automountServiceAccountToken": True}
+    return {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": _meta(obj, name),
+        "automountServiceAccountToken": True,
+    }
 
 
 def role(obj: Manifest) -> Manifest:
     run = obj["metadata"]["name"]
-    return {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
-            "metadata": _meta(obj, names.stage_account(run)), "rules": stage_rules(run)}
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "Role",
+        "metadata": _meta(obj, names.stage_account(run)),
+        "rules": stage_rules(run),
+    }
 
 
 def role_binding(obj: Manifest) -> Manifest:
     run, ns = obj["metadata"]["name"], obj["metadata"]["namespace"]
     account = names.stage_account(run)
-    return {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
-            "metadata": _meta(obj, account),
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": account},
-            "subjects": [{"kind": "ServiceAccount", "name": account, "namespace": ns}]}
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": _meta(obj, account),
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": account},
+        "subjects": [{"kind": "ServiceAccount", "name": account, "namespace": ns}],
+    }
 
 
 def plumbing(obj: Manifest, run: DistillationRun) -> list[Manifest]:
@@ -106,14 +133,24 @@ def plumbing(obj: Manifest, run: DistillationRun) -> list[Manifest]:
 
 # ---- pods -----------------------------------------------------------------------------------------------
 
+
 def pod_security_context() -> Manifest:
-    return {"runAsNonRoot": True, "runAsUser": names.RUN_AS_USER, "runAsGroup": names.RUN_AS_USER,
-            "fsGroup": names.RUN_AS_USER, "seccompProfile": {"type": "RuntimeDefault"}}
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": names.RUN_AS_USER,
+        "runAsGroup": names.RUN_AS_USER,
+        "fsGroup": names.RUN_AS_USER,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
 
 
 def container_security_context() -> Manifest:
-    return {"allowPrivilegeEscalation": False, "runAsNonRoot": True, "capabilities": {"drop": ["ALL"]},
-            "seccompProfile": {"type": "RuntimeDefault"}}
+    return {
+        "allowPrivilegeEscalation": False,
+        "runAsNonRoot": True,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
 
 
 def resources(spec: ResourcesSpec) -> Manifest:
@@ -142,33 +179,48 @@ def _volumes(obj: Manifest, run: DistillationRun) -> list[Manifest]:
     ]
 
 
-_MOUNTS: list[Manifest] = [{"name": "workspace", "mountPath": names.WORKSPACE_MOUNT},
-           {"name": "spec", "mountPath": names.CONFIG_DIR, "readOnly": True},
-           {"name": "dshm", "mountPath": "/dev/shm"}]
+_MOUNTS: list[Manifest] = [
+    {"name": "workspace", "mountPath": names.WORKSPACE_MOUNT},
+    {"name": "spec", "mountPath": names.CONFIG_DIR, "readOnly": True},
+    {"name": "dshm", "mountPath": "/dev/shm"},
+]
 
 
 def _env(obj: Manifest, extra: dict[str, str]) -> list[Manifest]:
-    env = {**extra,
-           "OPD_RUN_NAME": obj["metadata"]["name"], "OPD_RUN_NAMESPACE": obj["metadata"]["namespace"],
-           "OPD_TERMINATION_LOG": names.TERMINATION_LOG,
-           "OPD_CACHE_DIR": f"{names.WORKSPACE_MOUNT}/.cache/opd",
-           "HF_HOME": f"{names.WORKSPACE_MOUNT}/.cache/huggingface"}
+    env = {
+        **extra,
+        "OPD_RUN_NAME": obj["metadata"]["name"],
+        "OPD_RUN_NAMESPACE": obj["metadata"]["namespace"],
+        "OPD_TERMINATION_LOG": names.TERMINATION_LOG,
+        "OPD_CACHE_DIR": f"{names.WORKSPACE_MOUNT}/.cache/opd",
+        "HF_HOME": f"{names.WORKSPACE_MOUNT}/.cache/huggingface",
+    }
     return [{"name": k, "value": v} for k, v in env.items()]
 
 
-def _container(obj: Manifest, run: DistillationRun, stage: str, argv: tuple[str, ...], env: dict[str, str],
-               res: ResourcesSpec) -> Manifest:
-    return {"name": stage, "image": run.spec.image, "imagePullPolicy": run.spec.image_pull_policy,
-            "command": list(argv), "env": _env(obj, env), "resources": resources(res),
-            "volumeMounts": [dict(m) for m in _MOUNTS],
-            "terminationMessagePath": names.TERMINATION_LOG,
-            "terminationMessagePolicy": "FallbackToLogsOnError",
-            "securityContext": container_security_context()}
+def _container(
+    obj: Manifest, run: DistillationRun, stage: str, argv: tuple[str, ...], env: dict[str, str], res: ResourcesSpec
+) -> Manifest:
+    return {
+        "name": stage,
+        "image": run.spec.image,
+        "imagePullPolicy": run.spec.image_pull_policy,
+        "command": list(argv),
+        "env": _env(obj, env),
+        "resources": resources(res),
+        "volumeMounts": [dict(m) for m in _MOUNTS],
+        "terminationMessagePath": names.TERMINATION_LOG,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "securityContext": container_security_context(),
+    }
 
 
 def _pod_spec(obj: Manifest, run: DistillationRun, container: Manifest, *, account: str | None) -> Manifest:
-    spec: Manifest = {"securityContext": pod_security_context(), "containers": [container],
-                      "volumes": _volumes(obj, run)}
+    spec: Manifest = {
+        "securityContext": pod_security_context(),
+        "containers": [container],
+        "volumes": _volumes(obj, run),
+    }
     if account:
         spec["serviceAccountName"] = account
     else:
@@ -176,7 +228,7 @@ def _pod_spec(obj: Manifest, run: DistillationRun, container: Manifest, *, accou
     if run.spec.node_selector:
         spec["nodeSelector"] = dict(run.spec.node_selector)
     if run.spec.tolerations:
-        spec["tolerations"] = [dict(t) for t in run.spec.tolerations]  # type: ignore[call-overload]
+        spec["tolerations"] = [dict(t) for t in run.spec.tolerations]
     return spec
 
 
@@ -187,27 +239,34 @@ def stage_job(obj: Manifest, run: DistillationRun, stage: str, attempt: int) -> 
     teacher_url = None
     if stage == "distill" and "teacher" in planned_stages(run):
         teacher_url = names.teacher_url(run_name, ns, run.spec.teacher.serving.port)
-    cmd = stage_command(run, stage, config=names.CONFIG_PATH, workspace=names.WORKSPACE_MOUNT,
-                        teacher_url=teacher_url)
+    cmd = stage_command(run, stage, config=names.CONFIG_PATH, workspace=names.WORKSPACE_MOUNT, teacher_url=teacher_url)
     container = _container(obj, run, stage, cmd.argv, cmd.env, getattr(run.spec, stage).resources)
     if stage == "distill" and run.spec.distill and run.spec.distill.metrics_port:
         container["ports"] = [{"name": "metrics", "containerPort": run.spec.distill.metrics_port}]
     pod_labels = {**names.labels(run_name, stage), names.ATTEMPT_LABEL: str(attempt)}
     pod_spec = _pod_spec(obj, run, container, account=names.stage_account(run_name))
     pod_spec["restartPolicy"] = "Never"
-    meta = _meta(obj, names.job(run_name, stage, attempt), stage,
-                 annotations={names.SPEC_HASH_ANNOTATION: spec_hash(run)})
+    meta = _meta(
+        obj, names.job(run_name, stage, attempt), stage, annotations={names.SPEC_HASH_ANNOTATION: spec_hash(run)}
+    )
     meta["labels"][names.ATTEMPT_LABEL] = str(attempt)
-    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta,
-            "spec": {"backoffLimit": 0, "completions": 1, "parallelism": 1,
-                     "template": {"metadata": {"labels": pod_labels}, "spec": pod_spec}}}
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": meta,
+        "spec": {
+            "backoffLimit": 0,
+            "completions": 1,
+            "parallelism": 1,
+            "template": {"metadata": {"labels": pod_labels}, "spec": pod_spec},
+        },
+    }
 
 
 def teacher_deployment(obj: Manifest, run: DistillationRun) -> Manifest:
     run_name = obj["metadata"]["name"]
     serving = run.spec.teacher.serving
-    cmd = stage_command(run, "teacher", config=names.CONFIG_PATH, workspace=names.WORKSPACE_MOUNT,
-                        port=serving.port)
+    cmd = stage_command(run, "teacher", config=names.CONFIG_PATH, workspace=names.WORKSPACE_MOUNT, port=serving.port)
     container = _container(obj, run, "teacher", cmd.argv, cmd.env, teacher_resources(run))
     container["ports"] = [{"name": "http", "containerPort": serving.port}]
     probe = {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 10}
@@ -215,20 +274,30 @@ def teacher_deployment(obj: Manifest, run: DistillationRun) -> Manifest:
     container["startupProbe"] = {**probe, "failureThreshold": 180}
     container["readinessProbe"] = {**probe, "failureThreshold": 3}
     pod_labels = names.labels(run_name, "teacher")
-    return {"apiVersion": "apps/v1", "kind": "Deployment",
-            "metadata": _meta(obj, names.teacher(run_name), "teacher",
-                              annotations={names.SPEC_HASH_ANNOTATION: spec_hash(run)}),
-            "spec": {"replicas": serving.replicas, "strategy": {"type": "Recreate"},
-                     "selector": {"matchLabels": {names.RUN_LABEL: run_name, names.STAGE_LABEL: "teacher"}},
-                     "template": {"metadata": {"labels": pod_labels},
-                                  "spec": _pod_spec(obj, run, container, account=None)}}}
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _meta(
+            obj, names.teacher(run_name), "teacher", annotations={names.SPEC_HASH_ANNOTATION: spec_hash(run)}
+        ),
+        "spec": {
+            "replicas": serving.replicas,
+            "strategy": {"type": "Recreate"},
+            "selector": {"matchLabels": {names.RUN_LABEL: run_name, names.STAGE_LABEL: "teacher"}},
+            "template": {"metadata": {"labels": pod_labels}, "spec": _pod_spec(obj, run, container, account=None)},
+        },
+    }
 
 
 def teacher_service(obj: Manifest, run: DistillationRun) -> Manifest:
     run_name = obj["metadata"]["name"]
     port = run.spec.teacher.serving.port
-    return {"apiVersion": "v1", "kind": "Service",
-            "metadata": _meta(obj, names.teacher(run_name), "teacher"),
-            "spec": {"selector": {names.RUN_LABEL: run_name, names.STAGE_LABEL: "teacher"},
-                     "ports": [{"name": "http", "port": port, "targetPort": "http"}]}}
-
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _meta(obj, names.teacher(run_name), "teacher"),
+        "spec": {
+            "selector": {names.RUN_LABEL: run_name, names.STAGE_LABEL: "teacher"},
+            "ports": [{"name": "http", "port": port, "targetPort": "http"}],
+        },
+    }

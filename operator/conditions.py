@@ -12,21 +12,28 @@ SUSPENDED = "Suspended"
 SPEC_ACCEPTED = "SpecAccepted"
 TEACHER_READY = "TeacherReady"
 # Per-stage condition types, e.g. SftSucceeded.
-STAGE_CONDITIONS = {"sft": "SftSucceeded", "teacher": TEACHER_READY, "distill": "DistillSucceeded",
-                    "eval": "EvalSucceeded"}
+STAGE_CONDITIONS = {
+    "sft": "SftSucceeded",
+    "teacher": TEACHER_READY,
+    "distill": "DistillSucceeded",
+    "eval": "EvalSucceeded",
+}
 
 
 def get(conditions: Conditions, type_: str) -> dict[str, Any] | None:
     return next((c for c in conditions if c.get("type") == type_), None)
 
 
-def is_true(conditions: Conditions, type_: str) -> bool:
-    cond = get(conditions, type_)
-    return cond is not None and cond.get("status") == "True"
-
-
-def set_condition(conditions: Conditions, type_: str, status: bool | None, reason: str, message: str, *,
-                  now: str, generation: int | None) -> Conditions:
+def set_condition(
+    conditions: Conditions,
+    type_: str,
+    status: bool | None,
+    reason: str,
+    message: str,
+    *,
+    now: str,
+    generation: int | None,
+) -> Conditions:
     """A copy of ``conditions`` with ``type_`` set (``status`` None = Unknown)."""
     value = "Unknown" if status is None else ("True" if status else "False")
     old = get(conditions, type_)

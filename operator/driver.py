@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import logging
-from datetime import datetime, timezone
-from typing import Any, Optional
+from datetime import UTC, datetime
+from typing import Any
 
 from . import metrics
 from .conditions import READY, set_condition
@@ -29,7 +29,7 @@ def merge_patch(old: Any, new: Any) -> Any:
     None values (a null in a merge patch deletes the key)."""
     if not isinstance(old, dict) or not isinstance(new, dict):
         return None if old == new else new
-    patch: Manifest = {key: None for key in old.keys() - new.keys()}
+    patch: Manifest = dict.fromkeys(old.keys() - new.keys())
     for key, value in new.items():
         sub = merge_patch(old[key], value) if key in old else value
         if sub is not None:
@@ -37,9 +37,9 @@ def merge_patch(old: Any, new: Any) -> Any:
     return patch or None
 
 
-def reconcile_once(api: Api, namespace: str, name: str, now: Optional[datetime] = None) -> Optional[Decision]:
+def reconcile_once(api: Api, namespace: str, name: str, now: datetime | None = None) -> Decision | None:
     """Reconcile run ``namespace/name``; None when it is gone or being deleted (its children go with it)."""
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     obj = api.get("DistillationRun", namespace, name)
     if obj is None or obj["metadata"].get("deletionTimestamp"):
         return None
@@ -67,16 +67,28 @@ def reconcile_once(api: Api, namespace: str, name: str, now: Optional[datetime] 
 def report_refusal(api: Api, obj: Manifest, old: Manifest, message: str, now: datetime) -> None:
     """The API refused an action: keep the status as it was (the next round retries the same step) but
     for Ready=False/ReconcileError with the API's message, and one Warning event per new message."""
-    conds = set_condition(old.get("conditions") or [], READY, False, "ReconcileError", message[:1000],
-                          now=rfc3339(now), generation=obj["metadata"].get("generation"))
+    conds = set_condition(
+        old.get("conditions") or [],
+        READY,
+        False,
+        "ReconcileError",
+        message[:1000],
+        now=rfc3339(now),
+        generation=obj["metadata"].get("generation"),
+    )
     meta = obj["metadata"]
-    api.patch("DistillationRun", meta["namespace"], meta["name"],
-              {"status": {"message": message[:1000], "conditions": conds}}, subresource="status")
+    api.patch(
+        "DistillationRun",
+        meta["namespace"],
+        meta["name"],
+        {"status": {"message": message[:1000], "conditions": conds}},
+        subresource="status",
+    )
     if old.get("message") != message[:1000]:
         post_event(api, obj, Event("Warning", "ReconcileError", message), rfc3339(now))
 
 
-def reconcile_safely(api: Api, namespace: str, name: str) -> Optional[float]:
+def reconcile_safely(api: Api, namespace: str, name: str) -> float | None:
     """``reconcile_once`` that counts and logs errors instead of raising; returns the requeue delay."""
     metrics.RECONCILES.inc()
     try:

@@ -15,10 +15,9 @@ from typing import Any
 
 import kopf
 
-from opd_runtime.spec import GROUP, VERSION
+from opd_runtime.contract import GROUP, PLURAL, VERSION
 
 from . import driver, metrics, names
-from .crd import PLURAL
 from .kube import RestApi
 
 log = logging.getLogger("opd_operator")
@@ -42,7 +41,8 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.persistence.finalizer = "opd.dev/operator"
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="opd.dev")
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix="opd.dev", key="last-handled-configuration")
+        prefix="opd.dev", key="last-handled-configuration"
+    )
     settings.posting.enabled = False  # the reconciler posts its own, meaningful Events
     settings.watching.server_timeout = 300
     if logging.getLogger().getEffectiveLevel() > logging.DEBUG:

@@ -10,11 +10,10 @@ from __future__ import annotations
 import json
 import logging
 import secrets
-from dataclasses import dataclass
-from typing import Any, Optional, Protocol
+from typing import Any, Protocol
 from urllib.parse import quote, urlencode
 
-from opd_runtime.spec import API_VERSION, GROUP, VERSION
+from opd_runtime.contract import API_VERSION, GROUP, PLURAL, VERSION
 
 from . import names
 from .reconcile import Action, Event
@@ -24,7 +23,7 @@ log = logging.getLogger("opd_operator")
 
 # kind -> (API prefix, plural); all namespaced.
 RESOURCES: dict[str, tuple[str, str]] = {
-    "DistillationRun": (f"/apis/{GROUP}/{VERSION}", "distillationruns"),
+    "DistillationRun": (f"/apis/{GROUP}/{VERSION}", PLURAL),
     "ServiceAccount": ("/api/v1", "serviceaccounts"),
     "ConfigMap": ("/api/v1", "configmaps"),
     "PersistentVolumeClaim": ("/api/v1", "persistentvolumeclaims"),
@@ -45,7 +44,7 @@ class ApiError(RuntimeError):
 
 
 class Api(Protocol):
-    def get(self, kind: str, namespace: str, name: str) -> Optional[Manifest]: ...
+    def get(self, kind: str, namespace: str, name: str) -> Manifest | None: ...
     def list(self, kind: str, namespace: str, selector: str) -> list[Manifest]: ...
     def create(self, namespace: str, body: Manifest) -> bool: ...
     def patch(self, kind: str, namespace: str, name: str, patch: Manifest, *, subresource: str = "") -> None: ...
@@ -70,14 +69,18 @@ class RestApi:
         from kubernetes import client, config
 
         try:
-            config.load_incluster_config()
+            config.load_incluster_config()  # type: ignore[no-untyped-call]
         except config.ConfigException:
-            config.load_kube_config()
+            config.load_kube_config()  # type: ignore[no-untyped-call]
         self.cfg = client.Configuration.get_default_copy()
         self.timeout = timeout
         self.http = urllib3.PoolManager(
-            cert_reqs="CERT_REQUIRED" if self.cfg.verify_ssl else "CERT_NONE", ca_certs=self.cfg.ssl_ca_cert,
-            cert_file=self.cfg.cert_file, key_file=self.cfg.key_file, maxsize=8)
+            cert_reqs="CERT_REQUIRED" if self.cfg.verify_ssl else "CERT_NONE",
+            ca_certs=self.cfg.ssl_ca_cert,
+            cert_file=self.cfg.cert_file,
+            key_file=self.cfg.key_file,
+            maxsize=8,
+        )
 
     def _headers(self, content_type: str | None) -> dict[str, str]:
         headers = {"Accept": "application/json", "User-Agent": "opd-operator"}
@@ -90,26 +93,42 @@ class RestApi:
             headers["Authorization"] = token
         return headers
 
-    def request(self, method: str, url_path: str, body: Any = None, *, query: dict[str, str] | None = None,
-                content_type: str = "application/json", ok_missing: bool = False) -> Optional[Manifest]:
+    def request(
+        self,
+        method: str,
+        url_path: str,
+        body: Any = None,
+        *,
+        query: dict[str, str] | None = None,
+        content_type: str = "application/json",
+        ok_missing: bool = False,
+    ) -> Manifest | None:
         url = self.cfg.host.rstrip("/") + url_path + (f"?{urlencode(query)}" if query else "")
         data = json.dumps(body).encode() if body is not None else None
-        resp = self.http.request(method, url, body=data, headers=self._headers(content_type if data else None),
-                                 timeout=self.timeout, retries=False)
+        resp = self.http.request(
+            method,
+            url,
+            body=data,
+            headers=self._headers(content_type if data else None),
+            timeout=self.timeout,
+            retries=False,
+        )
         if ok_missing and resp.status == 404:
             return None
         payload = json.loads(resp.data) if resp.data else {}
         if resp.status >= 300:
-            raise ApiError(resp.status, payload.get("message", resp.data[:300]) if isinstance(payload, dict)
-                           else str(payload))
+            raise ApiError(
+                resp.status, payload.get("message", resp.data[:300]) if isinstance(payload, dict) else str(payload)
+            )
         return payload
 
-    def get(self, kind: str, namespace: str, name: str) -> Optional[Manifest]:
+    def get(self, kind: str, namespace: str, name: str) -> Manifest | None:
         return self.request("GET", path(kind, namespace, name), ok_missing=True)
 
     def list(self, kind: str, namespace: str, selector: str) -> list[Manifest]:
         out = self.request("GET", path(kind, namespace), query={"labelSelector": selector}) or {}
-        return out.get("items", [])
+        items: list[Manifest] = out.get("items", [])
+        return items
 
     def create(self, namespace: str, body: Manifest) -> bool:
         """Create ``body``; False when it already exists (409)."""
@@ -122,8 +141,9 @@ class RestApi:
         return True
 
     def patch(self, kind: str, namespace: str, name: str, patch: Manifest, *, subresource: str = "") -> None:
-        self.request("PATCH", path(kind, namespace, name, subresource), patch,
-                     content_type="application/merge-patch+json")
+        self.request(
+            "PATCH", path(kind, namespace, name, subresource), patch, content_type="application/merge-patch+json"
+        )
 
     def delete(self, kind: str, namespace: str, name: str) -> None:
         """Delete (children with it, in the background); already gone is fine."""
@@ -132,8 +152,17 @@ class RestApi:
 
 # ---- applying a decision ---------------------------------------------------------------------------
 
-CHILD_KINDS = ("ServiceAccount", "Role", "RoleBinding", "ConfigMap", "PersistentVolumeClaim", "Job", "Pod",
-               "Deployment", "Service")
+CHILD_KINDS = (
+    "ServiceAccount",
+    "Role",
+    "RoleBinding",
+    "ConfigMap",
+    "PersistentVolumeClaim",
+    "Job",
+    "Pod",
+    "Deployment",
+    "Service",
+)
 
 
 def list_children(api: Api, namespace: str, run: str) -> dict[str, list[Manifest]]:
@@ -156,21 +185,29 @@ def apply_action(api: Api, namespace: str, action: Action) -> None:
 def post_event(api: Api, run: Manifest, event: Event, now: str) -> None:
     """A core/v1 Event about the run (shown by ``kubectl describe dr``); failures are only logged."""
     meta = run["metadata"]
-    body = {"apiVersion": "v1", "kind": "Event",
-            "metadata": {"name": f"{meta['name']}.{secrets.token_hex(8)}", "namespace": meta["namespace"]},
-            "involvedObject": {"apiVersion": API_VERSION, "kind": "DistillationRun", "name": meta["name"],
-                               "namespace": meta["namespace"], "uid": meta["uid"],
-                               "resourceVersion": meta.get("resourceVersion")},
-            "type": event.type, "reason": event.reason, "message": event.message[:1024],
-            "source": {"component": names.MANAGER}, "reportingComponent": names.MANAGER,
-            "reportingInstance": names.MANAGER, "firstTimestamp": now, "lastTimestamp": now, "count": 1}
+    body = {
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": {"name": f"{meta['name']}.{secrets.token_hex(8)}", "namespace": meta["namespace"]},
+        "involvedObject": {
+            "apiVersion": API_VERSION,
+            "kind": "DistillationRun",
+            "name": meta["name"],
+            "namespace": meta["namespace"],
+            "uid": meta["uid"],
+            "resourceVersion": meta.get("resourceVersion"),
+        },
+        "type": event.type,
+        "reason": event.reason,
+        "message": event.message[:1024],
+        "source": {"component": names.MANAGER},
+        "reportingComponent": names.MANAGER,
+        "reportingInstance": names.MANAGER,
+        "firstTimestamp": now,
+        "lastTimestamp": now,
+        "count": 1,
+    }
     try:
         api.create(meta["namespace"], body)
     except (ApiError, OSError) as err:
         log.warning("could not post event %s for %s/%s: %s", event.reason, meta["namespace"], meta["name"], err)
-
-
-@dataclass(frozen=True)
-class RunRef:
-    namespace: str
-    name: str

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -17,27 +18,49 @@ from opd_runtime.spec.status import Phase
 
 PHASES: tuple[str, ...] = Phase.__args__  # type: ignore[attr-defined]
 # Stages last minutes (tiny runs) to days (SFT on 400k traces).
-DURATION_BUCKETS = (30, 60, 300, 900, 1800, 3600, 2 * 3600, 4 * 3600, 8 * 3600, 16 * 3600, 24 * 3600,
-                    48 * 3600, 96 * 3600, float("inf"))
+DURATION_BUCKETS = (
+    30,
+    60,
+    300,
+    900,
+    1800,
+    3600,
+    2 * 3600,
+    4 * 3600,
+    8 * 3600,
+    16 * 3600,
+    24 * 3600,
+    48 * 3600,
+    96 * 3600,
+    float("inf"),
+)
 
 REGISTRY = CollectorRegistry()
-RUNS = Gauge("opd_operator_runs", "DistillationRuns reconciled by this operator, by phase", ["phase"],
-             registry=REGISTRY)
-STAGE_DURATION = Histogram("opd_operator_stage_duration_seconds",
-                           "Seconds from a stage's first start to its success or final failure",
-                           ["stage", "outcome"], buckets=DURATION_BUCKETS, registry=REGISTRY)
+RUNS = Gauge(
+    "opd_operator_runs", "DistillationRuns reconciled by this operator, by phase", ["phase"], registry=REGISTRY
+)
+STAGE_DURATION = Histogram(
+    "opd_operator_stage_duration_seconds",
+    "Seconds from a stage's first start to its success or final failure",
+    ["stage", "outcome"],
+    buckets=DURATION_BUCKETS,
+    registry=REGISTRY,
+)
 RECONCILES = Counter("opd_operator_reconciles", "Reconciles of DistillationRuns", registry=REGISTRY)
-EVAL_SCORE = Gauge("opd_operator_run_eval_score", "Headline eval pass@1 of a run (status.evalScore)",
-                   ["namespace", "run"], registry=REGISTRY)
-RECONCILE_ERRORS = Counter("opd_operator_reconcile_errors", "Reconciles that raised an error",
-                           registry=REGISTRY)
+EVAL_SCORE = Gauge(
+    "opd_operator_run_eval_score",
+    "Headline eval pass@1 of a run (status.evalScore)",
+    ["namespace", "run"],
+    registry=REGISTRY,
+)
+RECONCILE_ERRORS = Counter("opd_operator_reconcile_errors", "Reconciles that raised an error", registry=REGISTRY)
 
 _phases: dict[tuple[str, str], str] = {}
 _lock = threading.Lock()
 
 
 def _publish() -> None:
-    counts = {p: 0 for p in PHASES}
+    counts = dict.fromkeys(PHASES, 0)
     for phase in _phases.values():
         counts[phase] = counts.get(phase, 0) + 1
     for phase, n in counts.items():
@@ -55,10 +78,8 @@ def forget(namespace: str, name: str) -> None:
     with _lock:
         _phases.pop((namespace, name), None)
         _publish()
-        try:
+        with contextlib.suppress(KeyError):
             EVAL_SCORE.remove(namespace, name)
-        except KeyError:
-            pass
 
 
 def set_eval_score(namespace: str, name: str, score: float | None) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from opd_runtime.spec import API_VERSION, KIND
+from typing import Any
+
+from opd_runtime.contract import API_VERSION, KIND
 
 APP = "opd"
 MANAGER = "opd-operator"
@@ -45,8 +47,12 @@ def teacher_url(run: str, namespace: str, port: int) -> str:
 
 
 def labels(run: str, stage: str | None = None) -> dict[str, str]:
-    out = {"app.kubernetes.io/name": APP, "app.kubernetes.io/managed-by": MANAGER,
-           "app.kubernetes.io/instance": run, RUN_LABEL: run}
+    out = {
+        "app.kubernetes.io/name": APP,
+        "app.kubernetes.io/managed-by": MANAGER,
+        "app.kubernetes.io/instance": run,
+        RUN_LABEL: run,
+    }
     if stage is not None:
         out[STAGE_LABEL] = stage
     return out
@@ -56,7 +62,13 @@ def selector(run: str) -> str:
     return f"{RUN_LABEL}={run},app.kubernetes.io/managed-by={MANAGER}"
 
 
-def owner_reference(run: dict) -> dict:
+def owner_reference(run: dict[str, Any]) -> dict[str, Any]:
     meta = run["metadata"]
-    return {"apiVersion": API_VERSION, "kind": KIND, "name": meta["name"], "uid": meta["uid"],
-            "controller": True, "blockOwnerDeletion": True}
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "name": meta["name"],
+        "uid": meta["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }

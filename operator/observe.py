@@ -4,23 +4,33 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 from . import names
 
 Manifest = dict[str, Any]
 JobState = Literal["active", "succeeded", "failed"]
 # The kinds the operator lists per run (by label selector), and their API paths.
-KINDS = ("ServiceAccount", "Role", "RoleBinding", "ConfigMap", "PersistentVolumeClaim", "Job", "Pod",
-         "Deployment", "Service")
+KINDS = (
+    "ServiceAccount",
+    "Role",
+    "RoleBinding",
+    "ConfigMap",
+    "PersistentVolumeClaim",
+    "Job",
+    "Pod",
+    "Deployment",
+    "Service",
+)
 
 
 @dataclass(frozen=True)
 class Termination:
     """How a stage container ended: its exit code and its termination message (see stage_report)."""
-    exit_code: Optional[int]
-    reason: Optional[str] = None
-    finished_at: Optional[str] = None
+
+    exit_code: int | None
+    reason: str | None = None
+    finished_at: str | None = None
     result: dict[str, Any] = field(default_factory=dict)  # the JSON message, or {"error": text}
 
     @property
@@ -36,15 +46,15 @@ class JobView:
     attempt: int
     state: JobState
     deleting: bool
-    spec_hash: Optional[str]
-    termination: Optional[Termination]
+    spec_hash: str | None
+    termination: Termination | None
 
 
 @dataclass(frozen=True)
 class TeacherView:
     available: bool
     deleting: bool
-    spec_hash: Optional[str]
+    spec_hash: str | None
     ready_replicas: int
 
 
@@ -53,9 +63,9 @@ class Observed:
     present: frozenset[tuple[str, str]]  # (kind, name) of every child found
     jobs: tuple[JobView, ...] = ()
     live_pods: dict[str, tuple[str, ...]] = field(default_factory=dict)  # stage -> pods not yet finished
-    teacher: Optional[TeacherView] = None
-    pvc: Optional[Manifest] = None
-    config_map: Optional[Manifest] = None
+    teacher: TeacherView | None = None
+    pvc: Manifest | None = None
+    config_map: Manifest | None = None
 
     def has(self, kind: str, name: str) -> bool:
         return (kind, name) in self.present
@@ -72,18 +82,23 @@ def parse_message(text: str | None) -> dict[str, Any]:
     return value if isinstance(value, dict) else {"error": text[-1000:]}
 
 
-def termination(pod: Manifest) -> Optional[Termination]:
+def termination(pod: Manifest) -> Termination | None:
     for status in (pod.get("status") or {}).get("containerStatuses") or []:
         term = (status.get("state") or {}).get("terminated") or (status.get("lastState") or {}).get("terminated")
         if term:
-            return Termination(exit_code=term.get("exitCode"), reason=term.get("reason"),
-                               finished_at=term.get("finishedAt"), result=parse_message(term.get("message")))
+            return Termination(
+                exit_code=term.get("exitCode"),
+                reason=term.get("reason"),
+                finished_at=term.get("finishedAt"),
+                result=parse_message(term.get("message")),
+            )
     return None
 
 
 def _condition(obj: Manifest, type_: str) -> bool:
-    return any(c.get("type") == type_ and c.get("status") == "True"
-               for c in (obj.get("status") or {}).get("conditions") or [])
+    return any(
+        c.get("type") == type_ and c.get("status") == "True" for c in (obj.get("status") or {}).get("conditions") or []
+    )
 
 
 def job_state(job: Manifest) -> JobState:
@@ -98,7 +113,7 @@ def _pods_of(job_name: str, pods: list[Manifest]) -> list[Manifest]:
     return [p for p in pods if (p["metadata"].get("labels") or {}).get("job-name") == job_name]
 
 
-def job_view(job: Manifest, pods: list[Manifest]) -> Optional[JobView]:
+def job_view(job: Manifest, pods: list[Manifest]) -> JobView | None:
     meta = job["metadata"]
     labels = meta.get("labels") or {}
     try:
@@ -106,19 +121,26 @@ def job_view(job: Manifest, pods: list[Manifest]) -> Optional[JobView]:
     except ValueError:
         return None
     term = next((t for t in map(termination, _pods_of(meta["name"], pods)) if t is not None), None)
-    return JobView(name=meta["name"], stage=labels.get(names.STAGE_LABEL, ""), attempt=attempt,
-                   state=job_state(job), deleting=bool(meta.get("deletionTimestamp")),
-                   spec_hash=(meta.get("annotations") or {}).get(names.SPEC_HASH_ANNOTATION), termination=term)
+    return JobView(
+        name=meta["name"],
+        stage=labels.get(names.STAGE_LABEL, ""),
+        attempt=attempt,
+        state=job_state(job),
+        deleting=bool(meta.get("deletionTimestamp")),
+        spec_hash=(meta.get("annotations") or {}).get(names.SPEC_HASH_ANNOTATION),
+        termination=term,
+    )
 
 
 def teacher_view(deployment: Manifest) -> TeacherView:
     meta, status = deployment["metadata"], deployment.get("status") or {}
     current = status.get("observedGeneration", 0) >= meta.get("generation", 0)
-    return TeacherView(available=current and _condition(deployment, "Available")
-                       and (status.get("availableReplicas") or 0) > 0,
-                       deleting=bool(meta.get("deletionTimestamp")),
-                       spec_hash=(meta.get("annotations") or {}).get(names.SPEC_HASH_ANNOTATION),
-                       ready_replicas=status.get("readyReplicas") or 0)
+    return TeacherView(
+        available=current and _condition(deployment, "Available") and (status.get("availableReplicas") or 0) > 0,
+        deleting=bool(meta.get("deletionTimestamp")),
+        spec_hash=(meta.get("annotations") or {}).get(names.SPEC_HASH_ANNOTATION),
+        ready_replicas=status.get("readyReplicas") or 0,
+    )
 
 
 def observe(run_name: str, children: dict[str, list[Manifest]]) -> Observed:
@@ -131,11 +153,25 @@ def observe(run_name: str, children: dict[str, list[Manifest]]) -> Observed:
         if (pod.get("status") or {}).get("phase") not in ("Succeeded", "Failed"):
             stage = (pod["metadata"].get("labels") or {}).get(names.STAGE_LABEL, "")
             live.setdefault(stage, []).append(pod["metadata"]["name"])
-    deployment = next((d for d in children.get("Deployment", []) if d["metadata"]["name"] == names.teacher(run_name)),
-                      None)
-    pvc = next((p for p in children.get("PersistentVolumeClaim", [])
-                if p["metadata"]["name"] == names.workspace_claim(run_name)), None)
-    cm = next((c for c in children.get("ConfigMap", []) if c["metadata"]["name"] == names.spec_configmap(run_name)),
-              None)
-    return Observed(present=present, jobs=jobs, live_pods={k: tuple(v) for k, v in live.items()},
-                    teacher=teacher_view(deployment) if deployment else None, pvc=pvc, config_map=cm)
+    deployment = next(
+        (d for d in children.get("Deployment", []) if d["metadata"]["name"] == names.teacher(run_name)), None
+    )
+    pvc = next(
+        (
+            p
+            for p in children.get("PersistentVolumeClaim", [])
+            if p["metadata"]["name"] == names.workspace_claim(run_name)
+        ),
+        None,
+    )
+    cm = next(
+        (c for c in children.get("ConfigMap", []) if c["metadata"]["name"] == names.spec_configmap(run_name)), None
+    )
+    return Observed(
+        present=present,
+        jobs=jobs,
+        live_pods={k: tuple(v) for k, v in live.items()},
+        teacher=teacher_view(deployment) if deployment else None,
+        pvc=pvc,
+        config_map=cm,
+    )

@@ -74,8 +74,7 @@ class _Converter:
                     raise ValueError(f"cannot express {key} of {options} as a structural schema")
                 merged = {**{k: v for k, v in node.items() if k != key}, **options[0]}
                 if "$ref" in options[0]:
-                    merged = {**self.convert(options[0]), **{k: v for k, v in node.items()
-                                                            if k in ("description",)}}
+                    merged = {**self.convert(options[0]), **{k: v for k, v in node.items() if k in ("description",)}}
                     return merged
                 return self.convert(merged)
         out: Schema = {}

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
-from typing import Any, Literal, Optional
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
 
 import yaml
 
+from opd_runtime.contract import BATCH_STAGES, EXIT_BAD_CONFIG, TRAINING_STAGES
 from opd_runtime.plan import planned_stages
 from opd_runtime.spec import DistillationRun, SpecError, parse_run
 
@@ -27,9 +28,7 @@ from .conditions import STAGE_CONDITIONS
 from .observe import JobView, Observed
 
 Manifest = dict[str, Any]
-BATCH = ("sft", "distill", "eval")
 MAX_BACKOFF_SECONDS = 600
-EXIT_BAD_CONFIG = 2
 
 
 @dataclass(frozen=True)
@@ -37,7 +36,7 @@ class Action:
     verb: Literal["create", "delete", "patch"]
     kind: str
     name: str
-    body: Optional[Manifest] = None  # the object (create) or a merge patch (patch)
+    body: Manifest | None = None  # the object (create) or a merge patch (patch)
 
 
 @dataclass(frozen=True)
@@ -60,17 +59,17 @@ class Decision:
     status: Manifest = field(default_factory=dict)  # the whole status except `progress`
     events: list[Event] = field(default_factory=list)
     outcomes: list[StageOutcome] = field(default_factory=list)
-    requeue_after: Optional[float] = None  # seconds until something is due (a retry's back-off)
+    requeue_after: float | None = None  # seconds until something is due (a retry's back-off)
 
 
 def rfc3339(t: datetime) -> str:
-    return t.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def parse_time(text: str | None) -> Optional[datetime]:
+def parse_time(text: str | None) -> datetime | None:
     if not text:
         return None
-    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
 
 
 def backoff_seconds(base: int, failures: int) -> float:
@@ -108,8 +107,9 @@ class _Walk:
         return rfc3339(self.now)
 
     def cond(self, type_: str, value: bool | None, reason: str, message: str = "") -> None:
-        self.conds = conditions.set_condition(self.conds, type_, value, reason, message, now=self.ts(),
-                                              generation=self.generation)
+        self.conds = conditions.set_condition(
+            self.conds, type_, value, reason, message, now=self.ts(), generation=self.generation
+        )
 
     def event(self, type_: Literal["Normal", "Warning"], reason: str, message: str) -> None:
         self.d.events.append(Event(type_, reason, message))
@@ -121,12 +121,13 @@ class _Walk:
         self.d.actions.append(Action("delete", kind, name))
 
     def stage(self, name: str) -> Manifest:
-        return self.stages.setdefault(name, {"phase": "Pending", "attempts": 0, "failures": 0})
+        stage: Manifest = self.stages.setdefault(name, {"phase": "Pending", "attempts": 0, "failures": 0})
+        return stage
 
-    def old_stage_phase(self, name: str) -> Optional[str]:
+    def old_stage_phase(self, name: str) -> str | None:
         return ((self.old.get("stages") or {}).get(name) or {}).get("phase")
 
-    def seconds_since(self, start: Optional[str]) -> float:
+    def seconds_since(self, start: str | None) -> float:
         begun = parse_time(start)
         return max(0.0, (self.now - begun).total_seconds()) if begun else 0.0
 
@@ -137,15 +138,21 @@ class _Walk:
                 self.create(manifest)
         pvc = self.observed.pvc
         if pvc is not None and not self.run.spec.workspace.existing_claim:
-            owned = any(r.get("uid") == self.obj["metadata"]["uid"]
-                        for r in pvc["metadata"].get("ownerReferences") or [])
+            owned = any(
+                r.get("uid") == self.obj["metadata"]["uid"] for r in pvc["metadata"].get("ownerReferences") or []
+            )
             want = self.run.spec.workspace.retention_policy == "Delete"
             if owned != want:
                 refs = [names.owner_reference(self.obj)] if want else None
-                self.d.actions.append(Action("patch", "PersistentVolumeClaim", pvc["metadata"]["name"],
-                                             {"metadata": {"ownerReferences": refs}}))
-        self.status["workspaceClaim"] = (self.run.spec.workspace.existing_claim
-                                         or names.workspace_claim(self.name))
+                self.d.actions.append(
+                    Action(
+                        "patch",
+                        "PersistentVolumeClaim",
+                        pvc["metadata"]["name"],
+                        {"metadata": {"ownerReferences": refs}},
+                    )
+                )
+        self.status["workspaceClaim"] = self.run.spec.workspace.existing_claim or names.workspace_claim(self.name)
 
     def spec_freeze(self) -> None:
         """Stages read the run file from the ConfigMap: it changes only while nothing runs; an edit made
@@ -154,25 +161,35 @@ class _Walk:
         active = [j for j in self.observed.jobs if j.state == "active" and not j.deleting]
         teacher = self.observed.teacher
         running = next((j.spec_hash for j in active), None) or (
-            teacher.spec_hash if teacher is not None and not teacher.deleting else None)
+            teacher.spec_hash if teacher is not None and not teacher.deleting else None
+        )
         cm = self.observed.config_map
         if running is not None and running != want:
             frozen = yaml.safe_load((cm or {}).get("data", {}).get(names.CONFIG_FILE, "") or "{}") or {}
             paths = changed_paths(frozen.get("spec", {}), children.stage_spec(self.run)) or ["spec"]
             what = active[0].stage if active else "teacher"
-            self.cond(conditions.SPEC_ACCEPTED, False, "ChangedWhileRunning",
-                      f"{', '.join(paths[:5])}{' ...' if len(paths) > 5 else ''} changed while the {what} stage "
-                      f"runs; it keeps running with the previous spec and later stages get the new one. Revert "
-                      f"the edit, or suspend and resume the run to restart {what} with it.")
+            self.cond(
+                conditions.SPEC_ACCEPTED,
+                False,
+                "ChangedWhileRunning",
+                f"{', '.join(paths[:5])}{' ...' if len(paths) > 5 else ''} changed while the {what} stage "
+                f"runs; it keeps running with the previous spec and later stages get the new one. Revert "
+                f"the edit, or suspend and resume the run to restart {what} with it.",
+            )
             before = conditions.get(self.old.get("conditions") or [], conditions.SPEC_ACCEPTED) or {}
             if before.get("status") != "False":
                 self.event("Warning", "SpecChangeRefused", f"{', '.join(paths[:5])} cannot change while {what} runs")
             return
         if cm is not None and (cm["metadata"].get("annotations") or {}).get(names.SPEC_HASH_ANNOTATION) != want:
             desired = children.config_map(self.obj, self.run)
-            self.d.actions.append(Action("patch", "ConfigMap", desired["metadata"]["name"],
-                                         {"metadata": {"annotations": desired["metadata"]["annotations"]},
-                                          "data": desired["data"]}))
+            self.d.actions.append(
+                Action(
+                    "patch",
+                    "ConfigMap",
+                    desired["metadata"]["name"],
+                    {"metadata": {"annotations": desired["metadata"]["annotations"]}, "data": desired["data"]},
+                )
+            )
         self.cond(conditions.SPEC_ACCEPTED, True, "Applied", "Stages run with the current spec.")
 
     # ---- suspend ---------------------------------------------------------------------------------
@@ -183,17 +200,23 @@ class _Walk:
                 self.delete("Job", job.name)
                 deleted.append(job.name)
         self.stop_teacher(reason="Suspended")
-        for name in BATCH:
+        for name in BATCH_STAGES:
             ss = self.stages.get(name)
             if ss and ss.get("phase") in ("Running", "Waiting", "Retrying"):
                 ss["phase"] = "Pending"
-        self.status.update(phase="Suspended", message="Suspended: stage pods deleted, workspace kept; set "
-                           "spec.suspend=false to resume from the last checkpoint.")
+        self.status.update(
+            phase="Suspended",
+            message="Suspended: stage pods deleted, workspace kept; set "
+            "spec.suspend=false to resume from the last checkpoint.",
+        )
         self.cond(conditions.SUSPENDED, True, "Suspended", "spec.suspend is true.")
         self.cond(conditions.READY, False, "Suspended", "The run is suspended.")
         if self.old.get("phase") != "Suspended":
-            self.event("Normal", "Suspended", "Suspended" + (f"; deleted {', '.join(deleted)}" if deleted else "")
-                       + "; the workspace is kept")
+            self.event(
+                "Normal",
+                "Suspended",
+                "Suspended" + (f"; deleted {', '.join(deleted)}" if deleted else "") + "; the workspace is kept",
+            )
 
     # ---- teacher ---------------------------------------------------------------------------------
     def stop_teacher(self, reason: str) -> None:
@@ -210,8 +233,12 @@ class _Walk:
                 ts["phase"] = "Succeeded" if reason == "Finished" else "Pending"
                 if reason == "Finished":
                     ts["completionTime"] = self.ts()
-            self.cond(conditions.TEACHER_READY, False, "Stopped" if reason == "Finished" else reason,
-                      "The teacher server is not running.")
+            self.cond(
+                conditions.TEACHER_READY,
+                False,
+                "Stopped" if reason == "Finished" else reason,
+                "The teacher server is not running.",
+            )
 
     def teacher_ready(self) -> bool:
         """Ensure the teacher Deployment and Service exist; True once the Deployment is Available."""
@@ -228,43 +255,69 @@ class _Walk:
             if ts.get("phase") != "Running":
                 self.event("Normal", "TeacherReady", f"Teacher server {names.teacher(self.name)} is available")
             ts["phase"] = "Running"
-            self.cond(conditions.TEACHER_READY, True, "Available",
-                      f"Deployment {names.teacher(self.name)} is available.")
+            self.cond(
+                conditions.TEACHER_READY, True, "Available", f"Deployment {names.teacher(self.name)} is available."
+            )
             return True
         ts["phase"] = "Waiting"
-        self.cond(conditions.TEACHER_READY, False, "Starting",
-                  f"Waiting for Deployment {names.teacher(self.name)} to become available (model loading).")
+        self.cond(
+            conditions.TEACHER_READY,
+            False,
+            "Starting",
+            f"Waiting for Deployment {names.teacher(self.name)} to become available (model loading).",
+        )
         return False
 
     # ---- batch stages ------------------------------------------------------------------------------
     def record_success(self, stage: str, ss: Manifest, job: JobView) -> None:
         result = job.termination.result if job.termination else {}
-        ss.update(phase="Succeeded", completionTime=(job.termination and job.termination.finished_at) or self.ts(),
-                  exitCode=0, job=job.name)
-        for key, field_name in (("checkpoint", "checkpoint"), ("step", "step"), ("reverse_kl", "reverseKL"),
-                                ("eval_score", "evalScore")):
+        ss.update(
+            phase="Succeeded",
+            completionTime=(job.termination and job.termination.finished_at) or self.ts(),
+            exitCode=0,
+            job=job.name,
+        )
+        for key, field_name in (
+            ("checkpoint", "checkpoint"),
+            ("step", "step"),
+            ("reverse_kl", "reverseKL"),
+            ("eval_score", "evalScore"),
+        ):
             if result.get(key) is not None:
                 ss[field_name] = result[key]
         ss.pop("message", None)
         seconds = self.seconds_since(ss.get("startTime"))
         self.d.outcomes.append(StageOutcome(stage, "succeeded", seconds))
-        self.event("Normal", "StageSucceeded", f"{stage} succeeded ({job.name})"
-                   + (f": checkpoint {ss['checkpoint']}" if ss.get("checkpoint") else "")
-                   + (f", eval score {ss['evalScore']}" if ss.get("evalScore") is not None else ""))
+        self.event(
+            "Normal",
+            "StageSucceeded",
+            f"{stage} succeeded ({job.name})"
+            + (f": checkpoint {ss['checkpoint']}" if ss.get("checkpoint") else "")
+            + (f", eval score {ss['evalScore']}" if ss.get("evalScore") is not None else ""),
+        )
 
     def record_failure(self, stage: str, ss: Manifest, job: JobView) -> None:
         term = job.termination
         code = term.exit_code if term else None
         error = (term.error if term else "") or ("the pod was lost before it finished" if term is None else "")
-        ss.update(failures=ss.get("failures", 0) + 1, lastFailedAttempt=job.attempt, exitCode=code,
-                  lastFailureTime=(term and term.finished_at) or self.ts(), message=error[-1000:] or None,
-                  job=job.name)
+        ss.update(
+            failures=ss.get("failures", 0) + 1,
+            lastFailedAttempt=job.attempt,
+            exitCode=code,
+            lastFailureTime=(term and term.finished_at) or self.ts(),
+            message=error[-1000:] or None,
+            job=job.name,
+        )
         if code == EXIT_BAD_CONFIG:
             ss["failedGeneration"] = self.generation
-        self.event("Warning", "StageFailed", f"{stage} attempt {job.attempt} ({job.name}) failed"
-                   f"{f' with exit code {code}' if code is not None else ''}: {error or 'no message'}"[:1000])
+        self.event(
+            "Warning",
+            "StageFailed",
+            f"{stage} attempt {job.attempt} ({job.name}) failed"
+            f"{f' with exit code {code}' if code is not None else ''}: {error or 'no message'}"[:1000],
+        )
 
-    def final_failure(self, ss: Manifest) -> Optional[str]:
+    def final_failure(self, ss: Manifest) -> str | None:
         """Why the stage's failure is final (no retry now), or None."""
         if ss.get("failures", 0) == 0 or ss.get("lastFailedAttempt") != ss.get("attempts"):
             return None
@@ -299,7 +352,9 @@ class _Walk:
         ss.pop("completionTime", None)
         # A new attempt is due: first wait for every other stage pod to be gone (never two writers of the
         # workspace), e.g. a previous attempt, or a stage an edit took out of the plan while it ran.
-        busy = next((pods[0] for s, pods in sorted(self.observed.live_pods.items()) if s in BATCH and pods), None)
+        busy = next(
+            (pods[0] for s, pods in sorted(self.observed.live_pods.items()) if s in BATCH_STAGES and pods), None
+        )
         busy = busy or next((j.name for j in self.observed.jobs if j.state == "active" and not j.deleting), None)
         if busy is not None:
             ss["phase"] = "Waiting"
@@ -328,10 +383,10 @@ class _Walk:
         return "busy"
 
     # ---- the whole run -----------------------------------------------------------------------------
-    def stage_conditions(self, current: Optional[str]) -> None:
+    def stage_conditions(self) -> None:
         if "teacher" in self.planned and conditions.get(self.conds, conditions.TEACHER_READY) is None:
             self.cond(conditions.TEACHER_READY, None, "NotStarted", "The teacher server starts before distill.")
-        for stage in BATCH:
+        for stage in BATCH_STAGES:
             if stage not in self.planned:
                 continue
             ss = self.stage(stage)
@@ -340,17 +395,25 @@ class _Walk:
             if phase == "Succeeded":
                 self.cond(type_, True, "Succeeded", f"Job {ss.get('job')} finished.")
             elif phase == "Failed":
-                self.cond(type_, False, ss.get("reason", "Failed"),
-                          f"{stage} failed {ss.get('failures', 0)} time(s); last: {ss.get('message') or 'no message'}")
+                self.cond(
+                    type_,
+                    False,
+                    ss.get("reason", "Failed"),
+                    f"{stage} failed {ss.get('failures', 0)} time(s); last: {ss.get('message') or 'no message'}",
+                )
             elif phase in ("Running", "Waiting", "Retrying"):
-                self.cond(type_, None, phase, f"Job {ss.get('job')}" if phase == "Running" and ss.get("job")
-                          else f"{stage} is {phase.lower()}.")
+                self.cond(
+                    type_,
+                    None,
+                    phase,
+                    f"Job {ss.get('job')}" if phase == "Running" and ss.get("job") else f"{stage} is {phase.lower()}.",
+                )
             else:
                 self.cond(type_, None, "NotStarted", f"{stage} has not started.")
 
-    def numbers(self, current: Optional[str]) -> None:
+    def numbers(self, current: str | None) -> None:
         """step / totalSteps / reverseKL / evalScore: finished stages' results, then live progress."""
-        for stage in ("sft", "distill"):
+        for stage in TRAINING_STAGES:
             ss = self.stages.get(stage) or {}
             if ss.get("phase") == "Succeeded" and ss.get("step") is not None:
                 self.status["step"] = ss["step"]
@@ -358,7 +421,7 @@ class _Walk:
                 if ss.get("reverseKL") is not None:
                     self.status["reverseKL"] = ss["reverseKL"]
         progress = self.old.get("progress") or {}
-        if current is not None and progress.get("stage") in ("sft", "distill") and progress.get("stage") == current:
+        if current is not None and progress.get("stage") in TRAINING_STAGES and progress.get("stage") == current:
             if progress.get("step") is not None:
                 self.status["step"] = progress["step"]
                 self.status["totalSteps"] = progress.get("totalSteps")
@@ -373,16 +436,18 @@ class _Walk:
     def decide(self) -> Decision:
         self.plumbing()
         self.spec_freeze()
-        finished = all((self.stages.get(s) or {}).get("phase") == "Succeeded" for s in self.planned if s in BATCH)
+        finished = all(
+            (self.stages.get(s) or {}).get("phase") == "Succeeded" for s in self.planned if s in BATCH_STAGES
+        )
         if self.run.spec.suspend and not finished:
             self.suspend()
             return self.finish(current=None)
         self.cond(conditions.SUSPENDED, False, "NotSuspended", "")
         if self.old.get("phase") == "Suspended":
             self.event("Normal", "Resumed", "Resumed; stages continue from their last checkpoint")
-        current: Optional[str] = None
+        current: str | None = None
         outcome = "done"
-        for stage in (s for s in self.planned if s in BATCH):
+        for stage in (s for s in self.planned if s in BATCH_STAGES):
             outcome = self.walk_stage(stage)
             if outcome != "done":
                 current = stage
@@ -394,8 +459,10 @@ class _Walk:
         self.status["stage"] = current or ""
         if outcome == "failed" and current is not None:
             ss = self.stages[current]
-            msg = (f"{current} failed ({ss.get('reason')}) after {ss.get('attempts')} attempt(s): "
-                   f"{ss.get('message') or 'no message'}")
+            msg = (
+                f"{current} failed ({ss.get('reason')}) after {ss.get('attempts')} attempt(s): "
+                f"{ss.get('message') or 'no message'}"
+            )
             self.status.update(phase="Failed", message=msg[:1000])
             self.status.setdefault("completionTime", self.ts())
             self.cond(conditions.FAILED, True, f"{current.capitalize()}Failed", msg[:1000])
@@ -420,8 +487,8 @@ class _Walk:
             self.cond(conditions.READY, False, "InProgress", f"Stage {current} is {ss.get('phase', '').lower()}.")
         return self.finish(current)
 
-    def finish(self, current: Optional[str]) -> Decision:
-        self.stage_conditions(current)
+    def finish(self, current: str | None) -> Decision:
+        self.stage_conditions()
         self.numbers(current)
         self.status["conditions"] = self.conds
         self.status["observedGeneration"] = self.generation
@@ -435,10 +502,12 @@ def invalid(obj: Manifest, err: SpecError, now: datetime) -> Decision:
     status = {k: v for k, v in copy.deepcopy(old).items() if k != "progress"}
     gen = obj["metadata"].get("generation")
     text = str(err).split(":\n", 1)[-1].replace("\n", "; ")
-    conds = conditions.set_condition(status.get("conditions") or [], conditions.FAILED, True, "InvalidSpec", text,
-                                     now=rfc3339(now), generation=gen)
-    conds = conditions.set_condition(conds, conditions.READY, False, "InvalidSpec", text, now=rfc3339(now),
-                                     generation=gen)
+    conds = conditions.set_condition(
+        status.get("conditions") or [], conditions.FAILED, True, "InvalidSpec", text, now=rfc3339(now), generation=gen
+    )
+    conds = conditions.set_condition(
+        conds, conditions.READY, False, "InvalidSpec", text, now=rfc3339(now), generation=gen
+    )
     status.update(phase="Failed", message=f"invalid spec: {text}"[:1000], conditions=conds, observedGeneration=gen)
     events = [] if old.get("phase") == "Failed" else [Event("Warning", "InvalidSpec", text[:1000])]
     return Decision(status=status, events=events)

@@ -162,3 +162,12 @@ def test_missing_target_model_is_a_configuration_error(tiny_world, tmp_path):
     code, out, err = opd("eval", "--config", str(config), "--workspace", str(ws))
     assert code == 2, out + err
     assert "target `teacher`" in err and str(missing) in err
+
+
+def test_opd_eval_appends_a_progress_line_per_target_and_dataset(evaluated):
+    _, ws, _ = evaluated
+    lines = [json.loads(ln) for ln in (ws / "metrics" / "eval.jsonl").read_text().splitlines()]
+    summary = json.loads((ws / "results" / "eval.json").read_text())
+    assert [r["step"] for r in lines] == [1, 2, 3, 4]  # what `opd run`'s progress view counts
+    assert [(r["target"], r["dataset"], r["pass_at_1"]) for r in lines] == [
+        (t, label, row["pass_at_1"]) for t, per in summary["targets"].items() for label, row in per.items()]

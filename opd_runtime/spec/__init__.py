@@ -4,14 +4,33 @@ The field descriptions here are the single source of documentation: the README's
 generated from them (``opd spec-reference``), and the CRD's OpenAPI schema is to be generated the same way.
 """
 
+from ..contract import API_VERSION, GROUP, KIND, VERSION
 from .models import DatasetSpec, LoraSpec, ModelSpec, OptimizerSpec, ResourcesSpec, TeacherServingSpec, TeacherSpec
-from .run import (API_VERSION, GROUP, KIND, VERSION, DistillationRun, DistillationRunSpec, SpecError,
-                  WorkspaceSpec, load_run, parse_run)
+from .run import DistillationRun, DistillationRunSpec, SpecError, WorkspaceSpec, load_run, parse_run
 from .stages import CheckpointingSpec, DistillSpec, EvalDatasetSpec, EvalSpec, SamplerSpec, SftSpec
 
 __all__ = [
-    "API_VERSION", "GROUP", "KIND", "VERSION", "CheckpointingSpec", "DatasetSpec", "DistillSpec",
-    "DistillationRun", "DistillationRunSpec", "EvalDatasetSpec", "EvalSpec", "LoraSpec", "ModelSpec",
-    "OptimizerSpec", "ResourcesSpec", "SamplerSpec", "SftSpec", "SpecError", "TeacherServingSpec",
-    "TeacherSpec", "WorkspaceSpec", "load_run", "parse_run",
+    "API_VERSION",
+    "GROUP",
+    "KIND",
+    "VERSION",
+    "CheckpointingSpec",
+    "DatasetSpec",
+    "DistillSpec",
+    "DistillationRun",
+    "DistillationRunSpec",
+    "EvalDatasetSpec",
+    "EvalSpec",
+    "LoraSpec",
+    "ModelSpec",
+    "OptimizerSpec",
+    "ResourcesSpec",
+    "SamplerSpec",
+    "SftSpec",
+    "SpecError",
+    "TeacherServingSpec",
+    "TeacherSpec",
+    "WorkspaceSpec",
+    "load_run",
+    "parse_run",
 ]

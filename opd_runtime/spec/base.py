@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict
 from pydantic.alias_generators import to_camel
 
@@ -15,6 +17,6 @@ class SpecModel(BaseModel):
         use_attribute_docstrings=False,
     )
 
-    def to_wire(self) -> dict:
+    def to_wire(self) -> dict[str, Any]:
         """The object as it appears in YAML / the Kubernetes API (camelCase, defaults included)."""
         return self.model_dump(mode="json", by_alias=True)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Literal, Self
 
 from pydantic import Field, model_validator
 
@@ -17,10 +17,12 @@ class ModelSpec(SpecModel):
         "Relative paths are resolved against the workspace.",
         min_length=1,
     )
-    revision: Optional[str] = Field(None, description="Hub revision (branch, tag or commit) to load.")
-    tokenizer: Optional[str] = Field(
-        None, description="Tokenizer to use instead of the model's own (hub id or path). "
-        "Student and teacher must end up with identical tokenizers and chat templates.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to load.")
+    tokenizer: str | None = Field(
+        None,
+        description="Tokenizer to use instead of the model's own (hub id or path). "
+        "Student and teacher must end up with identical tokenizers and chat templates.",
+    )
     dtype: Dtype = Field("bfloat16", description="Weight dtype for training and serving. Use float32 on CPU.")
     trust_remote_code: bool = Field(False, description="Allow custom modelling code from the hub.")
 
@@ -30,57 +32,76 @@ class TeacherServingSpec(SpecModel):
     max_model_len: int = Field(16384, ge=16, description="Longest prompt+completion the teacher scores, in tokens.")
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs one teacher replica is sharded over.")
     gpu_memory_utilization: float = Field(
-        0.9, gt=0.0, le=1.0, description="Fraction of accelerator memory vLLM may use (on CPU: of host memory).")
+        0.9, gt=0.0, le=1.0, description="Fraction of accelerator memory vLLM may use (on CPU: of host memory)."
+    )
     replicas: int = Field(1, ge=1, description="Teacher server replicas behind the Service.")
     max_concurrent_requests: int = Field(
-        16, ge=1, description="Scoring requests the learner keeps in flight against the teacher.")
+        16, ge=1, description="Scoring requests the learner keeps in flight against the teacher."
+    )
     max_batch_tokens: int = Field(
-        65536, ge=1, description="Token budget of one scoring request batch sent to the teacher.")
+        65536, ge=1, description="Token budget of one scoring request batch sent to the teacher."
+    )
     top_logprobs: int = Field(
-        20, ge=1, le=1000, description="Teacher log-probs per position that the learner asks the server for with "
+        20,
+        ge=1,
+        le=1000,
+        description="Teacher log-probs per position that the learner asks the server for with "
         "the losses that need the teacher's distribution (`full_forward_kl`, `full_reverse_kl`): the k most "
-        "likely next tokens, plus the sampled one. The tokens outside them are merged into one \"any other "
-        "token\" outcome on both sides, so the loss is the exact KL between the teacher and student "
+        'likely next tokens, plus the sampled one. The tokens outside them are merged into one "any other '
+        'token" outcome on both sides, so the loss is the exact KL between the teacher and student '
         "distributions coarsened that way: never more than the full KL, and equal to it when the k tokens "
-        "hold all of the teacher's mass. The server starts with `--max-logprobs` of this value.")
+        "hold all of the teacher's mass. The server starts with `--max-logprobs` of this value.",
+    )
     retry_seconds: float = Field(
-        600.0, gt=0, description="How long the learner retries a scoring request while the teacher is "
+        600.0,
+        gt=0,
+        description="How long the learner retries a scoring request while the teacher is "
         "unreachable or answers 5xx (exponential backoff, at most 10 s between tries) before the step fails "
-        "with a retryable error (exit code 1). Covers a teacher that is still loading when the learner starts.")
+        "with a retryable error (exit code 1). Covers a teacher that is still loading when the learner starts.",
+    )
     extra_args: list[str] = Field(default_factory=list, description="Extra command-line flags for `vllm serve`.")
-    url: Optional[str] = Field(
-        None, description="Use an already running OpenAI-compatible teacher at this base URL instead of "
-        "starting one (e.g. http://teacher:8000).")
-    resources: Optional["ResourcesSpec"] = Field(
-        None, description="Pod resources of each teacher replica; by default it requests "
-        "tensorParallelSize GPUs.")
+    url: str | None = Field(
+        None,
+        description="Use an already running OpenAI-compatible teacher at this base URL instead of "
+        "starting one (e.g. http://teacher:8000).",
+    )
+    resources: ResourcesSpec | None = Field(
+        None, description="Pod resources of each teacher replica; by default it requests tensorParallelSize GPUs."
+    )
 
 
 class TeacherSpec(ModelSpec):
     backend: Literal["vllm-server", "local"] = Field(
-        "vllm-server", description="How the teacher scores sampled tokens: `vllm-server` (a vLLM server over "
-        "HTTP; a Deployment on Kubernetes) or `local` (an in-process Hugging Face model in the learner).")
-    serving: TeacherServingSpec = Field(default_factory=TeacherServingSpec,
-                                        description="vLLM server settings (backend `vllm-server`).")
+        "vllm-server",
+        description="How the teacher scores sampled tokens: `vllm-server` (a vLLM server over "
+        "HTTP; a Deployment on Kubernetes) or `local` (an in-process Hugging Face model in the learner).",
+    )
+    serving: TeacherServingSpec = Field(
+        default_factory=TeacherServingSpec, description="vLLM server settings (backend `vllm-server`)."
+    )
 
 
 class DatasetSpec(SpecModel):
-    name: Optional[str] = Field(
-        None, description="Built-in set (`tinymath`, `aime24`, `gsm8k`) or a Hugging Face hub dataset id "
-        "(e.g. open-thoughts/OpenThoughts3-1.2M). Exactly one of `name` and `path`.")
-    path: Optional[str] = Field(None, description="Local .jsonl or .parquet file with the same fields.")
+    name: str | None = Field(
+        None,
+        description="Built-in set (`tinymath`, `aime24`, `gsm8k`) or a Hugging Face hub dataset id "
+        "(e.g. open-thoughts/OpenThoughts3-1.2M). Exactly one of `name` and `path`.",
+    )
+    path: str | None = Field(None, description="Local .jsonl or .parquet file with the same fields.")
     split: str = Field("train", description="Dataset split (tinymath: `train` or `test`).")
     format: Literal["auto", "openthoughts", "chat", "problem"] = Field(
-        "auto", description="Record layout: `openthoughts` (conversations of {from, value}), `chat` "
-        "(messages of {role, content}), `problem` (a problem and an answer field). `auto` infers it.")
+        "auto",
+        description="Record layout: `openthoughts` (conversations of {from, value}), `chat` "
+        "(messages of {role, content}), `problem` (a problem and an answer field). `auto` infers it.",
+    )
     problem_field: str = Field("problem", description="Field holding the problem text (`problem` format).")
     answer_field: str = Field("answer", description="Field holding the reference answer (`problem` format).")
-    max_samples: Optional[int] = Field(None, ge=1, description="Use at most this many records.")
+    max_samples: int | None = Field(None, ge=1, description="Use at most this many records.")
     difficulty: int = Field(2, ge=1, le=8, description="tinymath only: operations per problem minus one.")
     seed: int = Field(0, description="tinymath only: generator seed.")
 
     @model_validator(mode="after")
-    def _one_source(self):
+    def _one_source(self) -> Self:
         if (self.name is None) == (self.path is None):
             raise ValueError("set exactly one of `name` (built-in or hub dataset) and `path` (local file)")
         return self
@@ -92,15 +113,17 @@ class LoraSpec(SpecModel):
     alpha: float = Field(32.0, gt=0, description="LoRA scaling numerator (scale = alpha / rank).")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA path.")
     target_modules: list[str] = Field(
-        default_factory=lambda: ["all-linear"], description="Modules to adapt; `all-linear` adapts every "
-        "linear layer except the output head.")
+        default_factory=lambda: ["all-linear"],
+        description="Modules to adapt; `all-linear` adapts every linear layer except the output head.",
+    )
 
 
 class OptimizerSpec(SpecModel):
     learning_rate: float = Field(1e-4, gt=0.0, description="Peak AdamW learning rate.")
     warmup_steps: int = Field(0, ge=0, description="Optimizer steps of linear warmup from 0 to the peak.")
     schedule: Literal["constant", "linear", "cosine"] = Field(
-        "constant", description="Learning-rate decay after warmup.")
+        "constant", description="Learning-rate decay after warmup."
+    )
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW decoupled weight decay.")
     beta1: float = Field(0.9, ge=0.0, lt=1.0, description="AdamW beta1.")
     beta2: float = Field(0.95, ge=0.0, lt=1.0, description="AdamW beta2.")
@@ -113,5 +136,5 @@ QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti|P|Pi|E|Ei)?$"
 
 class ResourcesSpec(SpecModel):
     gpus: int = Field(1, ge=0, description="GPUs (nvidia.com/gpu) the stage's pod requests.")
-    cpu: Optional[str] = Field(None, pattern=QUANTITY, description="CPU request and limit, e.g. `8`.")
-    memory: Optional[str] = Field(None, pattern=QUANTITY, description="Memory request and limit, e.g. `64Gi`.")
+    cpu: str | None = Field(None, pattern=QUANTITY, description="CPU request and limit, e.g. `8`.")
+    memory: str | None = Field(None, pattern=QUANTITY, description="Memory request and limit, e.g. `64Gi`.")

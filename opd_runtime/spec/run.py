@@ -4,65 +4,84 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Self
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import ConfigDict, Field, ValidationError, model_validator
 
+from ..contract import API_VERSION, BATCH_STAGES, KIND
 from .base import SpecModel
 from .models import QUANTITY, ModelSpec, TeacherSpec
 from .stages import DistillSpec, EvalSpec, SftSpec
 
-GROUP = "opd.dev"
-VERSION = "v1alpha1"
-API_VERSION = f"{GROUP}/{VERSION}"
-KIND = "DistillationRun"
+AccessMode = Literal["ReadWriteOnce", "ReadWriteMany", "ReadWriteOncePod"]
 
 
 class WorkspaceSpec(SpecModel):
-    size: str = Field("200Gi", pattern=QUANTITY, description="Size of the workspace PVC holding checkpoints, metrics and results.")
-    storage_class_name: Optional[str] = Field(None, description="StorageClass of the workspace PVC (cluster default if empty).")
-    access_modes: list[Literal["ReadWriteOnce", "ReadWriteMany", "ReadWriteOncePod"]] = Field(
-        default_factory=lambda: ["ReadWriteOnce"], description="Access modes of the workspace PVC.")
-    existing_claim: Optional[str] = Field(None, description="Use this existing PVC instead of creating one.")
+    size: str = Field(
+        "200Gi", pattern=QUANTITY, description="Size of the workspace PVC holding checkpoints, metrics and results."
+    )
+    storage_class_name: str | None = Field(
+        None, description="StorageClass of the workspace PVC (cluster default if empty)."
+    )
+    access_modes: list[AccessMode] = Field(
+        default_factory=lambda: list[AccessMode](["ReadWriteOnce"]), description="Access modes of the workspace PVC."
+    )
+    existing_claim: str | None = Field(None, description="Use this existing PVC instead of creating one.")
     retention_policy: Literal["Retain", "Delete"] = Field(
-        "Retain", description="What happens to the workspace PVC when the run is deleted.")
+        "Retain", description="What happens to the workspace PVC when the run is deleted."
+    )
 
 
 class DistillationRunSpec(SpecModel):
     student: ModelSpec = Field(description="The model being trained.")
     teacher: TeacherSpec = Field(description="The model whose per-token log-probs the student learns to match.")
     image: str = Field("ghcr.io/opd-dev/opd-runtime:0.1.0", description="Runtime image every stage runs in.")
-    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field("IfNotPresent", description="Pull policy of stage images.")
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(
+        "IfNotPresent", description="Pull policy of stage images."
+    )
     workspace: WorkspaceSpec = Field(default_factory=WorkspaceSpec, description="Where checkpoints and results live.")
-    sft: Optional[SftSpec] = Field(None, description="Stage 1: supervised fine-tuning on teacher traces.")
-    distill: Optional[DistillSpec] = Field(None, description="Stage 2: on-policy distillation from the teacher.")
-    eval: Optional[EvalSpec] = Field(None, description="Stage 3: accuracy on held-out problem sets.")
+    sft: SftSpec | None = Field(None, description="Stage 1: supervised fine-tuning on teacher traces.")
+    distill: DistillSpec | None = Field(None, description="Stage 2: on-policy distillation from the teacher.")
+    eval: EvalSpec | None = Field(None, description="Stage 3: accuracy on held-out problem sets.")
     node_selector: dict[str, str] = Field(default_factory=dict, description="Node selector for stage pods.")
     tolerations: list[dict[str, Any]] = Field(default_factory=list, description="Tolerations for stage pods.")
-    suspend: bool = Field(False, description="Pause the run: running stage pods are deleted, the workspace kept; "
-                          "unsetting resumes from the last checkpoint.")
-    retries: int = Field(2, ge=0, le=20, description="Times a failed stage is started again (from its last "
-                         "checkpoint) before the run fails. A stage that exits with code 2 (bad configuration) "
-                         "is not retried until the spec changes.")
-    backoff_seconds: int = Field(10, ge=0, le=3600, description="Seconds before the first retry of a failed "
-                                 "stage; each further retry waits twice as long (at most 10 minutes).")
+    suspend: bool = Field(
+        False,
+        description="Pause the run: running stage pods are deleted, the workspace kept; "
+        "unsetting resumes from the last checkpoint.",
+    )
+    retries: int = Field(
+        2,
+        ge=0,
+        le=20,
+        description="Times a failed stage is started again (from its last "
+        "checkpoint) before the run fails. A stage that exits with code 2 (bad configuration) "
+        "is not retried until the spec changes.",
+    )
+    backoff_seconds: int = Field(
+        10,
+        ge=0,
+        le=3600,
+        description="Seconds before the first retry of a failed "
+        "stage; each further retry waits twice as long (at most 10 minutes).",
+    )
 
     @model_validator(mode="after")
-    def _some_stage(self):
+    def _some_stage(self) -> Self:
         if not any(s is not None and s.enabled for s in (self.sft, self.distill, self.eval)):
             raise ValueError("enable at least one of the stages `sft`, `distill`, `eval`")
         return self
 
     def enabled_stages(self) -> list[str]:
-        return [name for name in ("sft", "distill", "eval")
-                if getattr(self, name) is not None and getattr(self, name).enabled]
+        return [name for name in BATCH_STAGES if getattr(self, name) is not None and getattr(self, name).enabled]
 
 
 class Metadata(SpecModel):
-    name: str = Field("run", pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=63,
-                      description="Run name (a DNS label).")
-    namespace: Optional[str] = Field(None, description="Namespace.")
-    model_config = {**SpecModel.model_config, "extra": "ignore"}
+    name: str = Field(
+        "run", pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=63, description="Run name (a DNS label)."
+    )
+    namespace: str | None = Field(None, description="Namespace.")
+    model_config = SpecModel.model_config | ConfigDict(extra="ignore")
 
 
 class DistillationRun(SpecModel):
@@ -70,14 +89,14 @@ class DistillationRun(SpecModel):
     kind: Literal["DistillationRun"] = Field(KIND, description="DistillationRun")
     metadata: Metadata = Field(default_factory=Metadata, description="Object metadata.")
     spec: DistillationRunSpec = Field(description="What to train, from what, and how.")
-    model_config = {**SpecModel.model_config, "extra": "ignore"}  # status and other server fields
+    model_config = SpecModel.model_config | ConfigDict(extra="ignore")  # status and other server fields
 
 
 class SpecError(ValueError):
     """A DistillationRun file that cannot be used; the message names each bad field and its fix."""
 
 
-def _field_names(model: type[SpecModel], loc: tuple) -> list[str]:
+def _field_names(model: type[SpecModel], loc: tuple[int | str, ...]) -> list[str]:
     """Wire names allowed at ``loc`` (used to suggest a fix for a misspelt field)."""
     current: Any = model
     for part in loc[:-1]:
@@ -87,18 +106,19 @@ def _field_names(model: type[SpecModel], loc: tuple) -> list[str]:
         if field is None:
             return []
         ann = field.annotation
-        current = next((a for a in getattr(ann, "__args__", (ann,)) + (ann,)
-                        if isinstance(a, type) and issubclass(a, SpecModel)), None)
+        current = next(
+            (a for a in (*getattr(ann, "__args__", (ann,)), ann) if isinstance(a, type) and issubclass(a, SpecModel)),
+            None,
+        )
         if current is None:
             args = getattr(ann, "__args__", ())
-            current = next((getattr(a, "__args__", (None,))[0] for a in args
-                            if getattr(a, "__args__", None)), None)
+            current = next((getattr(a, "__args__", (None,))[0] for a in args if getattr(a, "__args__", None)), None)
             if not (isinstance(current, type) and issubclass(current, SpecModel)):
                 return []
     return [f.alias or n for n, f in current.model_fields.items()] if current else []
 
 
-def format_errors(err: ValidationError, root: type[SpecModel] = None) -> str:
+def format_errors(err: ValidationError, root: type[SpecModel] | None = None) -> str:
     root = root or DistillationRun
     lines = []
     for e in err.errors():

@@ -8,7 +8,7 @@ ServiceAccount (see ``opd_runtime.stage_report``).
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Literal
 
 from pydantic import ConfigDict, Field
 
@@ -25,77 +25,100 @@ class StatusModel(SpecModel):
 
 
 class Condition(StatusModel):
-    type: str = Field(description="PascalCase condition type, e.g. `Ready`, `Failed`, `SftSucceeded`, "
-                      "`TeacherReady`, `DistillSucceeded`, `EvalSucceeded`, `Suspended`, `SpecAccepted`.")
+    type: str = Field(
+        description="PascalCase condition type, e.g. `Ready`, `Failed`, `SftSucceeded`, "
+        "`TeacherReady`, `DistillSucceeded`, `EvalSucceeded`, `Suspended`, `SpecAccepted`."
+    )
     status: ConditionStatus = Field(description="`True`, `False` or `Unknown`.")
     reason: str = Field(description="PascalCase, machine-readable reason for the condition's last transition.")
     message: str = Field("", description="Human-readable details: what happened and what to do about it.")
     last_transition_time: str = Field(description="When `status` last changed (RFC 3339).")
-    observed_generation: Optional[int] = Field(
-        None, description="`metadata.generation` of the spec this condition was computed from.")
+    observed_generation: int | None = Field(
+        None, description="`metadata.generation` of the spec this condition was computed from."
+    )
 
 
 class StageStatus(StatusModel):
-    phase: StagePhase = Field("Pending", description="`Pending` (not started), `Waiting` (for the teacher or a "
-                              "retry back-off), `Running`, `Retrying`, `Succeeded` or `Failed`.")
-    attempts: int = Field(0, description="Pods (Jobs) started for this stage so far, counting ones deleted by "
-                          "a suspend.")
+    phase: StagePhase = Field(
+        "Pending",
+        description="`Pending` (not started), `Waiting` (for the teacher or a "
+        "retry back-off), `Running`, `Retrying`, `Succeeded` or `Failed`.",
+    )
+    attempts: int = Field(
+        0, description="Pods (Jobs) started for this stage so far, counting ones deleted by a suspend."
+    )
     failures: int = Field(0, description="Attempts that failed; the run fails when this exceeds spec.retries.")
-    job: Optional[str] = Field(None, description="Name of the Job of the latest attempt.")
-    start_time: Optional[str] = Field(None, description="When the first attempt started (RFC 3339).")
-    completion_time: Optional[str] = Field(None, description="When the stage succeeded or finally failed.")
-    last_failure_time: Optional[str] = Field(None, description="When the latest failed attempt ended.")
-    last_failed_attempt: Optional[int] = Field(None, description="Attempt number of the latest failure.")
-    exit_code: Optional[int] = Field(None, description="Exit code of the latest finished attempt (0 done, "
-                                     "1 transient failure, 2 bad configuration).")
-    message: Optional[str] = Field(None, description="The latest attempt's termination message or error.")
-    failed_generation: Optional[int] = Field(
-        None, description="Spec generation at a bad-configuration failure (exit 2); a spec edit retries.")
-    checkpoint: Optional[str] = Field(None, description="Path (in the workspace) of the stage's final model.")
-    step: Optional[int] = Field(None, description="Last step the stage reported.")
-    reverse_kl: Optional[float] = Field(None, alias="reverseKL",
-                                        description="distill: per-token reverse KL of the last step.")
-    eval_score: Optional[float] = Field(None, description="eval: headline pass@1 (see status.evalScore).")
+    job: str | None = Field(None, description="Name of the Job of the latest attempt.")
+    start_time: str | None = Field(None, description="When the first attempt started (RFC 3339).")
+    completion_time: str | None = Field(None, description="When the stage succeeded or finally failed.")
+    last_failure_time: str | None = Field(None, description="When the latest failed attempt ended.")
+    last_failed_attempt: int | None = Field(None, description="Attempt number of the latest failure.")
+    exit_code: int | None = Field(
+        None, description="Exit code of the latest finished attempt (0 done, 1 transient failure, 2 bad configuration)."
+    )
+    message: str | None = Field(None, description="The latest attempt's termination message or error.")
+    failed_generation: int | None = Field(
+        None, description="Spec generation at a bad-configuration failure (exit 2); a spec edit retries."
+    )
+    checkpoint: str | None = Field(None, description="Path (in the workspace) of the stage's final model.")
+    step: int | None = Field(None, description="Last step the stage reported.")
+    reverse_kl: float | None = Field(
+        None, alias="reverseKL", description="distill: per-token reverse KL of the last step."
+    )
+    eval_score: float | None = Field(None, description="eval: headline pass@1 (see status.evalScore).")
 
 
 class StagesStatus(StatusModel):
-    sft: Optional[StageStatus] = Field(None, description="Stage 1: SFT Job.")
-    teacher: Optional[StageStatus] = Field(None, description="The teacher vLLM Deployment (runs beside distill).")
-    distill: Optional[StageStatus] = Field(None, description="Stage 2: the OPD learner Job.")
-    eval: Optional[StageStatus] = Field(None, description="Stage 3: the evaluation Job.")
+    sft: StageStatus | None = Field(None, description="Stage 1: SFT Job.")
+    teacher: StageStatus | None = Field(None, description="The teacher vLLM Deployment (runs beside distill).")
+    distill: StageStatus | None = Field(None, description="Stage 2: the OPD learner Job.")
+    eval: StageStatus | None = Field(None, description="Stage 3: the evaluation Job.")
 
 
 class Progress(StatusModel):
     stage: str = Field(description="Stage reporting (`sft`, `distill`, `eval`).")
-    step: Optional[int] = Field(None, description="Last finished step.")
-    total_steps: Optional[int] = Field(None, description="Steps the stage will run.")
-    reverse_kl: Optional[float] = Field(None, alias="reverseKL",
-                                        description="distill: per-token reverse KL of the last step.")
-    updated_at: Optional[str] = Field(None, description="When the stage sent this report (RFC 3339).")
+    step: int | None = Field(None, description="Last finished step.")
+    total_steps: int | None = Field(None, description="Steps the stage will run.")
+    reverse_kl: float | None = Field(
+        None, alias="reverseKL", description="distill: per-token reverse KL of the last step."
+    )
+    updated_at: str | None = Field(None, description="When the stage sent this report (RFC 3339).")
 
 
 class DistillationRunStatus(StatusModel):
-    phase: Optional[Phase] = Field(None, description="`Pending`, `Running`, `Suspended`, `Succeeded` or "
-                                   "`Failed`.")
-    stage: Optional[str] = Field(None, description="The stage running or waiting now (`sft`, `teacher`, "
-                                 "`distill`, `eval`); empty once the run has finished.")
-    message: Optional[str] = Field(None, description="One line on what the run is doing or why it failed.")
-    observed_generation: Optional[int] = Field(
-        None, description="`metadata.generation` of the spec the operator last reconciled.")
-    step: Optional[int] = Field(None, description="Latest step of the current (or last) training stage.")
-    total_steps: Optional[int] = Field(None, description="Steps of that stage.")
-    reverse_kl: Optional[float] = Field(None, alias="reverseKL",
-                                        description="Latest per-token reverse KL reported by the OPD learner.")
-    eval_score: Optional[float] = Field(
-        None, description="Headline evaluation result: pass@1 of the last trained model (`distill`, else "
-        "`sft`, else the first target) on the first eval dataset.")
-    workspace_claim: Optional[str] = Field(None, description="The PVC holding the workspace.")
-    start_time: Optional[str] = Field(None, description="When the first stage started.")
-    completion_time: Optional[str] = Field(None, description="When the run succeeded or failed.")
-    conditions: list[Condition] = Field(default_factory=list, description="Current state as conditions: "
-                                        "`Ready`, `Failed`, `Suspended`, `SpecAccepted` and one per stage.")
-    stages: StagesStatus = Field(default_factory=lambda: StagesStatus.model_validate({}), description="Per-stage attempts, times, "
-                                 "results and checkpoints.")
-    progress: Optional[Progress] = Field(
-        None, description="Written by the running stage itself (ServiceAccount `<run>-stage` may only "
-        "get/patch this run's status): its latest step and reverse KL, a few times a minute.")
+    phase: Phase | None = Field(None, description="`Pending`, `Running`, `Suspended`, `Succeeded` or `Failed`.")
+    stage: str | None = Field(
+        None,
+        description="The stage running or waiting now (`sft`, `teacher`, "
+        "`distill`, `eval`); empty once the run has finished.",
+    )
+    message: str | None = Field(None, description="One line on what the run is doing or why it failed.")
+    observed_generation: int | None = Field(
+        None, description="`metadata.generation` of the spec the operator last reconciled."
+    )
+    step: int | None = Field(None, description="Latest step of the current (or last) training stage.")
+    total_steps: int | None = Field(None, description="Steps of that stage.")
+    reverse_kl: float | None = Field(
+        None, alias="reverseKL", description="Latest per-token reverse KL reported by the OPD learner."
+    )
+    eval_score: float | None = Field(
+        None,
+        description="Headline evaluation result: pass@1 of the last trained model (`distill`, else "
+        "`sft`, else the first target) on the first eval dataset.",
+    )
+    workspace_claim: str | None = Field(None, description="The PVC holding the workspace.")
+    start_time: str | None = Field(None, description="When the first stage started.")
+    completion_time: str | None = Field(None, description="When the run succeeded or failed.")
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        description="Current state as conditions: `Ready`, `Failed`, `Suspended`, `SpecAccepted` and one per stage.",
+    )
+    stages: StagesStatus = Field(
+        default_factory=lambda: StagesStatus.model_validate({}),
+        description="Per-stage attempts, times, results and checkpoints.",
+    )
+    progress: Progress | None = Field(
+        None,
+        description="Written by the running stage itself (ServiceAccount `<run>-stage` may only "
+        "get/patch this run's status): its latest step and reverse KL, a few times a minute.",
+    )
