@@ -22,11 +22,13 @@ UV_FLAGS ?= $(foreach d,$(FIND_LINKS),$(if $(wildcard $(d)/*),--find-links $(d))
 EXTRAS ?= runtime,operator,test
 WORKDIR ?= runs/tiny-math
 
-.PHONY: crds controlplane venv test test-fast run bench clean help images kind-e2e chart
+.PHONY: crds controlplane venv lint lint-fix test test-fast run bench clean help images kind-e2e chart
 
 help:
-	@echo "make run    run the demo (examples/tiny-math.yaml) on tiny models, locally"
-	@echo "make test   run the whole test suite"
+	@echo "make run        run the demo (examples/tiny-math.yaml) on tiny models, locally"
+	@echo "make test       lint, then the whole test suite (control plane and vLLM included)"
+	@echo "make test-fast  lint, then the tests that need neither the control plane nor vLLM, nor are slow"
+	@echo "make lint       ruff (lint + format check) and mypy; make lint-fix rewrites what ruff can fix"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -54,14 +56,37 @@ $(VENV)/.installed-vllm: pyproject.toml | $(UV)
 	VIRTUAL_ENV=$(VENV) $(UV) pip uninstall --quiet torchvision torchaudio torchcodec
 	touch $@
 
+# ruff and mypy come with the test extra, which both installs above include. mypy sees operator/ as the
+# package opd_operator through a symlink (the folder's own name would shadow the stdlib module `operator`);
+# its cache makes a second run take seconds.
+MYPY_ROOT := $(VENV)/mypy-path
+$(BIN)/ruff $(BIN)/mypy:
+	$(MAKE) --no-print-directory venv
+
+lint: $(BIN)/ruff $(BIN)/mypy
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	@mkdir -p $(MYPY_ROOT)
+	@ln -sfn $(CURDIR)/opd_runtime $(MYPY_ROOT)/opd_runtime
+	@ln -sfn $(CURDIR)/operator $(MYPY_ROOT)/opd_operator
+	cd $(MYPY_ROOT) && $(abspath $(BIN))/mypy --config-file $(CURDIR)/pyproject.toml -p opd_runtime -p opd_operator
+
+# Rewrites the tree: ruff's formatting and its safe fixes (then `make lint` says what is left to do by hand).
+lint-fix: $(BIN)/ruff
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
 # The control plane's binaries are built (first run on a machine, ~15 min) or found in the cache before
 # pytest starts, so that time shows up here rather than inside the first Kubernetes test.
 test: $(VENV)/.installed-vllm
+	$(MAKE) --no-print-directory lint
 	$(BIN)/python tests/controlplane/binaries.py
 	$(BIN)/pytest -q
 
+# No control plane (no Go build), no vLLM, nothing marked slow: minutes on a fresh clone once the venv exists.
 test-fast: venv
-	$(BIN)/pytest -q -m "not slow"
+	$(MAKE) --no-print-directory lint
+	$(BIN)/pytest -q -m "not slow and not vllm and not k8s"
 
 # The demo: `opd run` validates the run file, then runs SFT, OPD and eval here with the commands the
 # operator would put in pods, and writes $(WORKDIR)/report.md. Re-running continues (or re-uses) the

@@ -21,10 +21,23 @@ from pathlib import Path
 import pytest
 import yaml
 
+from opd_runtime.contract import NO_USAGE_STATS_ENV
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # The real Kubernetes control plane (session fixture `control_plane`, namespaces `k8s_namespace`).
 pytest_plugins = ["controlplane.fixtures"]
+
+# vLLM's anonymous usage reporting stays off in this process and every process the tests start.
+os.environ.update(NO_USAGE_STATS_ENV)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test that uses the control plane is a `k8s` test (`make test-fast` deselects them), whether
+    or not its module says so."""
+    for item in items:
+        if "control_plane" in getattr(item, "fixturenames", ()) and item.get_closest_marker("k8s") is None:
+            item.add_marker(pytest.mark.k8s)
 
 # Smaller than tiny_models' shapes: this is about mechanics, not about learning anything.
 STUDENT_SHAPE = dict(hidden_size=64, num_hidden_layers=1, num_attention_heads=1, num_key_value_heads=1,

