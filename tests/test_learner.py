@@ -14,6 +14,7 @@ import json
 import shutil
 import signal
 import subprocess
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -96,17 +97,24 @@ def resume_runs(tiny_world, tmp_path_factory):
     with open(tmp / "killed.log", "w") as killed_log:
         killed = subprocess.Popen(opd_cmd("distill", "--config", str(config), "--workspace", str(killed_ws)),
                                   env=opd_env(), stdout=killed_log, stderr=subprocess.STDOUT)
-        try:
-            # the uninterrupted run, in this process while the other one starts up
-            with one_thread():
-                run_distill(load_run(config), full_ws, log=quiet)
+
+        def kill_after_the_first_checkpoint() -> None:
             deadline = time.monotonic() + 300
             while killed.poll() is None and time.monotonic() < deadline:
                 if (ckpt_root / "step-000002" / checkpoint.STATE_FILE).exists() and \
                         checkpoint.latest(ckpt_root) is not None:
                     killed.send_signal(signal.SIGKILL)
-                    break
+                    return
                 time.sleep(0.002)
+
+        # the killer watches from the start, however long the uninterrupted run below takes
+        killer = threading.Thread(target=kill_after_the_first_checkpoint, daemon=True)
+        killer.start()
+        try:
+            # the uninterrupted run, in this process while the other one runs
+            with one_thread():
+                run_distill(load_run(config), full_ws, log=quiet)
+            killer.join(timeout=360)
             killed.wait(timeout=60)
         finally:
             if killed.poll() is None:
