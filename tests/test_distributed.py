@@ -268,3 +268,111 @@ def test_bad_configuration_keeps_exit_code_2_through_the_launcher(opd_runs, tiny
     assert proc.returncode == cli.EXIT_BAD_CONFIG, proc.stdout + proc.stderr
     assert "already holds checkpoints" in proc.stdout + proc.stderr
     assert sorted(p.name for p in (opd_runs.two / "checkpoints" / "distill").iterdir()) == before
+
+
+# --- d.: FSDP (full fine-tuning sharded over two processes), one process; a killed rank; resume ---------
+
+FSDP_STEPS = 4
+
+# Rank 1 kills itself (SIGKILL: no cleanup, no exception handler) in its first micro-batch of step 3,
+# after the step-2 checkpoint; torchrun then tears down rank 0.
+KILL_RANK_1 = """
+import os, signal, sys
+from opd_runtime import cli
+from opd_runtime.sft import trainer
+
+if os.environ.get("RANK") == "1":
+    real, calls = trainer.micro_batch_nll, []
+
+    def killed(*args, **kwargs):
+        calls.append(None)
+        if len(calls) == 2 * {per_step} + 1:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(*args, **kwargs)
+
+    trainer.micro_batch_nll = killed
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def fsdp_sft_doc(tiny_world) -> dict:
+    """Full fine-tuning (FSDP shards only that), 5 traces a step split 3 + 2 (micro-batches of 2: rank 0
+    runs 2 passes, rank 1 one real one and one zero-weight pass)."""
+    from test_sft import sft_run
+
+    return sft_run(tiny_world.student, {"name": "tinymath", "maxSamples": 40}, steps=FSDP_STEPS, batchSize=5,
+                   microBatchSize=2, strategy="fsdp", optimizer={"learningRate": 1e-3, "warmupSteps": 0,
+                                                                 "schedule": "constant"})
+
+
+@pytest.fixture(scope="module")
+def fsdp_runs(tiny_world, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("fsdp")
+    doc = fsdp_sft_doc(tiny_world)
+    config = tmp / "sft.yaml"
+    config.write_text(yaml.safe_dump(doc, sort_keys=False))
+    with one_thread():
+        run_sft(parse_run(doc), tmp / "one", log=quiet)
+    two = torchrun(tmp / "two.log", "sft", "--config", str(config), "--workspace", str(tmp / "two"))
+    assert two.code == 0, two.log
+    return SimpleNamespace(tmp=tmp, config=config, one=tmp / "one", two=tmp / "two", two_run=two)
+
+
+def test_fsdp_on_two_processes_gives_the_weights_of_one(fsdp_runs, tiny_world):
+    print(f"torchrun sft under FSDP, 2 processes, {FSDP_STEPS} steps: {fsdp_runs.two_run.seconds:.1f}s")
+    one_w, two_w = final_weights(fsdp_runs.one, "sft"), final_weights(fsdp_runs.two, "sft")
+    init = load_file(str(tiny_world.student / "model.safetensors"))
+    assert one_w.keys() == two_w.keys() == init.keys()  # the usual Hugging Face layout, gathered on rank 0
+    worst = max(float((one_w[k] - two_w[k]).abs().max() / one_w[k].abs().max().clamp_min(1e-12)) for k in one_w)
+    moved = max(float((one_w[k] - init[k]).abs().max()) for k in one_w)
+    print(f"largest relative weight difference, 1 process vs 2 FSDP processes: {worst:.2e} "
+          f"(training moved weights by {moved:.2e})")
+    assert worst < 1e-5 and moved > 1e-4
+    for a, b in zip(metrics_lines(fsdp_runs.one, "sft"), metrics_lines(fsdp_runs.two, "sft")):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+        # the norm of the DTensor gradient shards is the norm of the whole gradient
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+    # sharded checkpoints: the model and optimizer shards of both ranks, no full copy
+    step = fsdp_runs.two / "checkpoints" / "sft" / "step-000004"
+    assert (step / "dcp" / ".metadata").is_file() and len(list((step / "dcp").glob("*.distcp"))) == 2
+    assert not (step / "model").exists()
+
+
+def test_fsdp_resumes_exactly_after_a_killed_rank(fsdp_runs, tmp_path):
+    script = tmp_path / "kill_rank_1.py"
+    script.write_text(KILL_RANK_1.replace("{per_step}", "1"))  # rank 1 has 2 of the 5 traces: 1 micro-batch
+    ws = tmp_path / "ws"
+    killed = torchrun(tmp_path / "killed.log", "sft", "--config", str(fsdp_runs.config), "--workspace", str(ws),
+                      program=str(script))
+    assert killed.code != 0, killed.log
+    latest = checkpoint.latest(ws / "checkpoints" / "sft")
+    assert latest is not None and latest.name == "step-000002"
+    assert not (ws / "results" / "sft.json").exists()
+
+    resumed = torchrun(tmp_path / "resumed.log", "sft", "--config", str(fsdp_runs.config), "--workspace",
+                       str(ws), "--resume")
+    assert resumed.code == 0, resumed.log
+    assert "(step 2)" in resumed.log
+    a, b = final_weights(ws, "sft"), final_weights(fsdp_runs.two, "sft")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs between the resumed and the uninterrupted run"
+    for x, y in zip(metrics_lines(ws, "sft"), metrics_lines(fsdp_runs.two, "sft")):
+        assert (x["loss"], x["grad_norm"]) == (y["loss"], y["grad_norm"])
+
+
+def test_a_sharded_checkpoint_resumes_on_one_process(fsdp_runs, tiny_world, tmp_path):
+    """DCP reshards on load: the 2-process run's step-2 checkpoint, continued by a single process, ends
+    where the 2-process run ended (float tolerance: the reductions differ)."""
+    import shutil
+
+    ws = tmp_path / "ws"
+    root = ws / "checkpoints" / "sft"
+    root.mkdir(parents=True)
+    shutil.copytree(fsdp_runs.two / "checkpoints" / "sft" / "step-000002", root / "step-000002")
+    (root / "latest").write_text("step-000002\n")
+    with one_thread():
+        run_sft(parse_run(fsdp_sft_doc(tiny_world)), ws, resume=True, log=quiet)
+    a, b = final_weights(ws, "sft"), final_weights(fsdp_runs.two, "sft")
+    worst = max(float((a[k] - b[k]).abs().max() / b[k].abs().max().clamp_min(1e-12)) for k in a)
+    assert worst < 1e-5

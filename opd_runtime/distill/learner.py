@@ -23,7 +23,7 @@ from ..grading import is_correct_integer
 from ..metrics import MetricsSink, NullSink
 from ..preflight import compare_tokenizers, TokenizerMismatch
 from ..spec import DistillationRun, DistillSpec, SpecError
-from ..training import activations, checkpoint, chunked, distributed
+from ..training import activations, checkpoint, chunked, distributed, sharding
 from ..training.batches import length_groups, prompt_ids, right_pad
 from ..training.loop import end_step, finish_stage, optimizer_step
 from ..training.model_setup import build_trainable, optimizer_for
@@ -97,7 +97,7 @@ def train_on_samples(model, samples: Sequence[Sample], teacher_logprobs: Sequenc
         raise ValueError(f"loss {cfg.loss} needs the teacher's distributions")
     head = chunked.output_head(model)
     total_loss = total_kl = total_entropy = 0.0
-    for group in micro_batches(samples, cfg):
+    for group in sharding.lockstep(micro_batches(samples, cfg), model):
         chunk = [samples[i] for i in group]
         batch = right_pad([s.prompt_ids for s in chunk], [s.completion_ids for s in chunk], pad_id)
         old_lp_BT = torch.zeros_like(batch.loss_mask_BT)
@@ -216,7 +216,7 @@ def run_distill(run: DistillationRun, workspace: Path, *, resume: bool = False,
     torch.manual_seed(cfg.seed)
     model = build_trainable(init, cfg.lora, student.dtype, existing,
                             revision=None if from_checkpoint else student.revision,
-                            trust_remote_code=student.trust_remote_code)
+                            trust_remote_code=student.trust_remote_code, strategy=cfg.strategy)
     activations.use_gradient_checkpointing(model, cfg.gradient_checkpointing)
     activations.use_fast_attention(model, log)
     distributed.broadcast_parameters(model)
@@ -227,7 +227,7 @@ def run_distill(run: DistillationRun, workspace: Path, *, resume: bool = False,
     optimizer, scheduler = optimizer_for(model.parameters(), opt, cfg.steps)
     sink = (MetricsSink(ws.metrics("distill"), port=cfg.metrics_port, total_steps=cfg.steps)
             if distributed.is_main() else NullSink())
-    start_step = checkpoint.restore(existing, optimizer, scheduler) if existing is not None else 0
+    start_step = checkpoint.restore(existing, optimizer, scheduler, model) if existing is not None else 0
     sink.begin(start_step)
     if start_step:
         log(f"distill: resumed from {existing} (step {start_step})")
@@ -270,6 +270,8 @@ def run_distill(run: DistillationRun, workspace: Path, *, resume: bool = False,
             "learning_rate": lr, "grad_norm": grad_norm,
             "sample_seconds": t1 - t0, "teacher_seconds": t2 - t1, "train_seconds": t3 - t2,
             "step_seconds": t3 - t0, "tokens_per_second": n_tokens / (t3 - t0),
+            # part of sample_seconds: loading the trainer's weights into a vLLM sampler (0 for hf)
+            "weight_sync_seconds": getattr(sampler, "last_sync_seconds", 0.0),
         }
         end_step(record, sink=sink, on_step=on_step, ckpt_root=ckpt_root, checkpointing=cfg.checkpointing,
                  total_steps=cfg.steps, data_position=(step + 1) * cfg.prompts_per_step, model=model,

@@ -18,7 +18,7 @@ import torch
 from .. import modeling
 from ..metrics import MetricsSink, NullSink
 from ..spec import DistillationRun, SpecError
-from ..training import activations, checkpoint, chunked, distributed
+from ..training import activations, checkpoint, chunked, distributed, sharding
 from ..training.batches import length_groups, right_pad
 from ..training.loop import end_step, finish_stage, optimizer_step
 from ..training.model_setup import build_trainable, optimizer_for
@@ -94,7 +94,7 @@ def run_sft(run: DistillationRun, workspace: Path, *, resume: bool = False,
 
     torch.manual_seed(cfg.seed)
     model = build_trainable(init, cfg.lora, student.dtype, existing, revision=student.revision,
-                            trust_remote_code=student.trust_remote_code)
+                            trust_remote_code=student.trust_remote_code, strategy=cfg.strategy)
     activations.use_gradient_checkpointing(model, cfg.gradient_checkpointing)
     activations.use_fast_attention(model, log)
     distributed.broadcast_parameters(model)
@@ -102,7 +102,7 @@ def run_sft(run: DistillationRun, workspace: Path, *, resume: bool = False,
     opt = cfg.optimizer
     optimizer, scheduler = optimizer_for(model.parameters(), opt, cfg.steps)
     sink = MetricsSink(ws.metrics("sft")) if distributed.is_main() else NullSink()
-    start_step = checkpoint.restore(existing, optimizer, scheduler) if existing is not None else 0
+    start_step = checkpoint.restore(existing, optimizer, scheduler, model) if existing is not None else 0
     sink.begin(start_step)
     if start_step:
         log(f"sft: resumed from {existing} (step {start_step})")
@@ -117,7 +117,7 @@ def run_sft(run: DistillationRun, workspace: Path, *, resume: bool = False,
                     distributed.share(batch_at(order, step * cfg.batch_size, cfg.batch_size, cfg.seed))]
         n_tokens = max(1, int(distributed.all_sum(sum(len(c) for _, c in examples))[0]))
         total = 0.0
-        for group in micro_batches(examples, cfg):
+        for group in sharding.lockstep(micro_batches(examples, cfg), model):
             nll = micro_batch_nll(model, [examples[i] for i in group], packing=cfg.packing, pad_id=pad_id) / n_tokens
             nll.backward()
             total += nll.item()

@@ -2,12 +2,27 @@
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Literal, Optional, Self
 
 from pydantic import Field, model_validator
 
 from .base import SpecModel
 from .models import DatasetSpec, LoraSpec, OptimizerSpec, ResourcesSpec
+
+
+Strategy = Literal["auto", "ddp", "fsdp"]
+STRATEGY_HELP = (
+    "How several processes (torchrun, one per GPU) share the training: `ddp` (each holds the whole model "
+    "and optimizer; gradients are summed), `fsdp` (FSDP2: weights, gradients and AdamW state sharded over "
+    "the processes, each decoder layer gathered only while it runs; sharded checkpoints) or `auto`: fsdp "
+    "for full fine-tuning on more than one process, ddp with LoRA or one process. fsdp needs full "
+    "fine-tuning (lora.enabled false).")
+
+
+def _check_strategy(stage: SftSpec | DistillSpec) -> None:
+    if stage.strategy == "fsdp" and stage.lora.enabled:
+        raise ValueError("strategy fsdp shards full fine-tuning; a LoRA adapter is small enough for every "
+                         "process to hold: use `strategy: ddp` (or `auto`)")
 
 
 class CheckpointingSpec(SpecModel):
@@ -39,8 +54,14 @@ class SftSpec(SpecModel):
                                                                             schedule="cosine"),
                                      description="Optimizer and schedule.")
     checkpointing: CheckpointingSpec = Field(default_factory=CheckpointingSpec, description="Checkpoint cadence.")
+    strategy: Strategy = Field("auto", description=STRATEGY_HELP)
     seed: int = Field(0, description="Seed for data order and initialisation of new weights.")
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Pod resources.")
+
+    @model_validator(mode="after")
+    def _strategy_fits(self) -> Self:
+        _check_strategy(self)
+        return self
 
 
 class SamplerSpec(SpecModel):
@@ -91,6 +112,7 @@ class DistillSpec(SpecModel):
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec, description="Optimizer and schedule.")
     sampler: SamplerSpec = Field(default_factory=SamplerSpec, description="How the student samples.")
     checkpointing: CheckpointingSpec = Field(default_factory=CheckpointingSpec, description="Checkpoint cadence.")
+    strategy: Strategy = Field("auto", description=STRATEGY_HELP)
     metrics_port: int = Field(9400, ge=0, le=65535, description="Port of the Prometheus endpoint (0 disables it).")
     seed: int = Field(0, description="Seed for prompt order and sampling.")
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Pod resources.")
@@ -99,6 +121,7 @@ class DistillSpec(SpecModel):
     def _micro_batch_fits(self):
         if self.micro_batch_size > self.prompts_per_step * self.samples_per_prompt:
             raise ValueError("microBatchSize cannot exceed promptsPerStep x samplesPerPrompt")
+        _check_strategy(self)
         return self
 
 

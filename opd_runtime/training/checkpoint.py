@@ -1,7 +1,9 @@
 """Atomic, resumable checkpoints.
 
 A checkpoint is a directory ``step-NNNNNN/`` holding ``model/`` (full weights, or the LoRA adapter) and
-``trainer_state.pt`` (optimizer, scheduler, RNG states and the data position). It is written under a
+``trainer_state.pt`` (optimizer, scheduler, RNG states and the data position). An FSDP run
+(``sharding``) writes ``dcp/`` instead of ``model/`` and the optimizer: every rank's shards of both, in
+``torch.distributed.checkpoint``'s format, plus the tokenizer in ``tokenizer/``. It is written under a
 temporary name and renamed into place, and ``latest`` (a one-line file, also replaced atomically) names
 the newest complete one, so a process killed at any moment leaves the previous checkpoint usable.
 """
@@ -16,6 +18,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from . import distributed, sharding
 
 STATE_FILE = "trainer_state.pt"
 LATEST = "latest"
@@ -51,6 +55,10 @@ def write_atomic_text(path: Path, text: str) -> None:
 
 def save(root: Path, step: int, *, model, tokenizer, optimizer, scheduler, extra: dict[str, Any],
          keep: int) -> Path:
+    """Write checkpoint ``step``: called by rank 0 alone, or by every rank for a sharded (FSDP) model."""
+    if sharding.is_sharded(model):
+        return _save_sharded(root, step, model=model, tokenizer=tokenizer, optimizer=optimizer,
+                             scheduler=scheduler, extra=extra, keep=keep)
     root.mkdir(parents=True, exist_ok=True)
     final = step_dir(root, step)
     tmp = root / f".{final.name}.tmp-{os.getpid()}"
@@ -59,6 +67,30 @@ def save(root: Path, step: int, *, model, tokenizer, optimizer, scheduler, extra
     tokenizer.save_pretrained(tmp / "model")
     torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "rng": rng_state(), **extra}, tmp / STATE_FILE)
+    return _publish(root, tmp, final, keep)
+
+
+def _save_sharded(root: Path, step: int, *, model, tokenizer, optimizer, scheduler, extra: dict[str, Any],
+                  keep: int) -> Path:
+    final = step_dir(root, step)
+    # one temporary folder for all ranks (rank 0's pid names it), renamed once every rank has written
+    tmp = root / distributed.broadcast_object(f".{final.name}.tmp-{os.getpid()}")
+    if distributed.is_main():
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    distributed.barrier()
+    sharding.save_sharded(tmp, model, optimizer)
+    distributed.barrier()
+    if not distributed.is_main():
+        return final
+    tokenizer.save_pretrained(tmp / "tokenizer")
+    # per-rank RNG streams are reseeded every step from (seed, step, rank): no RNG state to keep
+    torch.save({"step": step, "scheduler": scheduler.state_dict(), **extra}, tmp / STATE_FILE)
+    return _publish(root, tmp, final, keep)
+
+
+def _publish(root: Path, tmp: Path, final: Path, keep: int) -> Path:
     if final.exists():  # a previous attempt reached this step; the new one replaces it
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -90,12 +122,28 @@ def load_state(path: Path) -> dict[str, Any]:
     return torch.load(path / STATE_FILE, weights_only=False)
 
 
-def restore(path: Path, optimizer, scheduler) -> int:
-    """Load optimizer, scheduler and RNG state from checkpoint ``path``; returns its step."""
+def restore(path: Path, optimizer, scheduler, model=None) -> int:
+    """Load optimizer, scheduler and RNG state from checkpoint ``path``; returns its step.
+
+    A sharded checkpoint (``dcp/``) also holds the model's weights: they are loaded into ``model``
+    (sharded or not: DCP reshards to this run's layout). A full checkpoint resumed by a sharded run is
+    refused: its optimizer state is keyed by the unsharded parameters.
+    """
     state = load_state(path)
-    optimizer.load_state_dict(state["optimizer"])
+    if sharding.has_sharded(path):
+        if model is None:
+            raise ValueError(f"{path} is a sharded checkpoint: restore() needs the model")
+        sharding.load_sharded(path, model, optimizer)
+    elif model is not None and sharding.is_sharded(model):
+        from ..spec import SpecError
+
+        raise SpecError(f"{path} was written without FSDP; resume it with `strategy: ddp` (or as many "
+                        "processes as it was written by)")
+    else:
+        optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    set_rng_state(state["rng"])
+    if "rng" in state:
+        set_rng_state(state["rng"])
     return state["step"]
 
 

@@ -126,14 +126,28 @@ def all_sum(*values: float) -> list[float]:
     return buf.tolist()
 
 
+def all_max(value: float) -> float:
+    """The largest ``value`` over all ranks."""
+    if not active():
+        return float(value)
+    buf = torch.tensor([float(value)], dtype=torch.float64, device=_device())
+    dist.all_reduce(buf, op=dist.ReduceOp.MAX)
+    return float(buf.item())
+
+
+def _sharded(model) -> bool:
+    return bool(getattr(model, "_opd_fsdp", False))
+
+
 def all_reduce_gradients(model) -> None:
     """Sum the accumulated gradients of the trainable parameters over all ranks, in place.
 
     A parameter without a gradient (a rank with no data this step) contributes zeros, so every rank runs
     the same collectives. With the loss divided by the global token count, the sum is the gradient of
-    the whole step's loss.
+    the whole step's loss. An FSDP model (``sharding``) has already reduce-scattered its gradients in
+    backward: nothing to do.
     """
-    if not active():
+    if not active() or _sharded(model):
         return
     params = [p for p in model.parameters() if p.requires_grad]
     for p in params:
@@ -165,8 +179,8 @@ def _buckets(params: list[torch.Tensor]) -> Iterator[list[torch.Tensor]]:
 
 def broadcast_parameters(model) -> None:
     """Make every rank start from rank 0's trainable weights (fresh LoRA adapters are random; frozen
-    weights come from the same files on every rank)."""
-    if not active():
+    weights come from the same files on every rank). FSDP shards differ per rank by design: skipped."""
+    if not active() or _sharded(model):
         return
     with torch.no_grad():
         for p in model.parameters():

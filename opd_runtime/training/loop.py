@@ -10,14 +10,20 @@ import torch
 
 from ..metrics import MetricsSink
 from ..workspace import Workspace
-from . import checkpoint, distributed
+from . import checkpoint, distributed, sharding
 from .model_setup import export_final
 
 
 def optimizer_step(model, optimizer, scheduler, max_grad_norm: float) -> tuple[float, float]:
-    """Clip, step and advance the schedule; returns (gradient norm before clipping, learning rate used)."""
+    """Clip, step and advance the schedule; returns (gradient norm before clipping, learning rate used).
+
+    With FSDP the gradients are DTensor shards: ``clip_grad_norm_`` computes the global norm over all
+    ranks' shards (its result is a replicated DTensor, ``full_tensor()`` reads it).
+    """
     grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
                                                max_grad_norm)
+    if hasattr(grad_norm, "full_tensor"):
+        grad_norm = grad_norm.full_tensor()
     lr = scheduler.get_last_lr()[0]
     optimizer.step()
     scheduler.step()
@@ -32,6 +38,7 @@ def end_step(record: dict, *, sink: MetricsSink, on_step: Callable[[dict], None]
 
     Multi-process runs: rank 0 logs and writes the checkpoint (every rank holds the same weights and
     optimizer state), and the others wait for it, so a checkpoint named ``latest`` is always complete.
+    With FSDP every rank writes its own shards (``checkpoint.save`` coordinates them).
     """
     main = distributed.is_main()
     if main:
@@ -40,7 +47,7 @@ def end_step(record: dict, *, sink: MetricsSink, on_step: Callable[[dict], None]
             on_step(record)
     done = record["step"]
     if done % checkpointing.every == 0 or done == total_steps:
-        if main:
+        if main or sharding.is_sharded(model):
             checkpoint.save(ckpt_root, done, model=model, tokenizer=tokenizer, optimizer=optimizer,
                             scheduler=scheduler, extra={"data_position": data_position},
                             keep=checkpointing.keep)
@@ -51,11 +58,15 @@ def finish_stage(stage: str, ws: Workspace, model, tokenizer, *, lora_enabled: b
                  summary_metric: str) -> dict:
     """Export ``checkpoints/<stage>/final`` and write ``results/<stage>.json`` last (its presence = done).
 
-    Rank 0 writes them; every rank returns its summary.
+    Rank 0 writes them (an FSDP model's weights are first gathered from all ranks); every rank returns
+    its summary.
     """
+    if sharding.is_sharded(model):
+        final = export_final(model, tokenizer, ws.final_model(stage), lora_enabled=lora_enabled)
     if not distributed.is_main():
-        return distributed.broadcast_object(None)
-    final = export_final(model, tokenizer, ws.final_model(stage), lora_enabled=lora_enabled)
+        return distributed.broadcast_object({})  # a placeholder: every rank receives rank 0's summary
+    if not sharding.is_sharded(model):
+        final = export_final(model, tokenizer, ws.final_model(stage), lora_enabled=lora_enabled)
     lines = [json.loads(ln) for ln in ws.metrics(stage).read_text().splitlines() if ln.strip()]
     result = {"stage": stage, "steps": steps, "final_model": str(final),
               f"{summary_metric}_first": lines[0][summary_metric] if lines else None,
