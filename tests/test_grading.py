@@ -122,7 +122,7 @@ def test_opd_grade_prints_accuracy_and_writes_results(tmp_path, capsys):
     assert results[1]["kind"] == "math" and results[0]["kind"] == "aime"
 
 
-@pytest.mark.parametrize("bad, message", [
+@pytest.mark.parametrize(("bad", "message"), [
     ("{not json", "not valid JSON"),
     ('{"completion": "\\\\boxed{1}"}', "missing field `answer`"),
     ('{"answer": "1"}', "missing field `completion`"),

@@ -222,7 +222,7 @@ class Run:
         """`kubectl get dr NAME`: printer column -> value."""
         header, row = self.cp.kubectl("get", "dr", self.name, "-n", self.ns).stdout.splitlines()[:2]
         starts = [i for i, ch in enumerate(header) if ch != " " and (i == 0 or header[i - 1] == " ")]
-        ends = starts[1:] + [None]
+        ends = [*starts[1:], None]
         return {header[a:b].strip(): row[a:b].strip() for a, b in zip(starts, ends)}
 
     def events(self) -> list[str]:
@@ -344,6 +344,7 @@ def test_a_failing_stage_is_retried_then_fails_the_run(cp: ControlPlane, ns: str
     assert run.jobs() == ["tiny-math-sft-1", "tiny-math-sft-2"]
     run.finish("tiny-math-sft-2", 1, "Traceback (most recent call last):\nRuntimeError: NCCL watchdog timeout")
     st = run.wait("Failed", lambda st: st.get("phase") == "Failed")
+    assert st["stages"]["sft"]["phase"] == "Failed" and st["stages"]["sft"]["failures"] == 2
     failed = run.condition("Failed")
     assert failed["status"] == "True" and failed["reason"] == "SftFailed"
     assert "RetriesExhausted" in failed["message"] and "NCCL watchdog timeout" in failed["message"]

@@ -98,7 +98,7 @@ def test_learner_refuses_a_mismatched_pair_before_training(tiny_world, variants,
     ws = tmp_path / "ws"
     with pytest.raises(TokenizerMismatch) as exc:
         run_distill(run, ws, log=lambda *_: None)
-    assert [m.what for m in exc.value.mismatches][0] == "vocabulary"
+    assert exc.value.mismatches[0].what == "vocabulary"
     assert not ws.exists() or not any(ws.rglob("*")), "a refused run wrote to the workspace"
 
 
