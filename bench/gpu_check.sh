@@ -16,7 +16,14 @@ PY=${PYTHON:-.venv/bin/python}
 export PYTHONSAFEPATH=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 # GPU_CHECK_NPROC forces the process count (tests run 2 CPU processes with it)
-gpus=${GPU_CHECK_NPROC:-$("$PY" -c 'import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)')}
+# (the GPUs torch sees, honouring CUDA_VISIBLE_DEVICES; without nvidia-smi there are none to ask about)
+if [ -n "${GPU_CHECK_NPROC:-}" ]; then
+  gpus=$GPU_CHECK_NPROC
+elif command -v nvidia-smi >/dev/null 2>&1; then
+  gpus=$("$PY" -c 'import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)')
+else
+  gpus=0
+fi
 limit=${GPU_CHECK_TIMEOUT:-480}
 if [ "$gpus" -gt 1 ]; then
   echo "gpu_check: $gpus processes, one per GPU (FSDP)"

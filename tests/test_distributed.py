@@ -376,3 +376,43 @@ def test_a_sharded_checkpoint_resumes_on_one_process(fsdp_runs, tiny_world, tmp_
     a, b = final_weights(ws, "sft"), final_weights(fsdp_runs.two, "sft")
     worst = max(float((a[k] - b[k]).abs().max() / b[k].abs().max().clamp_min(1e-12)) for k in a)
     assert worst < 1e-5
+
+
+def test_distill_under_fsdp_samples_and_steps_as_ddp_does(opd_runs, tiny_world, tmp_path):
+    """The OPD learner sharded: the hf sampler's generate runs with synced_gpus (a rank whose sequences
+    ended keeps joining the all-gathers) and draws exactly what the data-parallel run drew, and the
+    first step's loss and gradient norm match it within float tolerance."""
+    config = tmp_path / "fsdp.yaml"
+    config.write_text(yaml.safe_dump(run_doc(tiny_world.student, tiny_world.teacher, strategy="fsdp",
+                                             **OPD_SETTINGS), sort_keys=False))
+    fsdp = torchrun(tmp_path / "fsdp.log", "distill", "--config", str(config), "--workspace", str(tmp_path / "ws"))
+    assert fsdp.code == 0, fsdp.log
+    print(f"torchrun distill under FSDP, 2 processes, {OPD_STEPS} steps: {fsdp.seconds:.1f}s")
+    ddp_m, fsdp_m = metrics_lines(opd_runs.two, "distill"), metrics_lines(tmp_path / "ws", "distill")
+    assert [m["step"] for m in fsdp_m] == list(range(1, OPD_STEPS + 1))
+    first_ddp, first_fsdp = ddp_m[0], fsdp_m[0]
+    assert first_fsdp["completion_tokens"] == first_ddp["completion_tokens"]  # the same samples
+    assert first_fsdp["reverse_kl"] == pytest.approx(first_ddp["reverse_kl"], rel=1e-6)
+    assert first_fsdp["loss"] == pytest.approx(first_ddp["loss"], rel=1e-4, abs=1e-7)
+    assert first_fsdp["grad_norm"] == pytest.approx(first_ddp["grad_norm"], rel=1e-4)
+    assert (tmp_path / "ws" / "checkpoints" / "distill" / "step-000004" / "dcp" / ".metadata").is_file()
+    assert final_weights(tmp_path / "ws", "distill").keys() == final_weights(opd_runs.two, "distill").keys()
+
+
+def test_a_one_process_checkpoint_resumes_under_fsdp(fsdp_runs, tiny_world, tmp_path):
+    """The other direction: the single process's step-2 checkpoint (full weights, unsharded AdamW state),
+    continued by two FSDP processes, ends where the two-process run ended (float tolerance)."""
+    import shutil
+
+    ws = tmp_path / "ws"
+    root = ws / "checkpoints" / "sft"
+    root.mkdir(parents=True)
+    shutil.copytree(fsdp_runs.one / "checkpoints" / "sft" / "step-000002", root / "step-000002")
+    (root / "latest").write_text("step-000002\n")
+    resumed = torchrun(tmp_path / "resumed.log", "sft", "--config", str(fsdp_runs.config), "--workspace", str(ws),
+                       "--resume")
+    assert resumed.code == 0, resumed.log
+    assert "(step 2)" in resumed.log
+    a, b = final_weights(ws, "sft"), final_weights(fsdp_runs.two, "sft")
+    worst = max(float((a[k] - b[k]).abs().max() / b[k].abs().max().clamp_min(1e-12)) for k in a)
+    assert worst < 1e-5

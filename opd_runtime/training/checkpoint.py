@@ -126,8 +126,9 @@ def restore(path: Path, optimizer, scheduler, model=None) -> int:
     """Load optimizer, scheduler and RNG state from checkpoint ``path``; returns its step.
 
     A sharded checkpoint (``dcp/``) also holds the model's weights: they are loaded into ``model``
-    (sharded or not: DCP reshards to this run's layout). A full checkpoint resumed by a sharded run is
-    refused: its optimizer state is keyed by the unsharded parameters.
+    (sharded or not: DCP reshards to this run's layout). A full checkpoint resumed by a sharded run (a
+    run continued on more processes) had its weights loaded by ``build_trainable``; its optimizer state
+    is sharded here.
     """
     state = load_state(path)
     if sharding.has_sharded(path):
@@ -135,10 +136,7 @@ def restore(path: Path, optimizer, scheduler, model=None) -> int:
             raise ValueError(f"{path} is a sharded checkpoint: restore() needs the model")
         sharding.load_sharded(path, model, optimizer)
     elif model is not None and sharding.is_sharded(model):
-        from ..spec import SpecError
-
-        raise SpecError(f"{path} was written without FSDP; resume it with `strategy: ddp` (or as many "
-                        "processes as it was written by)")
+        sharding.load_full_optimizer_state(model, optimizer, state["optimizer"])
     else:
         optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])

@@ -132,6 +132,21 @@ def load_sharded(path: Path, model, optimizer) -> None:
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 
+def load_full_optimizer_state(model, optimizer, full: dict) -> None:
+    """An unsharded optimizer's ``state_dict()`` (keyed by parameter index) loaded into this sharded one.
+
+    The index is the position among the trainable parameters in ``named_parameters`` order, which
+    ``fully_shard`` keeps; every rank takes its shard of each moment."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    by_name = {
+        "state": {names[i]: v for i, v in full["state"].items()},
+        "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in full["param_groups"]],
+    }
+    set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
+
+
 def full_state_dict(model) -> dict[str, torch.Tensor]:
     """The whole model's weights on rank 0's CPU (a collective: every rank calls it; others get {})."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
