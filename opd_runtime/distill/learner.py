@@ -216,7 +216,7 @@ def run_distill(run: DistillationRun, workspace: Path, *, resume: bool = False,
     torch.manual_seed(cfg.seed)
     model = build_trainable(init, cfg.lora, student.dtype, existing,
                             revision=None if from_checkpoint else student.revision,
-                            trust_remote_code=student.trust_remote_code, strategy=cfg.strategy)
+                            trust_remote_code=student.trust_remote_code, strategy=sharding.stage_strategy(cfg))
     activations.use_gradient_checkpointing(model, cfg.gradient_checkpointing)
     activations.use_fast_attention(model, log)
     distributed.broadcast_parameters(model)

@@ -15,14 +15,19 @@ STRATEGY_HELP = (
     "How several processes (torchrun, one per GPU) share the training: `ddp` (each holds the whole model "
     "and optimizer; gradients are summed), `fsdp` (FSDP2: weights, gradients and AdamW state sharded over "
     "the processes, each decoder layer gathered only while it runs; sharded checkpoints) or `auto`: fsdp "
-    "for full fine-tuning on more than one process, ddp with LoRA or one process. fsdp needs full "
-    "fine-tuning (lora.enabled false).")
+    "for full fine-tuning on more than one process, ddp with LoRA, one process or the vllm sampler. fsdp "
+    "needs full fine-tuning (lora.enabled false) and, in distill, `sampler.backend: hf`.")
 
 
 def _check_strategy(stage: SftSpec | DistillSpec) -> None:
     if stage.strategy == "fsdp" and stage.lora.enabled:
         raise ValueError("strategy fsdp shards full fine-tuning; a LoRA adapter is small enough for every "
                          "process to hold: use `strategy: ddp` (or `auto`)")
+    sampler = getattr(stage, "sampler", None)
+    if stage.strategy == "fsdp" and sampler is not None and sampler.backend == "vllm":
+        raise ValueError("strategy fsdp does not feed the vllm sampler yet (each rank's engine needs the "
+                         "gathered weights): use `strategy: ddp` (or `auto`, which then picks ddp), or "
+                         "`sampler.backend: hf`")
 
 
 class CheckpointingSpec(SpecModel):

@@ -20,7 +20,8 @@ What changes for the loop:
   layout.
 
 ``auto`` (the default) shards when there is something to gain: full fine-tuning on more than one
-process. LoRA stays data parallel: its trainable state is small and the frozen base is needed whole.
+process. LoRA stays data parallel: its trainable state is small and the frozen base is needed whole. So
+does a distill stage with the vllm sampler (``stage_strategy``): its engines would need gathered weights.
 """
 
 from __future__ import annotations
@@ -47,6 +48,15 @@ def resolve_strategy(strategy: str, *, lora: bool, world: int) -> str:
     if strategy == "fsdp" and (lora or world <= 1):
         return "ddp"
     return strategy
+
+
+def stage_strategy(stage) -> str:
+    """A stage spec's ``strategy`` as ``build_trainable`` takes it: ``auto`` stays ddp beside the vllm
+    sampler, whose engine on each rank would need the gathered weights (not done yet)."""
+    sampler = getattr(stage, "sampler", None)
+    if stage.strategy == "auto" and sampler is not None and sampler.backend == "vllm":
+        return "ddp"
+    return stage.strategy
 
 
 def is_sharded(model) -> bool:
