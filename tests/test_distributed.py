@@ -10,6 +10,7 @@ Each torchrun start costs several seconds (two interpreters importing torch), so
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import subprocess
 import sys
@@ -22,7 +23,6 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import free_port, opd_env, run_doc
 from opd_runtime import cli, modeling
 from opd_runtime.data_sources import load_prompts
 from opd_runtime.distill.learner import run_distill
@@ -35,6 +35,8 @@ from opd_runtime.training import checkpoint
 from opd_runtime.training.batches import prompt_ids
 from opd_runtime.training.distributed import share_bounds, step_seed
 from opd_runtime.training.order import batch_at
+
+from conftest import free_port, opd_env, run_doc
 
 pytestmark = pytest.mark.slow
 
@@ -102,7 +104,7 @@ def test_each_rank_gets_a_contiguous_share_and_all_of_the_batch_is_covered():
         for world in (1, 2, 3, 4):
             bounds = [share_bounds(n, r, world) for r in range(world)]
             assert bounds[0][0] == 0 and bounds[-1][1] == n
-            assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+            assert all(a[1] == b[0] for a, b in itertools.pairwise(bounds))
             sizes = [e - s for s, e in bounds]
             assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
 

@@ -147,4 +147,4 @@ def test_float32_runs_are_unchanged(tiny_world, name):
                    training_precision(name, CPU), CPU)
     ids = torch.randint(3, 200, (1, 8))
     assert model(input_ids=ids).logits.dtype == torch.float32
-    assert not hasattr(model.forward, "_opd_autocast")
+    assert "forward" not in vars(model)  # no autocast wrapper was installed

@@ -26,8 +26,9 @@ import contextlib
 import hashlib
 import os
 import random
+from collections.abc import Iterator, Sequence
 from datetime import timedelta
-from typing import Iterator, Sequence, TypeVar
+from typing import TypeVar
 
 import numpy as np
 import torch

@@ -4,7 +4,7 @@ end-of-step bookkeeping (metrics line, checkpoint cadence) and the stage's final
 from __future__ import annotations
 
 import json
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -97,7 +97,6 @@ def _autocast_forward(forward, device_type: str, dtype: torch.dtype):
         with torch.autocast(device_type=device_type, dtype=dtype):
             return forward(*args, **kwargs)
 
-    setattr(run, "_opd_autocast", dtype)  # marks a wrapped forward
     return run
 
 
