@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -142,7 +143,8 @@ def test_run_executes_every_stage_with_the_pod_commands_and_writes_a_report(tiny
     state = json.loads((workdir / "run-state.json").read_text())["stages"]
     assert set(state) == {"sft", "distill", "eval"}
     assert all(s["outcome"] == "succeeded" and s["seconds"] > 0 for s in state.values())
-    assert "GFLOP" in report or "FLOP" in report
+    for stage in ("sft", "distill", "eval"):  # the Stages table: wall time, attempts, a compute estimate
+        assert re.search(rf"^\| {stage} \| \d+ s \| 1 \| \d[\d.]*(e[+-]\d+)? [GTP]?FLOP \|$", report, re.M), report
 
     # running again without --resume refuses to overwrite; with --resume everything is skipped
     again = opd_run(str(src), "--workdir", str(workdir), "--teacher", "local")
@@ -277,6 +279,7 @@ def test_bad_run_file_fails_before_torch_loads(tiny_world, tmp_path, case):
     assert not (tmp_path / "w").exists()  # nothing was written
 
 
+@pytest.mark.vllm
 def test_run_serves_the_teacher_with_vllm_and_stops_it_after_opd(tiny_world, tmp_path):
     """`--teacher vllm`: `opd serve-teacher` (real vLLM) runs beside OPD, which scores over HTTP."""
     doc = yaml.safe_load(run_file(tmp_path, tiny_world, distill_steps=2).read_text())
