@@ -103,6 +103,7 @@ controlplane: venv
 bench: venv
 	$(BIN)/python bench/cli_latency.py
 	$(BIN)/python bench/opd_step.py
+	$(BIN)/python bench/memory.py
 
 # The chart's copies of crds/ and of the operator's RBAC rules (operator/rbac.py); a test fails when stale.
 chart: venv

@@ -4,6 +4,8 @@ checkpointing with and without LoRA."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -130,8 +132,8 @@ def test_chunking_saves_no_tokens_by_vocabulary_tensor_for_backward():
     for n in (256, 1024):
         hidden = torch.randn(n, d, generator=gen, requires_grad=True)
         targets = torch.randint(0, big_v, (n,), generator=gen)
-        dense = saved_bytes(lambda: dense_terms(hidden, head, targets, 1.0)["logprobs"])
-        kept = saved_bytes(lambda: chunked.token_terms(hidden, head, targets, entropy=True, chunk_tokens=64))
+        dense = saved_bytes(functools.partial(dense_terms, hidden, head, targets, 1.0))
+        kept = saved_bytes(functools.partial(chunked.token_terms, hidden, head, targets, entropy=True, chunk_tokens=64))
         assert dense >= n * big_v * 4  # the dense path keeps at least one fp32 (tokens x vocabulary) tensor
         # chunked: each chunk's inputs (hidden rows and targets) and the head's weight, no logits
         assert kept <= n * (d * 4 + 8) + 4 * head.weight.numel() + 4096, (n, kept)
@@ -235,9 +237,10 @@ def test_gradient_checkpointing_recomputes_the_layers_in_backward():
     for enabled in (False, True):
         model = tiny_qwen3().train()
         activations.use_gradient_checkpointing(model, enabled)
-        calls = []
+        calls: list[int] = []
         # a pre-hook: the recompute stops early once the last tensor backward needs is back (inside the mlp)
-        model.model.layers[0].self_attn.register_forward_pre_hook(lambda *_: calls.append(1))
+        model.model.layers[0].self_attn.register_forward_pre_hook(functools.partial(lambda seen, *_: seen.append(1),
+                                                                                    calls))
         step_grads(model, ids, torch.ones(1, 9))
         counts[enabled] = len(calls)
     assert counts == {False: 1, True: 2}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -11,10 +12,10 @@ from safetensors.torch import load_file
 
 from opd_runtime import modeling
 from opd_runtime.sft.packing import first_fit, pack
-from opd_runtime.training.batches import length_groups
-from opd_runtime.sft.trainer import micro_batch_nll, run_sft
 from opd_runtime.sft.traces import Trace, load_traces, tokenize
+from opd_runtime.sft.trainer import micro_batch_nll, run_sft
 from opd_runtime.spec import DatasetSpec, parse_run
+from opd_runtime.training.batches import length_groups
 from opd_runtime.workspace import Workspace
 
 
@@ -81,7 +82,7 @@ def test_token_budget_micro_batches(packed, budget):
         assert [4] in groups
     if not packed:  # grouped longest first: a micro-batch never mixes lengths around another's
         spans = [(min(LENGTHS[i] for i in g), max(LENGTHS[i] for i in g)) for g in groups]
-        assert all(hi_b <= lo_a for (lo_a, _), (_, hi_b) in zip(spans, spans[1:]))
+        assert all(hi_b <= lo_a for (lo_a, _), (_, hi_b) in itertools.pairwise(spans))
     if budget is None:  # the count cap alone: 12 sequences, 4 per micro-batch
         assert len(groups) == 3
 
@@ -130,8 +131,8 @@ def test_token_budget_leaves_the_step_loss_unchanged(tiny_world, packing):
 
     model = modeling.load_causal_lm(str(tiny_world.student), dtype="float32").train()
     gen = torch.Generator().manual_seed(0)
-    examples = [([1] + torch.randint(3, 60, (int(n) % 7 + 1,), generator=gen).tolist(),
-                 torch.randint(3, 60, (int(n),), generator=gen).tolist() + [2])
+    examples = [([1, *torch.randint(3, 60, (int(n) % 7 + 1,), generator=gen).tolist()],
+                 [*torch.randint(3, 60, (int(n),), generator=gen).tolist(), 2])
                 for n in torch.randint(1, 40, (10,), generator=gen)]
     results = []
     for budget in (None, 48):

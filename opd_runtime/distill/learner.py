@@ -51,7 +51,7 @@ def init_model_path(run: DistillationRun, ws: Workspace) -> str:
     return ws.resolve(spec.student.model)
 
 
-FULL_KL = {"full_reverse_kl": "reverse", "full_forward_kl": "forward"}
+FULL_KL: dict[str, chunked.KlKind] = {"full_reverse_kl": "reverse", "full_forward_kl": "forward"}
 
 
 def micro_batches(samples: Sequence[Sample], cfg: DistillSpec) -> list[list[int]]:
@@ -111,18 +111,22 @@ def train_on_samples(model, samples: Sequence[Sample], teacher_logprobs: Sequenc
         old_lp_BT, teacher_lp_BT = old_lp_BT.to(dev), teacher_lp_BT.to(dev)
         ids_BT = batch.input_ids_BT.to(dev)
         sel_BT = chunked.select_predicting(mask_BT)  # (B, T-1): position t predicts completion token t+1
-        rows = _teacher_rows(teacher.kl_targets(batch.input_ids_BT, batch.attention_mask_BT), sel_BT, dev) \
-            if kl_kind is not None else None
+        rows = None
+        if kl_kind is not None:
+            assert teacher is not None  # checked above
+            rows = _teacher_rows(teacher.kl_targets(batch.input_ids_BT, batch.attention_mask_BT), sel_BT, dev)
         hidden_BTD = chunked.final_hidden_states(model, ids_BT)
         terms = chunked.token_terms(hidden_BTD[:, :-1][sel_BT], head, ids_BT[:, 1:][sel_BT],
                                     temperature=cfg.temperature, entropy=True, kl=kl_kind, teacher=rows)
         if teacher_logprobs is None:  # read from the teacher's forward above
+            if terms.teacher_logprobs_N is None:
+                raise ValueError("the teacher's log-probs were neither given nor derivable from its kl_targets")
             teacher_lp_BT[:, 1:][sel_BT] = terms.teacher_logprobs_N.to(teacher_lp_BT.dtype)
         adv_N = L.advantages(old_lp_BT, teacher_lp_BT, mask_BT, kl_coef=cfg.kl_coef,
                              discount=cfg.discount)[:, 1:][sel_BT]
         old_lp_N = old_lp_BT[:, 1:][sel_BT]
         ones_N = torch.ones_like(old_lp_N)  # every selected position carries the loss
-        if kl_kind is not None:
+        if terms.kl_N is not None:
             loss = terms.kl_N.sum() / normalizer
         elif cfg.loss == "ppo":
             loss = L.ppo_loss(terms.logprobs_N, old_lp_N, adv_N, ones_N, normalizer, clip=cfg.ppo_clip)
@@ -132,7 +136,7 @@ def train_on_samples(model, samples: Sequence[Sample], teacher_logprobs: Sequenc
         with torch.no_grad():
             total_loss += float(loss)
             total_kl += float(L.per_token_reverse_kl(old_lp_BT, teacher_lp_BT, mask_BT).sum())
-            total_entropy += float(terms.entropy_N.sum())
+            total_entropy += float(terms.entropy_N.sum()) if terms.entropy_N is not None else 0.0
     return StepStats(total_loss, total_kl / normalizer, total_entropy / normalizer, n_tokens)
 
 

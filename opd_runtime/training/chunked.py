@@ -151,18 +151,20 @@ def token_terms(hidden_ND: torch.Tensor, head: torch.nn.Module, targets_N: torch
     """
     if kl is not None and teacher is None:
         raise ValueError("a KL needs the teacher's distributions")
-    dense = isinstance(teacher, DenseTeacherRows)
-    teacher_head = teacher.head if dense else None
-    if dense:
+    teacher_head: torch.nn.Module | None = None
+    teacher_ND: tuple[torch.Tensor, ...] = ()
+    if isinstance(teacher, DenseTeacherRows):
+        teacher_head = teacher.head
         teacher_ND = (teacher.hidden_ND,)
-    elif teacher is not None and kl is not None:
+    elif isinstance(teacher, TopKRows) and kl is not None:
         teacher_ND = (teacher.ids_NK, teacher.logprobs_NK, teacher.valid_NK)
-    else:
-        teacher_ND = ()
+    dense = teacher_head is not None
     N = hidden_ND.shape[0]
-    n_out = 1 + entropy + dense + (kl is not None)
+    n_out = 1 + int(entropy) + int(dense) + int(kl is not None)
     pieces: list[list[torch.Tensor]] = [[] for _ in range(n_out)]
-    recompute = torch.is_grad_enabled() and hidden_ND.requires_grad
+    # checkpoint only where something will be differentiated (the hidden states, or LoRA on the head)
+    recompute = torch.is_grad_enabled() and (hidden_ND.requires_grad or
+                                             any(p.requires_grad for p in head.parameters()))
     for start in range(0, N, chunk_tokens):
         end = min(N, start + chunk_tokens)
         args = (head, temperature, entropy, kl, teacher_head, hidden_ND[start:end], targets_N[start:end],
