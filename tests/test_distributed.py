@@ -123,6 +123,24 @@ def test_single_process_stages_refuse_to_run_under_torchrun(monkeypatch, capsys)
     assert "without torchrun" in capsys.readouterr().err
 
 
+def test_strategy_auto_shards_full_fine_tuning_on_several_processes_only():
+    from opd_runtime.spec import DistillSpec, SftSpec
+    from opd_runtime.training.sharding import resolve_strategy, stage_strategy
+
+    assert resolve_strategy("auto", lora=False, world=2) == "fsdp"
+    assert resolve_strategy("auto", lora=True, world=8) == "ddp"  # adapters are small: replicate them
+    assert resolve_strategy("auto", lora=False, world=1) == "ddp"  # one process: nothing to shard
+    assert resolve_strategy("fsdp", lora=False, world=1) == "ddp"
+    assert resolve_strategy("ddp", lora=False, world=8) == "ddp"
+    prompts = {"name": "tinymath"}
+    assert stage_strategy(DistillSpec(prompts=prompts)) == "auto"
+    assert stage_strategy(DistillSpec(prompts=prompts, sampler={"backend": "vllm"})) == "ddp"
+    with pytest.raises(ValueError, match="LoRA adapter is small"):
+        SftSpec(dataset=prompts, strategy="fsdp", lora={"enabled": True})
+    with pytest.raises(ValueError, match="vllm sampler"):
+        DistillSpec(prompts=prompts, strategy="fsdp", sampler={"backend": "vllm"})
+
+
 # --- a.: SFT, two processes against one ----------------------------------------------------------------
 
 
