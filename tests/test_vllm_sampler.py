@@ -196,3 +196,60 @@ def test_bf16_probe_passes_healthy_steps_and_fails_stale_weights(bf16_sampler, w
         f"{max(errors):.2e} (tolerance {sampler.tolerance():.2e}), stale {stale:.3f}"
     )
     assert sampler.syncs == 7 and max(errors) <= sampler.tolerance() < stale
+
+
+# --- LoRA as a vLLM adapter: the base weights once, then only the adapter ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def lora_sampler(world):
+    from opd_runtime.vllm_sampler import VllmSampler
+
+    tiny, _, _ = world
+    s = VllmSampler(
+        str(tiny.student), dtype="float32", gpu_memory_utilization=0.1, seed=0, lora_rank=4, log=lambda _: None
+    )
+    yield s
+    s.close()
+
+
+def test_lora_adapter_sync_follows_small_updates_without_full_reloads(lora_sampler, world):
+    from peft import LoraConfig, get_peft_model
+
+    from opd_runtime.vllm_sampler import StaleSamplerWeights
+
+    _, tok, prompts = world
+    sampler = lora_sampler
+    model = get_peft_model(student(world), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    batch = right_pad(prompts[:8], [[] for _ in prompts[:8]], 0)
+    worst = engine_vs_trainer(sampler, model, tok, prompts[:2])
+    first_sync = sampler.last_sync_seconds
+    before, moved, probes, syncs = None, 0.0, [], []
+    for step in range(12):
+        logits = model(input_ids=batch.input_ids_BT, attention_mask=batch.attention_mask_BT).logits
+        lp = token_logprobs(logits, batch.input_ids_BT)
+        before = lp.detach() if before is None else before
+        moved = float((lp.detach() - before).abs().max())
+        (-(lp * batch.attention_mask_BT).sum() / batch.attention_mask_BT.sum()).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        worst = max(worst, engine_vs_trainer(sampler, model, tok, prompts[step % 4 : step % 4 + 2]))
+        probes.append(sampler.last_probe_error)
+        syncs.append(sampler.last_sync_seconds)
+    print(
+        f"LoRA adapter, 12 small steps: trainer moved {moved:.2e}; engine off by at most {worst:.2e}, probe "
+        f"{max(probes):.2e}; sync {first_sync:.2f} s with the base weights, then {sum(syncs) / 12:.2f} s"
+    )
+    assert moved > 10 * ATOL and worst < ATOL and max(probes) <= sampler.tolerance()
+    assert sampler.syncs == 13 and sampler.full_reloads == 1  # the base weights once, then adapters only
+
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-2)
+    for _ in range(3):
+        logits = model(input_ids=batch.input_ids_BT, attention_mask=batch.attention_mask_BT).logits
+        lp = token_logprobs(logits, batch.input_ids_BT)
+        (-(lp * batch.attention_mask_BT).sum() / batch.attention_mask_BT.sum()).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    with pytest.raises(StaleSamplerWeights):
+        sampler.check(model, sampler._probe)  # the engine still has the previous adapter
