@@ -372,3 +372,13 @@ def test_vllm_eval_refuses_a_context_longer_than_the_model(tiny_world, tmp_path)
     assert code == 2, out + err
     assert "spec.eval.maxNewTokens: 1000 new tokens" in err and "max_position_embeddings 1024" in err
     assert "starting vLLM" not in out
+
+
+def test_tensor_parallel_size_divides_the_attention_heads():
+    from opd_runtime.evaluate import tensor_parallel_size
+
+    assert tensor_parallel_size(8, 32) == 8  # Qwen3-8B: 32 heads over 8 GPUs
+    assert tensor_parallel_size(8, 12) == 6  # the largest divisor of the heads within the GPUs
+    assert tensor_parallel_size(3, 16) == 2
+    assert tensor_parallel_size(0, 16) == tensor_parallel_size(1, 16) == 1
+    assert tensor_parallel_size(4, None) == 4  # unknown heads: the GPUs as given
