@@ -64,6 +64,7 @@ PROBE_TOLERANCE = {"float32": 1e-3, "bfloat16": 0.1, "float16": 0.05}
 PROBE_RELATIVE = 4.0
 PROBE_FLOOR = {"float32": 1e-4, "bfloat16": 0.02, "float16": 0.01}
 SLEEP_LEVEL = 1  # weights to host memory, KV cache dropped: waking needs no reload from disk
+WAKE_TAGS = ("weights", "kv_cache")  # what wake_up restores after a level-1 sleep
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
 
 
@@ -330,6 +331,7 @@ class VllmSampler:
             max_lora_rank=self._vllm_rank(lora_rank),
         )
         self.asleep = False
+        self._awake: set[str] = set(WAKE_TAGS)  # what of a sleeping engine is back
         self._scratch = Path(tempfile.mkdtemp(prefix="opd-sampler-weights-", dir=_scratch_root()))
         self._version: int | None = None  # weights_version of the trainer weights the engine holds
         self._model_id: int | None = None  # id() of the model they came from
@@ -360,17 +362,21 @@ class VllmSampler:
         """Release the engine's accelerator memory (weights to host memory, KV cache dropped)."""
         if self.sleep_mode and not self.asleep:
             self.llm.sleep(level=SLEEP_LEVEL)
-            self.asleep = True
+            self.asleep, self._awake = True, set()
             self.sleeps += 1
 
     def wake(self, tags: list[str] | None = None) -> None:
+        """Bring back ``tags`` (``weights``, ``kv_cache``; default both) of a sleeping engine, each once."""
         if not (self.sleep_mode and self.asleep):
+            return
+        wanted = set(tags or WAKE_TAGS) - self._awake
+        if not wanted:
             return
         if self.cuda:
             torch.cuda.empty_cache()  # the trainer's freed activations, still held by torch's allocator
-        self.llm.wake_up(tags=tags)
-        if tags is None or set(tags) >= {"weights", "kv_cache"}:
-            self.asleep = False
+        self.llm.wake_up(tags=sorted(wanted))
+        self._awake |= wanted
+        self.asleep = self._awake != set(WAKE_TAGS)
 
     # --- weights --------------------------------------------------------------------------------------
 
