@@ -316,8 +316,9 @@ def test_vllm_eval_equals_hf_eval_on_a_greedy_run(greedy_vllm_and_hf):
             vl = json.loads((vllm_ws / "eval" / target / f"{label}.json").read_text())
             assert (hf["backend"], vl["backend"]) == ("hf", "vllm")
             assert hf["pass_at_1"] == vl["pass_at_1"] and hf["majority_vote"] == vl["majority_vote"]
-            # greedy decoding in float32 on both: the same completion, sample by sample (the untrained models
-            # box no answer, so pass@1 alone would be 0 = 0; the lengths and extracted text say more)
+            # greedy decoding in float32 on both: the same report, sample by sample. The untrained models box no
+            # answer and never stop, so this is the pipeline's bookkeeping; the tokens themselves are compared in
+            # test_vllm_generator_greedy_tokens_equal_hf_tokens
             for p, q in zip(hf["problems"], vl["problems"]):
                 assert [(s["completion_tokens"], s["finished"], s["extracted"]) for s in p["samples"]] == [
                     (s["completion_tokens"], s["finished"], s["extracted"]) for s in q["samples"]
@@ -382,3 +383,33 @@ def test_tensor_parallel_size_divides_the_attention_heads():
     assert tensor_parallel_size(3, 16) == 2
     assert tensor_parallel_size(0, 16) == tensor_parallel_size(1, 16) == 1
     assert tensor_parallel_size(4, None) == 4  # unknown heads: the GPUs as given
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_vllm_generator_greedy_tokens_equal_hf_tokens(tiny_world):
+    # The reports keep lengths and extracted answers, not tokens; the untrained models never stop or box an
+    # answer, so here the two backends' greedy completions are compared token by token.
+    from opd_runtime import modeling, tinymath
+    from opd_runtime.evaluate import HfGenerator, Target, VllmGenerator
+    from opd_runtime.training.batches import prompt_ids
+
+    target = Target("student", str(tiny_world.student), str(tiny_world.student), "float32")
+    tok = modeling.load_tokenizer(target.tokenizer)
+    problems = tinymath.generate(8, split="test", seed=0, difficulty=2)
+    ids = [prompt_ids(tok, tinymath.chat_messages(p.problem)) for p in problems]
+    kw = dict(n=1, temperature=0.0, top_p=1.0, max_new_tokens=24, seed=0)
+    hf = HfGenerator(target, 4)(tok, ids, **kw)
+    engine = VllmGenerator(
+        target, max_model_len=max(map(len, ids)) + 24, tensor_parallel=1, memory=0.1, max_num_seqs=None
+    )
+    try:
+        vl = engine(tok, ids, **kw)
+        sampled = engine(tok, ids[:2], n=3, temperature=1.0, top_p=1.0, max_new_tokens=24, seed=0)
+    finally:
+        engine.close()
+    assert [s.completion_ids for s in vl] == [s.completion_ids for s in hf]
+    assert all(len(s.completion_ids) == 24 for s in vl)
+    # n samples per request: prompt by prompt, and not one sample repeated
+    assert [s.prompt_ids for s in sampled] == [ids[0]] * 3 + [ids[1]] * 3
+    assert len({tuple(s.completion_ids) for s in sampled[:3]}) == 3
