@@ -18,8 +18,8 @@ Paths: ``new`` is the stages' own code (``sft.trainer.micro_batch_nll``, ``disti
 train_on_samples``: hidden states + chunked head, packing by position ids without a mask, gradient
 checkpointing); ``naive`` reproduces the code before it (full fp32 logits, a dense B x 1 x T x T
 additive packing mask, teacher distributions as a dense (B, T, V) tensor, no checkpointing). Every case
-runs under an address-space limit (``--limit-gib``); a case that exceeds it reports "OOM at X GiB"
-instead of taking the machine down.
+runs under a resident-memory limit (``--limit-gib``, default 14 on this 24 GiB machine); a case that
+exceeds it reports "OOM at X GiB" instead of taking the machine down.
 """
 
 from __future__ import annotations
@@ -38,10 +38,8 @@ SHAPE = dict(vocab_size=151936, hidden_size=2048, num_hidden_layers=2, num_atten
              max_position_embeddings=40960)
 FULL, QUARTER = 16384, 4096
 CASES = [  # most important first: partial runs still answer the targets
-    ("sft", "new", FULL), ("sft", "new", QUARTER),
-    ("opd-kl", "new", FULL), ("opd-kl", "new", QUARTER),
-    ("sft", "naive", QUARTER), ("opd-kl", "naive", QUARTER),
-    ("sft", "naive", FULL), ("opd-kl", "naive", FULL),
+    ("sft", "new", FULL), ("sft", "new", QUARTER), ("sft", "naive", FULL), ("sft", "naive", QUARTER),
+    ("opd-kl", "new", QUARTER), ("opd-kl", "naive", QUARTER), ("opd-kl", "naive", FULL), ("opd-kl", "new", FULL),
     ("head", "new", 1024), ("head", "new", 4096), ("head", "naive", 1024), ("head", "naive", 4096),
     ("opd-is", "new", FULL), ("opd-is", "new", QUARTER), ("opd-is", "naive", QUARTER),
 ]
@@ -99,16 +97,19 @@ class PeakSampler:
     """Samples this process's resident memory every few milliseconds from a thread (torch's kernels
     release the GIL), so the peak of the step alone is known; ``ru_maxrss`` would include set-up."""
 
-    def __init__(self, interval: float = 0.002):
+    def __init__(self, interval: float = 0.002, limit: int | None = None, on_limit=None):
         import threading
 
         self.peak = rss_bytes()
+        self.limit, self.on_limit = limit, on_limit
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(interval,), daemon=True)
 
     def _run(self, interval: float) -> None:
         while not self._stop.is_set():
             self.peak = max(self.peak, rss_bytes())
+            if self.limit is not None and self.peak > self.limit and self.on_limit is not None:
+                self.on_limit(self.peak)  # reports and ends the process before the machine runs out
             time.sleep(interval)
 
     def __enter__(self):
@@ -200,8 +201,9 @@ def naive_opd_loss(model, teacher_model, samples, loss_name):
 # --- one case, in this process ------------------------------------------------------------------------
 
 
-def run_case(kind: str, path: str, tokens: int, samplers: list) -> dict:
-    """Build the case, then run one step under a ``PeakSampler`` (appended to ``samplers``)."""
+def run_case(kind: str, path: str, tokens: int, samplers: list, limit: int, on_limit) -> dict:
+    """Build the case, then run one step under a ``PeakSampler`` (appended to ``samplers``) that calls
+    ``on_limit`` once resident memory passes ``limit``."""
     import torch
 
     from opd_runtime.training import activations, chunked
@@ -258,7 +260,7 @@ def run_case(kind: str, path: str, tokens: int, samplers: list) -> dict:
             return None
 
     base = rss_bytes()
-    with PeakSampler() as sampler:
+    with PeakSampler(limit=limit, on_limit=on_limit) as sampler:
         samplers.append(sampler)
         t0 = time.perf_counter()
         loss = loss_fn()
@@ -272,20 +274,29 @@ def run_case(kind: str, path: str, tokens: int, samplers: list) -> dict:
 
 
 def child(kind: str, path: str, tokens: int, limit_gib: float) -> None:
-    limit = int(limit_gib * GIB)
-    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    """One case. Resident memory above ``limit_gib`` ends it as "OOM at X GiB" (sampled every 2 ms); an
+    address-space limit 8 GiB higher backs that up for allocations faster than the sampler."""
+    backstop = int((limit_gib + 8) * GIB)
+    resource.setrlimit(resource.RLIMIT_AS, (backstop, backstop))
     import torch
 
     torch.manual_seed(0)
     out = {"case": kind, "path": path, "tokens": tokens}
+    status = f"OOM at {limit_gib:g} GiB"
+
+    def over_limit(peak: int) -> None:
+        print("RESULT " + json.dumps({**out, "status": status, "peak": peak, "process_peak": peak_bytes()}),
+              flush=True)
+        os._exit(0)
+
     samplers: list[PeakSampler] = []
     try:
-        out.update(run_case(kind, path, tokens, samplers))
+        out.update(run_case(kind, path, tokens, samplers, int(limit_gib * GIB), over_limit))
         out["status"] = "ok"
     except (MemoryError, RuntimeError) as err:
         if "memory" not in str(err).lower() and not isinstance(err, MemoryError):
             raise
-        out["status"] = f"OOM at {limit_gib:g} GiB"
+        out["status"] = status + " (allocation refused)"
         out["peak"] = samplers[-1].peak if samplers else peak_bytes()
     out["process_peak"] = peak_bytes()
     print("RESULT " + json.dumps(out), flush=True)
@@ -335,12 +346,20 @@ def checks(rows: list[dict]) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cases", help="comma-separated KIND-PATH-TOKENS (default: all), e.g. sft-new-16384")
-    ap.add_argument("--limit-gib", type=float, default=15.0, help="address-space limit of each case")
+    ap.add_argument("--limit-gib", type=float, default=14.0, help="resident-memory limit of each case")
     ap.add_argument("--results", help="append each case's result to this JSON-lines file as it finishes")
+    ap.add_argument("--table-from", metavar="FILE", help="print the table of a --results file and exit")
     ap.add_argument("--child", nargs=3, metavar=("KIND", "PATH", "TOKENS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         child(args.child[0], args.child[1], int(args.child[2]), args.limit_gib)
+        return
+    if args.table_from:
+        with open(args.table_from) as fh:
+            rows = [json.loads(ln) for ln in fh if ln.strip()]
+        print(table(rows))
+        for line in checks(rows):
+            print(line)
         return
     wanted = None if not args.cases else set(args.cases.split(","))
     rows = []

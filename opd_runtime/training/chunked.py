@@ -113,11 +113,57 @@ class TokenTerms:
     teacher_logprobs_N: torch.Tensor | None = None  # detached: dense teacher's log p(target), temperature 1
 
 
+class _HeadIntoGrad(torch.autograd.Function):
+    """``hidden_CD @ weight_VD.T`` whose backward adds the weight's gradient straight into ``weight.grad``.
+
+    Through autograd, every chunk's (V x D) weight gradient would wait in the engine's input buffer to be
+    summed with the other chunks' (and a tied embedding's) before reaching ``.grad``: about three
+    (V x D) fp32 tensors at once, 3.5 GiB for Qwen3's head, whatever the chunk size. Accumulating in
+    place keeps it to the one ``.grad``. Used only for a plain, unsharded ``nn.Linear`` head (see
+    ``_plain_weight``); LoRA-wrapped or sharded heads go through autograd as usual.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden_CD: torch.Tensor, weight_VD: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(hidden_CD)
+        ctx.weight = weight_VD
+        return hidden_CD @ weight_VD.t()
+
+    @staticmethod
+    def backward(ctx, grad_CV: torch.Tensor):
+        (hidden_CD,) = ctx.saved_tensors
+        weight = ctx.weight
+        grad_hidden = grad_CV @ weight.detach() if ctx.needs_input_grad[0] else None
+        if weight.requires_grad:
+            with torch.no_grad():
+                if weight.grad is None:
+                    weight.grad = grad_CV.t() @ hidden_CD.to(grad_CV.dtype)
+                else:
+                    weight.grad.addmm_(grad_CV.t().to(weight.grad.dtype), hidden_CD.to(weight.grad.dtype))
+        return grad_hidden, None
+
+
+def _plain_weight(head: torch.nn.Module) -> torch.Tensor | None:
+    """The head's weight when it is a plain bias-free ``nn.Linear`` on an ordinary parameter (not LoRA-
+    wrapped, not a sharded DTensor), so ``_HeadIntoGrad`` may write its gradient; else None."""
+    if type(head) is not torch.nn.Linear or head.bias is not None:
+        return None
+    weight = head.weight
+    return weight if type(weight) is torch.nn.Parameter else None
+
+
+def _logits(head: torch.nn.Module, hidden_CD: torch.Tensor) -> torch.Tensor:
+    weight = _plain_weight(head)
+    if weight is None or not torch.is_grad_enabled():
+        return head(hidden_CD)
+    return _HeadIntoGrad.apply(hidden_CD, weight)
+
+
 def _chunk(head: torch.nn.Module, temperature: float, entropy: bool, kl: KlKind | None,
            teacher_head: torch.nn.Module | None, hidden_CD: torch.Tensor, targets_C: torch.Tensor,
            *teacher_CX: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """The per-token values of one chunk of C positions (the function each checkpoint recomputes)."""
-    logits_CV = head(hidden_CD).float()
+    logits_CV = _logits(head, hidden_CD).float()
     if temperature != 1.0:
         logits_CV = logits_CV / temperature
     logp_CV = torch.log_softmax(logits_CV, dim=-1)
