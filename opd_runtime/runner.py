@@ -28,10 +28,10 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
 import yaml
 
@@ -90,8 +90,7 @@ def workdir_lock(workdir: Path) -> Iterator[None]:
     stale lock. The file is kept (removing a lock file races with the next locker).
     """
     workdir.mkdir(parents=True, exist_ok=True)
-    f = open(workdir / LOCK_FILE, "a+")
-    try:
+    with open(workdir / LOCK_FILE, "a+") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as err:
@@ -100,14 +99,13 @@ def workdir_lock(workdir: Path) -> Iterator[None]:
             f.seek(0)
             holder = f.read().strip() or "unknown"
             raise WorkdirBusy(f"--workdir {workdir}: another `opd run` (PID {holder}) is running in it; wait "
-                              f"for it to finish or stop it (kill -INT {holder}), then continue with --resume")
+                              f"for it to finish or stop it (kill -INT {holder}), then continue with "
+                              "--resume") from None
         f.seek(0)
         f.truncate()
         f.write(f"{os.getpid()}\n")
         f.flush()
         yield
-    finally:
-        f.close()
 
 
 _PR_SET_PDEATHSIG = 1
@@ -147,7 +145,7 @@ class RunState:
     stages: dict[str, dict] = field(default_factory=dict)
 
     @classmethod
-    def load(cls, path: Path) -> "RunState":
+    def load(cls, path: Path) -> RunState:
         data = json.loads(path.read_text()) if path.exists() else {}
         return cls(path, data.get("stages", {}))
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -50,6 +51,12 @@ class WorldConfig:
     The teacher is trained on plenty of tinymath traces until it solves nearly every held-out problem.
     The weak student gets a small trace budget (``student_traces``) and trains on it for several epochs,
     like an SFT stage that has run out of teacher traces: it reaches ~25% held-out accuracy.
+
+    ``threads`` fixes torch's intra-op thread count for the build (and is part of the cache key): the
+    float sums inside a matmul are split by thread, so another count trains another world. With the
+    count, the seeds and deterministic algorithms fixed, a build repeats bit for bit on one machine;
+    another CPU (other vector kernels) still trains a somewhat different world, which is why the
+    learning tests judge gains relative to the world they get.
     """
 
     difficulty: int = 2
@@ -62,6 +69,7 @@ class WorldConfig:
     student_lr: float = 2e-3
     batch_size: int = 64
     eval_problems: int = 200
+    threads: int = 2
     teacher: ModelShape = field(default_factory=lambda: TEACHER_SHAPE)
     student: ModelShape = field(default_factory=lambda: STUDENT_SHAPE)
 
@@ -84,7 +92,8 @@ def trace_examples(tokenizer, problems) -> list[tuple[list[int], list[int]]]:
             for p in problems]
 
 
-def accuracy(model, tokenizer, problems, *, temperature: float = 0.0, max_new_tokens: int = 96) -> float:
+def solved(model, tokenizer, problems, *, temperature: float = 0.0, max_new_tokens: int = 96) -> list[bool]:
+    """Whether the model's answer to each problem is right (greedy by default), in problem order."""
     from .generation import sample
     from .grading import is_correct_integer
     from .training.batches import prompt_ids
@@ -92,7 +101,12 @@ def accuracy(model, tokenizer, problems, *, temperature: float = 0.0, max_new_to
     prompts = [prompt_ids(tokenizer, tinymath.chat_messages(p.problem)) for p in problems]
     samples = sample(model, tokenizer, prompts, temperature=temperature, max_new_tokens=max_new_tokens)
     texts = tokenizer.batch_decode([s.completion_ids for s in samples], skip_special_tokens=False)
-    return sum(is_correct_integer(t, p.answer) for t, p in zip(texts, problems)) / len(problems)
+    return [is_correct_integer(t, p.answer) for t, p in zip(texts, problems)]
+
+
+def accuracy(model, tokenizer, problems, *, temperature: float = 0.0, max_new_tokens: int = 96) -> float:
+    right = solved(model, tokenizer, problems, temperature=temperature, max_new_tokens=max_new_tokens)
+    return sum(right) / len(problems)
 
 
 def new_model(shape: ModelShape, tokenizer, seed: int):
@@ -103,14 +117,38 @@ def new_model(shape: ModelShape, tokenizer, seed: int):
     return Qwen3ForCausalLM(shape.config(len(tokenizer), tokenizer))
 
 
-def build(out: Path, cfg: WorldConfig, log=print) -> dict:
+@contextmanager
+def reproducible(threads: int, seed: int):
+    """Fixed intra-op threads, deterministic algorithms and seeded RNGs for the block; restored after."""
+    import random
+
+    import numpy as np
     import torch
 
+    saved = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
+             torch.is_deterministic_algorithms_warn_only_enabled())
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True)
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved[0])
+        torch.use_deterministic_algorithms(saved[1], warn_only=saved[2])
+
+
+def build(out: Path, cfg: WorldConfig, log=print) -> dict:
+    with reproducible(cfg.threads, cfg.seed):
+        return _build(out, cfg, log)
+
+
+def _build(out: Path, cfg: WorldConfig, log) -> dict:
     from .tokenizer_build import build_tokenizer, chat_template
     from .training.supervised import fit
 
     out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
     tokenizer = build_tokenizer(_corpus(cfg, chat_template()))
     tokenizer.save_pretrained(out / "tokenizer")
     traces = tinymath.generate(cfg.teacher_traces, split="train", seed=cfg.seed, difficulty=cfg.difficulty)
@@ -144,7 +182,7 @@ def build(out: Path, cfg: WorldConfig, log=print) -> dict:
 
 
 # Bump when build() changes what it trains; the modules below are hashed as well.
-BUILD_VERSION = 1
+BUILD_VERSION = 2
 # The code that decides the world's weights (data, tokenizer, training loop), so a change to it
 # invalidates cached builds while unrelated edits do not.
 _WEIGHT_SOURCES = ("tinymath.py", "tokenizer_build.py", "templates/chatml_think.jinja",
@@ -158,7 +196,9 @@ def _cache_key(cfg: WorldConfig) -> str:
     import transformers
 
     h = hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True).encode())
-    h.update(f"{BUILD_VERSION}/{torch.__version__}/{transformers.__version__}".encode())
+    # the CPU's vector kernels (AVX2, AVX512, ...) change float sums as thread counts do
+    h.update(f"{BUILD_VERSION}/{torch.__version__}/{transformers.__version__}/"
+             f"{torch.backends.cpu.get_cpu_capability()}".encode())
     here = Path(__file__).parent
     for src in _WEIGHT_SOURCES:
         h.update((here / src).read_bytes())

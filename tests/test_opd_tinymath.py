@@ -2,37 +2,63 @@
 
 Uses the trained tiny world (``opd tiny-models``; built once, then reused from the cache directory):
 a teacher that solves nearly every held-out problem and a weak student SFT'd on a small trace budget.
+That world is not the same on every machine (another CPU's kernels train another one: its student
+scored 24% on one machine, 18% on another), so the assertions are relative to the world the test gets:
+the gain is measured on the same held-out problems before and after (paired), must be significant
+(``Z_MIN`` standard errors of the paired difference) and must close a share of the gap between the
+start and the teacher. A learner that does not learn gains nothing and fails both.
+
+``OPD_TEST_WORLD=threads=1,seed=3`` runs the tests against another world (WorldConfig fields), to check
+the margins below on it.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from conftest import cache_dir
 from opd_runtime import modeling, tinymath
 from opd_runtime.distill.health import heldout_reverse_kl
 from opd_runtime.distill.learner import run_distill
 from opd_runtime.distill.teacher import LocalTeacher
 from opd_runtime.sft.trainer import run_sft
 from opd_runtime.spec import parse_run
-from opd_runtime.tiny_models import WorldConfig, accuracy, build_cached
-from opd_runtime.training.batches import prompt_ids
+from opd_runtime.tiny_models import WorldConfig, build_cached, solved, trace_examples
+from opd_runtime.training.batches import prompt_ids, right_pad
+from opd_runtime.training.supervised import completion_nll
+
+from conftest import cache_dir
 
 pytestmark = pytest.mark.slow
-HELDOUT = 200
+HELDOUT = 400  # held-out problems: the paired standard error of a gain is ~1.5-2.5 points at this size
+# A gain must be this many paired standard errors above zero (one-sided p ~ 0.006 for a learner that only
+# adds noise; one that does not change the model gains exactly 0 and fails the gap-share bound below).
+Z_MIN = 2.5
+# Margins: half the smallest share measured (see each test's docstring for the runs)
+OPD_KL_RATIO = 0.85  # held-out reverse KL after OPD below this share of the start's
+OPD_GAP_SHARE = 0.05  # OPD closes at least this share of the accuracy gap between start and teacher
+SFT_GAP_SHARE = 0.05  # SFT closes at least this share of the accuracy gap between start and teacher
+
+
+def world_config_under_test() -> WorldConfig:
+    """The world to test against: the default one, or the fields OPD_TEST_WORLD names (``k=v,k=v``)."""
+    fields = dict(kv.split("=", 1) for kv in os.environ.get("OPD_TEST_WORLD", "").split(",") if kv)
+    return WorldConfig(**{k: int(v) for k, v in fields.items()})
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
-    """The trained tiny world (teacher ~100%, weak student ~24% held-out greedy accuracy)."""
+    """The trained tiny world (teacher ~100%, weak student ~20% held-out greedy accuracy)."""
     torch.set_num_threads(2)  # the shared fixture drops to 1 thread for the mechanics tests
     root = tmp_path_factory.mktemp("trained-world")
-    build_cached(root / "models", WorldConfig(), cache_dir(), log=print)
+    build_cached(root / "models", world_config_under_test(), cache_dir(), log=print)
     return root
 
 
@@ -48,20 +74,61 @@ spec:
 {stage_yaml}"""))
 
 
-def measure(model_dir: Path, teacher: LocalTeacher | None = None) -> dict:
-    """Held-out greedy accuracy, and (given a teacher) held-out reverse KL on fresh samples."""
+@dataclass
+class Measured:
+    solved: list[bool]  # greedy answer right, per held-out problem (the same problems every time)
+    nll: float  # nats per token of the reference solutions of the held-out problems
+    reverse_kl: float | None = None  # held-out reverse KL to the teacher on fresh samples (nats per token)
+
+    @property
+    def accuracy(self) -> float:
+        return sum(self.solved) / len(self.solved)
+
+
+def measure(model_dir: Path, teacher: LocalTeacher | None = None) -> Measured:
+    """Held-out greedy answers and solution NLL, and (given a teacher) held-out reverse KL."""
     tok = modeling.load_tokenizer(str(model_dir))
     model = modeling.load_causal_lm(str(model_dir), dtype="float32")
     problems = tinymath.generate(HELDOUT, split="test", seed=0, difficulty=2)
-    out = {"accuracy": accuracy(model, tok, problems)}
+    examples = trace_examples(tok, problems)
+    with torch.no_grad():
+        nll, tokens = completion_nll(model, right_pad([e[0] for e in examples], [e[1] for e in examples],
+                                                      tok.pad_token_id))
+    out = Measured(solved(model, tok, problems), nll.item() / tokens)
     if teacher is not None:
         prompts = [prompt_ids(tok, tinymath.chat_messages(p.problem)) for p in problems[:64]]
         torch.manual_seed(1234)
-        out["reverse_kl"] = heldout_reverse_kl(model, tok, teacher, prompts, samples_per_prompt=4)
+        out.reverse_kl = heldout_reverse_kl(model, tok, teacher, prompts, samples_per_prompt=4)
     return out
 
 
+def paired_gain(before: Measured, after: Measured) -> tuple[float, float]:
+    """Accuracy gain on the same problems and its standard error (of the mean per-problem difference)."""
+    d = [int(a) - int(b) for a, b in zip(after.solved, before.solved)]
+    mean = sum(d) / len(d)
+    var = sum((x - mean) ** 2 for x in d) / (len(d) - 1)
+    return mean, math.sqrt(var / len(d))
+
+
+def teacher_accuracy(world: Path) -> float:
+    return json.loads((world / "models" / "world.json").read_text())["teacher"]["accuracy"]
+
+
+def report(name: str, before: Measured, after: Measured, teacher_acc: float) -> tuple[float, float, float]:
+    gain, se = paired_gain(before, after)
+    gap = teacher_acc - before.accuracy
+    print(f"{name}: teacher {teacher_acc:.1%}; accuracy {before.accuracy:.1%} -> {after.accuracy:.1%} "
+          f"(gain {gain:+.1%} = {gain / se if se else float('inf'):.1f} SE, {gain / gap:.0%} of the gap to "
+          f"the teacher); solution NLL {before.nll:.3f} -> {after.nll:.3f}; reverse KL "
+          f"{before.reverse_kl} -> {after.reverse_kl}")
+    return gain, se, gap
+
+
 def test_opd_lowers_reverse_kl_and_raises_heldout_accuracy(world, tmp_path):
+    """Runs behind the margins (200 held-out problems then): the README's world (student 24%, teacher
+    100%): 24% -> 41% (22% of the gap), batch reverse KL 0.73 -> 0.52; the 2026-12-01 world of another
+    2-core machine (student 18%, teacher 99.5%) passed the old bounds (+8 points: >= 10% of the gap,
+    held-out reverse KL below 0.85x). OPD_GAP_SHARE is half the smaller share."""
     run = world_run(world, "opd-tinymath", """\
   distill:
     prompts: {name: tinymath, split: train, difficulty: 2}
@@ -76,17 +143,20 @@ def test_opd_lowers_reverse_kl_and_raises_heldout_accuracy(world, tmp_path):
     metricsPort: 0
 """)
     teacher = LocalTeacher(modeling.load_causal_lm(str(world / "models" / "teacher"), dtype="float32"))
-    teacher_acc = json.loads((world / "models" / "world.json").read_text())["teacher"]["accuracy"]
     before = measure(world / "models" / "student", teacher)
     run_distill(run, tmp_path, log=print)
     after = measure(tmp_path / "checkpoints" / "distill" / "final", teacher)
-    print(f"teacher accuracy {teacher_acc:.1%}; before {before}; after {after}")
-    assert after["reverse_kl"] < 0.85 * before["reverse_kl"]
-    assert after["accuracy"] >= before["accuracy"] + 0.08
-    assert after["accuracy"] <= teacher_acc
+    gain, se, gap = report("OPD", before, after, teacher_accuracy(world))
+    assert after.reverse_kl < OPD_KL_RATIO * before.reverse_kl
+    assert gain >= Z_MIN * se, "the accuracy gain is within noise"
+    assert gain >= OPD_GAP_SHARE * gap, f"closed less than {OPD_GAP_SHARE:.0%} of the gap to the teacher"
 
 
 def test_sft_on_fresh_tinymath_traces_raises_accuracy(world, tmp_path):
+    """Runs behind the margins (200 held-out problems then): the README's world (student 24%): 24% ->
+    41.5% (23% of the gap to the teacher); the 2026-12-01 world of another 2-core machine (student 18%,
+    teacher 99.5%): 18% -> 25.5% (9% of the gap; the old absolute +10 points failed there).
+    SFT_GAP_SHARE is half the smaller share; the solution NLL must fall (it is nearly noise-free)."""
     run = world_run(world, "sft-tinymath", """\
   sft:
     dataset: {name: tinymath, split: train, difficulty: 2, maxSamples: 8000}
@@ -98,8 +168,30 @@ def test_sft_on_fresh_tinymath_traces_raises_accuracy(world, tmp_path):
     optimizer: {learningRate: 1.0e-3, warmupSteps: 5, schedule: constant}
     checkpointing: {every: 60, keep: 1}
 """)
-    before = measure(world / "models" / "student")["accuracy"]
+    before = measure(world / "models" / "student")
     run_sft(run, tmp_path, log=print)
-    after = measure(tmp_path / "checkpoints" / "sft" / "final")["accuracy"]
-    print(f"SFT: held-out greedy accuracy {before:.1%} -> {after:.1%}")
-    assert after >= before + 0.10
+    after = measure(tmp_path / "checkpoints" / "sft" / "final")
+    gain, se, gap = report("SFT", before, after, teacher_accuracy(world))
+    assert after.nll < before.nll
+    assert gain >= Z_MIN * se, "the accuracy gain is within noise"
+    assert gain >= SFT_GAP_SHARE * gap, f"closed less than {SFT_GAP_SHARE:.0%} of the gap to the teacher"
+
+
+def test_world_build_repeats_bit_for_bit_whatever_the_callers_threads(tmp_path):
+    """The build fixes its own thread count, deterministic algorithms and seeds: two builds of one config
+    from callers with different thread settings write identical weights (a shortened config here)."""
+    from opd_runtime.tiny_models import build
+
+    cfg = WorldConfig(teacher_traces=2000, teacher_steps=20, student_traces=200, student_steps=10,
+                      batch_size=16, eval_problems=16)
+    files = {}
+    for callers_threads in (1, 2):
+        torch.set_num_threads(callers_threads)
+        out = tmp_path / f"caller-{callers_threads}"
+        build(out, cfg, log=lambda *_: None)
+        assert torch.get_num_threads() == callers_threads  # restored
+        files[callers_threads] = {p.relative_to(out): p.read_bytes()
+                                  for p in sorted(out.rglob("*")) if p.suffix in (".safetensors", ".json")
+                                  and p.name != "world.json"}
+    assert files[1].keys() == files[2].keys() and len(files[1]) >= 6
+    assert [k for k in files[1] if files[1][k] != files[2][k]] == []

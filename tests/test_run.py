@@ -20,10 +20,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import opd_cmd, opd_env, write_run
 from opd_runtime.plan import stage_command
 from opd_runtime.runner import LOCK_FILE
 from opd_runtime.spec import load_run
+
+from conftest import opd_cmd, opd_env, write_run
 
 
 def run_file(tmp_path: Path, world, *, distill_steps: int = 3, sft_dataset: dict | None = None) -> Path:
@@ -104,7 +105,8 @@ def _stat(pid: int) -> tuple[str, int] | None:
 
 
 def children(pid: int) -> list[int]:
-    return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and (_stat(int(p.name)) or ("", 0))[1] == pid]
+    return [int(p.name) for p in Path("/proc").iterdir()
+            if p.name.isdigit() and (_stat(int(p.name)) or ("", 0))[1] == pid]
 
 
 def running(pid: int) -> bool:
