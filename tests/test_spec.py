@@ -152,3 +152,15 @@ def test_readme_reference_is_current():
     readme = (ROOT / "README.md").read_text()
     assert BEGIN in readme
     assert embed(readme) == readme, "run `opd spec-reference --readme README.md`"
+
+
+def test_reference_table_rows_have_four_cells():
+    """A `|` left unescaped in a type (`str | None`) or a description splits a row into extra columns."""
+    import re
+
+    from opd_runtime.spec.reference import markdown
+
+    for line in markdown().splitlines():
+        cells = re.split(r"(?<!\\)\|", line.strip())[1:-1]
+        assert len(cells) == 4, line
+    assert "| `spec.student.revision` | str |" in markdown()

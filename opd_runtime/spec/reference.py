@@ -7,6 +7,7 @@ current, so the documentation cannot drift from the models.
 from __future__ import annotations
 
 import json
+import types
 import typing
 from typing import Any
 
@@ -36,7 +37,7 @@ def _type_name(annotation: Any) -> str:
     origin = typing.get_origin(annotation)
     if origin is typing.Literal:
         return " \\| ".join(f"`{a}`" for a in typing.get_args(annotation))
-    if origin is typing.Union:
+    if origin in (typing.Union, types.UnionType):  # Optional[X] and X | None
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
         return " \\| ".join(_type_name(a) for a in args)
     if origin in (list, dict):
