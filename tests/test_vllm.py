@@ -496,6 +496,28 @@ def test_opd_with_served_teacher_and_vllm_sampler_lowers_reverse_kl(server, worl
     assert all(0 < m["weight_sync_seconds"] < m["sample_seconds"] for m in lines)
 
 
+def test_opd_with_lora_sends_only_the_adapter_to_the_vllm_sampler(server, tmp_path):
+    """LoRA training with the vllm sampler: the engine keeps the base weights and takes the trained adapter
+    after every step (vLLM's LoRA support); each step's sampling saw that step's weights (the sync ran and
+    the staleness probe passed, or the stage would have failed)."""
+    doc = run_doc(steps=3, lora={"enabled": True, "rank": 8, "alpha": 16}, optimizer={"learningRate": 1.0e-3})
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(doc, sort_keys=False))
+    ws = tmp_path / "ws"
+    proc = subprocess.run(
+        opd_cmd("distill", "--config", str(config), "--workspace", str(ws), "--teacher-url", server.url),
+        env=dict(opd_env(), OMP_NUM_THREADS="2"),
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
+    lines = [json.loads(ln) for ln in (ws / "metrics" / "distill.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 2, 3]
+    assert all(m["weight_sync_seconds"] > 0 for m in lines[1:])  # steps 2 and 3 sampled new adapters
+    assert (ws / "checkpoints" / "distill" / "final" / "config.json").is_file()  # adapter merged on export
+
+
 # --- last: the server stops cleanly on SIGTERM ------------------------------------------------------------
 
 

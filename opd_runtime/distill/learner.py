@@ -162,8 +162,12 @@ def _teacher(run: DistillationRun, ws: Workspace, cfg: DistillSpec) -> Teacher:
                          log=print)
 
 
-def _sampler(run: DistillationRun, cfg: DistillSpec, init: str):
-    """``generation.sample`` (backend ``hf``) or a VllmSampler with the same call signature (``vllm``)."""
+def _sampler(run: DistillationRun, cfg: DistillSpec, init: str, log: Callable[[str], None] = print):
+    """``generation.sample`` (backend ``hf``) or a VllmSampler with the same call signature (``vllm``).
+
+    With LoRA the engine holds the base weights once and receives only the adapter after each step (vLLM's
+    LoRA support): closer to the trainer than a merge rounded to bf16, and far less to copy per step.
+    """
     if cfg.sampler.backend == "hf":
         return sample
     from ..serving import VLLM_MISSING, vllm_installed
@@ -174,7 +178,8 @@ def _sampler(run: DistillationRun, cfg: DistillSpec, init: str):
 
     student = run.spec.student
     return VllmSampler(init, dtype=student.dtype, gpu_memory_utilization=cfg.sampler.gpu_memory_utilization,
-                       seed=cfg.seed, trust_remote_code=student.trust_remote_code)
+                       seed=cfg.seed, trust_remote_code=student.trust_remote_code, log=log,
+                       lora_rank=cfg.lora.rank if cfg.lora.enabled else None)
 
 
 def _graded(tokenizer, samples: Sequence[Sample], answers: Sequence[str | None]) -> tuple[int, int]:
@@ -226,7 +231,7 @@ def run_distill(run: DistillationRun, workspace: Path, *, resume: bool = False,
     distributed.broadcast_parameters(model)
     model.train()
     teacher = _teacher(run, ws, cfg)
-    sampler = _sampler(run, cfg, init)  # a vLLM sampler loads the trainer's weights before each sampling
+    sampler = _sampler(run, cfg, init, log)  # a vLLM sampler loads the trainer's weights before each sampling
     opt = cfg.optimizer
     optimizer, scheduler = optimizer_for(model.parameters(), opt, cfg.steps)
     sink = (MetricsSink(ws.metrics("distill"), port=cfg.metrics_port, total_steps=cfg.steps)
