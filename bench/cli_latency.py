@@ -1,6 +1,6 @@
 """How long a bad DistillationRun takes to be rejected (target: well under 2 s, before torch loads).
 
-    make bench   (or: .venv/bin/python bench/cli_latency.py)
+make bench   (or: .venv/bin/python bench/cli_latency.py)
 """
 
 from __future__ import annotations
@@ -15,9 +15,12 @@ from pathlib import Path
 import yaml
 
 TARGET_SECONDS = 2.0
-BASE = {"apiVersion": "opd.dev/v1alpha1", "kind": "DistillationRun", "metadata": {"name": "bench"},
-        "spec": {"student": {"model": "s"}, "teacher": {"model": "t"},
-                 "distill": {"prompts": {"name": "tinymath"}}}}
+BASE = {
+    "apiVersion": "opd.dev/v1alpha1",
+    "kind": "DistillationRun",
+    "metadata": {"name": "bench"},
+    "spec": {"student": {"model": "s"}, "teacher": {"model": "t"}, "distill": {"prompts": {"name": "tinymath"}}},
+}
 
 
 def case(mutate) -> dict:
@@ -49,8 +52,11 @@ def main(repeats: int = 5) -> None:
                 times = []
                 for _ in range(repeats):
                     t0 = time.perf_counter()
-                    proc = subprocess.run([sys.executable, "-m", "opd_runtime", *argv(path, Path(tmp) / "ws")],
-                                          capture_output=True, text=True)
+                    proc = subprocess.run(
+                        [sys.executable, "-m", "opd_runtime", *argv(path, Path(tmp) / "ws")],
+                        capture_output=True,
+                        text=True,
+                    )
                     times.append(time.perf_counter() - t0)
                     assert proc.returncode == 2, proc.stderr
                 rows.append((name, command, statistics.median(times), max(times)))

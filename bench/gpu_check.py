@@ -33,15 +33,38 @@ import torch
 PEAK_FLOPS = {"bf16": 989e12}  # H100/H200 SXM dense bf16 tensor-core peak, per GPU
 
 QWEN3_1_7B = dict(
-    architectures=["Qwen3ForCausalLM"], vocab_size=151936, hidden_size=2048, intermediate_size=6144,
-    num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
-    max_position_embeddings=40960, rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True,
-    hidden_act="silu", attention_bias=False, attention_dropout=0.0, bos_token_id=151643,
-    eos_token_id=151645, use_cache=True,
+    architectures=["Qwen3ForCausalLM"],
+    vocab_size=151936,
+    hidden_size=2048,
+    intermediate_size=6144,
+    num_hidden_layers=28,
+    num_attention_heads=16,
+    num_key_value_heads=8,
+    head_dim=128,
+    max_position_embeddings=40960,
+    rope_theta=1000000.0,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=True,
+    hidden_act="silu",
+    attention_bias=False,
+    attention_dropout=0.0,
+    bos_token_id=151643,
+    eos_token_id=151645,
+    use_cache=True,
 )
-TINY = dict(QWEN3_1_7B, vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=4096,
-            bos_token_id=1, eos_token_id=2)
+TINY = dict(
+    QWEN3_1_7B,
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=32,
+    max_position_embeddings=4096,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -87,8 +110,13 @@ def n_params(model) -> int:
 
 
 def model_flops(params: int, config: dict, lengths: list[int]) -> float:
-    attn = 6 * config["num_hidden_layers"] * config["num_attention_heads"] * config["head_dim"] \
-        * sum(t * t for t in lengths)  # causal: half of 2 matmuls x 2 FLOPs x 3 passes
+    attn = (
+        6
+        * config["num_hidden_layers"]
+        * config["num_attention_heads"]
+        * config["head_dim"]
+        * sum(t * t for t in lengths)
+    )  # causal: half of 2 matmuls x 2 FLOPs x 3 passes
     return 6.0 * params * sum(lengths) + attn
 
 
@@ -140,10 +168,12 @@ def main(argv: list[str] | None = None) -> int:
         optimizer, scheduler = optimizer_for(model.parameters(), OptimizerSpec(learning_rate=1e-5), 10)
         params = n_params(model)
         precision = getattr(model, "_opd_precision", None)
-        say(f"device {dev} x {world}, {params / 1e6:,.1f}M parameters, strategy "
+        say(
+            f"device {dev} x {world}, {params / 1e6:,.1f}M parameters, strategy "
             f"{'fsdp' if sharding.is_sharded(model) else 'ddp'}, attention {attention}, "
             f"gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}, "
-            f"precision {precision} ({time.perf_counter() - t:.0f}s to load)")
+            f"precision {precision} ({time.perf_counter() - t:.0f}s to load)"
+        )
         gen = torch.Generator().manual_seed(1234 + rank)
         vocab = config["vocab_size"]
         rows = []
@@ -153,21 +183,28 @@ def main(argv: list[str] | None = None) -> int:
             flops = distributed.all_sum(model_flops(params, config, lengths))[0]
             peak = PEAK_FLOPS["bf16"] * world if dev.type == "cuda" else None
             mem = distributed.all_max(mem)
-            row = {"step": name, "seconds": round(seconds, 3), "tokens": int(tokens),
-                   "tokens_per_second": round(tokens / seconds, 1), "peak_memory_gib": round(mem, 2),
-                   "model_flops": flops,
-                   "mfu": round(flops / seconds / peak, 4) if peak else None}
+            row = {
+                "step": name,
+                "seconds": round(seconds, 3),
+                "tokens": int(tokens),
+                "tokens_per_second": round(tokens / seconds, 1),
+                "peak_memory_gib": round(mem, 2),
+                "model_flops": flops,
+                "mfu": round(flops / seconds / peak, 4) if peak else None,
+            }
             rows.append(row)
-            say(f"{name}: {seconds:.2f}s, {tokens / seconds:,.0f} tokens/s, peak memory {mem:.1f} GiB "
+            say(
+                f"{name}: {seconds:.2f}s, {tokens / seconds:,.0f} tokens/s, peak memory {mem:.1f} GiB "
                 f"({'max over ranks, GPU allocated' if dev.type == 'cuda' else 'resident, CPU'}), "
-                + (f"MFU {row['mfu']:.1%}" if peak else "MFU n/a on CPU"))
+                + (f"MFU {row['mfu']:.1%}" if peak else "MFU n/a on CPU")
+            )
 
         # --- SFT: one packed row of 4 traces --------------------------------------------------------
         per = args.sft_tokens // 4
         examples = []
         for _ in range(4):
             ids = torch.randint(3, vocab, (per,), generator=gen).tolist()
-            examples.append((ids[: per // 8], ids[per // 8:]))
+            examples.append((ids[: per // 8], ids[per // 8 :]))
         n_completion = distributed.all_sum(sum(len(c) for _, c in examples))[0]
         reset_peak(dev)
         sync(dev)
@@ -178,11 +215,14 @@ def main(argv: list[str] | None = None) -> int:
         distributed.all_reduce_gradients(model)
         grad_norm, _ = optimizer_step(model, optimizer, scheduler, 1.0)
         sync(dev)
-        report(f"sft  1 packed row x {args.sft_tokens} tokens", time.perf_counter() - t, [per] * 4,
-               peak_memory_gib(dev))
+        report(
+            f"sft  1 packed row x {args.sft_tokens} tokens", time.perf_counter() - t, [per] * 4, peak_memory_gib(dev)
+        )
         mean_nll = float(loss.detach()) * n_completion / max(1, sum(len(c) for _, c in examples))
-        say(f"  loss {mean_nll:.3f} (random model: about ln {vocab} = {torch.log(torch.tensor(float(vocab))):.2f}), "
-            f"grad norm {grad_norm:.3g}")
+        say(
+            f"  loss {mean_nll:.3f} (random model: about ln {vocab} = {torch.log(torch.tensor(float(vocab))):.2f}), "
+            f"grad norm {grad_norm:.3g}"
+        )
 
         # --- OPD: samples with teacher log-probs, importance-sampling loss ------------------------
         prompt = args.opd_tokens // 16
@@ -193,9 +233,14 @@ def main(argv: list[str] | None = None) -> int:
             logprobs = (-torch.rand(len(completion), generator=gen) * 5).tolist()
             samples.append(Sample(ids[:prompt], completion, logprobs, True))
             teacher_lp.append((-torch.rand(len(completion), generator=gen) * 5).tolist())
-        cfg = DistillSpec(prompts={"name": "tinymath"}, prompts_per_step=args.opd_samples, samples_per_prompt=1,
-                          micro_batch_size=args.opd_micro_batch, loss="importance_sampling",
-                          gradient_checkpointing=bool(args.gradient_checkpointing))
+        cfg = DistillSpec(
+            prompts={"name": "tinymath"},
+            prompts_per_step=args.opd_samples,
+            samples_per_prompt=1,
+            micro_batch_size=args.opd_micro_batch,
+            loss="importance_sampling",
+            gradient_checkpointing=bool(args.gradient_checkpointing),
+        )
         total = int(distributed.all_sum(sum(len(s.completion_ids) for s in samples))[0])
         reset_peak(dev)
         sync(dev)
@@ -204,12 +249,17 @@ def main(argv: list[str] | None = None) -> int:
         distributed.all_reduce_gradients(model)
         grad_norm, _ = optimizer_step(model, optimizer, scheduler, 1.0)
         sync(dev)
-        report(f"opd  {args.opd_samples} samples x {args.opd_tokens} tokens", time.perf_counter() - t,
-               [args.opd_tokens] * args.opd_samples, peak_memory_gib(dev))
+        report(
+            f"opd  {args.opd_samples} samples x {args.opd_tokens} tokens",
+            time.perf_counter() - t,
+            [args.opd_tokens] * args.opd_samples,
+            peak_memory_gib(dev),
+        )
         say(f"  loss {stats.loss:.4f}, grad norm {grad_norm:.3g}")
         if args.json and distributed.is_main():
-            Path(args.json).write_text(json.dumps({"world": world, "device": str(dev), "params": params,
-                                                   "rows": rows}, indent=2))
+            Path(args.json).write_text(
+                json.dumps({"world": world, "device": str(dev), "params": params, "rows": rows}, indent=2)
+            )
     return 0
 
 

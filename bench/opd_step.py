@@ -34,7 +34,8 @@ def main() -> None:
         rows = []
         for prompts, samples, micro, loss in CONFIGS:
             ws = Path(tmp) / f"ws-{prompts}-{samples}-{micro}-{loss}"
-            run = parse_run(yaml.safe_load(f"""
+            run = parse_run(
+                yaml.safe_load(f"""
 spec:
   student: {{model: {world}/student, dtype: float32}}
   teacher: {{model: {world}/teacher, dtype: float32, backend: local}}
@@ -49,16 +50,21 @@ spec:
     optimizer: {{learningRate: 1.0e-4}}
     checkpointing: {{every: {STEPS}, keep: 1}}
     metricsPort: 0
-"""))
+""")
+            )
             run_distill(run, ws, log=lambda *_: None)
             lines = [json.loads(ln) for ln in (ws / "metrics" / "distill.jsonl").read_text().splitlines()][1:]
-            mean = {k: sum(r[k] for r in lines) / len(lines) for k in
-                    ("sample_seconds", "teacher_seconds", "train_seconds", "step_seconds", "tokens_per_second")}
+            mean = {
+                k: sum(r[k] for r in lines) / len(lines)
+                for k in ("sample_seconds", "teacher_seconds", "train_seconds", "step_seconds", "tokens_per_second")
+            }
             rows.append((f"{prompts}x{samples} mb{micro} {loss}", mean))
     print(f"{'config':<36} {'sample s':>9} {'teacher s':>10} {'train s':>8} {'step s':>7} {'tok/s':>7}")
     for name, m in rows:
-        print(f"{name:<36} {m['sample_seconds']:>9.2f} {m['teacher_seconds']:>10.2f} {m['train_seconds']:>8.2f} "
-              f"{m['step_seconds']:>7.2f} {m['tokens_per_second']:>7.0f}")
+        print(
+            f"{name:<36} {m['sample_seconds']:>9.2f} {m['teacher_seconds']:>10.2f} {m['train_seconds']:>8.2f} "
+            f"{m['step_seconds']:>7.2f} {m['tokens_per_second']:>7.0f}"
+        )
 
 
 if __name__ == "__main__":

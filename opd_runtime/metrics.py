@@ -69,8 +69,9 @@ class _PromExporter:
         self.registry = CollectorRegistry()
         self.gauges = {k: Gauge(name, doc, registry=self.registry) for k, (name, doc) in GAUGES.items()}
         self.tokens = Counter("opd_tokens_sampled", "Completion tokens sampled", registry=self.registry)
-        self.phase = Gauge("opd_step_phase_seconds", "Seconds of the last step spent per phase", ["phase"],
-                           registry=self.registry)
+        self.phase = Gauge(
+            "opd_step_phase_seconds", "Seconds of the last step spent per phase", ["phase"], registry=self.registry
+        )
         self.step_seconds = Gauge("opd_step_seconds", "Wall-clock seconds of the last step", registry=self.registry)
         total = Gauge("opd_total_steps", "Steps this stage will run", registry=self.registry)
         if total_steps:

@@ -30,15 +30,21 @@ def load_tokenizer(name: str, *, revision: str | None = None, trust_remote_code:
     return tok
 
 
-def load_causal_lm(name: str, *, dtype: str = "auto", revision: str | None = None,
-                   trust_remote_code: bool = False, dev: torch.device | None = None,
-                   load_dtype: torch.dtype | None = None):
+def load_causal_lm(
+    name: str,
+    *,
+    dtype: str = "auto",
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    dev: torch.device | None = None,
+    load_dtype: torch.dtype | None = None,
+):
     """``name``'s weights on ``dev`` in the spec ``dtype`` (inference), or in ``load_dtype`` when given
     (training: float32 master weights, see ``training.precision``)."""
     from transformers import AutoModelForCausalLM
 
     dev = dev or device()
-    model = AutoModelForCausalLM.from_pretrained(name, revision=revision,
-                                                 dtype=load_dtype or torch_dtype(dtype, dev),
-                                                 trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(
+        name, revision=revision, dtype=load_dtype or torch_dtype(dtype, dev), trust_remote_code=trust_remote_code
+    )
     return model.to(dev)

@@ -32,7 +32,8 @@ class TokenizerMismatch(ValueError):
         super().__init__(
             f"student ({student}) and teacher ({teacher}) cannot be used together for on-policy distillation; "
             f"their tokenizers differ:\n{lines}\nUse a teacher from the same model family, or set "
-            "`tokenizer` on both models to the same tokenizer.")
+            "`tokenizer` on both models to the same tokenizer."
+        )
 
 
 def _additional_specials(tok) -> list[str]:
@@ -48,8 +49,11 @@ def _additional_specials(tok) -> list[str]:
 
 def _specials(tok) -> dict[str, object]:
     return {
-        "eos_token": tok.eos_token, "pad_token": tok.pad_token, "bos_token": tok.bos_token,
-        "eos_token_id": tok.eos_token_id, "bos_token_id": tok.bos_token_id,
+        "eos_token": tok.eos_token,
+        "pad_token": tok.pad_token,
+        "bos_token": tok.bos_token,
+        "eos_token_id": tok.eos_token_id,
+        "bos_token_id": tok.bos_token_id,
         "additional_special_tokens": _additional_specials(tok),
     }
 
@@ -91,22 +95,32 @@ def compare_tokenizers(student_tok, teacher_tok) -> list[Mismatch]:
             msgs = PROBE_MESSAGES[:1] if kw["add_generation_prompt"] else PROBE_MESSAGES
             a, b = _render(student_tok, msgs, **kw), _render(teacher_tok, msgs, **kw)
             if a != b:
-                out.append(Mismatch("chat template", f"renders differently ({kw}): student {a[:120]!r} vs "
-                                                     f"teacher {b[:120]!r}"))
+                out.append(
+                    Mismatch("chat template", f"renders differently ({kw}): student {a[:120]!r} vs teacher {b[:120]!r}")
+                )
                 break
     return out
 
 
-def check_pair(student: str, teacher: str, *, student_tokenizer: str | None = None,
-               teacher_tokenizer: str | None = None, revision_s: str | None = None,
-               revision_t: str | None = None, trust_remote_code: bool = False) -> None:
+def check_pair(
+    student: str,
+    teacher: str,
+    *,
+    student_tokenizer: str | None = None,
+    teacher_tokenizer: str | None = None,
+    revision_s: str | None = None,
+    revision_t: str | None = None,
+    trust_remote_code: bool = False,
+) -> None:
     """Raise TokenizerMismatch naming every difference between the two models' tokenizers."""
     from transformers import AutoTokenizer
 
-    s = AutoTokenizer.from_pretrained(student_tokenizer or student, revision=revision_s,
-                                      trust_remote_code=trust_remote_code)
-    t = AutoTokenizer.from_pretrained(teacher_tokenizer or teacher, revision=revision_t,
-                                      trust_remote_code=trust_remote_code)
+    s = AutoTokenizer.from_pretrained(
+        student_tokenizer or student, revision=revision_s, trust_remote_code=trust_remote_code
+    )
+    t = AutoTokenizer.from_pretrained(
+        teacher_tokenizer or teacher, revision=revision_t, trust_remote_code=trust_remote_code
+    )
     mismatches = compare_tokenizers(s, t)
     if mismatches:
         raise TokenizerMismatch(mismatches, student_tokenizer or student, teacher_tokenizer or teacher)

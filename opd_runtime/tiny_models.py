@@ -31,17 +31,24 @@ class ModelShape:
         from transformers import Qwen3Config
 
         return Qwen3Config(
-            vocab_size=vocab_size, max_position_embeddings=1024, rope_theta=10000.0,
-            tie_word_embeddings=True, torch_dtype="float32",
-            bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+            vocab_size=vocab_size,
+            max_position_embeddings=1024,
+            rope_theta=10000.0,
+            tie_word_embeddings=True,
+            torch_dtype="float32",
+            bos_token_id=None,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
             **asdict(self),
         )
 
 
-TEACHER_SHAPE = ModelShape(hidden_size=128, num_hidden_layers=3, num_attention_heads=2,
-                           num_key_value_heads=1, intermediate_size=384)
-STUDENT_SHAPE = ModelShape(hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
-                           num_key_value_heads=1, intermediate_size=384)
+TEACHER_SHAPE = ModelShape(
+    hidden_size=128, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1, intermediate_size=384
+)
+STUDENT_SHAPE = ModelShape(
+    hidden_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, intermediate_size=384
+)
 
 
 @dataclass
@@ -80,16 +87,19 @@ def _corpus(cfg: WorldConfig, tokenizer_template) -> list[str]:
     template = jinja2.Environment().from_string(tokenizer_template)
     texts = []
     for p in tinymath.generate(4000, seed=cfg.seed, difficulty=cfg.difficulty):
-        texts.append(template.render(messages=tinymath.chat_messages(p.problem, p.solution),
-                                     add_generation_prompt=False))
+        texts.append(
+            template.render(messages=tinymath.chat_messages(p.problem, p.solution), add_generation_prompt=False)
+        )
     return texts
 
 
 def trace_examples(tokenizer, problems) -> list[tuple[list[int], list[int]]]:
     from .training.batches import completion_ids, prompt_ids
 
-    return [(prompt_ids(tokenizer, tinymath.chat_messages(p.problem)), completion_ids(tokenizer, p.solution))
-            for p in problems]
+    return [
+        (prompt_ids(tokenizer, tinymath.chat_messages(p.problem)), completion_ids(tokenizer, p.solution))
+        for p in problems
+    ]
 
 
 def solved(model, tokenizer, problems, *, temperature: float = 0.0, max_new_tokens: int = 96) -> list[bool]:
@@ -125,8 +135,11 @@ def reproducible(threads: int, seed: int):
     import numpy as np
     import torch
 
-    saved = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
-             torch.is_deterministic_algorithms_warn_only_enabled())
+    saved = (
+        torch.get_num_threads(),
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(True)
     random.seed(seed)
@@ -166,16 +179,31 @@ def _build(out: Path, cfg: WorldConfig, log) -> dict:
 
     t0 = time.time()
     teacher = new_model(cfg.teacher, tokenizer, cfg.seed)
-    fit(teacher, trace_examples(tokenizer, traces), pad_id=tokenizer.pad_token_id, steps=cfg.teacher_steps,
-        batch_size=cfg.batch_size, lr=cfg.teacher_lr, warmup_steps=50, seed=cfg.seed)
+    fit(
+        teacher,
+        trace_examples(tokenizer, traces),
+        pad_id=tokenizer.pad_token_id,
+        steps=cfg.teacher_steps,
+        batch_size=cfg.batch_size,
+        lr=cfg.teacher_lr,
+        warmup_steps=50,
+        seed=cfg.seed,
+    )
     save(teacher, "teacher", accuracy(teacher, tokenizer, test), time.time() - t0)
 
     t0 = time.time()
     student = new_model(cfg.student, tokenizer, cfg.seed + 1)
     save(student, "student-init", accuracy(student, tokenizer, test), 0.0)
-    fit(student, trace_examples(tokenizer, traces[: cfg.student_traces]), pad_id=tokenizer.pad_token_id,
-        steps=cfg.student_steps, batch_size=cfg.batch_size, lr=cfg.student_lr, warmup_steps=20,
-        seed=cfg.seed + 1)
+    fit(
+        student,
+        trace_examples(tokenizer, traces[: cfg.student_traces]),
+        pad_id=tokenizer.pad_token_id,
+        steps=cfg.student_steps,
+        batch_size=cfg.batch_size,
+        lr=cfg.student_lr,
+        warmup_steps=20,
+        seed=cfg.seed + 1,
+    )
     save(student, "student", accuracy(student, tokenizer, test), time.time() - t0)
     (out / "world.json").write_text(json.dumps(report, indent=2))
     return report
@@ -185,8 +213,14 @@ def _build(out: Path, cfg: WorldConfig, log) -> dict:
 BUILD_VERSION = 2
 # The code that decides the world's weights (data, tokenizer, training loop), so a change to it
 # invalidates cached builds while unrelated edits do not.
-_WEIGHT_SOURCES = ("tinymath.py", "tokenizer_build.py", "templates/chatml_think.jinja",
-                   "training/supervised.py", "training/batches.py", "training/optim.py")
+_WEIGHT_SOURCES = (
+    "tinymath.py",
+    "tokenizer_build.py",
+    "templates/chatml_think.jinja",
+    "training/supervised.py",
+    "training/batches.py",
+    "training/optim.py",
+)
 
 
 def _cache_key(cfg: WorldConfig) -> str:
@@ -197,8 +231,10 @@ def _cache_key(cfg: WorldConfig) -> str:
 
     h = hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True).encode())
     # the CPU's vector kernels (AVX2, AVX512, ...) change float sums as thread counts do
-    h.update(f"{BUILD_VERSION}/{torch.__version__}/{transformers.__version__}/"
-             f"{torch.backends.cpu.get_cpu_capability()}".encode())
+    h.update(
+        f"{BUILD_VERSION}/{torch.__version__}/{transformers.__version__}/"
+        f"{torch.backends.cpu.get_cpu_capability()}".encode()
+    )
     here = Path(__file__).parent
     for src in _WEIGHT_SOURCES:
         h.update((here / src).read_bytes())

@@ -43,10 +43,14 @@ def values_args(values_file: Path | None = None, sets: dict[str, str] | None = N
     return args
 
 
-def render_text(values_file: Path | None = None, sets: dict[str, str] | None = None, *,
-                namespace: str = "opd-system", release: str = RELEASE) -> str:
-    return helm("template", release, str(CHART), "--namespace", namespace,
-                *values_args(values_file, sets)).stdout
+def render_text(
+    values_file: Path | None = None,
+    sets: dict[str, str] | None = None,
+    *,
+    namespace: str = "opd-system",
+    release: str = RELEASE,
+) -> str:
+    return helm("template", release, str(CHART), "--namespace", namespace, *values_args(values_file, sets)).stdout
 
 
 def render(values_file: Path | None = None, sets: dict[str, str] | None = None, **kw: Any) -> list[dict]:

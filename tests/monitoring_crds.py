@@ -57,21 +57,44 @@ def build() -> None:
         (work / "go.mod").write_text(
             "module opd.dev/monitoring-crds\n\ngo 1.26\n\n"
             f"require (\n\tsigs.k8s.io/controller-tools {CONTROLLER_TOOLS_VERSION}\n"
-            f"\t{API_MODULE} {PROMETHEUS_OPERATOR_VERSION}\n)\n")
+            f"\t{API_MODULE} {PROMETHEUS_OPERATOR_VERSION}\n)\n"
+        )
         # A blank import keeps the API module in the build list for controller-gen's package loader.
         (work / "tools.go").write_text(
             "//go:build tools\n\npackage tools\n\nimport (\n"
-            "\t_ \"sigs.k8s.io/controller-tools/cmd/controller-gen\"\n"
-            f"\t_ \"{API_MODULE}/v1\"\n)\n")
+            '\t_ "sigs.k8s.io/controller-tools/cmd/controller-gen"\n'
+            f'\t_ "{API_MODULE}/v1"\n)\n'
+        )
         t0 = time.monotonic()
-        binaries.log(f"building controller-gen {CONTROLLER_TOOLS_VERSION} for the prometheus-operator "
-                     f"{PROMETHEUS_OPERATOR_VERSION} CRDs")
-        _run([go, "build", "-trimpath", "-ldflags=-s -w", "-o", str(work / "controller-gen"),
-              "sigs.k8s.io/controller-tools/cmd/controller-gen"], work, env)
+        binaries.log(
+            f"building controller-gen {CONTROLLER_TOOLS_VERSION} for the prometheus-operator "
+            f"{PROMETHEUS_OPERATOR_VERSION} CRDs"
+        )
+        _run(
+            [
+                go,
+                "build",
+                "-trimpath",
+                "-ldflags=-s -w",
+                "-o",
+                str(work / "controller-gen"),
+                "sigs.k8s.io/controller-tools/cmd/controller-gen",
+            ],
+            work,
+            env,
+        )
         out = work / "crds"
         # maxDescLen=0: descriptions are not needed for validation and keep the objects small.
-        _run([str(work / "controller-gen"), "crd:crdVersions=v1,maxDescLen=0", f"paths={API_MODULE}/v1",
-              f"output:crd:dir={out}"], work, env)
+        _run(
+            [
+                str(work / "controller-gen"),
+                "crd:crdVersions=v1,maxDescLen=0",
+                f"paths={API_MODULE}/v1",
+                f"output:crd:dir={out}",
+            ],
+            work,
+            env,
+        )
         binaries.log(f"generated the monitoring CRDs in {time.monotonic() - t0:.0f}s")
         dest = crd_dir()
         staged = dest.with_name(f".{dest.name}.{os.getpid()}")

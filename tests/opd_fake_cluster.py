@@ -11,7 +11,7 @@ import copy
 import itertools
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import yaml
 
@@ -44,13 +44,16 @@ class FakeApi:
         self.refuse: dict[str, str] = {}  # kind -> message of a 422 for every create of that kind
 
     # ---- the Api protocol -----------------------------------------------------------------------
-    def get(self, kind: str, namespace: str, name: str) -> Optional[Manifest]:
+    def get(self, kind: str, namespace: str, name: str) -> Manifest | None:
         obj = self.objects.get((kind, namespace, name))
         return copy.deepcopy(obj) if obj is not None else None
 
     def list(self, kind: str, namespace: str, selector: str) -> list[Manifest]:
-        return [copy.deepcopy(o) for (k, ns, _), o in self.objects.items()
-                if k == kind and ns == namespace and _matches(o, selector)]
+        return [
+            copy.deepcopy(o)
+            for (k, ns, _), o in self.objects.items()
+            if k == kind and ns == namespace and _matches(o, selector)
+        ]
 
     def create(self, namespace: str, body: Manifest) -> bool:
         kind, name = body["kind"], body["metadata"]["name"]
@@ -78,8 +81,11 @@ class FakeApi:
         self.calls.append(("delete", kind, name))
         self.objects.pop((kind, namespace, name), None)
         if kind == "Job":  # background propagation, played at once
-            for key in [k for k, o in self.objects.items() if k[0] == "Pod"
-                        and (o["metadata"]["labels"] or {}).get("job-name") == name]:
+            for key in [
+                k
+                for k, o in self.objects.items()
+                if k[0] == "Pod" and (o["metadata"]["labels"] or {}).get("job-name") == name
+            ]:
                 del self.objects[key]
 
     # ---- playing the cluster's part -------------------------------------------------------------
@@ -87,8 +93,12 @@ class FakeApi:
         labels = {**job["spec"]["template"]["metadata"]["labels"], "job-name": job["metadata"]["name"]}
         name = f"{job['metadata']['name']}-pod"
         self.objects[("Pod", namespace, name)] = {
-            "apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": namespace, "labels": labels},
-            "spec": copy.deepcopy(job["spec"]["template"]["spec"]), "status": {"phase": "Running"}}
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": name, "namespace": namespace, "labels": labels},
+            "spec": copy.deepcopy(job["spec"]["template"]["spec"]),
+            "status": {"phase": "Running"},
+        }
 
     def add_run(self, run: Manifest) -> Manifest:
         self.objects[("DistillationRun", run["metadata"]["namespace"], run["metadata"]["name"])] = copy.deepcopy(run)
@@ -113,17 +123,33 @@ class FakeApi:
         text = json.dumps(message) if isinstance(message, dict) else message
         for pod in self.of_kind("Pod"):
             if pod["metadata"]["labels"].get("job-name") == name:
-                pod["status"] = {"phase": "Succeeded" if code == 0 else "Failed", "containerStatuses": [{
-                    "name": "main", "state": {"terminated": {"exitCode": code, "message": text,
-                                                             "finishedAt": "2026-11-25T12:00:00Z",
-                                                             "reason": "Completed" if code == 0 else "Error"}}}]}
+                pod["status"] = {
+                    "phase": "Succeeded" if code == 0 else "Failed",
+                    "containerStatuses": [
+                        {
+                            "name": "main",
+                            "state": {
+                                "terminated": {
+                                    "exitCode": code,
+                                    "message": text,
+                                    "finishedAt": "2026-11-25T12:00:00Z",
+                                    "reason": "Completed" if code == 0 else "Error",
+                                }
+                            },
+                        }
+                    ],
+                }
         job = self.objects[("Job", namespace, name)]
         job["status"] = {"conditions": [{"type": "Complete" if code == 0 else "Failed", "status": "True"}]}
 
     def make_available(self, name: str, namespace: str = "ns") -> None:
         dep = self.objects[("Deployment", namespace, name)]
-        dep["status"] = {"observedGeneration": 1, "availableReplicas": 1, "readyReplicas": 1,
-                         "conditions": [{"type": "Available", "status": "True"}]}
+        dep["status"] = {
+            "observedGeneration": 1,
+            "availableReplicas": 1,
+            "readyReplicas": 1,
+            "conditions": [{"type": "Available", "status": "True"}],
+        }
 
 
 def _merge(target: Manifest, patch: Manifest) -> None:

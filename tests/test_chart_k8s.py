@@ -31,9 +31,11 @@ pytestmark = pytest.mark.k8s
 
 CRD = "distillationruns.opd.dev"
 # What every authenticated identity may do (the system:basic-user and system:discovery ClusterRoles).
-BASIC = {("authorization.k8s.io", "selfsubjectaccessreviews", "create"),
-         ("authorization.k8s.io", "selfsubjectrulesreviews", "create"),
-         ("authentication.k8s.io", "selfsubjectreviews", "create")}
+BASIC = {
+    ("authorization.k8s.io", "selfsubjectaccessreviews", "create"),
+    ("authorization.k8s.io", "selfsubjectrulesreviews", "create"),
+    ("authentication.k8s.io", "selfsubjectreviews", "create"),
+}
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +43,12 @@ def cp(control_plane: ControlPlane) -> ControlPlane:
     """The control plane with the prometheus-operator CRDs (ServiceMonitor, PodMonitor) installed."""
     for path in monitoring_crds.ensure():
         control_plane.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(path))
-    control_plane.kubectl("wait", "--for=condition=Established", "--timeout=60s",
-                          *(f"crd/{kind}.monitoring.coreos.com" for kind in monitoring_crds.KINDS))
+    control_plane.kubectl(
+        "wait",
+        "--for=condition=Established",
+        "--timeout=60s",
+        *(f"crd/{kind}.monitoring.coreos.com" for kind in monitoring_crds.KINDS),
+    )
     return control_plane
 
 
@@ -55,15 +61,22 @@ def adopt_crd(cp: ControlPlane, release: str, namespace: str) -> None:
     release or by `kubectl apply -f crds/`): Helm adopts objects that carry its ownership metadata."""
     if cp.kubectl("get", "crd", CRD, check=False).returncode != 0:
         return
-    cp.kubectl("annotate", "--overwrite", "crd", CRD, f"meta.helm.sh/release-name={release}",
-               f"meta.helm.sh/release-namespace={namespace}")
+    cp.kubectl(
+        "annotate",
+        "--overwrite",
+        "crd",
+        CRD,
+        f"meta.helm.sh/release-name={release}",
+        f"meta.helm.sh/release-namespace={namespace}",
+    )
     cp.kubectl("label", "--overwrite", "crd", CRD, "app.kubernetes.io/managed-by=Helm")
 
 
 def install(cp: ControlPlane, release: str, namespace: str, *args: str) -> str:
     adopt_crd(cp, release, namespace)
-    return cp.helm("install", release, str(CHART), "--namespace", namespace, "--wait", "--timeout", "120s",
-                   *args).stdout
+    return cp.helm(
+        "install", release, str(CHART), "--namespace", namespace, "--wait", "--timeout", "120s", *args
+    ).stdout
 
 
 def review(cp: ControlPlane, user: str, verb: str, group: str, resource: str, namespace: str | None) -> bool:
@@ -74,18 +87,20 @@ def review(cp: ControlPlane, user: str, verb: str, group: str, resource: str, na
         attrs["subresource"] = sub
     if namespace:
         attrs["namespace"] = namespace
-    body = {"apiVersion": "authorization.k8s.io/v1", "kind": "SelfSubjectAccessReview",
-            "spec": {"resourceAttributes": attrs}}
-    return cp.request("POST", "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews", body,
-                      as_user=user)["status"]["allowed"]
+    body = {
+        "apiVersion": "authorization.k8s.io/v1",
+        "kind": "SelfSubjectAccessReview",
+        "spec": {"resourceAttributes": attrs},
+    }
+    return cp.request("POST", "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews", body, as_user=user)["status"][
+        "allowed"
+    ]
 
 
 def granted_in(cp: ControlPlane, user: str, namespace: str) -> set[tuple[str, str, str]]:
     """Every (group, resource, verb) ``user`` holds in ``namespace`` (SelfSubjectRulesReview, impersonated)."""
-    body = {"apiVersion": "authorization.k8s.io/v1", "kind": "SelfSubjectRulesReview",
-            "spec": {"namespace": namespace}}
-    status = cp.request("POST", "/apis/authorization.k8s.io/v1/selfsubjectrulesreviews", body,
-                        as_user=user)["status"]
+    body = {"apiVersion": "authorization.k8s.io/v1", "kind": "SelfSubjectRulesReview", "spec": {"namespace": namespace}}
+    status = cp.request("POST", "/apis/authorization.k8s.io/v1/selfsubjectrulesreviews", body, as_user=user)["status"]
     assert not status.get("incomplete"), status
     return rule_triples(status["resourceRules"])
 
@@ -95,53 +110,80 @@ def operator_rules() -> tuple[list[dict], list[dict]]:
     from opd_operator.rbac import OPERATOR_RULES
 
     sync = load_sync()
-    return ([r for r in OPERATOR_RULES if not sync.is_cluster_scoped(r)],
-            [r for r in OPERATOR_RULES if sync.is_cluster_scoped(r)])
+    return (
+        [r for r in OPERATOR_RULES if not sync.is_cluster_scoped(r)],
+        [r for r in OPERATOR_RULES if sync.is_cluster_scoped(r)],
+    )
 
 
 # Things the operator never needs; asked of every install, in the watched namespace and cluster-wide.
 FORBIDDEN_IN_NAMESPACE = [
     (verb, "", "secrets") for verb in ("get", "list", "watch", "create", "update", "patch", "delete")
 ] + [
-    ("create", "", "pods"), ("create", "", "pods/exec"), ("create", "", "pods/portforward"),
-    ("create", "", "serviceaccounts/token"), ("update", "apps", "deployments"), ("update", "batch", "jobs"),
-    ("patch", "batch", "jobs"), ("escalate", "rbac.authorization.k8s.io", "roles"),
-    ("bind", "rbac.authorization.k8s.io", "roles"), ("create", "opd.dev", "distillationruns"),
-    ("delete", "opd.dev", "distillationruns"), ("create", "", "resourcequotas"),
+    ("create", "", "pods"),
+    ("create", "", "pods/exec"),
+    ("create", "", "pods/portforward"),
+    ("create", "", "serviceaccounts/token"),
+    ("update", "apps", "deployments"),
+    ("update", "batch", "jobs"),
+    ("patch", "batch", "jobs"),
+    ("escalate", "rbac.authorization.k8s.io", "roles"),
+    ("bind", "rbac.authorization.k8s.io", "roles"),
+    ("create", "opd.dev", "distillationruns"),
+    ("delete", "opd.dev", "distillationruns"),
+    ("create", "", "resourcequotas"),
 ]
-FORBIDDEN_CLUSTER_WIDE = [
-    (verb, "", "secrets") for verb in ("get", "list", "watch")
-] + [
-    (verb, group, resource)
-    for group, resource in [("rbac.authorization.k8s.io", "clusterroles"),
-                            ("rbac.authorization.k8s.io", "clusterrolebindings"),
-                            ("", "namespaces"), ("", "nodes"), ("", "persistentvolumes"),
-                            ("storage.k8s.io", "storageclasses"), ("scheduling.k8s.io", "priorityclasses"),
-                            ("admissionregistration.k8s.io", "validatingwebhookconfigurations"),
-                            ("admissionregistration.k8s.io", "mutatingwebhookconfigurations"),
-                            ("apiextensions.k8s.io", "customresourcedefinitions"),
-                            ("certificates.k8s.io", "certificatesigningrequests")]
-    for verb in ("create", "update", "patch", "delete")
-] + [("impersonate", "", "users"), ("impersonate", "", "serviceaccounts"), ("get", "", "nodes")]
+FORBIDDEN_CLUSTER_WIDE = (
+    [(verb, "", "secrets") for verb in ("get", "list", "watch")]
+    + [
+        (verb, group, resource)
+        for group, resource in [
+            ("rbac.authorization.k8s.io", "clusterroles"),
+            ("rbac.authorization.k8s.io", "clusterrolebindings"),
+            ("", "namespaces"),
+            ("", "nodes"),
+            ("", "persistentvolumes"),
+            ("storage.k8s.io", "storageclasses"),
+            ("scheduling.k8s.io", "priorityclasses"),
+            ("admissionregistration.k8s.io", "validatingwebhookconfigurations"),
+            ("admissionregistration.k8s.io", "mutatingwebhookconfigurations"),
+            ("apiextensions.k8s.io", "customresourcedefinitions"),
+            ("certificates.k8s.io", "certificatesigningrequests"),
+        ]
+        for verb in ("create", "update", "patch", "delete")
+    ]
+    + [("impersonate", "", "users"), ("impersonate", "", "serviceaccounts"), ("get", "", "nodes")]
+)
 
 
 # ---- every rendered object is accepted --------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("values_file", [None, *VALUES_FILES], ids=["defaults", *(p.stem for p in VALUES_FILES)])
 def test_rendered_objects_are_accepted_by_the_api_server(cp: ControlPlane, values_file):
     ns = cp.new_namespace("chart-dry-run")
     text = render_text(values_file, namespace=ns, release="dry")
     kinds = {d["kind"] for d in yaml.safe_load_all(text) if d}
-    proc = cp.kubectl("apply", "--server-side", "--force-conflicts", "--dry-run=server",
-                      "--field-manager=opd-chart-test", "-f", "-", input=text)
-    assert len([ln for ln in proc.stdout.splitlines() if "(server dry run)" in ln]) == \
-        len([d for d in yaml.safe_load_all(text) if d]), proc.stdout
+    proc = cp.kubectl(
+        "apply",
+        "--server-side",
+        "--force-conflicts",
+        "--dry-run=server",
+        "--field-manager=opd-chart-test",
+        "-f",
+        "-",
+        input=text,
+    )
+    assert len([ln for ln in proc.stdout.splitlines() if "(server dry run)" in ln]) == len(
+        [d for d in yaml.safe_load_all(text) if d]
+    ), proc.stdout
     # The namespace enforces the `restricted` Pod Security Standard; the pod template must meet it.
     assert "PodSecurity" not in proc.stderr, proc.stderr
     assert "Deployment" in kinds
 
 
 # ---- a real install ---------------------------------------------------------------------------------------
+
 
 def test_helm_install_upgrade_and_uninstall(cp: ControlPlane):
     ns = cp.new_namespace("opd-system")
@@ -159,8 +201,18 @@ def test_helm_install_upgrade_and_uninstall(cp: ControlPlane):
     # The example run validates against the installed CRD.
     cp.kubectl("apply", "--dry-run=server", "-n", ns, "-f", str(ROOT / "examples" / "tiny-math.yaml"))
 
-    cp.helm("upgrade", release, str(CHART), "--namespace", ns, "--set", "operator.logLevel=debug",
-            "--wait", "--timeout", "120s")
+    cp.helm(
+        "upgrade",
+        release,
+        str(CHART),
+        "--namespace",
+        ns,
+        "--set",
+        "operator.logLevel=debug",
+        "--wait",
+        "--timeout",
+        "120s",
+    )
     dep = json.loads(cp.kubectl("get", "deployment", "-n", ns, f"{release}-opd-operator", "-o", "json").stdout)
     assert "--debug" in dep["spec"]["template"]["spec"]["containers"][0]["args"]
     assert dep["spec"]["strategy"]["type"] == "Recreate"
@@ -184,6 +236,7 @@ def test_helm_install_rejects_values_outside_the_schema(cp: ControlPlane, tmp_pa
 
 
 # ---- least privilege ----------------------------------------------------------------------------------
+
 
 def uninstall(cp: ControlPlane, release: str, namespace: str) -> None:
     """Remove a release (the session's cluster is shared: leave no releases behind for other tests)."""
@@ -262,20 +315,45 @@ def test_impersonated_operator_requests_succeed_or_are_forbidden(cp: ControlPlan
     as_sa("create", "configmap", "run-config", "--from-literal=run.yaml=x")
     as_sa("create", "serviceaccount", "demo-stage")
     # The per-run Role of the stage pods: RBAC lets the operator grant it because it holds those rules.
-    role = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": "demo-stage"},
-            "rules": stage_rules("demo")}
+    role = {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "Role",
+        "metadata": {"name": "demo-stage"},
+        "rules": stage_rules("demo"),
+    }
     cp.kubectl("create", "--namespace", ns, "-f", "-", input=json.dumps(role), as_user=user)
-    binding = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
-               "metadata": {"name": "demo-stage"},
-               "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "demo-stage"},
-               "subjects": [{"kind": "ServiceAccount", "name": "demo-stage", "namespace": ns}]}
+    binding = {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": {"name": "demo-stage"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "demo-stage"},
+        "subjects": [{"kind": "ServiceAccount", "name": "demo-stage", "namespace": ns}],
+    }
     cp.kubectl("create", "--namespace", ns, "-f", "-", input=json.dumps(binding), as_user=user)
-    job = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "demo-eval"},
-           "spec": {"template": {"spec": {"restartPolicy": "Never", "containers": [
-               {"name": "main", "image": "registry.invalid/opd:test",
-                "securityContext": {"allowPrivilegeEscalation": False, "runAsNonRoot": True,
-                                    "capabilities": {"drop": ["ALL"]},
-                                    "seccompProfile": {"type": "RuntimeDefault"}}}]}}}}
+    job = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": "demo-eval"},
+        "spec": {
+            "template": {
+                "spec": {
+                    "restartPolicy": "Never",
+                    "containers": [
+                        {
+                            "name": "main",
+                            "image": "registry.invalid/opd:test",
+                            "securityContext": {
+                                "allowPrivilegeEscalation": False,
+                                "runAsNonRoot": True,
+                                "capabilities": {"drop": ["ALL"]},
+                                "seccompProfile": {"type": "RuntimeDefault"},
+                            },
+                        }
+                    ],
+                }
+            }
+        },
+    }
     cp.kubectl("create", "--namespace", ns, "-f", "-", input=json.dumps(job), as_user=user)
     as_sa("get", "jobs,pods,deployments,services,persistentvolumeclaims")
     as_sa("delete", "job", "demo-eval")
@@ -285,8 +363,12 @@ def test_impersonated_operator_requests_succeed_or_are_forbidden(cp: ControlPlan
 
 STAGE_RESULTS = {  # termination messages of the stage pods (opd_runtime.stage_report's format)
     "sft": {"stage": "sft", "step": 400, "checkpoint": "/workspace/checkpoints/sft/final"},
-    "distill": {"stage": "distill", "step": 200, "reverse_kl": 0.42,
-                "checkpoint": "/workspace/checkpoints/distill/final"},
+    "distill": {
+        "stage": "distill",
+        "step": 200,
+        "reverse_kl": 0.42,
+        "checkpoint": "/workspace/checkpoints/distill/final",
+    },
     "eval": {"stage": "eval", "eval_score": 0.41, "scores": {"distill/tinymath": 0.41}},
 }
 
@@ -304,9 +386,13 @@ def test_operator_with_the_charts_serviceaccount_drives_tiny_math_to_succeeded(c
     log_path = tmp_path / "operator.log"
     metrics_port = free_port()
     with open(log_path, "w") as log:
-        operator = subprocess.Popen([sys.executable, "-m", "opd_operator", "--namespace", ns, "--liveness=",
-                                     f"--metrics-port={metrics_port}"], env=env, cwd=tmp_path, stdout=log,
-                                    stderr=subprocess.STDOUT)
+        operator = subprocess.Popen(
+            [sys.executable, "-m", "opd_operator", "--namespace", ns, "--liveness=", f"--metrics-port={metrics_port}"],
+            env=env,
+            cwd=tmp_path,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     try:
         cp.apply((ROOT / "examples" / "tiny-math.yaml").read_text(), namespace=ns)
         finished: set[str] = set()
@@ -326,20 +412,30 @@ def test_operator_with_the_charts_serviceaccount_drives_tiny_math_to_succeeded(c
                 break
             time.sleep(1)
         status = run.get("status", {})
-        assert phase == "Succeeded", (f"phase {phase}; status {json.dumps(status)[:2000]}\n"
-                                      f"operator log:\n{log_path.read_text()[-4000:]}")
+        assert phase == "Succeeded", (
+            f"phase {phase}; status {json.dumps(status)[:2000]}\noperator log:\n{log_path.read_text()[-4000:]}"
+        )
         assert status["evalScore"] == 0.41 and status["reverseKL"] == 0.42
-        assert {p["metadata"]["labels"]["opd.dev/stage"] for p in cp.pods(ns, "app.kubernetes.io/name=opd")} >= \
-            {"sft", "distill", "eval"}
+        assert {p["metadata"]["labels"]["opd.dev/stage"] for p in cp.pods(ns, "app.kubernetes.io/name=opd")} >= {
+            "sft",
+            "distill",
+            "eval",
+        }
         # The operator's metrics that the Grafana dashboard reads.
-        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
-                   for family in text_string_to_metric_families(
-                       urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode())
-                   for s in family.samples}
+        samples = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(
+                urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+            )
+            for s in family.samples
+        }
         assert samples[("opd_operator_run_eval_score", (("namespace", ns), ("run", "tiny-math")))] == 0.41
         assert samples[("opd_operator_runs", (("phase", "Succeeded"),))] == 1
-        assert {dict(k[1]).get("stage") for k in samples if k[0] == "opd_operator_stage_duration_seconds_count"} \
-            >= {"sft", "distill", "eval"}
+        assert {dict(k[1]).get("stage") for k in samples if k[0] == "opd_operator_stage_duration_seconds_count"} >= {
+            "sft",
+            "distill",
+            "eval",
+        }
         # Nothing the operator tried was refused.
         assert "403" not in log_path.read_text() and "Forbidden" not in log_path.read_text()
     finally:

@@ -19,8 +19,10 @@ N, D, V = 23, 16, 50
 def dense_terms(hidden_ND, head, targets_N, temperature, teacher_hidden_ND=None, teacher_head=None):
     """The plain computation: full logits, fp32 log-softmax over the vocabulary."""
     logp_NV = torch.log_softmax(head(hidden_ND).float() / temperature, dim=-1)
-    out = {"logprobs": logp_NV.gather(-1, targets_N[:, None]).squeeze(-1),
-           "entropy": -(logp_NV.exp() * logp_NV).sum(-1)}
+    out = {
+        "logprobs": logp_NV.gather(-1, targets_N[:, None]).squeeze(-1),
+        "entropy": -(logp_NV.exp() * logp_NV).sum(-1),
+    }
     if teacher_head is not None:
         t_NV = torch.log_softmax(teacher_head(teacher_hidden_ND).float(), dim=-1)
         out["teacher"] = t_NV.gather(-1, targets_N[:, None]).squeeze(-1)
@@ -64,9 +66,16 @@ def test_chunked_terms_equal_the_dense_computation(problem, chunk_tokens, temper
     head, teacher_head, hidden0, teacher_hidden, targets, w = problem
     hidden = hidden0.clone().requires_grad_(True)
     ref = dense_terms(hidden, head, targets, temperature, teacher_hidden, teacher_head)
-    terms = chunked.token_terms(hidden, head, targets, temperature=temperature, entropy=True, kl=kind,
-                                teacher=chunked.DenseTeacherRows(teacher_hidden, teacher_head),
-                                chunk_tokens=chunk_tokens)
+    terms = chunked.token_terms(
+        hidden,
+        head,
+        targets,
+        temperature=temperature,
+        entropy=True,
+        kl=kind,
+        teacher=chunked.DenseTeacherRows(teacher_hidden, teacher_head),
+        chunk_tokens=chunk_tokens,
+    )
     assert torch.allclose(terms.logprobs_N, ref["logprobs"], atol=1e-5)
     assert torch.allclose(terms.entropy_N, ref["entropy"], atol=1e-5)
     assert torch.allclose(terms.teacher_logprobs_N, ref["teacher"], atol=1e-5)
@@ -102,14 +111,17 @@ def test_chunked_top_k_kl_equals_the_dense_reference_loss(problem, kind, k):
         teacher_lp_NV = torch.log_softmax(teacher_head(teacher_hidden), dim=-1)
     vals_NK, ids_NK = teacher_lp_NV.topk(k, dim=-1)
     valid_NK = torch.ones_like(ids_NK, dtype=torch.bool)
-    valid_NK[3, k // 2:] = False  # a position listing fewer tokens
-    terms = chunked.token_terms(hidden, head, targets, kl=kind, chunk_tokens=4,
-                                teacher=chunked.TopKRows(ids_NK, vals_NK, valid_NK))
+    valid_NK[3, k // 2 :] = False  # a position listing fewer tokens
+    terms = chunked.token_terms(
+        hidden, head, targets, kl=kind, chunk_tokens=4, teacher=chunked.TopKRows(ids_NK, vals_NK, valid_NK)
+    )
     # the dense reference sees a batch of one row; position t of it predicts token t+1, so shift by one
     logits_BTV = torch.nn.functional.pad(head(hidden), (0, 0, 0, 1))[None]
-    top = L.TopKLogprobs(torch.nn.functional.pad(ids_NK, (0, 0, 0, 1))[None],
-                         torch.nn.functional.pad(vals_NK, (0, 0, 0, 1))[None],
-                         torch.nn.functional.pad(valid_NK, (0, 0, 0, 1))[None])
+    top = L.TopKLogprobs(
+        torch.nn.functional.pad(ids_NK, (0, 0, 0, 1))[None],
+        torch.nn.functional.pad(vals_NK, (0, 0, 0, 1))[None],
+        torch.nn.functional.pad(valid_NK, (0, 0, 0, 1))[None],
+    )
     mask_BT = torch.nn.functional.pad(torch.ones(N), (1, 0))[None]
     fn = L.full_reverse_kl_loss if kind == "reverse" else L.full_forward_kl_loss
     ref = fn(logits_BTV, top, mask_BT, 3.0)
@@ -178,8 +190,16 @@ def tiny_qwen3(seed: int = 0):
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     torch.manual_seed(seed)
-    cfg = Qwen3Config(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                      num_key_value_heads=1, intermediate_size=64, head_dim=16, tie_word_embeddings=True)
+    cfg = Qwen3Config(
+        vocab_size=97,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        intermediate_size=64,
+        head_dim=16,
+        tie_word_embeddings=True,
+    )
     return Qwen3ForCausalLM(cfg)
 
 
@@ -211,8 +231,9 @@ def step_grads(model, ids, mask, chunk_tokens=5):
     model.zero_grad(set_to_none=True)
     sel = chunked.select_predicting(mask)
     hidden = chunked.final_hidden_states(model, ids)
-    loss = chunked.cross_entropy_sum(hidden[:, :-1][sel], chunked.output_head(model), ids[:, 1:][sel],
-                                     chunk_tokens=chunk_tokens)
+    loss = chunked.cross_entropy_sum(
+        hidden[:, :-1][sel], chunked.output_head(model), ids[:, 1:][sel], chunk_tokens=chunk_tokens
+    )
     loss.backward()
     return loss.item(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
 
@@ -247,8 +268,9 @@ def test_gradient_checkpointing_recomputes_the_layers_in_backward():
         activations.use_gradient_checkpointing(model, enabled)
         calls: list[int] = []
         # a pre-hook: the recompute stops early once the last tensor backward needs is back (inside the mlp)
-        model.model.layers[0].self_attn.register_forward_pre_hook(functools.partial(lambda seen, *_: seen.append(1),
-                                                                                    calls))
+        model.model.layers[0].self_attn.register_forward_pre_hook(
+            functools.partial(lambda seen, *_: seen.append(1), calls)
+        )
         step_grads(model, ids, torch.ones(1, 9))
         counts[enabled] = len(calls)
     assert counts == {False: 1, True: 2}

@@ -49,14 +49,22 @@ def test_names_columns_and_status_subresource():
     version = doc["spec"]["versions"][0]
     assert version["subresources"] == {"status": {}}
     assert [c["name"] for c in version["additionalPrinterColumns"]][:6] == [
-        "Phase", "Stage", "Step", "ReverseKL", "Score", "Age"]
+        "Phase",
+        "Stage",
+        "Step",
+        "ReverseKL",
+        "Score",
+        "Age",
+    ]
     status = version["schema"]["openAPIV3Schema"]["properties"]["status"]
     assert status["properties"]["conditions"]["x-kubernetes-list-map-keys"] == ["type"]
     assert "progress" in status["properties"]
 
 
 def test_rbac_rules_are_data():
-    verbs = {(g, r): set(rule["verbs"]) for rule in OPERATOR_RULES for g in rule["apiGroups"] for r in rule["resources"]}
+    verbs = {
+        (g, r): set(rule["verbs"]) for rule in OPERATOR_RULES for g in rule["apiGroups"] for r in rule["resources"]
+    }
     assert verbs[("opd.dev", "distillationruns/status")] == {"get", "patch", "update"}
     assert verbs[("batch", "jobs")] == {"create", "get", "list", "watch", "delete"}
     assert verbs[("", "pods")] == {"get", "list", "watch", "delete"}

@@ -86,8 +86,9 @@ def one_thread():
 def torchrun(log: Path, *args: str, program: str = OPD) -> SimpleNamespace:
     start = time.monotonic()
     with open(log, "w") as out:
-        proc = subprocess.run([*TORCHRUN, program, *args], env=opd_env(), stdout=out, stderr=subprocess.STDOUT,
-                              timeout=LAUNCH_TIMEOUT_S)
+        proc = subprocess.run(
+            [*TORCHRUN, program, *args], env=opd_env(), stdout=out, stderr=subprocess.STDOUT, timeout=LAUNCH_TIMEOUT_S
+        )
     return SimpleNamespace(code=proc.returncode, log=log.read_text(), seconds=time.monotonic() - start)
 
 
@@ -149,8 +150,13 @@ def test_sft_on_two_processes_gives_the_weights_of_one(tiny_world, tmp_path):
     differ from the single process's, the step's gradient must not."""
     from test_sft import sft_run
 
-    doc = sft_run(tiny_world.student, {"name": "tinymath", "maxSamples": 40}, steps=3, batchSize=5,
-                  lora={"enabled": True, "rank": 4, "alpha": 8.0})
+    doc = sft_run(
+        tiny_world.student,
+        {"name": "tinymath", "maxSamples": 40},
+        steps=3,
+        batchSize=5,
+        lora={"enabled": True, "rank": 4, "alpha": 8.0},
+    )
     config = tmp_path / "sft.yaml"
     config.write_text(yaml.safe_dump(doc, sort_keys=False))
     with one_thread():
@@ -159,8 +165,11 @@ def test_sft_on_two_processes_gives_the_weights_of_one(tiny_world, tmp_path):
     assert two.code == 0, two.log
     print(f"torchrun sft, 2 processes: {two.seconds:.1f}s")
 
-    one_w, two_w, init = (final_weights(tmp_path / "one", "sft"), final_weights(tmp_path / "two", "sft"),
-                          load_file(str(tiny_world.student / "model.safetensors")))
+    one_w, two_w, init = (
+        final_weights(tmp_path / "one", "sft"),
+        final_weights(tmp_path / "two", "sft"),
+        load_file(str(tiny_world.student / "model.safetensors")),
+    )
     assert one_w.keys() == two_w.keys() == init.keys()
     worst = max(float((one_w[k] - two_w[k]).abs().max() / one_w[k].abs().max().clamp_min(1e-12)) for k in one_w)
     moved = max(float((one_w[k] - init[k]).abs().max()) for k in one_w)
@@ -184,8 +193,11 @@ def test_sft_on_two_processes_gives_the_weights_of_one(tiny_world, tmp_path):
 
 
 def opd_config(path: Path, tiny_world, *, port: int = 0) -> Path:
-    path.write_text(yaml.safe_dump(run_doc(tiny_world.student, tiny_world.teacher, metricsPort=port,
-                                           **OPD_SETTINGS), sort_keys=False))
+    path.write_text(
+        yaml.safe_dump(
+            run_doc(tiny_world.student, tiny_world.teacher, metricsPort=port, **OPD_SETTINGS), sort_keys=False
+        )
+    )
     return path
 
 
@@ -195,9 +207,14 @@ def opd_runs(tiny_world, tmp_path_factory):
     with one_thread():
         run_distill(load_run(opd_config(tmp / "one.yaml", tiny_world)), tmp / "one", log=quiet)
     # a metrics port: a second rank serving Prometheus too would fail on the taken port
-    two = torchrun(tmp / "two.log", "distill", "--config", str(opd_config(tmp / "two.yaml", tiny_world,
-                                                                          port=free_port())),
-                   "--workspace", str(tmp / "two"))
+    two = torchrun(
+        tmp / "two.log",
+        "distill",
+        "--config",
+        str(opd_config(tmp / "two.yaml", tiny_world, port=free_port())),
+        "--workspace",
+        str(tmp / "two"),
+    )
     assert two.code == 0, two.log
     return SimpleNamespace(tmp=tmp, one=tmp / "one", two=tmp / "two", two_run=two)
 
@@ -234,9 +251,15 @@ def test_distill_step_totals_are_the_sums_of_the_ranks_shares(opd_runs, tiny_wor
             start, end = share_bounds(len(batch), rank, 2)
             shares.append([r.id for r in batch[start:end]])
             torch.manual_seed(step_seed(cfg.seed, 0, rank))
-            samples = sample(student, tok, [prompt_ids(tok, r.messages) for r in batch[start:end]],
-                             n=cfg.samples_per_prompt, temperature=cfg.temperature,
-                             max_new_tokens=cfg.max_new_tokens, batch_size=cfg.sampler.batch_size)
+            samples = sample(
+                student,
+                tok,
+                [prompt_ids(tok, r.messages) for r in batch[start:end]],
+                n=cfg.samples_per_prompt,
+                temperature=cfg.temperature,
+                max_new_tokens=cfg.max_new_tokens,
+                batch_size=cfg.sampler.batch_size,
+            )
             for s, t_lp in zip(samples, teacher.score(samples)):
                 tokens += len(s.completion_ids)
                 kl_sum += sum(a - b for a, b in zip(s.logprobs, t_lp))
@@ -253,16 +276,16 @@ def test_a_failing_rank_ends_the_run_and_resume_continues_it_exactly(opd_runs, t
     script.write_text(FAIL_ON_RANK_1)
     config = opd_config(tmp_path / "run.yaml", tiny_world)
     ws = tmp_path / "ws"
-    failed = torchrun(tmp_path / "failed.log", "distill", "--config", str(config), "--workspace", str(ws),
-                      program=str(script))
+    failed = torchrun(
+        tmp_path / "failed.log", "distill", "--config", str(config), "--workspace", str(ws), program=str(script)
+    )
     assert failed.code != 0 and "injected failure on rank 1" in failed.log, failed.log
     print(f"torchrun with a failing rank ended after {failed.seconds:.1f}s (exit {failed.code})")
     latest = checkpoint.latest(ws / "checkpoints" / "distill")
     assert latest is not None and latest.name == "step-000002"
     assert not (ws / "results" / "distill.json").exists()
 
-    resumed = torchrun(tmp_path / "resumed.log", "distill", "--config", str(config), "--workspace", str(ws),
-                       "--resume")
+    resumed = torchrun(tmp_path / "resumed.log", "distill", "--config", str(config), "--workspace", str(ws), "--resume")
     assert resumed.code == 0, resumed.log
     assert "resumed from" in resumed.log and "(step 2)" in resumed.log
     assert [m["step"] for m in metrics_lines(ws, "distill")] == list(range(1, OPD_STEPS + 1))
@@ -279,12 +302,18 @@ def test_bad_configuration_keeps_exit_code_2_through_the_launcher(opd_runs, tiny
     """Starting over a workspace with checkpoints and no --resume is a "do not retry" error on every rank;
     plain torchrun would report 1, ``opd_runtime.launch`` (the stage pods' prefix) reports 2."""
     run = load_run(opd_runs.tmp / "two.yaml")
-    argv = stage_command(run, "distill", config=str(opd_runs.tmp / "two.yaml"), workspace=str(opd_runs.two),
-                         program=OPD).argv
+    argv = stage_command(
+        run, "distill", config=str(opd_runs.tmp / "two.yaml"), workspace=str(opd_runs.two), program=OPD
+    ).argv
     argv = tuple(a for a in argv if a != "--resume")
     before = sorted(p.name for p in (opd_runs.two / "checkpoints" / "distill").iterdir())
-    proc = subprocess.run([*launcher_argv(2, python=sys.executable), *argv], env=opd_env(), capture_output=True,
-                          text=True, timeout=LAUNCH_TIMEOUT_S)
+    proc = subprocess.run(
+        [*launcher_argv(2, python=sys.executable), *argv],
+        env=opd_env(),
+        capture_output=True,
+        text=True,
+        timeout=LAUNCH_TIMEOUT_S,
+    )
     assert proc.returncode == cli.EXIT_BAD_CONFIG, proc.stdout + proc.stderr
     assert "already holds checkpoints" in proc.stdout + proc.stderr
     assert sorted(p.name for p in (opd_runs.two / "checkpoints" / "distill").iterdir()) == before
@@ -320,9 +349,15 @@ def fsdp_sft_doc(tiny_world) -> dict:
     runs 2 passes, rank 1 one real one and one zero-weight pass)."""
     from test_sft import sft_run
 
-    return sft_run(tiny_world.student, {"name": "tinymath", "maxSamples": 40}, steps=FSDP_STEPS, batchSize=5,
-                   microBatchSize=2, strategy="fsdp", optimizer={"learningRate": 1e-3, "warmupSteps": 0,
-                                                                 "schedule": "constant"})
+    return sft_run(
+        tiny_world.student,
+        {"name": "tinymath", "maxSamples": 40},
+        steps=FSDP_STEPS,
+        batchSize=5,
+        microBatchSize=2,
+        strategy="fsdp",
+        optimizer={"learningRate": 1e-3, "warmupSteps": 0, "schedule": "constant"},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -345,8 +380,10 @@ def test_fsdp_on_two_processes_gives_the_weights_of_one(fsdp_runs, tiny_world):
     assert one_w.keys() == two_w.keys() == init.keys()  # the usual Hugging Face layout, gathered on rank 0
     worst = max(float((one_w[k] - two_w[k]).abs().max() / one_w[k].abs().max().clamp_min(1e-12)) for k in one_w)
     moved = max(float((one_w[k] - init[k]).abs().max()) for k in one_w)
-    print(f"largest relative weight difference, 1 process vs 2 FSDP processes: {worst:.2e} "
-          f"(training moved weights by {moved:.2e})")
+    print(
+        f"largest relative weight difference, 1 process vs 2 FSDP processes: {worst:.2e} "
+        f"(training moved weights by {moved:.2e})"
+    )
     assert worst < 1e-5 and moved > 1e-4
     for a, b in zip(metrics_lines(fsdp_runs.one, "sft"), metrics_lines(fsdp_runs.two, "sft")):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
@@ -362,15 +399,17 @@ def test_fsdp_resumes_exactly_after_a_killed_rank(fsdp_runs, tmp_path):
     script = tmp_path / "kill_rank_1.py"
     script.write_text(KILL_RANK_1.replace("{per_step}", "1"))  # rank 1 has 2 of the 5 traces: 1 micro-batch
     ws = tmp_path / "ws"
-    killed = torchrun(tmp_path / "killed.log", "sft", "--config", str(fsdp_runs.config), "--workspace", str(ws),
-                      program=str(script))
+    killed = torchrun(
+        tmp_path / "killed.log", "sft", "--config", str(fsdp_runs.config), "--workspace", str(ws), program=str(script)
+    )
     assert killed.code != 0, killed.log
     latest = checkpoint.latest(ws / "checkpoints" / "sft")
     assert latest is not None and latest.name == "step-000002"
     assert not (ws / "results" / "sft.json").exists()
 
-    resumed = torchrun(tmp_path / "resumed.log", "sft", "--config", str(fsdp_runs.config), "--workspace",
-                       str(ws), "--resume")
+    resumed = torchrun(
+        tmp_path / "resumed.log", "sft", "--config", str(fsdp_runs.config), "--workspace", str(ws), "--resume"
+    )
     assert resumed.code == 0, resumed.log
     assert "(step 2)" in resumed.log
     a, b = final_weights(ws, "sft"), final_weights(fsdp_runs.two, "sft")
@@ -403,8 +442,11 @@ def test_distill_under_fsdp_samples_and_steps_as_ddp_does(opd_runs, tiny_world, 
     ended keeps joining the all-gathers) and draws exactly what the data-parallel run drew, and the
     first step's loss and gradient norm match it within float tolerance."""
     config = tmp_path / "fsdp.yaml"
-    config.write_text(yaml.safe_dump(run_doc(tiny_world.student, tiny_world.teacher, strategy="fsdp",
-                                             **OPD_SETTINGS), sort_keys=False))
+    config.write_text(
+        yaml.safe_dump(
+            run_doc(tiny_world.student, tiny_world.teacher, strategy="fsdp", **OPD_SETTINGS), sort_keys=False
+        )
+    )
     fsdp = torchrun(tmp_path / "fsdp.log", "distill", "--config", str(config), "--workspace", str(tmp_path / "ws"))
     assert fsdp.code == 0, fsdp.log
     print(f"torchrun distill under FSDP, 2 processes, {OPD_STEPS} steps: {fsdp.seconds:.1f}s")
@@ -429,8 +471,9 @@ def test_a_one_process_checkpoint_resumes_under_fsdp(fsdp_runs, tiny_world, tmp_
     root.mkdir(parents=True)
     shutil.copytree(fsdp_runs.one / "checkpoints" / "sft" / "step-000002", root / "step-000002")
     (root / "latest").write_text("step-000002\n")
-    resumed = torchrun(tmp_path / "resumed.log", "sft", "--config", str(fsdp_runs.config), "--workspace", str(ws),
-                       "--resume")
+    resumed = torchrun(
+        tmp_path / "resumed.log", "sft", "--config", str(fsdp_runs.config), "--workspace", str(ws), "--resume"
+    )
     assert resumed.code == 0, resumed.log
     assert "(step 2)" in resumed.log
     a, b = final_weights(ws, "sft"), final_weights(fsdp_runs.two, "sft")

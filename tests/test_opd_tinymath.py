@@ -67,14 +67,16 @@ def world(tmp_path_factory) -> Path:
 
 def world_run(world: Path, name: str, stage_yaml: str):
     """A run on the trained world's student and teacher; ``stage_yaml`` is the stage section."""
-    return parse_run(yaml.safe_load(f"""
+    return parse_run(
+        yaml.safe_load(f"""
 apiVersion: opd.dev/v1alpha1
 kind: DistillationRun
 metadata: {{name: {name}}}
 spec:
   student: {{model: {world}/models/student, dtype: float32}}
   teacher: {{model: {world}/models/teacher, dtype: float32, backend: local}}
-{stage_yaml}"""))
+{stage_yaml}""")
+    )
 
 
 @dataclass
@@ -95,8 +97,9 @@ def measure(model_dir: Path, teacher: LocalTeacher | None = None) -> Measured:
     problems = tinymath.generate(HELDOUT, split="test", seed=0, difficulty=2)
     examples = trace_examples(tok, problems)
     with torch.no_grad():
-        nll, tokens = completion_nll(model, right_pad([e[0] for e in examples], [e[1] for e in examples],
-                                                      tok.pad_token_id))
+        nll, tokens = completion_nll(
+            model, right_pad([e[0] for e in examples], [e[1] for e in examples], tok.pad_token_id)
+        )
     out = Measured(solved(model, tok, problems), nll.item() / tokens)
     if teacher is not None:
         prompts = [prompt_ids(tok, tinymath.chat_messages(p.problem)) for p in problems[:64]]
@@ -120,10 +123,12 @@ def teacher_accuracy(world: Path) -> float:
 def report(name: str, before: Measured, after: Measured, teacher_acc: float) -> tuple[float, float, float]:
     gain, se = paired_gain(before, after)
     gap = teacher_acc - before.accuracy
-    print(f"{name}: teacher {teacher_acc:.1%}; accuracy {before.accuracy:.1%} -> {after.accuracy:.1%} "
-          f"(gain {gain:+.1%} = {gain / se if se else float('inf'):.1f} SE, {gain / gap:.0%} of the gap to "
-          f"the teacher); solution NLL {before.nll:.3f} -> {after.nll:.3f}; reverse KL "
-          f"{before.reverse_kl} -> {after.reverse_kl}")
+    print(
+        f"{name}: teacher {teacher_acc:.1%}; accuracy {before.accuracy:.1%} -> {after.accuracy:.1%} "
+        f"(gain {gain:+.1%} = {gain / se if se else float('inf'):.1f} SE, {gain / gap:.0%} of the gap to "
+        f"the teacher); solution NLL {before.nll:.3f} -> {after.nll:.3f}; reverse KL "
+        f"{before.reverse_kl} -> {after.reverse_kl}"
+    )
     return gain, se, gap
 
 
@@ -132,7 +137,10 @@ def test_opd_lowers_reverse_kl_and_raises_heldout_accuracy(world, tmp_path):
     100%): 24% -> 41% (22% of the gap), batch reverse KL 0.73 -> 0.52; the 2026-12-01 world of another
     2-core machine (student 18%, teacher 99.5%) passed the old bounds (+8 points: >= 10% of the gap,
     held-out reverse KL below 0.85x). OPD_GAP_SHARE is half the smaller share."""
-    run = world_run(world, "opd-tinymath", """\
+    run = world_run(
+        world,
+        "opd-tinymath",
+        """\
   distill:
     prompts: {name: tinymath, split: train, difficulty: 2}
     loss: full_forward_kl
@@ -144,7 +152,8 @@ def test_opd_lowers_reverse_kl_and_raises_heldout_accuracy(world, tmp_path):
     optimizer: {learningRate: 3.0e-4, warmupSteps: 20}
     checkpointing: {every: 100, keep: 1}
     metricsPort: 0
-""")
+""",
+    )
     teacher = LocalTeacher(modeling.load_causal_lm(str(world / "models" / "teacher"), dtype="float32"))
     before = measure(world / "models" / "student", teacher)
     run_distill(run, tmp_path, log=print)
@@ -162,7 +171,10 @@ def test_sft_on_fresh_tinymath_traces_raises_accuracy(world, tmp_path):
     problems, 2026-12-02, world A (threads=1; student 17% on world.json's 200, teacher 100%): 22.8% ->
     27.8% (+5.0 points = 2.0 paired SE, 6% of the gap), solution NLL 0.109 -> 0.084 (x0.77). Each bound
     is about half the smallest measured: NLL x0.9, 1 SE, 3% of the gap."""
-    run = world_run(world, "sft-tinymath", """\
+    run = world_run(
+        world,
+        "sft-tinymath",
+        """\
   sft:
     dataset: {name: tinymath, split: train, difficulty: 2, maxSamples: 8000}
     steps: 60
@@ -172,7 +184,8 @@ def test_sft_on_fresh_tinymath_traces_raises_accuracy(world, tmp_path):
     packing: true
     optimizer: {learningRate: 1.0e-3, warmupSteps: 5, schedule: constant}
     checkpointing: {every: 60, keep: 1}
-""")
+""",
+    )
     before = measure(world / "models" / "student")
     run_sft(run, tmp_path, log=print)
     after = measure(tmp_path / "checkpoints" / "sft" / "final")
@@ -187,16 +200,19 @@ def test_world_build_repeats_bit_for_bit_whatever_the_callers_threads(tmp_path):
     from callers with different thread settings write identical weights (a shortened config here)."""
     from opd_runtime.tiny_models import build
 
-    cfg = WorldConfig(teacher_traces=2000, teacher_steps=20, student_traces=200, student_steps=10,
-                      batch_size=16, eval_problems=16)
+    cfg = WorldConfig(
+        teacher_traces=2000, teacher_steps=20, student_traces=200, student_steps=10, batch_size=16, eval_problems=16
+    )
     files = {}
     for callers_threads in (1, 2):
         torch.set_num_threads(callers_threads)
         out = tmp_path / f"caller-{callers_threads}"
         build(out, cfg, log=lambda *_: None)
         assert torch.get_num_threads() == callers_threads  # restored
-        files[callers_threads] = {p.relative_to(out): p.read_bytes()
-                                  for p in sorted(out.rglob("*")) if p.suffix in (".safetensors", ".json")
-                                  and p.name != "world.json"}
+        files[callers_threads] = {
+            p.relative_to(out): p.read_bytes()
+            for p in sorted(out.rglob("*"))
+            if p.suffix in (".safetensors", ".json") and p.name != "world.json"
+        }
     assert files[1].keys() == files[2].keys() and len(files[1]) >= 6
     assert [k for k in files[1] if files[1][k] != files[2][k]] == []

@@ -11,7 +11,6 @@ and a real token), and kwok ends the pod with an exit code and a JSON terminatio
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -25,9 +24,10 @@ from typing import Any
 import pytest
 import yaml
 
-from controlplane import ControlPlane
 from opd_operator.rbac import cluster_role
 from opd_runtime.stage_report import ProgressReporter, StatusPatcher
+
+from controlplane import ControlPlane
 
 pytestmark = pytest.mark.k8s
 
@@ -45,6 +45,7 @@ def free_port() -> int:
 
 # ---- fixtures ------------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def cp(control_plane: ControlPlane) -> ControlPlane:
     """The control plane with the DistillationRun CRD of crds/ installed."""
@@ -58,14 +59,23 @@ def operator_kubeconfig(cp: ControlPlane) -> Path:
     """A kubeconfig for ServiceAccount opd-operator, bound to a ClusterRole of exactly rbac.OPERATOR_RULES."""
     ns = cp.new_namespace("opd-system")
     role = cluster_role(f"opd-operator-{ns}")
-    cp.apply([
-        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "opd-operator", "namespace": ns}},
-        role,
-        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
-         "metadata": {"name": role["metadata"]["name"]},
-         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role["metadata"]["name"]},
-         "subjects": [{"kind": "ServiceAccount", "name": "opd-operator", "namespace": ns}]},
-    ])
+    cp.apply(
+        [
+            {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "opd-operator", "namespace": ns}},
+            role,
+            {
+                "apiVersion": "rbac.authorization.k8s.io/v1",
+                "kind": "ClusterRoleBinding",
+                "metadata": {"name": role["metadata"]["name"]},
+                "roleRef": {
+                    "apiGroup": "rbac.authorization.k8s.io",
+                    "kind": "ClusterRole",
+                    "name": role["metadata"]["name"],
+                },
+                "subjects": [{"kind": "ServiceAccount", "name": "opd-operator", "namespace": ns}],
+            },
+        ]
+    )
     return cp.serviceaccount_kubeconfig(ns, "opd-operator")
 
 
@@ -87,10 +97,23 @@ class Operator:
             out.write(f"\n===== start {self.starts} =====\n")
             out.flush()
             self.proc = subprocess.Popen(
-                [str(OPERATOR), "--namespace", self.namespace, "--resync-seconds", "0.5",
-                 "--metrics-port", str(self.metrics_port),
-                 "--liveness", f"http://127.0.0.1:{self.health_port}/healthz", "--verbose"],
-                env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                [
+                    str(OPERATOR),
+                    "--namespace",
+                    self.namespace,
+                    "--resync-seconds",
+                    "0.5",
+                    "--metrics-port",
+                    str(self.metrics_port),
+                    "--liveness",
+                    f"http://127.0.0.1:{self.health_port}/healthz",
+                    "--verbose",
+                ],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
         self.cp.wait("the operator's liveness endpoint", lambda: self.http(self.health_port, "/healthz"), timeout=30)
 
     def http(self, port: int, path: str) -> str | None:
@@ -129,8 +152,9 @@ def ns(cp: ControlPlane, k8s_namespace: str) -> str:
 
 
 @pytest.fixture
-def operator(cp: ControlPlane, operator_kubeconfig: Path, ns: str, tmp_path: Path,
-             request: pytest.FixtureRequest) -> Iterator[Operator]:
+def operator(
+    cp: ControlPlane, operator_kubeconfig: Path, ns: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[Operator]:
     op = Operator(cp, operator_kubeconfig, ns, tmp_path)
     op.start()
     yield op
@@ -151,6 +175,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
 
 
 # ---- helpers -----------------------------------------------------------------------------------------
+
 
 def tiny_math(name: str = "tiny-math", **spec: Any) -> dict:
     doc = yaml.safe_load((ROOT / "examples" / "tiny-math.yaml").read_text())
@@ -198,8 +223,9 @@ class Run:
         return sorted(j["metadata"]["name"] for j in out["items"])
 
     def running_pod(self, job: str, timeout: float = TIMEOUT) -> dict:
-        return self.cp.wait_for_pod(self.ns, f"job-name={job}", lambda p: p["status"].get("phase") == "Running",
-                                    "Running", timeout=timeout)
+        return self.cp.wait_for_pod(
+            self.ns, f"job-name={job}", lambda p: p["status"].get("phase") == "Running", "Running", timeout=timeout
+        )
 
     def finish(self, job: str, code: int, message: dict | str) -> None:
         pod = self.running_pod(job)
@@ -211,8 +237,9 @@ class Run:
         token = self.cp.kubectl("create", "token", f"{self.name}-stage", f"--namespace={self.ns}").stdout.strip()
         token_file = self.cp.dir / f"token-{self.ns}-{self.name}"
         token_file.write_text(token)
-        patcher = StatusPatcher(self.name, self.ns, api=self.cp.api_url, token_file=token_file,
-                                ca_file=self.cp.pki / "ca.crt")
+        patcher = StatusPatcher(
+            self.name, self.ns, api=self.cp.api_url, token_file=token_file, ca_file=self.cp.pki / "ca.crt"
+        )
         reporter = ProgressReporter(stage, total, patcher, interval=0.01)
         reporter({"step": step, "reverse_kl": reverse_kl})
         reporter.close()
@@ -236,17 +263,24 @@ def exists(cp: ControlPlane, path: str) -> bool:
 
 def complete_pipeline_until_distill(run: Run) -> None:
     run.wait("the sft Job", lambda st: st.get("stage") == "sft")
-    run.finish(f"{run.name}-sft-1", 0, {"stage": "sft", "step": 400, "loss": 0.5,
-                                        "checkpoint": "/workspace/checkpoints/sft/final"})
+    run.finish(
+        f"{run.name}-sft-1",
+        0,
+        {"stage": "sft", "step": 400, "loss": 0.5, "checkpoint": "/workspace/checkpoints/sft/final"},
+    )
     run.wait("the distill Job", lambda st: (st.get("stages", {}).get("distill") or {}).get("phase") == "Running")
 
 
 # ---- tests ---------------------------------------------------------------------------------------------
 
+
 def test_crd_explains_fields_and_rejects_invalid_specs(cp: ControlPlane, ns: str):
     # The API server publishes a new CRD's OpenAPI a few seconds after it is Established.
-    explain = cp.wait("kubectl explain", lambda: cp.kubectl(
-        "explain", "distillationrun.spec.distill.klCoef", check=False).stdout, timeout=60)
+    explain = cp.wait(
+        "kubectl explain",
+        lambda: cp.kubectl("explain", "distillationrun.spec.distill.klCoef", check=False).stdout,
+        timeout=60,
+    )
     assert "Advantage scale" in explain
     assert "Stage 2: on-policy distillation" in cp.kubectl("explain", "dr.spec.distill").stdout
     bad_cases = [
@@ -254,8 +288,10 @@ def test_crd_explains_fields_and_rejects_invalid_specs(cp: ControlPlane, ns: str
         ({"distill": {"steps": -5}}, "spec.distill.steps"),
         ({"distil": {"steps": 5}}, 'unknown field "spec.distil"'),
         ({"eval": {"targets": ["distill", "teacherr"]}}, "spec.eval.targets[1]"),
-        ({"sft": {"enabled": False}, "distill": {"enabled": False}, "eval": {"enabled": False}},
-         "enable at least one of the stages"),
+        (
+            {"sft": {"enabled": False}, "distill": {"enabled": False}, "eval": {"enabled": False}},
+            "enable at least one of the stages",
+        ),
         ({"distill": {"prompts": {"name": "tinymath", "path": "x.jsonl"}}}, "exactly one of `name`"),
     ]
     for i, (change, expected) in enumerate(bad_cases):
@@ -280,23 +316,44 @@ def test_tiny_math_runs_through_every_stage_to_succeeded(cp: ControlPlane, ns: s
     spec = pod["spec"]["containers"][0]
     assert spec["command"][:2] == ["opd", "sft"] and "--resume" in spec["command"]
     # Plumbing: workspace PVC (bound by kwok's provisioner), run file, the stage's narrow identity.
-    for path in (f"/api/v1/namespaces/{ns}/persistentvolumeclaims/tiny-math-workspace",
-                 f"/api/v1/namespaces/{ns}/configmaps/tiny-math-spec",
-                 f"/api/v1/namespaces/{ns}/serviceaccounts/tiny-math-stage"):
+    for path in (
+        f"/api/v1/namespaces/{ns}/persistentvolumeclaims/tiny-math-workspace",
+        f"/api/v1/namespaces/{ns}/configmaps/tiny-math-spec",
+        f"/api/v1/namespaces/{ns}/serviceaccounts/tiny-math-stage",
+    ):
         assert exists(cp, path), path
     # The stage's ServiceAccount may patch its run's status, and nothing else.
     user = f"system:serviceaccount:{ns}:tiny-math-stage"
-    assert cp.kubectl("auth", "can-i", "patch", "distillationruns/tiny-math", "--subresource=status", "-n", ns,
-                      as_user=user, check=False).stdout.strip() == "yes"
-    for args in (("patch", "distillationruns/tiny-math"), ("patch", "distillationruns/other", "--subresource=status"),
-                 ("create", "pods"), ("get", "secrets")):
+    assert (
+        cp.kubectl(
+            "auth",
+            "can-i",
+            "patch",
+            "distillationruns/tiny-math",
+            "--subresource=status",
+            "-n",
+            ns,
+            as_user=user,
+            check=False,
+        ).stdout.strip()
+        == "yes"
+    )
+    for args in (
+        ("patch", "distillationruns/tiny-math"),
+        ("patch", "distillationruns/other", "--subresource=status"),
+        ("create", "pods"),
+        ("get", "secrets"),
+    ):
         assert cp.kubectl("auth", "can-i", *args, "-n", ns, as_user=user, check=False).stdout.strip() == "no", args
 
     run.report_progress("sft", 120, 400)
     run.wait("step 120 from the sft stage's progress", lambda st: st.get("step") == 120)
     assert run.get_dr()["STEP"] == "120"
-    run.finish("tiny-math-sft-1", 0, {"stage": "sft", "step": 400, "loss": 0.4,
-                                      "checkpoint": "/workspace/checkpoints/sft/final"})
+    run.finish(
+        "tiny-math-sft-1",
+        0,
+        {"stage": "sft", "step": 400, "loss": 0.4, "checkpoint": "/workspace/checkpoints/sft/final"},
+    )
     st = run.wait("the distill stage", lambda st: (st.get("stages", {}).get("distill") or {}).get("phase") == "Running")
     assert st["stages"]["sft"]["checkpoint"] == "/workspace/checkpoints/sft/final"
     assert run.condition("TeacherReady")["status"] == "True"
@@ -310,19 +367,37 @@ def test_tiny_math_runs_through_every_stage_to_succeeded(cp: ControlPlane, ns: s
     run.wait("the learner's reverse KL", lambda st: st.get("reverseKL") == 0.6125 and st.get("step") == 37)
     cols = run.get_dr()
     assert (cols["PHASE"], cols["STAGE"], cols["STEP"], cols["REVERSEKL"]) == ("Running", "distill", "37", "0.6125")
-    run.finish("tiny-math-distill-1", 0, {"stage": "distill", "step": 200, "reverse_kl": 0.46,
-                                          "checkpoint": "/workspace/checkpoints/distill/final"})
+    run.finish(
+        "tiny-math-distill-1",
+        0,
+        {"stage": "distill", "step": 200, "reverse_kl": 0.46, "checkpoint": "/workspace/checkpoints/distill/final"},
+    )
     run.wait("the eval stage", lambda st: st.get("stage") == "eval")
-    cp.wait("the teacher to be removed", lambda: not exists(
-        cp, f"/apis/apps/v1/namespaces/{ns}/deployments/tiny-math-teacher"), timeout=TIMEOUT)
-    run.finish("tiny-math-eval-1", 0, {"stage": "eval", "eval_score": 0.41,
-                                       "scores": {"student/tinymath": 0.0, "distill/tinymath": 0.41}})
+    cp.wait(
+        "the teacher to be removed",
+        lambda: not exists(cp, f"/apis/apps/v1/namespaces/{ns}/deployments/tiny-math-teacher"),
+        timeout=TIMEOUT,
+    )
+    run.finish(
+        "tiny-math-eval-1",
+        0,
+        {"stage": "eval", "eval_score": 0.41, "scores": {"student/tinymath": 0.0, "distill/tinymath": 0.41}},
+    )
     st = run.wait("Succeeded", lambda st: st.get("phase") == "Succeeded")
     assert run.jobs() == ["tiny-math-distill-1", "tiny-math-eval-1", "tiny-math-sft-1"]
     assert st["observedGeneration"] == run.obj()["metadata"]["generation"]
     states = {c["type"]: c["status"] for c in st["conditions"]}
-    assert states.items() >= {"Ready": "True", "Failed": "False", "SftSucceeded": "True", "DistillSucceeded": "True",
-                              "EvalSucceeded": "True", "TeacherReady": "False"}.items()
+    assert (
+        states.items()
+        >= {
+            "Ready": "True",
+            "Failed": "False",
+            "SftSucceeded": "True",
+            "DistillSucceeded": "True",
+            "EvalSucceeded": "True",
+            "TeacherReady": "False",
+        }.items()
+    )
     for stage in ("sft", "distill", "eval"):
         assert st["stages"][stage]["startTime"] <= st["stages"][stage]["completionTime"]
     cols = run.get_dr()
@@ -357,8 +432,11 @@ def test_a_failing_stage_is_retried_then_fails_the_run(cp: ControlPlane, ns: str
 def test_bad_configuration_fails_at_once_with_the_stage_message(cp: ControlPlane, ns: str, operator: Operator):
     run = Run(cp, ns, tiny_math())
     run.wait("the sft stage", lambda st: st.get("stage") == "sft")
-    run.finish("tiny-math-sft-1", 2, {"stage": "sft", "exit_code": 2,
-                                      "error": "spec.sft.dataset.path: no such file /workspace/x.jsonl"})
+    run.finish(
+        "tiny-math-sft-1",
+        2,
+        {"stage": "sft", "exit_code": 2, "error": "spec.sft.dataset.path: no such file /workspace/x.jsonl"},
+    )
     run.wait("Failed", lambda st: st.get("phase") == "Failed")
     assert "spec.sft.dataset.path: no such file" in run.condition("Failed")["message"]
     assert run.jobs() == ["tiny-math-sft-1"]
@@ -392,14 +470,25 @@ def test_suspend_then_resume(cp: ControlPlane, ns: str, operator: Operator):
     complete_pipeline_until_distill(run)
     cp.kubectl("patch", "dr", run.name, "-n", ns, "--type=merge", "-p", '{"spec": {"suspend": true}}')
     run.wait("Suspended", lambda st: st.get("phase") == "Suspended")
-    cp.wait("stage pods and the teacher to go", lambda: not cp.pods(ns, "opd.dev/stage in (distill,teacher)")
-            and not exists(cp, f"/apis/apps/v1/namespaces/{ns}/deployments/tiny-math-teacher"), timeout=TIMEOUT)
+    cp.wait(
+        "stage pods and the teacher to go",
+        lambda: (
+            not cp.pods(ns, "opd.dev/stage in (distill,teacher)")
+            and not exists(cp, f"/apis/apps/v1/namespaces/{ns}/deployments/tiny-math-teacher")
+        ),
+        timeout=TIMEOUT,
+    )
     assert run.jobs() == ["tiny-math-sft-1"]
     assert exists(cp, f"/api/v1/namespaces/{ns}/persistentvolumeclaims/tiny-math-workspace")
     assert run.get_dr()["PHASE"] == "Suspended"
     cp.kubectl("patch", "dr", run.name, "-n", ns, "--type=merge", "-p", '{"spec": {"suspend": false}}')
-    run.wait("distill again", lambda st: (st.get("stages", {}).get("distill") or {}).get("attempts") == 2
-             and st["stages"]["distill"]["phase"] == "Running")
+    run.wait(
+        "distill again",
+        lambda st: (
+            (st.get("stages", {}).get("distill") or {}).get("attempts") == 2
+            and st["stages"]["distill"]["phase"] == "Running"
+        ),
+    )
     assert run.jobs() == ["tiny-math-distill-2", "tiny-math-sft-1"]
     assert run.status()["stages"]["distill"]["failures"] == 0
     assert "Suspended" in run.events() and "Resumed" in run.events()
@@ -411,30 +500,43 @@ def test_spec_edit_of_the_running_stage_is_refused_with_a_condition(cp: ControlP
     run = Run(cp, ns, tiny_math())
     run.wait("the sft stage", lambda st: st.get("stage") == "sft")
     cp.kubectl("patch", "dr", run.name, "-n", ns, "--type=merge", "-p", '{"spec": {"sft": {"steps": 10}}}')
-    run.wait("SpecAccepted=False", lambda st: any(c["type"] == "SpecAccepted" and c["status"] == "False"
-                                                  for c in st.get("conditions", [])))
+    run.wait(
+        "SpecAccepted=False",
+        lambda st: any(c["type"] == "SpecAccepted" and c["status"] == "False" for c in st.get("conditions", [])),
+    )
     assert "spec.sft.steps" in run.condition("SpecAccepted")["message"]
     cm = cp.get(f"/api/v1/namespaces/{ns}/configmaps/tiny-math-spec")
     assert "steps: 400" in cm["data"]["run.yaml"]
-    proc = cp.kubectl("patch", "dr", run.name, "-n", ns, "--type=merge", "-p",
-                      '{"spec": {"teacher": {"model": "tiny://student"}}}', check=False)
+    proc = cp.kubectl(
+        "patch",
+        "dr",
+        run.name,
+        "-n",
+        ns,
+        "--type=merge",
+        "-p",
+        '{"spec": {"teacher": {"model": "tiny://student"}}}',
+        check=False,
+    )
     assert proc.returncode != 0 and "spec.teacher.model is immutable" in proc.stderr
 
 
 @pytest.mark.parametrize("policy", ["Retain", "Delete"])
-def test_deletion_removes_children_and_honours_the_pvc_policy(cp: ControlPlane, ns: str, operator: Operator,
-                                                              policy: str):
+def test_deletion_removes_children_and_honours_the_pvc_policy(
+    cp: ControlPlane, ns: str, operator: Operator, policy: str
+):
     run = Run(cp, ns, tiny_math(workspace={"size": "2Gi", "retentionPolicy": policy}))
     complete_pipeline_until_distill(run)
     cp.kubectl("delete", "dr", run.name, "-n", ns, "--wait=true", "--timeout=60s")
-    children = [f"/apis/batch/v1/namespaces/{ns}/jobs/tiny-math-distill-1",
-                f"/apis/apps/v1/namespaces/{ns}/deployments/tiny-math-teacher",
-                f"/api/v1/namespaces/{ns}/services/tiny-math-teacher",
-                f"/api/v1/namespaces/{ns}/configmaps/tiny-math-spec",
-                f"/api/v1/namespaces/{ns}/serviceaccounts/tiny-math-stage",
-                f"/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/roles/tiny-math-stage"]
-    cp.wait("the children to be garbage-collected", lambda: not any(exists(cp, p) for p in children),
-            timeout=TIMEOUT)
+    children = [
+        f"/apis/batch/v1/namespaces/{ns}/jobs/tiny-math-distill-1",
+        f"/apis/apps/v1/namespaces/{ns}/deployments/tiny-math-teacher",
+        f"/api/v1/namespaces/{ns}/services/tiny-math-teacher",
+        f"/api/v1/namespaces/{ns}/configmaps/tiny-math-spec",
+        f"/api/v1/namespaces/{ns}/serviceaccounts/tiny-math-stage",
+        f"/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/roles/tiny-math-stage",
+    ]
+    cp.wait("the children to be garbage-collected", lambda: not any(exists(cp, p) for p in children), timeout=TIMEOUT)
     pvc = f"/api/v1/namespaces/{ns}/persistentvolumeclaims/tiny-math-workspace"
     if policy == "Retain":
         time.sleep(2)

@@ -6,10 +6,9 @@ reads as a story: apply the run, reconcile, finish a Job, reconcile again, check
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
-from opd_fake_cluster import FakeApi, tiny_run
 
 from opd_operator import children, driver, names
 from opd_operator.observe import observe
@@ -17,7 +16,9 @@ from opd_operator.reconcile import backoff_seconds, changed_paths, decide
 from opd_runtime.plan import stage_command
 from opd_runtime.spec import parse_run
 
-T0 = datetime(2026, 11, 25, 12, 0, 0, tzinfo=timezone.utc)
+from opd_fake_cluster import FakeApi, tiny_run
+
+T0 = datetime(2026, 11, 25, 12, 0, 0, tzinfo=UTC)
 
 
 def cond(status: dict, type_: str) -> dict:
@@ -71,8 +72,14 @@ def test_stage_role_allows_only_this_runs_status():
     s = Story()
     s.reconcile()
     role = s.api.of_kind("Role")[0]
-    assert role["rules"] == [{"apiGroups": ["opd.dev"], "resources": ["distillationruns/status"],
-                              "resourceNames": ["tiny"], "verbs": ["get", "patch"]}]
+    assert role["rules"] == [
+        {
+            "apiGroups": ["opd.dev"],
+            "resources": ["distillationruns/status"],
+            "resourceNames": ["tiny"],
+            "verbs": ["get", "patch"],
+        }
+    ]
 
 
 def test_children_carry_owner_references_and_labels_but_a_retained_pvc_is_not_owned():
@@ -115,17 +122,28 @@ def test_job_runs_exactly_the_plan_command_in_a_restricted_pod():
     assert job["spec"]["backoffLimit"] == 0
     pod = job["spec"]["template"]["spec"]
     (container,) = pod["containers"]
-    want = stage_command(run, "distill", config="/etc/opd/run.yaml", workspace="/workspace",
-                         teacher_url="http://tiny-teacher.ns.svc:8000")
+    want = stage_command(
+        run,
+        "distill",
+        config="/etc/opd/run.yaml",
+        workspace="/workspace",
+        teacher_url="http://tiny-teacher.ns.svc:8000",
+    )
     assert container["command"] == list(want.argv)
     assert "--resume" in container["command"]
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
-    assert container["securityContext"] == {"allowPrivilegeEscalation": False, "runAsNonRoot": True,
-                                            "capabilities": {"drop": ["ALL"]},
-                                            "seccompProfile": {"type": "RuntimeDefault"}}
+    assert container["securityContext"] == {
+        "allowPrivilegeEscalation": False,
+        "runAsNonRoot": True,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
     assert container["terminationMessagePolicy"] == "FallbackToLogsOnError"
-    assert container["resources"] == {"requests": {"cpu": "2", "memory": "4Gi"}, "limits": {"cpu": "2", "memory": "4Gi"}}
+    assert container["resources"] == {
+        "requests": {"cpu": "2", "memory": "4Gi"},
+        "limits": {"cpu": "2", "memory": "4Gi"},
+    }
     assert pod["nodeSelector"] == {"pool": "gpu"} and pod["tolerations"] == [{"key": "gpu", "operator": "Exists"}]
     assert pod["serviceAccountName"] == "tiny-stage" and pod["restartPolicy"] == "Never"
     env = {e["name"]: e["value"] for e in container["env"]}
@@ -146,8 +164,9 @@ def test_teacher_deployment_serves_the_plan_command_and_requests_tensor_parallel
     run = parse_run(obj)
     dep = children.teacher_deployment(obj, run)
     container = dep["spec"]["template"]["spec"]["containers"][0]
-    assert container["command"] == list(stage_command(run, "teacher", config="/etc/opd/run.yaml",
-                                                      workspace="/workspace", port=8000).argv)
+    assert container["command"] == list(
+        stage_command(run, "teacher", config="/etc/opd/run.yaml", workspace="/workspace", port=8000).argv
+    )
     assert container["resources"]["limits"] == {"nvidia.com/gpu": "2"}
     assert dep["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
     svc = children.teacher_service(obj, run)
@@ -176,8 +195,11 @@ def test_the_whole_pipeline_in_order():
     assert s.jobs() == ["tiny-distill-1", "tiny-sft-1"]
     distill = s.api.objects[("Job", "ns", "tiny-distill-1")]
     assert "http://tiny-teacher.ns.svc:8000" in distill["spec"]["template"]["spec"]["containers"][0]["command"]
-    s.api.finish_job("tiny-distill-1", 0, {"stage": "distill", "step": 200, "reverse_kl": 0.42,
-                                           "checkpoint": "/workspace/checkpoints/distill/final"})
+    s.api.finish_job(
+        "tiny-distill-1",
+        0,
+        {"stage": "distill", "step": 200, "reverse_kl": 0.42, "checkpoint": "/workspace/checkpoints/distill/final"},
+    )
     d = s.reconcile()
     assert s.api.names("Deployment") == [] and s.api.names("Service") == []  # the teacher is removed
     assert "TeacherStopped" in [e.reason for e in d.events]
@@ -213,7 +235,7 @@ def test_a_transient_failure_is_retried_after_backoff_then_fails_the_run():
     assert sft["phase"] == "Retrying" and sft["failures"] == 1 and "out of memory" in sft["message"]
     assert "StageFailed" in [e.reason for e in d.events]
     assert d.requeue_after == pytest.approx(29, abs=1)  # the pod finished at T0: see finish_job
-    s.now = datetime(2026, 11, 25, 12, 0, 10, tzinfo=timezone.utc)
+    s.now = datetime(2026, 11, 25, 12, 0, 10, tzinfo=UTC)
     s.reconcile()
     assert s.jobs() == ["tiny-sft-1"]
     s.reconcile(seconds=25)
@@ -287,9 +309,14 @@ def test_a_new_attempt_waits_for_the_previous_pod_to_stop():
     s.reconcile()
     s.api.delete("Job", "ns", "tiny-sft-1")
     s.api.objects[("Pod", "ns", "tiny-sft-1-pod")] = {
-        "kind": "Pod", "metadata": {"name": "tiny-sft-1-pod", "namespace": "ns",
-                                    "labels": {**names.labels("tiny", "sft"), "job-name": "tiny-sft-1"}},
-        "status": {"phase": "Running"}}
+        "kind": "Pod",
+        "metadata": {
+            "name": "tiny-sft-1-pod",
+            "namespace": "ns",
+            "labels": {**names.labels("tiny", "sft"), "job-name": "tiny-sft-1"},
+        },
+        "status": {"phase": "Running"},
+    }
     s.reconcile()
     assert s.jobs() == [] and s.status["stages"]["sft"]["phase"] == "Waiting"
     del s.api.objects[("Pod", "ns", "tiny-sft-1-pod")]

@@ -41,8 +41,15 @@ def norm_weights(model) -> torch.Tensor:
 
 
 def train(model, ids: torch.Tensor, steps: int, lr: float, on_step=None) -> None:
-    optimizer, scheduler = build_optimizer(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.95),
-                                           schedule="constant", warmup_steps=0, total_steps=steps)
+    optimizer, scheduler = build_optimizer(
+        model.parameters(),
+        lr=lr,
+        weight_decay=0.0,
+        betas=(0.9, 0.95),
+        schedule="constant",
+        warmup_steps=0,
+        total_steps=steps,
+    )
     for step in range(steps):
         model(input_ids=ids, labels=ids).loss.backward()
         optimizer_step(model, optimizer, scheduler, max_grad_norm=1.0)
@@ -66,8 +73,7 @@ def test_master_weights_learn_where_bf16_weights_cannot(tiny_world):
     train(bf16_only, ids, steps, lr)
     assert norm_weights(bf16_only).eq(1.0).all(), "bf16 weights moved: the test's premise is wrong"
 
-    mixed = attach(modeling.load_causal_lm(str(tiny_world.student), load_dtype=torch.float32, dev=CPU),
-                   MIXED_BF16, CPU)
+    mixed = attach(modeling.load_causal_lm(str(tiny_world.student), load_dtype=torch.float32, dev=CPU), MIXED_BF16, CPU)
     seen: dict[int, tuple[float, float]] = {}
 
     def record(step: int, optimizer) -> None:
@@ -81,16 +87,17 @@ def test_master_weights_learn_where_bf16_weights_cannot(tiny_world):
     assert all(p.dtype == torch.float32 for p in mixed.parameters())
     moved_1, bf16_view_moved_1 = seen[1]
     _, bf16_view_moved_n = seen[steps]
-    print(f"norm weights changed: masters {moved_1:.0%} after 1 step, bf16 view {bf16_view_moved_1:.0%} after 1 "
-          f"step and {bf16_view_moved_n:.0%} after {steps}; bf16-only weights 0%")
+    print(
+        f"norm weights changed: masters {moved_1:.0%} after 1 step, bf16 view {bf16_view_moved_1:.0%} after 1 "
+        f"step and {bf16_view_moved_n:.0%} after {steps}; bf16-only weights 0%"
+    )
     assert moved_1 > 0.99  # every master moved at once...
     assert bf16_view_moved_1 == 0.0  # ...by less than bf16 can show...
     assert bf16_view_moved_n > 0.2  # ...and the sum of sub-ulp updates became visible
 
 
 def test_forward_runs_in_bf16_with_float32_gradients(tiny_world):
-    model = attach(modeling.load_causal_lm(str(tiny_world.student), load_dtype=torch.float32, dev=CPU),
-                   MIXED_BF16, CPU)
+    model = attach(modeling.load_causal_lm(str(tiny_world.student), load_dtype=torch.float32, dev=CPU), MIXED_BF16, CPU)
     ids = torch.randint(3, 200, (1, 12))
     out = model(input_ids=ids, labels=ids)
     assert out.logits.dtype == torch.bfloat16  # the matmuls ran under autocast
@@ -110,9 +117,13 @@ def test_lora_adapters_are_float32_over_a_bf16_base(tiny_world):
 
     base = modeling.load_causal_lm(str(tiny_world.student), load_dtype=torch.bfloat16, dev=CPU)
     lora = LoraSpec(enabled=True, rank=4, alpha=8.0)
-    model = attach(get_peft_model(base, LoraConfig(r=lora.rank, lora_alpha=lora.alpha,
-                                                   target_modules="all-linear", task_type="CAUSAL_LM")),
-                   MIXED_BF16, CPU)
+    model = attach(
+        get_peft_model(
+            base, LoraConfig(r=lora.rank, lora_alpha=lora.alpha, target_modules="all-linear", task_type="CAUSAL_LM")
+        ),
+        MIXED_BF16,
+        CPU,
+    )
     trainable = [p for p in model.parameters() if p.requires_grad]
     frozen = [p for p in model.parameters() if not p.requires_grad]
     assert trainable and all(p.dtype == torch.float32 for p in trainable)
@@ -123,8 +134,7 @@ def test_lora_adapters_are_float32_over_a_bf16_base(tiny_world):
 
 
 def test_the_final_model_is_exported_in_the_spec_dtype(tiny_world, tmp_path):
-    model = attach(modeling.load_causal_lm(str(tiny_world.student), load_dtype=torch.float32, dev=CPU),
-                   MIXED_BF16, CPU)
+    model = attach(modeling.load_causal_lm(str(tiny_world.student), load_dtype=torch.float32, dev=CPU), MIXED_BF16, CPU)
     tok = modeling.load_tokenizer(str(tiny_world.student))
     export_final(model, tok, tmp_path / "final", lora_enabled=False)
     weights = load_file(str(tmp_path / "final" / "model.safetensors"))
@@ -143,8 +153,9 @@ def test_the_final_model_is_exported_in_the_spec_dtype(tiny_world, tmp_path):
 
 @pytest.mark.parametrize("name", ["float32"])
 def test_float32_runs_are_unchanged(tiny_world, name):
-    model = attach(modeling.load_causal_lm(str(tiny_world.student), dtype=name, dev=CPU),
-                   training_precision(name, CPU), CPU)
+    model = attach(
+        modeling.load_causal_lm(str(tiny_world.student), dtype=name, dev=CPU), training_precision(name, CPU), CPU
+    )
     ids = torch.randint(3, 200, (1, 8))
     assert model(input_ids=ids).logits.dtype == torch.float32
     assert "forward" not in vars(model)  # no autocast wrapper was installed

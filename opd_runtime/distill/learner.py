@@ -10,9 +10,9 @@ from the updated weights, so every sample is on-policy.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 
@@ -21,7 +21,7 @@ from ..data_sources import load_prompts
 from ..generation import Sample, sample
 from ..grading import is_correct_integer
 from ..metrics import MetricsSink, NullSink
-from ..preflight import compare_tokenizers, TokenizerMismatch
+from ..preflight import TokenizerMismatch, compare_tokenizers
 from ..spec import DistillationRun, DistillSpec, SpecError
 from ..training import activations, checkpoint, chunked, distributed, sharding
 from ..training.batches import length_groups, prompt_ids, right_pad
@@ -44,7 +44,7 @@ class StepStats:
 def init_model_path(run: DistillationRun, ws: Workspace) -> str:
     """Where the student starts: ``initFrom``, else the SFT stage's output when SFT runs, else the student."""
     spec = run.spec
-    if spec.distill.init_from:
+    if spec.distill is not None and spec.distill.init_from:
         return ws.resolve(spec.distill.init_from)
     if spec.sft is not None and spec.sft.enabled:
         return str(ws.final_model("sft"))
@@ -57,22 +57,34 @@ FULL_KL: dict[str, chunked.KlKind] = {"full_reverse_kl": "reverse", "full_forwar
 def micro_batches(samples: Sequence[Sample], cfg: DistillSpec) -> list[list[int]]:
     """Indices of the samples per micro-batch: right-padded rows grouped by length, at most
     ``microBatchSize`` sequences and ``maxTokensPerMicroBatch`` padded tokens each."""
-    return length_groups([len(s.prompt_ids) + len(s.completion_ids) for s in samples],
-                         max_count=cfg.micro_batch_size, max_tokens=cfg.max_tokens_per_micro_batch)
+    return length_groups(
+        [len(s.prompt_ids) + len(s.completion_ids) for s in samples],
+        max_count=cfg.micro_batch_size,
+        max_tokens=cfg.max_tokens_per_micro_batch,
+    )
 
 
 def _teacher_rows(targets, sel_BT: torch.Tensor, dev) -> chunked.TeacherRows:
     """The teacher's distributions at the selected positions (those that predict a completion token)."""
     if isinstance(targets, TeacherHidden):
-        return chunked.DenseTeacherRows(targets.hidden_BTD[:, :-1][sel_BT.to(targets.hidden_BTD.device)],
-                                        targets.head)
-    return chunked.TopKRows(targets.ids_BTK[:, :-1].to(dev)[sel_BT], targets.logprobs_BTK[:, :-1].to(dev)[sel_BT],
-                            targets.valid_BTK[:, :-1].to(dev)[sel_BT])
+        return chunked.DenseTeacherRows(targets.hidden_BTD[:, :-1][sel_BT.to(targets.hidden_BTD.device)], targets.head)
+    return chunked.TopKRows(
+        targets.ids_BTK[:, :-1].to(dev)[sel_BT],
+        targets.logprobs_BTK[:, :-1].to(dev)[sel_BT],
+        targets.valid_BTK[:, :-1].to(dev)[sel_BT],
+    )
 
 
-def train_on_samples(model, samples: Sequence[Sample], teacher_logprobs: Sequence[Sequence[float]] | None,
-                     cfg: DistillSpec, pad_id: int, teacher: Teacher | None = None, *,
-                     total_tokens: int | None = None) -> StepStats:
+def train_on_samples(
+    model,
+    samples: Sequence[Sample],
+    teacher_logprobs: Sequence[Sequence[float]] | None,
+    cfg: DistillSpec,
+    pad_id: int,
+    teacher: Teacher | None = None,
+    *,
+    total_tokens: int | None = None,
+) -> StepStats:
     """Accumulate gradients of the OPD loss over micro-batches of the step's samples (no optimizer step).
 
     Loss, reverse KL and entropy are divided by ``total_tokens``, the completion tokens of the whole
@@ -104,9 +116,9 @@ def train_on_samples(model, samples: Sequence[Sample], teacher_logprobs: Sequenc
         teacher_lp_BT = torch.zeros_like(batch.loss_mask_BT)
         for b, (i, s) in enumerate(zip(group, chunk)):
             p, c = len(s.prompt_ids), len(s.completion_ids)
-            old_lp_BT[b, p: p + c] = torch.tensor(s.logprobs)
+            old_lp_BT[b, p : p + c] = torch.tensor(s.logprobs)
             if teacher_logprobs is not None:
-                teacher_lp_BT[b, p: p + c] = torch.tensor(teacher_logprobs[i])
+                teacher_lp_BT[b, p : p + c] = torch.tensor(teacher_logprobs[i])
         mask_BT = batch.loss_mask_BT.to(dev)
         old_lp_BT, teacher_lp_BT = old_lp_BT.to(dev), teacher_lp_BT.to(dev)
         ids_BT = batch.input_ids_BT.to(dev)
@@ -116,14 +128,22 @@ def train_on_samples(model, samples: Sequence[Sample], teacher_logprobs: Sequenc
             assert teacher is not None  # checked above
             rows = _teacher_rows(teacher.kl_targets(batch.input_ids_BT, batch.attention_mask_BT), sel_BT, dev)
         hidden_BTD = chunked.final_hidden_states(model, ids_BT)
-        terms = chunked.token_terms(hidden_BTD[:, :-1][sel_BT], head, ids_BT[:, 1:][sel_BT],
-                                    temperature=cfg.temperature, entropy=True, kl=kl_kind, teacher=rows)
+        terms = chunked.token_terms(
+            hidden_BTD[:, :-1][sel_BT],
+            head,
+            ids_BT[:, 1:][sel_BT],
+            temperature=cfg.temperature,
+            entropy=True,
+            kl=kl_kind,
+            teacher=rows,
+        )
         if teacher_logprobs is None:  # read from the teacher's forward above
             if terms.teacher_logprobs_N is None:
                 raise ValueError("the teacher's log-probs were neither given nor derivable from its kl_targets")
             teacher_lp_BT[:, 1:][sel_BT] = terms.teacher_logprobs_N.to(teacher_lp_BT.dtype)
-        adv_N = L.advantages(old_lp_BT, teacher_lp_BT, mask_BT, kl_coef=cfg.kl_coef,
-                             discount=cfg.discount)[:, 1:][sel_BT]
+        adv_N = L.advantages(old_lp_BT, teacher_lp_BT, mask_BT, kl_coef=cfg.kl_coef, discount=cfg.discount)[:, 1:][
+            sel_BT
+        ]
         old_lp_N = old_lp_BT[:, 1:][sel_BT]
         ones_N = torch.ones_like(old_lp_N)  # every selected position carries the loss
         if terms.kl_N is not None:
@@ -143,23 +163,34 @@ def train_on_samples(model, samples: Sequence[Sample], teacher_logprobs: Sequenc
 def _teacher(run: DistillationRun, ws: Workspace, cfg: DistillSpec) -> Teacher:
     t = run.spec.teacher
     if t.backend == "local":
-        model = modeling.load_causal_lm(ws.resolve(t.model), dtype=t.dtype, revision=t.revision,
-                                        trust_remote_code=t.trust_remote_code)
+        model = modeling.load_causal_lm(
+            ws.resolve(t.model), dtype=t.dtype, revision=t.revision, trust_remote_code=t.trust_remote_code
+        )
         activations.use_fast_attention(model)
-        return LocalTeacher(model, micro_batch_size=max(cfg.micro_batch_size, 32),
-                            max_tokens_per_micro_batch=cfg.max_tokens_per_micro_batch)
+        return LocalTeacher(
+            model,
+            micro_batch_size=max(cfg.micro_batch_size, 32),
+            max_tokens_per_micro_batch=cfg.max_tokens_per_micro_batch,
+        )
     from .server_teacher import ServerTeacher
 
     s = t.serving
     if not s.url:
-        raise SpecError("spec.teacher.serving.url: the `vllm-server` teacher backend needs the server's base URL: "
-                        "start the teacher with `opd serve-teacher --config FILE --workspace DIR` and pass "
-                        "`opd distill --teacher-url http://HOST:PORT` (or set serving.url), or set "
-                        "`backend: local` to score with an in-process teacher")
+        raise SpecError(
+            "spec.teacher.serving.url: the `vllm-server` teacher backend needs the server's base URL: "
+            "start the teacher with `opd serve-teacher --config FILE --workspace DIR` and pass "
+            "`opd distill --teacher-url http://HOST:PORT` (or set serving.url), or set "
+            "`backend: local` to score with an in-process teacher"
+        )
     full = cfg.loss in ("full_reverse_kl", "full_forward_kl")  # these read the teacher's top-k
-    return ServerTeacher(s.url, top_logprobs=s.top_logprobs if full else 0, max_batch_tokens=s.max_batch_tokens,
-                         max_concurrent_requests=s.max_concurrent_requests, retry_seconds=s.retry_seconds,
-                         log=print)
+    return ServerTeacher(
+        s.url,
+        top_logprobs=s.top_logprobs if full else 0,
+        max_batch_tokens=s.max_batch_tokens,
+        max_concurrent_requests=s.max_concurrent_requests,
+        retry_seconds=s.retry_seconds,
+        log=print,
+    )
 
 
 def _sampler(run: DistillationRun, cfg: DistillSpec, init: str, log: Callable[[str], None] = print):
@@ -177,9 +208,15 @@ def _sampler(run: DistillationRun, cfg: DistillSpec, init: str, log: Callable[[s
     from ..vllm_sampler import VllmSampler
 
     student = run.spec.student
-    return VllmSampler(init, dtype=student.dtype, gpu_memory_utilization=cfg.sampler.gpu_memory_utilization,
-                       seed=cfg.seed, trust_remote_code=student.trust_remote_code, log=log,
-                       lora_rank=cfg.lora.rank if cfg.lora.enabled else None)
+    return VllmSampler(
+        init,
+        dtype=student.dtype,
+        gpu_memory_utilization=cfg.sampler.gpu_memory_utilization,
+        seed=cfg.seed,
+        trust_remote_code=student.trust_remote_code,
+        log=log,
+        lora_rank=cfg.lora.rank if cfg.lora.enabled else None,
+    )
 
 
 def _graded(tokenizer, samples: Sequence[Sample], answers: Sequence[str | None]) -> tuple[int, int]:
@@ -195,9 +232,14 @@ def _quiet(*_args) -> None:
     pass
 
 
-def run_distill(run: DistillationRun, workspace: Path, *, resume: bool = False,
-                log: Callable[[str], None] = print,
-                on_step: Callable[[dict], None] | None = None) -> dict:
+def run_distill(
+    run: DistillationRun,
+    workspace: Path,
+    *,
+    resume: bool = False,
+    log: Callable[[str], None] = print,
+    on_step: Callable[[dict], None] | None = None,
+) -> dict:
     cfg = run.spec.distill
     if cfg is None or not cfg.enabled:
         raise SpecError("spec.distill: the distill stage is not enabled in this run")
@@ -210,22 +252,33 @@ def run_distill(run: DistillationRun, workspace: Path, *, resume: bool = False,
     teacher_name = ws.resolve(run.spec.teacher.model)
     student = run.spec.student
     from_checkpoint = init != ws.resolve(student.model)  # stage outputs carry their tokenizer
-    tokenizer = modeling.load_tokenizer(init if from_checkpoint or not student.tokenizer
-                                        else ws.resolve(student.tokenizer), revision=student.revision)
-    teacher_tok = modeling.load_tokenizer(run.spec.teacher.tokenizer and ws.resolve(run.spec.teacher.tokenizer)
-                                          or teacher_name, revision=run.spec.teacher.revision)
+    tokenizer = modeling.load_tokenizer(
+        init if from_checkpoint or not student.tokenizer else ws.resolve(student.tokenizer), revision=student.revision
+    )
+    teacher_tok = modeling.load_tokenizer(
+        (run.spec.teacher.tokenizer and ws.resolve(run.spec.teacher.tokenizer)) or teacher_name,
+        revision=run.spec.teacher.revision,
+    )
     mismatches = compare_tokenizers(tokenizer, teacher_tok)
     if mismatches:
         raise TokenizerMismatch(mismatches, init, teacher_name)
 
     records = load_prompts(cfg.prompts, ws.root)
-    log(f"distill: student {init}, teacher {teacher_name} ({run.spec.teacher.backend}), "
-        f"{len(records)} prompts, {cfg.steps} steps x {cfg.prompts_per_step} prompts x {cfg.samples_per_prompt} samples")
+    log(
+        f"distill: student {init}, teacher {teacher_name} ({run.spec.teacher.backend}), "
+        f"{len(records)} prompts, {cfg.steps} steps x {cfg.prompts_per_step} prompts x {cfg.samples_per_prompt} samples"
+    )
 
     torch.manual_seed(cfg.seed)
-    model = build_trainable(init, cfg.lora, student.dtype, existing,
-                            revision=None if from_checkpoint else student.revision,
-                            trust_remote_code=student.trust_remote_code, strategy=sharding.stage_strategy(cfg))
+    model = build_trainable(
+        init,
+        cfg.lora,
+        student.dtype,
+        existing,
+        revision=None if from_checkpoint else student.revision,
+        trust_remote_code=student.trust_remote_code,
+        strategy=sharding.stage_strategy(cfg),
+    )
     activations.use_gradient_checkpointing(model, cfg.gradient_checkpointing)
     activations.use_fast_attention(model, log)
     distributed.broadcast_parameters(model)
@@ -234,8 +287,11 @@ def run_distill(run: DistillationRun, workspace: Path, *, resume: bool = False,
     sampler = _sampler(run, cfg, init, log)  # a vLLM sampler loads the trainer's weights before each sampling
     opt = cfg.optimizer
     optimizer, scheduler = optimizer_for(model.parameters(), opt, cfg.steps)
-    sink = (MetricsSink(ws.metrics("distill"), port=cfg.metrics_port, total_steps=cfg.steps)
-            if distributed.is_main() else NullSink())
+    sink = (
+        MetricsSink(ws.metrics("distill"), port=cfg.metrics_port, total_steps=cfg.steps)
+        if distributed.is_main()
+        else NullSink()
+    )
     start_step = checkpoint.restore(existing, optimizer, scheduler, model) if existing is not None else 0
     sink.begin(start_step)
     if start_step:
@@ -253,8 +309,15 @@ def run_distill(run: DistillationRun, workspace: Path, *, resume: bool = False,
             if r.id not in prompt_cache:
                 prompt_cache[r.id] = prompt_ids(tokenizer, r.messages)
             prompts.append(prompt_cache[r.id])
-        samples = sampler(model, tokenizer, prompts, n=cfg.samples_per_prompt, temperature=cfg.temperature,
-                          max_new_tokens=cfg.max_new_tokens, batch_size=cfg.sampler.batch_size)
+        samples = sampler(
+            model,
+            tokenizer,
+            prompts,
+            n=cfg.samples_per_prompt,
+            temperature=cfg.temperature,
+            max_new_tokens=cfg.max_new_tokens,
+            batch_size=cfg.sampler.batch_size,
+        )
         t1 = time.perf_counter()
         # a local teacher with a full-distribution loss runs once per micro-batch inside train_on_samples,
         # giving the distributions and these log-probs together; otherwise it scores the step's samples here
@@ -268,25 +331,47 @@ def run_distill(run: DistillationRun, workspace: Path, *, resume: bool = False,
         answers = [r.answer for r in batch for _ in range(cfg.samples_per_prompt)]
         # the step's numbers over all processes (each process's values are already per global token)
         loss, reverse_kl, entropy, n_samples, finished, correct, graded = distributed.all_sum(
-            stats.loss, stats.reverse_kl, stats.entropy, len(samples), sum(s.finished for s in samples),
-            *_graded(tokenizer, samples, answers))
+            stats.loss,
+            stats.reverse_kl,
+            stats.entropy,
+            len(samples),
+            sum(s.finished for s in samples),
+            *_graded(tokenizer, samples, answers),
+        )
         record = {
-            "step": step + 1, "reverse_kl": reverse_kl, "entropy": entropy, "loss": loss,
+            "step": step + 1,
+            "reverse_kl": reverse_kl,
+            "entropy": entropy,
+            "loss": loss,
             "completion_tokens": n_tokens,
             "mean_completion_length": n_tokens / n_samples,
             "finished_fraction": finished / n_samples,
             "sample_accuracy": correct / graded if graded else None,
-            "learning_rate": lr, "grad_norm": grad_norm,
-            "sample_seconds": t1 - t0, "teacher_seconds": t2 - t1, "train_seconds": t3 - t2,
-            "step_seconds": t3 - t0, "tokens_per_second": n_tokens / (t3 - t0),
+            "learning_rate": lr,
+            "grad_norm": grad_norm,
+            "sample_seconds": t1 - t0,
+            "teacher_seconds": t2 - t1,
+            "train_seconds": t3 - t2,
+            "step_seconds": t3 - t0,
+            "tokens_per_second": n_tokens / (t3 - t0),
             # part of sample_seconds: loading the trainer's weights into a vLLM sampler (0 for hf)
             "weight_sync_seconds": getattr(sampler, "last_sync_seconds", 0.0),
         }
-        end_step(record, sink=sink, on_step=on_step, ckpt_root=ckpt_root, checkpointing=cfg.checkpointing,
-                 total_steps=cfg.steps, data_position=(step + 1) * cfg.prompts_per_step, model=model,
-                 tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler)
+        end_step(
+            record,
+            sink=sink,
+            on_step=on_step,
+            ckpt_root=ckpt_root,
+            checkpointing=cfg.checkpointing,
+            total_steps=cfg.steps,
+            data_position=(step + 1) * cfg.prompts_per_step,
+            model=model,
+            tokenizer=tokenizer,
+            optimizer=optimizer,
+            scheduler=scheduler,
+        )
     if hasattr(sampler, "close"):
         sampler.close()
-    return finish_stage("distill", ws, model, tokenizer, lora_enabled=cfg.lora.enabled, steps=cfg.steps,
-                        summary_metric="reverse_kl")
-
+    return finish_stage(
+        "distill", ws, model, tokenizer, lora_enabled=cfg.lora.enabled, steps=cfg.steps, summary_metric="reverse_kl"
+    )

@@ -12,14 +12,21 @@ from dataclasses import dataclass
 import torch
 
 
-def per_token_reverse_kl(student_logprobs_BT: torch.Tensor, teacher_logprobs_BT: torch.Tensor,
-                         mask_BT: torch.Tensor) -> torch.Tensor:
+def per_token_reverse_kl(
+    student_logprobs_BT: torch.Tensor, teacher_logprobs_BT: torch.Tensor, mask_BT: torch.Tensor
+) -> torch.Tensor:
     """Single-sample estimate of reverse KL at each sampled token: log p_student - log p_teacher."""
     return (student_logprobs_BT - teacher_logprobs_BT) * mask_BT
 
 
-def advantages(student_logprobs_BT: torch.Tensor, teacher_logprobs_BT: torch.Tensor, mask_BT: torch.Tensor,
-               *, kl_coef: float = 1.0, discount: float = 0.0) -> torch.Tensor:
+def advantages(
+    student_logprobs_BT: torch.Tensor,
+    teacher_logprobs_BT: torch.Tensor,
+    mask_BT: torch.Tensor,
+    *,
+    kl_coef: float = 1.0,
+    discount: float = 0.0,
+) -> torch.Tensor:
     """advantage_t = sum_{k >= t} discount^(k-t) * -kl_coef * (student_lp_k - teacher_lp_k), over completion tokens.
 
     With the default ``discount=0`` each token's advantage is its own negative reverse-KL term, the
@@ -37,9 +44,13 @@ def advantages(student_logprobs_BT: torch.Tensor, teacher_logprobs_BT: torch.Ten
     return out_BT
 
 
-def importance_sampling_loss(new_logprobs_BT: torch.Tensor, old_logprobs_BT: torch.Tensor,
-                             advantages_BT: torch.Tensor, mask_BT: torch.Tensor,
-                             normalizer: float) -> torch.Tensor:
+def importance_sampling_loss(
+    new_logprobs_BT: torch.Tensor,
+    old_logprobs_BT: torch.Tensor,
+    advantages_BT: torch.Tensor,
+    mask_BT: torch.Tensor,
+    normalizer: float,
+) -> torch.Tensor:
     """-sum(ratio * advantage) / normalizer with ratio = p_new / p_sampler, over completion tokens.
 
     The advantage and the sampler's log-probs are constants; the gradient is advantage * ratio * grad log p.
@@ -50,8 +61,14 @@ def importance_sampling_loss(new_logprobs_BT: torch.Tensor, old_logprobs_BT: tor
     return -(ratio_BT * advantages_BT.detach() * mask_BT).sum() / normalizer
 
 
-def ppo_loss(new_logprobs_BT: torch.Tensor, old_logprobs_BT: torch.Tensor, advantages_BT: torch.Tensor,
-             mask_BT: torch.Tensor, normalizer: float, clip: float = 0.2) -> torch.Tensor:
+def ppo_loss(
+    new_logprobs_BT: torch.Tensor,
+    old_logprobs_BT: torch.Tensor,
+    advantages_BT: torch.Tensor,
+    mask_BT: torch.Tensor,
+    normalizer: float,
+    clip: float = 0.2,
+) -> torch.Tensor:
     """Clipped surrogate: -sum(min(ratio * A, clip(ratio, 1-clip, 1+clip) * A)) / normalizer."""
     ratio_BT = torch.exp(new_logprobs_BT - old_logprobs_BT.detach())
     adv_BT = advantages_BT.detach()
@@ -74,13 +91,15 @@ class TopKLogprobs:
     with ``valid_BTK`` False are padding (positions differ in how many tokens they list); their ids and
     log-probs are placeholders. The ids of one position are distinct.
     """
+
     ids_BTK: torch.Tensor  # long
     logprobs_BTK: torch.Tensor  # float
     valid_BTK: torch.Tensor  # bool
 
 
-def _coarsened(student_logp_NV: torch.Tensor, ids_NK: torch.Tensor, teacher_lp_NK: torch.Tensor,
-               valid_NK: torch.Tensor):
+def _coarsened(
+    student_logp_NV: torch.Tensor, ids_NK: torch.Tensor, teacher_lp_NK: torch.Tensor, valid_NK: torch.Tensor
+):
     """Student and teacher distributions over {the teacher's listed tokens} + one "any other token" outcome.
 
     From the student's full log-probs at N positions and the teacher's top-k there, returns (student
@@ -111,8 +130,9 @@ def dense_kl_per_token(student_logp_NV: torch.Tensor, teacher_logp_NV: torch.Ten
     return (teacher_logp_NV.exp() * (teacher_logp_NV - student_logp_NV)).sum(-1)
 
 
-def topk_kl_per_token(student_logp_NV: torch.Tensor, ids_NK: torch.Tensor, teacher_lp_NK: torch.Tensor,
-                      valid_NK: torch.Tensor, kind: str) -> torch.Tensor:
+def topk_kl_per_token(
+    student_logp_NV: torch.Tensor, ids_NK: torch.Tensor, teacher_lp_NK: torch.Tensor, valid_NK: torch.Tensor, kind: str
+) -> torch.Tensor:
     """The same KL with a served teacher's top-k: over the listed tokens plus one "any other token" outcome."""
     s_top, t_top, valid, has_rest, s_rest, t_rest = _coarsened(student_logp_NV, ids_NK, teacher_lp_NK, valid_NK)
     if kind == "reverse":
@@ -122,19 +142,29 @@ def topk_kl_per_token(student_logp_NV: torch.Tensor, ids_NK: torch.Tensor, teach
     return kl_N + torch.special.xlogy(t_rest, t_rest) - t_rest * s_rest
 
 
-def _dense_reference_kl(student_logits_BTV: torch.Tensor, teacher: torch.Tensor | TopKLogprobs,
-                        mask_BT: torch.Tensor, normalizer: float, kind: str) -> torch.Tensor:
+def _dense_reference_kl(
+    student_logits_BTV: torch.Tensor,
+    teacher: torch.Tensor | TopKLogprobs,
+    mask_BT: torch.Tensor,
+    normalizer: float,
+    kind: str,
+) -> torch.Tensor:
     logp_s_BTV = torch.log_softmax(student_logits_BTV[:, :-1].float(), dim=-1)
     if isinstance(teacher, TopKLogprobs):
-        kl_BT = topk_kl_per_token(logp_s_BTV, teacher.ids_BTK[:, :-1], teacher.logprobs_BTK[:, :-1],
-                                  teacher.valid_BTK[:, :-1], kind)
+        kl_BT = topk_kl_per_token(
+            logp_s_BTV, teacher.ids_BTK[:, :-1], teacher.logprobs_BTK[:, :-1], teacher.valid_BTK[:, :-1], kind
+        )
     else:
         kl_BT = dense_kl_per_token(logp_s_BTV, teacher[:, :-1].float().to(logp_s_BTV.device), kind)
     return (torch.nn.functional.pad(kl_BT, (1, 0)) * mask_BT).sum() / normalizer
 
 
-def full_reverse_kl_loss(student_logits_BTV: torch.Tensor, teacher_logprobs_BTV: torch.Tensor | TopKLogprobs,
-                         mask_BT: torch.Tensor, normalizer: float) -> torch.Tensor:
+def full_reverse_kl_loss(
+    student_logits_BTV: torch.Tensor,
+    teacher_logprobs_BTV: torch.Tensor | TopKLogprobs,
+    mask_BT: torch.Tensor,
+    normalizer: float,
+) -> torch.Tensor:
     """Exact reverse KL over the whole vocabulary at every sampled position, differentiated through the student.
 
     sum_t sum_v p_s(v | x_<t) (log p_s(v | x_<t) - log p_t(v | x_<t)) / normalizer. The contexts are the
@@ -149,8 +179,12 @@ def full_reverse_kl_loss(student_logits_BTV: torch.Tensor, teacher_logprobs_BTV:
     return _dense_reference_kl(student_logits_BTV, teacher_logprobs_BTV, mask_BT, normalizer, "reverse")
 
 
-def full_forward_kl_loss(student_logits_BTV: torch.Tensor, teacher_logprobs_BTV: torch.Tensor | TopKLogprobs,
-                         mask_BT: torch.Tensor, normalizer: float) -> torch.Tensor:
+def full_forward_kl_loss(
+    student_logits_BTV: torch.Tensor,
+    teacher_logprobs_BTV: torch.Tensor | TopKLogprobs,
+    mask_BT: torch.Tensor,
+    normalizer: float,
+) -> torch.Tensor:
     """Forward KL(teacher || student) over the whole vocabulary at every position the student sampled.
 
     The generalized-KD variant (on-policy contexts, teacher-weighted targets): unlike reverse KL its

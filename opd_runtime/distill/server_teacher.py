@@ -22,9 +22,9 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -49,8 +49,16 @@ class TeacherRequestError(RuntimeError):
 @dataclass
 class _TopK:
     """Per-position top-k of one sequence: row j is the distribution over token j (row 0 is unused)."""
+
     ids_LK: np.ndarray  # int64, -1 where padding
     logprobs_LK: np.ndarray  # float32
+
+
+def _entry(position: dict | None, token: int) -> dict:
+    """The server's prompt-logprob entry for ``token`` at one position (position 0 has none)."""
+    if position is None or str(token) not in position:
+        raise TeacherRequestError(f"teacher returned no log-prob for token {token}")
+    return position[str(token)]
 
 
 class ServerTeacher:
@@ -58,9 +66,17 @@ class ServerTeacher:
     # batch), and ``kl_targets`` answers from them: the learner calls both
     scores_from_kl_targets = False
 
-    def __init__(self, url: str, *, top_logprobs: int = 0, max_batch_tokens: int = 65536,
-                 max_concurrent_requests: int = 16, retry_seconds: float = 600.0,
-                 request_timeout: float = REQUEST_TIMEOUT_S, log: Callable[[str], None] | None = None):
+    def __init__(
+        self,
+        url: str,
+        *,
+        top_logprobs: int = 0,
+        max_batch_tokens: int = 65536,
+        max_concurrent_requests: int = 16,
+        retry_seconds: float = 600.0,
+        request_timeout: float = REQUEST_TIMEOUT_S,
+        log: Callable[[str], None] | None = None,
+    ):
         self.url = url.rstrip("/")
         self.top_logprobs = top_logprobs
         self.max_batch_tokens = max_batch_tokens
@@ -93,7 +109,9 @@ class ServerTeacher:
             except urllib.error.HTTPError as err:
                 detail = err.read().decode(errors="replace")[:2000]
                 if err.code not in RETRY_STATUS:
-                    raise TeacherRequestError(f"teacher at {self.url} refused {path} (HTTP {err.code}): {detail}") from None
+                    raise TeacherRequestError(
+                        f"teacher at {self.url} refused {path} (HTTP {err.code}): {detail}"
+                    ) from None
                 error = f"HTTP {err.code}: {detail[:300]}"
             except (urllib.error.URLError, OSError) as err:  # refused, reset, DNS, timeout
                 error = str(getattr(err, "reason", err))
@@ -103,7 +121,8 @@ class ServerTeacher:
                 raise TeacherUnavailable(
                     f"teacher at {self.url} did not answer {path} for {now - first_failure:.0f} s "
                     f"(spec.teacher.serving.retrySeconds = {self.retry_seconds:g}); last error: {error}. "
-                    "Is `opd serve-teacher` running and is spec.teacher.serving.url (or --teacher-url) right?")
+                    "Is `opd serve-teacher` running and is spec.teacher.serving.url (or --teacher-url) right?"
+                )
             with self._lock:
                 self.retries += 1
             if self.log and delay == BACKOFF_START_S:
@@ -121,13 +140,21 @@ class ServerTeacher:
         return self._model
 
     def _prompt_logprobs(self, sequences: Sequence[Sequence[int]], k: int) -> list[list[dict | None]]:
-        answer = self._call("/v1/completions", {
-            "model": self.model(), "prompt": [list(map(int, s)) for s in sequences], "max_tokens": 1,
-            "temperature": 0.0, "prompt_logprobs": k})
+        answer = self._call(
+            "/v1/completions",
+            {
+                "model": self.model(),
+                "prompt": [list(map(int, s)) for s in sequences],
+                "max_tokens": 1,
+                "temperature": 0.0,
+                "prompt_logprobs": k,
+            },
+        )
         choices = sorted(answer["choices"], key=lambda c: c["index"])
         if len(choices) != len(sequences):
-            raise TeacherRequestError(f"teacher at {self.url} answered {len(choices)} choices for "
-                                      f"{len(sequences)} prompts")
+            raise TeacherRequestError(
+                f"teacher at {self.url} answered {len(choices)} choices for {len(sequences)} prompts"
+            )
         return [c["prompt_logprobs"] for c in choices]
 
     def _batches(self, sequences: Sequence[Sequence[int]]) -> list[list[int]]:
@@ -171,7 +198,7 @@ class ServerTeacher:
             p = len(s.prompt_ids)
             if len(lps) != len(seq):
                 raise TeacherRequestError(f"teacher returned {len(lps)} prompt log-probs for {len(seq)} tokens")
-            out.append([float(lps[j][str(seq[j])]["logprob"]) for j in range(p, len(seq))])
+            out.append([float(_entry(lps[j], seq[j])["logprob"]) for j in range(p, len(seq))])
             if self.top_logprobs > 0:
                 self._topk[tuple(seq)] = self._parse_topk(lps)
         return out
@@ -179,8 +206,8 @@ class ServerTeacher:
     @staticmethod
     def _parse_topk(lps: list[dict | None]) -> _TopK:
         width = max((len(d) for d in lps if d), default=1)
-        ids = np.full((len(lps), width), -1, dtype=np.int64)
-        vals = np.zeros((len(lps), width), dtype=np.float32)
+        ids: np.ndarray = np.full((len(lps), width), -1, dtype=np.int64)
+        vals: np.ndarray = np.zeros((len(lps), width), dtype=np.float32)
         for j, d in enumerate(lps):
             if not d:
                 continue

@@ -8,8 +8,9 @@ same protocol with top-k lists instead of full distributions.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import torch
 
@@ -24,6 +25,7 @@ class TeacherHidden:
     """A local teacher's full next-token distributions, held as its final hidden states (B, T, D) and its
     output head: ``training.chunked.token_terms`` turns them into log-probs one chunk of tokens at a time
     (never a (B, T, V) tensor). Position t predicts token t + 1."""
+
     hidden_BTD: torch.Tensor
     head: torch.nn.Module
 
@@ -62,8 +64,9 @@ class LocalTeacher:
         mask never reaches a real token) and the head to apply to them chunk by chunk."""
         dev = next(self.model.parameters()).device
         self.forwards += 1
-        return TeacherHidden(chunked.final_hidden_states(self.model, input_ids_BT.to(dev)),
-                             chunked.output_head(self.model))
+        return TeacherHidden(
+            chunked.final_hidden_states(self.model, input_ids_BT.to(dev)), chunked.output_head(self.model)
+        )
 
     @torch.no_grad()
     def distributions(self, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor) -> torch.Tensor:
@@ -79,14 +82,14 @@ class LocalTeacher:
         pad_id = 0
         dev = next(self.model.parameters()).device
         lengths = [len(s.prompt_ids) + len(s.completion_ids) for s in samples]
-        for group in length_groups(lengths, max_count=self.micro_batch_size,
-                                   max_tokens=self.max_tokens_per_micro_batch):
+        for group in length_groups(
+            lengths, max_count=self.micro_batch_size, max_tokens=self.max_tokens_per_micro_batch
+        ):
             chunk = [samples[i] for i in group]
             batch = right_pad([s.prompt_ids for s in chunk], [s.completion_ids for s in chunk], pad_id)
             self.forwards += 1
-            lp_BT = chunked.sequence_logprobs(self.model, batch.input_ids_BT.to(dev),
-                                              batch.loss_mask_BT.to(dev)).cpu()
+            lp_BT = chunked.sequence_logprobs(self.model, batch.input_ids_BT.to(dev), batch.loss_mask_BT.to(dev)).cpu()
             for b, (i, s) in enumerate(zip(group, chunk)):
                 p = len(s.prompt_ids)
-                out[i] = lp_BT[b, p: p + len(s.completion_ids)].tolist()
+                out[i] = lp_BT[b, p : p + len(s.completion_ids)].tolist()
         return out  # type: ignore[return-value]

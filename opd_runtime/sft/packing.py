@@ -11,8 +11,8 @@ every real token, so under the causal mask no real token sees it, and it carries
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -45,9 +45,9 @@ def pack(examples: Sequence[tuple[list[int], list[int]]], capacity: int | None, 
         for i in row:
             p, c = examples[i]
             n = len(p) + len(c)
-            ids[b, at: at + n] = torch.tensor(list(p) + list(c))
-            pos[b, at: at + n] = torch.arange(n)
-            loss[b, at + len(p): at + n] = 1.0
+            ids[b, at : at + n] = torch.tensor(list(p) + list(c))
+            pos[b, at : at + n] = torch.arange(n)
+            loss[b, at + len(p) : at + n] = 1.0
             at += n
         pos[b, at:] = torch.arange(T - at)  # the padding as one more "trace"
     return PackedRows(ids, pos, loss)

@@ -13,8 +13,8 @@ import hashlib
 import json
 import os
 from array import array
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 from .traces import Trace
 
@@ -35,7 +35,7 @@ class TraceStore(Sequence[Trace]):
     def __len__(self) -> int:
         return len(self._offsets)
 
-    def __getitem__(self, i):  # type: ignore[override]
+    def __getitem__(self, i):
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
         self._file.seek(self._offsets[i])

@@ -8,9 +8,9 @@ end-of-turn token, which is exactly the layout the sampler produces during OPD a
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from .. import tinymath
 from ..data_sources import iter_records
@@ -30,8 +30,9 @@ def _messages(record: dict, fmt: str) -> list[dict]:
         return [{"role": ROLES[t["from"]], "content": t["value"]} for t in turns]
     if fmt == "chat" or (fmt == "auto" and "messages" in record):
         return [{"role": ROLES.get(m["role"], m["role"]), "content": m["content"]} for m in record["messages"]]
-    raise ValueError(f"record has neither `conversations` nor `messages` (fields: {sorted(record)}); "
-                     "set the dataset's format")
+    raise ValueError(
+        f"record has neither `conversations` nor `messages` (fields: {sorted(record)}); set the dataset's format"
+    )
 
 
 def load_traces(spec, workspace: Path | None = None) -> Iterator[Trace]:

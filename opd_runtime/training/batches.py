@@ -7,15 +7,14 @@ That is exactly how sampled completions are laid out, so SFT and OPD see one for
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
 
 def prompt_ids(tokenizer, messages: list[dict], **template_kwargs) -> list[int]:
-    out = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True,
-                                        **template_kwargs)
+    out = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, **template_kwargs)
     # transformers 5 returns a BatchEncoding here; 4.x returned the list itself.
     return list(out["input_ids"] if hasattr(out, "keys") else out)
 
@@ -37,8 +36,7 @@ class PackedBatch:
         return int(self.loss_mask_BT.sum())
 
 
-def right_pad(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
-              pad_id: int) -> PackedBatch:
+def right_pad(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], pad_id: int) -> PackedBatch:
     lengths = [len(p) + len(c) for p, c in zip(prompts, completions)]
     T = max(lengths)
     B = len(lengths)
@@ -49,12 +47,13 @@ def right_pad(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[i
         seq = list(p) + list(c)
         ids[b, : len(seq)] = torch.tensor(seq, dtype=torch.long)
         attn[b, : len(seq)] = 1
-        loss[b, len(p): len(seq)] = 1.0
+        loss[b, len(p) : len(seq)] = 1.0
     return PackedBatch(ids, attn, loss)
 
 
-def length_groups(lengths: Sequence[int], *, max_count: int, max_tokens: int | None = None,
-                  packed: bool = False) -> list[list[int]]:
+def length_groups(
+    lengths: Sequence[int], *, max_count: int, max_tokens: int | None = None, packed: bool = False
+) -> list[list[int]]:
     """Indices of sequences grouped into micro-batches: at most ``max_count`` sequences and, when
     ``max_tokens`` is set, at most that many tokens each. Every index appears exactly once.
 
@@ -88,8 +87,7 @@ def length_groups(lengths: Sequence[int], *, max_count: int, max_tokens: int | N
     return groups
 
 
-def token_logprobs(logits_BTV: torch.Tensor, input_ids_BT: torch.Tensor,
-                   temperature: float = 1.0) -> torch.Tensor:
+def token_logprobs(logits_BTV: torch.Tensor, input_ids_BT: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Log-prob of each token given the tokens before it; position 0 gets 0 (dense reference on full
     logits, for tests and small models; the stages use ``training.chunked``).
 

@@ -53,25 +53,41 @@ def write_atomic_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save(root: Path, step: int, *, model, tokenizer, optimizer, scheduler, extra: dict[str, Any],
-         keep: int) -> Path:
+def save(root: Path, step: int, *, model, tokenizer, optimizer, scheduler, extra: dict[str, Any], keep: int) -> Path:
     """Write checkpoint ``step``: called by rank 0 alone, or by every rank for a sharded (FSDP) model."""
     if sharding.is_sharded(model):
-        return _save_sharded(root, step, model=model, tokenizer=tokenizer, optimizer=optimizer,
-                             scheduler=scheduler, extra=extra, keep=keep)
+        return _save_sharded(
+            root,
+            step,
+            model=model,
+            tokenizer=tokenizer,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            extra=extra,
+            keep=keep,
+        )
     root.mkdir(parents=True, exist_ok=True)
     final = step_dir(root, step)
     tmp = root / f".{final.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp / "model")
     tokenizer.save_pretrained(tmp / "model")
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rng": rng_state(), **extra}, tmp / STATE_FILE)
+    torch.save(
+        {
+            "step": step,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": rng_state(),
+            **extra,
+        },
+        tmp / STATE_FILE,
+    )
     return _publish(root, tmp, final, keep)
 
 
-def _save_sharded(root: Path, step: int, *, model, tokenizer, optimizer, scheduler, extra: dict[str, Any],
-                  keep: int) -> Path:
+def _save_sharded(
+    root: Path, step: int, *, model, tokenizer, optimizer, scheduler, extra: dict[str, Any], keep: int
+) -> Path:
     final = step_dir(root, step)
     # one temporary folder for all ranks (rank 0's pid names it), renamed once every rank has written
     tmp = root / distributed.broadcast_object(f".{final.name}.tmp-{os.getpid()}")
@@ -113,8 +129,10 @@ def resumable(root: Path, resume: bool) -> Path | None:
 
     existing = latest(root)
     if existing is not None and not resume:
-        raise SpecError(f"{root} already holds checkpoints ({existing.name}); pass --resume to continue "
-                        "that run, or use a fresh workspace")
+        raise SpecError(
+            f"{root} already holds checkpoints ({existing.name}); pass --resume to continue "
+            "that run, or use a fresh workspace"
+        )
     return existing
 
 

@@ -48,8 +48,9 @@ def output_head(model) -> torch.nn.Module:
     return base.get_output_embeddings()
 
 
-def final_hidden_states(model, input_ids_BT: torch.Tensor, *,
-                        position_ids_BT: torch.Tensor | None = None) -> torch.Tensor:
+def final_hidden_states(
+    model, input_ids_BT: torch.Tensor, *, position_ids_BT: torch.Tensor | None = None
+) -> torch.Tensor:
     """The decoder's output after its final norm (B, T, D), without computing any logits.
 
     The model is called through its top-level forward (so wrappers' hooks run: PEFT, FSDP's all-gather)
@@ -68,8 +69,12 @@ def final_hidden_states(model, input_ids_BT: torch.Tensor, *,
 
     handle = decoder.register_forward_hook(grab)
     try:
-        model(input_ids=input_ids_BT, position_ids=position_ids_BT, use_cache=False,
-              logits_to_keep=torch.empty(0, dtype=torch.long, device=input_ids_BT.device))
+        model(
+            input_ids=input_ids_BT,
+            position_ids=position_ids_BT,
+            use_cache=False,
+            logits_to_keep=torch.empty(0, dtype=torch.long, device=input_ids_BT.device),
+        )
     finally:
         handle.remove()
     (hidden_BTD,) = captured
@@ -88,6 +93,7 @@ def select_predicting(mask_BT: torch.Tensor) -> torch.Tensor:
 class DenseTeacherRows:
     """A local teacher's final hidden states at the selected positions, with its output head: its
     full next-token distributions, computed one chunk at a time inside ``token_terms``."""
+
     hidden_ND: torch.Tensor
     head: torch.nn.Module
 
@@ -95,6 +101,7 @@ class DenseTeacherRows:
 @dataclass
 class TopKRows:
     """A served teacher's top-k next-token log-probs at the selected positions (see ``TopKLogprobs``)."""
+
     ids_NK: torch.Tensor
     logprobs_NK: torch.Tensor
     valid_NK: torch.Tensor
@@ -107,6 +114,7 @@ KlKind = Literal["reverse", "forward"]
 @dataclass
 class TokenTerms:
     """Per selected position (N,). ``logprobs_N`` and ``kl_N`` carry gradients to the student."""
+
     logprobs_N: torch.Tensor  # student log p(target) at the temperature
     entropy_N: torch.Tensor | None = None  # detached: a metric
     kl_N: torch.Tensor | None = None  # full-vocabulary KL against the teacher, per position
@@ -159,9 +167,16 @@ def _logits(head: torch.nn.Module, hidden_CD: torch.Tensor) -> torch.Tensor:
     return _HeadIntoGrad.apply(hidden_CD, weight)
 
 
-def _chunk(head: torch.nn.Module, temperature: float, entropy: bool, kl: KlKind | None,
-           teacher_head: torch.nn.Module | None, hidden_CD: torch.Tensor, targets_C: torch.Tensor,
-           *teacher_CX: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def _chunk(
+    head: torch.nn.Module,
+    temperature: float,
+    entropy: bool,
+    kl: KlKind | None,
+    teacher_head: torch.nn.Module | None,
+    hidden_CD: torch.Tensor,
+    targets_C: torch.Tensor,
+    *teacher_CX: torch.Tensor,
+) -> tuple[torch.Tensor, ...]:
     """The per-token values of one chunk of C positions (the function each checkpoint recomputes)."""
     logits_CV = _logits(head, hidden_CD).float()
     if temperature != 1.0:
@@ -185,9 +200,17 @@ def _chunk(head: torch.nn.Module, temperature: float, entropy: bool, kl: KlKind 
     return tuple(out)
 
 
-def token_terms(hidden_ND: torch.Tensor, head: torch.nn.Module, targets_N: torch.Tensor, *,
-                temperature: float = 1.0, entropy: bool = False, kl: KlKind | None = None,
-                teacher: TeacherRows | None = None, chunk_tokens: int = CHUNK_TOKENS) -> TokenTerms:
+def token_terms(
+    hidden_ND: torch.Tensor,
+    head: torch.nn.Module,
+    targets_N: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    entropy: bool = False,
+    kl: KlKind | None = None,
+    teacher: TeacherRows | None = None,
+    chunk_tokens: int = CHUNK_TOKENS,
+) -> TokenTerms:
     """Student log-probs of ``targets_N`` (and on request entropy, KL against ``teacher``) from hidden states.
 
     The student's distribution is softmax(head(h) / temperature); the teacher's is taken at temperature 1
@@ -209,12 +232,19 @@ def token_terms(hidden_ND: torch.Tensor, head: torch.nn.Module, targets_N: torch
     n_out = 1 + int(entropy) + int(dense) + int(kl is not None)
     pieces: list[list[torch.Tensor]] = [[] for _ in range(n_out)]
     # checkpoint only where something will be differentiated (the hidden states, or LoRA on the head)
-    recompute = torch.is_grad_enabled() and (hidden_ND.requires_grad or
-                                             any(p.requires_grad for p in head.parameters()))
+    recompute = torch.is_grad_enabled() and (hidden_ND.requires_grad or any(p.requires_grad for p in head.parameters()))
     for start in range(0, N, chunk_tokens):
         end = min(N, start + chunk_tokens)
-        args = (head, temperature, entropy, kl, teacher_head, hidden_ND[start:end], targets_N[start:end],
-                *(t[start:end] for t in teacher_ND))
+        args = (
+            head,
+            temperature,
+            entropy,
+            kl,
+            teacher_head,
+            hidden_ND[start:end],
+            targets_N[start:end],
+            *(t[start:end] for t in teacher_ND),
+        )
         # checkpoint: keep only this chunk's inputs for backward, recompute its logits there
         outs = checkpoint(_chunk, *args, use_reentrant=False) if recompute else _chunk(*args)
         for acc, o in zip(pieces, outs):
@@ -232,20 +262,33 @@ def token_terms(hidden_ND: torch.Tensor, head: torch.nn.Module, targets_N: torch
     return terms
 
 
-def token_logprobs(hidden_ND: torch.Tensor, head: torch.nn.Module, targets_N: torch.Tensor, *,
-                   temperature: float = 1.0, chunk_tokens: int = CHUNK_TOKENS) -> torch.Tensor:
+def token_logprobs(
+    hidden_ND: torch.Tensor,
+    head: torch.nn.Module,
+    targets_N: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    chunk_tokens: int = CHUNK_TOKENS,
+) -> torch.Tensor:
     """log p(target) at each selected position (N,), differentiable."""
     return token_terms(hidden_ND, head, targets_N, temperature=temperature, chunk_tokens=chunk_tokens).logprobs_N
 
 
-def cross_entropy_sum(hidden_ND: torch.Tensor, head: torch.nn.Module, targets_N: torch.Tensor, *,
-                      chunk_tokens: int = CHUNK_TOKENS) -> torch.Tensor:
+def cross_entropy_sum(
+    hidden_ND: torch.Tensor, head: torch.nn.Module, targets_N: torch.Tensor, *, chunk_tokens: int = CHUNK_TOKENS
+) -> torch.Tensor:
     """Summed next-token negative log-likelihood of ``targets_N`` (the SFT loss before normalisation)."""
     return -token_logprobs(hidden_ND, head, targets_N, chunk_tokens=chunk_tokens).sum()
 
 
-def sequence_logprobs(model, input_ids_BT: torch.Tensor, mask_BT: torch.Tensor | None = None, *,
-                      temperature: float = 1.0, chunk_tokens: int = CHUNK_TOKENS) -> torch.Tensor:
+def sequence_logprobs(
+    model,
+    input_ids_BT: torch.Tensor,
+    mask_BT: torch.Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    chunk_tokens: int = CHUNK_TOKENS,
+) -> torch.Tensor:
     """(B, T) log-prob of each token given the tokens before it, at the positions ``mask_BT`` marks (all
     but position 0 by default); 0 elsewhere. For right-padded rows (no attention mask is needed)."""
     if mask_BT is None:
@@ -253,8 +296,13 @@ def sequence_logprobs(model, input_ids_BT: torch.Tensor, mask_BT: torch.Tensor |
         mask_BT[:, 0] = 0
     sel_BT = select_predicting(mask_BT.to(input_ids_BT.device))
     hidden_BTD = final_hidden_states(model, input_ids_BT)
-    lp_N = token_logprobs(hidden_BTD[:, :-1][sel_BT], output_head(model), input_ids_BT[:, 1:][sel_BT],
-                          temperature=temperature, chunk_tokens=chunk_tokens)
+    lp_N = token_logprobs(
+        hidden_BTD[:, :-1][sel_BT],
+        output_head(model),
+        input_ids_BT[:, 1:][sel_BT],
+        temperature=temperature,
+        chunk_tokens=chunk_tokens,
+    )
     out_BT = torch.zeros(input_ids_BT.shape, dtype=torch.float32, device=input_ids_BT.device)
     out_BT[:, 1:][sel_BT] = lp_N.to(out_BT.dtype)
     return out_BT

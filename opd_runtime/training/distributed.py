@@ -101,8 +101,7 @@ def barrier() -> None:
 
 def _device() -> torch.device:
     """Where collective buffers live: the rank's GPU for NCCL, the CPU for gloo."""
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" \
-        else torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
 def share_bounds(n: int, rank_: int, world: int) -> tuple[int, int]:
@@ -159,7 +158,7 @@ def all_reduce_gradients(model) -> None:
         dist.all_reduce(flat)
         at = 0
         for p in bucket:
-            p.grad.copy_(flat[at: at + p.numel()].view_as(p.grad))
+            p.grad.copy_(flat[at : at + p.numel()].view_as(p.grad))
             at += p.numel()
 
 
@@ -168,8 +167,7 @@ def _buckets(params: list[torch.Tensor]) -> Iterator[list[torch.Tensor]]:
     size = 0
     for p in params:
         nbytes = p.numel() * p.element_size()
-        if bucket and (size + nbytes > BUCKET_BYTES or p.dtype != bucket[0].dtype
-                       or p.device != bucket[0].device):
+        if bucket and (size + nbytes > BUCKET_BYTES or p.dtype != bucket[0].dtype or p.device != bucket[0].device):
             yield bucket
             bucket, size = [], 0
         bucket.append(p)

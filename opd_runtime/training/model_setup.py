@@ -13,8 +13,16 @@ from . import distributed, sharding
 from .precision import attach, export_state_dict, precision_of, training_precision
 
 
-def build_trainable(init: str, lora, dtype: str, resume_from: Path | None, *, revision: str | None = None,
-                    trust_remote_code: bool = False, strategy: str = "auto"):
+def build_trainable(
+    init: str,
+    lora,
+    dtype: str,
+    resume_from: Path | None,
+    *,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    strategy: str = "auto",
+):
     """The model to train: ``init`` weights (or a checkpoint's), wrapped in a LoRA adapter when enabled,
     under the stage's precision policy (float32 masters, bf16 compute on GPUs: ``precision``) and, with
     ``strategy`` resolving to fsdp, sharded over the processes (``sharding``). Every rank starts from the
@@ -25,13 +33,16 @@ def build_trainable(init: str, lora, dtype: str, resume_from: Path | None, *, re
     # a sharded checkpoint (dcp/) has no model/ folder: the weights come with the optimizer in restore()
     saved = resume_from / "model" if resume_from is not None and not lora.enabled else None
     full_from_checkpoint = saved is not None and saved.is_dir()
-    model = modeling.load_causal_lm(str(saved) if full_from_checkpoint else init, dtype=dtype,
-                                    revision=None if full_from_checkpoint else revision,
-                                    trust_remote_code=trust_remote_code,
-                                    # LoRA: the frozen base stays in the spec dtype; full: float32 masters
-                                    load_dtype=precision.frozen if lora.enabled else precision.master,
-                                    # FSDP moves each shard to the device, never the whole model
-                                    dev=torch.device("cpu") if fsdp else dev)
+    model = modeling.load_causal_lm(
+        str(saved) if full_from_checkpoint else init,
+        dtype=dtype,
+        revision=None if full_from_checkpoint else revision,
+        trust_remote_code=trust_remote_code,
+        # LoRA: the frozen base stays in the spec dtype; full: float32 masters
+        load_dtype=precision.frozen if lora.enabled else precision.master,
+        # FSDP moves each shard to the device, never the whole model
+        dev=torch.device("cpu") if fsdp else dev,
+    )
     if lora.enabled:
         from peft import LoraConfig, PeftModel, get_peft_model
 
@@ -39,9 +50,16 @@ def build_trainable(init: str, lora, dtype: str, resume_from: Path | None, *, re
             model = PeftModel.from_pretrained(model, resume_from / "model", is_trainable=True)
         else:
             targets = lora.target_modules
-            model = get_peft_model(model, LoraConfig(
-                r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                target_modules=targets[0] if targets == ["all-linear"] else targets, task_type="CAUSAL_LM"))
+            model = get_peft_model(
+                model,
+                LoraConfig(
+                    r=lora.rank,
+                    lora_alpha=lora.alpha,
+                    lora_dropout=lora.dropout,
+                    target_modules=targets[0] if targets == ["all-linear"] else targets,
+                    task_type="CAUSAL_LM",
+                ),
+            )
     if fsdp:
         return sharding.shard(model, precision, dev)
     distributed.broadcast_parameters(model)
@@ -61,8 +79,7 @@ def export_final(model, tokenizer, final: Path, *, lora_enabled: bool) -> Path |
     else:
         out_model = model.merge_and_unload() if lora_enabled else model
         # float32 masters are exported in the spec dtype (bf16 on GPUs); float32 runs write as they are
-        state = export_state_dict(out_model.state_dict(), precision) if precision.export != precision.master \
-            else None
+        state = export_state_dict(out_model.state_dict(), precision) if precision.export != precision.master else None
     tmp = final.with_name(f".{final.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     if state is not None:
@@ -85,6 +102,12 @@ def optimizer_for(params, spec, total_steps: int):
     float32 with master weights)."""
     from .optim import build_optimizer
 
-    return build_optimizer(params, lr=spec.learning_rate, weight_decay=spec.weight_decay,
-                           betas=(spec.beta1, spec.beta2), schedule=spec.schedule,
-                           warmup_steps=spec.warmup_steps, total_steps=total_steps)
+    return build_optimizer(
+        params,
+        lr=spec.learning_rate,
+        weight_decay=spec.weight_decay,
+        betas=(spec.beta1, spec.beta2),
+        schedule=spec.schedule,
+        warmup_steps=spec.warmup_steps,
+        total_steps=total_steps,
+    )

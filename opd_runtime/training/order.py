@@ -6,7 +6,8 @@ The position (``step * prompts_per_step``) is all a resumed run needs to continu
 from __future__ import annotations
 
 import random
-from typing import Sequence, TypeVar
+from collections.abc import Sequence
+from typing import TypeVar
 
 T = TypeVar("T")
 

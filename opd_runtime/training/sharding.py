@@ -72,8 +72,11 @@ def shard(model, precision: Precision, dev: torch.device):
         for p in model.parameters():
             p.data = p.data.to(precision.master)
     mesh = init_device_mesh(dev.type, (distributed.world_size(),))
-    policy = MixedPrecisionPolicy(param_dtype=precision.compute, reduce_dtype=torch.float32) \
-        if precision.mixed else MixedPrecisionPolicy()
+    policy = (
+        MixedPrecisionPolicy(param_dtype=precision.compute, reduce_dtype=torch.float32)
+        if precision.mixed
+        else MixedPrecisionPolicy()
+    )
     # the decoder layer classes are the ones the model says must not be split across devices
     layer_classes = set(getattr(model, "_no_split_modules", None) or ())
     layers = [m for m in model.modules() if type(m).__name__ in layer_classes]

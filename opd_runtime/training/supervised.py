@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -20,16 +20,33 @@ def completion_nll(model, batch) -> tuple[torch.Tensor, int]:
     return (nll * mask).sum(), int(mask.sum())
 
 
-def fit(model, examples: Sequence[tuple[list[int], list[int]]], *, pad_id: int, steps: int,
-        batch_size: int, lr: float, seed: int = 0, warmup_steps: int = 0, schedule: str = "cosine",
-        weight_decay: float = 0.0, max_grad_norm: float = 1.0,
-        on_step: Callable[[int, float], None] | None = None) -> list[float]:
+def fit(
+    model,
+    examples: Sequence[tuple[list[int], list[int]]],
+    *,
+    pad_id: int,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int = 0,
+    warmup_steps: int = 0,
+    schedule: str = "cosine",
+    weight_decay: float = 0.0,
+    max_grad_norm: float = 1.0,
+    on_step: Callable[[int, float], None] | None = None,
+) -> list[float]:
     """A compact in-memory SFT loop, used to build the tiny world's teacher and weak students."""
     rng = random.Random(seed)
     order: list[int] = []
-    optimizer, scheduler = build_optimizer(model.parameters(), lr=lr, weight_decay=weight_decay,
-                                           betas=(0.9, 0.95), schedule=schedule,
-                                           warmup_steps=warmup_steps, total_steps=steps)
+    optimizer, scheduler = build_optimizer(
+        model.parameters(),
+        lr=lr,
+        weight_decay=weight_decay,
+        betas=(0.9, 0.95),
+        schedule=schedule,
+        warmup_steps=warmup_steps,
+        total_steps=steps,
+    )
     model.train()
     losses = []
     for step in range(steps):

@@ -3,8 +3,28 @@ kube-scheduler and kwok as local processes (``cluster.py``), from binaries built
 (``binaries.py``); the pytest plugin ``controlplane.fixtures`` provides the session fixture ``control_plane``.
 """
 
-from .cluster import (EXIT_CODE_ANNOTATION, NODE_NAME, STORAGE_CLASS, TERMINATION_MESSAGE_ANNOTATION, ApiError,
-                      ControlPlane, ControlPlaneError, container, restricted_security_context, start)
+from .cluster import (
+    EXIT_CODE_ANNOTATION,
+    NODE_NAME,
+    STORAGE_CLASS,
+    TERMINATION_MESSAGE_ANNOTATION,
+    ApiError,
+    ControlPlane,
+    ControlPlaneError,
+    container,
+    restricted_security_context,
+    start,
+)
 
-__all__ = ["EXIT_CODE_ANNOTATION", "NODE_NAME", "STORAGE_CLASS", "TERMINATION_MESSAGE_ANNOTATION", "ApiError",
-           "ControlPlane", "ControlPlaneError", "container", "restricted_security_context", "start"]
+__all__ = [
+    "EXIT_CODE_ANNOTATION",
+    "NODE_NAME",
+    "STORAGE_CLASS",
+    "TERMINATION_MESSAGE_ANNOTATION",
+    "ApiError",
+    "ControlPlane",
+    "ControlPlaneError",
+    "container",
+    "restricted_security_context",
+    "start",
+]

