@@ -32,16 +32,35 @@ import subprocess
 import sys
 import time
 
-GIB = 1024 ** 3
-SHAPE = dict(vocab_size=151936, hidden_size=2048, num_hidden_layers=2, num_attention_heads=16,
-             num_key_value_heads=8, head_dim=128, intermediate_size=6144, tie_word_embeddings=True,
-             max_position_embeddings=40960)
+GIB = 1024**3
+SHAPE = dict(
+    vocab_size=151936,
+    hidden_size=2048,
+    num_hidden_layers=2,
+    num_attention_heads=16,
+    num_key_value_heads=8,
+    head_dim=128,
+    intermediate_size=6144,
+    tie_word_embeddings=True,
+    max_position_embeddings=40960,
+)
 FULL, QUARTER = 16384, 4096
 CASES = [  # most important first: partial runs still answer the targets
-    ("sft", "new", FULL), ("sft", "new", QUARTER), ("sft", "naive", FULL), ("sft", "naive", QUARTER),
-    ("opd-kl", "new", QUARTER), ("opd-kl", "naive", QUARTER), ("opd-kl", "naive", FULL), ("opd-kl", "new", FULL),
-    ("head", "new", 1024), ("head", "new", 4096), ("head", "naive", 1024), ("head", "naive", 4096),
-    ("opd-is", "new", FULL), ("opd-is", "new", QUARTER), ("opd-is", "naive", QUARTER),
+    ("sft", "new", FULL),
+    ("sft", "new", QUARTER),
+    ("sft", "naive", FULL),
+    ("sft", "naive", QUARTER),
+    ("opd-kl", "new", QUARTER),
+    ("opd-kl", "naive", QUARTER),
+    ("opd-kl", "naive", FULL),
+    ("opd-kl", "new", FULL),
+    ("head", "new", 1024),
+    ("head", "new", 4096),
+    ("head", "naive", 1024),
+    ("head", "naive", 4096),
+    ("opd-is", "new", FULL),
+    ("opd-is", "new", QUARTER),
+    ("opd-is", "naive", QUARTER),
 ]
 
 
@@ -88,8 +107,7 @@ def ready_optimizer(model):
     opt = torch.optim.AdamW(params, lr=1e-5)
     for p in params:
         p.grad = torch.zeros_like(p)  # backward accumulates into these buffers
-        opt.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
-                        "exp_avg_sq": torch.zeros_like(p)}
+        opt.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
     return opt
 
 
@@ -128,8 +146,13 @@ def traces(tokens: int, count: int, seed: int) -> list[tuple[list[int], list[int
     gen = torch.Generator().manual_seed(seed)
     n = tokens // count
     p = n // 8
-    return [(torch.randint(0, SHAPE["vocab_size"], (p,), generator=gen).tolist(),
-             torch.randint(0, SHAPE["vocab_size"], (n - p,), generator=gen).tolist()) for _ in range(count)]
+    return [
+        (
+            torch.randint(0, SHAPE["vocab_size"], (p,), generator=gen).tolist(),
+            torch.randint(0, SHAPE["vocab_size"], (n - p,), generator=gen).tolist(),
+        )
+        for _ in range(count)
+    ]
 
 
 # --- the naive path: the code before chunking, reproduced ---------------------------------------------
@@ -140,15 +163,19 @@ def naive_pack_mask(examples):
     import torch
 
     T = sum(len(p) + len(c) for p, c in examples)
-    ids, pos, seg, loss = (torch.zeros(1, T, dtype=torch.long), torch.zeros(1, T, dtype=torch.long),
-                           torch.zeros(1, T, dtype=torch.long), torch.zeros(1, T))
+    ids, pos, seg, loss = (
+        torch.zeros(1, T, dtype=torch.long),
+        torch.zeros(1, T, dtype=torch.long),
+        torch.zeros(1, T, dtype=torch.long),
+        torch.zeros(1, T),
+    )
     at = 0
     for k, (p, c) in enumerate(examples):
         n = len(p) + len(c)
-        ids[0, at: at + n] = torch.tensor(p + c)
-        pos[0, at: at + n] = torch.arange(n)
-        seg[0, at: at + n] = k
-        loss[0, at + len(p): at + n] = 1
+        ids[0, at : at + n] = torch.tensor(p + c)
+        pos[0, at : at + n] = torch.arange(n)
+        seg[0, at : at + n] = k
+        loss[0, at + len(p) : at + n] = 1
         at += n
     allowed = (seg[:, :, None] == seg[:, None, :]) & (torch.arange(T)[:, None] >= torch.arange(T)[None, :])
     mask = torch.zeros(1, 1, T, T)
@@ -180,7 +207,7 @@ def naive_opd_loss(model, teacher_model, samples, loss_name):
         del t_logits
     old_lp_BT = torch.zeros_like(batch.loss_mask_BT)
     for i, s in enumerate(samples):
-        old_lp_BT[i, len(s.prompt_ids):] = torch.tensor(s.logprobs)
+        old_lp_BT[i, len(s.prompt_ids) :] = torch.tensor(s.logprobs)
     mask = batch.loss_mask_BT
     logits = model(input_ids=batch.input_ids_BT, attention_mask=batch.attention_mask_BT).logits
     new_lp = token_logprobs(logits, batch.input_ids_BT)
@@ -252,8 +279,13 @@ def run_case(kind: str, path: str, tokens: int, samplers: list, limit: int, on_l
         def loss_fn():
             if not new:
                 return naive_opd_loss(model, teacher_model, samples, loss_name)
-            cfg = DistillSpec(prompts={"name": "tinymath"}, prompts_per_step=8, samples_per_prompt=1,
-                              micro_batch_size=8, loss=loss_name)
+            cfg = DistillSpec(
+                prompts={"name": "tinymath"},
+                prompts_per_step=8,
+                samples_per_prompt=1,
+                micro_batch_size=8,
+                loss=loss_name,
+            )
             teacher = LocalTeacher(teacher_model, micro_batch_size=8)
             teacher_lp = None if loss_name == "full_forward_kl" else teacher.score(samples)
             train_on_samples(model, samples, teacher_lp, cfg, 0, teacher)  # backward inside
@@ -269,8 +301,7 @@ def run_case(kind: str, path: str, tokens: int, samplers: list, limit: int, on_l
         del loss
         backward_peak = sampler.peak
         opt.step()
-    return {"base": base, "backward_peak": backward_peak, "peak": sampler.peak,
-            "seconds": time.perf_counter() - t0}
+    return {"base": base, "backward_peak": backward_peak, "peak": sampler.peak, "seconds": time.perf_counter() - t0}
 
 
 def child(kind: str, path: str, tokens: int, limit_gib: float) -> None:
@@ -285,8 +316,7 @@ def child(kind: str, path: str, tokens: int, limit_gib: float) -> None:
     status = f"OOM at {limit_gib:g} GiB"
 
     def over_limit(peak: int) -> None:
-        print("RESULT " + json.dumps({**out, "status": status, "peak": peak, "process_peak": peak_bytes()}),
-              flush=True)
+        print("RESULT " + json.dumps({**out, "status": status, "peak": peak, "process_peak": peak_bytes()}), flush=True)
         os._exit(0)
 
     samplers: list[PeakSampler] = []
@@ -303,16 +333,20 @@ def child(kind: str, path: str, tokens: int, limit_gib: float) -> None:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| case | tokens | path | peak RSS of the step (GiB) | weights+optimizer (GiB) "
-             "| forward+backward above it (GiB) | seconds | status |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| case | tokens | path | peak RSS of the step (GiB) | weights+optimizer (GiB) "
+        "| forward+backward above it (GiB) | seconds | status |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         ok = r["status"] == "ok"
         base = f"{r['base'] / GIB:.2f}" if "base" in r else "-"
         above = f"{(r['backward_peak'] - r['base']) / GIB:.2f}" if ok else "-"
         peak = f"{r['peak'] / GIB:.2f}" if ok else f">{r['peak'] / GIB:.1f}"
         secs = f"{r['seconds']:.0f}" if ok else "-"
-        lines.append(f"| {r['case']} | {r['tokens']} | {r['path']} | {peak} | {base} | {above} | {secs} "
-                     f"| {r['status']} |")
+        lines.append(
+            f"| {r['case']} | {r['tokens']} | {r['path']} | {peak} | {base} | {above} | {secs} | {r['status']} |"
+        )
     return "\n".join(lines)
 
 
@@ -325,21 +359,27 @@ def checks(rows: list[dict]) -> list[str]:
 
     if ("sft", "new", FULL) in by:
         peak = by[("sft", "new", FULL)]["peak"] / GIB
-        out.append(f"SFT step on a packed {FULL}-token row: peak {peak:.2f} GiB (target <= 12): "
-                   + ("PASS" if peak <= 12 else "FAIL"))
+        out.append(
+            f"SFT step on a packed {FULL}-token row: peak {peak:.2f} GiB (target <= 12): "
+            + ("PASS" if peak <= 12 else "FAIL")
+        )
     for kind in ("sft", "opd-kl", "opd-is"):
         for path in ("new", "naive"):
             a, b = (kind, path, FULL), (kind, path, QUARTER)
             if a in by and b in by:
                 ratio = above(a) / above(b)
-                out.append(f"{kind} {path}: memory above weights+optimizer at {FULL} / at {QUARTER} tokens = "
-                           f"{ratio:.2f} (target <= 4.5)" + (": PASS" if path == "new" and ratio <= 4.5 else
-                                                           ": FAIL" if path == "new" else ""))
+                out.append(
+                    f"{kind} {path}: memory above weights+optimizer at {FULL} / at {QUARTER} tokens = "
+                    f"{ratio:.2f} (target <= 4.5)"
+                    + (": PASS" if path == "new" and ratio <= 4.5 else ": FAIL" if path == "new" else "")
+                )
     for path in ("new", "naive"):
         a, b = ("head", path, 4096), ("head", path, 1024)
         if a in by and b in by:
-            out.append(f"loss head alone, {path}: above at 4096 tokens (8 chunks of 512) / at 1024 (2 chunks) = "
-                       f"{above(a) / above(b):.2f}" + (" (flat: logits memory is one chunk)" if path == "new" else ""))
+            out.append(
+                f"loss head alone, {path}: above at 4096 tokens (8 chunks of 512) / at 1024 (2 chunks) = "
+                f"{above(a) / above(b):.2f}" + (" (flat: logits memory is one chunk)" if path == "new" else "")
+            )
     return out
 
 
@@ -367,14 +407,22 @@ def main() -> None:
     rows = []
     for kind, path, tokens in cases:
         name = f"{kind}-{path}-{tokens}"
-        proc = subprocess.run([sys.executable, __file__, "--child", kind, path, str(tokens),
-                               "--limit-gib", str(args.limit_gib)], capture_output=True, text=True)
+        proc = subprocess.run(
+            [sys.executable, __file__, "--child", kind, path, str(tokens), "--limit-gib", str(args.limit_gib)],
+            capture_output=True,
+            text=True,
+        )
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if line is None:  # killed (e.g. by the kernel) or crashed: report it, keep going
-            r = {"case": kind, "path": path, "tokens": tokens, "peak": 0,
-                 "status": f"failed (rc {proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}"}
+            r = {
+                "case": kind,
+                "path": path,
+                "tokens": tokens,
+                "peak": 0,
+                "status": f"failed (rc {proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}",
+            }
         else:
-            r = json.loads(line[len("RESULT "):])
+            r = json.loads(line[len("RESULT ") :])
         rows.append(r)
         print(f"{name}: {r['status']}, peak {r['peak'] / GIB:.2f} GiB", file=sys.stderr, flush=True)
         if args.results:
