@@ -81,7 +81,7 @@ lint-fix: $(BIN)/ruff
 test: $(VENV)/.installed-vllm
 	$(MAKE) --no-print-directory lint
 	$(BIN)/python tests/controlplane/binaries.py
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=20
 
 # No control plane (no Go build), no vLLM, nothing marked slow: minutes on a fresh clone once the venv exists.
 test-fast: venv
