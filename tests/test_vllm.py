@@ -444,15 +444,17 @@ def test_vllm_sampler_merges_lora_weights(vllm_sampler, world):
 
 # --- d. OPD with the served teacher and the vLLM sampler -----------------------------------------------
 
-# The student starts from tiny://student-init (random weights): its reverse KL to the teacher (~13 nats
-# per token) falls at once and steadily. The weak SFT'd student (tiny://student, ~0.67 nats) does not
-# show it within tens of steps: with forward KL at lr 3e-4 its held-out reverse KL first rises (0.67 ->
-# 0.81 after 10 steps, 1.01 after 40, on the vLLM path and on the HF/local path alike) and only falls
-# over a few hundred steps (README, "What we measured on the tiny world").
+# The student starts from tiny://student-init (random weights) and trains the run's loss, forward KL
+# against the served teacher's top-20. What that loss must do is fall: 3-step means of the steps' own
+# loss, 5.43 -> 3.44 on the 2026-12-02 world. Held-out *reverse* KL is not what forward KL minimises and
+# is world-dependent from a random start: it fell 12.96 -> 12.32 on the 2026-11-25 world but rose
+# 10.48 -> 11.20 on the 2026-12-02 one (mode-covering early steps); it is printed, not asserted. The
+# weak SFT'd student (tiny://student) likewise first rises in reverse KL under forward KL (README,
+# "What we measured on the tiny world").
 OPD_STEPS = 12
 
 
-def test_opd_with_served_teacher_and_vllm_sampler_lowers_reverse_kl(server, world, hf_teacher, tmp_path):
+def test_opd_with_served_teacher_and_vllm_sampler_lowers_its_loss(server, world, hf_teacher, tmp_path):
     doc = run_doc(steps=OPD_STEPS, optimizer={"learningRate": 1.0e-3})
     doc["spec"]["student"]["model"] = "tiny://student-init"
     config = tmp_path / "run.yaml"
@@ -490,8 +492,11 @@ def test_opd_with_served_teacher_and_vllm_sampler_lowers_reverse_kl(server, worl
         f"{mean['teacher_seconds']:.2f}, train {mean['train_seconds']:.2f}, weight sync "
         f"{mean['weight_sync_seconds']:.2f})"
     )
-    assert after < before - 0.3  # measured: 12.96 -> 12.32 after 10 steps
-    assert last < first
+    loss_first, loss_last = (sum(m["loss"] for m in lines[:3]) / 3, sum(m["loss"] for m in lines[-3:]) / 3)
+    print(f"forward-KL loss (3-step means) {loss_first:.3f} -> {loss_last:.3f}")
+    # measured 5.43 -> 3.44 (-37%); a sign error or a sampler that never took the new weights would not fall
+    assert loss_last < 0.8 * loss_first
+    assert all(m["loss"] > 0 for m in lines)
     # every step changed the weights, so every step reloaded them, inside its sampling time
     assert all(0 < m["weight_sync_seconds"] < m["sample_seconds"] for m in lines)
 
