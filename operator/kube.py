@@ -16,6 +16,7 @@ from urllib.parse import quote, urlencode
 from opd_runtime.contract import API_VERSION, GROUP, PLURAL, VERSION
 
 from . import names
+from .observe import KINDS
 from .reconcile import Action, Event
 
 Manifest = dict[str, Any]
@@ -152,22 +153,10 @@ class RestApi:
 
 # ---- applying a decision ---------------------------------------------------------------------------
 
-CHILD_KINDS = (
-    "ServiceAccount",
-    "Role",
-    "RoleBinding",
-    "ConfigMap",
-    "PersistentVolumeClaim",
-    "Job",
-    "Pod",
-    "Deployment",
-    "Service",
-)
-
 
 def list_children(api: Api, namespace: str, run: str) -> dict[str, list[Manifest]]:
     selector = names.selector(run)
-    return {kind: api.list(kind, namespace, selector) for kind in CHILD_KINDS}
+    return {kind: api.list(kind, namespace, selector) for kind in KINDS}
 
 
 def apply_action(api: Api, namespace: str, action: Action) -> None:
