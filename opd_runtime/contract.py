@@ -15,6 +15,13 @@ VERSION: Final = "v1alpha1"
 API_VERSION: Final = "opd.dev/v1alpha1"  # GROUP/VERSION, spelled out: type checkers then see the literal
 KIND: Final = "DistillationRun"
 PLURAL: Final = "distillationruns"
+# A run's name, checked alike by the spec (`opd validate`, `opd run`) and the CRD (the API server). Child
+# objects are named <run>-<suffix>: the longest, a stage Job `<run>-distill-<attempt>`, adds up to 12
+# characters, and the Job controller adds 6 more (`-xxxxx`) to each pod's name, whose Job name is also a
+# label value (at most 63 characters): 45 + 12 + 6 = 63. It must start with a letter because
+# `<run>-teacher` names a Service (an RFC 1035 label).
+MAX_RUN_NAME_LENGTH: Final = 45
+RUN_NAME_PATTERN: Final = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 
 # ---- stages -------------------------------------------------------------------------------------------
 # Every stage a run can have, in execution order. ``teacher`` is the vLLM server the OPD learner scores

@@ -5,7 +5,16 @@ generated from them (``opd spec-reference``), and the CRD's OpenAPI schema is to
 """
 
 from ..contract import API_VERSION, GROUP, KIND, VERSION
-from .models import DatasetSpec, LoraSpec, ModelSpec, OptimizerSpec, ResourcesSpec, TeacherServingSpec, TeacherSpec
+from .models import (
+    DatasetSpec,
+    LoraSpec,
+    ModelCacheSpec,
+    ModelSpec,
+    OptimizerSpec,
+    ResourcesSpec,
+    TeacherServingSpec,
+    TeacherSpec,
+)
 from .run import DistillationRun, DistillationRunSpec, SpecError, WorkspaceSpec, load_run, parse_run
 from .stages import CheckpointingSpec, DistillSpec, EvalDatasetSpec, EvalSpec, SamplerSpec, SftSpec
 
@@ -22,6 +31,7 @@ __all__ = [
     "EvalDatasetSpec",
     "EvalSpec",
     "LoraSpec",
+    "ModelCacheSpec",
     "ModelSpec",
     "OptimizerSpec",
     "ResourcesSpec",

@@ -9,6 +9,10 @@ from pydantic import Field, model_validator
 from .base import SpecModel
 
 Dtype = Literal["auto", "bfloat16", "float16", "float32"]
+AccessMode = Literal["ReadWriteOnce", "ReadWriteMany", "ReadWriteOncePod"]
+# Access modes that let only one node mount a volume: pods on other nodes wait forever (Multi-Attach).
+SINGLE_NODE_ACCESS = frozenset({"ReadWriteOnce", "ReadWriteOncePod"})
+MODEL_CACHE_MOUNT = "/model-cache"  # where teacher pods mount their model cache (operator and docs)
 
 
 class ModelSpec(SpecModel):
@@ -68,6 +72,25 @@ class TeacherServingSpec(SpecModel):
     resources: ResourcesSpec | None = Field(
         None, description="Pod resources of each teacher replica; by default it requests tensorParallelSize GPUs."
     )
+    model_cache: ModelCacheSpec = Field(
+        default_factory=lambda: ModelCacheSpec(),
+        description="Where teacher pods keep the model they serve (Kubernetes only; `opd run` serves from the "
+        "workdir). Teacher pods never mount the run's workspace, so they can run on any node while a stage "
+        "holds a ReadWriteOnce workspace.",
+    )
+
+    @model_validator(mode="after")
+    def _cache_reachable_by_every_replica(self) -> Self:
+        cache = self.model_cache
+        if self.replicas > 1 and cache.existing_claim and SINGLE_NODE_ACCESS.issuperset(cache.access_modes):
+            raise ValueError(
+                f"replicas {self.replicas} share modelCache.existingClaim {cache.existing_claim!r}, whose "
+                f"accessModes {cache.access_modes} let only one node mount it: replicas scheduled on other "
+                "nodes would wait forever (Multi-Attach). Use a ReadWriteMany claim and set "
+                "`modelCache.accessModes: [ReadWriteMany]`, or drop `modelCache.existingClaim` (each replica "
+                "gets its own emptyDir), or set `replicas: 1`"
+            )
+        return self
 
 
 class TeacherSpec(ModelSpec):
@@ -127,7 +150,12 @@ class OptimizerSpec(SpecModel):
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW decoupled weight decay.")
     beta1: float = Field(0.9, ge=0.0, lt=1.0, description="AdamW beta1.")
     beta2: float = Field(0.95, ge=0.0, lt=1.0, description="AdamW beta2.")
-    max_grad_norm: float = Field(1.0, gt=0.0, description="Clip the global gradient norm to this value.")
+    max_grad_norm: float | None = Field(
+        1.0,
+        gt=0.0,
+        description="Clip the global gradient norm to this value before each optimizer step; empty (null): "
+        "no clipping (the norm is still logged as grad_norm).",
+    )
 
 
 # A Kubernetes resource quantity such as 8, 500m, 64Gi or 1.5G.
@@ -138,3 +166,39 @@ class ResourcesSpec(SpecModel):
     gpus: int = Field(1, ge=0, description="GPUs (nvidia.com/gpu) the stage's pod requests.")
     cpu: str | None = Field(None, pattern=QUANTITY, description="CPU request and limit, e.g. `8`.")
     memory: str | None = Field(None, pattern=QUANTITY, description="Memory request and limit, e.g. `64Gi`.")
+
+
+class TrainingResourcesSpec(ResourcesSpec):
+    """Resources of a training stage (sft, distill), which may span several pods."""
+
+    nodes: int = Field(
+        1,
+        ge=1,
+        description="Pods (normally one per node) the stage spans, each with `gpus` GPUs and one training "
+        "process per GPU (one process with no GPU). Above 1 the stage runs as an Indexed Job of this many pods "
+        "that meet through a headless Service (torchrun rendezvous on pod 0) and fail and retry together: one "
+        "failed pod fails the attempt, and the next attempt restarts every pod from the last checkpoint. Every "
+        "pod mounts the workspace, so it needs `workspace.accessModes: [ReadWriteMany]`.",
+    )
+
+
+class ModelCacheSpec(SpecModel):
+    existing_claim: str | None = Field(
+        None,
+        description=f"A PersistentVolumeClaim mounted at {MODEL_CACHE_MOUNT} in every teacher pod: e.g. "
+        "ReadWriteMany, or pre-filled so no replica downloads the model. Hub downloads (HF_HOME) and "
+        "`tiny://` builds go there, and a relative teacher model path (`./NAME`) resolves against it. "
+        "Empty: each teacher pod gets its own emptyDir and fetches the model when it starts.",
+    )
+    access_modes: list[AccessMode] = Field(
+        default_factory=lambda: list[AccessMode](["ReadWriteOnce"]),
+        min_length=1,
+        description="The access modes of existingClaim, as its PVC declares them. With only ReadWriteOnce "
+        "or ReadWriteOncePod one node can mount it, so validation refuses `replicas` above 1.",
+    )
+    size_limit: str | None = Field(
+        None,
+        pattern=QUANTITY,
+        description="Without existingClaim: the emptyDir's size limit, e.g. `100Gi` (the kubelet evicts a "
+        "pod that writes more). Empty: no limit.",
+    )

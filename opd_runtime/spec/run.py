@@ -8,12 +8,10 @@ from typing import Any, Literal, Self
 
 from pydantic import ConfigDict, Field, ValidationError, model_validator
 
-from ..contract import API_VERSION, BATCH_STAGES, KIND
+from ..contract import API_VERSION, BATCH_STAGES, KIND, MAX_RUN_NAME_LENGTH, RUN_NAME_PATTERN
 from .base import SpecModel
-from .models import QUANTITY, ModelSpec, TeacherSpec
+from .models import QUANTITY, SINGLE_NODE_ACCESS, AccessMode, ModelSpec, TeacherSpec
 from .stages import DistillSpec, EvalSpec, SftSpec
-
-AccessMode = Literal["ReadWriteOnce", "ReadWriteMany", "ReadWriteOncePod"]
 
 
 class WorkspaceSpec(SpecModel):
@@ -72,13 +70,66 @@ class DistillationRunSpec(SpecModel):
             raise ValueError("enable at least one of the stages `sft`, `distill`, `eval`")
         return self
 
+    @model_validator(mode="after")
+    def _eval_targets_are_run(self) -> Self:
+        # eval scores the final model of the stages it names; one this run does not produce would make the
+        # eval stage fail only after SFT and OPD have run, hours later
+        if self.eval is None or not self.eval.enabled:
+            return self
+        enabled = self.enabled_stages()
+        for target in self.eval.targets:
+            if target in BATCH_STAGES and target not in enabled:
+                raise ValueError(
+                    f"eval.targets names `{target}`, a stage this run does not enable: enable spec.{target} "
+                    f"or remove `{target}` from spec.eval.targets"
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _workspace_reachable_by_every_node(self) -> Self:
+        # Every rank of a multi-node stage writes the workspace (checkpoint shards). `resources.nodes` is
+        # read with getattr so this check holds from the moment the multi-node field lands in ResourcesSpec.
+        for name in ("sft", "distill"):
+            stage = getattr(self, name)
+            nodes = getattr(stage.resources, "nodes", 1) if stage is not None and stage.enabled else 1
+            if nodes > 1 and SINGLE_NODE_ACCESS.issuperset(self.workspace.access_modes):
+                raise ValueError(
+                    f"{name}.resources.nodes {nodes} puts the stage on {nodes} nodes, but "
+                    f"workspace.accessModes {self.workspace.access_modes} let only one node mount the "
+                    "workspace: the other ranks would wait forever (Multi-Attach). Set `workspace.accessModes: "
+                    "[ReadWriteMany]` with a storageClassName that provides it (or an existingClaim that is "
+                    f"ReadWriteMany), or `{name}.resources.nodes: 1`"
+                )
+        return self
+
     def enabled_stages(self) -> list[str]:
         return [name for name in BATCH_STAGES if getattr(self, name) is not None and getattr(self, name).enabled]
+
+    def notes(self) -> list[str]:
+        """What validation says about a valid spec: fields that are set but have no effect in this run."""
+        d = self.distill
+        if d is None or not d.enabled or d.objective != "rl":
+            return []
+        evals_teacher = self.eval is not None and self.eval.enabled and "teacher" in self.eval.targets
+        model_use = (
+            "spec.teacher.model is used only by eval target `teacher`"
+            if evals_teacher
+            else "spec.teacher.model is not used by this run"
+        )
+        return [
+            "spec.distill.objective rl: the reward is the graded answer, so no teacher is served, loaded or "
+            "contacted for the distill stage; ignored: spec.teacher.backend, spec.teacher.serving, "
+            f"spec.teacher.tokenizer, spec.distill.klCoef, spec.distill.discount ({model_use})"
+        ]
 
 
 class Metadata(SpecModel):
     name: str = Field(
-        "run", pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=63, description="Run name (a DNS label)."
+        "run",
+        pattern=RUN_NAME_PATTERN,
+        max_length=MAX_RUN_NAME_LENGTH,
+        description=f"Run name: lowercase letters, digits and '-', starting with a letter, at most "
+        f"{MAX_RUN_NAME_LENGTH} characters (the names of its Jobs, pods and teacher Service are derived from it).",
     )
     namespace: str | None = Field(None, description="Namespace.")
     model_config = SpecModel.model_config | ConfigDict(extra="ignore")

