@@ -12,8 +12,18 @@ from typing import Any
 
 import yaml
 
-from opd_runtime.plan import planned_stages, stage_command
+from opd_runtime.contract import TRAINING_STAGES
+from opd_runtime.plan import (
+    RENDEZVOUS_PORT,
+    launcher_argv,
+    planned_stages,
+    processes_per_pod,
+    serves_teacher,
+    stage_command,
+    teacher_resources,
+)
 from opd_runtime.spec import DistillationRun, ResourcesSpec
+from opd_runtime.spec.models import MODEL_CACHE_MOUNT
 
 from . import names
 from .rbac import stage_rules
@@ -165,11 +175,6 @@ def resources(spec: ResourcesSpec) -> Manifest:
     return {"requests": dict(amounts), "limits": dict(amounts)} if amounts else {}
 
 
-def teacher_resources(run: DistillationRun) -> ResourcesSpec:
-    serving = run.spec.teacher.serving
-    return serving.resources or ResourcesSpec.model_validate({"gpus": serving.tensor_parallel_size})
-
-
 def _volumes(obj: Manifest, run: DistillationRun) -> list[Manifest]:
     claim = run.spec.workspace.existing_claim or names.workspace_claim(obj["metadata"]["name"])
     return [
@@ -186,40 +191,55 @@ _MOUNTS: list[Manifest] = [
 ]
 
 
-def _env(obj: Manifest, extra: dict[str, str]) -> list[Manifest]:
+def _env(obj: Manifest, extra: dict[str, str], *, cache_root: str = names.WORKSPACE_MOUNT) -> list[Manifest]:
     env = {
         **extra,
         "OPD_RUN_NAME": obj["metadata"]["name"],
         "OPD_RUN_NAMESPACE": obj["metadata"]["namespace"],
         "OPD_TERMINATION_LOG": names.TERMINATION_LOG,
-        "OPD_CACHE_DIR": f"{names.WORKSPACE_MOUNT}/.cache/opd",
-        "HF_HOME": f"{names.WORKSPACE_MOUNT}/.cache/huggingface",
+        "OPD_CACHE_DIR": f"{cache_root}/.cache/opd",
+        "HF_HOME": f"{cache_root}/.cache/huggingface",
     }
     return [{"name": k, "value": v} for k, v in env.items()]
 
 
 def _container(
-    obj: Manifest, run: DistillationRun, stage: str, argv: tuple[str, ...], env: dict[str, str], res: ResourcesSpec
+    obj: Manifest,
+    run: DistillationRun,
+    stage: str,
+    argv: tuple[str, ...],
+    env: dict[str, str],
+    res: ResourcesSpec,
+    *,
+    mounts: list[Manifest] = _MOUNTS,
+    cache_root: str = names.WORKSPACE_MOUNT,
 ) -> Manifest:
     return {
         "name": stage,
         "image": run.spec.image,
         "imagePullPolicy": run.spec.image_pull_policy,
         "command": list(argv),
-        "env": _env(obj, env),
+        "env": _env(obj, env, cache_root=cache_root),
         "resources": resources(res),
-        "volumeMounts": [dict(m) for m in _MOUNTS],
+        "volumeMounts": [dict(m) for m in mounts],
         "terminationMessagePath": names.TERMINATION_LOG,
         "terminationMessagePolicy": "FallbackToLogsOnError",
         "securityContext": container_security_context(),
     }
 
 
-def _pod_spec(obj: Manifest, run: DistillationRun, container: Manifest, *, account: str | None) -> Manifest:
+def _pod_spec(
+    obj: Manifest,
+    run: DistillationRun,
+    container: Manifest,
+    *,
+    account: str | None,
+    volumes: list[Manifest] | None = None,
+) -> Manifest:
     spec: Manifest = {
         "securityContext": pod_security_context(),
         "containers": [container],
-        "volumes": _volumes(obj, run),
+        "volumes": _volumes(obj, run) if volumes is None else volumes,
     }
     if account:
         spec["serviceAccountName"] = account
@@ -232,15 +252,44 @@ def _pod_spec(obj: Manifest, run: DistillationRun, container: Manifest, *, accou
     return spec
 
 
-def stage_job(obj: Manifest, run: DistillationRun, stage: str, attempt: int) -> Manifest:
-    """The Job of one attempt of a batch stage (``sft``, ``distill``, ``eval``); Kubernetes never retries
-    it (backoffLimit 0): the operator decides about retries."""
+def nodes(run: DistillationRun, stage: str) -> int:
+    """Pods the stage's Job runs: ``resources.nodes`` for the training stages, 1 otherwise."""
+    return int(getattr(getattr(run.spec, stage).resources, "nodes", 1))
+
+
+def stage_argv(obj: Manifest, run: DistillationRun, stage: str, attempt: int) -> tuple[str, ...]:
+    """The stage container's command: ``stage_command``'s argv, for sft and distill behind the launcher
+    that starts one process per GPU (``plan.launcher_argv``) and, on several pods, meets pod 0."""
     run_name, ns = obj["metadata"]["name"], obj["metadata"]["namespace"]
     teacher_url = None
     if stage == "distill" and "teacher" in planned_stages(run):
         teacher_url = names.teacher_url(run_name, ns, run.spec.teacher.serving.port)
     cmd = stage_command(run, stage, config=names.CONFIG_PATH, workspace=names.WORKSPACE_MOUNT, teacher_url=teacher_url)
-    container = _container(obj, run, stage, cmd.argv, cmd.env, getattr(run.spec, stage).resources)
+    if stage not in TRAINING_STAGES:
+        return cmd.argv  # eval uses its GPUs through vLLM tensor parallelism, in one process
+    pods = nodes(run, stage)
+    prefix = launcher_argv(
+        processes_per_pod(getattr(run.spec, stage).resources.gpus),
+        nodes=pods,
+        master_addr=names.rank0_host(run_name, stage, attempt, ns) if pods > 1 else None,
+    )
+    return prefix + cmd.argv
+
+
+def stage_job(obj: Manifest, run: DistillationRun, stage: str, attempt: int) -> Manifest:
+    """The Job of one attempt of a batch stage (``sft``, ``distill``, ``eval``); Kubernetes never retries
+    it (backoffLimit 0): the operator decides about retries.
+
+    A training stage with ``resources.nodes`` N > 1 is an Indexed Job of N pods (hostnames ``<job>-<i>``
+    under the subdomain of ``ranks_service``). backoffLimit 0 makes the gang all-or-nothing: the first
+    failed pod fails the Job, the Job controller then deletes the other pods, and the operator's retry is
+    a new Job of N pods resuming from the last checkpoint. A per-index retry (backoffLimitPerIndex) would
+    bring back one pod into a torchrun world whose other members are stuck or gone: it cannot rejoin."""
+    run_name = obj["metadata"]["name"]
+    cmd = stage_command(run, stage, config=names.CONFIG_PATH, workspace=names.WORKSPACE_MOUNT)
+    container = _container(
+        obj, run, stage, stage_argv(obj, run, stage, attempt), cmd.env, getattr(run.spec, stage).resources
+    )
     if stage == "distill" and run.spec.distill and run.spec.distill.metrics_port:
         container["ports"] = [{"name": "metrics", "containerPort": run.spec.distill.metrics_port}]
     pod_labels = {**names.labels(run_name, stage), names.ATTEMPT_LABEL: str(attempt)}
@@ -250,24 +299,96 @@ def stage_job(obj: Manifest, run: DistillationRun, stage: str, attempt: int) -> 
         obj, names.job(run_name, stage, attempt), stage, annotations={names.SPEC_HASH_ANNOTATION: spec_hash(run)}
     )
     meta["labels"][names.ATTEMPT_LABEL] = str(attempt)
+    pods = nodes(run, stage)
+    spec: Manifest = {"backoffLimit": 0, "completions": pods, "parallelism": pods}
+    if pods > 1:
+        spec["completionMode"] = "Indexed"
+        pod_spec["subdomain"] = names.ranks_service(run_name, stage)
+    spec["template"] = {"metadata": {"labels": pod_labels}, "spec": pod_spec}
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": spec}
+
+
+def ranks_service(obj: Manifest, stage: str) -> Manifest:
+    """The headless Service of a multi-node stage: it gives each pod of its Jobs a DNS name
+    (``<job>-<index>.<service>``), so pod 0 can be the rendezvous host. Addresses are published before
+    the pods are ready: the ranks meet while they start, long before any readiness."""
+    run_name = obj["metadata"]["name"]
     return {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": meta,
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _meta(obj, names.ranks_service(run_name, stage), stage),
         "spec": {
-            "backoffLimit": 0,
-            "completions": 1,
-            "parallelism": 1,
-            "template": {"metadata": {"labels": pod_labels}, "spec": pod_spec},
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,
+            "selector": {names.RUN_LABEL: run_name, names.STAGE_LABEL: stage},
+            "ports": [{"name": "rendezvous", "port": RENDEZVOUS_PORT, "targetPort": RENDEZVOUS_PORT}],
         },
     }
+
+
+# ---- the teacher server: no workspace ------------------------------------------------------------------
+# Teacher pods mount a model cache of their own instead of the run's workspace, which is ReadWriteOnce by
+# default: replicas and the learner can then sit on different nodes. The teacher needs from its
+# `--workspace` only a place to resolve its model (hub download into HF_HOME, a `tiny://` build, a
+# relative path); the run file comes from the spec ConfigMap, as for every stage.
+_TEACHER_MOUNTS: list[Manifest] = [
+    {"name": "model-cache", "mountPath": MODEL_CACHE_MOUNT},
+    {"name": "spec", "mountPath": names.CONFIG_DIR, "readOnly": True},
+    {"name": "dshm", "mountPath": "/dev/shm"},
+]
+
+
+def _teacher_volumes(obj: Manifest, run: DistillationRun) -> list[Manifest]:
+    cache = run.spec.teacher.serving.model_cache
+    model_cache: Manifest
+    if cache.existing_claim:
+        model_cache = {"name": "model-cache", "persistentVolumeClaim": {"claimName": cache.existing_claim}}
+    else:
+        model_cache = {"name": "model-cache", "emptyDir": {"sizeLimit": cache.size_limit} if cache.size_limit else {}}
+    return [
+        model_cache,
+        {"name": "spec", "configMap": {"name": names.spec_configmap(obj["metadata"]["name"])}},
+        {"name": "dshm", "emptyDir": {"medium": "Memory"}},
+    ]
+
+
+def cluster_problems(run: DistillationRun) -> list[str]:
+    """What the spec models accept but a cluster cannot run: a served teacher model that lives where
+    teacher pods cannot read it. Each message names the field and the fix (the run fails as InvalidSpec)."""
+    if not serves_teacher(run):
+        return []
+    model, cache = run.spec.teacher.model, run.spec.teacher.serving.model_cache
+    where = names.WORKSPACE_MOUNT
+    if model == where or model.startswith(where + "/"):
+        return [
+            f"spec.teacher.model: {model} is on the run's workspace, which teacher pods do not mount (it is "
+            "ReadWriteOnce by default and held by the stage pods); put the model on a claim named in "
+            "spec.teacher.serving.modelCache.existingClaim and give its path relative to it (./NAME), or "
+            "use a hub id"
+        ]
+    if model.startswith(("./", "../")) and not cache.existing_claim:
+        return [
+            f"spec.teacher.model: {model} resolves against the teacher's model cache ({MODEL_CACHE_MOUNT}), "
+            "an empty emptyDir without spec.teacher.serving.modelCache.existingClaim; name a pre-filled claim "
+            "there, or use a hub id (or an absolute path inside the image)"
+        ]
+    return []
 
 
 def teacher_deployment(obj: Manifest, run: DistillationRun) -> Manifest:
     run_name = obj["metadata"]["name"]
     serving = run.spec.teacher.serving
-    cmd = stage_command(run, "teacher", config=names.CONFIG_PATH, workspace=names.WORKSPACE_MOUNT, port=serving.port)
-    container = _container(obj, run, "teacher", cmd.argv, cmd.env, teacher_resources(run))
+    cmd = stage_command(run, "teacher", config=names.CONFIG_PATH, workspace=MODEL_CACHE_MOUNT, port=serving.port)
+    container = _container(
+        obj,
+        run,
+        "teacher",
+        cmd.argv,
+        cmd.env,
+        teacher_resources(run),
+        mounts=_TEACHER_MOUNTS,
+        cache_root=MODEL_CACHE_MOUNT,
+    )
     container["ports"] = [{"name": "http", "containerPort": serving.port}]
     probe = {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 10}
     # Loading a large model takes minutes: a long startup budget, then quick readiness checks.
@@ -284,7 +405,10 @@ def teacher_deployment(obj: Manifest, run: DistillationRun) -> Manifest:
             "replicas": serving.replicas,
             "strategy": {"type": "Recreate"},
             "selector": {"matchLabels": {names.RUN_LABEL: run_name, names.STAGE_LABEL: "teacher"}},
-            "template": {"metadata": {"labels": pod_labels}, "spec": _pod_spec(obj, run, container, account=None)},
+            "template": {
+                "metadata": {"labels": pod_labels},
+                "spec": _pod_spec(obj, run, container, account=None, volumes=_teacher_volumes(obj, run)),
+            },
         },
     }
 

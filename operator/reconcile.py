@@ -20,7 +20,7 @@ from typing import Any, Literal
 import yaml
 
 from opd_runtime.contract import BATCH_STAGES, EXIT_BAD_CONFIG, TRAINING_STAGES
-from opd_runtime.plan import planned_stages
+from opd_runtime.plan import planned_stages, processes_per_pod
 from opd_runtime.spec import DistillationRun, SpecError, parse_run
 
 from . import children, conditions, names
@@ -204,6 +204,7 @@ class _Walk:
             ss = self.stages.get(name)
             if ss and ss.get("phase") in ("Running", "Waiting", "Retrying"):
                 ss["phase"] = "Pending"
+                ss.pop("ranks", None)
         self.status.update(
             phase="Suspended",
             message="Suspended: stage pods deleted, workspace kept; set "
@@ -317,6 +318,24 @@ class _Walk:
             f"{f' with exit code {code}' if code is not None else ''}: {error or 'no message'}"[:1000],
         )
 
+    def record_ranks(self, stage: str, ss: Manifest, job: JobView) -> None:
+        """A multi-node attempt's pods in the stage status (``ranks``) and the run's message."""
+        if job.pods <= 1:
+            ss.pop("ranks", None)
+            return
+        gpus = getattr(self.run.spec, stage).resources.gpus
+        ss["ranks"] = {
+            "pods": job.pods,
+            "processes": job.pods * processes_per_pod(gpus),
+            "running": job.running,
+            "ready": job.ready,
+        }
+
+    def drop_ranks_service(self, stage: str) -> None:
+        """A finished stage needs no rendezvous names any more."""
+        if self.observed.has("Service", names.ranks_service(self.name, stage)):
+            self.delete("Service", names.ranks_service(self.name, stage))
+
     def final_failure(self, ss: Manifest) -> str | None:
         """Why the stage's failure is final (no retry now), or None."""
         if ss.get("failures", 0) == 0 or ss.get("lastFailedAttempt") != ss.get("attempts"):
@@ -336,9 +355,12 @@ class _Walk:
         latest = next((j for j in jobs if j.attempt == ss["attempts"]), None)
         if latest is not None and latest.state == "active" and not latest.deleting:
             ss.update(phase="Running", job=latest.name)
+            self.record_ranks(stage, ss, latest)
             return "busy"
+        ss.pop("ranks", None)  # no attempt runs
         if latest is not None and latest.state == "succeeded":
             self.record_success(stage, ss, latest)
+            self.drop_ranks_service(stage)
             return "done"
         if latest is not None and latest.state == "failed" and ss.get("lastFailedAttempt") != latest.attempt:
             self.record_failure(stage, ss, latest)
@@ -347,6 +369,7 @@ class _Walk:
             if self.old_stage_phase(stage) != "Failed":
                 self.d.outcomes.append(StageOutcome(stage, "failed", self.seconds_since(ss.get("startTime"))))
             ss.update(phase="Failed", completionTime=ss.get("completionTime") or self.ts(), reason=why)
+            self.drop_ranks_service(stage)
             return "failed"
         ss.pop("reason", None)
         ss.pop("completionTime", None)
@@ -375,6 +398,9 @@ class _Walk:
                 return "busy"
         attempt = ss["attempts"] + 1
         job = children.stage_job(self.obj, self.run, stage, attempt)
+        service = names.ranks_service(self.name, stage)
+        if children.nodes(self.run, stage) > 1 and not self.observed.has("Service", service):
+            self.create(children.ranks_service(self.obj, stage))  # before the pods: their DNS names
         self.create(job)
         ss.update(phase="Running", attempts=attempt, job=job["metadata"]["name"])
         ss.setdefault("startTime", self.ts())
@@ -482,7 +508,9 @@ class _Walk:
             self.status.pop("completionTime", None)
             ss = self.stages[current]
             if ss.get("phase") == "Running":
-                self.status["message"] = f"{current}: running Job {ss.get('job')}"
+                ranks = ss.get("ranks")
+                pods = f" ({ranks['ready']}/{ranks['pods']} pods ready)" if ranks else ""
+                self.status["message"] = f"{current}: running Job {ss.get('job')}{pods}"
             self.cond(conditions.FAILED, False, "NoFailure", "")
             self.cond(conditions.READY, False, "InProgress", f"Stage {current} is {ss.get('phase', '').lower()}.")
         return self.finish(current)
@@ -515,8 +543,12 @@ def invalid(obj: Manifest, err: SpecError, now: datetime) -> Decision:
 
 def decide(obj: Manifest, observed: Observed, now: datetime) -> Decision:
     """What should exist for run ``obj`` given its ``observed`` children, and its new status."""
+    source = f"DistillationRun {obj['metadata']['name']}"
     try:
-        run = parse_run(obj, source=f"DistillationRun {obj['metadata']['name']}")
+        run = parse_run(obj, source=source)
     except SpecError as err:
         return invalid(obj, err, now)
+    problems = children.cluster_problems(run)
+    if problems:
+        return invalid(obj, SpecError(f"{source}: cannot run on Kubernetes:\n" + "\n".join(problems)), now)
     return _Walk(obj, run, observed, now).decide()

@@ -165,7 +165,7 @@ def test_teacher_deployment_serves_the_plan_command_and_requests_tensor_parallel
     dep = children.teacher_deployment(obj, run)
     container = dep["spec"]["template"]["spec"]["containers"][0]
     assert container["command"] == list(
-        stage_command(run, "teacher", config="/etc/opd/run.yaml", workspace="/workspace", port=8000).argv
+        stage_command(run, "teacher", config="/etc/opd/run.yaml", workspace="/model-cache", port=8000).argv
     )
     assert container["resources"]["limits"] == {"nvidia.com/gpu": "2"}
     assert dep["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
