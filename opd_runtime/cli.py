@@ -61,6 +61,8 @@ def _report_failure(report: StageReport | None, exit_code: int, error: str) -> N
 def cmd_validate(args) -> int:
     run = _load(args.config)
     print(f"{args.config}: valid DistillationRun {run.metadata.name!r}; stages: {', '.join(run.spec.enabled_stages())}")
+    for note in run.spec.notes():
+        print(f"note: {note}")
     return EXIT_OK
 
 
@@ -82,8 +84,13 @@ def cmd_distill(args) -> int:
     from .distill.learner import run_distill
 
     def show(rec: dict) -> None:
+        signal = (
+            f"reverse_kl {rec['reverse_kl']:.4f}"
+            if rec.get("reverse_kl") is not None
+            else f"reward {rec['reward_mean']:.3f}"  # objective rl
+        )
         print(
-            f"step {rec['step']:>4}  reverse_kl {rec['reverse_kl']:.4f}  entropy {rec['entropy']:.3f}  "
+            f"step {rec['step']:>4}  {signal}  entropy {rec['entropy']:.3f}  "
             f"tokens {rec['completion_tokens']:>6}  sample {rec['sample_seconds']:.1f}s  "
             f"teacher {rec['teacher_seconds']:.1f}s  train {rec['train_seconds']:.1f}s",
             flush=True,

@@ -18,6 +18,16 @@ GAUGES = {
     "mean_completion_length": ("opd_mean_completion_length", "Mean completion length in the last step (tokens)"),
     "learning_rate": ("opd_learning_rate", "Learning rate of the last optimizer step"),
     "grad_norm": ("opd_grad_norm", "Gradient norm before clipping"),
+    "importance_ratio_mean": (
+        "opd_importance_ratio_mean",
+        "Mean over the last step's completion tokens of p_trainer / p_sampler (1 when the sampler matches)",
+    ),
+    "importance_ratio_max": ("opd_importance_ratio_max", "Largest p_trainer / p_sampler in the last step"),
+    "reward_mean": ("opd_reward_mean", "Objective rl: mean reward of the last step's samples"),
+    "zero_variance_group_fraction": (
+        "opd_zero_variance_group_fraction",
+        "Objective rl: share of the last step's prompts whose samples all earned the same reward",
+    ),
     "step": ("opd_step", "Last finished OPD step"),
 }
 PHASES = ("sample", "teacher", "train")

@@ -39,8 +39,10 @@ def read_records(path: Path, start: int = 0) -> tuple[list[dict[str, Any]], int]
 def postfix(stage: str, rec: dict[str, Any]) -> dict[str, str]:
     """What the view shows next to the step count."""
     shown = {}
-    if stage == "distill":
+    if stage == "distill" and rec.get("reverse_kl") is not None:
         shown["rev_kl"] = f"{rec['reverse_kl']:.3f}"
+    elif stage == "distill" and rec.get("reward_mean") is not None:  # objective rl
+        shown["reward"] = f"{rec['reward_mean']:.3f}"
     elif "loss" in rec:
         shown["loss"] = f"{rec['loss']:.3f}"
     elif "pass_at_1" in rec:

@@ -62,7 +62,8 @@ def stage_flops(run: DistillationRun, ws: Workspace) -> dict[str, float]:
     if distill and student:
         tokens = sum(r.get("tokens", r["completion_tokens"]) for r in distill)
         # sample (forward), train (forward + backward), teacher scoring (teacher forward)
-        flops["distill"] = (2.0 + 6.0) * student * tokens + 2.0 * (teacher or 0) * tokens
+        scored = run.spec.distill is None or run.spec.distill.objective == "distill"  # rl has no teacher
+        flops["distill"] = (2.0 + 6.0) * student * tokens + 2.0 * (teacher or 0) * tokens * scored
     total = 0.0
     for path in ws.root.glob("eval/*/*.json"):
         r = json.loads(path.read_text())
@@ -103,7 +104,7 @@ def plot(ws: Workspace, out_dir: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     written = []
-    distill = _records(ws, "distill")
+    distill = [r for r in _records(ws, "distill") if r.get("reverse_kl") is not None]  # none with objective rl
     if distill:
         fig, ax = plt.subplots(figsize=(6, 3.5))
         ax.plot([r["step"] for r in distill], [r["reverse_kl"] for r in distill], lw=1, alpha=0.5, label="per step")
@@ -148,7 +149,7 @@ def write_report(
 ) -> dict:
     """Print the results table and write report.md with its plots; returns the numbers in it."""
     rows = accuracy_table(ws)
-    distill = _records(ws, "distill")
+    distill = [r for r in _records(ws, "distill") if r.get("reverse_kl") is not None]  # none with objective rl
     flops = stage_flops(run, ws)
     kl = None
     if distill:

@@ -338,6 +338,8 @@ def _run_all(opts: RunOptions, run: DistillationRun, teacher_mode: str, log: Cal
             if opts.teacher == "auto"
             else "teacher: scored in-process by the learner (backend local, --teacher local)"
         )
+    for note in run.spec.notes():
+        log(f"note: {note}")
     log(f"run {run.metadata.name}: stages {' -> '.join(stages)}; workdir {opts.workdir}")
 
     program = opd_program()

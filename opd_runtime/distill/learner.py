@@ -30,6 +30,7 @@ from ..training.model_setup import build_trainable, optimizer_for
 from ..training.order import batch_at
 from ..workspace import Workspace
 from . import loss as L
+from . import rl
 from .teacher import LocalTeacher, Teacher, TeacherHidden
 
 
@@ -84,6 +85,7 @@ def train_on_samples(
     teacher: Teacher | None = None,
     *,
     total_tokens: int | None = None,
+    sample_advantages: Sequence[float] | None = None,
 ) -> StepStats:
     """Accumulate gradients of the OPD loss over micro-batches of the step's samples (no optimizer step).
 
@@ -98,12 +100,20 @@ def train_on_samples(
     Each micro-batch: one forward of the student to its final hidden states (right-padded rows, no
     attention mask), then every per-token value (log-probs, entropy, full KL) from the positions that
     predict a completion token, a chunk of tokens at a time (``training.chunked``).
+
+    ``sample_advantages`` (objective ``rl``): one advantage per sample, given to each of its completion
+    tokens instead of the teacher's; ``teacher_logprobs`` and ``teacher`` are then unused and the
+    reverse KL is reported as 0.
     """
     dev = next(model.parameters()).device
     n_tokens = sum(len(s.completion_ids) for s in samples)
     normalizer = float(max(n_tokens if total_tokens is None else total_tokens, 1))
     kl_kind = FULL_KL.get(cfg.loss)
-    if kl_kind is None and teacher_logprobs is None:
+    if sample_advantages is not None and (kl_kind is not None or len(sample_advantages) != len(samples)):
+        raise ValueError(
+            f"sample advantages need one value per sample and loss importance_sampling or ppo, not {cfg.loss}"
+        )
+    if sample_advantages is None and kl_kind is None and teacher_logprobs is None:
         raise ValueError(f"loss {cfg.loss} needs the teacher's log-probs of the sampled tokens")
     if kl_kind is not None and teacher is None:
         raise ValueError(f"loss {cfg.loss} needs the teacher's distributions")
@@ -114,10 +124,13 @@ def train_on_samples(
         batch = right_pad([s.prompt_ids for s in chunk], [s.completion_ids for s in chunk], pad_id)
         old_lp_BT = torch.zeros_like(batch.loss_mask_BT)
         teacher_lp_BT = torch.zeros_like(batch.loss_mask_BT)
+        rl_adv_BT = torch.zeros_like(batch.loss_mask_BT)  # objective rl: each sample's advantage on its tokens
         for b, (i, s) in enumerate(zip(group, chunk)):
             p, c = len(s.prompt_ids), len(s.completion_ids)
             old_lp_BT[b, p : p + c] = torch.tensor(s.logprobs)
-            if teacher_logprobs is not None:
+            if sample_advantages is not None:
+                rl_adv_BT[b, p : p + c] = sample_advantages[i]
+            elif teacher_logprobs is not None:
                 teacher_lp_BT[b, p : p + c] = torch.tensor(teacher_logprobs[i])
         mask_BT = batch.loss_mask_BT.to(dev)
         old_lp_BT, teacher_lp_BT = old_lp_BT.to(dev), teacher_lp_BT.to(dev)
@@ -137,13 +150,16 @@ def train_on_samples(
             kl=kl_kind,
             teacher=rows,
         )
-        if teacher_logprobs is None:  # read from the teacher's forward above
+        if teacher_logprobs is None and sample_advantages is None:  # read from the teacher's forward above
             if terms.teacher_logprobs_N is None:
                 raise ValueError("the teacher's log-probs were neither given nor derivable from its kl_targets")
             teacher_lp_BT[:, 1:][sel_BT] = terms.teacher_logprobs_N.to(teacher_lp_BT.dtype)
-        adv_N = L.advantages(old_lp_BT, teacher_lp_BT, mask_BT, kl_coef=cfg.kl_coef, discount=cfg.discount)[:, 1:][
-            sel_BT
-        ]
+        if sample_advantages is not None:
+            adv_N = rl_adv_BT.to(dev)[:, 1:][sel_BT]
+        else:
+            adv_N = L.advantages(old_lp_BT, teacher_lp_BT, mask_BT, kl_coef=cfg.kl_coef, discount=cfg.discount)[:, 1:][
+                sel_BT
+            ]
         old_lp_N = old_lp_BT[:, 1:][sel_BT]
         ones_N = torch.ones_like(old_lp_N)  # every selected position carries the loss
         if terms.kl_N is not None:
@@ -155,7 +171,8 @@ def train_on_samples(
         loss.backward()
         with torch.no_grad():
             total_loss += float(loss)
-            total_kl += float(L.per_token_reverse_kl(old_lp_BT, teacher_lp_BT, mask_BT).sum())
+            if sample_advantages is None:
+                total_kl += float(L.per_token_reverse_kl(old_lp_BT, teacher_lp_BT, mask_BT).sum())
             total_entropy += float(terms.entropy_N.sum()) if terms.entropy_N is not None else 0.0
     return StepStats(total_loss, total_kl / normalizer, total_entropy / normalizer, n_tokens)
 
@@ -255,17 +272,31 @@ def run_distill(
     tokenizer = modeling.load_tokenizer(
         init if from_checkpoint or not student.tokenizer else ws.resolve(student.tokenizer), revision=student.revision
     )
-    teacher_tok = modeling.load_tokenizer(
-        (run.spec.teacher.tokenizer and ws.resolve(run.spec.teacher.tokenizer)) or teacher_name,
-        revision=run.spec.teacher.revision,
-    )
-    mismatches = compare_tokenizers(tokenizer, teacher_tok)
-    if mismatches:
-        raise TokenizerMismatch(mismatches, init, teacher_name)
+    is_rl = cfg.objective == "rl"  # the reward is the graded answer: no teacher is loaded or contacted
+    if not is_rl:
+        teacher_tok = modeling.load_tokenizer(
+            (run.spec.teacher.tokenizer and ws.resolve(run.spec.teacher.tokenizer)) or teacher_name,
+            revision=run.spec.teacher.revision,
+        )
+        mismatches = compare_tokenizers(tokenizer, teacher_tok)
+        if mismatches:
+            raise TokenizerMismatch(mismatches, init, teacher_name)
 
     records = load_prompts(cfg.prompts, ws.root)
+    reward_kind = rl.dataset_kind(cfg.prompts)
+    if is_rl and any(r.answer is None for r in records):
+        raise SpecError(
+            "spec.distill.prompts: objective rl grades each completion against the prompt's reference answer, "
+            f"but {sum(r.answer is None for r in records)} of {len(records)} records have none: use a dataset "
+            "with answers (set answerField for `problem` files) or `objective: distill`"
+        )
+    for note in run.spec.notes():
+        log(f"note: {note}")
+    source = (
+        f"reward: graded answers ({reward_kind})" if is_rl else f"teacher {teacher_name} ({run.spec.teacher.backend})"
+    )
     log(
-        f"distill: student {init}, teacher {teacher_name} ({run.spec.teacher.backend}), "
+        f"distill ({cfg.objective}): student {init}, {source}, "
         f"{len(records)} prompts, {cfg.steps} steps x {cfg.prompts_per_step} prompts x {cfg.samples_per_prompt} samples"
     )
 
@@ -283,7 +314,7 @@ def run_distill(
     activations.use_fast_attention(model, log)
     distributed.broadcast_parameters(model)
     model.train()
-    teacher = _teacher(run, ws, cfg)
+    teacher = None if is_rl else _teacher(run, ws, cfg)
     sampler = _sampler(run, cfg, init, log)  # a vLLM sampler loads the trainer's weights before each sampling
     opt = cfg.optimizer
     optimizer, scheduler = optimizer_for(model.parameters(), opt, cfg.steps)
@@ -319,16 +350,24 @@ def run_distill(
             batch_size=cfg.sampler.batch_size,
         )
         t1 = time.perf_counter()
-        # a local teacher with a full-distribution loss runs once per micro-batch inside train_on_samples,
-        # giving the distributions and these log-probs together; otherwise it scores the step's samples here
-        teacher_lp = None if cfg.loss in FULL_KL and teacher.scores_from_kl_targets else teacher.score(samples)
+        answers = [r.answer for r in batch for _ in range(cfg.samples_per_prompt)]
+        teacher_lp = rewards_PG = advantages_PG = None
+        if teacher is None:  # rl: grade each completion, then compare the samples of each prompt
+            texts = tokenizer.batch_decode([s.completion_ids for s in samples], skip_special_tokens=True)
+            rewards_PG = rl.rewards(texts, answers, reward_kind)
+            advantages_PG = rl.group_advantages(rewards_PG, cfg.samples_per_prompt, scale_by_std=cfg.rl.scale_by_std)
+        elif not (cfg.loss in FULL_KL and teacher.scores_from_kl_targets):
+            # a local teacher with a full-distribution loss runs once per micro-batch inside train_on_samples,
+            # giving the distributions and these log-probs together; otherwise it scores the samples here
+            teacher_lp = teacher.score(samples)
         t2 = time.perf_counter()
         n_tokens = int(distributed.all_sum(sum(len(s.completion_ids) for s in samples))[0])
-        stats = train_on_samples(model, samples, teacher_lp, cfg, pad_id, teacher, total_tokens=n_tokens)
+        stats = train_on_samples(
+            model, samples, teacher_lp, cfg, pad_id, teacher, total_tokens=n_tokens, sample_advantages=advantages_PG
+        )
         distributed.all_reduce_gradients(model)
         grad_norm, lr = optimizer_step(model, optimizer, scheduler, opt.max_grad_norm)
         t3 = time.perf_counter()
-        answers = [r.answer for r in batch for _ in range(cfg.samples_per_prompt)]
         # the step's numbers over all processes (each process's values are already per global token)
         loss, reverse_kl, entropy, n_samples, finished, correct, graded = distributed.all_sum(
             stats.loss,
@@ -338,9 +377,18 @@ def run_distill(
             sum(s.finished for s in samples),
             *_graded(tokenizer, samples, answers),
         )
+        reward_sum, zero_var_groups, groups = distributed.all_sum(
+            sum(rewards_PG or ()),
+            rl.zero_variance_fraction(rewards_PG or (), cfg.samples_per_prompt) * len(batch),
+            len(batch),
+        )
         record = {
             "step": step + 1,
-            "reverse_kl": reverse_kl,
+            "reverse_kl": None if is_rl else reverse_kl,  # rl has no teacher to measure against
+            # objective rl: mean reward of the step's samples, and the share of prompts whose samples all
+            # earned the same reward (advantage 0, no signal); None with objective distill
+            "reward_mean": reward_sum / n_samples if is_rl else None,
+            "zero_variance_group_fraction": zero_var_groups / groups if is_rl else None,
             "entropy": entropy,
             "loss": loss,
             "completion_tokens": n_tokens,
@@ -373,5 +421,11 @@ def run_distill(
     if hasattr(sampler, "close"):
         sampler.close()
     return finish_stage(
-        "distill", ws, model, tokenizer, lora_enabled=cfg.lora.enabled, steps=cfg.steps, summary_metric="reverse_kl"
+        "distill",
+        ws,
+        model,
+        tokenizer,
+        lora_enabled=cfg.lora.enabled,
+        steps=cfg.steps,
+        summary_metric="reward_mean" if is_rl else "reverse_kl",
     )
