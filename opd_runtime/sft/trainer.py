@@ -79,7 +79,7 @@ def run_sft(
         log = _quiet
     ws = Workspace(Path(workspace))
     ckpt_root = ws.checkpoints("sft")
-    existing = checkpoint.resumable(ckpt_root, resume)
+    existing = checkpoint.resumable(ckpt_root, resume, run, "sft")
     student = run.spec.student
     init = ws.resolve(student.model)
     tokenizer = modeling.load_tokenizer(

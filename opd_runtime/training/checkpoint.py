@@ -5,14 +5,22 @@ A checkpoint is a directory ``step-NNNNNN/`` holding ``model/`` (full weights, o
 (``sharding``) writes ``dcp/`` instead of ``model/`` and the optimizer: every rank's shards of both, in
 ``torch.distributed.checkpoint``'s format, plus the tokenizer in ``tokenizer/``. It is written under a
 temporary name and renamed into place, and ``latest`` (a one-line file, also replaced atomically) names
-the newest complete one, so a process killed at any moment leaves the previous checkpoint usable.
+the newest complete one, so a process killed at any moment leaves the previous checkpoint usable: a step
+written again (an earlier attempt got as far) is set aside, not deleted, until ``latest`` names its
+replacement.
+
+``spec-fingerprint.json`` beside them records the spec fields that give a checkpoint its meaning
+(``SHAPING_FIELDS``); a stage resuming checkpoints written for other values of them refuses (exit 2), so a
+run re-created with another spec over a retained workspace does not silently continue the old one.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +31,9 @@ from . import distributed, sharding
 
 STATE_FILE = "trainer_state.pt"
 LATEST = "latest"
+FINGERPRINT_FILE = "spec-fingerprint.json"
+# A checkpoint being replaced by a rewrite of its step waits under this name until `latest` moves on.
+_ASIDE = ".{name}.old-{pid}"
 
 
 def step_dir(root: Path, step: int) -> Path:
@@ -107,24 +118,54 @@ def _save_sharded(
 
 
 def _publish(root: Path, tmp: Path, final: Path, keep: int) -> Path:
-    if final.exists():  # a previous attempt reached this step; the new one replaces it
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    write_atomic_text(root / LATEST, final.name + "\n")
-    _prune(root, keep)
+    for _ in publish_steps(root, tmp, final):
+        pass
+    _prune(root, keep, protect=final)
     return final
 
 
+def publish_steps(root: Path, tmp: Path, final: Path) -> Iterator[str]:
+    """Make the complete checkpoint in ``tmp`` the checkpoint ``final`` and ``latest``: one filesystem
+    operation per yield, ordered so that a crash after any of them leaves ``latest()`` a complete
+    checkpoint (the new one, or the one it was about to replace)."""
+    aside = None
+    if final.exists():
+        # An earlier attempt reached this step, and `latest` may name it (it died before writing the next
+        # one, or between its rename and `latest`): keep it whole until `latest` names the new one.
+        aside = root / _ASIDE.format(name=final.name, pid=os.getpid())
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(final, aside)
+        yield "set the earlier checkpoint of this step aside"
+    os.replace(tmp, final)
+    yield "renamed into place"
+    write_atomic_text(root / LATEST, final.name + "\n")
+    yield "latest switched"
+    if aside is not None:
+        shutil.rmtree(aside)
+        yield "earlier checkpoint deleted"
+
+
+def _complete(path: Path) -> bool:
+    return (path / STATE_FILE).exists()
+
+
 def latest(root: Path) -> Path | None:
+    """The checkpoint ``latest`` names, or, when a crash left it set aside mid-replacement, that one."""
     marker = root / LATEST
     if not marker.exists():
         return None
-    path = root / marker.read_text().strip()
-    return path if (path / STATE_FILE).exists() else None
+    name = marker.read_text().strip()
+    path = root / name
+    if _complete(path):
+        return path
+    asides = sorted(p for p in root.glob(_ASIDE.format(name=name, pid="*")) if _complete(p))
+    return asides[-1] if asides else None
 
 
-def resumable(root: Path, resume: bool) -> Path | None:
-    """The checkpoint to resume from; refuses to start over a workspace that already has one."""
+def resumable(root: Path, resume: bool, run=None, stage: str | None = None) -> Path | None:
+    """The checkpoint to resume from; refuses to start over a workspace that already has one. Given the
+    ``run`` and its ``stage``, also refuses checkpoints written for other values of the fields that shape
+    them (``check_fingerprint``), and records this run's values for the checkpoints it is about to write."""
     from ..spec import SpecError
 
     existing = latest(root)
@@ -133,6 +174,12 @@ def resumable(root: Path, resume: bool) -> Path | None:
             f"{root} already holds checkpoints ({existing.name}); pass --resume to continue "
             "that run, or use a fresh workspace"
         )
+    if run is not None and stage is not None:
+        values = shaping_values(run, stage)
+        if existing is not None:
+            check_fingerprint(root, stage, values)
+        if distributed.is_main():
+            record_fingerprint(root, values)
     return existing
 
 
@@ -163,10 +210,93 @@ def restore(path: Path, optimizer, scheduler, model=None) -> int:
     return state["step"]
 
 
-def _prune(root: Path, keep: int) -> None:
+def _prune(root: Path, keep: int, protect: Path) -> None:
     steps = sorted(p for p in root.glob("step-*") if p.is_dir())
     for old in steps[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    for stale in root.glob(".step-*.tmp-*"):  # left by killed writers
+        if old != protect:  # `latest`, even when steps of an abandoned attempt lie beyond it
+            shutil.rmtree(old, ignore_errors=True)
+    # left by killed writers; once `latest` names a complete checkpoint no set-aside copy is needed
+    for stale in [*root.glob(".step-*.tmp-*"), *root.glob(_ASIDE.format(name="step-*", pid="*"))]:
         if not stale.name.endswith(f"-{os.getpid()}"):
             shutil.rmtree(stale, ignore_errors=True)
+
+
+# ---- what a checkpoint was written for ------------------------------------------------------------------
+
+# Per stage, the spec fields (wire paths below `spec`) that give a step its meaning: the weights' model and
+# tokenizer, the adapter's shape, where the stage starts, the teacher it imitates, and what one step consumes
+# (its data, batch and loss) and in which order (seed). Other fields may change between attempts and the
+# resumed stage continues the same training with them: `steps` (train longer), the optimizer (e.g. a lower
+# learning rate), checkpointing, micro-batching, gradient checkpointing, strategy, resources, metrics.
+_MODEL = ("student.model", "student.revision", "student.tokenizer")
+_LORA = ("lora.enabled", "lora.rank", "lora.alpha", "lora.targetModules")
+SHAPING_FIELDS: dict[str, tuple[str, ...]] = {
+    "sft": (*_MODEL, *(f"sft.{f}" for f in ("dataset", "batchSize", "maxSeqLength", "seed", *_LORA))),
+    "distill": (
+        *_MODEL,
+        "teacher.model",
+        *(
+            f"distill.{f}"
+            for f in (
+                "initFrom",
+                "prompts",
+                "promptsPerStep",
+                "samplesPerPrompt",
+                "loss",
+                "objective",
+                "seed",
+                *_LORA,
+            )
+        ),
+    ),
+}
+
+
+def _flat(value: Any, prefix: str) -> dict[str, Any]:
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(_flat(v, f"{prefix}.{k}"))
+        return out
+    return {prefix: value}
+
+
+def shaping_values(run, stage: str) -> dict[str, Any]:
+    """``{"spec.<path>": value}`` for ``stage``'s SHAPING_FIELDS in ``run`` (nested objects flattened)."""
+    wire = run.spec.to_wire()
+    out: dict[str, Any] = {}
+    for path in SHAPING_FIELDS[stage]:
+        node: Any = wire
+        for part in path.split("."):
+            if not isinstance(node, dict) or part not in node:
+                break  # a field this version of the spec does not have
+            node = node[part]
+        else:
+            out.update(_flat(node, f"spec.{path}"))
+    return out
+
+
+def check_fingerprint(root: Path, stage: str, values: dict[str, Any]) -> None:
+    """Refuse (SpecError, exit 2) to resume ``root``'s checkpoints when they were written for other values
+    of the shaping fields. Fields the record lacks (it predates them) or that no longer exist are not
+    compared. ``record_fingerprint`` writes the record."""
+    from ..spec import SpecError
+
+    path = root / FINGERPRINT_FILE
+    if not path.exists():
+        return  # written before fingerprints existed: nothing to compare with
+    recorded = json.loads(path.read_text())
+    differ = [k for k in sorted(values.keys() & recorded.keys()) if values[k] != recorded[k]]
+    if differ:
+        changes = "; ".join(f"{k}: {recorded[k]!r} then, {values[k]!r} now" for k in differ)
+        raise SpecError(
+            f"spec.{stage}: the checkpoints in {root} were written for another spec ({changes}), and resuming "
+            f"would continue them as if nothing had changed. Set these fields back to continue that training, "
+            f"or start this spec afresh: a new workspace (another run name, or workspace.existingClaim), or "
+            f"delete {root}"
+        )
+
+
+def record_fingerprint(root: Path, values: dict[str, Any]) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    write_atomic_text(root / FINGERPRINT_FILE, json.dumps(values, indent=1, sort_keys=True) + "\n")
