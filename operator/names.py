@@ -42,6 +42,16 @@ def job(run: str, stage: str, attempt: int) -> str:
     return f"{run}-{stage}-{attempt}"
 
 
+def ranks_service(run: str, stage: str) -> str:
+    """The headless Service of a multi-node stage; its pods' hostnames resolve under it."""
+    return f"{run}-{stage}-ranks"
+
+
+def rank0_host(run: str, stage: str, attempt: int, namespace: str) -> str:
+    """DNS name of pod 0 of an attempt's Indexed Job (hostname ``<job>-0``, subdomain the ranks Service)."""
+    return f"{job(run, stage, attempt)}-0.{ranks_service(run, stage)}.{namespace}.svc"
+
+
 def teacher_url(run: str, namespace: str, port: int) -> str:
     return f"http://{teacher(run)}.{namespace}.svc:{port}"
 

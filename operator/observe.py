@@ -6,10 +6,13 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from opd_runtime.contract import EXIT_BAD_CONFIG
+
 from . import names
 
 Manifest = dict[str, Any]
 JobState = Literal["active", "succeeded", "failed"]
+COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"  # pod annotation set by the Job controller
 # The kinds the operator lists per run (by label selector), and their API paths.
 KINDS = (
     "ServiceAccount",
@@ -48,6 +51,9 @@ class JobView:
     deleting: bool
     spec_hash: str | None
     termination: Termination | None
+    pods: int = 1  # spec.completions: the pods (nodes) of the attempt
+    running: int = 0  # status.active: pods not yet finished
+    ready: int = 0  # status.ready: pods running and Ready
 
 
 @dataclass(frozen=True)
@@ -113,6 +119,25 @@ def _pods_of(job_name: str, pods: list[Manifest]) -> list[Manifest]:
     return [p for p in pods if (p["metadata"].get("labels") or {}).get("job-name") == job_name]
 
 
+def _index(pod: Manifest) -> int:
+    """The pod's completion index in an Indexed Job (0 for a plain Job's only pod)."""
+    try:
+        return int((pod["metadata"].get("annotations") or {}).get(COMPLETION_INDEX, "0"))
+    except ValueError:
+        return 0
+
+
+def gang_termination(terms: list[Termination]) -> Termination | None:
+    """What a Job's pods (in index order) say about the attempt: the first failure when any pod failed
+    (exit 2, bad configuration, above all: it must not be retried), else pod 0's, which holds rank 0's
+    result. The Job controller kills the rest of a gang after a failure; their exits are consequences."""
+    failed = [t for t in terms if t.exit_code not in (0, None)]
+    bad_config = [t for t in failed if t.exit_code == EXIT_BAD_CONFIG]
+    if bad_config or failed:
+        return min(bad_config or failed, key=lambda t: t.finished_at or "~")
+    return terms[0] if terms else None
+
+
 def job_view(job: Manifest, pods: list[Manifest]) -> JobView | None:
     meta = job["metadata"]
     labels = meta.get("labels") or {}
@@ -120,7 +145,9 @@ def job_view(job: Manifest, pods: list[Manifest]) -> JobView | None:
         attempt = int(labels.get(names.ATTEMPT_LABEL, ""))
     except ValueError:
         return None
-    term = next((t for t in map(termination, _pods_of(meta["name"], pods)) if t is not None), None)
+    mine = sorted(_pods_of(meta["name"], pods), key=_index)
+    term = gang_termination([t for t in map(termination, mine) if t is not None])
+    status = job.get("status") or {}
     return JobView(
         name=meta["name"],
         stage=labels.get(names.STAGE_LABEL, ""),
@@ -129,6 +156,9 @@ def job_view(job: Manifest, pods: list[Manifest]) -> JobView | None:
         deleting=bool(meta.get("deletionTimestamp")),
         spec_hash=(meta.get("annotations") or {}).get(names.SPEC_HASH_ANNOTATION),
         termination=term,
+        pods=int((job.get("spec") or {}).get("completions") or 1),
+        running=int(status.get("active") or 0),
+        ready=int(status.get("ready") or 0),
     )
 
 

@@ -114,7 +114,7 @@ def test_launcher_prefix_for_stage_pods(tiny_world, tmp_path):
     run = parse_run(run_doc(tiny_world.student, tiny_world.teacher))
     assert launcher_argv(1) == ()
     argv = launcher_argv(4) + stage_command(run, "distill", config="/etc/opd/run.yaml", workspace="/ws").argv
-    assert argv[:6] == ("python", "-m", "opd_runtime.launch", "--standalone", "--nproc-per-node=4", "--no-python")
+    assert argv[:6] == ("python3", "-m", "opd_runtime.launch", "--standalone", "--nproc-per-node=4", "--no-python")
     assert argv[6:8] == ("opd", "distill")
 
 

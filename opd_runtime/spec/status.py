@@ -38,6 +38,13 @@ class Condition(StatusModel):
     )
 
 
+class RanksStatus(StatusModel):
+    pods: int = Field(description="Pods of the latest attempt: the stage's resources.nodes.")
+    processes: int = Field(description="Training processes over all pods (torchrun's world size).")
+    running: int = Field(0, description="Pods of the latest attempt that have not finished.")
+    ready: int = Field(0, description="Pods of the latest attempt that are running and Ready.")
+
+
 class StageStatus(StatusModel):
     phase: StagePhase = Field(
         "Pending",
@@ -66,6 +73,9 @@ class StageStatus(StatusModel):
         None, alias="reverseKL", description="distill: per-token reverse KL of the last step."
     )
     eval_score: float | None = Field(None, description="eval: headline pass@1 (see status.evalScore).")
+    ranks: RanksStatus | None = Field(
+        None, description="sft, distill on several pods (resources.nodes > 1): the latest attempt's pods."
+    )
 
 
 class StagesStatus(StatusModel):
