@@ -77,6 +77,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--gradient-checkpointing", type=int, default=1)
     p.add_argument("--workdir", default=None, help="where the random model is written (default: a temp dir)")
     p.add_argument("--json", default=None, help="also write the numbers here (rank 0)")
+    p.add_argument("--vllm", type=int, default=1, help="1: start each rank's vLLM engine and check its GPU")
+    p.add_argument("--vllm-memory", type=float, default=0.3, help="GPU memory share of each rank's engine")
     args = p.parse_args(argv)
     args.sft_tokens = args.sft_tokens or (256 if args.tiny else 16384)
     args.opd_tokens = args.opd_tokens or (64 if args.tiny else 8192)
@@ -135,6 +137,59 @@ def reset_peak(dev: torch.device) -> None:
 def sync(dev: torch.device) -> None:
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
+
+
+def vllm_placement(model_dir: Path, dev: torch.device, memory_utilization: float, say) -> dict | None:
+    """Each rank starts the in-process vLLM engine the OPD sampler uses (``vllm_sampler.start_engine``,
+    beside the trainer's state) and samples from it; the engine must run on the rank's own GPU: the one
+    its trainer uses, a different one on every rank. ``None`` where there is no GPU or no vLLM."""
+    import torch.distributed as dist
+
+    from opd_runtime.training import distributed
+
+    if dev.type != "cuda":
+        say("vllm engines: skipped (no GPU)")
+        return None
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        say("vllm engines: skipped (vLLM is not installed)")
+        return None
+    from opd_runtime.vllm_sampler import engine_sample, shutdown_engine, start_engine
+
+    torch.cuda.empty_cache()  # what the training steps freed, so the engine finds it
+    t = time.perf_counter()
+    llm = start_engine(
+        str(model_dir),
+        dtype="bfloat16",
+        gpu_memory_utilization=memory_utilization,
+        max_model_len=4096,
+        sync_extension=True,
+        enforce_eager=True,  # no CUDA-graph capture: placement is checked, not speed
+    )
+    started = time.perf_counter() - t
+    engine_gpu = llm.collective_rpc("opd_device_uuid")[0]
+    trainer_gpu = str(torch.cuda.get_device_properties(dev).uuid)
+    samples = engine_sample(llm, [[5] * 16], stop_ids=[], n=2, max_new_tokens=16, seed=distributed.rank())
+    shutdown_engine(llm)
+    mine = {"rank": distributed.rank(), "trainer_gpu": trainer_gpu, "engine_gpu": engine_gpu}
+    everyone = [mine]
+    if distributed.active():
+        everyone = [None] * distributed.world_size()
+        dist.all_gather_object(everyone, mine)
+    engines = [r["engine_gpu"] for r in everyone]
+    ok = all(r["engine_gpu"] == r["trainer_gpu"] for r in everyone) and len(set(engines)) == len(engines)
+    for r in everyone:
+        same = r["engine_gpu"] == r["trainer_gpu"]
+        where = "its trainer's GPU" if same else f"NOT its trainer's GPU {r['trainer_gpu']}"
+        say(f"vllm engine of rank {r['rank']}: GPU {r['engine_gpu']} ({where})")
+    say(
+        f"vllm engines: {'each rank on its own GPU' if ok else 'PLACEMENT WRONG'}; rank 0's engine started in "
+        f"{started:.0f}s and sampled {sum(len(s.completion_ids) for s in samples)} tokens"
+    )
+    if not ok:
+        raise SystemExit("gpu_check: a rank's vLLM engine is not on the rank's own GPU")
+    return {"ranks": everyone, "engine_start_seconds": round(started, 1)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -256,9 +311,15 @@ def main(argv: list[str] | None = None) -> int:
             peak_memory_gib(dev),
         )
         say(f"  loss {stats.loss:.4f}, grad norm {grad_norm:.3g}")
+
+        # --- the OPD sampler's vLLM engines: one per rank, each on the rank's GPU -----------------
+        engines = vllm_placement(work, dev, args.vllm_memory, say) if args.vllm else None
         if args.json and distributed.is_main():
             Path(args.json).write_text(
-                json.dumps({"world": world, "device": str(dev), "params": params, "rows": rows}, indent=2)
+                json.dumps(
+                    {"world": world, "device": str(dev), "params": params, "rows": rows, "vllm_engines": engines},
+                    indent=2,
+                )
             )
     return 0
 

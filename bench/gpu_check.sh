@@ -2,7 +2,9 @@
 # The prepared GPU check (issue 11 item 8; issue 13 item 6): a random-init Qwen3-1.7B (its real config,
 # built here: no network), one SFT step on a packed 16k row and one OPD train step on 8 x 8k samples
 # through opd's training code, printing peak GPU memory, tokens/s and MFU. One process per visible GPU
-# (under `python -m opd_runtime.launch`, i.e. torchrun; FSDP with more than one). At most 8 minutes.
+# (under `python -m opd_runtime.launch`, i.e. torchrun; FSDP with more than one). Then each rank starts the
+# OPD sampler's vLLM engine (when vLLM is installed) and the check fails unless every engine runs on its
+# rank's own GPU (`--vllm 0` skips that part). At most 8 minutes.
 #
 #   bench/gpu_check.sh                 # on the GPU machine, from the repository root
 #   bench/gpu_check.sh --tiny          # the same code on small shapes (CPU is fine): what tests run

@@ -40,11 +40,12 @@ vLLM starts an engine process: a script that builds a ``VllmSampler`` needs an
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +96,49 @@ class SyncExtension:
                 dispatch_cpu_unquantized_gemm(module, remove_weight=False)
                 rebuilt += 1
         return rebuilt
+
+    def opd_device_uuid(self) -> str:
+        """The UUID of the GPU this worker runs on (``bench/gpu_check.py``: one per rank, each its own)."""
+        return str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid)
+
+
+def rank_device_env(env: Mapping[str, str]) -> dict[str, str]:
+    """The environment that puts a training rank's engine on the rank's own GPU (empty for one process).
+
+    torchrun starts one process per GPU and the trainer takes GPU ``LOCAL_RANK``, but a vLLM engine with
+    one worker always uses its first visible GPU: every rank's engine would land on GPU 0. The engine
+    runs in a process of its own (vLLM's V1 multiprocessing, forced on here), which sees only the GPU
+    named here, the rank's entry of ``CUDA_VISIBLE_DEVICES`` (or GPU ``LOCAL_RANK`` without it)."""
+    if int(env.get("WORLD_SIZE", "1")) <= 1 or "LOCAL_RANK" not in env:
+        return {}
+    local = int(env["LOCAL_RANK"])
+    visible = env.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        device = str(local)
+    else:
+        devices = [d.strip() for d in visible.split(",") if d.strip()]
+        if local >= len(devices):
+            raise RuntimeError(
+                f"rank with LOCAL_RANK {local} has no GPU of its own: CUDA_VISIBLE_DEVICES={visible!r} lists "
+                f"{len(devices)}; start at most one process per visible GPU (resources.gpus)"
+            )
+        device = devices[local]
+    return {"CUDA_VISIBLE_DEVICES": device, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
+
+
+@contextlib.contextmanager
+def _environ(overrides: Mapping[str, str]) -> Iterator[None]:
+    """``os.environ`` with ``overrides`` while the engine process is spawned (it copies the environment)."""
+    before = {k: os.environ.get(k) for k in overrides}
+    os.environ.update(overrides)
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def trainer_state_dict(model, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
@@ -189,6 +233,7 @@ def start_engine(
     processed_logprobs: bool = True,
     engine_dtype: str | None = None,
     max_lora_rank: int | None = None,
+    enforce_eager: bool | None = None,
 ):
     """An offline ``vllm.LLM`` on ``model`` that takes token ids and returns token ids (no tokenizer).
 
@@ -210,7 +255,7 @@ def start_engine(
         dtype=engine_dtype or serving_dtype(dtype, cuda),
         seed=seed,
         gpu_memory_utilization=memory_utilization(gpu_memory_utilization, cuda),
-        enforce_eager=not cuda,
+        enforce_eager=not cuda if enforce_eager is None else enforce_eager,
         trust_remote_code=trust_remote_code,
         tensor_parallel_size=tensor_parallel_size if cuda else 1,
     )
@@ -228,7 +273,10 @@ def start_engine(
         kwargs.update(enable_lora=True, max_lora_rank=max_lora_rank, max_loras=1)
     if sync_extension:
         kwargs["worker_extension_cls"] = f"{SyncExtension.__module__}.{SyncExtension.__qualname__}"
-    return LLM(**kwargs)
+    # one engine per training rank, each on the rank's GPU (tensor parallel engines run in eval, alone)
+    pin = rank_device_env(os.environ) if cuda and tensor_parallel_size == 1 else {}
+    with _environ(pin):
+        return LLM(**kwargs)
 
 
 def engine_sample(

@@ -50,6 +50,7 @@ def test_gpu_check_runs_in_small_shape_on_one_process(tmp_path):
     proc, numbers = gpu_check(tmp_path)
     assert "no GPU, running on the CPU" in proc.stdout
     assert "strategy ddp" in proc.stdout and "tokens/s" in proc.stdout and "peak memory" in proc.stdout
+    assert "vllm engines: skipped (no GPU)" in proc.stdout and numbers["vllm_engines"] is None
     check_rows(numbers, 1)
 
 
