@@ -35,6 +35,7 @@ from pathlib import Path
 
 import yaml
 
+from .gpu_plan import VISIBLE_ENV, GpuPlan, partition
 from .plan import StageCommand, planned_stages, stage_command
 from .spec import DistillationRun, SpecError, load_run
 from .workspace import Workspace
@@ -307,6 +308,31 @@ class RunOptions:
     progress: bool = True
 
 
+def visible_gpus() -> tuple[str, ...]:
+    """The ids of the NVIDIA GPUs this process may use (entries of CUDA_VISIBLE_DEVICES when it is set).
+
+    Counted by torch in a short-lived subprocess, so that ``opd run`` itself never initialises CUDA (its
+    stages do) nor imports torch; skipped outright on a machine without an NVIDIA driver.
+    """
+    from .serving import cuda_available
+
+    if not cuda_available():
+        return ()
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", "import torch; print(torch.cuda.device_count())"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        count = int(proc.stdout.strip() or 0) if proc.returncode == 0 else 0
+    except (OSError, ValueError, subprocess.TimeoutExpired):
+        count = 0
+    given = [d.strip() for d in os.environ.get(VISIBLE_ENV, "").split(",") if d.strip()]
+    ids = given if VISIBLE_ENV in os.environ else [str(i) for i in range(count)]
+    return tuple(ids[:count])
+
+
 def run_all(opts: RunOptions, log: Callable[[str], None] = print) -> dict:
     """Run every planned stage; returns the report summary.
 
@@ -316,11 +342,16 @@ def run_all(opts: RunOptions, log: Callable[[str], None] = print) -> dict:
     with stop_signals():
         run = load_run(opts.source)  # before anything heavy: a bad file fails in well under a second
         teacher_mode = choose_teacher(run, opts.teacher)
+        # Before the workdir is touched: a machine with too few GPUs for the spec fails at once.
+        starts = [s for s in planned_stages(run) if s != "teacher" or teacher_mode == "vllm"]
+        gpus = partition(run, visible_gpus(), starts, python=sys.executable)
         with workdir_lock(opts.workdir):
-            return _run_all(opts, run, teacher_mode, log)
+            return _run_all(opts, run, teacher_mode, gpus, log)
 
 
-def _run_all(opts: RunOptions, run: DistillationRun, teacher_mode: str, log: Callable[[str], None]) -> dict:
+def _run_all(
+    opts: RunOptions, run: DistillationRun, teacher_mode: str, gpus: GpuPlan, log: Callable[[str], None]
+) -> dict:
     from .progress import watcher_for
     from .report import write_report
 
@@ -341,6 +372,8 @@ def _run_all(opts: RunOptions, run: DistillationRun, teacher_mode: str, log: Cal
     for note in run.spec.notes():
         log(f"note: {note}")
     log(f"run {run.metadata.name}: stages {' -> '.join(stages)}; workdir {opts.workdir}")
+    for line in gpus.lines():
+        log(line)
 
     program = opd_program()
     server: TeacherServer | None = None
@@ -350,14 +383,16 @@ def _run_all(opts: RunOptions, run: DistillationRun, teacher_mode: str, log: Cal
                 if teacher_mode != "vllm" or ws.result("distill").exists():
                     continue
                 port = _free_port()
-                cmd = stage_command(
-                    run,
-                    "teacher",
-                    config=str(config),
-                    workspace=str(opts.workdir),
-                    host="127.0.0.1",
-                    port=port,
-                    program=program,
+                cmd = gpus.command(
+                    stage_command(
+                        run,
+                        "teacher",
+                        config=str(config),
+                        workspace=str(opts.workdir),
+                        host="127.0.0.1",
+                        port=port,
+                        program=program,
+                    )
                 )
                 server = TeacherServer(cmd, f"http://127.0.0.1:{port}", opts.workdir / "logs" / "teacher.log")
                 log(f"[teacher] starting: {cmd.shell()}")
@@ -369,13 +404,15 @@ def _run_all(opts: RunOptions, run: DistillationRun, teacher_mode: str, log: Cal
             if ws.result(stage).exists():
                 log(f"[{stage}] already finished ({ws.result(stage)}); skipping")
                 continue
-            cmd = stage_command(
-                run,
-                stage,
-                config=str(config),
-                workspace=str(opts.workdir),
-                teacher_url=server.url if (server and stage == "distill") else None,
-                program=program,
+            cmd = gpus.command(
+                stage_command(
+                    run,
+                    stage,
+                    config=str(config),
+                    workspace=str(opts.workdir),
+                    teacher_url=server.url if (server and stage == "distill") else None,
+                    program=program,
+                )
             )
             stage_log = opts.workdir / "logs" / f"{stage}.log"
             log(f"[{stage}] {cmd.shell()}")
