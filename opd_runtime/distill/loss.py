@@ -26,14 +26,21 @@ def advantages(
     *,
     kl_coef: float = 1.0,
     discount: float = 0.0,
+    log_ratio_clip: float | None = None,
 ) -> torch.Tensor:
     """advantage_t = sum_{k >= t} discount^(k-t) * -kl_coef * (student_lp_k - teacher_lp_k), over completion tokens.
 
     With the default ``discount=0`` each token's advantage is its own negative reverse-KL term, the
     on-policy distillation objective. A discount > 0 also credits a token with the KL of the tokens it
     leads to (future tokens only: prompt and padding positions contribute nothing).
+
+    ``log_ratio_clip`` c clips each token's log-ratio to [-c, c] first (off by default): a teacher that
+    rules a token out gives it a log-ratio of tens of nats, and a few such tokens then set the whole step.
     """
-    rewards_BT = -kl_coef * per_token_reverse_kl(student_logprobs_BT, teacher_logprobs_BT, mask_BT)
+    log_ratio_BT = per_token_reverse_kl(student_logprobs_BT, teacher_logprobs_BT, mask_BT)
+    if log_ratio_clip is not None:
+        log_ratio_BT = log_ratio_BT.clamp(-log_ratio_clip, log_ratio_clip)
+    rewards_BT = -kl_coef * log_ratio_BT
     if discount == 0.0:
         return rewards_BT
     out_BT = torch.zeros_like(rewards_BT)
@@ -50,15 +57,51 @@ def importance_sampling_loss(
     advantages_BT: torch.Tensor,
     mask_BT: torch.Tensor,
     normalizer: float,
+    ratio_cap: float | None = None,
 ) -> torch.Tensor:
     """-sum(ratio * advantage) / normalizer with ratio = p_new / p_sampler, over completion tokens.
 
     The advantage and the sampler's log-probs are constants; the gradient is advantage * ratio * grad log p.
     ``normalizer`` is the number of completion tokens in the whole optimizer step, so micro-batching
     (gradient accumulation) does not change the loss.
+
+    ``ratio_cap`` C (truncated importance sampling): each token's weight becomes min(ratio, C), taken as a
+    constant, so a token's value is min(ratio, C) * advantage and its gradient min(ratio, C) * advantage *
+    grad log p. Below the cap both equal the uncapped loss's exactly. The weight is detached rather than
+    clamped inside autograd: a clamp would give every token above the cap a zero gradient (PPO's clip),
+    dropping the tokens where trainer and sampler disagree most although their advantage is still valid;
+    the truncated weight keeps their direction and bounds only its size (bias for bounded variance).
+    In OPD each batch gets one optimizer step, so at the loss the ratio is exactly the trainer-sampler
+    mismatch (new weights = the weights that sampled): this is the TIS correction for that mismatch.
     """
-    ratio_BT = torch.exp(new_logprobs_BT - old_logprobs_BT.detach())
-    return -(ratio_BT * advantages_BT.detach() * mask_BT).sum() / normalizer
+    log_ratio_BT = new_logprobs_BT - old_logprobs_BT.detach()
+    if ratio_cap is None:
+        ratio_BT = torch.exp(log_ratio_BT)
+        return -(ratio_BT * advantages_BT.detach() * mask_BT).sum() / normalizer
+    weight_BT = torch.exp(log_ratio_BT.detach()).clamp(max=ratio_cap)
+    # exp(lp - lp.detach()) is 1 in value with gradient grad lp: the weight scales grad log p, not grad ratio
+    score_BT = torch.exp(new_logprobs_BT - new_logprobs_BT.detach())
+    return -(weight_BT * score_BT * advantages_BT.detach() * mask_BT).sum() / normalizer
+
+
+@dataclass
+class RatioStats:
+    """The importance ratio p_trainer / p_sampler over a set of completion tokens (sums, so that
+    micro-batches and processes add up): how far the sampler's log-probs are from the trainer's."""
+
+    ratio_sum: float = 0.0
+    ratio_max: float = 0.0
+    capped: int = 0  # tokens whose ratio exceeded the cap
+    tokens: int = 0
+
+    def add(self, new_logprobs_N: torch.Tensor, old_logprobs_N: torch.Tensor, ratio_cap: float | None) -> None:
+        ratio_N = torch.exp(new_logprobs_N.detach().float() - old_logprobs_N.detach().float())
+        if ratio_N.numel() == 0:
+            return
+        self.ratio_sum += float(ratio_N.sum())
+        self.ratio_max = max(self.ratio_max, float(ratio_N.max()))
+        self.capped += int((ratio_N > ratio_cap).sum()) if ratio_cap is not None else 0
+        self.tokens += ratio_N.numel()
 
 
 def ppo_loss(
