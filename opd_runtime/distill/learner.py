@@ -19,7 +19,7 @@ import torch
 from .. import modeling
 from ..data_sources import load_prompts
 from ..generation import Sample, sample
-from ..grading import is_correct_integer
+from ..grading import judge_many
 from ..metrics import MetricsSink, NullSink
 from ..preflight import TokenizerMismatch, compare_tokenizers
 from ..spec import DistillationRun, DistillSpec, SpecError
@@ -40,6 +40,7 @@ class StepStats:
     reverse_kl: float
     entropy: float
     completion_tokens: int
+    ratio: L.RatioStats  # p_trainer / p_sampler over these samples' completion tokens
 
 
 def init_model_path(run: DistillationRun, ws: Workspace) -> str:
@@ -119,6 +120,7 @@ def train_on_samples(
         raise ValueError(f"loss {cfg.loss} needs the teacher's distributions")
     head = chunked.output_head(model)
     total_loss = total_kl = total_entropy = 0.0
+    ratio = L.RatioStats()
     for group in sharding.lockstep(micro_batches(samples, cfg), model):
         chunk = [samples[i] for i in group]
         batch = right_pad([s.prompt_ids for s in chunk], [s.completion_ids for s in chunk], pad_id)
@@ -157,9 +159,14 @@ def train_on_samples(
         if sample_advantages is not None:
             adv_N = rl_adv_BT.to(dev)[:, 1:][sel_BT]
         else:
-            adv_N = L.advantages(old_lp_BT, teacher_lp_BT, mask_BT, kl_coef=cfg.kl_coef, discount=cfg.discount)[:, 1:][
-                sel_BT
-            ]
+            adv_N = L.advantages(
+                old_lp_BT,
+                teacher_lp_BT,
+                mask_BT,
+                kl_coef=cfg.kl_coef,
+                discount=cfg.discount,
+                log_ratio_clip=cfg.log_ratio_clip,
+            )[:, 1:][sel_BT]
         old_lp_N = old_lp_BT[:, 1:][sel_BT]
         ones_N = torch.ones_like(old_lp_N)  # every selected position carries the loss
         if terms.kl_N is not None:
@@ -167,14 +174,19 @@ def train_on_samples(
         elif cfg.loss == "ppo":
             loss = L.ppo_loss(terms.logprobs_N, old_lp_N, adv_N, ones_N, normalizer, clip=cfg.ppo_clip)
         else:
-            loss = L.importance_sampling_loss(terms.logprobs_N, old_lp_N, adv_N, ones_N, normalizer)
+            loss = L.importance_sampling_loss(
+                terms.logprobs_N, old_lp_N, adv_N, ones_N, normalizer, ratio_cap=cfg.importance_ratio_cap
+            )
         loss.backward()
         with torch.no_grad():
             total_loss += float(loss)
             if sample_advantages is None:
                 total_kl += float(L.per_token_reverse_kl(old_lp_BT, teacher_lp_BT, mask_BT).sum())
             total_entropy += float(terms.entropy_N.sum()) if terms.entropy_N is not None else 0.0
-    return StepStats(total_loss, total_kl / normalizer, total_entropy / normalizer, n_tokens)
+            ratio.add(
+                terms.logprobs_N, old_lp_N, cfg.importance_ratio_cap if cfg.loss == "importance_sampling" else None
+            )
+    return StepStats(total_loss, total_kl / normalizer, total_entropy / normalizer, n_tokens, ratio)
 
 
 def _teacher(run: DistillationRun, ws: Workspace, cfg: DistillSpec) -> Teacher:
@@ -236,13 +248,14 @@ def _sampler(run: DistillationRun, cfg: DistillSpec, init: str, log: Callable[[s
     )
 
 
-def _graded(tokenizer, samples: Sequence[Sample], answers: Sequence[str | None]) -> tuple[int, int]:
-    """(correct, graded): samples whose answer matches, out of those with a reference answer."""
+def _graded(tokenizer, samples: Sequence[Sample], answers: Sequence[str | None], kind: str) -> tuple[int, int]:
+    """(correct, graded): samples whose answer matches, out of those with a reference answer, compared as
+    the prompts' ``kind`` says (as eval compares them)."""
     graded = [(s, a) for s, a in zip(samples, answers) if a is not None]
     if not graded:
         return 0, 0
     texts = tokenizer.batch_decode([s.completion_ids for s, _ in graded], skip_special_tokens=True)
-    return sum(is_correct_integer(t, a) for t, (_, a) in zip(texts, graded)), len(graded)
+    return sum(g.correct for g in judge_many([(t, a) for t, (_, a) in zip(texts, graded)], kind)), len(graded)
 
 
 def _quiet(*_args) -> None:
@@ -264,7 +277,7 @@ def run_distill(
         log = _quiet
     ws = Workspace(Path(workspace))
     ckpt_root = ws.checkpoints("distill")
-    existing = checkpoint.resumable(ckpt_root, resume)
+    existing = checkpoint.resumable(ckpt_root, resume, run, "distill")
     init = init_model_path(run, ws)
     teacher_name = ws.resolve(run.spec.teacher.model)
     student = run.spec.student
@@ -282,7 +295,7 @@ def run_distill(
         if mismatches:
             raise TokenizerMismatch(mismatches, init, teacher_name)
 
-    records = load_prompts(cfg.prompts, ws.root)
+    records = load_prompts(cfg.prompts, ws.root, field="spec.distill.prompts")
     reward_kind = rl.dataset_kind(cfg.prompts)
     if is_rl and any(r.answer is None for r in records):
         raise SpecError(
@@ -369,14 +382,17 @@ def run_distill(
         grad_norm, lr = optimizer_step(model, optimizer, scheduler, opt.max_grad_norm)
         t3 = time.perf_counter()
         # the step's numbers over all processes (each process's values are already per global token)
-        loss, reverse_kl, entropy, n_samples, finished, correct, graded = distributed.all_sum(
+        loss, reverse_kl, entropy, n_samples, finished, correct, graded, ratio_sum, capped = distributed.all_sum(
             stats.loss,
             stats.reverse_kl,
             stats.entropy,
             len(samples),
             sum(s.finished for s in samples),
-            *_graded(tokenizer, samples, answers),
+            *_graded(tokenizer, samples, answers, cfg.prompts.kind),
+            stats.ratio.ratio_sum,
+            stats.ratio.capped,
         )
+        ratio_max = distributed.all_max(stats.ratio.ratio_max)
         reward_sum, zero_var_groups, groups = distributed.all_sum(
             sum(rewards_PG or ()),
             rl.zero_variance_fraction(rewards_PG or (), cfg.samples_per_prompt) * len(batch),
@@ -404,6 +420,12 @@ def run_distill(
             "tokens_per_second": n_tokens / (t3 - t0),
             # part of sample_seconds: loading the trainer's weights into a vLLM sampler (0 for hf)
             "weight_sync_seconds": getattr(sampler, "last_sync_seconds", 0.0),
+            # p_trainer / p_sampler per completion token: 1 when the sampler is exactly the trainer
+            "importance_ratio_mean": ratio_sum / max(n_tokens, 1),
+            "importance_ratio_max": ratio_max,
+            "importance_ratio_capped_fraction": (
+                capped / max(n_tokens, 1) if cfg.importance_ratio_cap is not None else None
+            ),
         }
         end_step(
             record,

@@ -1,7 +1,9 @@
 """Chat traces for SFT: OpenThoughts3 (``conversations`` of ``{from, value}``), generic chat JSONL
 (``messages`` of ``{role, content}``) and tinymath traces, all turned into role/content messages.
 
-Loss goes on the final assistant turn (a reasoning trace); earlier turns are context. The prompt is
+Loss goes on the final assistant turn (a reasoning trace); earlier turns are context. The dataset's
+``instruction`` (empty by default: traces are kept as recorded) and ``systemPrompt`` shape the context as
+they shape OPD and eval prompts (``data_sources.with_prompt_fields``). The prompt is
 rendered with the chat template's generation prompt and the answer is appended as raw text plus the
 end-of-turn token, which is exactly the layout the sampler produces during OPD and evaluation.
 """
@@ -13,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import tinymath
-from ..data_sources import iter_records
+from ..data_sources import iter_records, with_prompt_fields
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
@@ -35,9 +37,9 @@ def _messages(record: dict, fmt: str) -> list[dict]:
     )
 
 
-def load_traces(spec, workspace: Path | None = None) -> Iterator[Trace]:
+def load_traces(spec, workspace: Path | None = None, *, field: str = "spec.sft.dataset") -> Iterator[Trace]:
     n = 0
-    for i, rec in enumerate(iter_records(spec, workspace)):
+    for i, rec in enumerate(iter_records(spec, workspace, field=field)):
         if spec.max_samples is not None and n >= spec.max_samples:
             return
         if spec.name == "tinymath":
@@ -46,6 +48,7 @@ def load_traces(spec, workspace: Path | None = None) -> Iterator[Trace]:
             msgs = _messages(rec, spec.format)
         if not msgs or msgs[-1]["role"] != "assistant":
             continue  # nothing to learn from
+        msgs = with_prompt_fields(msgs[:-1], spec, default_instruction="") + msgs[-1:]
         n += 1
         yield Trace(str(rec.get("id", i)), msgs)
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Literal, Self
+from typing import Any, Literal, Self
 
 from pydantic import Field, model_validator
 
 from .base import SpecModel
 
 Dtype = Literal["auto", "bfloat16", "float16", "float32"]
+# What the recipe appends to every math problem; a dataset's `instruction` replaces it.
+MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 AccessMode = Literal["ReadWriteOnce", "ReadWriteMany", "ReadWriteOncePod"]
 # Access modes that let only one node mount a volume: pods on other nodes wait forever (Multi-Attach).
 SINGLE_NODE_ACCESS = frozenset({"ReadWriteOnce", "ReadWriteOncePod"})
@@ -119,15 +121,70 @@ class DatasetSpec(SpecModel):
     )
     problem_field: str = Field("problem", description="Field holding the problem text (`problem` format).")
     answer_field: str = Field("answer", description="Field holding the reference answer (`problem` format).")
-    max_samples: int | None = Field(None, ge=1, description="Use at most this many records.")
+    max_samples: int | None = Field(
+        None, ge=1, description="Use at most this many records (after `filter` and `shuffle`)."
+    )
     difficulty: int = Field(2, ge=1, le=8, description="tinymath only: operations per problem minus one.")
-    seed: int = Field(0, description="tinymath only: generator seed.")
+    seed: int = Field(0, description="Seed of the tinymath generator, and of `shuffle` for the other sources.")
+    instruction: str | None = Field(
+        None,
+        description="Text appended to each problem, after a newline, in the same way wherever the dataset is "
+        "used: OPD prompts, eval prompts, and the first user turn of SFT traces. Empty (null, the default): "
+        f"the dataset's own default, which is `{MATH_INSTRUCTION}` (the recipe's) for prompts and eval "
+        "problems of every source except tinymath, and nothing for tinymath (the tiny world is trained "
+        'without it) and for SFT traces (kept as recorded). `""`: nothing is appended.',
+    )
+    system_prompt: str | None = Field(
+        None,
+        description="A system message put first in every conversation built from this dataset (OPD prompts, "
+        "eval prompts, SFT traces), replacing a record's own system turn. Empty (null, the default): no system "
+        'message is added and records keep their own. `""`: records\' own system turns are dropped too.',
+    )
+    filter: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Keep only the records whose fields equal these values, every entry alike (e.g. "
+        "`{domain: math}` for open-thoughts/OpenThoughts3-1.2M); a record without the field is dropped. "
+        "Values are strings, numbers or booleans, compared by equality. Applied to the raw records, before "
+        "`shuffle` and `maxSamples`. Not for tinymath.",
+    )
+    shuffle: bool = Field(
+        False,
+        description="Shuffle the records, seeded by `seed`, before `maxSamples` takes the first ones (so a "
+        "sample is drawn from the whole set, not its head). Records stream through a buffer of "
+        "`shuffleBuffer`: a full shuffle when the set fits in it, for hub datasets too. Not for tinymath, "
+        "which is generated in a seeded random order already.",
+    )
+    shuffle_buffer: int = Field(
+        10_000, ge=1, description="Records held at once by `shuffle` (memory vs how far a record may move)."
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> Self:
         if (self.name is None) == (self.path is None):
             raise ValueError("set exactly one of `name` (built-in or hub dataset) and `path` (local file)")
+        for column, value in self.filter.items():
+            if not isinstance(value, (str, int, float, bool)):
+                raise ValueError(
+                    f"filter.{column}: {value!r} is not a string, number or boolean; records are kept when "
+                    "their field equals the value, so give one value per field"
+                )
+        if self.name == "tinymath" and (self.filter or self.shuffle):
+            raise ValueError(
+                "`filter` and `shuffle` are for record sets; tinymath is generated, already in a seeded random "
+                "order: remove them (choose problems with `difficulty`, `seed` and `maxSamples`)"
+            )
         return self
+
+
+class ProblemSetSpec(DatasetSpec):
+    """Problems with reference answers: OPD prompts and eval sets."""
+
+    kind: Literal["aime", "math"] = Field(
+        "math",
+        description="How answers are graded: `aime`: integer answers compared as integers; `math`: symbolic "
+        "comparison with math-verify. Eval grades with it, and so do OPD's `sample_accuracy` metric and the "
+        "`rl` reward.",
+    )
 
 
 class LoraSpec(SpecModel):

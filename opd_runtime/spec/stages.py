@@ -7,7 +7,7 @@ from typing import Literal, Self
 from pydantic import Field, model_validator
 
 from .base import SpecModel
-from .models import DatasetSpec, LoraSpec, OptimizerSpec, ResourcesSpec, TrainingResourcesSpec
+from .models import DatasetSpec, LoraSpec, OptimizerSpec, ProblemSetSpec, ResourcesSpec, TrainingResourcesSpec
 
 Strategy = Literal["auto", "ddp", "fsdp"]
 STRATEGY_HELP = (
@@ -135,7 +135,7 @@ class DistillOptimizerSpec(OptimizerSpec):
 
 class DistillSpec(SpecModel):
     enabled: bool = Field(True, description="Run this stage.")
-    prompts: DatasetSpec = Field(
+    prompts: ProblemSetSpec = Field(
         description="Prompts only: the student writes the answers, the teacher grades each token."
     )
     init_from: str | None = Field(
@@ -264,12 +264,8 @@ class DistillSpec(SpecModel):
         return self
 
 
-class EvalDatasetSpec(DatasetSpec):
+class EvalDatasetSpec(ProblemSetSpec):
     label: str | None = Field(None, description="Name in reports; defaults to the dataset name or file stem.")
-    kind: Literal["aime", "math"] = Field(
-        "math",
-        description="`aime`: integer answers compared as integers; `math`: symbolic comparison with math-verify.",
-    )
 
 
 EvalTarget = Literal["student", "sft", "distill", "teacher"]
