@@ -94,6 +94,26 @@ def test_the_default_access_mode_of_a_named_claim_is_the_safe_single_node_one():
         parse_run(obj)
 
 
+@pytest.mark.parametrize("stage", ["sft", "distill"])
+def test_a_multi_node_stage_on_a_single_node_workspace_is_refused_naming_the_fields(stage: str):
+    obj = tiny_run()
+    obj["spec"][stage]["resources"] = {"gpus": 4, "nodes": 2}
+    for modes in (None, ["ReadWriteOnce"], ["ReadWriteOncePod"]):
+        if modes:
+            obj["spec"]["workspace"]["accessModes"] = modes
+        with pytest.raises(SpecError) as err:
+            parse_run(obj)
+        text = str(err.value)
+        assert f"{stage}.resources.nodes 2" in text and "workspace.accessModes" in text, text
+        assert "`workspace.accessModes: [ReadWriteMany]`" in text and f"`{stage}.resources.nodes: 1`" in text
+    obj["spec"]["workspace"]["accessModes"] = ["ReadWriteMany"]
+    parse_run(obj)
+    obj["spec"]["workspace"]["accessModes"] = ["ReadWriteOnce"]
+    obj["spec"][stage]["enabled"] = False  # a stage that does not run places no pods
+    obj["spec"]["eval"]["targets"] = ["student"]
+    parse_run(obj)
+
+
 @pytest.mark.parametrize(
     ("model", "cache", "problem"),
     [
@@ -181,7 +201,14 @@ def test_a_spec_that_needs_one_rwo_volume_on_several_nodes_is_refused(cp: Contro
     on_workspace = distill_only("on-ws")
     on_workspace["spec"]["teacher"]["model"] = "/workspace/models/teacher"
     on_ws = Run(cp, ns, on_workspace)
-    for run, field in ((rwo, "modelCache.existingClaim"), (on_ws, "spec.teacher.model")):
+    two_nodes = tiny_math("two-nodes")
+    two_nodes["spec"]["distill"]["resources"] = {"gpus": 4, "nodes": 2}  # on the default ReadWriteOnce workspace
+    spread = Run(cp, ns, two_nodes)
+    for run, field in (
+        (rwo, "modelCache.existingClaim"),
+        (on_ws, "spec.teacher.model"),
+        (spread, "workspace.accessModes"),
+    ):
         st = run.wait("Failed", lambda st: st.get("phase") == "Failed")
         failed = run.condition("Failed")
         assert failed["status"] == "True" and failed["reason"] == "InvalidSpec", failed
