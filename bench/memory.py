@@ -15,9 +15,11 @@ exist ("weights+optimizer"); "above" is the difference: what the step itself cos
   memory does not grow with the number of token chunks.
 
 Paths: ``new`` is the stages' own code (``sft.trainer.micro_batch_nll``, ``distill.learner.
-train_on_samples``: hidden states + chunked head, packing by position ids without a mask, gradient
-checkpointing); ``naive`` reproduces the code before it (full fp32 logits, a dense B x 1 x T x T
-additive packing mask, teacher distributions as a dense (B, T, V) tensor, no checkpointing). Every case
+train_on_samples``: hidden states + chunked head, packing by position ids with the attention
+``activations.use_fast_attention`` picks (``sdpa_varlen`` on a CPU: one sdpa call per trace, no mask),
+gradient checkpointing); ``naive`` reproduces the code before it (full fp32 logits, a dense
+B x 1 x T x T additive packing mask, teacher distributions as a dense (B, T, V) tensor, no
+checkpointing). Every case
 runs under a resident-memory limit (``--limit-gib``, default 14 on this 24 GiB machine); a case that
 exceeds it reports "OOM at X GiB" instead of taking the machine down.
 """
@@ -251,8 +253,9 @@ def run_case(kind: str, path: str, tokens: int, samplers: list, limit: int, on_l
             return -torch.log_softmax(head(hidden).float(), -1).gather(-1, targets[:, None]).sum()
     else:
         model = random_model(0).train()
-        if new:
+        if new:  # as the stages set it up: checkpointed layers, the mask-free attention (sdpa_varlen here)
             activations.use_gradient_checkpointing(model, True)
+            activations.use_fast_attention(model)
         opt = ready_optimizer(model)
     if kind == "sft":
         examples = traces(tokens, 4, seed=1)
@@ -272,6 +275,8 @@ def run_case(kind: str, path: str, tokens: int, samplers: list, limit: int, on_l
 
         loss_name = "full_forward_kl" if kind == "opd-kl" else "importance_sampling"
         teacher_model = random_model(1).eval()
+        if new:
+            activations.use_fast_attention(teacher_model)
         for p in teacher_model.parameters():
             p.requires_grad_(False)
         samples = [Sample(p, c, [-2.0] * len(c)) for p, c in traces(tokens, 8, seed=2)]

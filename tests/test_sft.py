@@ -15,6 +15,7 @@ from opd_runtime.sft.packing import first_fit, pack
 from opd_runtime.sft.traces import Trace, load_traces, tokenize
 from opd_runtime.sft.trainer import micro_batch_nll, run_sft
 from opd_runtime.spec import DatasetSpec, parse_run
+from opd_runtime.training import activations
 from opd_runtime.training.batches import length_groups
 from opd_runtime.workspace import Workspace
 
@@ -126,8 +127,14 @@ def test_token_budget_micro_batches(packed, budget):
         assert len(groups) == 3
 
 
-def test_packed_rows_compute_what_separate_traces_compute(tiny_world):
+@pytest.mark.parametrize("attn", ["sdpa", "sdpa_varlen"])
+def test_packed_rows_compute_what_separate_traces_compute(tiny_world, attn):
+    """Both CPU attentions: transformers' sdpa (a block-diagonal mask from the restarts) and ours (one sdpa
+    call per trace, no mask), the one ``use_fast_attention`` picks here."""
     model = modeling.load_causal_lm(str(tiny_world.teacher), dtype="float32").eval()
+    if attn == "sdpa_varlen":
+        assert activations.use_fast_attention(model) == "sdpa_varlen"
+    assert model.config._attn_implementation == attn
     examples = [([1, 5, 9, 2], [7, 8, 2]), ([1, 4], [6, 6, 6, 2]), ([1, 3, 3, 3, 3], [2])]
     capacity = 13  # two traces share a row, the third sits in a padded row of its own
     rows = pack(examples, capacity=capacity, pad_id=0)
@@ -160,6 +167,85 @@ def test_packed_rows_compute_what_separate_traces_compute(tiny_world):
     for n, g in grads[True][1].items():
         assert torch.allclose(g, grads[False][1][n], rtol=1e-4, atol=1e-6), n
     model.zero_grad(set_to_none=True)
+
+
+def gqa_model(tiny_world, seed: int = 3):
+    """A tiny Qwen3 with grouped-query attention (4 query heads share 2 key/value heads), as Qwen3 has."""
+    from opd_runtime.tiny_models import ModelShape, new_model
+
+    tok = modeling.load_tokenizer(str(tiny_world.tokenizer))
+    shape = ModelShape(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        head_dim=16,
+    )
+    return new_model(shape, tok, seed).float()
+
+
+def test_varlen_attention_equals_sdpa_on_packed_rows_values_and_gradients(tiny_world):
+    """sdpa_varlen (per-trace sdpa, GQA, no mask) == transformers' sdpa with its block-diagonal mask, on
+    the SFT loss of packed rows with gradient checkpointing on: the loss and every parameter's gradient."""
+    from transformers.masking_utils import create_causal_mask
+
+    gen = torch.Generator().manual_seed(0)
+    examples = [
+        (
+            [1, *torch.randint(3, 60, (n % 5 + 1,), generator=gen).tolist()],
+            torch.randint(3, 60, (n,), generator=gen).tolist(),
+        )
+        for n in (9, 4, 13, 1, 6)
+    ]
+    results = {}
+    for attn in ("sdpa", "sdpa_varlen"):
+        model = gqa_model(tiny_world).train()
+        activations.use_gradient_checkpointing(model, True)
+        model.set_attn_implementation("sdpa")
+        if attn == "sdpa_varlen":
+            assert activations.use_fast_attention(model) == attn
+        rows = pack(examples, capacity=24, pad_id=0)
+        assert rows.input_ids_BT.shape[0] == 3  # three packed rows, two of them padded
+        embeds_BTD = model.model.embed_tokens(rows.input_ids_BT)
+        mask = create_causal_mask(model.config, embeds_BTD, None, None, position_ids=rows.position_ids_BT)
+        # sdpa's mask is (B, 1, T, T); ours is none at all
+        assert (mask is None) == (attn == "sdpa_varlen")
+        # the stage's loss (all traces in one row), and the rows above through the logits
+        nll = micro_batch_nll(model, examples, packing=True, pad_id=0)
+        logits_BTV = model(input_ids=rows.input_ids_BT, position_ids=rows.position_ids_BT, use_cache=False).logits
+        logp_BT = torch.log_softmax(logits_BTV[:, :-1], -1).gather(-1, rows.input_ids_BT[:, 1:, None])[..., 0]
+        nll = nll - (logp_BT * rows.loss_mask_BT[:, 1:]).sum()
+        nll.backward()
+        results[attn] = (nll.item(), {n: p.grad.clone() for n, p in model.named_parameters()})
+    assert results["sdpa_varlen"][0] == pytest.approx(results["sdpa"][0], rel=1e-6)
+    for n, g in results["sdpa"][1].items():
+        # float rounding of different kernels, against gradients of up to ~15 here
+        assert torch.allclose(results["sdpa_varlen"][1][n], g, rtol=1e-4, atol=1e-5), n
+
+
+def test_varlen_attention_leaves_padding_masks_and_cached_decoding_to_sdpa(tiny_world):
+    """Left-padded rows with a 2D mask (as generate passes them) and greedy decoding with a cache give
+    what sdpa gives: the padding mask is honoured, not dropped."""
+    model = gqa_model(tiny_world).eval()
+    ids_BT = torch.tensor([[0, 0, 5, 9, 7], [4, 8, 6, 6, 2]])
+    mask_BT = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    out = {}
+    with torch.no_grad():
+        for attn in ("sdpa", "sdpa_varlen"):
+            if attn == "sdpa_varlen":
+                activations.use_fast_attention(model)
+            assert model.config._attn_implementation == attn
+            logits = model(input_ids=ids_BT, attention_mask=mask_BT).logits
+            tokens = model.generate(
+                input_ids=ids_BT, attention_mask=mask_BT, max_new_tokens=6, do_sample=False, pad_token_id=0
+            )
+            out[attn] = (logits, tokens)
+    assert torch.allclose(out["sdpa_varlen"][0], out["sdpa"][0], atol=1e-6)
+    assert torch.equal(out["sdpa_varlen"][1], out["sdpa"][1])
+    # the check can fail: without its mask, row 0 would attend to its two padding tokens
+    unmasked = model(input_ids=ids_BT).logits
+    assert not torch.allclose(unmasked[0, 2:], out["sdpa"][0][0, 2:], atol=1e-3)
 
 
 @pytest.mark.parametrize("packing", [True, False])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 
+from . import attention
 from .chunked import base_model
 
 
@@ -29,17 +30,22 @@ def use_gradient_checkpointing(model, enabled: bool) -> None:
 
 
 def use_fast_attention(model, log=None) -> str:
-    """The mask-free attention for packed rows where there is one, else sdpa; returns the one in use.
+    """The mask-free attention for packed rows; returns the implementation in use.
 
     On CUDA with the ``flash-attn`` package: ``flash_attention_2``, which takes packed rows as varlen
-    sequences (cu_seqlens derived from the restarted position ids) with no mask at all. On CPU, or
-    without it: ``sdpa``, which is exact on packed rows but builds a boolean T x T mask per row.
+    sequences (cu_seqlens derived from the restarted position ids). Elsewhere (CPU, or a GPU without it):
+    ``sdpa_varlen`` (``training.attention``), sdpa run once per trace of a packed row, which builds no
+    T x T mask either; rows that are not packed, padding masks and cached decoding run as plain sdpa.
+    Models with sliding-window layers or not causal keep sdpa.
     """
     base = base_model(model)
-    current = getattr(base.config, "_attn_implementation", None) or "eager"
+    cfg = base.config
+    current = getattr(cfg, "_attn_implementation", None) or "eager"
     on_cuda = any(p.is_cuda for p in base.parameters())
     if on_cuda and importlib.util.find_spec("flash_attn") is not None:
         wanted = "flash_attention_2"
+    elif getattr(cfg, "is_causal", True) and not _has_sliding_layers(cfg):
+        wanted = attention.register()
     else:
         wanted = "sdpa"
     if current != wanted:
@@ -50,3 +56,11 @@ def use_fast_attention(model, log=None) -> str:
             if log:
                 log(f"attention: keeping {current} ({wanted} unavailable: {err})")
     return current
+
+
+def _has_sliding_layers(cfg) -> bool:
+    """Whether any layer attends within a window (``sdpa_varlen`` applies none)."""
+    types = getattr(cfg, "layer_types", None) or []
+    return any(t != "full_attention" for t in types) or (
+        getattr(cfg, "use_sliding_window", False) and getattr(cfg, "sliding_window", None) is not None
+    )
