@@ -8,7 +8,7 @@ and Service, and anything a later change adds to ``decide``) is therefore what i
 order. For review, GitOps diffs and debugging; ``kubectl apply --dry-run=server -f -`` accepts the output.
 
 The run's ``metadata.uid`` (the owner of every object) exists only once the run is created: a file
-without one gets a placeholder uid.
+without one gets a placeholder uid. A run with ``suspend: true`` is rendered as it runs once resumed.
 """
 
 from __future__ import annotations
@@ -60,6 +60,10 @@ def run_object(doc: Manifest, namespace: str | None) -> Manifest:
     meta.setdefault("uid", PLACEHOLDER_UID)
     meta.setdefault("generation", 1)
     obj.pop("status", None)
+    # A suspended run gets only its plumbing until resumed; render shows what it runs once it is resumed.
+    # (suspend is an operational field: no object's content depends on it.)
+    if isinstance(obj.get("spec"), dict):
+        obj["spec"]["suspend"] = False
     return obj
 
 

@@ -113,6 +113,8 @@ def test_the_command_prints_the_objects_as_yaml_in_the_files_or_the_given_namesp
     assert {o["metadata"]["namespace"] for o in render(doc)} == {"from-file"}
     owners = [r["uid"] for o in render(doc) for r in o["metadata"].get("ownerReferences", [])]
     assert len(owners) == 9 and set(owners) == {"1234"}  # all but the workspace claim (retentionPolicy Retain)
+    doc["spec"]["suspend"] = True  # rendered as it runs once resumed
+    assert render(doc) == render({**doc, "spec": {**doc["spec"], "suspend": False}})
 
 
 @pytest.mark.parametrize(
