@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -34,7 +35,8 @@ class Termination:
     exit_code: int | None
     reason: str | None = None
     finished_at: str | None = None
-    result: dict[str, Any] = field(default_factory=dict)  # the JSON message, or {"error": text}
+    result: dict[str, Any] = field(default_factory=dict)  # the JSON message, or {"error": text}; checked
+    dropped: tuple[str, ...] = ()  # "<field>: <why>" for message fields left out of `result`
 
     @property
     def error(self) -> str:
@@ -77,6 +79,48 @@ class Observed:
         return (kind, name) in self.present
 
 
+# The termination-message fields the operator reads, with the JSON type each must have: they are copied
+# into the run's status, whose schema the API server enforces, so one value of the wrong type (or a NaN,
+# which is not JSON) would make every status patch of the run fail. Anything else in a message is ignored.
+MESSAGE_FIELDS: dict[str, str] = {
+    "stage": "string",
+    "checkpoint": "string",
+    "error": "string",
+    "step": "integer",
+    "reverse_kl": "number",
+    "eval_score": "number",
+}
+MAX_MESSAGE_STRING = 1000  # characters of a string field kept (the status message is cut to this too)
+
+
+def _checked(value: Any, kind: str) -> tuple[Any, str | None]:
+    """``value`` as a status field of JSON type ``kind``, or (None, why not)."""
+    if value is None:
+        return None, None
+    if kind == "string":
+        return (value[-MAX_MESSAGE_STRING:], None) if isinstance(value, str) else (None, f"not a string: {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None, f"not a number: {value!r}"
+    if not math.isfinite(value):
+        return None, f"not a finite number: {value!r}"
+    if kind == "integer":
+        return (int(value), None) if float(value).is_integer() else (None, f"not an integer: {value!r}")
+    return float(value), None
+
+
+def check_message(message: dict[str, Any]) -> tuple[dict[str, Any], tuple[str, ...]]:
+    """The fields of a parsed termination message the operator reads, each of its type, and what was dropped."""
+    kept: dict[str, Any] = {}
+    dropped: list[str] = []
+    for key, kind in MESSAGE_FIELDS.items():
+        value, why = _checked(message.get(key), kind)
+        if why is not None:
+            dropped.append(f"{key}: {why}"[:200])
+        elif value is not None:
+            kept[key] = value
+    return kept, tuple(dropped)
+
+
 def parse_message(text: str | None) -> dict[str, Any]:
     text = (text or "").strip()
     if not text:
@@ -92,11 +136,14 @@ def termination(pod: Manifest) -> Termination | None:
     for status in (pod.get("status") or {}).get("containerStatuses") or []:
         term = (status.get("state") or {}).get("terminated") or (status.get("lastState") or {}).get("terminated")
         if term:
+            result, dropped = check_message(parse_message(term.get("message")))
+            code = term.get("exitCode")
             return Termination(
-                exit_code=term.get("exitCode"),
-                reason=term.get("reason"),
-                finished_at=term.get("finishedAt"),
-                result=parse_message(term.get("message")),
+                exit_code=code if isinstance(code, int) and not isinstance(code, bool) else None,
+                reason=term.get("reason") if isinstance(term.get("reason"), str) else None,
+                finished_at=term.get("finishedAt") if isinstance(term.get("finishedAt"), str) else None,
+                result=result,
+                dropped=dropped,
             )
     return None
 

@@ -287,6 +287,7 @@ class _Walk:
             if result.get(key) is not None:
                 ss[field_name] = result[key]
         ss.pop("message", None)
+        self.flag_dropped(stage, job)
         seconds = self.seconds_since(ss.get("startTime"))
         self.d.outcomes.append(StageOutcome(stage, "succeeded", seconds))
         self.event(
@@ -296,6 +297,17 @@ class _Walk:
             + (f": checkpoint {ss['checkpoint']}" if ss.get("checkpoint") else "")
             + (f", eval score {ss['evalScore']}" if ss.get("evalScore") is not None else ""),
         )
+
+    def flag_dropped(self, stage: str, job: JobView) -> None:
+        """A termination message with fields of the wrong type: they were left out of the status (which
+        they would have made unpatchable); say which, once, with the attempt's result."""
+        if job.termination is not None and job.termination.dropped:
+            self.event(
+                "Warning",
+                "BadTerminationMessage",
+                f"{stage} ({job.name}): termination message fields left out of the status: "
+                + "; ".join(job.termination.dropped)[:900],
+            )
 
     def record_failure(self, stage: str, ss: Manifest, job: JobView) -> None:
         term = job.termination
@@ -311,6 +323,7 @@ class _Walk:
         )
         if code == EXIT_BAD_CONFIG:
             ss["failedGeneration"] = self.generation
+        self.flag_dropped(stage, job)
         self.event(
             "Warning",
             "StageFailed",

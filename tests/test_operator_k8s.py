@@ -293,6 +293,7 @@ def test_crd_explains_fields_and_rejects_invalid_specs(cp: ControlPlane, ns: str
             "enable at least one of the stages",
         ),
         ({"distill": {"prompts": {"name": "tinymath", "path": "x.jsonl"}}}, "exactly one of `name`"),
+        ({"sft": {"enabled": False}, "eval": {"targets": ["sft"]}}, "spec.eval.targets names a stage"),
     ]
     for i, (change, expected) in enumerate(bad_cases):
         doc = tiny_math(f"bad-{i}")
@@ -544,3 +545,19 @@ def test_deletion_removes_children_and_honours_the_pvc_policy(
         assert "ownerReferences" not in kept["metadata"]
     else:
         cp.wait("the workspace PVC to be deleted", lambda: not exists(cp, pvc), timeout=TIMEOUT)
+
+
+def test_a_stage_message_of_wrong_types_leaves_the_run_patchable_and_flagged(
+    cp: ControlPlane, ns: str, operator: Operator
+):
+    run = Run(cp, ns, tiny_math())
+    run.wait("the sft stage", lambda st: st.get("stage") == "sft")
+    # a string step, a numeric checkpoint and a NaN: each would make the status patch fail its schema
+    run.finish("tiny-math-sft-1", 0, '{"stage": "sft", "step": "four hundred", "checkpoint": 5, "reverse_kl": NaN}')
+    st = run.wait("sft Succeeded and distill started", lambda st: st.get("stages", {}).get("distill", {}).get("job"))
+    sft = st["stages"]["sft"]
+    assert sft["phase"] == "Succeeded" and "step" not in sft and "checkpoint" not in sft and "reverseKL" not in sft
+    assert "BadTerminationMessage" in run.events()
+    items = cp.get(f"/api/v1/namespaces/{ns}/events")["items"]
+    flagged = next(e["message"] for e in items if e["reason"] == "BadTerminationMessage")
+    assert "step: not a number" in flagged and "checkpoint: not a string" in flagged and "reverse_kl" in flagged

@@ -408,7 +408,8 @@ def test_the_operator_imports_without_torch():
 def test_a_stage_edited_out_of_the_plan_while_running_is_waited_for():
     s = Story()
     s.reconcile()
-    s.api.edit_spec(sft={"enabled": False})
+    # eval no longer scores `sft` either: a target of a stage the run does not enable is refused
+    s.api.edit_spec(sft={"enabled": False}, eval={"targets": ["student", "distill", "teacher"]})
     s.reconcile()
     assert s.jobs() == ["tiny-sft-1"] and s.api.names("Deployment") == []
     assert "waiting for tiny-sft-1" in s.status["message"]
