@@ -101,9 +101,11 @@ controlplane: venv
 
 # Speed targets live here, not in unit tests: each script prints a comparison table.
 bench: venv
+	VIRTUAL_ENV=$(VENV) $(UV) pip install --quiet $(UV_FLAGS) "torch==$(TORCH_VERSION)" "transformers==$(TRANSFORMERS_VERSION)" -e ".[$(EXTRAS),bench]"
 	$(BIN)/python bench/cli_latency.py
 	$(BIN)/python bench/opd_step.py
 	$(BIN)/python bench/memory.py
+	$(BIN)/python bench/opd_vs_rl.py  # OPD vs RL vs TRL on the tiny world, ~15-20 min on 2 idle cores
 
 # The chart's copies of crds/ and of the operator's RBAC rules (operator/rbac.py); a test fails when stale.
 chart: venv

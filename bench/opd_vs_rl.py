@@ -1,0 +1,447 @@
+"""OPD vs RL from the same SFT checkpoint, compute-matched, with TRL's trainers beside ours (issue 14's claim,
+"on-policy distillation reaches RL's accuracy for a fraction of its compute", in miniature).
+
+    make bench   (or: nice -n 10 .venv/bin/python bench/opd_vs_rl.py [--steps N] [--out DIR])
+
+Start: the tiny world's `student` (`opd_runtime.tiny_models`: SFT on 1,000 teacher traces, ~20% held-out),
+the same weights for every method. Each method gets the same budget of optimizer steps, each step
+sampling ``--prompts`` prompts x ``--samples`` completions (max 64 new tokens, temperature 1) from tinymath's
+train split:
+
+- ``opd``: our learner, objective ``distill`` (loss ``--opd-loss``, default ``importance_sampling``, the
+  recipe's sampled-token reverse-KL advantage), in-process teacher (`tiny://teacher`, ~100%).
+- ``rl``: our learner, objective ``rl`` (reward 1 for the right boxed answer, GRPO group-normalised
+  advantages, the same loss and sampler), no teacher.
+- ``trl-grpo``: TRL's ``GRPOTrainer`` with the same reward, prompts, group size, completions per step,
+  learning rate, AdamW betas and gradient clipping (``beta=0``: no reference KL, as ours; ``loss_type="dapo"``:
+  token-level normalisation, as ours; one optimizer step per generation batch, as ours).
+- ``trl-distill``: TRL's on-policy ``DistillationTrainer`` (``beta=1``: full-vocabulary reverse KL to the
+  same teacher) with as many sequences per step as ours (one completion per prompt, so prompts x samples
+  prompts).
+
+Held-out greedy accuracy (``--heldout`` tinymath test problems, as the demo's eval grades them) is measured
+at the start and every ``--eval-every`` steps (our runs: their checkpoints; TRL: the final model).
+
+Compute (FLOPs), counted per step from the tokens each method processed (prompt + completion tokens of every
+sampled sequence; N = parameters of the model, embeddings included, as ``opd report`` counts them):
+  sampling 2 * N_student * tokens  +  training (forward + backward) 6 * N_student * tokens
+  +  OPD only: teacher scoring 2 * N_teacher * tokens  (RL's reward is a string comparison: 0 FLOPs).
+TRL rows use the same formula on their own completion lengths. Wall-clock is the sum of step times (sample +
+score + train), evaluation excluded.
+
+The claim's ratio: C_RL = compute RL used to first reach its best held-out accuracy A; C_OPD = compute OPD used
+to first reach >= A at a checkpoint; ratio C_RL / C_OPD ("not reached" when OPD never reaches A). With
+few checkpoints both are measured at checkpoint resolution.
+
+Writes ``DIR/results.json``, ``DIR/accuracy_vs_flops.png`` and prints the tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+
+
+@dataclass
+class Curve:
+    method: str
+    points: list[dict] = field(default_factory=list)  # {step, flops, seconds, accuracy}
+    step_seconds: float = 0.0  # mean wall-clock seconds per optimizer step
+    note: str = ""
+
+
+def parameters(model_dir: Path) -> int:
+    from opd_runtime import modeling
+
+    return sum(p.numel() for p in modeling.load_causal_lm(str(model_dir), dtype="float32").parameters())
+
+
+def heldout_accuracy(model, tokenizer, problems) -> float:
+    from opd_runtime.tiny_models import solved
+
+    model.eval()
+    with torch.no_grad():
+        right = solved(model, tokenizer, problems, max_new_tokens=64)
+    return sum(right) / len(right)
+
+
+def accuracy_of(model_dir: Path, problems) -> float:
+    from opd_runtime import modeling
+
+    tok = modeling.load_tokenizer(str(model_dir))
+    return heldout_accuracy(modeling.load_causal_lm(str(model_dir), dtype="float32"), tok, problems)
+
+
+def run_yaml(args, objective: str, start: Path, teacher: Path, lr: float) -> str:
+    clip = "null" if args.max_grad_norm is None else args.max_grad_norm
+    extra = (
+        "".join(f"\n    {kv.partition('=')[0]}: {kv.partition('=')[2]}" for kv in args.opd_set)
+        if objective == "distill"
+        else ""
+    )
+    return f"""
+apiVersion: opd.dev/v1alpha1
+kind: DistillationRun
+metadata: {{name: opd-vs-rl}}
+spec:
+  student: {{model: {start}, dtype: float32}}
+  teacher: {{model: {teacher}, dtype: float32, backend: local}}
+  distill:
+    objective: {objective}
+    prompts: {{name: tinymath, split: train, difficulty: 2}}
+    loss: {args.opd_loss if objective == "distill" else args.rl_loss}
+    steps: {args.steps}
+    promptsPerStep: {args.prompts}
+    samplesPerPrompt: {args.samples}
+    microBatchSize: {args.prompts * args.samples}
+    gradientCheckpointing: false
+    maxNewTokens: 64
+    seed: {args.seed}
+    optimizer: {{learningRate: {lr}, warmupSteps: {args.warmup}, schedule: constant, maxGradNorm: {clip}}}
+    checkpointing: {{every: {args.eval_every}, keep: {args.steps // args.eval_every + 1}}}
+    metricsPort: 0{extra}
+"""
+
+
+def prompt_tokens_per_step(run, tokenizer) -> list[int]:
+    """Prompt tokens of every sampled sequence, per step, in the learner's own prompt order."""
+    from opd_runtime.data_sources import load_prompts
+    from opd_runtime.training.batches import prompt_ids
+    from opd_runtime.training.order import batch_at
+
+    cfg = run.spec.distill
+    records = load_prompts(cfg.prompts, Path("."))
+    lengths: dict[str, int] = {}
+    out = []
+    for step in range(cfg.steps):
+        batch = batch_at(records, step * cfg.prompts_per_step, cfg.prompts_per_step, cfg.seed)
+        total = 0
+        for r in batch:
+            if r.id not in lengths:
+                lengths[r.id] = len(prompt_ids(tokenizer, r.messages))
+            total += lengths[r.id] * cfg.samples_per_prompt
+        out.append(total)
+    return out
+
+
+def ours(args, objective: str, start: Path, teacher: Path, problems, n_student: int, n_teacher: int, workdir: Path):
+    from opd_runtime import modeling
+    from opd_runtime.distill.learner import run_distill
+    from opd_runtime.spec import parse_run
+
+    lr = args.opd_lr if objective == "distill" else args.rl_lr
+    run = parse_run(yaml.safe_load(run_yaml(args, objective, start, teacher, lr)))
+    ws = workdir / f"ws-{objective}"
+    run_distill(run, ws, log=lambda *_: None)
+    lines = [json.loads(x) for x in (ws / "metrics" / "distill.jsonl").read_text().splitlines() if x.strip()]
+    prompt_tokens = prompt_tokens_per_step(run, modeling.load_tokenizer(str(start)))
+    per_token = 8.0 * n_student + (2.0 * n_teacher if objective == "distill" else 0.0)
+    flops, seconds, cumulative = 0.0, 0.0, {}
+    for r, p in zip(lines, prompt_tokens):
+        flops += per_token * (p + r["completion_tokens"])
+        seconds += r["step_seconds"]
+        cumulative[r["step"]] = (flops, seconds)
+    curve = Curve("opd" if objective == "distill" else "rl", step_seconds=seconds / len(lines))
+    curve.points.append({"step": 0, "flops": 0.0, "seconds": 0.0, "accuracy": args.start_accuracy})
+    for step in range(args.eval_every, args.steps + 1, args.eval_every):
+        model_dir = ws / "checkpoints" / "distill" / f"step-{step:06d}" / "model"
+        f, s = cumulative[step]
+        curve.points.append({"step": step, "flops": f, "seconds": s, "accuracy": accuracy_of(model_dir, problems)})
+    extra = lines[-10:]
+    if objective == "rl":
+        curve.note = (
+            f"last 10 steps: reward {sum(r['reward_mean'] for r in extra) / len(extra):.3f}, "
+            f"zero-variance groups {sum(r['zero_variance_group_fraction'] for r in extra) / len(extra):.0%}"
+        )
+    else:
+        curve.note = f"last 10 steps: batch reverse KL {sum(r['reverse_kl'] for r in extra) / len(extra):.3f}"
+    return curve
+
+
+def trl_dataset(args):
+    from datasets import Dataset
+
+    from opd_runtime.data_sources import load_prompts
+    from opd_runtime.spec import DatasetSpec
+
+    records = load_prompts(DatasetSpec(name="tinymath", split="train", difficulty=2), Path("."))
+    return Dataset.from_list([{"prompt": r.messages, "answer": r.answer} for r in records])
+
+
+def _common_trl_args(args, out: Path, lr: float, batch: int) -> dict:
+    return dict(
+        output_dir=str(out),
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=1,
+        max_steps=args.steps,
+        learning_rate=lr,
+        lr_scheduler_type="constant_with_warmup",  # ours: linear warmup, then constant
+        warmup_steps=args.warmup,
+        weight_decay=0.0,
+        adam_beta1=0.9,
+        adam_beta2=0.95,  # ours (OptimizerSpec's default)
+        max_grad_norm=args.max_grad_norm if args.max_grad_norm is not None else 1e9,
+        max_completion_length=64,
+        temperature=1.0,
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        report_to=[],
+        logging_steps=1,
+        save_strategy="no",
+        seed=args.seed,
+        disable_tqdm=True,
+    )
+
+
+class _StepTimes:
+    """A TrainerCallback recording the wall-clock seconds and logged completion lengths of each step."""
+
+    def __init__(self):
+        from transformers import TrainerCallback
+
+        outer = self
+
+        class Cb(TrainerCallback):
+            def on_step_begin(self, *_a, **_k):
+                outer.t0 = time.perf_counter()
+
+            def on_step_end(self, *_a, **_k):
+                outer.seconds.append(time.perf_counter() - outer.t0)
+
+            def on_log(self, _args, _state, _control, logs=None, **_k):
+                if logs:
+                    outer.logs.append(dict(logs))
+
+        self.t0 = 0.0
+        self.seconds: list[float] = []
+        self.logs: list[dict] = []
+        self.callback = Cb()
+
+
+def _completion_length(logs: list[dict]) -> float:
+    vals = [v for log in logs for k, v in log.items() if k in ("completions/mean_length", "completion_length")]
+    return sum(vals) / len(vals) if vals else 64.0
+
+
+def trl_grpo(args, start: Path, problems, n_student: int, prompt_len: float, workdir: Path) -> Curve:
+    from transformers import AutoModelForCausalLM
+    from trl import GRPOConfig, GRPOTrainer
+
+    from opd_runtime import modeling
+    from opd_runtime.distill import rl
+
+    def reward(completions, answer, **_kw) -> list[float]:
+        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+        return rl.rewards(texts, answer, "math")
+
+    tok = modeling.load_tokenizer(str(start))
+    cfg = GRPOConfig(
+        **_common_trl_args(args, workdir / "trl-grpo", args.rl_lr, args.prompts * args.samples),
+        num_generations=args.samples,
+        beta=0.0,
+        loss_type="dapo",
+        scale_rewards="group",
+        num_iterations=1,
+        top_k=0,
+        top_p=1.0,
+    )
+    timer = _StepTimes()
+    model = AutoModelForCausalLM.from_pretrained(str(start), dtype=torch.float32)
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=reward,
+        args=cfg,
+        train_dataset=trl_dataset(args),
+        processing_class=tok,
+        callbacks=[timer.callback],
+    )
+    trainer.train()
+    acc = heldout_accuracy(trainer.model, tok, problems)
+    tokens = args.steps * args.prompts * args.samples * (prompt_len + _completion_length(timer.logs))
+    rewards = [log["reward"] for log in timer.logs if "reward" in log][-10:]
+    curve = Curve("trl-grpo", step_seconds=sum(timer.seconds) / max(len(timer.seconds), 1))
+    curve.points = [
+        {"step": 0, "flops": 0.0, "seconds": 0.0, "accuracy": args.start_accuracy},
+        {"step": args.steps, "flops": 8.0 * n_student * tokens, "seconds": sum(timer.seconds), "accuracy": acc},
+    ]
+    if rewards:
+        curve.note = f"last 10 steps: reward {sum(rewards) / len(rewards):.3f}"
+    return curve
+
+
+def trl_distill(args, start: Path, teacher: Path, problems, n_student: int, n_teacher: int, prompt_len: float, workdir):
+    from transformers import AutoModelForCausalLM
+    from trl import DistillationConfig, DistillationTrainer
+
+    from opd_runtime import modeling
+
+    tok = modeling.load_tokenizer(str(start))
+    cfg = DistillationConfig(
+        **_common_trl_args(args, workdir / "trl-distill", args.trl_distill_lr, args.prompts * args.samples),
+        beta=1.0,
+        top_k=0,
+        top_p=1.0,
+    )
+    timer = _StepTimes()
+    trainer = DistillationTrainer(
+        model=AutoModelForCausalLM.from_pretrained(str(start), dtype=torch.float32),
+        teacher_model=AutoModelForCausalLM.from_pretrained(str(teacher), dtype=torch.float32),
+        args=cfg,
+        train_dataset=trl_dataset(args),
+        processing_class=tok,
+        callbacks=[timer.callback],
+    )
+    trainer.train()
+    acc = heldout_accuracy(trainer.model, tok, problems)
+    tokens = args.steps * args.prompts * args.samples * (prompt_len + _completion_length(timer.logs))
+    curve = Curve("trl-distill", step_seconds=sum(timer.seconds) / max(len(timer.seconds), 1))
+    curve.points = [
+        {"step": 0, "flops": 0.0, "seconds": 0.0, "accuracy": args.start_accuracy},
+        {
+            "step": args.steps,
+            "flops": (8.0 * n_student + 2.0 * n_teacher) * tokens,
+            "seconds": sum(timer.seconds),
+            "accuracy": acc,
+        },
+    ]
+    return curve
+
+
+def compute_ratio(opd: Curve, rl_curve: Curve) -> dict:
+    """C_RL (first reaching RL's best accuracy) / C_OPD (first reaching that accuracy), at checkpoints."""
+    best = max(p["accuracy"] for p in rl_curve.points)
+    c_rl = next(p for p in rl_curve.points if p["accuracy"] == best)
+    c_opd = next((p for p in opd.points if p["accuracy"] >= best), None)
+    out = {"rl_best_accuracy": best, "rl_flops": c_rl["flops"], "rl_step": c_rl["step"]}
+    if c_opd is None:
+        return out | {"opd_flops": None, "ratio": None, "text": "not reached: OPD never reached RL's best accuracy"}
+    if c_rl["flops"] == 0:
+        return out | {"opd_flops": 0.0, "ratio": None, "text": "RL never improved on the start: no ratio"}
+    if c_opd["flops"] == 0:
+        return out | {"opd_flops": 0.0, "ratio": None, "text": "the start already had RL's best accuracy"}
+    ratio = c_rl["flops"] / c_opd["flops"]
+    return out | {"opd_flops": c_opd["flops"], "opd_step": c_opd["step"], "ratio": ratio, "text": f"{ratio:.1f}x"}
+
+
+def print_tables(curves: list[Curve], ratio: dict | None) -> None:
+    print("\n| method | step | GFLOP | wall s | held-out greedy accuracy |")
+    print("|---|---|---|---|---|")
+    for c in curves:
+        for p in c.points:
+            print(f"| {c.method} | {p['step']} | {p['flops'] / 1e9:.1f} | {p['seconds']:.0f} | {p['accuracy']:.1%} |")
+    print("\n| method | s / step | accuracy gain (start -> end) | notes |")
+    print("|---|---|---|---|")
+    for c in curves:
+        a0, a1 = c.points[0]["accuracy"], c.points[-1]["accuracy"]
+        print(f"| {c.method} | {c.step_seconds:.2f} | {a0:.1%} -> {a1:.1%} ({a1 - a0:+.1%}) | {c.note} |")
+    if ratio is not None:
+        print(
+            f"\nRL's best: {ratio['rl_best_accuracy']:.1%} at step {ratio['rl_step']} "
+            f"({ratio['rl_flops'] / 1e9:.1f} GFLOP); compute RL needed / compute OPD needed for it: {ratio['text']}"
+        )
+
+
+def plot(curves: list[Curve], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for c in curves:
+        xs = [p["flops"] / 1e9 for p in c.points]
+        ys = [100 * p["accuracy"] for p in c.points]
+        ax.plot(xs, ys, marker="o" if len(xs) > 2 else "s", ls="-" if len(xs) > 2 else ":", label=c.method)
+    ax.set(xlabel="compute (GFLOP)", ylabel="held-out greedy accuracy (%)", title="OPD vs RL on the tiny world")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=60, help="optimizer steps per method")
+    ap.add_argument("--prompts", type=int, default=32, help="prompts per step")
+    ap.add_argument("--samples", type=int, default=4, help="completions per prompt (RL's group size)")
+    ap.add_argument("--eval-every", type=int, default=20, help="steps between held-out evaluations (our runs)")
+    ap.add_argument("--heldout", type=int, default=200, help="held-out tinymath test problems")
+    ap.add_argument("--opd-loss", default="importance_sampling", help="loss of the OPD run")
+    ap.add_argument("--opd-lr", type=float, default=1e-4, help="learning rate of the OPD run")
+    ap.add_argument("--rl-loss", default="importance_sampling", help="loss of the RL run (importance_sampling|ppo)")
+    ap.add_argument("--rl-lr", type=float, default=1e-4, help="learning rate of our RL run and TRL's GRPO")
+    ap.add_argument("--trl-distill-lr", type=float, default=None, help="TRL DistillationTrainer's (default: --opd-lr)")
+    ap.add_argument("--warmup", type=int, default=10, help="linear warmup steps for all (then constant)")
+    ap.add_argument(
+        "--opd-set", action="append", default=[], metavar="KEY=VALUE", help="extra spec.distill field of the OPD run"
+    )
+    ap.add_argument("--max-grad-norm", type=float, default=None, help="gradient clipping for all (default: none)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-trl", action="store_true", help="skip the TRL rows")
+    ap.add_argument("--out", type=Path, default=Path("runs/opd-vs-rl"))
+    args = ap.parse_args()
+    if args.steps % args.eval_every:
+        raise SystemExit("--steps must be a multiple of --eval-every")
+    args.trl_distill_lr = args.trl_distill_lr or args.opd_lr
+
+    from opd_runtime import modeling, tinymath
+    from opd_runtime.tiny_models import WorldConfig, build_cached, default_cache_dir
+    from opd_runtime.training.batches import prompt_ids
+
+    torch.set_num_threads(args.threads)
+    t_all = time.perf_counter()
+    args.out.mkdir(parents=True, exist_ok=True)
+    world = args.out / "models"
+    build_cached(world, WorldConfig(), default_cache_dir(), log=print)
+    start, teacher = (world / "student").resolve(), (world / "teacher").resolve()
+    problems = tinymath.generate(args.heldout, split="test", seed=0, difficulty=2)
+    n_student, n_teacher = parameters(start), parameters(teacher)
+    args.start_accuracy = accuracy_of(start, problems)
+    tok = modeling.load_tokenizer(str(start))
+    train = tinymath.generate(500, split="train", seed=0, difficulty=2)
+    prompt_len = sum(len(prompt_ids(tok, tinymath.chat_messages(p.problem))) for p in train) / len(train)
+    print(
+        f"start {start} ({n_student:,} parameters, held-out {args.start_accuracy:.1%}); teacher {n_teacher:,} "
+        f"parameters; {args.steps} steps x {args.prompts} prompts x {args.samples} samples each"
+    )
+
+    curves = []
+    for objective in ("distill", "rl"):
+        t0 = time.perf_counter()
+        curves.append(ours(args, objective, start, teacher, problems, n_student, n_teacher, args.out))
+        print(f"{curves[-1].method}: {time.perf_counter() - t0:.0f} s with evaluations", flush=True)
+    trl_error = None
+    if not args.no_trl:
+        try:
+            t0 = time.perf_counter()
+            curves.append(trl_grpo(args, start, problems, n_student, prompt_len, args.out))
+            print(f"trl-grpo: {time.perf_counter() - t0:.0f} s", flush=True)
+            t0 = time.perf_counter()
+            curves.append(trl_distill(args, start, teacher, problems, n_student, n_teacher, prompt_len, args.out))
+            print(f"trl-distill: {time.perf_counter() - t0:.0f} s", flush=True)
+        except ImportError as err:  # the `bench` extra is not installed
+            trl_error = f"TRL rows skipped: {err} (pip install 'opd[bench]')"
+            print(trl_error)
+    ratio = compute_ratio(curves[0], curves[1])
+    print_tables(curves, ratio)
+    plot(curves, args.out / "accuracy_vs_flops.png")
+    settings = {k: v for k, v in vars(args).items() if k != "out"}
+    (args.out / "results.json").write_text(
+        json.dumps(
+            {"settings": settings, "curves": [asdict(c) for c in curves], "ratio": ratio, "trl_error": trl_error},
+            indent=2,
+        )
+    )
+    print(f"\n{args.out}/accuracy_vs_flops.png, {args.out}/results.json; {time.perf_counter() - t_all:.0f} s in all")
+
+
+if __name__ == "__main__":
+    main()
