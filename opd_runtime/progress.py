@@ -12,6 +12,7 @@ import json
 import subprocess
 import sys
 import time
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -22,6 +23,10 @@ from .workspace import Workspace
 
 POLL_SECONDS = 0.5
 PLAIN_LINE_SECONDS = 30.0  # without a terminal, one progress line this often
+# The training stages' headline number (OPD's reverse KL or RL reward, SFT's loss) is also shown as the
+# mean of the last this many steps: one step's value moves by about +-0.1 from step to step on the tiny
+# world (a batch of 32 x 4 samples), more than a run's trend over tens of steps.
+MEAN_STEPS = 10
 
 
 def read_records(path: Path, start: int = 0) -> tuple[list[dict[str, Any]], int]:
@@ -36,9 +41,38 @@ def read_records(path: Path, start: int = 0) -> tuple[list[dict[str, Any]], int]
     return records, start + end
 
 
-def postfix(stage: str, rec: dict[str, Any]) -> dict[str, str]:
-    """What the view shows next to the step count."""
+def headline(stage: str, rec: dict[str, Any]) -> str | None:
+    """The record's field a training stage's view leads with."""
+    if stage == "distill":
+        return "reverse_kl" if rec.get("reverse_kl") is not None else "reward_mean"
+    return "loss" if stage in TRAINING_STAGES else None
+
+
+class RecentMean:
+    """The mean of a training stage's headline field over its last ``steps`` records (all records fed so
+    far count, a resumed stage's earlier ones included)."""
+
+    def __init__(self, stage: str, steps: int | None = None):
+        self.stage, self.steps = stage, MEAN_STEPS if steps is None else steps
+        self.values: dict[str, deque[float]] = {}
+
+    def add(self, records: list[dict[str, Any]]) -> None:
+        for r in records:
+            key = headline(self.stage, r)
+            if key is not None and r.get(key) is not None:
+                self.values.setdefault(key, deque(maxlen=self.steps)).append(float(r[key]))
+
+    def of(self, key: str | None) -> tuple[float, int] | None:
+        """(mean, number of steps in it) of ``key``, or None before its first value."""
+        vals = self.values.get(key) if key is not None else None
+        return (sum(vals) / len(vals), len(vals)) if vals else None
+
+
+def postfix(stage: str, rec: dict[str, Any], recent: RecentMean | None = None) -> dict[str, str]:
+    """What the view shows next to the step count; for SFT and OPD, given ``recent``, also the mean of the
+    headline value over the last steps (``mean10`` for ten steps)."""
     shown = {}
+    mean = recent.of(headline(stage, rec)) if recent is not None else None
     if stage == "distill" and rec.get("reverse_kl") is not None:
         shown["rev_kl"] = f"{rec['reverse_kl']:.3f}"
     elif stage == "distill" and rec.get("reward_mean") is not None:  # objective rl
@@ -47,6 +81,8 @@ def postfix(stage: str, rec: dict[str, Any]) -> dict[str, str]:
         shown["loss"] = f"{rec['loss']:.3f}"
     elif "pass_at_1" in rec:
         shown[f"{rec['target']}/{rec['dataset']}"] = f"{rec['pass_at_1']:.3f}"
+    if mean is not None:
+        shown[f"mean{mean[1]}"] = f"{mean[0]:.3f}"
     if rec.get("tokens_per_second"):
         shown["tok/s"] = f"{rec['tokens_per_second']:.0f}"
     return shown
@@ -63,7 +99,7 @@ def total_steps(stage: str, run: DistillationRun) -> int | None:
 
 
 class View(Protocol):
-    def update(self, done: int, latest: dict[str, Any]) -> None: ...
+    def update(self, done: int, latest: dict[str, Any], recent: RecentMean | None = None) -> None: ...
 
     def close(self) -> None: ...
 
@@ -77,8 +113,8 @@ class BarView:
         self.stage, self.done = stage, initial
         self.bar = tqdm(total=total, initial=initial, desc=stage, unit=unit, dynamic_ncols=True)
 
-    def update(self, done: int, latest: dict[str, Any]) -> None:
-        self.bar.set_postfix(postfix(self.stage, latest), refresh=False)
+    def update(self, done: int, latest: dict[str, Any], recent: RecentMean | None = None) -> None:
+        self.bar.set_postfix(postfix(self.stage, latest, recent), refresh=False)
         self.bar.update(done - self.done)
         self.done = done
 
@@ -104,18 +140,18 @@ class PlainView:
         self.clock = clock
         self.started = self.last_line = clock()
 
-    def line(self, done: int, latest: dict[str, Any]) -> str:
-        extra = "  ".join(f"{k} {v}" for k, v in postfix(self.stage, latest).items())
+    def line(self, done: int, latest: dict[str, Any], recent: RecentMean | None = None) -> str:
+        extra = "  ".join(f"{k} {v}" for k, v in postfix(self.stage, latest, recent).items())
         elapsed = self.clock() - self.started
         rate = (done - self.initial) / elapsed if elapsed > 0 else 0.0
         eta = f"  eta {(self.total - done) / rate:.0f}s" if rate and self.total else ""
         total = self.total if self.total is not None else "?"
         return f"[{self.stage}] {done}/{total} {self.unit}s  {extra}{eta}".rstrip()
 
-    def update(self, done: int, latest: dict[str, Any]) -> None:
+    def update(self, done: int, latest: dict[str, Any], recent: RecentMean | None = None) -> None:
         if self.clock() - self.last_line >= self.every:
             self.last_line = self.clock()
-            print(self.line(done, latest), flush=True)
+            print(self.line(done, latest, recent), flush=True)
 
     def close(self) -> None:
         pass
@@ -135,6 +171,9 @@ def watcher_for(
         # restart at 1 in every eval process).
         records, offset = read_records(ws.metrics(stage))
         done = records[-1]["step"] if records and stage in TRAINING_STAGES else 0
+        recent = RecentMean(stage)
+        if stage in TRAINING_STAGES:
+            recent.add(records)
         view: View = (BarView if sys.stderr.isatty() else PlainView)(stage, total, done, unit)
         try:
             running = True
@@ -144,7 +183,8 @@ def watcher_for(
                 records, offset = read_records(ws.metrics(stage), offset)
                 if records:
                     done = records[-1]["step"]
-                    view.update(done, records[-1])
+                    recent.add(records)
+                    view.update(done, records[-1], recent)
         finally:
             view.close()
 

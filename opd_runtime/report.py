@@ -108,12 +108,10 @@ def plot(ws: Workspace, out_dir: Path) -> list[Path]:
     if distill:
         fig, ax = plt.subplots(figsize=(6, 3.5))
         ax.plot([r["step"] for r in distill], [r["reverse_kl"] for r in distill], lw=1, alpha=0.5, label="per step")
-        window = max(1, len(distill) // 20)
+        span = max(1, len(distill) // 20)
         kl = [r["reverse_kl"] for r in distill]
-        smooth = [
-            sum(kl[max(0, i - window + 1) : i + 1]) / len(kl[max(0, i - window + 1) : i + 1]) for i in range(len(kl))
-        ]
-        ax.plot([r["step"] for r in distill], smooth, lw=2, label=f"mean of {window}")
+        smooth = [sum(kl[max(0, i - span + 1) : i + 1]) / len(kl[max(0, i - span + 1) : i + 1]) for i in range(len(kl))]
+        ax.plot([r["step"] for r in distill], smooth, lw=2, label=f"mean of {span}")
         ax.set(xlabel="OPD step", ylabel="reverse KL (nats/token)", title="Student-teacher reverse KL")
         ax.legend()
         written.append(_save(fig, out_dir / "reverse_kl.png"))
@@ -144,6 +142,52 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+# A step's batch metrics are noisy (reverse KL moves by about +-0.1 between steps on the tiny world), so the
+# report compares means over windows of steps, with the standard error of each mean, never single steps.
+CURVE_FIELDS = {
+    "sft": ["loss"],
+    "distill": ["reverse_kl", "loss", "entropy", "sample_accuracy", "reward_mean", "grad_norm"],
+}
+MAX_WINDOW = 10
+
+
+def window(n_steps: int) -> int:
+    """Steps averaged at each end of a run: 10, or a fifth of a short run (at least 1)."""
+    return max(1, min(MAX_WINDOW, n_steps // 5))
+
+
+def mean_se(values: list[float]) -> tuple[float, float]:
+    """Mean and its standard error (0 for a single value)."""
+    m = sum(values) / len(values)
+    if len(values) < 2:
+        return m, 0.0
+    return m, (sum((v - m) ** 2 for v in values) / (len(values) - 1) / len(values)) ** 0.5
+
+
+def curve_rows(ws: Workspace) -> list[tuple[str, str, int, int, tuple[float, float], tuple[float, float]]]:
+    """(stage, field, window, steps, (mean, SE) over the first window, (mean, SE) over the last) per field."""
+    out = []
+    for stage, fields in CURVE_FIELDS.items():
+        records = _records(ws, stage)
+        for field in fields:
+            vals = [float(r[field]) for r in records if r.get(field) is not None]
+            if vals:
+                k = window(len(vals))
+                out.append((stage, field, k, len(vals), mean_se(vals[:k]), mean_se(vals[-k:])))
+    return out
+
+
+def gap_closed(rows: list[tuple[str, str, float, float]]) -> dict[str, float] | None:
+    """Share of the after-SFT -> teacher accuracy gap that OPD closed, per dataset (needs all three rows)."""
+    acc = {(t, d): p for t, d, p, _ in rows}
+    out = {}
+    for d in {d for _, d, _, _ in rows}:
+        sft, opd, teacher = (acc.get((TARGET_TITLES[t], d)) for t in ("sft", "distill", "teacher"))
+        if sft is not None and opd is not None and teacher is not None and teacher > sft:
+            out[d] = (opd - sft) / (teacher - sft)
+    return out or None
+
+
 def write_report(
     run: DistillationRun, ws: Workspace, stage_times: dict[str, dict], stages: list[str], echo=print
 ) -> dict:
@@ -153,7 +197,7 @@ def write_report(
     flops = stage_flops(run, ws)
     kl = None
     if distill:
-        k = max(1, min(10, len(distill) // 5))
+        k = window(len(distill))
         kl = {
             "first": sum(r["reverse_kl"] for r in distill[:k]) / k,
             "last": sum(r["reverse_kl"] for r in distill[-k:]) / k,
@@ -166,6 +210,25 @@ def write_report(
     if rows:
         lines += ["## Held-out accuracy", "", "| model | dataset | pass@1 | majority vote |", "|---|---|---|---|"]
         lines += [f"| {t} | {d} | {100 * p:.1f}% | {100 * m:.1f}% |" for t, d, p, m in rows]
+        lines.append("")
+    gaps = gap_closed(rows)
+    for d, share in sorted((gaps or {}).items()):
+        lines += [f"OPD closed {share:.0%} of the gap between the SFT student and the teacher on {d} (pass@1).", ""]
+    curves = curve_rows(ws)
+    if curves:
+        lines += [
+            "## Training curves",
+            "",
+            "Means over the first and the last steps of each stage (± their standard error): single steps are "
+            "too noisy to compare.",
+            "",
+            "| stage | metric | steps averaged | first steps | last steps |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {st} | {f} | {k} of {n} | {a[0]:.4g} ± {a[1]:.2g} | {b[0]:.4g} ± {b[1]:.2g} |"
+            for st, f, k, n, a, b in curves
+        ]
         lines.append("")
     if kl:
         lines += [
@@ -194,8 +257,13 @@ def write_report(
         echo(f"{'model':<{width}}  {'dataset':<12} {'pass@1':>7} {'majority':>9}")
         for target, d, p, m in rows:
             echo(f"{target:<{width}}  {d:<12} {100 * p:>6.1f}% {100 * m:>8.1f}%")
+    for d, share in sorted((gaps or {}).items()):
+        echo(f"OPD closed {share:.0%} of the SFT -> teacher gap on {d}")
     if kl:
-        echo(f"OPD reverse KL: {kl['first']:.3f} -> {kl['last']:.3f} over {kl['steps']} steps")
+        echo(
+            f"OPD reverse KL (means of {kl['window']} steps): {kl['first']:.3f} -> {kl['last']:.3f} "
+            f"over {kl['steps']} steps"
+        )
     for stage in stages:
         times = stage_times.get(stage)
         if times:
@@ -206,6 +274,7 @@ def write_report(
     return {
         "accuracy": [{"model": t, "dataset": d, "pass_at_1": p, "majority_vote": m} for t, d, p, m in rows],
         "reverse_kl": kl,
+        "gap_closed": gaps,
         "flops": flops,
         "stage_seconds": {s: t["seconds"] for s, t in stage_times.items()},
     }

@@ -4,6 +4,7 @@ end-of-step bookkeeping (metrics line, checkpoint cadence) and the stage's final
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 
 import torch
@@ -14,13 +15,17 @@ from . import checkpoint, distributed, sharding
 from .model_setup import export_final
 
 
-def optimizer_step(model, optimizer, scheduler, max_grad_norm: float) -> tuple[float, float]:
+def optimizer_step(model, optimizer, scheduler, max_grad_norm: float | None) -> tuple[float, float]:
     """Clip, step and advance the schedule; returns (gradient norm before clipping, learning rate used).
+
+    ``max_grad_norm`` None clips nothing (an infinite bound), but the norm is still measured for the metrics.
 
     With FSDP the gradients are DTensor shards: ``clip_grad_norm_`` computes the global norm over all
     ranks' shards (its result is a replicated DTensor, ``full_tensor()`` reads it).
     """
-    grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_grad_norm)
+    grad_norm = torch.nn.utils.clip_grad_norm_(
+        [p for p in model.parameters() if p.requires_grad], math.inf if max_grad_norm is None else max_grad_norm
+    )
     if hasattr(grad_norm, "full_tensor"):
         grad_norm = grad_norm.full_tensor()
     lr = scheduler.get_last_lr()[0]

@@ -1,0 +1,82 @@
+"""``opd run``'s report: noisy step metrics are compared as window means with standard errors, and the
+share of the SFT -> teacher gap that OPD closed is stated."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from opd_runtime.report import curve_rows, gap_closed, mean_se, window, write_report
+from opd_runtime.spec import parse_run
+from opd_runtime.workspace import Workspace
+
+
+def test_window_is_ten_steps_or_a_fifth_of_a_short_run():
+    assert [window(n) for n in (1, 4, 5, 24, 50, 200)] == [1, 1, 1, 4, 10, 10]
+
+
+def test_mean_se_is_the_standard_error_of_the_mean():
+    m, se = mean_se([1.0, 2.0, 3.0, 4.0])
+    assert m == 2.5 and se == pytest.approx((5 / 3 / 4) ** 0.5)
+    assert mean_se([7.0]) == (7.0, 0.0)
+
+
+def write_lines(path: Path, records: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_curves_average_the_first_and_last_steps_and_the_report_states_the_gap_closed(tmp_path: Path):
+    ws = Workspace(tmp_path)
+    # 50 steps: reverse KL 1.0 for the first 10 and 0.5 for the last 10; sample_accuracy missing on one step
+    write_lines(
+        ws.metrics("distill"),
+        [
+            {"step": s, "reverse_kl": 1.0 if s <= 10 else 0.5, "loss": 0.1, "sample_accuracy": None if s == 1 else 0.2}
+            for s in range(1, 51)
+        ],
+    )
+    write_lines(ws.metrics("sft"), [{"step": s, "loss": 5.0 - 0.1 * s, "tokens": 10} for s in range(1, 6)])
+    rows = {(st, f): (k, n, a, b) for st, f, k, n, a, b in curve_rows(ws)}
+    assert rows["distill", "reverse_kl"] == (10, 50, (1.0, 0.0), (0.5, 0.0))
+    assert rows["distill", "sample_accuracy"][1] == 49  # a step without the value is skipped, not zero
+    k, n, first, last = rows["sft", "loss"]
+    assert (k, n) == (1, 5) and first[0] == pytest.approx(4.9) and last[0] == pytest.approx(4.5)
+    assert ("distill", "entropy") not in rows  # not recorded: no row
+
+    ws.result("eval").parent.mkdir(parents=True, exist_ok=True)
+    ws.result("eval").write_text(
+        json.dumps(
+            {
+                "targets": {
+                    t: {"tinymath": {"pass_at_1": p, "majority_vote": p}}
+                    for t, p in (("sft", 0.2), ("distill", 0.6), ("teacher", 1.0))
+                }
+            }
+        )
+    )
+    run = parse_run(
+        {
+            "apiVersion": "opd.dev/v1alpha1",
+            "kind": "DistillationRun",
+            "metadata": {"name": "r"},
+            "spec": {
+                "student": {"model": "s"},
+                "teacher": {"model": "t", "backend": "local"},
+                "eval": {"datasets": [{"name": "tinymath", "split": "test"}], "targets": ["teacher"]},
+            },
+        }
+    )
+    echoed: list[str] = []
+    out = write_report(run, ws, {}, [], echo=echoed.append)
+    assert out["gap_closed"] == {"tinymath": pytest.approx(0.5)}
+    report = (tmp_path / "report.md").read_text()
+    assert "OPD closed 50% of the gap between the SFT student and the teacher on tinymath" in report
+    assert "| distill | reverse_kl | 10 of 50 | 1 ± 0 | 0.5 ± 0 |" in report
+    assert "OPD closed 50% of the SFT -> teacher gap on tinymath" in echoed
+
+
+def test_no_gap_is_claimed_without_the_sft_row():
+    assert gap_closed([("after OPD", "d", 0.6, 0.6), ("teacher", "d", 1.0, 1.0)]) is None
