@@ -86,3 +86,122 @@ def test_entropy_of_uniform_distribution():
     logits = torch.zeros(1, 3, 4)
     mask = torch.tensor([[0.0, 1.0, 1.0]])
     assert L.masked_entropy_sum(logits, mask).item() == pytest.approx(2 * math.log(4), rel=1e-6)
+
+
+# --- truncated importance sampling (spec.distill.importanceRatioCap) -------------------------------------
+
+# ratios at the completion tokens: 4 (above a cap of 2), 0.5 and 1.5 (below it), 3 (above); position 0 is
+# prompt, and row 1's last position padding with a huge ratio that must not count
+RATIOS = torch.tensor([[1.0, 4.0, 0.5, 1.5], [1.0, 3.0, 1.0, 50.0]])
+
+
+def capped_case(ratios_BT: torch.Tensor, cap: float | None):
+    new = STUDENT.clone().requires_grad_(True)
+    old = STUDENT - torch.log(ratios_BT)
+    adv = L.advantages(STUDENT, TEACHER, MASK)
+    loss = L.importance_sampling_loss(new, old, adv, MASK, normalizer=5.0, ratio_cap=cap)
+    loss.backward()
+    return loss.detach(), new.grad, adv
+
+
+def test_ratio_cap_weights_tokens_above_it_by_the_cap_and_leaves_the_rest():
+    loss, grad, adv = capped_case(RATIOS, cap=2.0)
+    weight = torch.tensor([[1.0, 2.0, 0.5, 1.5], [1.0, 2.0, 1.0, 2.0]])  # min(ratio, 2)
+    assert loss.item() == pytest.approx(-float((weight * adv * MASK).sum()) / 5.0, abs=1e-6)
+    # the truncated weight is a constant: gradient min(ratio, C) * A * grad log p, not zero above the cap
+    assert torch.allclose(grad, -(weight * adv * MASK) / 5.0, atol=1e-6)
+    assert grad[0, 1] != 0 and grad[1, 1] != 0
+    # the uncapped loss differs exactly at the capped tokens: the test above can fail
+    _, grad_off, _ = capped_case(RATIOS, cap=None)
+    differs = ~torch.isclose(grad, grad_off)
+    assert differs.tolist() == [[False, True, False, False], [False, True, False, False]]
+
+
+def test_ratio_cap_above_every_ratio_is_the_uncapped_loss_exactly():
+    loss_off, grad_off, _ = capped_case(RATIOS, cap=None)
+    loss_high, grad_high, _ = capped_case(RATIOS, cap=100.0)  # above every ratio, the padding's 50 included
+    assert torch.equal(loss_high, loss_off) and torch.equal(grad_high, grad_off)
+    # and the default (no cap) is the published loss: -sum(ratio * A) / N with gradient ratio * A
+    adv = L.advantages(STUDENT, TEACHER, MASK)
+    assert loss_off.item() == pytest.approx(-float((RATIOS * adv * MASK).sum()) / 5.0, abs=1e-6)
+    assert torch.allclose(grad_off, -(RATIOS * adv * MASK) / 5.0, atol=1e-6)
+
+
+def test_ratio_stats_sum_over_batches():
+    stats = L.RatioStats()
+    stats.add(torch.log(torch.tensor([4.0, 0.5])), torch.zeros(2), ratio_cap=2.0)
+    stats.add(torch.log(torch.tensor([1.5])), torch.zeros(1), ratio_cap=2.0)
+    stats.add(torch.zeros(0), torch.zeros(0), ratio_cap=2.0)
+    assert (stats.ratio_sum, stats.ratio_max, stats.capped, stats.tokens) == pytest.approx((6.0, 4.0, 1, 3))
+
+
+def distill_doc(**distill) -> dict:
+    spec = {"student": {"model": "s"}, "teacher": {"model": "t"}, "distill": {"prompts": {"name": "tinymath"}}}
+    spec["distill"].update(distill)
+    return {"apiVersion": "opd.dev/v1alpha1", "kind": "DistillationRun", "metadata": {"name": "r"}, "spec": spec}
+
+
+def test_ratio_cap_is_off_by_default_and_validated():
+    from opd_runtime.spec import SpecError, parse_run
+
+    assert parse_run(distill_doc()).spec.distill.importance_ratio_cap is None
+    assert parse_run(distill_doc(importanceRatioCap=2)).spec.distill.importance_ratio_cap == 2.0
+    for bad in (1.0, 0.5, -2):
+        with pytest.raises(SpecError, match=r"spec\.distill\.importanceRatioCap: Input should be greater than 1"):
+            parse_run(distill_doc(importanceRatioCap=bad))
+    for loss in ("ppo", "full_forward_kl"):
+        with pytest.raises(SpecError, match=f"importanceRatioCap caps the ratio .* not of `{loss}`"):
+            parse_run(distill_doc(importanceRatioCap=2, loss=loss))
+
+
+def test_learner_caps_the_ratio_and_reports_it(tiny_world):
+    """train_on_samples on real samples of a tiny student whose behaviour log-probs are made lower than the
+    trainer's at every other token (ratio 4): with a cap of 2 its gradient is the uncapped one at ratio 2
+    (the advantage kept equal by shifting the teacher's log-probs alike), and RatioStats sees ratio 4."""
+    from opd_runtime import modeling
+    from opd_runtime.distill.learner import train_on_samples
+    from opd_runtime.distill.teacher import LocalTeacher
+    from opd_runtime.generation import Sample, sample
+    from opd_runtime.spec import DistillSpec
+    from opd_runtime.training.batches import prompt_ids
+
+    tok = modeling.load_tokenizer(str(tiny_world.student))
+    model = modeling.load_causal_lm(str(tiny_world.student), dtype="float32")
+    teacher = LocalTeacher(modeling.load_causal_lm(str(tiny_world.teacher), dtype="float32"))
+    prompts = [prompt_ids(tok, [{"role": "user", "content": f"What is {a} + {a}?"}]) for a in (3, 41)]
+    torch.manual_seed(0)
+    samples = sample(model, tok, prompts, n=2, max_new_tokens=8)
+    teacher_lp = teacher.score(samples)
+
+    def shifted(ratio: float):
+        """Samples and teacher log-probs with log(ratio) taken off every other completion token."""
+        out, t_out = [], []
+        for s, t in zip(samples, teacher_lp):
+            d = [math.log(ratio) if j % 2 == 0 else 0.0 for j in range(len(s.logprobs))]
+            out.append(Sample(**{**vars(s), "logprobs": [x - e for x, e in zip(s.logprobs, d)]}))
+            t_out.append([x - e for x, e in zip(t, d)])
+        return out, t_out
+
+    def grads(samples_, teacher_lp_, cap):
+        cfg = DistillSpec(
+            prompts={"name": "tinymath"},
+            prompts_per_step=2,
+            samples_per_prompt=2,
+            micro_batch_size=2,
+            importance_ratio_cap=cap,
+        )
+        model.zero_grad(set_to_none=True)
+        stats = train_on_samples(model, samples_, teacher_lp_, cfg, tok.pad_token_id)
+        return stats, torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    stats4, capped = grads(*shifted(4.0), cap=2.0)
+    _, at_two = grads(*shifted(2.0), cap=None)
+    _, uncapped = grads(*shifted(4.0), cap=None)
+    assert torch.allclose(capped, at_two, rtol=1e-4, atol=1e-7)
+    assert not torch.allclose(capped, uncapped, rtol=1e-2, atol=1e-6)
+    n_shifted = sum((len(s.completion_ids) + 1) // 2 for s in samples)
+    assert stats4.ratio.tokens == sum(len(s.completion_ids) for s in samples)
+    assert stats4.ratio.capped == n_shifted
+    assert stats4.ratio.ratio_max == pytest.approx(4.0, rel=1e-3)
+    n = stats4.ratio.tokens
+    assert stats4.ratio.ratio_sum / n == pytest.approx((4.0 * n_shifted + (n - n_shifted)) / n, rel=1e-3)
