@@ -39,6 +39,7 @@ from .gpu_plan import VISIBLE_ENV, GpuPlan, partition
 from .plan import StageCommand, planned_stages, stage_command
 from .spec import DistillationRun, SpecError, load_run
 from .workspace import Workspace
+from .world_step import build_world, world_log
 
 RUN_FILE = "run.yaml"  # the run file as the stages read it
 STATE_FILE = "run-state.json"  # wall time and outcome of each stage, kept across resumes
@@ -376,6 +377,9 @@ def _run_all(
         log(line)
 
     program = opd_program()
+    world_rc = build_world(run, opts.workdir, log, preexec_fn=_die_with_parent_fn())
+    if world_rc:  # the tiny world, before the first stage needs it (opd_runtime/world_step.py)
+        raise StageFailed("world", world_rc, world_log(opts.workdir))
     server: TeacherServer | None = None
     try:
         for stage in stages:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -152,6 +153,36 @@ def reproducible(threads: int, seed: int):
         torch.use_deterministic_algorithms(saved[1], warn_only=saved[2])
 
 
+PROGRESS_SECONDS = 15.0  # a build's training phases report a progress line this often
+
+
+class StepReporter:
+    """Progress lines for one training phase of the build (``fit``'s ``on_step``): the first step, then one
+    every ``every`` seconds and the last, each with the loss, the time so far and the time left."""
+
+    def __init__(
+        self,
+        phase: str,
+        total: int,
+        log: Callable[[str], None],
+        *,
+        every: float = PROGRESS_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.phase, self.total, self.log, self.every, self.clock = phase, total, log, every, clock
+        self.started = clock()
+        self.last_line: float | None = None
+
+    def __call__(self, step: int, loss: float) -> None:
+        done, now = step + 1, self.clock()
+        if self.last_line is not None and done < self.total and now - self.last_line < self.every:
+            return
+        self.last_line = now
+        elapsed = now - self.started
+        eta = f", about {elapsed / done * (self.total - done):.0f}s left" if done < self.total else ""
+        self.log(f"{self.phase}: step {done}/{self.total}, loss {loss:.3f}, {elapsed:.0f}s{eta}")
+
+
 def build(out: Path, cfg: WorldConfig, log=print) -> dict:
     with reproducible(cfg.threads, cfg.seed):
         return _build(out, cfg, log)
@@ -162,6 +193,7 @@ def _build(out: Path, cfg: WorldConfig, log) -> dict:
     from .training.supervised import fit
 
     out.mkdir(parents=True, exist_ok=True)
+    log("tokenizer: training the BPE tokenizer on 4,000 tinymath traces")
     tokenizer = build_tokenizer(_corpus(cfg, chat_template()))
     tokenizer.save_pretrained(out / "tokenizer")
     traces = tinymath.generate(cfg.teacher_traces, split="train", seed=cfg.seed, difficulty=cfg.difficulty)
@@ -179,6 +211,7 @@ def _build(out: Path, cfg: WorldConfig, log) -> dict:
 
     t0 = time.time()
     teacher = new_model(cfg.teacher, tokenizer, cfg.seed)
+    log(f"teacher: training on {cfg.teacher_traces:,} traces for {cfg.teacher_steps} steps")
     fit(
         teacher,
         trace_examples(tokenizer, traces),
@@ -188,12 +221,15 @@ def _build(out: Path, cfg: WorldConfig, log) -> dict:
         lr=cfg.teacher_lr,
         warmup_steps=50,
         seed=cfg.seed,
+        on_step=StepReporter("teacher", cfg.teacher_steps, log),
     )
+    log(f"teacher: greedy accuracy on {cfg.eval_problems} held-out problems")
     save(teacher, "teacher", accuracy(teacher, tokenizer, test), time.time() - t0)
 
     t0 = time.time()
     student = new_model(cfg.student, tokenizer, cfg.seed + 1)
     save(student, "student-init", accuracy(student, tokenizer, test), 0.0)
+    log(f"student: training on {cfg.student_traces:,} traces for {cfg.student_steps} steps")
     fit(
         student,
         trace_examples(tokenizer, traces[: cfg.student_traces]),
@@ -203,12 +239,14 @@ def _build(out: Path, cfg: WorldConfig, log) -> dict:
         lr=cfg.student_lr,
         warmup_steps=20,
         seed=cfg.seed + 1,
+        on_step=StepReporter("student", cfg.student_steps, log),
     )
     save(student, "student", accuracy(student, tokenizer, test), time.time() - t0)
     (out / "world.json").write_text(json.dumps(report, indent=2))
     return report
 
 
+BUILD_MINUTES = 6  # a build of the default WorldConfig, measured on 2 cores (README)
 # Bump when build() changes what it trains; the modules below are hashed as well.
 BUILD_VERSION = 2
 # The code that decides the world's weights (data, tokenizer, training loop), so a change to it
@@ -256,6 +294,10 @@ def build_cached(out: Path, cfg: WorldConfig, cache_dir: Path | None, log=print)
         # concurrent processes (test workers, stages) wait for one build instead of each training
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (entry / "world.json").exists():
+            log(
+                f"tiny world: no cached build in {entry}: building it (about {BUILD_MINUTES} min on 2 CPU cores), "
+                "then caching it there for every later run"
+            )
             tmp = entry.with_name(f".{entry.name}.tmp-{os.getpid()}")
             shutil.rmtree(tmp, ignore_errors=True)
             build(tmp, cfg, log)
@@ -270,6 +312,7 @@ def build_cached(out: Path, cfg: WorldConfig, cache_dir: Path | None, log=print)
         if dest.exists():
             shutil.rmtree(dest) if dest.is_dir() else dest.unlink()
         (shutil.copytree if item.is_dir() else shutil.copy2)(item, dest)
+    log(f"tiny world: copied into {out}")
     return json.loads((entry / "world.json").read_text())
 
 

@@ -1,0 +1,108 @@
+"""``opd run``'s first step when a run names ``tiny://`` models: build (or copy from the cache) the tiny
+world into ``<workdir>/models`` as a step of its own, with its progress on the terminal.
+
+Without it the first stage would build the world inside its own process on first use (``Workspace.resolve``)
+while ``opd run`` could only show that stage at step 0 for the ~6 minutes of a first build. The build runs
+as ``python -m opd_runtime.world_step MODELS_DIR``: its lines (where the cache is, what is trained, a
+progress line every ``tiny_models.PROGRESS_SECONDS``) are shown prefixed with ``[world]`` and kept in
+``logs/world.log``. Imports no torch: the child does the work.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from .spec import DistillationRun
+from .workspace import TINY_SCHEME
+
+MODELS_DIR = "models"  # under the workdir, where Workspace.resolve puts tiny:// models
+
+
+def tiny_model_names(run: DistillationRun) -> list[str]:
+    """Every ``tiny://`` name the run's stages will resolve (models, tokenizers, distill.initFrom)."""
+    spec = run.spec
+    names = [spec.student.model, spec.student.tokenizer, spec.teacher.model, spec.teacher.tokenizer]
+    if spec.distill is not None:
+        names.append(spec.distill.init_from)
+    return [n for n in names if n is not None and n.startswith(TINY_SCHEME)]
+
+
+def build_world(
+    run: DistillationRun,
+    workdir: Path,
+    log: Callable[[str], None],
+    *,
+    preexec_fn: Callable[[], None] | None = None,
+) -> int | None:
+    """Build or copy the tiny world into ``workdir/models`` when the run needs it and it is not there yet:
+    the step's exit code, or None when there was nothing to do. Its output is in ``world_log(workdir)``."""
+    models = workdir / MODELS_DIR
+    if not tiny_model_names(run) or (models / "world.json").exists():
+        return None
+    from .tiny_models import default_cache_dir
+
+    log_path = world_log(workdir)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log(
+        f"[world] {', '.join(sorted(set(tiny_model_names(run))))}: preparing the tiny world in {models}, "
+        f"from the cache in {default_cache_dir() / 'tiny-world'} or built there first (log: {log_path})"
+    )
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONSAFEPATH": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    t0 = time.monotonic()
+    with log_path.open("a") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "opd_runtime.world_step", str(models)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+            start_new_session=True,  # a Ctrl-C reaches opd run, which stops this child itself
+            preexec_fn=preexec_fn,
+        )
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                out.write(line)
+                out.flush()
+                shown = line.rstrip("\n")
+                if shown.strip() and "\r" not in shown:  # progress bars of libraries stay in the log
+                    log(f"[world] {shown}")
+            code = proc.wait()
+        except BaseException:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            raise
+    if code == 0:
+        log(f"[world] ready in {models} ({time.monotonic() - t0:.0f}s)")
+    return code
+
+
+def world_log(workdir: Path) -> Path:
+    return workdir / "logs" / "world.log"
+
+
+def main(argv: list[str]) -> int:
+    from .workspace import ensure_tiny_world
+
+    if len(argv) != 1:
+        print("usage: python -m opd_runtime.world_step MODELS_DIR", file=sys.stderr)
+        return 2
+    models = Path(argv[0])
+    if models.exists() and not models.is_dir():
+        print(f"error: {models} is not a directory; move it away so the tiny world can be put there", file=sys.stderr)
+        return 2
+    ensure_tiny_world(models)  # what a stage would do on first use, with the same lock and cache
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
