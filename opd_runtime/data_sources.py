@@ -141,7 +141,18 @@ def _source_records(spec: DatasetSpec, workspace: Path | None, field: str) -> It
                 "package is not installed; install the `data` extra (pip install 'opd[data]') or "
                 "use a built-in set or a local `path`"
             ) from None
-        yield from datasets.load_dataset(spec.name, split=spec.split, streaming=True)
+        not_found = getattr(getattr(datasets, "exceptions", None), "DatasetNotFoundError", None)
+        try:
+            stream = datasets.load_dataset(spec.name, split=spec.split, streaming=True)
+        except Exception as err:
+            # a name the hub does not have fails every retry alike; a network failure stays retryable (exit 1)
+            if not_found is not None and isinstance(err, not_found):
+                raise SpecError(
+                    f"{field}.name: the Hugging Face hub has no dataset {spec.name!r} this machine may read "
+                    f"({err}); fix the name, log in for a gated one (HF_TOKEN), or use a local `path`"
+                ) from None
+            raise
+        yield from stream
 
 
 def _problem_of(record: dict[str, Any], spec: DatasetSpec, field: str) -> tuple[str, Any]:
