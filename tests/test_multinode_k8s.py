@@ -47,6 +47,38 @@ def sft_only(name: str, sft: dict, **spec) -> dict:
     return doc
 
 
+@pytest.fixture
+def gpu_nodes(cp: ControlPlane, ns: str):
+    """Two fake nodes of 4 GPUs each (kwok plays their kubelets), tainted for this test alone: pods of
+    other tests that hold gpu-node-0's GPUs cannot starve the gang, and one pod of 4 GPUs fits per node,
+    so the two pods land on two nodes. Yields the spec fields that send a run's pods there."""
+    pool = {"key": "opd.dev/test-pool", "value": ns}
+    names = [f"{ns}-{i}"[-63:] for i in "ab"]
+    amounts = {"cpu": "64", "memory": "512Gi", "pods": "110", "nvidia.com/gpu": "4", "ephemeral-storage": "1Ti"}
+    cp.apply(
+        [
+            {
+                "apiVersion": "v1",
+                "kind": "Node",
+                "metadata": {
+                    "name": name,
+                    "annotations": {"kwok.x-k8s.io/node": "fake", "node.alpha.kubernetes.io/ttl": "0"},
+                    "labels": {"kubernetes.io/hostname": name, "type": "kwok", pool["key"]: ns},
+                },
+                "spec": {"taints": [{**pool, "effect": "NoSchedule"}]},
+                "status": {"allocatable": amounts, "capacity": amounts},
+            }
+            for name in names
+        ]
+    )
+    yield {
+        "nodeSelector": {pool["key"]: ns},
+        "tolerations": [{**pool, "operator": "Equal", "effect": "NoSchedule"}],
+    }
+    for name in names:
+        cp.kubectl("delete", "node", name, "--wait=false", check=False)
+
+
 def gang(cp: ControlPlane, ns: str, job: str, count: int = 2) -> list[dict]:
     """The Job's ``count`` pods once all run, in index order."""
 
@@ -61,8 +93,9 @@ def flag(argv: list[str], name: str) -> str:
     return next(a.split("=", 1)[1] for a in argv if a.startswith(f"--{name}="))
 
 
-def test_two_nodes_run_as_an_indexed_job_that_fails_retries_and_succeeds_as_one(cp, ns, operator):
-    run = Run(cp, ns, sft_only("gang", {"resources": {"gpus": 4, "nodes": 2}}, retries=1, backoffSeconds=1))
+def test_two_nodes_run_as_an_indexed_job_that_fails_retries_and_succeeds_as_one(cp, ns, operator, gpu_nodes):
+    doc = sft_only("gang", {"resources": {"gpus": 4, "nodes": 2}}, retries=1, backoffSeconds=1, **gpu_nodes)
+    run = Run(cp, ns, doc)
     run.wait("the sft Job", lambda st: (st.get("stages", {}).get("sft") or {}).get("job") == "gang-sft-1")
     job = cp.get(f"/apis/batch/v1/namespaces/{ns}/jobs/gang-sft-1")["spec"]
     assert (job["completionMode"], job["completions"], job["parallelism"], job["backoffLimit"]) == ("Indexed", 2, 2, 0)
@@ -72,6 +105,7 @@ def test_two_nodes_run_as_an_indexed_job_that_fails_retries_and_succeeds_as_one(
     assert svc["selector"] == {"opd.dev/run": "gang", "opd.dev/stage": "sft"}
 
     pods = gang(cp, ns, "gang-sft-1")
+    assert len({p["spec"]["nodeName"] for p in pods}) == 2  # 4 GPUs a node: one pod each
     for index, pod in enumerate(pods):
         spec, container = pod["spec"], pod["spec"]["containers"][0]
         # The Job controller names each pod's host after its index, under the Service's subdomain ...
