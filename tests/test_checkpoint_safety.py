@@ -125,6 +125,15 @@ def test_resuming_checkpoints_of_another_spec_names_each_differing_field(tmp_pat
     assert checkpoint.resumable(root, True, same_meaning, "distill") == root / "step-000002"
 
 
+def test_sft_fingerprint_covers_its_data_batch_and_adapter_but_not_its_schedule():
+    doc = spec()
+    doc["spec"]["sft"] = {"dataset": {"name": "tinymath"}, "batchSize": 8, "steps": 10}
+    values = checkpoint.shaping_values(parse_run(doc), "sft")
+    assert values["spec.sft.dataset.name"] == "tinymath" and values["spec.sft.batchSize"] == 8
+    assert values["spec.sft.lora.enabled"] is False and values["spec.student.model"] == "student-dir"
+    assert not any(k.startswith(("spec.sft.steps", "spec.sft.optimizer", "spec.sft.checkpointing")) for k in values)
+
+
 def test_fingerprint_fields_the_record_predates_are_not_compared(tmp_path):
     root = tmp_path / "ckpt"
     fake_checkpoint(root / "step-000001", "x")
