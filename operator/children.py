@@ -24,6 +24,7 @@ from opd_runtime.plan import (
 )
 from opd_runtime.spec import DistillationRun, ResourcesSpec
 from opd_runtime.spec.models import MODEL_CACHE_MOUNT
+from opd_runtime.spec.pods import PodSpecInputs
 
 from . import names
 from .rbac import stage_rules
@@ -175,12 +176,26 @@ def resources(spec: ResourcesSpec) -> Manifest:
     return {"requests": dict(amounts), "limits": dict(amounts)} if amounts else {}
 
 
-def _volumes(obj: Manifest, run: DistillationRun) -> list[Manifest]:
+def pod_inputs(run: DistillationRun, stage: str) -> PodSpecInputs:
+    """The run's ``spec.pod`` with the stage's own ``pod`` merged on top (``PodSpecInputs.merged``)."""
+    own = run.spec.teacher.serving.pod if stage == "teacher" else getattr(getattr(run.spec, stage), "pod", None)
+    return run.spec.pod.merged(own)
+
+
+def _shm(inputs: PodSpecInputs) -> Manifest:
+    """/dev/shm: in memory, with the stage's size limit when one is given."""
+    empty_dir: Manifest = {"medium": "Memory"}
+    if inputs.shm_size:
+        empty_dir["sizeLimit"] = inputs.shm_size
+    return {"name": "dshm", "emptyDir": empty_dir}
+
+
+def _volumes(obj: Manifest, run: DistillationRun, stage: str) -> list[Manifest]:
     claim = run.spec.workspace.existing_claim or names.workspace_claim(obj["metadata"]["name"])
     return [
         {"name": "workspace", "persistentVolumeClaim": {"claimName": claim}},
         {"name": "spec", "configMap": {"name": names.spec_configmap(obj["metadata"]["name"])}},
-        {"name": "dshm", "emptyDir": {"medium": "Memory"}},
+        _shm(pod_inputs(run, stage)),
     ]
 
 
@@ -214,18 +229,23 @@ def _container(
     mounts: list[Manifest] = _MOUNTS,
     cache_root: str = names.WORKSPACE_MOUNT,
 ) -> Manifest:
-    return {
+    inputs = pod_inputs(run, stage)
+    container: Manifest = {
         "name": stage,
         "image": run.spec.image,
         "imagePullPolicy": run.spec.image_pull_policy,
         "command": list(argv),
-        "env": _env(obj, env, cache_root=cache_root),
+        # the user's variables first: the operator's (OPD_*, HF_HOME; the spec refuses those names) follow
+        "env": [e.manifest() for e in inputs.env] + _env(obj, env, cache_root=cache_root),
         "resources": resources(res),
         "volumeMounts": [dict(m) for m in mounts],
         "terminationMessagePath": names.TERMINATION_LOG,
         "terminationMessagePolicy": "FallbackToLogsOnError",
         "securityContext": container_security_context(),
     }
+    if inputs.env_from:
+        container["envFrom"] = [e.manifest() for e in inputs.env_from]
+    return container
 
 
 def _pod_spec(
@@ -236,19 +256,31 @@ def _pod_spec(
     account: str | None,
     volumes: list[Manifest] | None = None,
 ) -> Manifest:
+    stage = container["name"]
+    inputs = pod_inputs(run, stage)
     spec: Manifest = {
         "securityContext": pod_security_context(),
         "containers": [container],
-        "volumes": _volumes(obj, run) if volumes is None else volumes,
+        "volumes": _volumes(obj, run, stage) if volumes is None else volumes,
     }
     if account:
         spec["serviceAccountName"] = account
     else:
         spec["automountServiceAccountToken"] = False
-    if run.spec.node_selector:
-        spec["nodeSelector"] = dict(run.spec.node_selector)
-    if run.spec.tolerations:
-        spec["tolerations"] = [dict(t) for t in run.spec.tolerations]
+    selector = {**run.spec.node_selector, **inputs.node_selector}
+    if selector:
+        spec["nodeSelector"] = selector
+    tolerations = [*run.spec.tolerations, *inputs.tolerations]
+    if tolerations:
+        spec["tolerations"] = [dict(t) for t in tolerations]
+    if inputs.affinity is not None:
+        spec["affinity"] = dict(inputs.affinity)
+    if inputs.image_pull_secrets:
+        spec["imagePullSecrets"] = [{"name": n} for n in inputs.image_pull_secrets]
+    if inputs.priority_class_name:
+        spec["priorityClassName"] = inputs.priority_class_name
+    if inputs.runtime_class_name:
+        spec["runtimeClassName"] = inputs.runtime_class_name
     return spec
 
 
@@ -301,6 +333,9 @@ def stage_job(obj: Manifest, run: DistillationRun, stage: str, attempt: int) -> 
     meta["labels"][names.ATTEMPT_LABEL] = str(attempt)
     pods = nodes(run, stage)
     spec: Manifest = {"backoffLimit": 0, "completions": pods, "parallelism": pods}
+    timeout = getattr(run.spec, stage).timeout_seconds
+    if timeout:
+        spec["activeDeadlineSeconds"] = timeout  # the Job controller fails the attempt (DeadlineExceeded)
     if pods > 1:
         spec["completionMode"] = "Indexed"
         pod_spec["subdomain"] = names.ranks_service(run_name, stage)
@@ -348,7 +383,7 @@ def _teacher_volumes(obj: Manifest, run: DistillationRun) -> list[Manifest]:
     return [
         model_cache,
         {"name": "spec", "configMap": {"name": names.spec_configmap(obj["metadata"]["name"])}},
-        {"name": "dshm", "emptyDir": {"medium": "Memory"}},
+        _shm(pod_inputs(run, "teacher")),
     ]
 
 
@@ -395,18 +430,22 @@ def teacher_deployment(obj: Manifest, run: DistillationRun) -> Manifest:
     container["startupProbe"] = {**probe, "failureThreshold": 180}
     container["readinessProbe"] = {**probe, "failureThreshold": 3}
     pod_labels = names.labels(run_name, "teacher")
+    digest = spec_hash(run)
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": _meta(
-            obj, names.teacher(run_name), "teacher", annotations={names.SPEC_HASH_ANNOTATION: spec_hash(run)}
-        ),
+        "metadata": _meta(obj, names.teacher(run_name), "teacher", annotations={names.SPEC_HASH_ANNOTATION: digest}),
         "spec": {
             "replicas": serving.replicas,
+            # the Deployment controller marks a rollout that is not Available by then ProgressDeadlineExceeded;
+            # the operator fails the teacher attempt on it (or on its own clock, whichever comes first)
+            "progressDeadlineSeconds": serving.ready_timeout_seconds,
             "strategy": {"type": "Recreate"},
             "selector": {"matchLabels": {names.RUN_LABEL: run_name, names.STAGE_LABEL: "teacher"}},
             "template": {
-                "metadata": {"labels": pod_labels},
+                # the run file the pods read: a changed spec means other pods (see reconcile: the teacher
+                # follows the accepted spec)
+                "metadata": {"labels": pod_labels, "annotations": {names.SPEC_HASH_ANNOTATION: digest}},
                 "spec": _pod_spec(obj, run, container, account=None, volumes=_teacher_volumes(obj, run)),
             },
         },

@@ -11,6 +11,9 @@ FAILED = "Failed"
 SUSPENDED = "Suspended"
 SPEC_ACCEPTED = "SpecAccepted"
 TEACHER_READY = "TeacherReady"
+# True while the current stage's pods cannot start (unschedulable, image pull, unbound claim, config error);
+# present once it has been True.
+STALLED = "Stalled"
 # Per-stage condition types, e.g. SftSucceeded.
 STAGE_CONDITIONS = {
     "sft": "SftSucceeded",
@@ -43,5 +46,5 @@ def set_condition(
         new["observedGeneration"] = generation
     out = [c for c in conditions if c.get("type") != type_]
     out.append(new)
-    order = [READY, FAILED, SUSPENDED, SPEC_ACCEPTED, *STAGE_CONDITIONS.values()]
+    order = [READY, FAILED, STALLED, SUSPENDED, SPEC_ACCEPTED, *STAGE_CONDITIONS.values()]
     return sorted(out, key=lambda c: order.index(c["type"]) if c["type"] in order else len(order))

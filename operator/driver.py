@@ -9,7 +9,7 @@ from typing import Any
 from . import metrics
 from .conditions import READY, set_condition
 from .kube import Api, ApiError, apply_action, list_children, post_event
-from .observe import observe
+from .observe import observe, unlisted_claims
 from .reconcile import Decision, Event, decide, rfc3339
 
 log = logging.getLogger("opd_operator")
@@ -43,7 +43,9 @@ def reconcile_once(api: Api, namespace: str, name: str, now: datetime | None = N
     obj = api.get("DistillationRun", namespace, name)
     if obj is None or obj["metadata"].get("deletionTimestamp"):
         return None
-    decision = decide(obj, observe(name, list_children(api, namespace, name)), now)
+    found = list_children(api, namespace, name)
+    claims = [c for c in (api.get("PersistentVolumeClaim", namespace, n) for n in unlisted_claims(found)) if c]
+    decision = decide(obj, observe(name, found, claims), now)
     old = {k: v for k, v in (obj.get("status") or {}).items() if k != "progress"}
     for action in decision.actions:
         try:

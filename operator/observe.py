@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -56,6 +57,7 @@ class JobView:
     pods: int = 1  # spec.completions: the pods (nodes) of the attempt
     running: int = 0  # status.active: pods not yet finished
     ready: int = 0  # status.ready: pods running and Ready
+    failure_reason: str | None = None  # the Failed condition's reason, e.g. DeadlineExceeded
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,17 @@ class TeacherView:
     deleting: bool
     spec_hash: str | None
     ready_replicas: int
+    created: str | None = None  # metadata.creationTimestamp: when this attempt of the teacher began
+    deadline_exceeded: bool = False  # Progressing=False, ProgressDeadlineExceeded (not Available in time)
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """Why a stage's pod is not running: a Stalled condition's reason and a message a person can act on."""
+
+    reason: str
+    message: str
+    pod: str
 
 
 @dataclass(frozen=True)
@@ -71,6 +84,7 @@ class Observed:
     present: frozenset[tuple[str, str]]  # (kind, name) of every child found
     jobs: tuple[JobView, ...] = ()
     live_pods: dict[str, tuple[str, ...]] = field(default_factory=dict)  # stage -> pods not yet finished
+    waiting: dict[str, Waiting] = field(default_factory=dict)  # stage -> why its pods do not run (see waiting)
     teacher: TeacherView | None = None
     pvc: Manifest | None = None
     config_map: Manifest | None = None
@@ -148,10 +162,86 @@ def termination(pod: Manifest) -> Termination | None:
     return None
 
 
+def _find(obj: Manifest, type_: str) -> Manifest:
+    return next((c for c in (obj.get("status") or {}).get("conditions") or [] if c.get("type") == type_), {})
+
+
 def _condition(obj: Manifest, type_: str) -> bool:
-    return any(
-        c.get("type") == type_ and c.get("status") == "True" for c in (obj.get("status") or {}).get("conditions") or []
-    )
+    return _find(obj, type_).get("status") == "True"
+
+
+# Container waiting reasons (kubelet) that stop a pod for good until someone acts, by Stalled reason.
+IMAGE_PULL_REASONS = frozenset({"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"})
+CONFIG_REASONS = frozenset({"CreateContainerConfigError", "CreateContainerError"})
+CRASH_REASONS = frozenset({"CrashLoopBackOff"})
+
+
+def _claims(pod: Manifest) -> list[str]:
+    volumes = (pod.get("spec") or {}).get("volumes") or []
+    return [v["persistentVolumeClaim"]["claimName"] for v in volumes if v.get("persistentVolumeClaim")]
+
+
+def pod_waiting(pod: Manifest, claims: dict[str, Manifest]) -> Waiting | None:
+    """Why ``pod`` (not finished) is not running, or None when it runs or is merely starting.
+
+    Once the scheduler has refused the pod (PodScheduled=False): a claim it mounts that is not bound
+    (ClaimPending; the scheduler's own message only says "unbound immediate PersistentVolumeClaims"), else
+    the scheduler's verdict (Unschedulable, with its message: which resources or labels no node offers).
+    A claim that is merely being provisioned, or waits for its first consumer, is not reported: the
+    scheduler has not refused anything then. Then the kubelet's container waiting reasons (ImagePullError,
+    ContainerConfigError, e.g. a missing Secret, CrashLoopBackOff)."""
+    name = pod["metadata"]["name"]
+    status = pod.get("status") or {}
+    if status.get("phase") in ("Succeeded", "Failed") or pod["metadata"].get("deletionTimestamp"):
+        return None
+    scheduled = _find(pod, "PodScheduled")
+    refused = scheduled.get("status") == "False"
+    for claim in _claims(pod) if refused else []:
+        pvc = claims.get(claim)
+        phase = ((pvc or {}).get("status") or {}).get("phase")
+        if phase in ("Pending", "Lost"):
+            cls = (pvc.get("spec") or {}).get("storageClassName")
+            return Waiting(
+                "ClaimPending",
+                f"PersistentVolumeClaim {claim} is {phase} (not bound; storageClassName "
+                f"{cls!r}): no PersistentVolume matches it and no provisioner creates one; check the class "
+                "(kubectl describe pvc) or name a bound claim (existingClaim)",
+                name,
+            )
+    if refused and scheduled.get("reason") in ("Unschedulable", "SchedulingGated"):
+        why = (scheduled.get("message") or "no node fits").strip()
+        return Waiting(str(scheduled["reason"]), f"pod {name} cannot be scheduled: {why}"[:1000], name)
+    for cs in [*(status.get("initContainerStatuses") or []), *(status.get("containerStatuses") or [])]:
+        waiting = (cs.get("state") or {}).get("waiting") or {}
+        reason, detail = waiting.get("reason"), (waiting.get("message") or "").strip()
+        for kind, reasons in (
+            ("ImagePullError", IMAGE_PULL_REASONS),
+            ("ContainerConfigError", CONFIG_REASONS),
+            ("CrashLoopBackOff", CRASH_REASONS),
+        ):
+            if reason in reasons:
+                text = f"pod {name} container {cs.get('name')}: {reason}" + (f": {detail}" if detail else "")
+                return Waiting(kind, text[:1000], name)
+    return None
+
+
+def unlisted_claims(children: dict[str, list[Manifest]]) -> list[str]:
+    """Claims that refused pods mount but that are not the run's own (an existingClaim, a model cache):
+    the driver reads them by name so ``pod_waiting`` can tell an unbound one."""
+    listed = {c["metadata"]["name"] for c in children.get("PersistentVolumeClaim", [])}
+    refused = [p for p in children.get("Pod", []) if _find(p, "PodScheduled").get("status") == "False"]
+    return sorted({c for p in refused for c in _claims(p)} - listed)
+
+
+def waiting(pods: list[Manifest], claims: dict[str, Manifest]) -> dict[str, Waiting]:
+    """Stage -> why its first stuck pod is not running (pods labelled with their stage)."""
+    out: dict[str, Waiting] = {}
+    for pod in sorted(pods, key=lambda p: p["metadata"]["name"]):
+        stage = (pod["metadata"].get("labels") or {}).get(names.STAGE_LABEL, "")
+        found = None if stage in out else pod_waiting(pod, claims)
+        if found is not None:
+            out[stage] = found
+    return out
 
 
 def job_state(job: Manifest) -> JobState:
@@ -206,7 +296,18 @@ def job_view(job: Manifest, pods: list[Manifest]) -> JobView | None:
         pods=int((job.get("spec") or {}).get("completions") or 1),
         running=int(status.get("active") or 0),
         ready=int(status.get("ready") or 0),
+        failure_reason=_failure_reason(job),
     )
+
+
+def _failure_reason(job: Manifest) -> str | None:
+    """Why the Job failed or is failing: the Job controller sets FailureTarget (e.g. DeadlineExceeded) and
+    stops the pods before it sets Failed with the same reason."""
+    for type_ in ("Failed", "FailureTarget"):
+        found = _find(job, type_)
+        if found.get("status") == "True":
+            return str(found.get("reason") or "") or None
+    return None
 
 
 def teacher_view(deployment: Manifest) -> TeacherView:
@@ -217,11 +318,14 @@ def teacher_view(deployment: Manifest) -> TeacherView:
         deleting=bool(meta.get("deletionTimestamp")),
         spec_hash=(meta.get("annotations") or {}).get(names.SPEC_HASH_ANNOTATION),
         ready_replicas=status.get("readyReplicas") or 0,
+        created=meta.get("creationTimestamp"),
+        deadline_exceeded=_find(deployment, "Progressing").get("reason") == "ProgressDeadlineExceeded",
     )
 
 
-def observe(run_name: str, children: dict[str, list[Manifest]]) -> Observed:
-    """Fold the run's children (``kind -> objects`` labelled with the run) into an ``Observed``."""
+def observe(run_name: str, children: dict[str, list[Manifest]], claims: Sequence[Manifest] = ()) -> Observed:
+    """Fold the run's children (``kind -> objects`` labelled with the run) into an ``Observed``; ``claims``:
+    other PersistentVolumeClaims its pods mount (an existingClaim, a model cache), read by name."""
     present = frozenset((kind, o["metadata"]["name"]) for kind, objs in children.items() for o in objs)
     pods = children.get("Pod", [])
     jobs = tuple(v for v in (job_view(j, pods) for j in children.get("Job", [])) if v is not None)
@@ -241,6 +345,7 @@ def observe(run_name: str, children: dict[str, list[Manifest]]) -> Observed:
         ),
         None,
     )
+    by_name = {c["metadata"]["name"]: c for c in [*children.get("PersistentVolumeClaim", []), *claims]}
     cm = next(
         (c for c in children.get("ConfigMap", []) if c["metadata"]["name"] == names.spec_configmap(run_name)), None
     )
@@ -248,6 +353,7 @@ def observe(run_name: str, children: dict[str, list[Manifest]]) -> Observed:
         present=present,
         jobs=jobs,
         live_pods={k: tuple(v) for k, v in live.items()},
+        waiting=waiting(pods, by_name),
         teacher=teacher_view(deployment) if deployment else None,
         pvc=pvc,
         config_map=cm,

@@ -25,7 +25,7 @@ from opd_runtime.spec import DistillationRun, SpecError, parse_run
 
 from . import children, conditions, names
 from .conditions import STAGE_CONDITIONS
-from .observe import JobView, Observed
+from .observe import JobView, Observed, Waiting
 
 Manifest = dict[str, Any]
 MAX_BACKOFF_SECONDS = 600
@@ -101,6 +101,11 @@ class _Walk:
         self.conds: list[Manifest] = status.get("conditions") or []
         self.d = Decision()
         self.planned = planned_stages(run)
+        self.stalled: tuple[str, Waiting] | None = None  # (stage, why) when the current stage's pods are stuck
+        self.failed_stage: str | None = None  # "teacher" when the teacher's retries are used up
+        # the stage's pods are gone or going (a deadline stops them): Stalled keeps what it said, so the
+        # failure can name what the attempt waited for
+        self.keep_stall = False
 
     # ---- helpers ---------------------------------------------------------------------------------
     def ts(self) -> str:
@@ -126,6 +131,11 @@ class _Walk:
 
     def old_stage_phase(self, name: str) -> str | None:
         return ((self.old.get("stages") or {}).get(name) or {}).get("phase")
+
+    def requeue(self, seconds: float) -> None:
+        """Reconcile again within ``seconds`` (a back-off or a deadline is due then)."""
+        wait = max(0.5, seconds)
+        self.d.requeue_after = wait if self.d.requeue_after is None else min(self.d.requeue_after, wait)
 
     def seconds_since(self, start: str | None) -> float:
         begun = parse_time(start)
@@ -155,19 +165,18 @@ class _Walk:
         self.status["workspaceClaim"] = self.run.spec.workspace.existing_claim or names.workspace_claim(self.name)
 
     def spec_freeze(self) -> None:
-        """Stages read the run file from the ConfigMap: it changes only while nothing runs; an edit made
-        while a stage runs is refused for that stage (SpecAccepted=False names the fields)."""
+        """Stages read the run file from the ConfigMap: it changes only while no stage Job runs; an edit
+        made while one runs is refused for that stage (SpecAccepted=False names the fields). The teacher
+        does not hold the spec: one serving an older run file is replaced (``teacher_ready``) before the
+        learner that reads the new file starts, so learner and teacher always read the same spec."""
         want = children.spec_hash(self.run)
         active = [j for j in self.observed.jobs if j.state == "active" and not j.deleting]
-        teacher = self.observed.teacher
-        running = next((j.spec_hash for j in active), None) or (
-            teacher.spec_hash if teacher is not None and not teacher.deleting else None
-        )
+        running = next((j.spec_hash for j in active), None)
         cm = self.observed.config_map
         if running is not None and running != want:
             frozen = yaml.safe_load((cm or {}).get("data", {}).get(names.CONFIG_FILE, "") or "{}") or {}
             paths = changed_paths(frozen.get("spec", {}), children.stage_spec(self.run)) or ["spec"]
-            what = active[0].stage if active else "teacher"
+            what = active[0].stage
             self.cond(
                 conditions.SPEC_ACCEPTED,
                 False,
@@ -230,6 +239,8 @@ class _Walk:
             self.delete("Service", names.teacher(self.name))
         if "teacher" in self.planned:
             ts = self.stage("teacher")
+            if ts.get("phase") == "Failed":
+                return  # its condition says why (TeacherTimeout)
             if ts.get("phase") in ("Running", "Waiting"):
                 ts["phase"] = "Succeeded" if reason == "Finished" else "Pending"
                 if reason == "Finished":
@@ -241,33 +252,95 @@ class _Walk:
                 "The teacher server is not running.",
             )
 
-    def teacher_ready(self) -> bool:
-        """Ensure the teacher Deployment and Service exist; True once the Deployment is Available."""
+    def teacher_ready(self) -> Literal["ready", "waiting", "failed"]:
+        """Ensure a teacher Deployment serving the accepted spec and its Service exist: "ready" once it is
+        Available; "failed" once it has missed ``readyTimeoutSeconds`` more than ``spec.retries`` times."""
+        state = self.teacher_deployment()
+        if state != "failed" and not self.observed.has("Service", names.teacher(self.name)):
+            self.create(children.teacher_service(self.obj, self.run))
+        return state
+
+    def teacher_deployment(self) -> Literal["ready", "waiting", "failed"]:
         ts = self.stage("teacher")
         teacher = self.observed.teacher
+        name = names.teacher(self.name)
+        retries = self.run.spec.retries
+        if ts.get("phase") == "Failed":
+            return "failed"
+        if teacher is not None and teacher.deleting:
+            return self.teacher_waiting(f"waiting for the previous teacher Deployment {name} to go")
+        if teacher is not None and teacher.spec_hash != children.spec_hash(self.run):
+            # It serves an older run file (the spec changed while no Job ran): a learner started now would
+            # read the new file and score against the old teacher. Replace it; the learner waits.
+            self.delete("Deployment", name)
+            self.event("Normal", "TeacherRestarted", f"The spec changed: Deployment {name} is replaced")
+            return self.teacher_waiting("replacing the teacher for the changed spec")
         if teacher is None:
+            if ts.get("failures", 0) > 0 and ts.get("lastFailedAttempt") == ts.get("attempts"):
+                if ts["failures"] > retries:
+                    return self.teacher_failed(ts)
+                due = parse_time(ts.get("lastFailureTime")) or self.now
+                due += timedelta(seconds=backoff_seconds(self.run.spec.backoff_seconds, ts["failures"]))
+                if self.now < due:
+                    self.requeue((due - self.now).total_seconds())
+                    return self.teacher_waiting(
+                        f"teacher: retrying in {(due - self.now).total_seconds():.0f}s after failure {ts['failures']}"
+                    )
             self.create(children.teacher_deployment(self.obj, self.run))
-            ts.update(phase="Waiting", attempts=ts.get("attempts", 0) + 1, job=names.teacher(self.name))
+            ts.update(phase="Waiting", attempts=ts.get("attempts", 0) + 1, job=name)
             ts.setdefault("startTime", self.ts())
-            self.event("Normal", "TeacherStarting", f"Created Deployment {names.teacher(self.name)}")
-        if not self.observed.has("Service", names.teacher(self.name)):
-            self.create(children.teacher_service(self.obj, self.run))
-        if teacher is not None and teacher.available and not teacher.deleting:
+            self.event("Normal", "TeacherStarting", f"Created Deployment {name}")
+            return self.teacher_waiting()
+        if teacher.available:
             if ts.get("phase") != "Running":
-                self.event("Normal", "TeacherReady", f"Teacher server {names.teacher(self.name)} is available")
+                self.event("Normal", "TeacherReady", f"Teacher server {name} is available")
             ts["phase"] = "Running"
-            self.cond(
-                conditions.TEACHER_READY, True, "Available", f"Deployment {names.teacher(self.name)} is available."
+            self.cond(conditions.TEACHER_READY, True, "Available", f"Deployment {name} is available.")
+            return "ready"
+        limit = self.run.spec.teacher.serving.ready_timeout_seconds
+        waited = self.seconds_since(teacher.created)
+        stuck = self.observed.waiting.get("teacher")
+        if teacher.deadline_exceeded or waited >= limit:
+            why = (
+                f"Deployment {name} not Available after {waited:.0f}s (spec.teacher.serving.readyTimeoutSeconds "
+                f"{limit}{'; ProgressDeadlineExceeded' if teacher.deadline_exceeded else ''})"
+                + (f": {stuck.message}" if stuck else "")
             )
-            return True
-        ts["phase"] = "Waiting"
+            ts.update(
+                failures=ts.get("failures", 0) + 1,
+                lastFailedAttempt=ts.get("attempts", 0),
+                lastFailureTime=self.ts(),
+                message=why[:1000],
+            )
+            self.delete("Deployment", name)
+            self.event("Warning", "TeacherTimeout", f"teacher attempt {ts.get('attempts', 0)}: {why}"[:1000])
+            if ts["failures"] > retries:
+                return self.teacher_failed(ts)
+            return self.teacher_waiting(f"teacher: {why}; retrying")
+        self.requeue(limit - waited)
+        if stuck is not None:
+            self.stalled = ("teacher", stuck)
+        return self.teacher_waiting()
+
+    def teacher_waiting(self, message: str | None = None) -> Literal["waiting"]:
+        self.stage("teacher")["phase"] = "Waiting"
+        text = message or f"Waiting for Deployment {names.teacher(self.name)} to become available (model loading)."
+        self.cond(conditions.TEACHER_READY, False, "Starting", text[:1000])
+        self.status["message"] = (
+            "distill: waiting for the teacher server to become available" if message is None else text
+        )
+        return "waiting"
+
+    def teacher_failed(self, ts: Manifest) -> Literal["failed"]:
+        ts.update(phase="Failed", reason="TeacherTimeout", completionTime=ts.get("completionTime") or self.ts())
         self.cond(
             conditions.TEACHER_READY,
             False,
-            "Starting",
-            f"Waiting for Deployment {names.teacher(self.name)} to become available (model loading).",
+            "TeacherTimeout",
+            f"not Available in time {ts.get('failures', 0)} time(s); last: {ts.get('message') or ''}"[:1000],
         )
-        return False
+        self.failed_stage = "teacher"
+        return "failed"
 
     # ---- batch stages ------------------------------------------------------------------------------
     def record_success(self, stage: str, ss: Manifest, job: JobView) -> None:
@@ -313,6 +386,14 @@ class _Walk:
         term = job.termination
         code = term.exit_code if term else None
         error = (term.error if term else "") or ("the pod was lost before it finished" if term is None else "")
+        if job.failure_reason == "DeadlineExceeded":
+            limit = getattr(self.run.spec, stage).timeout_seconds
+            was = conditions.get(self.conds, conditions.STALLED) or {}
+            error = (
+                f"the attempt ran past spec.{stage}.timeoutSeconds ({limit}s) and was stopped"
+                + (f" (it was stalled: {was.get('message')})" if was.get("status") == "True" else "")
+                + (f"; {error}" if term is not None and error else "")
+            )
         ss.update(
             failures=ss.get("failures", 0) + 1,
             lastFailedAttempt=job.attempt,
@@ -369,6 +450,10 @@ class _Walk:
         if latest is not None and latest.state == "active" and not latest.deleting:
             ss.update(phase="Running", job=latest.name)
             self.record_ranks(stage, ss, latest)
+            stuck = self.observed.waiting.get(stage)
+            if stuck is not None:
+                self.stalled = (stage, stuck)
+            self.keep_stall = latest.failure_reason is not None or not self.observed.live_pods.get(stage)
             return "busy"
         ss.pop("ranks", None)  # no attempt runs
         if latest is not None and latest.state == "succeeded":
@@ -396,10 +481,14 @@ class _Walk:
             ss["phase"] = "Waiting"
             self.status["message"] = f"{stage}: waiting for {busy} to stop"
             return "busy"
-        if stage == "distill" and "teacher" in self.planned and not self.teacher_ready():
-            ss["phase"] = "Waiting"
-            self.status["message"] = "distill: waiting for the teacher server to become available"
-            return "busy"
+        if stage == "distill" and "teacher" in self.planned:
+            teacher = self.teacher_ready()
+            if teacher == "failed":
+                ss["phase"] = "Pending"
+                return "failed"
+            if teacher == "waiting":
+                ss["phase"] = "Waiting"
+                return "busy"
         if ss.get("lastFailedAttempt") == ss["attempts"] and ss.get("failures", 0) > 0:
             due = parse_time(ss.get("lastFailureTime")) or self.now
             due += timedelta(seconds=backoff_seconds(self.run.spec.backoff_seconds, ss["failures"]))
@@ -489,7 +578,7 @@ class _Walk:
         for stage in (s for s in self.planned if s in BATCH_STAGES):
             outcome = self.walk_stage(stage)
             if outcome != "done":
-                current = stage
+                current = self.failed_stage or stage
                 break
         distill_over = (self.stages.get("distill") or {}).get("phase") in ("Succeeded", "Failed")
         teacher_up = self.observed.teacher is not None or self.observed.has("Service", names.teacher(self.name))
@@ -526,7 +615,24 @@ class _Walk:
                 self.status["message"] = f"{current}: running Job {ss.get('job')}{pods}"
             self.cond(conditions.FAILED, False, "NoFailure", "")
             self.cond(conditions.READY, False, "InProgress", f"Stage {current} is {ss.get('phase', '').lower()}.")
+        self.stall()
         return self.finish(current)
+
+    def stall(self) -> None:
+        """Stalled: True (with the reason, in the message and one Event) while the current stage's pods
+        cannot start; False once they can. Absent until it is first True."""
+        before = conditions.get(self.old.get("conditions") or [], conditions.STALLED) or {}
+        if self.stalled is None:
+            if before and not self.keep_stall:
+                self.cond(conditions.STALLED, False, "NotStalled", "")
+            return
+        stage, why = self.stalled
+        text = f"{stage}: {why.message}"[:1000]
+        self.status["message"] = text
+        self.cond(conditions.STALLED, True, why.reason, text)
+        same = before.get("status") == "True" and before.get("reason") == why.reason
+        if not (same and why.pod in (before.get("message") or "")):
+            self.event("Warning", why.reason, text)
 
     def finish(self, current: str | None) -> Decision:
         self.stage_conditions()

@@ -7,6 +7,7 @@ from typing import Any, Literal, Self
 from pydantic import Field, model_validator
 
 from .base import SpecModel
+from .pods import MERGE_RULE, PodSpecInputs
 
 Dtype = Literal["auto", "bfloat16", "float16", "float32"]
 # What the recipe appends to every math problem; a dataset's `instruction` replaces it.
@@ -80,6 +81,15 @@ class TeacherServingSpec(SpecModel):
         "workdir). Teacher pods never mount the run's workspace, so they can run on any node while a stage "
         "holds a ReadWriteOnce workspace.",
     )
+    ready_timeout_seconds: int = Field(
+        1800,
+        ge=1,
+        description="Seconds the teacher Deployment has to become Available (model download and load "
+        "included); also its progressDeadlineSeconds. Past it (or at the Deployment's "
+        "ProgressDeadlineExceeded) the attempt fails: the Deployment is deleted and started again per "
+        "`spec.retries`, and the run fails when they are used up. Kubernetes only.",
+    )
+    pod: PodSpecInputs | None = Field(None, description="Pod inputs of the teacher pods. " + MERGE_RULE)
 
     @model_validator(mode="after")
     def _cache_reachable_by_every_replica(self) -> Self:

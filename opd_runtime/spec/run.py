@@ -11,6 +11,7 @@ from pydantic import ConfigDict, Field, ValidationError, model_validator
 from ..contract import API_VERSION, BATCH_STAGES, KIND, MAX_RUN_NAME_LENGTH, RUN_NAME_PATTERN
 from .base import SpecModel
 from .models import QUANTITY, SINGLE_NODE_ACCESS, AccessMode, ModelSpec, TeacherSpec
+from .pods import PodSpecInputs
 from .stages import DistillSpec, EvalSpec, SftSpec
 
 
@@ -43,6 +44,13 @@ class DistillationRunSpec(SpecModel):
     eval: EvalSpec | None = Field(None, description="Stage 3: accuracy on held-out problem sets.")
     node_selector: dict[str, str] = Field(default_factory=dict, description="Node selector for stage pods.")
     tolerations: list[dict[str, Any]] = Field(default_factory=list, description="Tolerations for stage pods.")
+    pod: PodSpecInputs = Field(
+        default_factory=PodSpecInputs,
+        description="Pod inputs of every stage Job and the teacher Deployment (env, envFrom, imagePullSecrets, "
+        "priorityClassName, runtimeClassName, nodeSelector, tolerations, affinity, shmSize); a stage's own "
+        "`pod` (spec.<stage>.pod, spec.teacher.serving.pod) is merged on top. Kubernetes only: `opd run` "
+        "ignores them.",
+    )
     suspend: bool = Field(
         False,
         description="Pause the run: running stage pods are deleted, the workspace kept; "

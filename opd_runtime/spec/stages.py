@@ -8,6 +8,7 @@ from pydantic import Field, model_validator
 
 from .base import SpecModel
 from .models import DatasetSpec, LoraSpec, OptimizerSpec, ProblemSetSpec, ResourcesSpec, TrainingResourcesSpec
+from .pods import MERGE_RULE, PodSpecInputs
 
 Strategy = Literal["auto", "ddp", "fsdp"]
 STRATEGY_HELP = (
@@ -32,6 +33,15 @@ def _check_strategy(stage: SftSpec | DistillSpec) -> None:
             "gathered weights): use `strategy: ddp` (or `auto`, which then picks ddp), or "
             "`sampler.backend: hf`"
         )
+
+
+TIMEOUT_HELP = (
+    "Deadline of one attempt in seconds (the Job's activeDeadlineSeconds), counted from the Job's start, "
+    "time spent unschedulable or pulling the image included: past it Kubernetes stops the pods and the "
+    "attempt fails (DeadlineExceeded) and is retried per `spec.retries`, resuming from the last checkpoint. "
+    "Empty: no deadline. Kubernetes only; `opd run` ignores it."
+)
+POD_HELP = "Pod inputs of this stage's pods (Kubernetes only). " + MERGE_RULE
 
 
 class CheckpointingSpec(SpecModel):
@@ -83,6 +93,8 @@ class SftSpec(SpecModel):
     resources: TrainingResourcesSpec = Field(
         default_factory=TrainingResourcesSpec, description="Pod resources, per pod (see `nodes`)."
     )
+    timeout_seconds: int | None = Field(None, ge=1, description=TIMEOUT_HELP)
+    pod: PodSpecInputs | None = Field(None, description=POD_HELP)
 
     @model_validator(mode="after")
     def _strategy_fits(self) -> Self:
@@ -239,6 +251,8 @@ class DistillSpec(SpecModel):
     resources: TrainingResourcesSpec = Field(
         default_factory=TrainingResourcesSpec, description="Pod resources, per pod (see `nodes`)."
     )
+    timeout_seconds: int | None = Field(None, ge=1, description=TIMEOUT_HELP)
+    pod: PodSpecInputs | None = Field(None, description=POD_HELP)
 
     @model_validator(mode="after")
     def _micro_batch_fits(self) -> Self:
@@ -315,3 +329,5 @@ class EvalSpec(SpecModel):
         default_factory=ResourcesSpec,
         description="Pod resources; with the vllm backend a target is split over `gpus` GPUs (tensor parallel).",
     )
+    timeout_seconds: int | None = Field(None, ge=1, description=TIMEOUT_HELP)
+    pod: PodSpecInputs | None = Field(None, description=POD_HELP)

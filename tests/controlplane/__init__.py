@@ -5,6 +5,7 @@ kube-scheduler and kwok as local processes (``cluster.py``), from binaries built
 
 from .cluster import (
     EXIT_CODE_ANNOTATION,
+    HELD_IMAGE,
     NODE_NAME,
     STORAGE_CLASS,
     TERMINATION_MESSAGE_ANNOTATION,
@@ -18,6 +19,7 @@ from .cluster import (
 
 __all__ = [
     "EXIT_CODE_ANNOTATION",
+    "HELD_IMAGE",
     "NODE_NAME",
     "STORAGE_CLASS",
     "TERMINATION_MESSAGE_ANNOTATION",

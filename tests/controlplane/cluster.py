@@ -46,6 +46,8 @@ STAGES = HERE / "kwok_stages.yaml"
 NODE_NAME = "gpu-node-0"
 EXIT_CODE_ANNOTATION = "opd.dev/kwok-exit-code"
 TERMINATION_MESSAGE_ANNOTATION = "opd.dev/kwok-termination-message"
+# Pods whose first container has this image stay Pending once scheduled (kwok_stages.yaml, pod-ready).
+HELD_IMAGE = "registry.invalid/opd:kwok-held"
 STORAGE_CLASS = "standard"
 SERVICE_CIDR = "10.0.0.0/24"
 ADMIN_USER = "opd-admin"
@@ -454,6 +456,31 @@ class ControlPlane:
         }
         self.request(
             "PATCH", f"/api/v1/namespaces/{namespace}/pods/{pod}", patch, content_type="application/merge-patch+json"
+        )
+
+    def set_pod_waiting(self, namespace: str, pod: str, reason: str, message: str = "") -> None:
+        """Write what a kubelet reports for a pod whose containers cannot start (``reason`` e.g. ErrImagePull,
+        CreateContainerConfigError): phase Pending, every container waiting. Only for pods kwok leaves
+        alone: image ``HELD_IMAGE`` (kwok would otherwise make the pod Running again)."""
+        current = self.get(f"/api/v1/namespaces/{namespace}/pods/{pod}")
+        statuses = [
+            {
+                "name": c["name"],
+                "image": c["image"],
+                "imageID": "",
+                "ready": False,
+                "restartCount": 0,
+                "started": False,
+                "state": {"waiting": {"reason": reason, "message": message}},
+            }
+            for c in current["spec"]["containers"]
+        ]
+        patch = {"status": {"phase": "Pending", "containerStatuses": statuses}}
+        self.request(
+            "PATCH",
+            f"/api/v1/namespaces/{namespace}/pods/{pod}/status",
+            patch,
+            content_type="application/merge-patch+json",
         )
 
     def pods(self, namespace: str, selector: str = "") -> list[dict]:

@@ -1,0 +1,143 @@
+"""What a run gives its pods besides the command: environment, credentials, scheduling inputs.
+
+The same fields exist at run level (``spec.pod``) and per stage (``spec.<stage>.pod``,
+``spec.teacher.serving.pod``); ``merged`` says how a stage's value combines with the run's.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Self
+
+from pydantic import Field, model_validator
+
+from .base import SpecModel
+
+# Kubernetes' resource.Quantity, as the other size fields of the spec check it.
+SIZE = r"^[0-9]+(\.[0-9]+)?(k|Ki|M|Mi|G|Gi|T|Ti|P|Pi|E|Ei)?$"
+ENV_NAME = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
+# Variables the operator sets in every stage container: a user value would silently replace (or be
+# replaced by) the operator's, and the stage would report to the wrong run or cache in the wrong place.
+RESERVED_ENV_PREFIX = "OPD_"
+RESERVED_ENV = frozenset({"HF_HOME"})
+
+
+class KeyRef(SpecModel):
+    name: str = Field(min_length=1, description="Name of the Secret or ConfigMap (in the run's namespace).")
+    key: str = Field(min_length=1, description="Key within it.")
+    optional: bool = Field(False, description="Start the pod even when the object or key is missing.")
+
+
+class EnvValueFrom(SpecModel):
+    secret_key_ref: KeyRef | None = Field(None, description="Take the value from a key of a Secret.")
+    config_map_key_ref: KeyRef | None = Field(None, description="Take the value from a key of a ConfigMap.")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Self:
+        if (self.secret_key_ref is None) == (self.config_map_key_ref is None):
+            raise ValueError("set exactly one of `secretKeyRef` and `configMapKeyRef`")
+        return self
+
+
+class EnvVar(SpecModel):
+    name: str = Field(pattern=ENV_NAME, description="Variable name.")
+    value: str | None = Field(None, description="Literal value.")
+    value_from: EnvValueFrom | None = Field(None, description="Value read from a Secret or ConfigMap key.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Self:
+        if self.value is not None and self.value_from is not None:
+            raise ValueError(f"env {self.name}: set `value` or `valueFrom`, not both")
+        if self.name.startswith(RESERVED_ENV_PREFIX) or self.name in RESERVED_ENV:
+            raise ValueError(
+                f"env {self.name}: the operator sets {RESERVED_ENV_PREFIX}* and {', '.join(sorted(RESERVED_ENV))} "
+                "in every stage container (run identity, caches); use another name"
+            )
+        return self
+
+    def manifest(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+class ObjectRef(SpecModel):
+    name: str = Field(min_length=1, description="Name of the Secret or ConfigMap (in the run's namespace).")
+    optional: bool = Field(False, description="Start the pod even when it is missing.")
+
+
+class EnvFromSource(SpecModel):
+    secret_ref: ObjectRef | None = Field(
+        None, description="Every key of this Secret becomes a variable (e.g. a Secret holding HF_TOKEN)."
+    )
+    config_map_ref: ObjectRef | None = Field(None, description="Every key of this ConfigMap becomes a variable.")
+    prefix: str | None = Field(None, pattern=ENV_NAME, description="Prepended to every variable name.")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Self:
+        if (self.secret_ref is None) == (self.config_map_ref is None):
+            raise ValueError("envFrom: set exactly one of `secretRef` and `configMapRef`")
+        return self
+
+    def manifest(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+MERGE_RULE = (
+    "Merged with the run's `spec.pod`: `env` by name (the stage's entry wins), `envFrom`, "
+    "`imagePullSecrets` and `tolerations` appended to the run's, `nodeSelector` by key (the stage's wins), "
+    "`priorityClassName`, `runtimeClassName`, `affinity` and `shmSize` replaced when set here."
+)
+
+
+class PodSpecInputs(SpecModel):
+    env: list[EnvVar] = Field(
+        default_factory=list,
+        description="Environment variables of the stage container: `value`, or `valueFrom.secretKeyRef` / "
+        "`valueFrom.configMapKeyRef`. Names starting with OPD_ and HF_HOME are the operator's.",
+    )
+    env_from: list[EnvFromSource] = Field(
+        default_factory=list,
+        description="Secrets / ConfigMaps whose keys all become variables (`secretRef` or `configMapRef`, "
+        "optional `prefix`), e.g. a Secret with HF_TOKEN for gated hub models. A missing one (not `optional`) "
+        "keeps the pod from starting: the run shows Stalled=True, reason ContainerConfigError.",
+    )
+    image_pull_secrets: list[str] = Field(
+        default_factory=list, description="Names of docker-registry Secrets used to pull the runtime image."
+    )
+    priority_class_name: str | None = Field(None, description="PriorityClass of the pods (preemption order).")
+    runtime_class_name: str | None = Field(None, description="RuntimeClass of the pods (e.g. `nvidia`).")
+    node_selector: dict[str, str] = Field(
+        default_factory=dict, description="Node labels the pods require (added to `spec.nodeSelector`)."
+    )
+    tolerations: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="Pod tolerations, as in a Pod spec (added to `spec.tolerations`); passed through unchecked.",
+    )
+    affinity: dict[str, Any] | None = Field(
+        None,
+        description="Pod affinity, exactly as a Pod's `affinity` (nodeAffinity, podAffinity, podAntiAffinity); "
+        "passed through unchecked by the operator, the API server validates it when the Job is created.",
+    )
+    shm_size: str | None = Field(
+        None,
+        pattern=SIZE,
+        description="Size limit of /dev/shm (an in-memory emptyDir, counted against the pod's memory), e.g. "
+        "`16Gi`; NCCL and dataloader workers use it. Empty: no limit of its own (the pod's memory limit applies).",
+    )
+
+    def merged(self, stage: PodSpecInputs | None) -> PodSpecInputs:
+        """These run-level inputs with a stage's own on top (``MERGE_RULE``)."""
+        if stage is None:
+            return self
+        env = {e.name: e for e in self.env} | {e.name: e for e in stage.env}
+        return PodSpecInputs.model_validate(
+            {
+                "env": list(env.values()),
+                "env_from": [*self.env_from, *stage.env_from],
+                "image_pull_secrets": list(dict.fromkeys([*self.image_pull_secrets, *stage.image_pull_secrets])),
+                "priority_class_name": stage.priority_class_name or self.priority_class_name,
+                "runtime_class_name": stage.runtime_class_name or self.runtime_class_name,
+                "node_selector": {**self.node_selector, **stage.node_selector},
+                "tolerations": [*self.tolerations, *stage.tolerations],
+                "affinity": stage.affinity if stage.affinity is not None else self.affinity,
+                "shm_size": stage.shm_size or self.shm_size,
+            }
+        )
