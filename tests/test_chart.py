@@ -226,6 +226,12 @@ def test_monitoring_variant():
     for e in endpoints.values():
         targets = {r.get("targetLabel") for r in e["relabelings"]}
         assert {"run", "stage"} <= targets and e["path"] == "/metrics"
+    # only pod 0 (rank 0) of a multi-node stage serves metrics; pods of plain Jobs have no index label
+    index = "__meta_kubernetes_pod_label_batch_kubernetes_io_job_completion_index"
+    keep = [r for r in endpoints["metrics"]["relabelings"] if r.get("sourceLabels") == [index]]
+    assert keep == [{"sourceLabels": [index], "regex": "|0", "action": "keep"}]
+    assert all(re.fullmatch(keep[0]["regex"], v) for v in ("", "0"))
+    assert not any(re.fullmatch(keep[0]["regex"], v) for v in ("1", "10"))
 
     cm = one(objs, "ConfigMap")
     assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"

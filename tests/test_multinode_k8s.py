@@ -110,6 +110,8 @@ def test_two_nodes_run_as_an_indexed_job_that_fails_retries_and_succeeds_as_one(
         spec, container = pod["spec"], pod["spec"]["containers"][0]
         # The Job controller names each pod's host after its index, under the Service's subdomain ...
         assert (spec["hostname"], spec["subdomain"]) == (f"gang-sft-1-{index}", "gang-sft-ranks")
+        # the index is a label too: the chart's PodMonitor scrapes pod 0 (rank 0) alone by it
+        assert pod["metadata"]["labels"][INDEX] == str(index)
         # ... and gives it JOB_COMPLETION_INDEX, which the kubelet expands into --node-rank.
         env = {e["name"]: e for e in container["env"]}
         assert env["JOB_COMPLETION_INDEX"]["valueFrom"]["fieldRef"]["fieldPath"].endswith(f"['{INDEX}']")
