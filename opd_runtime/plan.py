@@ -121,12 +121,12 @@ def launcher_argv(
     holds global ranks 0..nproc-1 and rank 0 (the one that writes results) is always on pod 0.
     Usage: ``launcher_argv(gpus, nodes=...) + stage_command(...).argv``.
     """
+    if nodes == 1 and nproc <= 1:
+        return ()
     if nproc < 1 or nodes < 1:
         raise ValueError(f"need at least one process and one node, got nproc={nproc}, nodes={nodes}")
     launch = (python, "-m", "opd_runtime.launch")
     if nodes == 1:
-        if nproc == 1:
-            return ()
         return (*launch, "--standalone", f"--nproc-per-node={nproc}", "--no-python")
     if not master_addr:
         raise ValueError("a multi-node launch needs master_addr, the host of node rank 0")

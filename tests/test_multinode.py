@@ -25,8 +25,9 @@ def test_launcher_prefix_for_one_and_many_nodes():
     )
     with pytest.raises(ValueError, match="master_addr"):
         launcher_argv(4, nodes=2)
+    assert launcher_argv(0) == ()
     with pytest.raises(ValueError, match="at least one process"):
-        launcher_argv(0)
+        launcher_argv(0, nodes=2, master_addr="job-0.svc.ns.svc")
     assert [processes_per_pod(g) for g in (0, 1, 8)] == [1, 1, 8]
 
 
