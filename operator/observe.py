@@ -197,8 +197,8 @@ def pod_waiting(pod: Manifest, claims: dict[str, Manifest]) -> Waiting | None:
     scheduled = _find(pod, "PodScheduled")
     refused = scheduled.get("status") == "False"
     for claim in _claims(pod) if refused else []:
-        pvc = claims.get(claim)
-        phase = ((pvc or {}).get("status") or {}).get("phase")
+        pvc = claims.get(claim) or {}
+        phase = (pvc.get("status") or {}).get("phase")
         if phase in ("Pending", "Lost"):
             cls = (pvc.get("spec") or {}).get("storageClassName")
             return Waiting(

@@ -30,7 +30,8 @@ OPERATOR_RULES: list[Rule] = [
         "verbs": _CRUD,
     },
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch", "delete"]},
-    {"apiGroups": ["", "events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
+    # kube.post_event creates core/v1 Events (one per occurrence, never patched); kopf's own posting is off
+    {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
     {
         "apiGroups": ["rbac.authorization.k8s.io"],
         "resources": ["roles", "rolebindings"],
