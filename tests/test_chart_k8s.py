@@ -43,12 +43,7 @@ def cp(control_plane: ControlPlane) -> ControlPlane:
     """The control plane with the prometheus-operator CRDs (ServiceMonitor, PodMonitor) installed."""
     for path in monitoring_crds.ensure():
         control_plane.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(path))
-    control_plane.kubectl(
-        "wait",
-        "--for=condition=Established",
-        "--timeout=60s",
-        *(f"crd/{kind}.monitoring.coreos.com" for kind in monitoring_crds.KINDS),
-    )
+    control_plane.wait_established(*(f"{kind}.monitoring.coreos.com" for kind in monitoring_crds.KINDS))
     return control_plane
 
 

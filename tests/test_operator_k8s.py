@@ -50,7 +50,7 @@ def free_port() -> int:
 def cp(control_plane: ControlPlane) -> ControlPlane:
     """The control plane with the DistillationRun CRD of crds/ installed."""
     control_plane.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD_FILE))
-    control_plane.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/distillationruns.opd.dev")
+    control_plane.wait_established("distillationruns.opd.dev")
     return control_plane
 
 

@@ -398,6 +398,26 @@ class ControlPlane:
         cmd.extend(args)
         return _run_client(cmd, self.env, input, check, timeout)
 
+    def wait_established(self, *crds: str, timeout: float = 60) -> None:
+        """Wait until each CRD (``name.group``) is Established. Polls instead of ``kubectl wait
+        --for=condition=Established``: right after an apply the CRD may have no status.conditions yet,
+        and kubectl wait then fails at once ("accessor error") instead of waiting."""
+        deadline = time.monotonic() + timeout
+        for crd in crds:
+            while True:
+                out = self.kubectl(
+                    "get",
+                    f"crd/{crd}",
+                    "-o",
+                    'jsonpath={.status.conditions[?(@.type=="Established")].status}',
+                    check=False,
+                )
+                if out.returncode == 0 and out.stdout.strip() == "True":
+                    break
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"CRD {crd} not Established after {timeout} s: {out.stdout}{out.stderr}")
+                time.sleep(0.2)
+
     def helm(
         self, *args: str, input: str | None = None, check: bool = True, timeout: float = 300
     ) -> subprocess.CompletedProcess[str]:
