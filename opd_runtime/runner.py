@@ -35,6 +35,8 @@ from pathlib import Path
 
 import yaml
 
+from . import fingerprint
+from .contract import TRAINING_STAGES
 from .gpu_plan import VISIBLE_ENV, GpuPlan, partition
 from .plan import StageCommand, planned_stages, stage_command
 from .spec import DistillationRun, SpecError, load_run
@@ -376,6 +378,10 @@ def _run_all(
     for line in gpus.lines():
         log(line)
 
+    for stage in TRAINING_STAGES:
+        # a finished (skipped) or checkpointed stage of another spec is refused before anything runs
+        if stage in stages and (ws.result(stage).exists() or (ws.checkpoints(stage) / "latest").exists()):
+            fingerprint.check(ws.checkpoints(stage), stage, fingerprint.shaping_values(run, stage))
     program = opd_program()
     world_rc = build_world(run, opts.workdir, log, preexec_fn=_die_with_parent_fn())
     if world_rc:  # the tiny world, before the first stage needs it (opd_runtime/world_step.py)

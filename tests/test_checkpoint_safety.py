@@ -12,9 +12,9 @@ import pytest
 import torch
 import yaml
 
-from opd_runtime import cli, modeling
+from opd_runtime import cli, fingerprint, modeling
 from opd_runtime.contract import EXIT_BAD_CONFIG, EXIT_OK
-from opd_runtime.spec import SpecError, parse_run
+from opd_runtime.spec import SpecError, load_run, parse_run
 from opd_runtime.training import checkpoint
 
 from conftest import run_doc
@@ -128,7 +128,7 @@ def test_resuming_checkpoints_of_another_spec_names_each_differing_field(tmp_pat
 def test_sft_fingerprint_covers_its_data_batch_and_adapter_but_not_its_schedule():
     doc = spec()
     doc["spec"]["sft"] = {"dataset": {"name": "tinymath"}, "batchSize": 8, "steps": 10}
-    values = checkpoint.shaping_values(parse_run(doc), "sft")
+    values = fingerprint.shaping_values(parse_run(doc), "sft")
     assert values["spec.sft.dataset.name"] == "tinymath" and values["spec.sft.batchSize"] == 8
     assert values["spec.sft.lora.enabled"] is False and values["spec.student.model"] == "student-dir"
     assert not any(k.startswith(("spec.sft.steps", "spec.sft.optimizer", "spec.sft.checkpointing")) for k in values)
@@ -138,10 +138,10 @@ def test_fingerprint_fields_the_record_predates_are_not_compared(tmp_path):
     root = tmp_path / "ckpt"
     fake_checkpoint(root / "step-000001", "x")
     checkpoint.write_atomic_text(root / checkpoint.LATEST, "step-000001\n")
-    values = checkpoint.shaping_values(parse_run(spec()), "distill")
+    values = fingerprint.shaping_values(parse_run(spec()), "distill")
     older = {k: v for k, v in values.items() if not k.startswith("spec.distill.prompts.")}
-    checkpoint.record_fingerprint(root, older)
-    checkpoint.check_fingerprint(root, "distill", values)  # no error: the record knew no prompts fields
+    fingerprint.record(root, older)
+    fingerprint.check(root, "distill", values)  # no error: the record knew no prompts fields
     assert "spec.distill.prompts.name" in values and "spec.teacher.model" in values
 
 
@@ -165,3 +165,23 @@ def opd(*argv: str) -> tuple[int, str, str]:
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = cli.main(list(argv))
     return code, out.getvalue(), err.getvalue()
+
+
+def test_opd_run_resume_refuses_a_finished_stage_of_another_spec_before_running_anything(tmp_path):
+    from opd_runtime.runner import RunOptions, run_all
+
+    def run_file(name: str, batch: int) -> Path:
+        doc = spec()
+        doc["spec"]["sft"] = {"dataset": {"name": "tinymath"}, "batchSize": batch, "microBatchSize": 1}
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(doc, sort_keys=False))
+        return path
+
+    work = tmp_path / "work"
+    (work / "results").mkdir(parents=True)
+    (work / "results" / "sft.json").write_text("{}")  # sft finished under batchSize 8
+    fingerprint.record(work / "checkpoints" / "sft", fingerprint.shaping_values(load_run(run_file("a.yaml", 8)), "sft"))
+    with pytest.raises(SpecError) as err:
+        run_all(RunOptions(run_file("b.yaml", 16), work, resume=True, teacher="local", progress=False), log=print)
+    # refused as a configuration error, not a stage failure (StageFailed): nothing was started
+    assert "spec.sft.batchSize: 8 then, 16 now" in str(err.value)

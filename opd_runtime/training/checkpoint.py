@@ -9,14 +9,13 @@ the newest complete one, so a process killed at any moment leaves the previous c
 written again (an earlier attempt got as far) is set aside, not deleted, until ``latest`` names its
 replacement.
 
-``spec-fingerprint.json`` beside them records the spec fields that give a checkpoint its meaning
-(``SHAPING_FIELDS``); a stage resuming checkpoints written for other values of them refuses (exit 2), so a
+``spec-fingerprint.json`` beside them (``opd_runtime/fingerprint.py``) records the spec fields that give
+a checkpoint its meaning; a stage resuming checkpoints written for other values of them refuses (exit 2), so a
 run re-created with another spec over a retained workspace does not silently continue the old one.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import shutil
@@ -27,11 +26,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import fingerprint
 from . import distributed, sharding
 
 STATE_FILE = "trainer_state.pt"
 LATEST = "latest"
-FINGERPRINT_FILE = "spec-fingerprint.json"
 # A checkpoint being replaced by a rewrite of its step waits under this name until `latest` moves on.
 _ASIDE = ".{name}.old-{pid}"
 
@@ -165,7 +164,7 @@ def latest(root: Path) -> Path | None:
 def resumable(root: Path, resume: bool, run=None, stage: str | None = None) -> Path | None:
     """The checkpoint to resume from; refuses to start over a workspace that already has one. Given the
     ``run`` and its ``stage``, also refuses checkpoints written for other values of the fields that shape
-    them (``check_fingerprint``), and records this run's values for the checkpoints it is about to write."""
+    them (``fingerprint.check``), and records this run's values for the checkpoints it is about to write."""
     from ..spec import SpecError
 
     existing = latest(root)
@@ -175,11 +174,11 @@ def resumable(root: Path, resume: bool, run=None, stage: str | None = None) -> P
             "that run, or use a fresh workspace"
         )
     if run is not None and stage is not None:
-        values = shaping_values(run, stage)
+        values = fingerprint.shaping_values(run, stage)
         if existing is not None:
-            check_fingerprint(root, stage, values)
+            fingerprint.check(root, stage, values)
         if distributed.is_main():
-            record_fingerprint(root, values)
+            fingerprint.record(root, values)
     return existing
 
 
@@ -219,84 +218,3 @@ def _prune(root: Path, keep: int, protect: Path) -> None:
     for stale in [*root.glob(".step-*.tmp-*"), *root.glob(_ASIDE.format(name="step-*", pid="*"))]:
         if not stale.name.endswith(f"-{os.getpid()}"):
             shutil.rmtree(stale, ignore_errors=True)
-
-
-# ---- what a checkpoint was written for ------------------------------------------------------------------
-
-# Per stage, the spec fields (wire paths below `spec`) that give a step its meaning: the weights' model and
-# tokenizer, the adapter's shape, where the stage starts, the teacher it imitates, and what one step consumes
-# (its data, batch and loss) and in which order (seed). Other fields may change between attempts and the
-# resumed stage continues the same training with them: `steps` (train longer), the optimizer (e.g. a lower
-# learning rate), checkpointing, micro-batching, gradient checkpointing, strategy, resources, metrics.
-_MODEL = ("student.model", "student.revision", "student.tokenizer")
-_LORA = ("lora.enabled", "lora.rank", "lora.alpha", "lora.targetModules")
-SHAPING_FIELDS: dict[str, tuple[str, ...]] = {
-    "sft": (*_MODEL, *(f"sft.{f}" for f in ("dataset", "batchSize", "maxSeqLength", "seed", *_LORA))),
-    "distill": (
-        *_MODEL,
-        "teacher.model",
-        *(
-            f"distill.{f}"
-            for f in (
-                "initFrom",
-                "prompts",
-                "promptsPerStep",
-                "samplesPerPrompt",
-                "loss",
-                "objective",
-                "seed",
-                *_LORA,
-            )
-        ),
-    ),
-}
-
-
-def _flat(value: Any, prefix: str) -> dict[str, Any]:
-    if isinstance(value, dict):
-        out: dict[str, Any] = {}
-        for k, v in value.items():
-            out.update(_flat(v, f"{prefix}.{k}"))
-        return out
-    return {prefix: value}
-
-
-def shaping_values(run, stage: str) -> dict[str, Any]:
-    """``{"spec.<path>": value}`` for ``stage``'s SHAPING_FIELDS in ``run`` (nested objects flattened)."""
-    wire = run.spec.to_wire()
-    out: dict[str, Any] = {}
-    for path in SHAPING_FIELDS[stage]:
-        node: Any = wire
-        for part in path.split("."):
-            if not isinstance(node, dict) or part not in node:
-                break  # a field this version of the spec does not have
-            node = node[part]
-        else:
-            out.update(_flat(node, f"spec.{path}"))
-    return out
-
-
-def check_fingerprint(root: Path, stage: str, values: dict[str, Any]) -> None:
-    """Refuse (SpecError, exit 2) to resume ``root``'s checkpoints when they were written for other values
-    of the shaping fields. Fields the record lacks (it predates them) or that no longer exist are not
-    compared. ``record_fingerprint`` writes the record."""
-    from ..spec import SpecError
-
-    path = root / FINGERPRINT_FILE
-    if not path.exists():
-        return  # written before fingerprints existed: nothing to compare with
-    recorded = json.loads(path.read_text())
-    differ = [k for k in sorted(values.keys() & recorded.keys()) if values[k] != recorded[k]]
-    if differ:
-        changes = "; ".join(f"{k}: {recorded[k]!r} then, {values[k]!r} now" for k in differ)
-        raise SpecError(
-            f"spec.{stage}: the checkpoints in {root} were written for another spec ({changes}), and resuming "
-            f"would continue them as if nothing had changed. Set these fields back to continue that training, "
-            f"or start this spec afresh: a new workspace (another run name, or workspace.existingClaim), or "
-            f"delete {root}"
-        )
-
-
-def record_fingerprint(root: Path, values: dict[str, Any]) -> None:
-    root.mkdir(parents=True, exist_ok=True)
-    write_atomic_text(root / FINGERPRINT_FILE, json.dumps(values, indent=1, sort_keys=True) + "\n")
