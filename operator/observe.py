@@ -66,7 +66,9 @@ class TeacherView:
     deleting: bool
     spec_hash: str | None
     ready_replicas: int
-    created: str | None = None  # metadata.creationTimestamp: when this attempt of the teacher began
+    # since when it has not been Available: its creation, or the Available condition's last change to
+    # False (a teacher that served for hours and then went unready is timed from then, not from creation)
+    unavailable_since: str | None = None
     deadline_exceeded: bool = False  # Progressing=False, ProgressDeadlineExceeded (not Available in time)
 
 
@@ -203,7 +205,7 @@ def pod_waiting(pod: Manifest, claims: dict[str, Manifest]) -> Waiting | None:
             cls = (pvc.get("spec") or {}).get("storageClassName")
             return Waiting(
                 "ClaimPending",
-                f"PersistentVolumeClaim {claim} is {phase} (not bound; storageClassName "
+                f"pod {name} needs PersistentVolumeClaim {claim}, which is {phase} (not bound; storageClassName "
                 f"{cls!r}): no PersistentVolume matches it and no provisioner creates one; check the class "
                 "(kubectl describe pvc) or name a bound claim (existingClaim)",
                 name,
@@ -318,7 +320,10 @@ def teacher_view(deployment: Manifest) -> TeacherView:
         deleting=bool(meta.get("deletionTimestamp")),
         spec_hash=(meta.get("annotations") or {}).get(names.SPEC_HASH_ANNOTATION),
         ready_replicas=status.get("readyReplicas") or 0,
-        created=meta.get("creationTimestamp"),
+        unavailable_since=max(
+            [t for t in (meta.get("creationTimestamp"), _find(deployment, "Available").get("lastTransitionTime")) if t],
+            default=None,
+        ),
         deadline_exceeded=_find(deployment, "Progressing").get("reason") == "ProgressDeadlineExceeded",
     )
 

@@ -266,6 +266,7 @@ class _Walk:
         name = names.teacher(self.name)
         retries = self.run.spec.retries
         if ts.get("phase") == "Failed":
+            self.failed_stage = "teacher"
             return "failed"
         if teacher is not None and teacher.deleting:
             return self.teacher_waiting(f"waiting for the previous teacher Deployment {name} to go")
@@ -298,11 +299,11 @@ class _Walk:
             self.cond(conditions.TEACHER_READY, True, "Available", f"Deployment {name} is available.")
             return "ready"
         limit = self.run.spec.teacher.serving.ready_timeout_seconds
-        waited = self.seconds_since(teacher.created)
+        waited = self.seconds_since(teacher.unavailable_since)
         stuck = self.observed.waiting.get("teacher")
         if teacher.deadline_exceeded or waited >= limit:
             why = (
-                f"Deployment {name} not Available after {waited:.0f}s (spec.teacher.serving.readyTimeoutSeconds "
+                f"Deployment {name} not Available for {waited:.0f}s (spec.teacher.serving.readyTimeoutSeconds "
                 f"{limit}{'; ProgressDeadlineExceeded' if teacher.deadline_exceeded else ''})"
                 + (f": {stuck.message}" if stuck else "")
             )
@@ -615,7 +616,6 @@ class _Walk:
                 self.status["message"] = f"{current}: running Job {ss.get('job')}{pods}"
             self.cond(conditions.FAILED, False, "NoFailure", "")
             self.cond(conditions.READY, False, "InProgress", f"Stage {current} is {ss.get('phase', '').lower()}.")
-        self.stall()
         return self.finish(current)
 
     def stall(self) -> None:
@@ -635,6 +635,7 @@ class _Walk:
             self.event("Warning", why.reason, text)
 
     def finish(self, current: str | None) -> Decision:
+        self.stall()  # stalled only while a stage is in progress: suspended or finished runs clear it
         self.stage_conditions()
         self.numbers(current)
         self.status["conditions"] = self.conds

@@ -129,6 +129,44 @@ def test_a_stalled_stage_is_in_the_message_a_condition_and_one_event():
     s.reconcile()
     assert cond(s.status, "Stalled")["status"] == "False"
     assert s.status["message"] == "sft: running Job tiny-sft-1"
+    stick(s, "tiny-sft-1", phase="Pending", conditions=[UNSCHEDULABLE])
+    s.reconcile()
+    s.api.edit_spec(suspend=True)
+    s.reconcile()
+    assert s.status["phase"] == "Suspended" and cond(s.status, "Stalled")["status"] == "False"
+
+
+@pytest.mark.parametrize(
+    ("status", "reason"),
+    [
+        ({"phase": "Pending", "conditions": [UNSCHEDULABLE]}, "Unschedulable"),
+        ({"phase": "Pending", "conditions": [UNSCHEDULABLE], "claim": "Pending"}, "ClaimPending"),
+        (
+            {
+                "phase": "Pending",
+                "containerStatuses": [{"name": "sft", "state": {"waiting": {"reason": "ImagePullBackOff"}}}],
+            },
+            "ImagePullError",
+        ),
+        (
+            {
+                "phase": "Pending",
+                "containerStatuses": [{"name": "sft", "state": {"waiting": {"reason": "CreateContainerConfigError"}}}],
+            },
+            "ContainerConfigError",
+        ),
+    ],
+)
+def test_each_waiting_state_gets_one_event_over_many_reconciles(status: dict, reason: str):
+    s = Story()
+    s.reconcile()
+    claim = status.pop("claim", None)
+    if claim:
+        s.api.objects[("PersistentVolumeClaim", "ns", "tiny-workspace")]["status"] = {"phase": claim}
+    stick(s, "tiny-sft-1", **status)
+    reasons = [e.reason for _ in range(4) for e in s.reconcile().events]
+    assert reasons == [reason]
+    assert cond(s.status, "Stalled")["reason"] == reason and "pod tiny-sft-1-pod" in s.status["message"]
 
 
 def test_a_missed_stage_deadline_fails_the_attempt_naming_the_field_and_is_retried():
@@ -187,6 +225,22 @@ def test_a_teacher_that_is_not_available_in_time_is_restarted_then_fails_the_run
     assert s.api.names("Deployment") == [] and s.jobs() == ["tiny-sft-1"]
     s.reconcile(60)
     assert s.api.names("Deployment") == []  # final
+    assert s.status["message"] == st["message"] and s.status["stage"] == "teacher"
+
+
+def test_a_teacher_that_served_and_went_unready_is_timed_from_then():
+    s = Story(backoffSeconds=5)
+    s.api.edit_spec(teacher={"serving": {"readyTimeoutSeconds": 30}})
+    s.to_distill()
+    s.api.finish_job("tiny-distill-1", 1, {"stage": "distill", "error": "transient"})
+    teacher_created_at(s, "2026-11-25T10:00:00Z")  # two hours before
+    s.api.objects[("Deployment", "ns", "tiny-teacher")]["status"] = {
+        "conditions": [{"type": "Available", "status": "False", "lastTransitionTime": "2026-11-25T12:00:05Z"}]
+    }
+    s.reconcile(1)
+    assert s.api.names("Deployment") == ["tiny-teacher"] and s.status["stages"]["teacher"].get("failures", 0) == 0
+    s.reconcile(40)
+    assert s.api.names("Deployment") == [] and "not Available for" in s.status["stages"]["teacher"]["message"]
 
 
 def test_a_spec_edit_while_only_the_teacher_runs_replaces_the_teacher_before_the_learner_starts():
@@ -270,7 +324,7 @@ def test_an_unbound_workspace_claim_is_reported(cp: ControlPlane, ns: str, opera
     )
     run = Run(cp, ns, tiny_math("unbound", workspace={"existingClaim": "static"}))
     st = stalled(run, "ClaimPending")
-    assert "PersistentVolumeClaim static is Pending" in st["message"]
+    assert "pod unbound-sft-1-" in st["message"] and "PersistentVolumeClaim static, which is Pending" in st["message"]
     assert run.condition("Stalled")["message"] == st["message"]
     assert len(events_of(cp, ns, run.name, "ClaimPending")) == 1
 

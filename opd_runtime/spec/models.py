@@ -85,7 +85,8 @@ class TeacherServingSpec(SpecModel):
         1800,
         ge=1,
         description="Seconds the teacher Deployment has to become Available (model download and load "
-        "included); also its progressDeadlineSeconds. Past it (or at the Deployment's "
+        "included), counted from its creation or from when it stopped being Available; also its "
+        "progressDeadlineSeconds. Past it (or at the Deployment's "
         "ProgressDeadlineExceeded) the attempt fails: the Deployment is deleted and started again per "
         "`spec.retries`, and the run fails when they are used up. Kubernetes only.",
     )

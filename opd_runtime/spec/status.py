@@ -27,7 +27,9 @@ class StatusModel(SpecModel):
 class Condition(StatusModel):
     type: str = Field(
         description="PascalCase condition type, e.g. `Ready`, `Failed`, `SftSucceeded`, "
-        "`TeacherReady`, `DistillSucceeded`, `EvalSucceeded`, `Suspended`, `SpecAccepted`."
+        "`TeacherReady`, `DistillSucceeded`, `EvalSucceeded`, `Suspended`, `SpecAccepted`, `Stalled` (True while "
+        "the current stage's pods cannot start; the reason says why: Unschedulable, ClaimPending, ImagePullError, "
+        "ContainerConfigError, CrashLoopBackOff)."
     )
     status: ConditionStatus = Field(description="`True`, `False` or `Unknown`.")
     reason: str = Field(description="PascalCase, machine-readable reason for the condition's last transition.")
@@ -121,7 +123,8 @@ class DistillationRunStatus(StatusModel):
     completion_time: str | None = Field(None, description="When the run succeeded or failed.")
     conditions: list[Condition] = Field(
         default_factory=list,
-        description="Current state as conditions: `Ready`, `Failed`, `Suspended`, `SpecAccepted` and one per stage.",
+        description="Current state as conditions: `Ready`, `Failed`, `Suspended`, `SpecAccepted`, `Stalled` "
+        "(present once pods could not start) and one per stage.",
     )
     stages: StagesStatus = Field(
         default_factory=lambda: StagesStatus.model_validate({}),
