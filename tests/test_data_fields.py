@@ -110,6 +110,21 @@ def test_sft_traces_keep_their_wording_by_default_and_take_the_fields_when_set(q
     assert worded.messages[-1] == kept.messages[-1]  # the trace itself, which carries the loss, is untouched
 
 
+@pytest.mark.parametrize(
+    "record",
+    [
+        {"id": "x", "problem": PROBLEM},  # no conversation at all
+        {"id": "x", "conversations": [{"from": "narrator", "value": PROBLEM}]},  # a role no format knows
+        {"id": "x", "messages": [{"role": "user"}]},  # a turn without content
+    ],
+)
+def test_a_record_that_is_no_chat_trace_is_a_configuration_error_naming_the_dataset(tmp_path, record):
+    path = write_jsonl(tmp_path / "bad.jsonl", [record])
+    with pytest.raises(SpecError) as err:
+        list(load_traces(DatasetSpec(path=str(path))))
+    assert str(err.value).startswith("spec.sft.dataset: record 0 (x)") and "set `format`" in str(err.value)
+
+
 # ---- filter and shuffle --------------------------------------------------------------------------------------
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from .. import tinymath
 from ..data_sources import iter_records, with_prompt_fields
+from ..spec import SpecError
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
@@ -45,7 +46,15 @@ def load_traces(spec, workspace: Path | None = None, *, field: str = "spec.sft.d
         if spec.name == "tinymath":
             msgs = tinymath.chat_messages(rec["problem"], rec["solution"])
         else:
-            msgs = _messages(rec, spec.format)
+            try:
+                msgs = _messages(rec, spec.format)
+            except (ValueError, KeyError, TypeError, AttributeError) as err:
+                # the data does not fit the spec: retrying the stage would fail the same way
+                raise SpecError(
+                    f"{field}: record {i} ({rec.get('id', 'no id')}) is not a chat trace the format "
+                    f"`{spec.format}` reads ({type(err).__name__}: {err}); set `format` to the file's layout "
+                    "(openthoughts: conversations of {from, value}; chat: messages of {role, content}) or fix it"
+                ) from None
         if not msgs or msgs[-1]["role"] != "assistant":
             continue  # nothing to learn from
         msgs = with_prompt_fields(msgs[:-1], spec, default_instruction="") + msgs[-1:]
