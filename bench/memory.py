@@ -11,6 +11,8 @@ exist ("weights+optimizer"); "above" is the difference: what the step itself cos
 - ``sft``: one packed row of T tokens (4 traces of T/4, prompts 1/8 of each).
 - ``opd-kl`` / ``opd-is``: one OPD train step (no sampling) on 8 samples of T/8 tokens (prompts 1/8),
   local teacher of the same shape, loss ``full_forward_kl`` / ``importance_sampling``.
+- ``attn``: one attention layer alone on a packed row of T tokens (4 traces): ``sdpa_varlen`` (new)
+  against transformers' sdpa with the T x T mask it derives from the position ids (naive).
 - ``head``: the loss head alone (random final hidden states -> SFT cross-entropy), to show that its
   memory does not grow with the number of token chunks.
 
@@ -63,6 +65,8 @@ CASES = [  # most important first: partial runs still answer the targets
     ("opd-is", "new", FULL),
     ("opd-is", "new", QUARTER),
     ("opd-is", "naive", QUARTER),
+    ("attn", "new", FULL),
+    ("attn", "naive", FULL),
 ]
 
 
@@ -227,6 +231,37 @@ def naive_opd_loss(model, teacher_model, samples, loss_name):
     return loss
 
 
+def attention_case(new: bool, tokens: int):
+    """One Qwen3 attention layer at the real widths on one packed row of 4 traces, forward and backward:
+    the attention the stages pick (``sdpa_varlen``, no mask) against transformers' sdpa, which builds a
+    T x T mask from the restarted position ids."""
+    import torch
+    from transformers import Qwen3Config
+    from transformers.masking_utils import create_causal_mask
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention, Qwen3RotaryEmbedding
+
+    from opd_runtime.training import attention
+
+    cfg = Qwen3Config(**SHAPE)
+    cfg._attn_implementation = attention.register() if new else "sdpa"
+    gen = torch.Generator().manual_seed(0)
+    layer = Qwen3Attention(cfg, 0).train()
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_(0.0, 0.02, generator=gen)
+    opt = ready_optimizer(layer)
+    hidden_BTD = torch.randn(1, tokens, SHAPE["hidden_size"], generator=gen, requires_grad=True)
+    pos_BT = (torch.arange(tokens) % (tokens // 4))[None]  # 4 traces, positions restart at each
+    rope = Qwen3RotaryEmbedding(cfg)
+
+    def loss_fn():
+        mask = create_causal_mask(cfg, hidden_BTD, None, None, position_ids=pos_BT)
+        out_BTD, _ = layer(hidden_BTD, rope(hidden_BTD, pos_BT), mask, position_ids=pos_BT)
+        return out_BTD.sum()
+
+    return opt, loss_fn  # the layer lives on in both
+
+
 # --- one case, in this process ------------------------------------------------------------------------
 
 
@@ -251,6 +286,8 @@ def run_case(kind: str, path: str, tokens: int, samplers: list, limit: int, on_l
             if new:
                 return chunked.cross_entropy_sum(hidden, head, targets)
             return -torch.log_softmax(head(hidden).float(), -1).gather(-1, targets[:, None]).sum()
+    elif kind == "attn":
+        opt, loss_fn = attention_case(new, tokens)
     else:
         model = random_model(0).train()
         if new:  # as the stages set it up: checkpointed layers, the mask-free attention (sdpa_varlen here)
