@@ -70,6 +70,9 @@ class TeacherView:
     # False (a teacher that served for hours and then went unready is timed from then, not from creation)
     unavailable_since: str | None = None
     deadline_exceeded: bool = False  # Progressing=False, ProgressDeadlineExceeded (not Available in time)
+    # ReplicaFailure=True: its ReplicaSet cannot create pods (a ResourceQuota, admission); there is no pod
+    # to read a waiting reason from, so this is the only place the cause shows
+    replica_failure: Waiting | None = None
 
 
 @dataclass(frozen=True)
@@ -312,6 +315,15 @@ def _failure_reason(job: Manifest) -> str | None:
     return None
 
 
+def _replica_failure(deployment: Manifest) -> Waiting | None:
+    found = _find(deployment, "ReplicaFailure")
+    if found.get("status") != "True":
+        return None
+    name = deployment["metadata"]["name"]
+    why = f"{found.get('reason') or 'ReplicaFailure'}: {(found.get('message') or '').strip()}"
+    return Waiting("FailedCreate", f"Deployment {name} cannot create pods: {why}"[:1000], name)
+
+
 def teacher_view(deployment: Manifest) -> TeacherView:
     meta, status = deployment["metadata"], deployment.get("status") or {}
     current = status.get("observedGeneration", 0) >= meta.get("generation", 0)
@@ -325,6 +337,7 @@ def teacher_view(deployment: Manifest) -> TeacherView:
             default=None,
         ),
         deadline_exceeded=_find(deployment, "Progressing").get("reason") == "ProgressDeadlineExceeded",
+        replica_failure=_replica_failure(deployment),
     )
 
 

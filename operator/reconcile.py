@@ -300,7 +300,7 @@ class _Walk:
             return "ready"
         limit = self.run.spec.teacher.serving.ready_timeout_seconds
         waited = self.seconds_since(teacher.unavailable_since)
-        stuck = self.observed.waiting.get("teacher")
+        stuck = self.observed.waiting.get("teacher") or teacher.replica_failure
         if teacher.deadline_exceeded or waited >= limit:
             why = (
                 f"Deployment {name} not Available for {waited:.0f}s (spec.teacher.serving.readyTimeoutSeconds "

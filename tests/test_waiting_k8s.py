@@ -9,6 +9,7 @@ and a pod of image ``HELD_IMAGE`` is left Pending by kwok so the test writes wha
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
@@ -243,6 +244,19 @@ def test_a_teacher_that_served_and_went_unready_is_timed_from_then():
     assert s.api.names("Deployment") == [] and "not Available for" in s.status["stages"]["teacher"]["message"]
 
 
+def test_a_teacher_whose_pods_cannot_be_created_says_why():
+    s = Story()
+    s.to_distill()
+    s.api.finish_job("tiny-distill-1", 1, {"stage": "distill", "error": "transient"})
+    quota = 'pods "tiny-teacher-x" is forbidden: exceeded quota: q, requested: pods=1, used: pods=0, limited: pods=0'
+    s.api.objects[("Deployment", "ns", "tiny-teacher")]["status"] = {
+        "conditions": [{"type": "ReplicaFailure", "status": "True", "reason": "FailedCreate", "message": quota}]
+    }
+    d = s.reconcile()
+    assert cond(s.status, "Stalled")["reason"] == "FailedCreate" and "FailedCreate" in [e.reason for e in d.events]
+    assert s.status["message"] == f"teacher: Deployment tiny-teacher cannot create pods: FailedCreate: {quota}"
+
+
 def test_a_spec_edit_while_only_the_teacher_runs_replaces_the_teacher_before_the_learner_starts():
     s = Story(retries=2, backoffSeconds=5)
     s.to_distill()
@@ -292,6 +306,14 @@ def events_of(cp: ControlPlane, ns: str, run: str, reason: str) -> list[dict]:
     return [e for e in items if e["involvedObject"].get("name") == run and e["reason"] == reason]
 
 
+def count_events(cp: ControlPlane, ns: str, run: str, reason: str, at_least: int = 1) -> int:
+    """How many ``reason`` Events the run has, once it has ``at_least`` and a few more resyncs (the operator
+    runs with --resync-seconds 0.5) had the chance to post a duplicate."""
+    cp.wait(f"{at_least} {reason} event(s)", lambda: len(events_of(cp, ns, run, reason)) >= at_least, timeout=TIMEOUT)
+    time.sleep(2)
+    return len(events_of(cp, ns, run, reason))
+
+
 def test_an_unschedulable_stage_is_reported_then_its_deadline_fails_it(cp: ControlPlane, ns: str, operator: Operator):
     doc = tiny_math("no-gpus", retries=1, backoffSeconds=1)
     doc["spec"]["sft"]["resources"] = {"gpus": 16}  # the only node has 8
@@ -305,7 +327,7 @@ def test_an_unschedulable_stage_is_reported_then_its_deadline_fails_it(cp: Contr
     assert "Insufficient nvidia.com/gpu" in st["stages"]["sft"]["message"]  # what it was waiting for
     st = run.wait("Failed", lambda st: st.get("phase") == "Failed", timeout=TIMEOUT)
     assert st["stages"]["sft"]["failures"] == 2 and "RetriesExhausted" in st["message"]
-    assert len(events_of(cp, ns, run.name, "Unschedulable")) == 2  # one per attempt, not one per resync
+    assert count_events(cp, ns, run.name, "Unschedulable", 2) == 2  # one per attempt, not one per resync
 
 
 def test_an_unbound_workspace_claim_is_reported(cp: ControlPlane, ns: str, operator: Operator):
@@ -326,7 +348,7 @@ def test_an_unbound_workspace_claim_is_reported(cp: ControlPlane, ns: str, opera
     st = stalled(run, "ClaimPending")
     assert "pod unbound-sft-1-" in st["message"] and "PersistentVolumeClaim static, which is Pending" in st["message"]
     assert run.condition("Stalled")["message"] == st["message"]
-    assert len(events_of(cp, ns, run.name, "ClaimPending")) == 1
+    assert count_events(cp, ns, run.name, "ClaimPending") == 1
 
 
 def test_image_pull_and_config_errors_are_reported_once_each(cp: ControlPlane, ns: str, operator: Operator):
@@ -342,8 +364,8 @@ def test_image_pull_and_config_errors_are_reported_once_each(cp: ControlPlane, n
     cp.set_pod_waiting(ns, name, "CreateContainerConfigError", 'secret "hf-token" not found')
     st = stalled(run, "ContainerConfigError")
     assert 'secret "hf-token" not found' in st["message"]
-    assert len(events_of(cp, ns, run.name, "ImagePullError")) == 1  # ErrImagePull -> BackOff: the same state
-    assert len(events_of(cp, ns, run.name, "ContainerConfigError")) == 1
+    assert count_events(cp, ns, run.name, "ImagePullError") == 1  # ErrImagePull -> BackOff: the same state
+    assert count_events(cp, ns, run.name, "ContainerConfigError") == 1
 
 
 def distill_only(name: str, **spec: Any) -> dict:
@@ -364,7 +386,7 @@ def test_a_teacher_never_available_is_retried_then_fails_the_run(cp: ControlPlan
     assert teacher["phase"] == "Failed" and teacher["failures"] == 2 and teacher["attempts"] == 2
     assert "readyTimeoutSeconds 4" in st["message"]
     assert run.condition("TeacherReady")["reason"] == "TeacherTimeout"
-    assert len(events_of(cp, ns, run.name, "TeacherTimeout")) == 2
+    assert count_events(cp, ns, run.name, "TeacherTimeout", 2) == 2
     assert run.jobs() == []  # no learner ever started
     cp.wait(
         "the teacher to be removed",
@@ -392,3 +414,15 @@ def test_a_spec_edit_between_distill_attempts_restarts_the_teacher_with_it(
     assert run.condition("SpecAccepted")["status"] == "True"
     assert "steps: 7" in cp.get(f"/api/v1/namespaces/{ns}/configmaps/edit-spec")["data"]["run.yaml"]
     assert "TeacherRestarted" in run.events()
+
+
+def test_a_teacher_refused_by_a_quota_says_so(cp: ControlPlane, ns: str, operator: Operator):
+    cp.apply(
+        {"apiVersion": "v1", "kind": "ResourceQuota", "metadata": {"name": "no-pods"}, "spec": {"hard": {"pods": "0"}}},
+        namespace=ns,
+    )
+    run = Run(cp, ns, distill_only("quota"))
+    st = stalled(run, "FailedCreate")
+    assert st["message"].startswith("teacher: Deployment quota-teacher cannot create pods:")
+    assert "exceeded quota: no-pods" in st["message"]
+    assert count_events(cp, ns, run.name, "FailedCreate") == 1

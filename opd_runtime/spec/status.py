@@ -29,7 +29,7 @@ class Condition(StatusModel):
         description="PascalCase condition type, e.g. `Ready`, `Failed`, `SftSucceeded`, "
         "`TeacherReady`, `DistillSucceeded`, `EvalSucceeded`, `Suspended`, `SpecAccepted`, `Stalled` (True while "
         "the current stage's pods cannot start; the reason says why: Unschedulable, ClaimPending, ImagePullError, "
-        "ContainerConfigError, CrashLoopBackOff)."
+        "ContainerConfigError, CrashLoopBackOff, FailedCreate)."
     )
     status: ConditionStatus = Field(description="`True`, `False` or `Unknown`.")
     reason: str = Field(description="PascalCase, machine-readable reason for the condition's last transition.")
