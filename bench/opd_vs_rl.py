@@ -384,7 +384,7 @@ def main() -> None:
     )
     ap.add_argument("--max-grad-norm", type=float, default=None, help="gradient clipping for all (default: none)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: tiny models gain nothing from more)")
     ap.add_argument("--no-trl", action="store_true", help="skip the TRL rows")
     ap.add_argument("--out", type=Path, default=Path("runs/opd-vs-rl"))
     args = ap.parse_args()
