@@ -4,9 +4,9 @@
     make bench   (or: nice -n 10 .venv/bin/python bench/opd_vs_rl.py [--steps N] [--out DIR])
 
 Start: the tiny world's `student` (`opd_runtime.tiny_models`: SFT on 1,000 teacher traces, ~20% held-out),
-the same weights for every method. Each method gets the same budget of optimizer steps, each step
-sampling ``--prompts`` prompts x ``--samples`` completions (max 64 new tokens, temperature 1) from tinymath's
-train split:
+the same weights for every method (``--start DIR``: another, e.g. a demo run's ``checkpoints/sft/final``).
+Each method gets the same budget of optimizer steps, each step sampling ``--prompts`` prompts x
+``--samples`` completions (max 64 new tokens, temperature 1) from tinymath's train split:
 
 - ``opd``: our learner, objective ``distill`` (loss ``--opd-loss``, default ``importance_sampling``, the
   recipe's sampled-token reverse-KL advantage), in-process teacher (`tiny://teacher`, ~100%).
@@ -383,6 +383,7 @@ def main() -> None:
         "--opd-set", action="append", default=[], metavar="KEY=VALUE", help="extra spec.distill field of the OPD run"
     )
     ap.add_argument("--max-grad-norm", type=float, default=None, help="gradient clipping for all (default: none)")
+    ap.add_argument("--start", type=Path, help="start model (default: the tiny world's SFT `student`)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: tiny models gain nothing from more)")
     ap.add_argument("--no-trl", action="store_true", help="skip the TRL rows")
@@ -401,7 +402,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     world = args.out / "models"
     build_cached(world, WorldConfig(), default_cache_dir(), log=print)
-    start, teacher = (world / "student").resolve(), (world / "teacher").resolve()
+    start, teacher = (args.start or world / "student").resolve(), (world / "teacher").resolve()
     problems = tinymath.generate(args.heldout, split="test", seed=0, difficulty=2)
     n_student, n_teacher = parameters(start), parameters(teacher)
     args.start_accuracy = accuracy_of(start, problems)
@@ -433,7 +434,7 @@ def main() -> None:
     ratio = compute_ratio(curves[0], curves[1])
     print_tables(curves, ratio)
     plot(curves, args.out / "accuracy_vs_flops.png")
-    settings = {k: v for k, v in vars(args).items() if k != "out"}
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "out"}
     (args.out / "results.json").write_text(
         json.dumps(
             {"settings": settings, "curves": [asdict(c) for c in curves], "ratio": ratio, "trl_error": trl_error},
