@@ -4,9 +4,9 @@ without flash-attention.
 A packed row holds several traces, told apart by position ids that restart at 0 (``sft.packing``). Given
 such a row, transformers' ``sdpa`` builds a boolean block-diagonal causal mask of T x T per row (256 MiB at
 16k tokens), and because a mask is present it also copies the keys and values to every query head (no
-grouped-query sdpa with a mask) and the CPU kernel turns the mask into a float one (1 GiB at 16k). Measured
-on one attention call of Qwen3-1.7B's widths (16 heads, 8 KV heads, head_dim 128) over a 16,384-token row
-of 4 traces: +1.63 GiB in forward and 255 s for forward and backward, against +0.25 GiB and 18 s here.
+grouped-query sdpa with a mask). One Qwen3 attention layer at Qwen3-1.7B's widths (16 heads, 8 KV heads,
+head_dim 128) on a 16,384-token row of 4 traces, forward and backward, measured +2.44 GiB and 439 s that
+way against +1.33 GiB and 119 s here (``bench/memory.py --cases attn-naive-16384,attn-new-16384``).
 
 ``sdpa_varlen`` is the CPU counterpart of flash-attention's varlen mode: it finds where the position ids
 restart (the traces' cu_seqlens) and calls ``scaled_dot_product_attention`` with ``is_causal=True`` on
