@@ -15,6 +15,8 @@ exist ("weights+optimizer"); "above" is the difference: what the step itself cos
   against transformers' sdpa with the T x T mask it derives from the position ids (naive).
 - ``head``: the loss head alone (random final hidden states -> SFT cross-entropy), to show that its
   memory does not grow with the number of token chunks.
+- ``headkl``: the head with a dense teacher's head beside it (random hidden states of both -> forward KL
+  over the full vocabulary, the entropy metric): OPD ``full_forward_kl``'s loss head alone.
 
 Paths: ``new`` is the stages' own code (``sft.trainer.micro_batch_nll``, ``distill.learner.
 train_on_samples``: hidden states + chunked head, packing by position ids with the attention
@@ -65,6 +67,8 @@ CASES = [  # most important first: partial runs still answer the targets
     ("opd-is", "new", FULL),
     ("opd-is", "new", QUARTER),
     ("opd-is", "naive", QUARTER),
+    ("headkl", "new", 1024),
+    ("headkl", "naive", 1024),
     ("attn", "new", FULL),
     ("attn", "naive", FULL),
 ]
@@ -286,6 +290,26 @@ def run_case(kind: str, path: str, tokens: int, samplers: list, limit: int, on_l
             if new:
                 return chunked.cross_entropy_sum(hidden, head, targets)
             return -torch.log_softmax(head(hidden).float(), -1).gather(-1, targets[:, None]).sum()
+    elif kind == "headkl":
+        model = random_model(0)
+        head = model.lm_head
+        del model.model.layers
+        opt = ready_optimizer(head)
+        teacher_head = random_model(1).lm_head.requires_grad_(False)
+        gen = torch.Generator().manual_seed(1)
+        hidden = torch.randn(tokens, SHAPE["hidden_size"], generator=gen, requires_grad=True)
+        teacher_hidden = torch.randn(tokens, SHAPE["hidden_size"], generator=gen)
+        targets = torch.randint(0, SHAPE["vocab_size"], (tokens,), generator=gen)
+
+        def loss_fn():
+            if new:
+                rows = chunked.DenseTeacherRows(teacher_hidden, teacher_head)
+                return chunked.token_terms(hidden, head, targets, entropy=True, kl="forward", teacher=rows).kl_N.sum()
+            from opd_runtime.distill import loss as L
+
+            with torch.no_grad():
+                t_logp = torch.log_softmax(teacher_head(teacher_hidden).float(), -1)
+            return L.dense_kl_per_token(torch.log_softmax(head(hidden).float(), -1), t_logp, "forward").sum()
     elif kind == "attn":
         opt, loss_fn = attention_case(new, tokens)
     else:
