@@ -277,7 +277,6 @@ def run_distill(
         log = _quiet
     ws = Workspace(Path(workspace))
     ckpt_root = ws.checkpoints("distill")
-    existing = checkpoint.resumable(ckpt_root, resume, run, "distill")
     init = init_model_path(run, ws)
     teacher_name = ws.resolve(run.spec.teacher.model)
     student = run.spec.student
@@ -294,6 +293,8 @@ def run_distill(
         mismatches = compare_tokenizers(tokenizer, teacher_tok)
         if mismatches:
             raise TokenizerMismatch(mismatches, init, teacher_name)
+    # after the pair check: a refused pair leaves the workspace untouched (resumable records a fingerprint)
+    existing = checkpoint.resumable(ckpt_root, resume, run, "distill")
 
     records = load_prompts(cfg.prompts, ws.root, field="spec.distill.prompts")
     reward_kind = rl.dataset_kind(cfg.prompts)
