@@ -14,8 +14,8 @@ interrupted sweep keeps its rows and a rerun skips configurations already there.
 Grid keys (each takes a comma-separated list; the sweep runs their product): loss, lr, prompts (promptsPerStep),
 samples (samplesPerPrompt), clip (optimizer.maxGradNorm; `none` = no clipping), lrclip (logRatioClip;
 `none` = off), warmup (warmupSteps), lora (LoRA rank; 0 = full fine-tuning), seed, steps.
-The start model is the tiny world's `student` (the demo's SFT recipe: 1,000 traces, 400 steps) unless
-``--start DIR`` names another (e.g. a demo run's checkpoints/sft/final).
+The start model is the tiny world's `student` (20% greedy; weaker than the demo's SFT stage makes, ~62%)
+unless ``--start DIR`` names another (e.g. a demo run's checkpoints/sft/final).
 """
 
 from __future__ import annotations
