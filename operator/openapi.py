@@ -44,6 +44,10 @@ def _models_by_name(model: type[BaseModel]) -> dict[str, type[BaseModel]]:
             if ann.__name__ in found:
                 return
             found[ann.__name__] = ann
+            # a model whose fields name a class defined after it keeps those annotations unresolved until
+            # it is rebuilt (pydantic does so at its first validation): without this, the defaults of such
+            # fields would be in the CRD or not depending on whether a run had been parsed before
+            ann.model_rebuild()
             for field in ann.model_fields.values():
                 visit(field.annotation)
         for arg in typing.get_args(ann):
