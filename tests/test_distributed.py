@@ -231,7 +231,14 @@ def test_distill_on_two_processes_logs_what_one_process_logs(opd_runs):
     two_r = json.loads((opd_runs.two / "results" / "distill.json").read_text())
     assert one_r.keys() == two_r.keys() and two_r["steps"] == OPD_STEPS
     root = opd_runs.two / "checkpoints" / "distill"
-    assert sorted(p.name for p in root.iterdir()) == ["final", "latest", "step-000002", "step-000004"]
+    # the checkpoints, and the spec fingerprint they were written under (written once, by rank 0)
+    assert sorted(p.name for p in root.iterdir()) == [
+        "final",
+        "latest",
+        "spec-fingerprint.json",
+        "step-000002",
+        "step-000004",
+    ]
     assert opd_runs.two_run.log.count('"stage": "distill"') == 1  # one summary, from rank 0
     print(f"torchrun distill, 2 processes, {OPD_STEPS} steps: {opd_runs.two_run.seconds:.1f}s")
 
