@@ -149,7 +149,7 @@ def test_opd_lowers_reverse_kl_and_raises_heldout_accuracy(world, tmp_path):
     samplesPerPrompt: 4
     microBatchSize: 64
     maxNewTokens: 64
-    optimizer: {learningRate: 3.0e-4, warmupSteps: 20}
+    optimizer: {learningRate: 3.0e-4, warmupSteps: 20, maxGradNorm: 1.0}
     checkpointing: {every: 100, keep: 1}
     metricsPort: 0
 """,
