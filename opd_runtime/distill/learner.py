@@ -382,6 +382,11 @@ def run_distill(
         distributed.all_reduce_gradients(model)
         grad_norm, lr = optimizer_step(model, optimizer, scheduler, opt.max_grad_norm)
         t3 = time.perf_counter()
+        # rl graded every sample already (all have answers): its rewards are the sample accuracy
+        if rewards_PG is not None:
+            correct_graded = (int(sum(rewards_PG)), len(rewards_PG))
+        else:
+            correct_graded = _graded(tokenizer, samples, answers, cfg.prompts.kind)
         # the step's numbers over all processes (each process's values are already per global token)
         loss, reverse_kl, entropy, n_samples, finished, correct, graded, ratio_sum, capped = distributed.all_sum(
             stats.loss,
@@ -389,7 +394,7 @@ def run_distill(
             stats.entropy,
             len(samples),
             sum(s.finished for s in samples),
-            *_graded(tokenizer, samples, answers, cfg.prompts.kind),
+            *correct_graded,
             stats.ratio.ratio_sum,
             stats.ratio.capped,
         )
