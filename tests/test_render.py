@@ -19,6 +19,8 @@ import yaml
 
 from opd_operator import driver
 from opd_operator.render import PLACEHOLDER_UID, render
+from opd_runtime.plan import serves_teacher
+from opd_runtime.spec import parse_run
 
 from controlplane import ControlPlane
 from opd_fake_cluster import FakeApi
@@ -92,8 +94,11 @@ def test_render_prints_exactly_what_the_reconciler_creates_for_every_stage(examp
         ("ConfigMap", f"{name}-spec"),
         ("PersistentVolumeClaim", f"{name}-workspace"),
         ("Job", f"{name}-sft-1"),
-        ("Deployment", f"{name}-teacher"),
-        ("Service", f"{name}-teacher"),
+        *(  # objective rl (examples/tiny-math-rl.yaml) serves no teacher
+            [("Deployment", f"{name}-teacher"), ("Service", f"{name}-teacher")]
+            if serves_teacher(parse_run(doc))
+            else []
+        ),
         ("Job", f"{name}-distill-1"),
         ("Job", f"{name}-eval-1"),
     ]

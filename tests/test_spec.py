@@ -171,3 +171,18 @@ def test_reference_table_rows_have_four_cells():
         cells = re.split(r"(?<!\\)\|", line.strip())[1:-1]
         assert len(cells) == 4, line
     assert "| `spec.student.revision` | str |" in markdown()
+
+
+def test_rl_example_is_the_demo_with_objective_rl():
+    """examples/tiny-math-rl.yaml is the demo's RL baseline: the same world, stages, sampler, loss, optimizer
+    and budget; only the objective differs (and the teacher's serving settings, which rl ignores)."""
+    from opd_runtime.plan import planned_stages
+
+    demo, rl = (load_run(ROOT / "examples" / name) for name in ("tiny-math.yaml", "tiny-math-rl.yaml"))
+    assert (demo.spec.distill.objective, rl.spec.distill.objective) == ("distill", "rl")
+    ours, theirs = demo.spec.model_dump(), rl.spec.model_dump()
+    for spec in (ours, theirs):
+        del spec["distill"]["objective"], spec["teacher"]["serving"]
+    assert ours == theirs
+    assert planned_stages(demo) == ["sft", "teacher", "distill", "eval"]
+    assert planned_stages(rl) == ["sft", "distill", "eval"]  # no teacher server for rl
