@@ -161,6 +161,25 @@ def test_readme_reference_is_current():
     assert embed(readme) == readme, "run `opd spec-reference --readme README.md`"
 
 
+def test_reference_lists_a_shared_model_once_and_points_to_it():
+    """The pod inputs are one model at five places (spec.pod, each stage's pod, the teacher's serving.pod):
+    the reference lists its fields under spec.pod only and the other four point there; every pointer of
+    the table leads to rows that are listed."""
+    import re
+
+    from opd_runtime.spec.reference import markdown
+
+    table = markdown()
+    paths = re.findall(r"^\| `([^`]+)` \|", table, flags=re.MULTILINE)
+    assert len(paths) == len(set(paths)) and "spec.pod.env[].valueFrom.secretKeyRef.key" in paths
+    for stage_pod in ("spec.teacher.serving.pod", "spec.sft.pod", "spec.distill.pod", "spec.eval.pod"):
+        assert stage_pod in paths and not [p for p in paths if p.startswith(stage_pod + ".")], stage_pod
+    pointers = re.findall(r"^\| `([^`]+)` \|.*Same fields as `([^`]+)`\. \|$", table, flags=re.MULTILINE)
+    assert ("spec.sft.pod", "spec.pod") in pointers and ("spec.distill.lora", "spec.sft.lora") in pointers
+    for _, home in pointers:
+        assert any(p.startswith((home + ".", home + "[].")) for p in paths), home
+
+
 def test_reference_table_rows_have_four_cells():
     """A `|` left unescaped in a type (`str | None`) or a description splits a row into extra columns."""
     import re

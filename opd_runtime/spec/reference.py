@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import types
 import typing
+from collections.abc import Iterator
 from typing import Any
 
 from pydantic import BaseModel
@@ -58,21 +59,57 @@ def _default(field: FieldInfo) -> str:
     return f"`{json.dumps(value)}`"
 
 
-def rows(model: type[SpecModel], prefix: str = "spec") -> list[tuple[str, str, str, str]]:
-    out = []
+def _is_list(annotation: Any) -> bool:
+    """``list[...]``, or a union holding one (``list[...] | None``)."""
+    return typing.get_origin(annotation) is list or list in [typing.get_origin(a) for a in typing.get_args(annotation)]
+
+
+def _fields(model: type[SpecModel], prefix: str) -> Iterator[tuple[str, FieldInfo, type[SpecModel] | None, str]]:
+    """(path, field, nested spec model or None, the prefix of the nested model's fields) of each field."""
+    # a model whose fields name a class defined after it keeps them unresolved until it is rebuilt (pydantic
+    # does so at its first validation): without this the table would depend on whether a run was parsed
+    model.model_rebuild()
     for name, field in model.model_fields.items():
         path = f"{prefix}.{field.alias or name}"
+        yield path, field, _nested_model(field.annotation), path + ("[]" if _is_list(field.annotation) else "")
+
+
+def shared_models(model: type[SpecModel], prefix: str = "spec") -> dict[type[SpecModel], str]:
+    """Each spec model that appears at several paths under ``model`` -> the one path where the reference
+    lists its fields: the shortest (the first of equally short ones in field order), e.g. the pod inputs
+    of ``spec.pod``, which ``spec.sft.pod`` and the other stages' ``pod`` share.
+
+    A model nested in a shared one is listed at its own shortest path, which lies inside the listed copy
+    of the outer model (that copy's path is the shortest, and the nested path extends it)."""
+    paths: dict[type[SpecModel], list[str]] = {}
+
+    def walk(m: type[SpecModel], at: str) -> None:
+        for path, _field, nested, child_prefix in _fields(m, at):
+            if nested is not None:
+                paths.setdefault(nested, []).append(path)
+                walk(nested, child_prefix)
+
+    walk(model, prefix)
+    return {m: min(found, key=len) for m, found in paths.items() if len(found) > 1}
+
+
+def rows(
+    model: type[SpecModel], prefix: str = "spec", shared: dict[type[SpecModel], str] | None = None
+) -> list[tuple[str, str, str, str]]:
+    """(path, type, default, description) of every field; a shared model's fields only at its home path
+    (``shared_models``), its other places say where they are."""
+    if shared is None:
+        shared = shared_models(model, prefix)
+    out = []
+    for path, field, nested, child_prefix in _fields(model, prefix):
         desc = (field.description or "").replace("|", "\\|").replace("\n", " ")
+        home = shared.get(nested) if nested is not None else None
+        if home is not None and home != path:
+            out.append((path, _type_name(field.annotation), _default(field), f"{desc} Same fields as `{home}`."))
+            continue
         out.append((path, _type_name(field.annotation), _default(field), desc))
-        nested = _nested_model(field.annotation)
         if nested is not None:
-            suffix = (
-                "[]"
-                if typing.get_origin(field.annotation) is list
-                or list in [typing.get_origin(a) for a in typing.get_args(field.annotation)]
-                else ""
-            )
-            out.extend(rows(nested, path + suffix))
+            out.extend(rows(nested, child_prefix, shared))
     return out
 
 
