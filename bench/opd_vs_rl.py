@@ -2,9 +2,15 @@
 "on-policy distillation reaches RL's accuracy for a fraction of its compute", in miniature).
 
     make bench   (or: nice -n 10 .venv/bin/python bench/opd_vs_rl.py [--steps N] [--out DIR])
+    smoke test, a few minutes: .venv/bin/python bench/opd_vs_rl.py --quick
 
-Start: the tiny world's `student` (`opd_runtime.tiny_models`: SFT on 1,000 teacher traces, ~20% held-out),
-the same weights for every method (``--start DIR``: another, e.g. a demo run's ``checkpoints/sft/final``).
+Start: the demo's SFT checkpoint, the same weights for every method. The bench makes it as the demo does:
+``opd run`` of examples/tiny-math.yaml with only its sft stage enabled (the same plan, so the same
+``opd sft`` command line: 400 steps on 1,000 teacher traces from ``student-init``, ~62% held-out), in
+``OUT/sft-start``; a later run with the same ``--out`` reuses it (``opd run --resume`` skips the finished
+stage). ``--start DIR`` takes another checkpoint instead (e.g. a demo run's ``checkpoints/sft/final``).
+From the tiny world's own ``student`` (~20%) RL gets almost no signal (most groups of samples are all
+wrong), so that start would not compare the methods fairly. The tables' first line says which start ran.
 Each method gets the same budget of optimizer steps, each step sampling ``--prompts`` prompts x
 ``--samples`` completions (max 64 new tokens, temperature 1) from tinymath's train split:
 
@@ -33,6 +39,10 @@ The claim's ratio: C_RL = compute RL used to first reach its best held-out accur
 to first reach >= A at a checkpoint; ratio C_RL / C_OPD ("not reached" when OPD never reaches A). With
 few checkpoints both are measured at checkpoint resolution.
 
+``--quick``: a smoke test of every part (SFT start, both learners, both TRL trainers, tables, plot) in a few
+minutes: 20 SFT steps, 4 steps x 4 prompts x 2 samples, 20 held-out problems, in runs/opd-vs-rl-quick.
+Its numbers say nothing about the methods.
+
 Writes ``DIR/results.json``, ``DIR/accuracy_vs_flops.png`` and prints the tables.
 """
 
@@ -40,9 +50,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
+import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
@@ -130,6 +144,31 @@ def prompt_tokens_per_step(run, tokenizer) -> list[int]:
     return out
 
 
+def curve_from_steps(
+    method: str,
+    lines: list[dict],
+    prompt_tokens: list[int],
+    flops_per_token: float,
+    eval_steps: range,
+    start_accuracy: float,
+    accuracy_at: Callable[[int], float],
+) -> Curve:
+    """The curve of one of our runs from its per-step metrics lines (``step``, ``completion_tokens``,
+    ``step_seconds``) and the prompt tokens of each step: cumulative FLOPs and seconds at each of
+    ``eval_steps``, with ``accuracy_at(step)`` there, after the start's point."""
+    flops, seconds, cumulative = 0.0, 0.0, {}
+    for line, prompt in zip(lines, prompt_tokens, strict=True):
+        flops += flops_per_token * (prompt + line["completion_tokens"])
+        seconds += line["step_seconds"]
+        cumulative[line["step"]] = (flops, seconds)
+    curve = Curve(method, step_seconds=seconds / len(lines))
+    curve.points.append({"step": 0, "flops": 0.0, "seconds": 0.0, "accuracy": start_accuracy})
+    for step in eval_steps:
+        f, s = cumulative[step]
+        curve.points.append({"step": step, "flops": f, "seconds": s, "accuracy": accuracy_at(step)})
+    return curve
+
+
 def ours(args, objective: str, start: Path, teacher: Path, problems, n_student: int, n_teacher: int, workdir: Path):
     from opd_runtime import modeling
     from opd_runtime.distill.learner import run_distill
@@ -138,21 +177,24 @@ def ours(args, objective: str, start: Path, teacher: Path, problems, n_student: 
     lr = args.opd_lr if objective == "distill" else args.rl_lr
     run = parse_run(yaml.safe_load(run_yaml(args, objective, start, teacher, lr)))
     ws = workdir / f"ws-{objective}"
+    shutil.rmtree(ws, ignore_errors=True)  # each bench run measures afresh (the SFT start is what is reused)
     run_distill(run, ws, log=lambda *_: None)
     lines = [json.loads(x) for x in (ws / "metrics" / "distill.jsonl").read_text().splitlines() if x.strip()]
     prompt_tokens = prompt_tokens_per_step(run, modeling.load_tokenizer(str(start)))
     per_token = 8.0 * n_student + (2.0 * n_teacher if objective == "distill" else 0.0)
-    flops, seconds, cumulative = 0.0, 0.0, {}
-    for r, p in zip(lines, prompt_tokens):
-        flops += per_token * (p + r["completion_tokens"])
-        seconds += r["step_seconds"]
-        cumulative[r["step"]] = (flops, seconds)
-    curve = Curve("opd" if objective == "distill" else "rl", step_seconds=seconds / len(lines))
-    curve.points.append({"step": 0, "flops": 0.0, "seconds": 0.0, "accuracy": args.start_accuracy})
-    for step in range(args.eval_every, args.steps + 1, args.eval_every):
-        model_dir = ws / "checkpoints" / "distill" / f"step-{step:06d}" / "model"
-        f, s = cumulative[step]
-        curve.points.append({"step": step, "flops": f, "seconds": s, "accuracy": accuracy_of(model_dir, problems)})
+
+    def accuracy_at(step: int) -> float:
+        return accuracy_of(ws / "checkpoints" / "distill" / f"step-{step:06d}" / "model", problems)
+
+    curve = curve_from_steps(
+        "opd" if objective == "distill" else "rl",
+        lines,
+        prompt_tokens,
+        per_token,
+        range(args.eval_every, args.steps + 1, args.eval_every),
+        args.start_accuracy,
+        accuracy_at,
+    )
     extra = lines[-10:]
     if objective == "rl":
         curve.note = (
@@ -230,6 +272,20 @@ def _completion_length(logs: list[dict]) -> float:
     return sum(vals) / len(vals) if vals else 64.0
 
 
+def trl_curve(method: str, trainer, tok, timer: _StepTimes, args, problems, prompt_len: float, flops_per_token: float):
+    """Train ``trainer`` and measure it as our runs are measured: held-out greedy accuracy of the final
+    model, FLOPs from its logged completion lengths (``prompt_len``: mean prompt tokens), step seconds."""
+    trainer.train()
+    acc = heldout_accuracy(trainer.model, tok, problems)
+    tokens = args.steps * args.prompts * args.samples * (prompt_len + _completion_length(timer.logs))
+    curve = Curve(method, step_seconds=sum(timer.seconds) / max(len(timer.seconds), 1))
+    curve.points = [
+        {"step": 0, "flops": 0.0, "seconds": 0.0, "accuracy": args.start_accuracy},
+        {"step": args.steps, "flops": flops_per_token * tokens, "seconds": sum(timer.seconds), "accuracy": acc},
+    ]
+    return curve
+
+
 def trl_grpo(args, start: Path, problems, n_student: int, prompt_len: float, workdir: Path) -> Curve:
     from transformers import AutoModelForCausalLM
     from trl import GRPOConfig, GRPOTrainer
@@ -241,7 +297,6 @@ def trl_grpo(args, start: Path, problems, n_student: int, prompt_len: float, wor
         texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
         return rl.rewards(texts, answer, "math")
 
-    tok = modeling.load_tokenizer(str(start))
     cfg = GRPOConfig(
         **_common_trl_args(args, workdir / "trl-grpo", args.rl_lr, args.prompts * args.samples),
         num_generations=args.samples,
@@ -252,25 +307,17 @@ def trl_grpo(args, start: Path, problems, n_student: int, prompt_len: float, wor
         top_k=0,
         top_p=1.0,
     )
-    timer = _StepTimes()
-    model = AutoModelForCausalLM.from_pretrained(str(start), dtype=torch.float32)
+    tok, timer = modeling.load_tokenizer(str(start)), _StepTimes()
     trainer = GRPOTrainer(
-        model=model,
+        model=AutoModelForCausalLM.from_pretrained(str(start), dtype=torch.float32),
         reward_funcs=reward,
         args=cfg,
         train_dataset=trl_dataset(args),
         processing_class=tok,
         callbacks=[timer.callback],
     )
-    trainer.train()
-    acc = heldout_accuracy(trainer.model, tok, problems)
-    tokens = args.steps * args.prompts * args.samples * (prompt_len + _completion_length(timer.logs))
+    curve = trl_curve("trl-grpo", trainer, tok, timer, args, problems, prompt_len, 8.0 * n_student)
     rewards = [log["reward"] for log in timer.logs if "reward" in log][-10:]
-    curve = Curve("trl-grpo", step_seconds=sum(timer.seconds) / max(len(timer.seconds), 1))
-    curve.points = [
-        {"step": 0, "flops": 0.0, "seconds": 0.0, "accuracy": args.start_accuracy},
-        {"step": args.steps, "flops": 8.0 * n_student * tokens, "seconds": sum(timer.seconds), "accuracy": acc},
-    ]
     if rewards:
         curve.note = f"last 10 steps: reward {sum(rewards) / len(rewards):.3f}"
     return curve
@@ -282,14 +329,13 @@ def trl_distill(args, start: Path, teacher: Path, problems, n_student: int, n_te
 
     from opd_runtime import modeling
 
-    tok = modeling.load_tokenizer(str(start))
     cfg = DistillationConfig(
         **_common_trl_args(args, workdir / "trl-distill", args.trl_distill_lr, args.prompts * args.samples),
         beta=1.0,
         top_k=0,
         top_p=1.0,
     )
-    timer = _StepTimes()
+    tok, timer = modeling.load_tokenizer(str(start)), _StepTimes()
     trainer = DistillationTrainer(
         model=AutoModelForCausalLM.from_pretrained(str(start), dtype=torch.float32),
         teacher_model=AutoModelForCausalLM.from_pretrained(str(teacher), dtype=torch.float32),
@@ -298,20 +344,7 @@ def trl_distill(args, start: Path, teacher: Path, problems, n_student: int, n_te
         processing_class=tok,
         callbacks=[timer.callback],
     )
-    trainer.train()
-    acc = heldout_accuracy(trainer.model, tok, problems)
-    tokens = args.steps * args.prompts * args.samples * (prompt_len + _completion_length(timer.logs))
-    curve = Curve("trl-distill", step_seconds=sum(timer.seconds) / max(len(timer.seconds), 1))
-    curve.points = [
-        {"step": 0, "flops": 0.0, "seconds": 0.0, "accuracy": args.start_accuracy},
-        {
-            "step": args.steps,
-            "flops": (8.0 * n_student + 2.0 * n_teacher) * tokens,
-            "seconds": sum(timer.seconds),
-            "accuracy": acc,
-        },
-    ]
-    return curve
+    return trl_curve("trl-distill", trainer, tok, timer, args, problems, prompt_len, 8.0 * n_student + 2.0 * n_teacher)
 
 
 def compute_ratio(opd: Curve, rl_curve: Curve) -> dict:
@@ -330,22 +363,27 @@ def compute_ratio(opd: Curve, rl_curve: Curve) -> dict:
     return out | {"opd_flops": c_opd["flops"], "opd_step": c_opd["step"], "ratio": ratio, "text": f"{ratio:.1f}x"}
 
 
-def print_tables(curves: list[Curve], ratio: dict | None) -> None:
-    print("\n| method | step | GFLOP | wall s | held-out greedy accuracy |")
-    print("|---|---|---|---|---|")
+def tables(curves: list[Curve], ratio: dict | None, start_label: str) -> str:
+    """The bench's Markdown tables: accuracy vs compute at each evaluated step, then per method its step
+    time and gain, then the compute ratio; the first line says where every method started."""
+    out = [f"Start (every method): {start_label}", "", "| method | step | GFLOP | wall s | held-out greedy accuracy |"]
+    out.append("|---|---|---|---|---|")
     for c in curves:
         for p in c.points:
-            print(f"| {c.method} | {p['step']} | {p['flops'] / 1e9:.1f} | {p['seconds']:.0f} | {p['accuracy']:.1%} |")
-    print("\n| method | s / step | accuracy gain (start -> end) | notes |")
-    print("|---|---|---|---|")
+            out.append(
+                f"| {c.method} | {p['step']} | {p['flops'] / 1e9:.1f} | {p['seconds']:.0f} | {p['accuracy']:.1%} |"
+            )
+    out += ["", "| method | s / step | accuracy gain (start -> end) | notes |", "|---|---|---|---|"]
     for c in curves:
         a0, a1 = c.points[0]["accuracy"], c.points[-1]["accuracy"]
-        print(f"| {c.method} | {c.step_seconds:.2f} | {a0:.1%} -> {a1:.1%} ({a1 - a0:+.1%}) | {c.note} |")
+        out.append(f"| {c.method} | {c.step_seconds:.2f} | {a0:.1%} -> {a1:.1%} ({a1 - a0:+.1%}) | {c.note} |")
     if ratio is not None:
-        print(
-            f"\nRL's best: {ratio['rl_best_accuracy']:.1%} at step {ratio['rl_step']} "
-            f"({ratio['rl_flops'] / 1e9:.1f} GFLOP); compute RL needed / compute OPD needed for it: {ratio['text']}"
-        )
+        out += [
+            "",
+            f"RL's best: {ratio['rl_best_accuracy']:.1%} at step {ratio['rl_step']} "
+            f"({ratio['rl_flops'] / 1e9:.1f} GFLOP); compute RL needed / compute OPD needed for it: {ratio['text']}",
+        ]
+    return "\n".join(out) + "\n"
 
 
 def plot(curves: list[Curve], path: Path) -> None:
@@ -366,13 +404,64 @@ def plot(curves: list[Curve], path: Path) -> None:
     plt.close(fig)
 
 
-def main() -> None:
+DEMO = Path(__file__).resolve().parents[1] / "examples" / "tiny-math.yaml"
+# the measured bench, and --quick: a smoke test of every part in a few minutes (numbers meaningless)
+FULL: dict[str, Any] = dict(
+    steps=60, prompts=32, samples=4, eval_every=20, heldout=200, sft_steps=None, out=Path("runs/opd-vs-rl")
+)
+QUICK: dict[str, Any] = dict(
+    steps=4, prompts=4, samples=2, eval_every=2, heldout=20, sft_steps=20, out=Path("runs/opd-vs-rl-quick")
+)
+
+
+def sft_only_run(demo: dict, sft_steps: int | None) -> dict:
+    """The demo's run file with only its sft stage enabled (``sft_steps``: fewer steps, for --quick)."""
+    doc = json.loads(json.dumps(demo))
+    doc["metadata"]["name"] = "opd-vs-rl-start"
+    doc["spec"]["distill"]["enabled"] = False
+    doc["spec"]["eval"]["enabled"] = False
+    if sft_steps is not None:
+        doc["spec"]["sft"]["steps"] = sft_steps
+    return doc
+
+
+def sft_start(args) -> tuple[Path, str]:
+    """The start checkpoint and how it was made: ``--start``, else the demo's SFT stage run by ``opd run``
+    (the plan's own ``opd sft`` command) in OUT/sft-start, reused when it has finished there before."""
+    if args.start is not None:
+        return args.start.resolve(), f"--start {args.start}"
+    from opd_runtime.runner import opd_program
+
+    workdir = args.out / "sft-start"
+    doc = sft_only_run(yaml.safe_load(DEMO.read_text()), args.sft_steps)
+    run_file = args.out / "sft-start.yaml"
+    run_file.write_text(yaml.safe_dump(doc, sort_keys=False))
+    cmd = [opd_program(), "run", str(run_file), "--workdir", str(workdir), "--resume", "--no-progress"]
+    print("start:", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+    final = workdir / "checkpoints" / "sft" / "final"
+    label = (
+        f"the demo's SFT checkpoint {final} (`opd run` of examples/tiny-math.yaml's sft stage: "
+        f"{doc['spec']['sft']['steps']} steps from student-init on {doc['spec']['sft']['dataset']['maxSamples']:,} "
+        "teacher traces)"
+    )
+    return final.resolve(), label
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=60, help="optimizer steps per method")
-    ap.add_argument("--prompts", type=int, default=32, help="prompts per step")
-    ap.add_argument("--samples", type=int, default=4, help="completions per prompt (RL's group size)")
-    ap.add_argument("--eval-every", type=int, default=20, help="steps between held-out evaluations (our runs)")
-    ap.add_argument("--heldout", type=int, default=200, help="held-out tinymath test problems")
+    ap.add_argument("--quick", action="store_true", help="smoke-test sizes (below); explicit flags still win")
+    for key, text in (
+        ("steps", "optimizer steps per method"),
+        ("prompts", "prompts per step"),
+        ("samples", "completions per prompt (RL's group size)"),
+        ("eval_every", "steps between held-out evaluations of our runs"),
+        ("heldout", "held-out tinymath test problems"),
+    ):
+        ap.add_argument(
+            f"--{key.replace('_', '-')}", type=int, help=f"{text} (default {FULL[key]}; --quick {QUICK[key]})"
+        )
+    ap.add_argument("--sft-steps", type=int, help="steps of the SFT start (default: the demo's; --quick 20)")
     ap.add_argument("--opd-loss", default="importance_sampling", help="loss of the OPD run")
     ap.add_argument("--opd-lr", type=float, default=1e-4, help="learning rate of the OPD run")
     ap.add_argument("--rl-loss", default="importance_sampling", help="loss of the RL run (importance_sampling|ppo)")
@@ -383,16 +472,25 @@ def main() -> None:
         "--opd-set", action="append", default=[], metavar="KEY=VALUE", help="extra spec.distill field of the OPD run"
     )
     ap.add_argument("--max-grad-norm", type=float, default=None, help="gradient clipping for all (default: none)")
-    ap.add_argument("--start", type=Path, help="start model (default: the tiny world's SFT `student`)")
+    ap.add_argument(
+        "--start", type=Path, help="start model (default: the demo's SFT checkpoint, made in OUT/sft-start)"
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: tiny models gain nothing from more)")
     ap.add_argument("--no-trl", action="store_true", help="skip the TRL rows")
-    ap.add_argument("--out", type=Path, default=Path("runs/opd-vs-rl"))
-    args = ap.parse_args()
+    ap.add_argument("--out", type=Path, help="output folder (default runs/opd-vs-rl; --quick runs/opd-vs-rl-quick)")
+    args = ap.parse_args(argv)
+    for key, value in (QUICK if args.quick else FULL).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     if args.steps % args.eval_every:
-        raise SystemExit("--steps must be a multiple of --eval-every")
+        ap.error(f"--steps ({args.steps}) must be a multiple of --eval-every ({args.eval_every})")
     args.trl_distill_lr = args.trl_distill_lr or args.opd_lr
+    return args
 
+
+def main() -> None:
+    args = parse_args()
     from opd_runtime import modeling, tinymath
     from opd_runtime.tiny_models import WorldConfig, build_cached, default_cache_dir
     from opd_runtime.training.batches import prompt_ids
@@ -402,17 +500,19 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     world = args.out / "models"
     build_cached(world, WorldConfig(), default_cache_dir(), log=print)
-    start, teacher = (args.start or world / "student").resolve(), (world / "teacher").resolve()
+    start, start_how = sft_start(args)
+    teacher = (world / "teacher").resolve()
     problems = tinymath.generate(args.heldout, split="test", seed=0, difficulty=2)
     n_student, n_teacher = parameters(start), parameters(teacher)
     args.start_accuracy = accuracy_of(start, problems)
+    args.start_label = (
+        f"{start_how}, held-out greedy {args.start_accuracy:.1%} of {args.heldout}; {args.steps} steps x "
+        f"{args.prompts} prompts x {args.samples} samples each"
+    )
     tok = modeling.load_tokenizer(str(start))
     train = tinymath.generate(500, split="train", seed=0, difficulty=2)
     prompt_len = sum(len(prompt_ids(tok, tinymath.chat_messages(p.problem))) for p in train) / len(train)
-    print(
-        f"start {start} ({n_student:,} parameters, held-out {args.start_accuracy:.1%}); teacher {n_teacher:,} "
-        f"parameters; {args.steps} steps x {args.prompts} prompts x {args.samples} samples each"
-    )
+    print(f"start: {args.start_label}; student {n_student:,} parameters, teacher {n_teacher:,}", flush=True)
 
     curves = []
     for objective in ("distill", "rl"):
@@ -432,7 +532,7 @@ def main() -> None:
             trl_error = f"TRL rows skipped: {err} (pip install 'opd[bench]')"
             print(trl_error)
     ratio = compute_ratio(curves[0], curves[1])
-    print_tables(curves, ratio)
+    print("\n" + tables(curves, ratio, args.start_label))
     plot(curves, args.out / "accuracy_vs_flops.png")
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "out"}
     (args.out / "results.json").write_text(
@@ -441,7 +541,7 @@ def main() -> None:
             indent=2,
         )
     )
-    print(f"\n{args.out}/accuracy_vs_flops.png, {args.out}/results.json; {time.perf_counter() - t_all:.0f} s in all")
+    print(f"{args.out}/accuracy_vs_flops.png, {args.out}/results.json; {time.perf_counter() - t_all:.0f} s in all")
 
 
 if __name__ == "__main__":
