@@ -51,7 +51,8 @@ def reconcile_once(api: Api, namespace: str, name: str, now: datetime | None = N
         try:
             apply_action(api, namespace, action)
         except ApiError as err:  # e.g. admission refused a pod spec, or a quota: say so on the run
-            report_refusal(api, obj, old, f"{action.verb} {action.kind} {action.name}: {err}", now)
+            reason = getattr(err, "reason", "ReconcileError")  # ForeignObject: a name taken by another object
+            report_refusal(api, obj, old, f"{action.verb} {action.kind} {action.name}: {err}", now, reason)
             raise
     patch = merge_patch(old, without_none(decision.status))
     if patch:
@@ -66,14 +67,16 @@ def reconcile_once(api: Api, namespace: str, name: str, now: datetime | None = N
     return decision
 
 
-def report_refusal(api: Api, obj: Manifest, old: Manifest, message: str, now: datetime) -> None:
+def report_refusal(
+    api: Api, obj: Manifest, old: Manifest, message: str, now: datetime, reason: str = "ReconcileError"
+) -> None:
     """The API refused an action: keep the status as it was (the next round retries the same step) but
-    for Ready=False/ReconcileError with the API's message, and one Warning event per new message."""
+    for Ready=False/``reason`` with the API's message, and one Warning event per new message."""
     conds = set_condition(
         old.get("conditions") or [],
         READY,
         False,
-        "ReconcileError",
+        reason,
         message[:1000],
         now=rfc3339(now),
         generation=obj["metadata"].get("generation"),
@@ -87,7 +90,7 @@ def report_refusal(api: Api, obj: Manifest, old: Manifest, message: str, now: da
         subresource="status",
     )
     if old.get("message") != message[:1000]:
-        post_event(api, obj, Event("Warning", "ReconcileError", message), rfc3339(now))
+        post_event(api, obj, Event("Warning", reason, message), rfc3339(now))
 
 
 def reconcile_safely(api: Api, namespace: str, name: str) -> float | None:

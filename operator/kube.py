@@ -44,6 +44,22 @@ class ApiError(RuntimeError):
         self.status = status
 
 
+class ForeignObject(ApiError):
+    """A child's name is taken by an object the operator did not make for this run: it is never adopted
+    (its content, e.g. a ConfigMap's run file or a ServiceAccount's bindings, could be anyone's)."""
+
+    reason = "ForeignObject"
+
+    def __init__(self, kind: str, name: str, run: str):
+        super().__init__(
+            409,
+            f"{kind} {name} already exists without the label {names.RUN_LABEL}={run} of this run, so the "
+            f"operator does not use it. Delete or rename that {kind} (or give the run another name); the "
+            f"run continues once the name is free.",
+        )
+        self.kind, self.name = kind, name
+
+
 class Api(Protocol):
     def get(self, kind: str, namespace: str, name: str) -> Manifest | None: ...
     def list(self, kind: str, namespace: str, selector: str) -> list[Manifest]: ...
@@ -65,15 +81,20 @@ def path(kind: str, namespace: str, name: str = "", subresource: str = "") -> st
 class RestApi:
     """``Api`` against a real API server (kubeconfig or in-cluster credentials)."""
 
-    def __init__(self, timeout: float = 30.0):
+    def __init__(self, timeout: float = 30.0, kubeconfig: str | None = None):
+        """In-cluster credentials, else $KUBECONFIG; ``kubeconfig`` names a file instead (tests)."""
         import urllib3
         from kubernetes import client, config
 
-        try:
-            config.load_incluster_config()  # type: ignore[no-untyped-call]
-        except config.ConfigException:
-            config.load_kube_config()  # type: ignore[no-untyped-call]
-        self.cfg = client.Configuration.get_default_copy()
+        if kubeconfig:
+            self.cfg = client.Configuration()
+            config.load_kube_config(config_file=kubeconfig, client_configuration=self.cfg)  # type: ignore[no-untyped-call]
+        else:
+            try:
+                config.load_incluster_config()  # type: ignore[no-untyped-call]
+            except config.ConfigException:
+                config.load_kube_config()  # type: ignore[no-untyped-call]
+            self.cfg = client.Configuration.get_default_copy()
         self.timeout = timeout
         self.http = urllib3.PoolManager(
             cert_reqs="CERT_REQUIRED" if self.cfg.verify_ssl else "CERT_NONE",
@@ -159,10 +180,24 @@ def list_children(api: Api, namespace: str, run: str) -> dict[str, list[Manifest
     return {kind: api.list(kind, namespace, selector) for kind in KINDS}
 
 
+def is_ours(existing: Manifest, wanted: Manifest) -> bool:
+    """Whether an existing object is the one the operator made for this run: it carries the run's label
+    (an object in the run's label selector) and the operator's managed-by label."""
+    have = existing["metadata"].get("labels") or {}
+    want = wanted["metadata"].get("labels") or {}
+    return all(have.get(key) == want.get(key) for key in (names.RUN_LABEL, "app.kubernetes.io/managed-by"))
+
+
 def apply_action(api: Api, namespace: str, action: Action) -> None:
+    """Apply one action. A create answered 409 reads the object that holds the name: the run's own (a
+    list that lagged) is fine; anything else raises ``ForeignObject`` instead of being adopted."""
     if action.verb == "create":
         assert action.body is not None
         if not api.create(namespace, action.body):
+            existing = api.get(action.kind, namespace, action.name)
+            if existing is not None and not is_ours(existing, action.body):
+                run = (action.body["metadata"].get("labels") or {}).get(names.RUN_LABEL, "")
+                raise ForeignObject(action.kind, action.name, run)
             log.debug("%s %s already exists", action.kind, action.name)
     elif action.verb == "delete":
         api.delete(action.kind, namespace, action.name)

@@ -1,12 +1,23 @@
-"""Every permission the operator and the stage pods need, written once as data.
+"""Every permission the operator and the stage pods need, written once as data, each with its reason.
 
-``OPERATOR_RULES`` is the operator's ClusterRole (the Helm chart copies it; a test proves by
-impersonation that the operator runs with exactly these rules). ``stage_rules(run)`` is the Role the
-operator creates per run for the ServiceAccount ``<run>-stage`` of its stage pods: they may only read and
-merge-patch their own run's status (``status.progress``).
+``USES`` maps each (API group, resource) the operator touches to its verbs, and each verb to the code
+path that needs it. ``OPERATOR_RULES`` — the operator's ClusterRole, which the Helm chart copies — is
+derived from it, so a verb cannot be granted without a reason. Two tests hold it to the code:
+``tests/test_rbac.py`` reads the operator's source (every API call, kopf watch and created kind maps to a
+granted verb, and every granted verb to a call), and ``tests/test_rbac_k8s.py`` runs a run end to end
+under the chart's RBAC on a real API server, compares the audit log with these rules, and shows that
+removing a rule makes its step fail with 403.
+
+``stage_rules(run)`` is the Role the operator creates per run for the ServiceAccount ``<run>-stage`` of its
+stage pods: get and merge-patch their own run's status (``status.progress``).
 
 Creating that Role needs no ``escalate``/``bind`` verbs: RBAC lets a subject grant permissions it holds,
-and the operator holds get/patch on ``distillationruns/status``.
+which is why the operator holds ``get`` on ``distillationruns/status`` although it never calls it.
+
+Adding a permission (other features): add the verb to ``USES`` with the function that calls it — e.g.
+``("coordination.k8s.io", "leases"): {"get": ..., "create": ..., "update": ...}`` for leader election, or
+``"patch"`` on ``("batch", "jobs")`` for Kueue's ``spec.suspend`` — then ``make chart``;
+``tests/test_rbac.py`` fails until the code really makes that call.
 """
 
 from __future__ import annotations
@@ -16,35 +27,90 @@ from typing import Any
 from opd_runtime.contract import GROUP, PLURAL
 
 Rule = dict[str, Any]
+CORE, BATCH, APPS, RBAC = "", "batch", "apps", "rbac.authorization.k8s.io"
 
-_CRUD = ["create", "get", "list", "watch", "patch", "delete"]
+_CREATE = "kube.apply_action: reconcile creates it (create)"
+_GET_ON_CONFLICT = "kube.apply_action: a create answered 409 reads the existing object to check it is the run's"
+_LIST = "kube.list_children: observe lists each run's children by label"
+_KOPF_WATCH = "handlers.child_changed: kopf lists and watches it to wake the run's reconcile"
 
-OPERATOR_RULES: list[Rule] = [
-    {"apiGroups": [GROUP], "resources": [PLURAL], "verbs": ["get", "list", "watch", "patch", "update"]},
-    {"apiGroups": [GROUP], "resources": [f"{PLURAL}/status"], "verbs": ["get", "patch", "update"]},
-    {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["create", "get", "list", "watch", "delete"]},
-    {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": _CRUD},
-    {
-        "apiGroups": [""],
-        "resources": ["services", "persistentvolumeclaims", "configmaps", "serviceaccounts"],
-        "verbs": _CRUD,
+# (API group, resource) -> verb -> the code path that needs it. Verbs not listed here are not granted.
+USES: dict[tuple[str, str], dict[str, str]] = {
+    (GROUP, PLURAL): {
+        "get": "driver.reconcile_once: reads the run",
+        "list": "handlers.reconcile_run: kopf lists and watches runs (daemons, run_changed)",
+        "watch": "handlers.reconcile_run: kopf lists and watches runs (daemons, run_changed)",
+        "patch": "handlers.configure: kopf patches its finalizer and annotations onto the run",
     },
-    {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch", "delete"]},
-    # kube.post_event creates core/v1 Events (one per occurrence, never patched); kopf's own posting is off
-    {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
-    {
-        "apiGroups": ["rbac.authorization.k8s.io"],
-        "resources": ["roles", "rolebindings"],
-        "verbs": ["create", "get", "list", "watch", "delete"],
+    (GROUP, f"{PLURAL}/status"): {
+        "patch": "driver.reconcile_once: writes the status (driver.report_refusal too)",
+        "get": "rbac.stage_rules: granted onward to the stage Role (RBAC grants only what the granter holds)",
     },
-    # kopf itself: namespaces to serve --all-namespaces / namespace patterns, CRDs to find the resource.
-    {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]},
-    {
-        "apiGroups": ["apiextensions.k8s.io"],
-        "resources": ["customresourcedefinitions"],
-        "verbs": ["get", "list", "watch"],
+    (BATCH, "jobs"): {
+        "create": _CREATE,
+        "get": _GET_ON_CONFLICT,
+        "list": _LIST,
+        "watch": _KOPF_WATCH,
+        "delete": "reconcile._Walk.suspend: deletes the running Jobs",
     },
-]
+    (APPS, "deployments"): {
+        "create": _CREATE,
+        "get": _GET_ON_CONFLICT,
+        "list": _LIST,
+        "watch": _KOPF_WATCH,
+        "delete": "reconcile._Walk.stop_teacher: removes the teacher (also a stale or failed one)",
+    },
+    (CORE, "services"): {
+        "create": _CREATE,
+        "get": _GET_ON_CONFLICT,
+        "list": _LIST,
+        "delete": "reconcile._Walk.stop_teacher: removes the teacher's Service (drop_ranks_service too)",
+    },
+    (CORE, "persistentvolumeclaims"): {
+        "create": _CREATE,
+        "get": "driver.reconcile_once: reads claims the run names but does not label (and on a 409)",
+        "list": _LIST,
+        "patch": "reconcile._Walk.plumbing: sets or clears the workspace's ownerReference (retentionPolicy)",
+    },
+    (CORE, "configmaps"): {
+        "create": _CREATE,
+        "get": _GET_ON_CONFLICT,
+        "list": _LIST,
+        "patch": "reconcile._Walk.spec_freeze: writes an edited spec into <run>-spec",
+    },
+    (CORE, "serviceaccounts"): {"create": _CREATE, "get": _GET_ON_CONFLICT, "list": _LIST},
+    (RBAC, "roles"): {"create": _CREATE, "get": _GET_ON_CONFLICT, "list": _LIST},
+    (RBAC, "rolebindings"): {"create": _CREATE, "get": _GET_ON_CONFLICT, "list": _LIST},
+    (CORE, "pods"): {"list": _LIST},
+    # one core/v1 Event per occurrence, never patched; kopf's own posting is off (handlers.configure)
+    (CORE, "events"): {"create": "kube.post_event: posts the run's Events"},
+    # cluster-scoped, kopf's discovery (the chart's rbac.clusterDiscovery)
+    (CORE, "namespaces"): {
+        "list": "handlers.configure: kopf's namespace observer when serving named namespaces",
+        "watch": "handlers.configure: kopf's namespace observer when serving named namespaces",
+    },
+    ("apiextensions.k8s.io", "customresourcedefinitions"): {
+        "list": "handlers.configure: kopf's resource observer finds the DistillationRun resource",
+        "watch": "handlers.configure: kopf's resource observer follows CRD changes",
+    },
+}
+
+_VERB_ORDER = ["create", "get", "list", "watch", "patch", "update", "delete"]
+
+
+def _rules() -> list[Rule]:
+    """One rule per resource, verbs in a fixed order."""
+    return [
+        {
+            "apiGroups": [group],
+            "resources": [resource],
+            "verbs": sorted(verbs, key=lambda v: _VERB_ORDER.index(v) if v in _VERB_ORDER else len(_VERB_ORDER)),
+        }
+        for (group, resource), verbs in USES.items()
+    ]
+
+
+OPERATOR_RULES: list[Rule] = _rules()
 
 
 def stage_rules(run_name: str) -> list[Rule]:
@@ -67,3 +133,4 @@ def cluster_role(name: str = "opd-operator") -> dict[str, Any]:
         "metadata": {"name": name},
         "rules": OPERATOR_RULES,
     }
+

@@ -51,6 +51,17 @@ HELD_IMAGE = "registry.invalid/opd:kwok-held"
 STORAGE_CLASS = "standard"
 SERVICE_CIDR = "10.0.0.0/24"
 ADMIN_USER = "opd-admin"
+# Requests by ServiceAccounts (the operator's, the stages') are audited at Metadata level into
+# logs/audit.log, so a test can read which (group, resource, verb) an identity really used.
+AUDIT_POLICY = """\
+apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: [RequestReceived]
+rules:
+  - level: Metadata
+    userGroups: ["system:serviceaccounts"]
+  - level: None
+"""
 
 T = TypeVar("T")
 
@@ -519,6 +530,17 @@ class ControlPlane:
             timeout=timeout,
         )
 
+    def audit(self, user: str) -> list[dict]:
+        """The API server's audit events (Metadata level: verb, objectRef, responseStatus) of requests made
+        by ``user`` (a ServiceAccount's username), oldest first."""
+        events = []
+        with open(self.logs / "audit.log") as log:
+            for line in log:
+                event = json.loads(line)
+                if event.get("user", {}).get("username") == user:
+                    events.append(event)
+        return events
+
     def dump(self) -> str:
         """Every component's last log lines (for a failing test's report)."""
         return "\n\n".join(f"== {c.name} ({c.log})\n{c.tail(20)}" for c in self.components.values())
@@ -609,6 +631,9 @@ def _start(cp: ControlPlane, timeout: float) -> None:
 
     cp.wait("etcd to be healthy", etcd_healthy, timeout=timeout, component="etcd")
 
+    audit_policy = cp.dir / "audit-policy.yaml"
+    audit_policy.write_text(AUDIT_POLICY)
+
     cp._spawn(
         "kube-apiserver",
         [
@@ -630,6 +655,10 @@ def _start(cp: ControlPlane, timeout: float) -> None:
             # The `kubernetes` Service cannot point at a loopback address; nothing in the tests dials it.
             "--endpoint-reconciler-type=none",
             "--profiling=false",
+            f"--audit-policy-file={audit_policy}",
+            f"--audit-log-path={cp.logs / 'audit.log'}",
+            "--audit-log-format=json",
+            "--audit-log-mode=blocking",  # written before the response: a test reads it right after
             "--v=1",
         ],
     )

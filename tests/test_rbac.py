@@ -1,0 +1,168 @@
+"""The operator's RBAC rules against its source: every request the code makes is granted, and every granted
+verb is a request the code makes (read with ``ast``, no cluster). tests/test_rbac_k8s.py proves the same
+on a real API server (audit log, and 403 when a rule is removed).
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+from pathlib import Path
+
+from opd_operator import kube, rbac
+from opd_operator.observe import KINDS
+
+OPERATOR = Path(__file__).resolve().parents[1] / "operator"
+Triple = tuple[str, str, str]
+
+# What kopf itself requests, whatever handlers are registered (kopf/_core/reactor/observation.py): the
+# namespace observer lists and watches namespaces when serving named namespaces; the resource observer
+# lists and watches CRDs.
+KOPF_OBSERVERS: set[Triple] = {
+    ("", "namespaces", "list"),
+    ("", "namespaces", "watch"),
+    ("apiextensions.k8s.io", "customresourcedefinitions", "list"),
+    ("apiextensions.k8s.io", "customresourcedefinitions", "watch"),
+}
+
+
+def tree(module: str) -> ast.Module:
+    return ast.parse((OPERATOR / f"{module}.py").read_text())
+
+
+def group_resource(kind: str) -> tuple[str, str]:
+    prefix, plural = kube.RESOURCES[kind]
+    return ("" if prefix == "/api/v1" else prefix.split("/")[2]), plural
+
+
+def literal(node: ast.AST) -> str | None:
+    return node.value if isinstance(node, ast.Constant) and isinstance(node.value, str) else None
+
+
+def calls(module: str, owner: str, method: str) -> list[ast.Call]:
+    """Calls ``<owner>.<method>(...)`` in ``operator/<module>.py``."""
+    return [
+        node
+        for node in ast.walk(tree(module))
+        if isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and node.func.attr == method
+        and isinstance(node.func.value, ast.Name)
+        and node.func.value.id == owner
+    ]
+
+
+def created_kinds() -> set[str]:
+    """Kinds of the whole objects (apiVersion, kind, metadata) that children.py builds and kube.py posts."""
+    out = set()
+    for module in ("children", "kube"):
+        for node in ast.walk(tree(module)):
+            if isinstance(node, ast.Dict):
+                keys = {literal(k) for k in node.keys if k is not None}
+                if {"apiVersion", "kind", "metadata"} <= keys:
+                    kind = literal(node.values[[literal(k) for k in node.keys].index("kind")])
+                    if kind:
+                        out.add(kind)
+    return out
+
+
+def requests_in_code() -> set[Triple]:
+    out: set[Triple] = set()
+
+    def add(kind: str, verb: str, sub: str = "") -> None:
+        group, resource = group_resource(kind)
+        out.add((group, resource + (f"/{sub}" if sub else ""), verb))
+
+    for call in calls("driver", "api", "get"):
+        add(literal(call.args[0]) or "?", "get")
+    for call in calls("driver", "api", "patch"):
+        sub = next((literal(k.value) for k in call.keywords if k.arg == "subresource"), "") or ""
+        add(literal(call.args[0]) or "?", "patch", sub)
+    for kind in KINDS:  # kube.list_children
+        add(kind, "list")
+    for call in calls("reconcile", "self", "delete"):
+        add(literal(call.args[0]) or "?", "delete")
+    for node in ast.walk(tree("reconcile")):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "Action" and len(node.args) >= 2:
+            verb, kind = literal(node.args[0]), literal(node.args[1])
+            if verb and kind:  # Action("patch", "ConfigMap", ...); self.create/self.delete wrap the others
+                add(kind, verb)
+    for kind in created_kinds():
+        add(kind, "create")
+        if kind != "Event":  # kube.apply_action reads an object that answered a create with 409
+            add(kind, "get")
+    # kopf: every resource a handler is registered for is listed and watched; a daemon's resource gets
+    # kopf's finalizer and progress annotations (patch)
+    for node in ast.walk(tree("handlers")):
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr in ("event", "daemon")
+        ):
+            group, _version, plural = (a for a in node.args[:3])
+            name = (literal(group) if isinstance(group, ast.Constant) else {"GROUP": "opd.dev"}[group.id]) or ""
+            res = literal(plural) if isinstance(plural, ast.Constant) else {"PLURAL": "distillationruns"}[plural.id]
+            out |= {(name, res or "?", "list"), (name, res or "?", "watch")}
+            if node.func.attr == "daemon":
+                out.add((name, res or "?", "patch"))
+    return out | KOPF_OBSERVERS
+
+
+def delegated() -> set[Triple]:
+    """What the operator grants onward in the stage Role: RBAC lets it grant only what it holds."""
+    return {
+        (g, r, v)
+        for rule in rbac.stage_rules("x")
+        for g in rule["apiGroups"]
+        for r in rule["resources"]
+        for v in rule["verbs"]
+    }
+
+
+def granted() -> set[Triple]:
+    return {
+        (g, r, v)
+        for rule in rbac.OPERATOR_RULES
+        for g in rule["apiGroups"]
+        for r in rule["resources"]
+        for v in rule["verbs"]
+    }
+
+
+def test_every_request_the_code_makes_is_granted():
+    missing = requests_in_code() | delegated()
+    assert not (missing - granted()), f"the code makes requests the ClusterRole lacks: {sorted(missing - granted())}"
+
+
+def test_every_granted_verb_is_a_request_the_code_makes():
+    unused = granted() - requests_in_code() - delegated()
+    assert not unused, f"granted but no code path needs it: {sorted(unused)} (remove them from rbac.USES)"
+
+
+def test_every_rule_names_the_function_that_needs_it():
+    assert granted() == {(g, r, v) for (g, r), verbs in rbac.USES.items() for v in verbs}
+    for (group, resource), verbs in rbac.USES.items():
+        for verb, why in verbs.items():
+            where, _, what = why.partition(": ")
+            module, *attrs = where.split(".")
+            obj = importlib.import_module(f"opd_operator.{module}")
+            for attr in attrs:
+                obj = getattr(obj, attr)  # AttributeError names a stale reference
+            assert callable(obj) and what, (group, resource, verb, why)
+
+
+def test_the_scan_sees_each_kind_of_call():
+    """The reader above finds something of each sort it looks for, so an empty scan cannot pass."""
+    found = requests_in_code()
+    for triple in [
+        ("opd.dev", "distillationruns", "get"),  # driver: api.get
+        ("opd.dev", "distillationruns/status", "patch"),  # driver: api.patch(subresource="status")
+        ("batch", "jobs", "delete"),  # reconcile: self.delete
+        ("", "configmaps", "patch"),  # reconcile: Action("patch", ...)
+        ("rbac.authorization.k8s.io", "rolebindings", "create"),  # children: a RoleBinding
+        ("", "events", "create"),  # kube.post_event
+        ("apps", "deployments", "watch"),  # handlers: kopf.on.event
+        ("opd.dev", "distillationruns", "patch"),  # handlers: kopf.daemon
+    ]:
+        assert triple in found, triple
+    assert ("", "secrets", "get") not in found
