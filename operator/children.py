@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from opd_runtime.contract import TRAINING_STAGES
+from opd_runtime.contract import EXIT_BAD_CONFIG, TRAINING_STAGES
 from opd_runtime.plan import (
     RENDEZVOUS_PORT,
     launcher_argv,
@@ -32,7 +32,7 @@ from .rbac import stage_rules
 Manifest = dict[str, Any]
 # Fields that change how the operator drives the run, not what a stage computes: editing them never
 # conflicts with a running stage.
-OPERATIONAL_FIELDS = ("suspend", "retries", "backoffSeconds")
+OPERATIONAL_FIELDS = ("suspend", "retries", "backoffSeconds", "queueName")
 
 
 def _meta(
@@ -56,6 +56,7 @@ def stage_spec(run: DistillationRun) -> dict[str, Any]:
     for key in OPERATIONAL_FIELDS:
         spec.pop(key, None)
     spec["workspace"].pop("retentionPolicy", None)
+    spec["teacher"]["serving"].pop("queueName", None)  # which Kueue queue admits it: not what it serves
     return spec
 
 
@@ -308,6 +309,22 @@ def stage_argv(obj: Manifest, run: DistillationRun, stage: str, attempt: int) ->
     return prefix + cmd.argv
 
 
+def pod_failure_policy(stage: str) -> Manifest:
+    """How the Job controller judges a failed pod before backoffLimit 0 applies: a pod disrupted by the
+    cluster (preemption, a node drain or an eviction: condition DisruptionTarget) is replaced within the same
+    attempt and counts against nothing, neither the Job's backoffLimit nor the run's ``spec.retries``; exit
+    code 2 (bad configuration) fails the Job at once. restartPolicy Never, which this needs, is set."""
+    return {
+        "rules": [
+            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+            {
+                "action": "FailJob",
+                "onExitCodes": {"containerName": stage, "operator": "In", "values": [EXIT_BAD_CONFIG]},
+            },
+        ]
+    }
+
+
 def stage_job(obj: Manifest, run: DistillationRun, stage: str, attempt: int) -> Manifest:
     """The Job of one attempt of a batch stage (``sft``, ``distill``, ``eval``); Kubernetes never retries
     it (backoffLimit 0): the operator decides about retries.
@@ -332,7 +349,17 @@ def stage_job(obj: Manifest, run: DistillationRun, stage: str, attempt: int) -> 
     )
     meta["labels"][names.ATTEMPT_LABEL] = str(attempt)
     pods = nodes(run, stage)
-    spec: Manifest = {"backoffLimit": 0, "completions": pods, "parallelism": pods}
+    spec: Manifest = {
+        "backoffLimit": 0,
+        "completions": pods,
+        "parallelism": pods,
+        "podFailurePolicy": pod_failure_policy(stage),
+    }
+    if run.spec.queue_name:
+        meta["labels"][names.KUEUE_QUEUE_LABEL] = run.spec.queue_name
+        # Kueue's webhook would suspend it anyway; created suspended, it never starts a pod before admission
+        # even where the webhook is down. The operator never writes spec.suspend afterwards (Kueue owns it).
+        spec["suspend"] = True
     timeout = getattr(run.spec, stage).timeout_seconds
     if timeout:
         spec["activeDeadlineSeconds"] = timeout  # the Job controller fails the attempt (DeadlineExceeded)
@@ -410,6 +437,11 @@ def cluster_problems(run: DistillationRun) -> list[str]:
     return []
 
 
+def teacher_queue(run: DistillationRun) -> str | None:
+    """The Kueue LocalQueue of the teacher: its own ``queueName``, else the run's."""
+    return run.spec.teacher.serving.queue_name or run.spec.queue_name
+
+
 def teacher_deployment(obj: Manifest, run: DistillationRun) -> Manifest:
     run_name = obj["metadata"]["name"]
     serving = run.spec.teacher.serving
@@ -431,10 +463,17 @@ def teacher_deployment(obj: Manifest, run: DistillationRun) -> Manifest:
     container["readinessProbe"] = {**probe, "failureThreshold": 3}
     pod_labels = names.labels(run_name, "teacher")
     digest = spec_hash(run)
+    meta = _meta(obj, names.teacher(run_name), "teacher", annotations={names.SPEC_HASH_ANNOTATION: digest})
+    queue = teacher_queue(run)
+    if queue:
+        # Kueue's Deployment integration reads the Deployment's label and copies it to the pod template; the
+        # template carries it too, so Kueue's pod integration alone gates the pods as well.
+        meta["labels"][names.KUEUE_QUEUE_LABEL] = queue
+        pod_labels[names.KUEUE_QUEUE_LABEL] = queue
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": _meta(obj, names.teacher(run_name), "teacher", annotations={names.SPEC_HASH_ANNOTATION: digest}),
+        "metadata": meta,
         "spec": {
             "replicas": serving.replicas,
             # the Deployment controller marks a rollout that is not Available by then ProgressDeadlineExceeded;

@@ -14,6 +14,9 @@ TEACHER_READY = "TeacherReady"
 # True while the current stage's pods cannot start (unschedulable, image pull, unbound claim, config error);
 # present once it has been True.
 STALLED = "Stalled"
+# With a Kueue queue (spec.queueName): True once Kueue admitted the current stage's workload, False while it
+# waits in the queue (reason Queued) or after Kueue evicted it (reason Evicted); absent without a queue.
+ADMITTED = "Admitted"
 # Per-stage condition types, e.g. SftSucceeded.
 STAGE_CONDITIONS = {
     "sft": "SftSucceeded",
@@ -46,5 +49,5 @@ def set_condition(
         new["observedGeneration"] = generation
     out = [c for c in conditions if c.get("type") != type_]
     out.append(new)
-    order = [READY, FAILED, STALLED, SUSPENDED, SPEC_ACCEPTED, *STAGE_CONDITIONS.values()]
+    order = [READY, FAILED, STALLED, ADMITTED, SUSPENDED, SPEC_ACCEPTED, *STAGE_CONDITIONS.values()]
     return sorted(out, key=lambda c: order.index(c["type"]) if c["type"] in order else len(order))

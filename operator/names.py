@@ -12,6 +12,9 @@ RUN_LABEL = "opd.dev/run"
 STAGE_LABEL = "opd.dev/stage"
 ATTEMPT_LABEL = "opd.dev/attempt"
 SPEC_HASH_ANNOTATION = "opd.dev/spec-hash"
+# Kueue: the LocalQueue that admits a Job or a Deployment's pods; the scheduling gate it holds pods with.
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+KUEUE_ADMISSION_GATE = "kueue.x-k8s.io/admission"
 
 WORKSPACE_MOUNT = "/workspace"
 CONFIG_DIR = "/etc/opd"

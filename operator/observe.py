@@ -58,6 +58,11 @@ class JobView:
     running: int = 0  # status.active: pods not yet finished
     ready: int = 0  # status.ready: pods running and Ready
     failure_reason: str | None = None  # the Failed condition's reason, e.g. DeadlineExceeded
+    queue: str | None = None  # its Kueue LocalQueue (label kueue.x-k8s.io/queue-name), None outside Kueue
+    suspended: bool = False  # spec.suspend: Kueue has not admitted it (yet, or again after an eviction)
+    # pods the cluster disrupted (condition DisruptionTarget: preemption, drain, eviction), as "pod (reason)":
+    # the Job's podFailurePolicy replaces them within the attempt; their exits say nothing about the stage
+    disrupted: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -194,11 +199,17 @@ def pod_waiting(pod: Manifest, claims: dict[str, Manifest]) -> Waiting | None:
     the scheduler's verdict (Unschedulable, with its message: which resources or labels no node offers).
     A claim that is merely being provisioned, or waits for its first consumer, is not reported: the
     scheduler has not refused anything then. Then the kubelet's container waiting reasons (ImagePullError,
-    ContainerConfigError, e.g. a missing Secret, CrashLoopBackOff)."""
+    ContainerConfigError, e.g. a missing Secret, CrashLoopBackOff). A pod Kueue has not admitted yet (its
+    scheduling gate) is Queued: it waits its turn, nothing is wrong."""
     name = pod["metadata"]["name"]
     status = pod.get("status") or {}
     if status.get("phase") in ("Succeeded", "Failed") or pod["metadata"].get("deletionTimestamp"):
         return None
+    # Kueue's pod integration holds a pod it has not admitted with a scheduling gate: queued, not stuck
+    gates = {g.get("name") for g in (pod.get("spec") or {}).get("schedulingGates") or []}
+    if names.KUEUE_ADMISSION_GATE in gates:
+        queue = (pod["metadata"].get("labels") or {}).get(names.KUEUE_QUEUE_LABEL, "?")
+        return Waiting("Queued", f"pod {name} waits for admission by Kueue (LocalQueue {queue})", name)
     scheduled = _find(pod, "PodScheduled")
     refused = scheduled.get("status") == "False"
     for claim in _claims(pod) if refused else []:
@@ -288,7 +299,9 @@ def job_view(job: Manifest, pods: list[Manifest]) -> JobView | None:
     except ValueError:
         return None
     mine = sorted(_pods_of(meta["name"], pods), key=_index)
-    term = gang_termination([t for t in map(termination, mine) if t is not None])
+    disrupted = [p for p in mine if _condition(p, "DisruptionTarget")]
+    counted = [p for p in mine if p not in disrupted]
+    term = gang_termination([t for t in map(termination, counted) if t is not None])
     status = job.get("status") or {}
     return JobView(
         name=meta["name"],
@@ -302,6 +315,12 @@ def job_view(job: Manifest, pods: list[Manifest]) -> JobView | None:
         running=int(status.get("active") or 0),
         ready=int(status.get("ready") or 0),
         failure_reason=_failure_reason(job),
+        queue=labels.get(names.KUEUE_QUEUE_LABEL),
+        suspended=bool((job.get("spec") or {}).get("suspend")),
+        disrupted=tuple(
+            f"{p['metadata']['name']} ({_find(p, 'DisruptionTarget').get('reason') or 'DisruptionTarget'})"
+            for p in disrupted
+        ),
     )
 
 

@@ -106,6 +106,7 @@ class _Walk:
         # the stage's pods are gone or going (a deadline stops them): Stalled keeps what it said, so the
         # failure can name what the attempt waited for
         self.keep_stall = False
+        self.admission: tuple[str, str] | None = None  # (Admitted/Queued/Evicted, message) of the current stage
 
     # ---- helpers ---------------------------------------------------------------------------------
     def ts(self) -> str:
@@ -214,6 +215,7 @@ class _Walk:
             if ss and ss.get("phase") in ("Running", "Waiting", "Retrying"):
                 ss["phase"] = "Pending"
                 ss.pop("ranks", None)
+                ss.pop("queue", None)  # its Job (and Kueue's Workload with it) is deleted
         self.status.update(
             phase="Suspended",
             message="Suspended: stage pods deleted, workspace kept; set "
@@ -289,6 +291,8 @@ class _Walk:
                     )
             self.create(children.teacher_deployment(self.obj, self.run))
             ts.update(phase="Waiting", attempts=ts.get("attempts", 0) + 1, job=name)
+            for key in ("queue", "admittedTime"):  # they describe the previous Deployment
+                ts.pop(key, None)
             ts.setdefault("startTime", self.ts())
             self.event("Normal", "TeacherStarting", f"Created Deployment {name}")
             return self.teacher_waiting()
@@ -297,14 +301,23 @@ class _Walk:
                 self.event("Normal", "TeacherReady", f"Teacher server {name} is available")
             ts["phase"] = "Running"
             self.cond(conditions.TEACHER_READY, True, "Available", f"Deployment {name} is available.")
+            self.teacher_admission(ts, queued=False)
             return "ready"
         limit = self.run.spec.teacher.serving.ready_timeout_seconds
-        waited = self.seconds_since(teacher.unavailable_since)
         stuck = self.observed.waiting.get("teacher") or teacher.replica_failure
-        if teacher.deadline_exceeded or waited >= limit:
+        queued = stuck is not None and stuck.reason == "Queued"
+        if self.teacher_admission(ts, queued=queued) in ("Queued", "Evicted"):
+            return self.teacher_waiting(f"teacher: {stuck.message if stuck else 'queued'}")  # no clock runs
+        # The ready clock runs from creation (or the last loss of availability), but not while Kueue held the
+        # pods; with a queue, the Deployment's own ProgressDeadlineExceeded may come from queueing: not used.
+        waited = self.seconds_since(
+            max(t for t in (teacher.unavailable_since, ts.get("admittedTime"), "") if t is not None)
+        )
+        deadline_exceeded = teacher.deadline_exceeded and not children.teacher_queue(self.run)
+        if deadline_exceeded or waited >= limit:
             why = (
                 f"Deployment {name} not Available for {waited:.0f}s (spec.teacher.serving.readyTimeoutSeconds "
-                f"{limit}{'; ProgressDeadlineExceeded' if teacher.deadline_exceeded else ''})"
+                f"{limit}{'; ProgressDeadlineExceeded' if deadline_exceeded else ''})"
                 + (f": {stuck.message}" if stuck else "")
             )
             ts.update(
@@ -322,6 +335,39 @@ class _Walk:
         if stuck is not None:
             self.stalled = ("teacher", stuck)
         return self.teacher_waiting()
+
+    def teacher_admission(self, ts: Manifest, *, queued: bool) -> str | None:
+        """With a Kueue queue for the teacher: Queued while Kueue's scheduling gate holds its pods (Evicted when
+        that follows an admission: Kueue preempted a pod and its replacement waits), Admitted once its pods
+        run ungated (``admittedTime``: the ready clock starts there). None without a queue or pods."""
+        queue = children.teacher_queue(self.run)
+        if not queue:
+            return None
+        before = ts.get("queue")
+        if queued:
+            state = "Evicted" if before in ("Admitted", "Evicted") else "Queued"
+        elif self.observed.live_pods.get("teacher"):
+            state = "Admitted"
+        else:
+            return before  # no pods yet (or gone): nothing new to say
+        ts["queue"] = state
+        name = names.teacher(self.name)
+        if state == "Admitted":
+            msg = f"teacher: Kueue admitted the pods of Deployment {name} (LocalQueue {queue})"
+            if before != "Admitted":
+                ts["admittedTime"] = self.ts()
+                self.event("Normal", "Admitted", msg)
+        elif state == "Queued":
+            msg = f"teacher: the pods of Deployment {name} are queued in Kueue LocalQueue {queue}"
+            if before != "Queued":
+                self.event("Normal", "Queued", msg)
+        else:
+            msg = f"teacher: Kueue evicted a pod of Deployment {name}; its replacement waits in LocalQueue {queue}"
+            if before == "Admitted":
+                ts["evictions"] = ts.get("evictions", 0) + 1
+                self.event("Warning", "Evicted", msg)
+        self.admission = (state, msg)
+        return state
 
     def teacher_waiting(self, message: str | None = None) -> Literal["waiting"]:
         self.stage("teacher")["phase"] = "Waiting"
@@ -413,6 +459,65 @@ class _Walk:
             f"{f' with exit code {code}' if code is not None else ''}: {error or 'no message'}"[:1000],
         )
 
+    # ---- Kueue and disruptions ---------------------------------------------------------------------
+    def job_admission(self, stage: str, ss: Manifest, job: JobView) -> str:
+        """Kueue's verdict on the stage's Job (``spec.queueName``): Admitted (unsuspended), Queued (suspended,
+        never admitted) or Evicted (suspended again after the operator saw it admitted: preempted, or its
+        quota reclaimed). The operator never writes ``spec.suspend`` of such a Job; Kueue owns it. The Job
+        controller clears a suspended Job's startTime, so only ``stages.<stage>.queue`` remembers that it ran.
+        An eviction deletes the pods without failing the Job: it is no failure and uses no retry."""
+        before = ss.get("queue")
+        if not job.suspended:
+            state = "Admitted"
+        elif before in ("Admitted", "Evicted"):
+            state = "Evicted"
+        else:
+            state = "Queued"
+        ss["queue"] = state
+        if state == "Admitted":
+            msg = f"{stage}: Kueue admitted Job {job.name} (LocalQueue {job.queue})"
+            if before != "Admitted":
+                self.event("Normal", "Admitted", msg)
+        elif state == "Queued":
+            ss["phase"] = "Waiting"
+            msg = f"{stage}: Job {job.name} is queued in Kueue LocalQueue {job.queue}, waiting for admission"
+            if before != "Queued":
+                self.event("Normal", "Queued", msg)
+        else:
+            ss["phase"] = "Waiting"
+            if before == "Admitted":
+                ss["evictions"] = ss.get("evictions", 0) + 1
+            msg = (
+                f"{stage}: Job {job.name} was evicted by Kueue (preempted, or its quota reclaimed) and waits in "
+                f"LocalQueue {job.queue} to be admitted again; it then resumes from its last checkpoint "
+                f"(eviction {ss.get('evictions', 1)}; not a failure, spec.retries is not used)"
+            )
+            if before == "Admitted":
+                self.event("Warning", "Evicted", msg)
+            self.status["message"] = msg
+        if state == "Queued":
+            self.status["message"] = msg
+        self.admission = (state, msg)
+        return state
+
+    def record_disruptions(self, stage: str, ss: Manifest, job: JobView) -> None:
+        """Pods of the attempt that the cluster disrupted (preemption, drain, eviction): the Job's
+        podFailurePolicy replaced them (``children.pod_failure_policy``), so they are no failure; one Warning
+        event each, and ``disruptions`` counts them over all attempts."""
+        seen = set(ss.get("disruptedPods") or [])
+        new = [p for p in job.disrupted if p not in seen]
+        if not new:
+            return
+        ss["disruptedPods"] = sorted(seen | set(new))
+        ss["disruptions"] = ss.get("disruptions", 0) + len(new)
+        for pod in new:
+            self.event(
+                "Warning",
+                "PodDisrupted",
+                f"{stage} attempt {job.attempt} ({job.name}): pod {pod} was disrupted by the cluster; the Job "
+                "replaces it and the stage resumes from its last checkpoint (not a failure, spec.retries is not used)",
+            )
+
     def record_ranks(self, stage: str, ss: Manifest, job: JobView) -> None:
         """A multi-node attempt's pods in the stage status (``ranks``) and the run's message."""
         if job.pods <= 1:
@@ -450,6 +555,10 @@ class _Walk:
         latest = next((j for j in jobs if j.attempt == ss["attempts"]), None)
         if latest is not None and latest.state == "active" and not latest.deleting:
             ss.update(phase="Running", job=latest.name)
+            self.record_disruptions(stage, ss, latest)
+            if latest.queue is not None and self.job_admission(stage, ss, latest) != "Admitted":
+                ss.pop("ranks", None)
+                return "busy"
             self.record_ranks(stage, ss, latest)
             stuck = self.observed.waiting.get(stage)
             if stuck is not None:
@@ -506,6 +615,8 @@ class _Walk:
             self.create(children.ranks_service(self.obj, stage))  # before the pods: their DNS names
         self.create(job)
         ss.update(phase="Running", attempts=attempt, job=job["metadata"]["name"])
+        for key in ("queue", "disruptedPods"):  # they describe the previous attempt's Job
+            ss.pop(key, None)
         ss.setdefault("startTime", self.ts())
         self.status.setdefault("startTime", self.ts())
         self.event("Normal", "StageStarted", f"Started {stage} attempt {attempt}: Job {job['metadata']['name']}")
@@ -530,6 +641,8 @@ class _Walk:
                     ss.get("reason", "Failed"),
                     f"{stage} failed {ss.get('failures', 0)} time(s); last: {ss.get('message') or 'no message'}",
                 )
+            elif phase == "Waiting" and ss.get("queue") in ("Queued", "Evicted"):
+                self.cond(type_, None, ss["queue"], f"Job {ss.get('job')} waits for admission by Kueue.")
             elif phase in ("Running", "Waiting", "Retrying"):
                 self.cond(
                     type_,
@@ -636,6 +749,9 @@ class _Walk:
 
     def finish(self, current: str | None) -> Decision:
         self.stall()  # stalled only while a stage is in progress: suspended or finished runs clear it
+        if self.admission is not None:
+            state, msg = self.admission
+            self.cond(conditions.ADMITTED, state == "Admitted", state, msg[:1000])
         self.stage_conditions()
         self.numbers(current)
         self.status["conditions"] = self.conds

@@ -68,7 +68,7 @@ class FakeApi:
         obj["metadata"].setdefault("uid", f"uid-{next(self._ids)}")
         obj["metadata"]["generation"] = 1
         self.objects[(kind, namespace, name)] = obj
-        if kind == "Job":
+        if kind == "Job" and not obj["spec"].get("suspend"):
             self._pod_for(namespace, obj)
         return True
 
@@ -99,6 +99,18 @@ class FakeApi:
             "spec": copy.deepcopy(job["spec"]["template"]["spec"]),
             "status": {"phase": "Running"},
         }
+
+    def set_suspend(self, name: str, suspend: bool, namespace: str = "ns") -> None:
+        """What Kueue does to a Job it manages: unsuspend it on admission (the Job controller then makes its
+        pod), suspend it again on preemption (the Job controller deletes the pod; the Job does not fail)."""
+        job = self.objects[("Job", namespace, name)]
+        job["spec"]["suspend"] = suspend
+        pods = [k for k, o in self.objects.items() if k[0] == "Pod" and o["metadata"]["labels"].get("job-name") == name]
+        if suspend:
+            for key in pods:
+                del self.objects[key]
+        elif not pods:
+            self._pod_for(namespace, job)
 
     def add_run(self, run: Manifest) -> Manifest:
         self.objects[("DistillationRun", run["metadata"]["namespace"], run["metadata"]["name"])] = copy.deepcopy(run)

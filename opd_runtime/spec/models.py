@@ -7,7 +7,7 @@ from typing import Any, Literal, Self
 from pydantic import Field, model_validator
 
 from .base import SpecModel
-from .pods import MERGE_RULE, PodSpecInputs
+from .pods import MERGE_RULE, QUEUE_NAME, PodSpecInputs
 
 Dtype = Literal["auto", "bfloat16", "float16", "float32"]
 # What the recipe appends to every math problem; a dataset's `instruction` replaces it.
@@ -91,6 +91,14 @@ class TeacherServingSpec(SpecModel):
         "`spec.retries`, and the run fails when they are used up. Kubernetes only.",
     )
     pod: PodSpecInputs | None = Field(None, description="Pod inputs of the teacher pods. " + MERGE_RULE)
+    queue_name: str | None = Field(
+        None,
+        pattern=QUEUE_NAME,
+        max_length=63,
+        description="Kueue LocalQueue of the teacher Deployment, instead of spec.queueName (e.g. a serving "
+        "queue whose ClusterQueue does not preempt). Kueue admits each teacher pod on its own (its pod "
+        "integration gates the pod until then); the run shows the teacher Queued meanwhile.",
+    )
 
     @model_validator(mode="after")
     def _cache_reachable_by_every_replica(self) -> Self:

@@ -15,6 +15,8 @@ from .base import SpecModel
 # Kubernetes' resource.Quantity, as the other size fields of the spec check it.
 SIZE = r"^[0-9]+(\.[0-9]+)?(k|Ki|M|Mi|G|Gi|T|Ti|P|Pi|E|Ei)?$"
 ENV_NAME = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
+# A Kueue LocalQueue name: an object name (DNS-1123 subdomain) that is also a label value (at most 63).
+QUEUE_NAME = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
 # Variables the operator sets in every stage container: a user value would silently replace (or be
 # replaced by) the operator's, and the stage would report to the wrong run or cache in the wrong place.
 RESERVED_ENV_PREFIX = "OPD_"

@@ -11,7 +11,7 @@ from pydantic import ConfigDict, Field, ValidationError, model_validator
 from ..contract import API_VERSION, BATCH_STAGES, KIND, MAX_RUN_NAME_LENGTH, RUN_NAME_PATTERN
 from .base import SpecModel
 from .models import QUANTITY, SINGLE_NODE_ACCESS, AccessMode, ModelSpec, TeacherSpec
-from .pods import PodSpecInputs
+from .pods import QUEUE_NAME, PodSpecInputs
 from .stages import DistillSpec, EvalSpec, SftSpec
 
 
@@ -51,10 +51,26 @@ class DistillationRunSpec(SpecModel):
         "`pod` (spec.<stage>.pod, spec.teacher.serving.pod) is merged on top. Kubernetes only: `opd run` "
         "ignores them.",
     )
+    queue_name: str | None = Field(
+        None,
+        pattern=QUEUE_NAME,
+        max_length=63,
+        description="Kueue LocalQueue (in the run's namespace) that admits this run's workloads: set as the "
+        "label `kueue.x-k8s.io/queue-name` on every stage Job and on the teacher Deployment (Kueue's pod-group "
+        "integration for Deployments; spec.teacher.serving.queueName overrides it there). Stage Jobs are then "
+        "created suspended and Kueue alone changes `Job.spec.suspend`: it unsuspends a Job it admits and "
+        "suspends it again when it preempts it. The run's status shows each stage Queued, Admitted or Evicted "
+        "(the Admitted condition, stages.<stage>.queue); an eviction is not a failure: the stage resumes from "
+        "its last checkpoint once admitted again. Time spent queued counts neither against a stage's "
+        "timeoutSeconds nor the teacher's readyTimeoutSeconds. Unset: no Kueue label, Jobs start at once. "
+        "Kubernetes only.",
+    )
     suspend: bool = Field(
         False,
-        description="Pause the run: running stage pods are deleted, the workspace kept; "
-        "unsetting resumes from the last checkpoint.",
+        description="Pause the run: its stage Jobs and the teacher are deleted (their pods stop; with Kueue "
+        "this also gives their quota back, and the operator never writes a Job's spec.suspend, which Kueue "
+        "owns), the workspace is kept; unsetting it starts each unfinished stage again as a new attempt "
+        "(not counted as a failure) that resumes from its last checkpoint, with the spec as it is then.",
     )
     retries: int = Field(
         2,

@@ -29,7 +29,8 @@ class Condition(StatusModel):
         description="PascalCase condition type, e.g. `Ready`, `Failed`, `SftSucceeded`, "
         "`TeacherReady`, `DistillSucceeded`, `EvalSucceeded`, `Suspended`, `SpecAccepted`, `Stalled` (True while "
         "the current stage's pods cannot start; the reason says why: Unschedulable, ClaimPending, ImagePullError, "
-        "ContainerConfigError, CrashLoopBackOff, FailedCreate)."
+        "ContainerConfigError, CrashLoopBackOff, FailedCreate), `Admitted` (with spec.queueName: True once Kueue "
+        "admitted the current stage's Job or teacher pods, False with reason Queued or Evicted while they wait)."
     )
     status: ConditionStatus = Field(description="`True`, `False` or `Unknown`.")
     reason: str = Field(description="PascalCase, machine-readable reason for the condition's last transition.")
@@ -50,8 +51,8 @@ class RanksStatus(StatusModel):
 class StageStatus(StatusModel):
     phase: StagePhase = Field(
         "Pending",
-        description="`Pending` (not started), `Waiting` (for the teacher or a "
-        "retry back-off), `Running`, `Retrying`, `Succeeded` or `Failed`.",
+        description="`Pending` (not started), `Waiting` (for the teacher, a "
+        "retry back-off or Kueue's admission: see `queue`), `Running`, `Retrying`, `Succeeded` or `Failed`.",
     )
     attempts: int = Field(
         0, description="Pods (Jobs) started for this stage so far, counting ones deleted by a suspend."
@@ -77,6 +78,24 @@ class StageStatus(StatusModel):
     eval_score: float | None = Field(None, description="eval: headline pass@1 (see status.evalScore).")
     ranks: RanksStatus | None = Field(
         None, description="sft, distill on several pods (resources.nodes > 1): the latest attempt's pods."
+    )
+    queue: Literal["Queued", "Admitted", "Evicted"] | None = Field(
+        None,
+        description="With spec.queueName: Kueue's verdict on the latest attempt's Job (or the teacher's pods): "
+        "`Queued` (suspended, waiting for admission), `Admitted` (running), `Evicted` (suspended again after "
+        "it ran: preempted or its quota reclaimed; it resumes from its last checkpoint when admitted again).",
+    )
+    evictions: int = Field(0, description="Times Kueue evicted this stage after admitting it (no failures).")
+    admitted_time: str | None = Field(
+        None, description="teacher with a Kueue queue: when its pods were admitted; its ready clock starts there."
+    )
+    disruptions: int = Field(
+        0,
+        description="Pods the cluster disrupted (preemption, node drain, eviction: condition DisruptionTarget); "
+        "the Job replaced each within its attempt, so they used no retry.",
+    )
+    disrupted_pods: list[str] = Field(
+        default_factory=list, description="The latest attempt's disrupted pods, as `pod (reason)`."
     )
 
 
@@ -124,7 +143,7 @@ class DistillationRunStatus(StatusModel):
     conditions: list[Condition] = Field(
         default_factory=list,
         description="Current state as conditions: `Ready`, `Failed`, `Suspended`, `SpecAccepted`, `Stalled` "
-        "(present once pods could not start) and one per stage.",
+        "(present once pods could not start), `Admitted` (with a Kueue queue) and one per stage.",
     )
     stages: StagesStatus = Field(
         default_factory=lambda: StagesStatus.model_validate({}),
