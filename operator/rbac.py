@@ -9,7 +9,8 @@ under the chart's RBAC on a real API server, compares the audit log with these r
 removing a rule makes its step fail with 403.
 
 ``stage_rules(run)`` is the Role the operator creates per run for the ServiceAccount ``<run>-stage`` of its
-stage pods: get and merge-patch their own run's status (``status.progress``).
+stage pods: get and merge-patch their own run's status; the ValidatingAdmissionPolicy of ``admission.py``
+(installed by the chart) lets the API server admit only changes to ``status.progress`` from them.
 
 Creating that Role needs no ``escalate``/``bind`` verbs: RBAC lets a subject grant permissions it holds,
 which is why the operator holds ``get`` on ``distillationruns/status`` although it never calls it.

@@ -6,6 +6,8 @@
   is a verb of ``operator/rbac.py``'s ``USES``, and each granted verb was used, but for the few this
   scenario cannot reach (named below, with the test that reaches them).
 - Removing one rule from the operator's role makes the reconcile step that needs it fail with 403.
+- A run's stage ServiceAccount may change only ``status.progress`` of its run: RBAC lets it patch the
+  status subresource, the chart's ValidatingAdmissionPolicy (operator/admission.py) refuses the rest.
 - Children that another party made under a run's child name are not adopted: the run says
   ``ForeignObject`` (condition and Event) until the name is free.
 """
@@ -13,9 +15,12 @@
 from __future__ import annotations
 
 import json
+import ssl
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,6 +30,7 @@ from test_operator_k8s import CRD_FILE, Run, exists, tiny_math
 from opd_operator import rbac
 from opd_operator.driver import reconcile_once
 from opd_operator.kube import ApiError, RestApi
+from opd_runtime.stage_report import StatusPatcher
 
 from conftest import free_port
 from controlplane import ControlPlane
@@ -182,11 +188,11 @@ def without(group: str, resource: str, verb: str) -> list[dict]:
     return [rule for rule in rules if rule["verbs"]]
 
 
-def reconcile_until(api: RestApi, ns: str, done) -> None:
+def reconcile_until(api: RestApi, ns: str, done, run: str = "tiny-math") -> None:
     """``reconcile_once`` every 0.2 s (kwok binds the workspace claim meanwhile) until ``done()``."""
 
     def step() -> bool:
-        reconcile_once(api, ns, "tiny-math")
+        reconcile_once(api, ns, run)
         return bool(done())
 
     deadline = time.monotonic() + 30
@@ -242,3 +248,59 @@ def test_a_foreign_stage_serviceaccount_is_not_adopted(crd: ControlPlane, k8s_na
     reconcile_until(api, ns, lambda: run.jobs())
     made = cp.get(f"/api/v1/namespaces/{ns}/serviceaccounts/tiny-math-stage")
     assert made["metadata"]["labels"]["opd.dev/run"] == "tiny-math"
+
+
+def test_the_stage_account_may_change_only_its_runs_progress(control_plane: ControlPlane, release, tmp_path):
+    """With a real token of ``<run>-stage``: a progress patch is admitted (the stage's own reporter), a patch
+    of any other status field is refused by the chart's admission policy naming the field; the operator
+    (another identity) still writes the whole status."""
+    cp, (ns, kubeconfig) = control_plane, release
+    name = "progress-only"
+    run = Run(cp, ns, tiny_math(name))
+    operator = RestApi(kubeconfig=str(kubeconfig))
+    reconcile_until(operator, ns, lambda: run.status().get("phase"), run=name)
+    token_file = tmp_path / "token"
+    token_file.write_text(cp.kubectl("create", "token", f"{name}-stage", "-n", ns).stdout.strip())
+
+    def patch(status: dict, dry_run: bool = False) -> tuple[int, str]:
+        req = urllib.request.Request(
+            f"{cp.api_url}{run.path}/status" + ("?dryRun=All" if dry_run else ""),
+            data=json.dumps({"status": status}).encode(),
+            method="PATCH",
+            headers={
+                "Content-Type": "application/merge-patch+json",
+                "Authorization": f"Bearer {token_file.read_text()}",
+            },
+        )
+        ctx = ssl.create_default_context(cafile=str(cp.pki / "ca.crt"))
+        try:
+            with urllib.request.urlopen(req, context=ctx, timeout=10) as resp:
+                return resp.status, ""
+        except urllib.error.HTTPError as err:
+            return err.code, json.loads(err.read()).get("message", "")
+
+    # the binding takes effect within seconds of the install: a dry run shows when
+    cp.wait("the stage-status policy", lambda: patch({"phase": "Succeeded"}, dry_run=True)[0] == 403, timeout=30)
+    patcher = StatusPatcher(name, ns, api=cp.api_url, token_file=token_file, ca_file=cp.pki / "ca.crt")
+    patcher.patch({"progress": {"stage": "sft", "step": 7, "totalSteps": 400}})  # what a stage sends
+    before = run.status()
+    assert before["progress"]["step"] == 7
+    for change in (
+        {"phase": "Succeeded"},
+        {"stages": {"sft": {"phase": "Succeeded"}}},
+        {
+            "conditions": [
+                {"type": "Ready", "status": "True", "reason": "Forged", "lastTransitionTime": "2026-01-01T00:00:00Z"}
+            ]
+        },
+        {"evalScore": 1.0, "progress": {"step": 8}},
+    ):
+        code, message = patch(change)
+        field = next(k for k in change if k != "progress")
+        assert code == 403, (change, code, message)
+        assert f"status.{field}: a stage's ServiceAccount may change only status.progress" in message, message
+    assert run.status() == before  # nothing of the refused patches landed, not even their progress part
+    operator.patch(
+        "DistillationRun", ns, name, {"status": {"message": "written by the operator"}}, subresource="status"
+    )
+    assert run.status()["message"] == "written by the operator"
