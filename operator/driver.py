@@ -6,7 +6,7 @@ import logging
 from datetime import UTC, datetime
 from typing import Any
 
-from . import metrics
+from . import leader, metrics
 from .conditions import READY, set_condition
 from .kube import Api, ApiError, apply_action, list_children, post_event
 from .observe import observe, unlisted_claims
@@ -47,6 +47,7 @@ def reconcile_once(api: Api, namespace: str, name: str, now: datetime | None = N
     claims = [c for c in (api.get("PersistentVolumeClaim", namespace, n) for n in unlisted_claims(found)) if c]
     decision = decide(obj, observe(name, found, claims), now)
     old = {k: v for k, v in (obj.get("status") or {}).items() if k != "progress"}
+    leader.ensure_leading()  # with leader election: exits here unless the Lease is still ours
     for action in decision.actions:
         try:
             apply_action(api, namespace, action)

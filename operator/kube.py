@@ -15,7 +15,7 @@ from urllib.parse import quote, urlencode
 
 from opd_runtime.contract import API_VERSION, GROUP, PLURAL, VERSION
 
-from . import names
+from . import metrics, names
 from .observe import KINDS
 from .reconcile import Action, Event
 
@@ -33,8 +33,10 @@ RESOURCES: dict[str, tuple[str, str]] = {
     "Event": ("/api/v1", "events"),
     "Job": ("/apis/batch/v1", "jobs"),
     "Deployment": ("/apis/apps/v1", "deployments"),
+    "NetworkPolicy": ("/apis/networking.k8s.io/v1", "networkpolicies"),
     "Role": ("/apis/rbac.authorization.k8s.io/v1", "roles"),
     "RoleBinding": ("/apis/rbac.authorization.k8s.io/v1", "rolebindings"),
+    "Lease": ("/apis/coordination.k8s.io/v1", "leases"),  # leader election (leader.py)
 }
 
 
@@ -76,6 +78,18 @@ def path(kind: str, namespace: str, name: str = "", subresource: str = "") -> st
     if subresource:
         out += f"/{subresource}"
     return out
+
+
+HTTP_VERBS = {"POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}
+
+
+def request_kind(method: str, url_path: str) -> tuple[str, str]:
+    """The RBAC verb and resource of a request on a namespaced API path: GET .../jobs is ("list",
+    "jobs"), PATCH .../distillationruns/x/status is ("patch", "distillationruns/status")."""
+    parts = url_path.strip("/").split("/")
+    rest = parts[parts.index("namespaces") + 2 :] if "namespaces" in parts else parts[-1:]  # plural[/name[/sub]]
+    verb = HTTP_VERBS.get(method, "get" if len(rest) > 1 else "list")
+    return verb, "/".join(rest[:1] + rest[2:3])
 
 
 class RestApi:
@@ -125,6 +139,8 @@ class RestApi:
         content_type: str = "application/json",
         ok_missing: bool = False,
     ) -> Manifest | None:
+        verb, resource = request_kind(method, url_path)
+        metrics.API_REQUESTS.labels(verb=verb, resource=resource).inc()
         url = self.cfg.host.rstrip("/") + url_path + (f"?{urlencode(query)}" if query else "")
         data = json.dumps(body).encode() if body is not None else None
         resp = self.http.request(

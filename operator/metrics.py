@@ -4,7 +4,12 @@
 - ``opd_operator_stage_duration_seconds{stage,outcome}``: first start to success/final failure of a stage;
 - ``opd_operator_reconciles_total`` and ``opd_operator_reconcile_errors_total``;
 - ``opd_operator_run_eval_score{namespace,run}``: a run's headline eval pass@1 (status.evalScore), kept
-  after the eval pod is gone (the Grafana dashboard's eval panel reads it).
+  after the eval pod is gone (the Grafana dashboard's eval panel reads it);
+- ``opd_operator_api_requests_total{verb,resource}``: requests this process made to the API server
+  (its own client's, not kopf's watch streams): what an idle run costs, and proof that a standby
+  replica writes nothing;
+- ``opd_operator_leader``: 1 while this process holds the leader-election Lease (or runs without
+  election), 0 while it stands by.
 """
 
 from __future__ import annotations
@@ -54,6 +59,14 @@ EVAL_SCORE = Gauge(
     registry=REGISTRY,
 )
 RECONCILE_ERRORS = Counter("opd_operator_reconcile_errors", "Reconciles that raised an error", registry=REGISTRY)
+API_REQUESTS = Counter(
+    "opd_operator_api_requests",
+    "Requests to the Kubernetes API server by the operator's own client, by HTTP verb and resource",
+    ["verb", "resource"],
+    registry=REGISTRY,
+)
+LEADER = Gauge("opd_operator_leader", "1 while this process leads (holds the Lease), else 0", registry=REGISTRY)
+_serving: set[int] = set()
 
 _phases: dict[tuple[str, str], str] = {}
 _lock = threading.Lock()
@@ -92,6 +105,10 @@ def observe_stage(stage: str, outcome: str, seconds: float) -> None:
 
 
 def serve(port: int) -> None:
+    """Serve /metrics on ``port`` (once per process: a standby starts it before it leads)."""
     with _lock:
         _publish()
+        if port in _serving:
+            return
+        _serving.add(port)
     start_http_server(port, registry=REGISTRY)

@@ -72,6 +72,7 @@ USES: dict[tuple[str, str], dict[str, str]] = {
         "get": "driver.reconcile_once: reads claims the run names but does not label (and on a 409)",
         "list": _LIST,
         "patch": "reconcile._Walk.plumbing: sets or clears the workspace's ownerReference (retentionPolicy)",
+        "watch": _KOPF_WATCH,
     },
     (CORE, "configmaps"): {
         "create": _CREATE,
@@ -82,7 +83,8 @@ USES: dict[tuple[str, str], dict[str, str]] = {
     (CORE, "serviceaccounts"): {"create": _CREATE, "get": _GET_ON_CONFLICT, "list": _LIST},
     (RBAC, "roles"): {"create": _CREATE, "get": _GET_ON_CONFLICT, "list": _LIST},
     (RBAC, "rolebindings"): {"create": _CREATE, "get": _GET_ON_CONFLICT, "list": _LIST},
-    (CORE, "pods"): {"list": _LIST},
+    ("networking.k8s.io", "networkpolicies"): {"create": _CREATE, "get": _GET_ON_CONFLICT, "list": _LIST},
+    (CORE, "pods"): {"list": _LIST, "watch": _KOPF_WATCH},
     # one core/v1 Event per occurrence, never patched; kopf's own posting is off (handlers.configure)
     (CORE, "events"): {"create": "kube.post_event: posts the run's Events"},
     # cluster-scoped, kopf's discovery (the chart's rbac.clusterDiscovery)
@@ -135,3 +137,18 @@ def cluster_role(name: str = "opd-operator") -> dict[str, Any]:
         "rules": OPERATOR_RULES,
     }
 
+
+def leader_election_rules(lease_name: str) -> list[Rule]:
+    """The Role, in the operator's own namespace only, for leader election (leader.LeaderElector): it
+    GETs and PUTs (``update``) its one Lease to acquire, renew and release it, and creates it the first
+    time (``create`` cannot be limited to a name). Kept out of ``USES``: those rules are granted in every
+    watched namespace, and a Lease grant there would let the operator take other controllers' Leases."""
+    return [
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
+        {
+            "apiGroups": ["coordination.k8s.io"],
+            "resources": ["leases"],
+            "resourceNames": [lease_name],
+            "verbs": ["get", "update"],
+        },
+    ]

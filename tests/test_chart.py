@@ -57,6 +57,29 @@ def test_rendered_crd_is_the_generated_crd_with_a_keep_policy():
     assert "helm.sh/resource-policy" not in kept["metadata"].get("annotations", {})
 
 
+def test_leader_election_is_granted_its_lease_in_the_release_namespace_only():
+    from opd_operator.rbac import leader_election_rules
+
+    objs = render(namespace=NS)
+    dep = one(objs, "Deployment")
+    role = next(r for r in by_kind(objs, "Role") if r["metadata"]["name"].endswith("-leader-election"))
+    assert role["metadata"]["namespace"] == NS
+    assert role["rules"] == leader_election_rules(dep["metadata"]["name"])
+    binding = next(b for b in by_kind(objs, "RoleBinding") if b["roleRef"]["name"] == role["metadata"]["name"])
+    assert binding["subjects"][0]["name"] == dep["spec"]["template"]["spec"]["serviceAccountName"]
+    # No leases anywhere else: not in the ClusterRole of the watched namespaces.
+    granted = [r for cr in by_kind(objs, "ClusterRole") for r in cr["rules"]]
+    assert not any("leases" in r["resources"] for r in granted)
+
+    single = render(namespace=NS, sets={"leaderElection.enabled": "false", "replicas": "1"})
+    spec = one(single, "Deployment")["spec"]
+    assert spec["replicas"] == 1 and spec["strategy"] == {"type": "Recreate"}
+    assert "--leader-elect" not in spec["template"]["spec"]["containers"][0]["args"]
+    assert not [r for r in by_kind(single, "Role") if r["metadata"]["name"].endswith("-leader-election")]
+    refused = helm("template", "x", str(CHART), "--set", "leaderElection.enabled=false", check=False)
+    assert refused.returncode != 0 and "replicas > 1 needs leaderElection.enabled=true" in refused.stderr
+
+
 def test_rbac_rules_are_the_operators_rules():
     from opd_operator.rbac import OPERATOR_RULES
 
@@ -97,7 +120,8 @@ def test_deployment_defaults():
     objs = render(namespace=NS)
     dep = one(objs, "Deployment")
     spec = dep["spec"]
-    assert spec["replicas"] == 1 and spec["strategy"] == {"type": "Recreate"}
+    # Two replicas under leader election: one acts, one stands by (operator/leader.py).
+    assert spec["replicas"] == 2 and spec["strategy"]["type"] == "RollingUpdate"
     pod = spec["template"]["spec"]
     assert pod["serviceAccountName"] == one(objs, "ServiceAccount")["metadata"]["name"]
     (c,) = pod["containers"]
@@ -107,6 +131,12 @@ def test_deployment_defaults():
     assert {p["name"]: p["containerPort"] for p in c["ports"]}[probe["port"]] == 8080
     assert "--liveness=http://0.0.0.0:8080/healthz" in c["args"] and "--metrics-port=8000" in c["args"]
     assert not any(a.startswith("--namespace") for a in c["args"])  # every namespace
+    lease = dep["metadata"]["name"]
+    assert {"--leader-elect", f"--leader-elect-resource-name={lease}", "--resync-seconds=60"} <= set(c["args"])
+    env = {e["name"]: e for e in c["env"]}
+    assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+    anti = pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"][0]
+    assert anti["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
     assert c["resources"]["requests"] and c["resources"]["limits"]["memory"]
     # Pod Security Standard `restricted`.
     assert pod["securityContext"]["runAsNonRoot"] is True
@@ -120,9 +150,14 @@ def test_deployment_defaults():
     assert pinned["spec"]["template"]["spec"]["containers"][0]["image"].endswith("@sha256:" + "a" * 64)
 
 
+def watch_grants(objs: list[dict], kind: str) -> list[dict]:
+    """The Roles (RoleBindings) that grant the operator a watched namespace: all but leader election's."""
+    return [o for o in by_kind(objs, kind) if not o["metadata"]["name"].endswith("-leader-election")]
+
+
 def test_all_namespaces_install_uses_cluster_roles():
     objs = render(namespace=NS)
-    assert not by_kind(objs, "Role") and not by_kind(objs, "RoleBinding")
+    assert not watch_grants(objs, "Role") and not watch_grants(objs, "RoleBinding")
     sa = one(objs, "ServiceAccount")
     for binding in by_kind(objs, "ClusterRoleBinding"):
         assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa["metadata"]["name"], "namespace": NS}]
@@ -134,7 +169,7 @@ def test_namespaced_install_renders_no_cluster_scoped_object():
     cluster_kinds = {"ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition", "Namespace"}
     assert not [o for o in objs if o["kind"] in cluster_kinds]
     assert all(o["metadata"]["namespace"] == NS for o in objs)
-    role, binding = one(objs, "Role"), one(objs, "RoleBinding")
+    role, binding = one(watch_grants(objs, "Role"), "Role"), one(watch_grants(objs, "RoleBinding"), "RoleBinding")
     assert binding["roleRef"] == {
         "apiGroup": "rbac.authorization.k8s.io",
         "kind": "Role",
@@ -153,8 +188,8 @@ def test_watching_listed_namespaces_grants_a_role_in_each():
         },
         namespace=NS,
     )
-    roles = {r["metadata"]["namespace"] for r in by_kind(objs, "Role")}
-    bindings = by_kind(objs, "RoleBinding")
+    roles = {r["metadata"]["namespace"] for r in watch_grants(objs, "Role")}
+    bindings = watch_grants(objs, "RoleBinding")
     assert roles == {b["metadata"]["namespace"] for b in bindings} == {"team-a", "team-b"}
     for b in bindings:  # the ServiceAccount lives in the release namespace
         assert b["subjects"][0]["namespace"] == NS
@@ -175,10 +210,15 @@ def operator_main_call(args: list[str]) -> dict:
     with (
         mock.patch("kopf.run") as run,
         mock.patch("kopf.configure") as configure,
-        mock.patch.dict("os.environ", {}, clear=False),
+        mock.patch.dict("os.environ", {"POD_NAMESPACE": NS}, clear=False),  # the chart's downward API
+        mock.patch("opd_operator.leader.LeaderElector") as elector,  # no Lease, no API server
+        mock.patch("opd_operator.metrics.serve"),  # no port bound in the test process
+        mock.patch("opd_operator.__main__.standby_health"),  # nor the standby's health port
+        mock.patch("opd_operator.leader.set_current"),  # the test process's reconciles stay ungated
     ):
         assert main(args) == 0
-    return {**run.call_args.kwargs, **configure.call_args.kwargs}
+    lease = {"lease": elector.call_args.args[0]} if elector.called else {}
+    return {**run.call_args.kwargs, **configure.call_args.kwargs, **lease}
 
 
 @pytest.mark.parametrize("values_file", VARIANTS, ids=VARIANT_IDS)
@@ -188,7 +228,10 @@ def test_operator_accepts_the_rendered_arguments(values_file):
     started = operator_main_call(args)
     assert started["standalone"] is True
     assert started["liveness_endpoint"] == "http://0.0.0.0:8080/healthz"
-    watched = [r["metadata"]["namespace"] for r in by_kind(objs, "Role")]
+    lease = started["lease"]  # leader election on, with the chart's Lease and timings
+    assert (lease.namespace, lease.name) == (NS, one(objs, "Deployment")["metadata"]["name"])
+    assert (lease.lease_duration, lease.renew_deadline, lease.retry_period) == (15, 10, 2)
+    watched = [r["metadata"]["namespace"] for r in watch_grants(objs, "Role")]
     if watched:
         assert started["clusterwide"] is False and list(started["namespaces"]) == watched
     else:

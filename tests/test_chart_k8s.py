@@ -189,10 +189,13 @@ def test_helm_install_upgrade_and_uninstall(cp: ControlPlane):
     crd = json.loads(cp.kubectl("get", "crd", CRD, "-o", "json").stdout)
     assert crd["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
     assert any(c["type"] == "Established" and c["status"] == "True" for c in crd["status"]["conditions"])
-    # The operator pod was admitted under PodSecurity `restricted` and runs as the chart's ServiceAccount.
-    (pod,) = cp.pods(ns, f"app.kubernetes.io/instance={release}")
-    assert pod["spec"]["serviceAccountName"] == f"{release}-opd-operator"
-    assert pod["status"]["phase"] == "Running"
+    # The operator pods (two: leader and standby) were admitted under PodSecurity `restricted` and run as
+    # the chart's ServiceAccount.
+    pods = cp.pods(ns, f"app.kubernetes.io/instance={release}")
+    assert len(pods) == 2
+    for pod in pods:
+        assert pod["spec"]["serviceAccountName"] == f"{release}-opd-operator"
+        assert pod["status"]["phase"] == "Running"
     # The example run validates against the installed CRD.
     cp.kubectl("apply", "--dry-run=server", "-n", ns, "-f", str(ROOT / "examples" / "tiny-math.yaml"))
 
@@ -210,7 +213,7 @@ def test_helm_install_upgrade_and_uninstall(cp: ControlPlane):
     )
     dep = json.loads(cp.kubectl("get", "deployment", "-n", ns, f"{release}-opd-operator", "-o", "json").stdout)
     assert "--debug" in dep["spec"]["template"]["spec"]["containers"][0]["args"]
-    assert dep["spec"]["strategy"]["type"] == "Recreate"
+    assert dep["spec"]["strategy"]["type"] == "RollingUpdate"  # safe: a new pod waits for the Lease
 
     cp.helm("uninstall", release, "--namespace", ns, "--wait", "--timeout", "120s")
     assert cp.kubectl("get", "deployment", "-n", ns, f"{release}-opd-operator", check=False).returncode != 0
@@ -280,8 +283,12 @@ def test_namespaced_operator_is_confined_to_its_namespace(cp: ControlPlane, name
     namespaced, _ = operator_rules()
     missing = [t for t in rule_triples(namespaced) if not review(cp, user, t[2], t[0], t[1], ns)]
     assert not missing, f"the operator lacks in its namespace: {missing}"
-    # rbac.clusterDiscovery is off in this variant: not even kopf's cluster-wide reads.
-    assert granted_in(cp, user, ns) - BASIC == rule_triples(namespaced)
+    # rbac.clusterDiscovery is off in this variant: not even kopf's cluster-wide reads. The release
+    # namespace also holds the leader-election Lease rules (get/update limited to the release's Lease).
+    from opd_operator.rbac import leader_election_rules
+
+    lease_rules = rule_triples(leader_election_rules("opd-ns-opd-operator"))
+    assert granted_in(cp, user, ns) - BASIC == rule_triples(namespaced) | lease_rules
     other = cp.new_namespace("team")
     assert granted_in(cp, user, other) - BASIC == set()
     leaks = [t for t in rule_triples(namespaced) if review(cp, user, t[2], t[0], t[1], None)]
@@ -377,12 +384,28 @@ def test_operator_with_the_charts_serviceaccount_drives_tiny_math_to_succeeded(c
     release = "opd-e2e"
     install(cp, release, ns, "--set", "watch.allNamespaces=false")
     kubeconfig = cp.serviceaccount_kubeconfig(ns, f"{release}-opd-operator")
-    env = {**os.environ, "KUBECONFIG": str(kubeconfig), "PYTHONSAFEPATH": "1", "OPD_RESYNC_SECONDS": "1"}
+    env = {
+        **os.environ,
+        "KUBECONFIG": str(kubeconfig),
+        "PYTHONSAFEPATH": "1",
+        "OPD_RESYNC_SECONDS": "1",
+        "POD_NAMESPACE": ns,  # what the chart's downward API gives the pod: the Lease's namespace
+    }
     log_path = tmp_path / "operator.log"
     metrics_port = free_port()
     with open(log_path, "w") as log:
         operator = subprocess.Popen(
-            [sys.executable, "-m", "opd_operator", "--namespace", ns, "--liveness=", f"--metrics-port={metrics_port}"],
+            [
+                sys.executable,
+                "-m",
+                "opd_operator",
+                "--namespace",
+                ns,
+                "--liveness=",
+                f"--metrics-port={metrics_port}",
+                "--leader-elect",  # as the chart runs it: the chart's Role must grant the Lease
+                f"--leader-elect-resource-name={release}-opd-operator",
+            ],
             env=env,
             cwd=tmp_path,
             stdout=log,
@@ -431,6 +454,10 @@ def test_operator_with_the_charts_serviceaccount_drives_tiny_math_to_succeeded(c
             "distill",
             "eval",
         }
+        # It led under the chart's Lease rules (in the release namespace, named like the release).
+        assert samples[("opd_operator_leader", ())] == 1
+        lease = cp.get(f"/apis/coordination.k8s.io/v1/namespaces/{ns}/leases/{release}-opd-operator")
+        assert lease["spec"]["holderIdentity"] in log_path.read_text()
         # Nothing the operator tried was refused.
         assert "403" not in log_path.read_text() and "Forbidden" not in log_path.read_text()
     finally:

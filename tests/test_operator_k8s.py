@@ -82,9 +82,20 @@ def operator_kubeconfig(cp: ControlPlane) -> Path:
 class Operator:
     """``opd-operator`` as a subprocess serving one namespace; its log goes to a file."""
 
-    def __init__(self, cp: ControlPlane, kubeconfig: Path, namespace: str, log_dir: Path):
+    def __init__(
+        self,
+        cp: ControlPlane,
+        kubeconfig: Path,
+        namespace: str,
+        log_dir: Path,
+        *,
+        resync_seconds: float | None = 0.5,  # None: the operator's default
+        args: tuple[str, ...] = (),
+        name: str = "operator",
+    ):
         self.cp, self.kubeconfig, self.namespace = cp, kubeconfig, namespace
-        self.log = log_dir / f"operator-{namespace}.log"
+        self.resync_seconds, self.args = resync_seconds, args
+        self.log = log_dir / f"{name}-{namespace}.log"
         self.proc: subprocess.Popen | None = None
         self.metrics_port = self.health_port = 0
         self.starts = 0
@@ -101,13 +112,13 @@ class Operator:
                     str(OPERATOR),
                     "--namespace",
                     self.namespace,
-                    "--resync-seconds",
-                    "0.5",
+                    *(["--resync-seconds", str(self.resync_seconds)] if self.resync_seconds else []),
                     "--metrics-port",
                     str(self.metrics_port),
                     "--liveness",
                     f"http://127.0.0.1:{self.health_port}/healthz",
                     "--verbose",
+                    *self.args,
                 ],
                 env=env,
                 stdout=out,
