@@ -309,14 +309,21 @@ def stage_argv(obj: Manifest, run: DistillationRun, stage: str, attempt: int) ->
     return prefix + cmd.argv
 
 
-def pod_failure_policy(stage: str) -> Manifest:
-    """How the Job controller judges a failed pod before backoffLimit 0 applies: a pod disrupted by the
-    cluster (preemption, a node drain or an eviction: condition DisruptionTarget) is replaced within the same
-    attempt and counts against nothing, neither the Job's backoffLimit nor the run's ``spec.retries``; exit
-    code 2 (bad configuration) fails the Job at once. restartPolicy Never, which this needs, is set."""
+def pod_failure_policy(stage: str, pods: int = 1) -> Manifest:
+    """How the Job controller judges a failed pod before backoffLimit 0 applies. A pod disrupted by the
+    cluster (preemption, a node drain or an eviction: condition DisruptionTarget) counts against nothing,
+    neither the Job's backoffLimit nor the run's ``spec.retries``: a one-pod Job replaces it (Ignore) and the
+    new pod resumes from the last checkpoint; a gang (``pods`` > 1) cannot take one new pod into its running
+    torchrun world (see ``stage_job``), so the disruption fails its Job at once (FailJob), instead of leaving
+    the other ranks to hang until their collective timeout, and the operator starts a new gang without
+    counting a failure (``JobView.disrupted_failure``). Exit code 2 (bad configuration) fails the Job at
+    once. restartPolicy Never, which a podFailurePolicy needs, is set."""
     return {
         "rules": [
-            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+            {
+                "action": "Ignore" if pods == 1 else "FailJob",
+                "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
+            },
             {
                 "action": "FailJob",
                 "onExitCodes": {"containerName": stage, "operator": "In", "values": [EXIT_BAD_CONFIG]},
@@ -353,7 +360,7 @@ def stage_job(obj: Manifest, run: DistillationRun, stage: str, attempt: int) -> 
         "backoffLimit": 0,
         "completions": pods,
         "parallelism": pods,
-        "podFailurePolicy": pod_failure_policy(stage),
+        "podFailurePolicy": pod_failure_policy(stage, pods),
     }
     if run.spec.queue_name:
         meta["labels"][names.KUEUE_QUEUE_LABEL] = run.spec.queue_name

@@ -26,6 +26,7 @@ KINDS = (
     "Pod",
     "Deployment",
     "Service",
+    "NetworkPolicy",
 )
 
 
@@ -61,8 +62,21 @@ class JobView:
     queue: str | None = None  # its Kueue LocalQueue (label kueue.x-k8s.io/queue-name), None outside Kueue
     suspended: bool = False  # spec.suspend: Kueue has not admitted it (yet, or again after an eviction)
     # pods the cluster disrupted (condition DisruptionTarget: preemption, drain, eviction), as "pod (reason)":
-    # the Job's podFailurePolicy replaces them within the attempt; their exits say nothing about the stage
+    # the Job's podFailurePolicy replaces them within the attempt (one pod) or fails the Job (a gang); their
+    # exits say nothing about the stage
     disrupted: tuple[str, ...] = ()
+
+    @property
+    def disrupted_failure(self) -> bool:
+        """The Job failed because the cluster disrupted one of its pods (a gang's podFailurePolicy FailJob),
+        not because the stage failed: its pods' exits are the consequence (the Job controller stops them)."""
+        bad_config = self.termination is not None and self.termination.exit_code == EXIT_BAD_CONFIG
+        return (
+            self.state == "failed"
+            and bool(self.disrupted)
+            and self.failure_reason == "PodFailurePolicy"
+            and not bad_config
+        )
 
 
 @dataclass(frozen=True)

@@ -553,9 +553,10 @@ class _Walk:
         jobs = sorted((j for j in self.observed.jobs if j.stage == stage), key=lambda j: j.attempt)
         ss["attempts"] = max([ss.get("attempts", 0)] + [j.attempt for j in jobs])
         latest = next((j for j in jobs if j.attempt == ss["attempts"]), None)
+        if latest is not None:
+            self.record_disruptions(stage, ss, latest)
         if latest is not None and latest.state == "active" and not latest.deleting:
             ss.update(phase="Running", job=latest.name)
-            self.record_disruptions(stage, ss, latest)
             if latest.queue is not None and self.job_admission(stage, ss, latest) != "Admitted":
                 ss.pop("ranks", None)
                 return "busy"
@@ -570,7 +571,12 @@ class _Walk:
             self.record_success(stage, ss, latest)
             self.drop_ranks_service(stage)
             return "done"
-        if latest is not None and latest.state == "failed" and ss.get("lastFailedAttempt") != latest.attempt:
+        if (
+            latest is not None
+            and latest.state == "failed"
+            and ss.get("lastFailedAttempt") != latest.attempt
+            and not latest.disrupted_failure  # a gang the cluster broke: a new one starts at once, no retry used
+        ):
             self.record_failure(stage, ss, latest)
         why = self.final_failure(ss)
         if why is not None:

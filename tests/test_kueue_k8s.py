@@ -17,6 +17,7 @@ import time
 from typing import Any
 
 import pytest
+from test_multinode_k8s import gang, gpu_nodes, sft_only
 from test_operator_k8s import TIMEOUT, Operator, Run, cp, ns, operator, operator_kubeconfig, tiny_math
 from test_operator_reconcile import Story, cond
 from test_waiting_k8s import count_events, events_of
@@ -28,7 +29,7 @@ from opd_runtime.spec import SpecError, parse_run
 from controlplane import ControlPlane
 from opd_fake_cluster import tiny_run
 
-__all__ = ["cp", "ns", "operator", "operator_kubeconfig"]  # fixtures shared with test_operator_k8s
+__all__ = ["cp", "gpu_nodes", "ns", "operator", "operator_kubeconfig"]  # fixtures shared with other tests
 
 QUEUE = "team-a"
 
@@ -261,6 +262,37 @@ def test_a_disrupted_pod_is_reported_and_neither_its_exit_nor_the_attempt_counts
     assert job is not None and job.termination is not None and job.termination.exit_code == 0
 
 
+def test_a_gang_broken_by_a_disruption_starts_again_at_once_without_using_a_retry():
+    s = Story(retries=0, backoffSeconds=60, workspace={"size": "2Gi", "accessModes": ["ReadWriteMany"]})
+    s.api.edit_spec(sft={"resources": {"gpus": 4, "nodes": 2}})
+    s.reconcile()
+    job = s.api.objects[("Job", "ns", "tiny-sft-1")]
+    assert job["spec"]["podFailurePolicy"]["rules"][0]["action"] == "FailJob"  # no lone pod rejoins a gang
+    disrupt(s.api.objects[("Pod", "ns", "tiny-sft-1-pod")])
+    why = "Pod ns/tiny-sft-1-pod has condition DisruptionTarget matching FailJob rule at index 0"
+    job["status"] = {"conditions": [{"type": "Failed", "status": "True", "reason": "PodFailurePolicy", "message": why}]}
+    d = s.reconcile()
+    sft = s.status["stages"]["sft"]
+    assert s.jobs() == ["tiny-sft-1", "tiny-sft-2"] and sft["failures"] == 0 and s.status["phase"] == "Running"
+    assert "PodDisrupted" in reasons(d) and sft["disruptions"] == 1
+    # a gang that fails on its own after a disruption elsewhere is a failure: exit 2 is never excused
+    disrupt(s.api.objects[("Pod", "ns", "tiny-sft-2-pod")])
+    s.api.objects[("Pod", "ns", "tiny-sft-2-pod2")] = {
+        "metadata": {
+            "name": "tiny-sft-2-pod2",
+            "namespace": "ns",
+            "labels": {**names.labels("tiny", "sft"), "job-name": "tiny-sft-2"},
+        },
+        "status": {
+            "phase": "Failed",
+            "containerStatuses": [{"name": "sft", "state": {"terminated": {"exitCode": 2, "message": "bad"}}}],
+        },
+    }
+    s.api.objects[("Job", "ns", "tiny-sft-2")]["status"] = job["status"]
+    s.reconcile()
+    assert s.status["phase"] == "Failed" and s.status["stages"]["sft"]["failures"] == 1
+
+
 # ---- on the real control plane ------------------------------------------------------------------------------
 
 
@@ -321,9 +353,9 @@ def test_kueue_admission_and_eviction_on_the_real_job_controller(cp: ControlPlan
     assert admitted == ["sft", "sft", "teacher"]  # no Kueue here to gate the teacher's pod: it runs at once
 
 
-def test_a_disrupted_pod_is_replaced_without_using_a_retry(cp: ControlPlane, ns: str, operator: Operator):
-    run = Run(cp, ns, tiny_math("disrupted", retries=0))
-    first = run.running_pod("disrupted-sft-1")
+def disrupt_on_cluster(cp: ControlPlane, ns: str, first: dict) -> None:
+    """What the scheduler's preemption (or the eviction API, a drain) leaves of a running pod: condition
+    DisruptionTarget=True, the container killed (137), phase Failed; written through the status subresource."""
     name = first["metadata"]["name"]
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     container = first["spec"]["containers"][0]
@@ -357,6 +389,13 @@ def test_a_disrupted_pod_is_replaced_without_using_a_retry(cp: ControlPlane, ns:
         {"status": status},
         content_type="application/strategic-merge-patch+json",
     )
+
+
+def test_a_disrupted_pod_is_replaced_without_using_a_retry(cp: ControlPlane, ns: str, operator: Operator):
+    run = Run(cp, ns, tiny_math("disrupted", retries=0))
+    first = run.running_pod("disrupted-sft-1")
+    name = first["metadata"]["name"]
+    disrupt_on_cluster(cp, ns, first)
     st = stage_is(run, "sft", disruptions=1)
     assert st["stages"]["sft"]["disruptedPods"] == [f"{name} (PreemptionByScheduler)"]
     replacement = cp.wait_for_pod(
@@ -369,5 +408,23 @@ def test_a_disrupted_pod_is_replaced_without_using_a_retry(cp: ControlPlane, ns:
     cp.set_pod_exit(ns, replacement["metadata"]["name"], 0, '{"stage": "sft", "step": 400}')
     st = stage_is(run, "sft", phase="Succeeded")
     assert st["stages"]["sft"]["failures"] == 0 and st["stages"]["sft"]["step"] == 400
-    assert run.jobs() == ["disrupted-sft-1"]
+    assert [j for j in run.jobs() if "-sft-" in j] == ["disrupted-sft-1"]  # the same attempt finished it
     assert count_events(cp, ns, run.name, "PodDisrupted") == 1
+
+
+def test_a_gang_broken_by_a_disruption_is_restarted_whole_without_using_a_retry(
+    cp: ControlPlane, ns: str, operator: Operator, gpu_nodes: dict
+):
+    doc = sft_only("gang", {"resources": {"gpus": 4, "nodes": 2}}, retries=0, backoffSeconds=60, **gpu_nodes)
+    run = Run(cp, ns, doc)
+    run.wait("the sft Job", lambda st: (st.get("stages", {}).get("sft") or {}).get("job") == "gang-sft-1")
+    pods = gang(cp, ns, "gang-sft-1")
+    disrupt_on_cluster(cp, ns, pods[1])  # one node drained: the Job controller fails the gang (FailJob)
+    st = run.wait("the second gang", lambda st: st["stages"]["sft"].get("job") == "gang-sft-2")
+    job = cp.get(f"/apis/batch/v1/namespaces/{ns}/jobs/gang-sft-1")
+    failed = next(c for c in job["status"]["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "PodFailurePolicy" and "DisruptionTarget" in failed["message"]
+    sft = st["stages"]["sft"]
+    assert sft["failures"] == 0 and sft["disruptions"] == 1 and st["phase"] == "Running"  # retries 0: none used
+    retry = gang(cp, ns, "gang-sft-2")  # at once, not after backoffSeconds
+    assert all("--resume" in p["spec"]["containers"][0]["command"] for p in retry)
