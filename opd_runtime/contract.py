@@ -43,3 +43,7 @@ EXIT_INTERRUPTED = 130  # stopped by SIGINT/SIGTERM; the workspace keeps the las
 # vLLM reports anonymous usage statistics unless told not to; stage pods, the served teacher, local runs
 # and the tests all turn it off.
 NO_USAGE_STATS_ENV = {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
+# The teacher server's API key (spec.teacher.serving.apiKeySecret): the operator puts it, from the Secret,
+# into the teacher pods (serve-teacher hands it to vLLM as VLLM_API_KEY) and the learner pods (the HTTP
+# teacher client sends it as `Authorization: Bearer`). Unset: no key.
+TEACHER_API_KEY_ENV = "OPD_TEACHER_API_KEY"

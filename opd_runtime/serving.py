@@ -27,7 +27,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from .contract import NO_USAGE_STATS_ENV
+from .contract import NO_USAGE_STATS_ENV, TEACHER_API_KEY_ENV
 from .spec import DistillationRun, SpecError
 from .workspace import Workspace
 
@@ -126,9 +126,10 @@ def local_url(host: str, port: int) -> str:
     return f"http://{reach}:{port}"
 
 
-def _get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
+def _get(url: str, timeout: float = 5.0, api_key: str | None = None) -> tuple[int, bytes]:
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
             return resp.status, resp.read()
     except urllib.error.HTTPError as err:
         return err.code, b""
@@ -136,12 +137,12 @@ def _get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
         return 0, b""
 
 
-def served_models(base_url: str) -> list[str] | None:
+def served_models(base_url: str, api_key: str | None = None) -> list[str] | None:
     """Ids listed by ``/v1/models`` once ``/health`` answers 200; None while the server is not ready."""
     status, _ = _get(f"{base_url}/health")
     if status != 200:
         return None
-    status, body = _get(f"{base_url}/v1/models")
+    status, body = _get(f"{base_url}/v1/models", api_key=api_key)
     if status != 200:
         return None
     try:
@@ -185,6 +186,9 @@ def serve_teacher(
     argv = server_argv(run, model_dir, host=host, port=port, cuda=cuda)
     env = {**NO_USAGE_STATS_ENV, **os.environ}  # usage stats off unless the environment says otherwise
     env.setdefault("PYTHONUNBUFFERED", "1")
+    api_key = os.environ.get(TEACHER_API_KEY_ENV) or None
+    if api_key:  # vLLM reads its --api-key from VLLM_API_KEY: the key stays off the command line
+        env["VLLM_API_KEY"] = api_key
     log(f"serve-teacher: {' '.join(argv)}")
     proc = subprocess.Popen(argv, env=env, start_new_session=True, preexec_fn=_die_with_parent)
     stop: list[int] = []
@@ -202,7 +206,7 @@ def serve_teacher(
             if proc.poll() is not None:
                 log(f"serve-teacher: the vLLM server exited with code {proc.returncode} before it was ready")
                 return proc.returncode or 1
-            models = served_models(url)
+            models = served_models(url, api_key)
             if models:
                 log(f"teacher ready at {url} (model {models[0]}, from {model_dir})")
                 break

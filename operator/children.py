@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from opd_runtime.contract import EXIT_BAD_CONFIG, TRAINING_STAGES
+from opd_runtime.contract import EXIT_BAD_CONFIG, TEACHER_API_KEY_ENV, TRAINING_STAGES
 from opd_runtime.plan import (
     RENDEZVOUS_PORT,
     launcher_argv,
@@ -140,7 +140,41 @@ def plumbing(obj: Manifest, run: DistillationRun) -> list[Manifest]:
     out = [service_account(obj), role(obj), role_binding(obj), config_map(obj, run)]
     if not run.spec.workspace.existing_claim:
         out.append(workspace_pvc(obj, run))
+    if serves_teacher(run) and run.spec.teacher.serving.network_policy:
+        out.append(teacher_network_policy(obj, run))  # before the teacher: its pods are never open
     return out
+
+
+def teacher_network_policy(obj: Manifest, run: DistillationRun) -> Manifest:
+    """Ingress to the run's teacher pods: only from the run's distill pods (the learner, the one stage that
+    calls the teacher), only on the serving port. A NetworkPolicy that selects pods denies them all other
+    ingress; it takes effect only where the network plugin enforces NetworkPolicies."""
+    run_name = obj["metadata"]["name"]
+    distill = {names.RUN_LABEL: run_name, names.STAGE_LABEL: "distill"}
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _meta(obj, names.teacher(run_name), "teacher"),
+        "spec": {
+            "podSelector": {"matchLabels": {names.RUN_LABEL: run_name, names.STAGE_LABEL: "teacher"}},
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                {
+                    "from": [{"podSelector": {"matchLabels": distill}}],
+                    "ports": [{"protocol": "TCP", "port": run.spec.teacher.serving.port}],
+                }
+            ],
+        },
+    }
+
+
+def teacher_key_env(run: DistillationRun, stage: str) -> list[Manifest]:
+    """The teacher server's API key (spec.teacher.serving.apiKeySecret) as an environment variable read
+    from the Secret, for the teacher pods (vLLM checks it) and the distill pods (the learner sends it)."""
+    ref = run.spec.teacher.serving.api_key_secret
+    if ref is None or stage not in ("teacher", "distill") or run.spec.teacher.backend != "vllm-server":
+        return []
+    return [{"name": TEACHER_API_KEY_ENV, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}]
 
 
 # ---- pods -----------------------------------------------------------------------------------------------
@@ -237,7 +271,7 @@ def _container(
         "imagePullPolicy": run.spec.image_pull_policy,
         "command": list(argv),
         # the user's variables first: the operator's (OPD_*, HF_HOME; the spec refuses those names) follow
-        "env": [e.manifest() for e in inputs.env] + _env(obj, env, cache_root=cache_root),
+        "env": [e.manifest() for e in inputs.env] + _env(obj, env, cache_root=cache_root) + teacher_key_env(run, stage),
         "resources": resources(res),
         "volumeMounts": [dict(m) for m in mounts],
         "terminationMessagePath": names.TERMINATION_LOG,

@@ -78,7 +78,7 @@ def requests_in_code() -> set[Triple]:
     for call in calls("driver", "api", "patch"):
         sub = next((literal(k.value) for k in call.keywords if k.arg == "subresource"), "") or ""
         add(literal(call.args[0]) or "?", "patch", sub)
-    for kind in KINDS:  # kube.list_children
+    for kind in KINDS:  # kube.list_children (kopf's watches and indexes: kopf_requests)
         add(kind, "list")
     for call in calls("reconcile", "self", "delete"):
         add(literal(call.args[0]) or "?", "delete")
@@ -91,21 +91,27 @@ def requests_in_code() -> set[Triple]:
         add(kind, "create")
         if kind != "Event":  # kube.apply_action reads an object that answered a create with 409
             add(kind, "get")
-    # kopf: every resource a handler is registered for is listed and watched; a daemon's resource gets
-    # kopf's finalizer and progress annotations (patch)
-    for node in ast.walk(tree("handlers")):
-        if (
-            isinstance(node, ast.Call)
-            and isinstance(node.func, ast.Attribute)
-            and node.func.attr in ("event", "daemon")
-        ):
-            group, _version, plural = (a for a in node.args[:3])
-            name = (literal(group) if isinstance(group, ast.Constant) else {"GROUP": "opd.dev"}[group.id]) or ""
-            res = literal(plural) if isinstance(plural, ast.Constant) else {"PLURAL": "distillationruns"}[plural.id]
-            out |= {(name, res or "?", "list"), (name, res or "?", "watch")}
-            if node.func.attr == "daemon":
-                out.add((name, res or "?", "patch"))
-    return out | KOPF_OBSERVERS
+    return out | kopf_requests() | KOPF_OBSERVERS
+
+
+def kopf_requests() -> set[Triple]:
+    """What kopf requests for the handlers ``operator/handlers.py`` registers (read from kopf's own registry,
+    so loops and decorators alike count): every resource a handler or an index is registered for is listed
+    and watched; a daemon's resource also gets kopf's finalizer and annotations (patch)."""
+    import kopf
+
+    from opd_operator import handlers  # noqa: F401  (registers the handlers)
+
+    registry = kopf.get_default_registry()
+    out: set[Triple] = set()
+    for attr in ("_watching", "_indexing", "_spawning", "_changing", "_webhooks"):
+        for handler in getattr(registry, attr).get_all_handlers():
+            sel = handler.selector
+            assert sel is not None and sel.any_name, handler  # a plural each, no kind/category patterns
+            out |= {(sel.group or "", sel.any_name, "list"), (sel.group or "", sel.any_name, "watch")}
+            if attr == "_spawning":
+                out.add((sel.group or "", sel.any_name, "patch"))
+    return out
 
 
 def delegated() -> set[Triple]:

@@ -8,6 +8,10 @@
 - Removing one rule from the operator's role makes the reconcile step that needs it fail with 403.
 - A run's stage ServiceAccount may change only ``status.progress`` of its run: RBAC lets it patch the
   status subresource, the chart's ValidatingAdmissionPolicy (operator/admission.py) refuses the rest.
+- The teacher's NetworkPolicy is created with the run's other children (labelled, owned by the run)
+  and selects the teacher pods and the distill pods that the operator really made. No network plugin
+  runs here, so nothing enforces it: that it admits only those pods is the policy's meaning, not a
+  measured connection. The API key from a Secret reaches the teacher and distill pods as env.
 - Children that another party made under a run's child name are not adopted: the run says
   ``ForeignObject`` (condition and Event) until the name is free.
 """
@@ -42,6 +46,7 @@ RELEASE = "opd-lp"
 NOT_REACHED = {
     # reads after a 409 on create: the scenario's foreign ConfigMap reaches the configmaps one
     *((g, r, "get") for g, r in [("batch", "jobs"), ("apps", "deployments"), ("", "services")]),
+    ("networking.k8s.io", "networkpolicies", "get"),
     ("rbac.authorization.k8s.io", "roles", "get"),
     ("rbac.authorization.k8s.io", "rolebindings", "get"),
     ("", "serviceaccounts", "get"),  # test_a_foreign_stage_serviceaccount_is_not_adopted
@@ -112,7 +117,9 @@ def test_the_operator_uses_every_verb_it_holds_and_no_other(control_plane: Contr
     cp.apply({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "tiny-math-spec"}, "data": {"x": "1"}}, ns)
     proc = start_operator(cp, kubeconfig, ns, tmp_path / "operator.log")
     try:
-        run = Run(cp, ns, tiny_math())
+        doc = tiny_math()
+        doc["spec"]["teacher"]["serving"]["apiKeySecret"] = {"name": "teacher-key", "key": "token"}
+        run = Run(cp, ns, doc)
         st = run.wait("the ForeignObject refusal", lambda st: "ForeignObject" in json.dumps(st.get("conditions")))
         assert "ConfigMap tiny-math-spec already exists without the label opd.dev/run=tiny-math" in st["message"]
         assert "ForeignObject" in run.events()
@@ -131,6 +138,7 @@ def test_the_operator_uses_every_verb_it_holds_and_no_other(control_plane: Contr
         )
         run.finish("tiny-math-sft-2", 0, {"stage": "sft", "step": 400, "checkpoint": "/workspace/checkpoints/sft/f"})
         run.wait("the distill stage", lambda st: (st.get("stages", {}).get("distill") or {}).get("phase") == "Running")
+        check_teacher_access(cp, ns, run)
         pvc = cp.get(f"/api/v1/namespaces/{ns}/persistentvolumeclaims/tiny-math-workspace")
         assert pvc["metadata"].get("ownerReferences"), "retentionPolicy Delete: the run owns its workspace"
         run.finish("tiny-math-distill-1", 0, {"stage": "distill", "step": 200, "reverse_kl": 0.4})
@@ -150,6 +158,29 @@ def test_the_operator_uses_every_verb_it_holds_and_no_other(control_plane: Contr
     assert granted - set(used) == NOT_REACHED, f"granted but never used: {sorted(granted - set(used))}"
     # every verb in USES has a reason, and the chart grants exactly the USES verbs
     assert granted == {(g, r, v) for (g, r), verbs in rbac.USES.items() for v in verbs}
+
+
+def check_teacher_access(cp: ControlPlane, ns: str, run: Run) -> None:
+    """While distill runs: the NetworkPolicy selects the real teacher pods and admits the real distill pod
+    on the serving port only; both pods read the API key from the Secret."""
+    policy = cp.get(f"/apis/networking.k8s.io/v1/namespaces/{ns}/networkpolicies/tiny-math-teacher")
+    assert policy["metadata"]["ownerReferences"][0]["uid"] == run.obj()["metadata"]["uid"]
+    assert policy["metadata"]["labels"]["opd.dev/run"] == "tiny-math"
+    spec = policy["spec"]
+    assert spec["policyTypes"] == ["Ingress"] and len(spec["ingress"]) == 1
+    assert spec["ingress"][0]["ports"] == [{"protocol": "TCP", "port": 8000}]
+
+    def selected(selector: dict) -> list[str]:
+        labels = ",".join(f"{k}={v}" for k, v in selector["matchLabels"].items())
+        return sorted(p["metadata"]["labels"]["opd.dev/stage"] for p in cp.pods(ns, labels))
+
+    assert selected(spec["podSelector"]) == ["teacher"]
+    (peer,) = spec["ingress"][0]["from"]
+    assert list(peer) == ["podSelector"] and selected(peer["podSelector"]) == ["distill"]
+    key = {"name": "OPD_TEACHER_API_KEY", "valueFrom": {"secretKeyRef": {"name": "teacher-key", "key": "token"}}}
+    for stage in ("teacher", "distill"):
+        (pod,) = cp.pods(ns, f"opd.dev/run=tiny-math,opd.dev/stage={stage}")
+        assert key in pod["spec"]["containers"][0]["env"], stage
 
 
 @pytest.fixture(scope="module")

@@ -93,6 +93,7 @@ def test_render_prints_exactly_what_the_reconciler_creates_for_every_stage(examp
         ("RoleBinding", f"{name}-stage"),
         ("ConfigMap", f"{name}-spec"),
         ("PersistentVolumeClaim", f"{name}-workspace"),
+        *([("NetworkPolicy", f"{name}-teacher")] if serves_teacher(parse_run(doc)) else []),  # before the teacher
         ("Job", f"{name}-sft-1"),
         *(  # objective rl (examples/tiny-math-rl.yaml) serves no teacher
             [("Deployment", f"{name}-teacher"), ("Service", f"{name}-teacher")]
@@ -117,7 +118,7 @@ def test_the_command_prints_the_objects_as_yaml_in_the_files_or_the_given_namesp
     doc["metadata"].update(namespace="from-file", uid="1234")
     assert {o["metadata"]["namespace"] for o in render(doc)} == {"from-file"}
     owners = [r["uid"] for o in render(doc) for r in o["metadata"].get("ownerReferences", [])]
-    assert len(owners) == 9 and set(owners) == {"1234"}  # all but the workspace claim (retentionPolicy Retain)
+    assert len(owners) == 10 and set(owners) == {"1234"}  # all but the workspace claim (retentionPolicy Retain)
     doc["spec"]["suspend"] = True  # rendered as it runs once resumed
     assert render(doc) == render({**doc, "spec": {**doc["spec"], "suspend": False}})
 
@@ -145,4 +146,5 @@ def test_the_api_server_accepts_every_rendered_object(control_plane: ControlPlan
         assert proc.returncode == 0, proc.stderr
         out = control_plane.kubectl("apply", "--dry-run=server", "-f", "-", input=proc.stdout).stdout
         accepted = [line for line in out.splitlines() if line.endswith("(server dry run)")]
-        assert len(accepted) == len(list(yaml.safe_load_all(proc.stdout))) == 10, out
+        served = serves_teacher(parse_run(load(example)))  # + its Deployment, Service and NetworkPolicy
+        assert len(accepted) == len(list(yaml.safe_load_all(proc.stdout))) == (11 if served else 8), out

@@ -9,6 +9,7 @@ from the updated weights, so every sample is on-policy.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .. import modeling
+from ..contract import TEACHER_API_KEY_ENV
 from ..data_sources import load_prompts
 from ..generation import Sample, sample
 from ..grading import judge_many
@@ -219,6 +221,7 @@ def _teacher(run: DistillationRun, ws: Workspace, cfg: DistillSpec) -> Teacher:
         max_concurrent_requests=s.max_concurrent_requests,
         retry_seconds=s.retry_seconds,
         log=print,
+        api_key=os.environ.get(TEACHER_API_KEY_ENV),  # spec.teacher.serving.apiKeySecret, set by the operator
     )
 
 

@@ -76,8 +76,13 @@ class ServerTeacher:
         retry_seconds: float = 600.0,
         request_timeout: float = REQUEST_TIMEOUT_S,
         log: Callable[[str], None] | None = None,
+        api_key: str | None = None,
     ):
+        """``api_key``: sent as ``Authorization: Bearer`` (a server started with vLLM's --api-key)."""
         self.url = url.rstrip("/")
+        self.headers = {"Content-Type": "application/json"}
+        if api_key:
+            self.headers["Authorization"] = f"Bearer {api_key}"
         self.top_logprobs = top_logprobs
         self.max_batch_tokens = max_batch_tokens
         self.max_concurrent_requests = max_concurrent_requests
@@ -99,7 +104,7 @@ class ServerTeacher:
         first_failure: float | None = None
         delay = BACKOFF_START_S
         while True:
-            req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+            req = urllib.request.Request(url, data=data, headers=self.headers)
             try:
                 with urllib.request.urlopen(req, timeout=self.request_timeout) as resp:
                     body = resp.read()

@@ -34,6 +34,11 @@ class ModelSpec(SpecModel):
     trust_remote_code: bool = Field(False, description="Allow custom modelling code from the hub.")
 
 
+class SecretKeySelector(SpecModel):
+    name: str = Field(min_length=1, description="Name of the Secret (in the run's namespace).")
+    key: str = Field(min_length=1, description="Key within it.")
+
+
 class TeacherServingSpec(SpecModel):
     port: int = Field(8000, ge=1, le=65535, description="Port the vLLM OpenAI-compatible server listens on.")
     max_model_len: int = Field(16384, ge=16, description="Longest prompt+completion the teacher scores, in tokens.")
@@ -98,6 +103,21 @@ class TeacherServingSpec(SpecModel):
         description="Kueue LocalQueue of the teacher Deployment, instead of spec.queueName (e.g. a serving "
         "queue whose ClusterQueue does not preempt). Kueue admits each teacher pod on its own (its pod "
         "integration gates the pod until then); the run shows the teacher Queued meanwhile.",
+    )
+    network_policy: bool = Field(
+        True,
+        description="Create a NetworkPolicy `<run>-teacher` that admits to the teacher pods only this run's "
+        "distill pods, on `port`; all other ingress to them is denied. Enforced only where the cluster's "
+        "network plugin implements NetworkPolicy. Policies add up: to let e.g. Prometheus scrape vLLM's "
+        "/metrics, add a policy allowing it, or set false. Kubernetes only.",
+    )
+    api_key_secret: SecretKeySelector | None = Field(
+        None,
+        description="A Secret key holding an API key for the teacher server: vLLM then answers its /v1 "
+        "endpoints only to requests with `Authorization: Bearer <key>` (/health and /metrics stay open), and the "
+        "learner sends it, also to a teacher at `url`. The teacher and distill pods read it from the Secret "
+        "(a missing Secret keeps them from starting: the run shows the container config error); `opd run` "
+        "reads it from the environment variable OPD_TEACHER_API_KEY instead.",
     )
 
     @model_validator(mode="after")

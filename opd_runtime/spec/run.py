@@ -56,13 +56,16 @@ class DistillationRunSpec(SpecModel):
         pattern=QUEUE_NAME,
         max_length=63,
         description="Kueue LocalQueue (in the run's namespace) that admits this run's workloads: set as the "
-        "label `kueue.x-k8s.io/queue-name` on every stage Job and on the teacher Deployment (Kueue's pod-group "
-        "integration for Deployments; spec.teacher.serving.queueName overrides it there). Stage Jobs are then "
+        "label `kueue.x-k8s.io/queue-name` on every stage Job and on the teacher Deployment and its pods (Kueue's "
+        "Deployment integration admits each teacher pod on its own; spec.teacher.serving.queueName overrides "
+        "the queue there). Stage Jobs are then "
         "created suspended and Kueue alone changes `Job.spec.suspend`: it unsuspends a Job it admits and "
         "suspends it again when it preempts it. The run's status shows each stage Queued, Admitted or Evicted "
         "(the Admitted condition, stages.<stage>.queue); an eviction is not a failure: the stage resumes from "
         "its last checkpoint once admitted again. Time spent queued counts neither against a stage's "
-        "timeoutSeconds nor the teacher's readyTimeoutSeconds. Unset: no Kueue label, Jobs start at once. "
+        "timeoutSeconds nor the teacher's readyTimeoutSeconds. Needs Kueue's `batch/job` integration (and "
+        "`deployment` for the teacher) and a LocalQueue of this name; without Kueue in the cluster, a Job "
+        "created suspended waits forever (the run says Queued). Unset: no Kueue label, Jobs start at once. "
         "Kubernetes only.",
     )
     suspend: bool = Field(
