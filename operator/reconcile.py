@@ -549,6 +549,7 @@ class _Walk:
     def walk_stage(self, stage: str) -> Literal["done", "busy", "failed"]:
         ss = self.stage(stage)
         if ss.get("phase") == "Succeeded":
+            self.drop_ranks_service(stage)  # again while it is seen: one missed delete must not leave it
             return "done"
         jobs = sorted((j for j in self.observed.jobs if j.stage == stage), key=lambda j: j.attempt)
         ss["attempts"] = max([ss.get("attempts", 0)] + [j.attempt for j in jobs])
