@@ -77,10 +77,12 @@ lint-fix: $(BIN)/ruff
 	$(BIN)/ruff format .
 
 # The control plane's binaries are built (first run on a machine, ~15 min) or found in the cache before
-# pytest starts, so that time shows up here rather than inside the first Kubernetes test.
+# pytest starts, so that time shows up here rather than inside the first Kubernetes test; so is the
+# Prometheus the dashboard test scrapes with (Debian's package, unpacked into the cache once).
 test: $(VENV)/.installed-vllm
 	$(MAKE) --no-print-directory lint
 	$(BIN)/python tests/controlplane/binaries.py
+	$(BIN)/python tests/prometheus_server.py
 	$(BIN)/pytest -q --durations=20
 
 # No control plane (no Go build), no vLLM, nothing marked slow: minutes on a fresh clone once the venv exists.

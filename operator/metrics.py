@@ -19,9 +19,11 @@ import threading
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from opd_runtime.contract import BATCH_STAGES
 from opd_runtime.spec.status import Phase
 
 PHASES: tuple[str, ...] = Phase.__args__  # type: ignore[attr-defined]
+OUTCOMES = ("succeeded", "failed")  # reconcile.StageOutcome.outcome
 # Stages last minutes (tiny runs) to days (SFT on 400k traces).
 DURATION_BUCKETS = (
     30,
@@ -111,4 +113,10 @@ def serve(port: int) -> None:
         if port in _serving:
             return
         _serving.add(port)
+        # Every (stage, outcome) series exists from the start at 0: a histogram series born at its first
+        # observation already holds it, so rate()/increase() (the dashboard's stage-duration panels) see no
+        # increase and show NaN for each stage's first completion after the operator started.
+        for stage in BATCH_STAGES:
+            for outcome in OUTCOMES:
+                STAGE_DURATION.labels(stage=stage, outcome=outcome)
     start_http_server(port, registry=REGISTRY)
