@@ -144,9 +144,13 @@ class _Walk:
 
     # ---- plumbing: account, role, binding, spec ConfigMap, workspace PVC ---------------------------
     def plumbing(self) -> None:
-        for manifest in children.plumbing(self.obj, self.run):
+        wanted = children.plumbing(self.obj, self.run)
+        for manifest in wanted:
             if not self.observed.has(manifest["kind"], manifest["metadata"]["name"]):
                 self.create(manifest)
+        policy = names.teacher(self.name)  # spec.teacher.serving.networkPolicy turned off (or nothing served)
+        if self.observed.has("NetworkPolicy", policy) and not any(o["kind"] == "NetworkPolicy" for o in wanted):
+            self.delete("NetworkPolicy", policy)
         pvc = self.observed.pvc
         if pvc is not None and not self.run.spec.workspace.existing_claim:
             owned = any(
@@ -461,11 +465,12 @@ class _Walk:
 
     # ---- Kueue and disruptions ---------------------------------------------------------------------
     def job_admission(self, stage: str, ss: Manifest, job: JobView) -> str:
-        """Kueue's verdict on the stage's Job (``spec.queueName``): Admitted (unsuspended), Queued (suspended,
-        never admitted) or Evicted (suspended again after the operator saw it admitted: preempted, or its
-        quota reclaimed). The operator never writes ``spec.suspend`` of such a Job; Kueue owns it. The Job
-        controller clears a suspended Job's startTime, so only ``stages.<stage>.queue`` remembers that it ran.
-        An eviction deletes the pods without failing the Job: it is no failure and uses no retry."""
+        """Kueue's verdict on the stage's Job (``spec.queueName``, or a Job some admission controller
+        suspended without one, e.g. Kueue with manageJobsWithoutQueueName): Admitted (unsuspended), Queued
+        (suspended, never admitted) or Evicted (suspended again after the operator saw it admitted: preempted,
+        or its quota reclaimed). The operator never writes ``spec.suspend`` of such a Job; Kueue owns it. The
+        Job controller clears a suspended Job's startTime, so only ``stages.<stage>.queue`` remembers that it
+        ran. An eviction deletes the pods without failing the Job: it is no failure and uses no retry."""
         before = ss.get("queue")
         if not job.suspended:
             state = "Admitted"
@@ -474,28 +479,33 @@ class _Walk:
         else:
             state = "Queued"
         ss["queue"] = state
+        kueue = f"Kueue LocalQueue {job.queue}" if job.queue else ""
+        other = (
+            "spec.queueName is empty: another controller suspended it, e.g. Kueue managing Jobs without a queue name"
+        )
         if state == "Admitted":
-            msg = f"{stage}: Kueue admitted Job {job.name} (LocalQueue {job.queue})"
+            msg = f"{stage}: Job {job.name} admitted" + (f" by {kueue}" if kueue else f" ({other})")
             if before != "Admitted":
                 self.event("Normal", "Admitted", msg)
         elif state == "Queued":
             ss["phase"] = "Waiting"
-            msg = f"{stage}: Job {job.name} is queued in Kueue LocalQueue {job.queue}, waiting for admission"
+            msg = f"{stage}: Job {job.name} is " + (
+                f"queued in {kueue}, waiting for admission" if kueue else f"suspended, waiting to be admitted ({other})"
+            )
             if before != "Queued":
                 self.event("Normal", "Queued", msg)
+            self.status["message"] = msg
         else:
             ss["phase"] = "Waiting"
             if before == "Admitted":
                 ss["evictions"] = ss.get("evictions", 0) + 1
             msg = (
-                f"{stage}: Job {job.name} was evicted by Kueue (preempted, or its quota reclaimed) and waits in "
-                f"LocalQueue {job.queue} to be admitted again; it then resumes from its last checkpoint "
-                f"(eviction {ss.get('evictions', 1)}; not a failure, spec.retries is not used)"
+                f"{stage}: Job {job.name} was evicted" + (" by Kueue" if kueue else "") + " (preempted, or its quota "
+                f"reclaimed) and waits to be admitted again{f' in {kueue}' if kueue else ''}; it then resumes from "
+                f"its last checkpoint (eviction {ss.get('evictions', 1)}; not a failure, spec.retries is not used)"
             )
             if before == "Admitted":
                 self.event("Warning", "Evicted", msg)
-            self.status["message"] = msg
-        if state == "Queued":
             self.status["message"] = msg
         self.admission = (state, msg)
         return state
@@ -558,7 +568,9 @@ class _Walk:
             self.record_disruptions(stage, ss, latest)
         if latest is not None and latest.state == "active" and not latest.deleting:
             ss.update(phase="Running", job=latest.name)
-            if latest.queue is not None and self.job_admission(stage, ss, latest) != "Admitted":
+            # suspended by Kueue (never by the operator), or was: `queue` describes the latest attempt's Job
+            queued = latest.queue is not None or latest.suspended or "queue" in ss
+            if queued and self.job_admission(stage, ss, latest) != "Admitted":
                 ss.pop("ranks", None)
                 return "busy"
             self.record_ranks(stage, ss, latest)

@@ -140,6 +140,18 @@ def test_without_a_queue_there_is_no_admission_state():
     assert "Admitted" not in [c["type"] for c in s.status["conditions"]] and reasons(d) == []
 
 
+def test_a_job_suspended_by_another_controller_without_a_queue_name_waits_and_says_so():
+    # e.g. Kueue with manageJobsWithoutQueueName: its webhook suspends every new Job in the namespace
+    s = Story()
+    s.reconcile()
+    s.api.set_suspend("tiny-sft-1", True)
+    d = s.reconcile()
+    assert reasons(d) == ["Queued"] and s.status["stages"]["sft"]["phase"] == "Waiting"
+    assert "suspended, waiting to be admitted (spec.queueName is empty" in s.status["message"]
+    s.api.set_suspend("tiny-sft-1", False)
+    assert reasons(s.reconcile()) == ["Admitted"] and s.status["message"] == "sft: running Job tiny-sft-1"
+
+
 def test_suspending_a_queued_run_deletes_its_job_and_resuming_queues_a_new_attempt():
     s = Story(queueName=QUEUE)
     s.reconcile()
@@ -205,7 +217,15 @@ def test_a_queued_teacher_is_not_stalled_and_its_ready_clock_starts_at_admission
     assert reasons(d) == ["Admitted"] and cond(s.status, "Admitted")["status"] == "True"
     s.reconcile(20)  # 21 s after admission: still inside the 30 s budget
     assert s.status["stages"]["teacher"].get("failures", 0) == 0
-    d = s.reconcile(15)  # 36 s after admission
+    gated_teacher_pod(s, gated=True)  # Kueue preempted the pod; the ReplicaSet's new one is gated again
+    d = s.reconcile(1)
+    assert reasons(d) == ["Evicted"] and s.status["stages"]["teacher"]["evictions"] == 1
+    assert cond(s.status, "Admitted")["reason"] == "Evicted"
+    s.reconcile(60)
+    assert s.status["stages"]["teacher"].get("failures", 0) == 0
+    gated_teacher_pod(s, gated=False)
+    assert reasons(s.reconcile(1)) == ["Admitted"]
+    d = s.reconcile(31)  # 31 s after the second admission
     assert "TeacherTimeout" in reasons(d)
 
 
