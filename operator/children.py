@@ -57,6 +57,7 @@ def stage_spec(run: DistillationRun) -> dict[str, Any]:
         spec.pop(key, None)
     spec["workspace"].pop("retentionPolicy", None)
     spec["teacher"]["serving"].pop("queueName", None)  # which Kueue queue admits it: not what it serves
+    spec["teacher"]["serving"].pop("networkPolicy", None)  # who may reach the teacher: not what it serves
     return spec
 
 

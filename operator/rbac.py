@@ -83,7 +83,12 @@ USES: dict[tuple[str, str], dict[str, str]] = {
     (CORE, "serviceaccounts"): {"create": _CREATE, "get": _GET_ON_CONFLICT, "list": _LIST},
     (RBAC, "roles"): {"create": _CREATE, "get": _GET_ON_CONFLICT, "list": _LIST},
     (RBAC, "rolebindings"): {"create": _CREATE, "get": _GET_ON_CONFLICT, "list": _LIST},
-    ("networking.k8s.io", "networkpolicies"): {"create": _CREATE, "get": _GET_ON_CONFLICT, "list": _LIST},
+    ("networking.k8s.io", "networkpolicies"): {
+        "create": _CREATE,
+        "get": _GET_ON_CONFLICT,
+        "list": _LIST,
+        "delete": "reconcile._Walk.plumbing: removes the teacher's policy once spec turns it off",
+    },
     (CORE, "pods"): {"list": _LIST, "watch": _KOPF_WATCH},
     # one core/v1 Event per occurrence, never patched; kopf's own posting is off (handlers.configure)
     (CORE, "events"): {"create": "kube.post_event: posts the run's Events"},

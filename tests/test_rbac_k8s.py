@@ -139,6 +139,12 @@ def test_the_operator_uses_every_verb_it_holds_and_no_other(control_plane: Contr
         run.finish("tiny-math-sft-2", 0, {"stage": "sft", "step": 400, "checkpoint": "/workspace/checkpoints/sft/f"})
         run.wait("the distill stage", lambda st: (st.get("stages", {}).get("distill") or {}).get("phase") == "Running")
         check_teacher_access(cp, ns, run)
+        # turned off while distill runs: the policy goes; the stage is not disturbed (not in the run file)
+        off = {"spec": {"teacher": {"serving": {"networkPolicy": False}}}}
+        cp.kubectl("patch", "dr", "tiny-math", "-n", ns, "--type=merge", "-p", json.dumps(off))
+        policy = f"/apis/networking.k8s.io/v1/namespaces/{ns}/networkpolicies/tiny-math-teacher"
+        cp.wait("the NetworkPolicy to go", lambda: not exists(cp, policy), timeout=45)
+        assert run.condition("SpecAccepted")["status"] == "True"
         pvc = cp.get(f"/api/v1/namespaces/{ns}/persistentvolumeclaims/tiny-math-workspace")
         assert pvc["metadata"].get("ownerReferences"), "retentionPolicy Delete: the run owns its workspace"
         run.finish("tiny-math-distill-1", 0, {"stage": "distill", "step": 200, "reverse_kl": 0.4})
