@@ -9,11 +9,15 @@ does it: it unsuspends a labelled Job to admit it and suspends it again to evict
 controller then deletes the pods, clears status.startTime and does not fail the Job). A disruption is
 written the way the scheduler's preemption or the eviction API leaves a pod: condition DisruptionTarget=True
 and phase Failed, through the pod's status subresource; the real Job controller applies the podFailurePolicy.
+Kueue's pod webhook, which holds a teacher pod with the scheduling gate ``kueue.x-k8s.io/admission`` until
+Kueue admits it, is a MutatingAdmissionPolicy of the real API server (fixture ``kueue_pod_gate``); the test
+admits the pod by removing the gate, as Kueue does.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -448,3 +452,110 @@ def test_a_gang_broken_by_a_disruption_is_restarted_whole_without_using_a_retry(
     assert sft["failures"] == 0 and sft["disruptions"] == 1 and st["phase"] == "Running"  # retries 0: none used
     retry = gang(cp, ns, "gang-sft-2")  # at once, not after backoffSeconds
     assert all("--resume" in p["spec"]["containers"][0]["command"] for p in retry)
+
+
+@pytest.fixture
+def kueue_pod_gate(cp: ControlPlane, ns: str) -> Iterator[None]:
+    """Kueue's pod webhook, as a MutatingAdmissionPolicy of the real API server: a pod created in ``ns`` with
+    the queue label gets the scheduling gate ``kueue.x-k8s.io/admission`` (Kueue removes it on admission).
+    Yields once the API server applies it (a server-side dry-run pod comes back gated)."""
+    name = f"kueue-pod-gate-{ns}"[:63]
+    gate = names.KUEUE_ADMISSION_GATE
+    cp.apply(
+        [
+            {
+                "apiVersion": "admissionregistration.k8s.io/v1",
+                "kind": "MutatingAdmissionPolicy",
+                "metadata": {"name": name},
+                "spec": {
+                    "matchConstraints": {
+                        "resourceRules": [
+                            {"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"], "resources": ["pods"]}
+                        ],
+                        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}},
+                    },
+                    "matchConditions": [
+                        {
+                            "name": "queued",
+                            "expression": f"has(object.metadata.labels) && '{names.KUEUE_QUEUE_LABEL}' in "
+                            "object.metadata.labels",
+                        }
+                    ],
+                    "failurePolicy": "Fail",
+                    "reinvocationPolicy": "Never",
+                    "mutations": [
+                        {
+                            "patchType": "ApplyConfiguration",
+                            "applyConfiguration": {
+                                "expression": "Object{spec: Object.spec{schedulingGates: "
+                                f'[Object.spec.schedulingGates{{name: "{gate}"}}]}}}}'
+                            },
+                        }
+                    ],
+                },
+            },
+            {
+                "apiVersion": "admissionregistration.k8s.io/v1",
+                "kind": "MutatingAdmissionPolicyBinding",
+                "metadata": {"name": name},
+                "spec": {"policyName": name},
+            },
+        ]
+    )
+    probe = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "gate-probe", "labels": {names.KUEUE_QUEUE_LABEL: QUEUE}},
+        "spec": {
+            "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "seccompProfile": {"type": "RuntimeDefault"}},
+            "containers": [
+                {
+                    "name": "c",
+                    "image": "registry.invalid/probe",
+                    "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+                }
+            ],
+        },
+    }
+
+    def gated() -> bool:
+        made = cp.request("POST", f"/api/v1/namespaces/{ns}/pods?dryRun=All", probe)
+        return gate in [g["name"] for g in made["spec"].get("schedulingGates") or []]
+
+    cp.wait("the pod gate policy to be in force", gated, timeout=TIMEOUT)
+    yield
+    for kind in ("mutatingadmissionpolicybindings", "mutatingadmissionpolicies"):
+        cp.request("DELETE", f"/apis/admissionregistration.k8s.io/v1/{kind}/{name}", ok=(200, 202, 404))
+
+
+def test_a_teacher_held_by_kueues_pod_gate_is_queued_not_stalled_and_not_timed_out(
+    cp: ControlPlane, ns: str, operator: Operator, kueue_pod_gate: None
+):
+    doc = tiny_math("gated", queueName=QUEUE)
+    doc["spec"]["sft"]["enabled"] = False
+    doc["spec"]["eval"]["targets"] = ["student", "distill"]
+    doc["spec"]["teacher"]["serving"]["readyTimeoutSeconds"] = 3
+    run = Run(cp, ns, doc)
+    st = stage_is(run, "teacher", queue="Queued")
+    pod = cp.wait_for_pod(ns, "opd.dev/stage=teacher", lambda p: True, "created")
+    scheduled = next(c for c in pod["status"].get("conditions", []) if c["type"] == "PodScheduled")
+    assert scheduled["reason"] == "SchedulingGated"  # the real scheduler's verdict on the gated pod
+    assert st["message"] == f"teacher: pod {pod['metadata']['name']} waits for admission by Kueue (LocalQueue team-a)"
+    assert run.condition("Admitted")["reason"] == "Queued"
+    time.sleep(5)  # past readyTimeoutSeconds (3 s), every second of it queued: no TeacherTimeout
+    st = run.status()
+    assert st["stages"]["teacher"].get("failures", 0) == 0 and st["stages"]["teacher"]["attempts"] == 1
+    assert not [c for c in st["conditions"] if c["type"] == "Stalled" and c["status"] == "True"]
+    assert run.jobs() == []  # no learner before its teacher
+    # Kueue admits the pod: it removes the gate; the scheduler places it, kwok runs it, the Deployment is Available
+    cp.request(
+        "PATCH",
+        f"/api/v1/namespaces/{ns}/pods/{pod['metadata']['name']}",
+        [{"op": "remove", "path": "/spec/schedulingGates"}],
+        content_type="application/json-patch+json",
+    )
+    stage_is(run, "teacher", queue="Admitted", phase="Running")
+    st = stage_is(run, "distill", queue="Queued")  # the learner's Job queues in turn
+    assert st["stages"]["teacher"].get("failures", 0) == 0 and run.condition("TeacherReady")["status"] == "True"
+    set_suspend(cp, ns, "gated-distill-1", False)
+    stage_is(run, "distill", queue="Admitted", phase="Running")
