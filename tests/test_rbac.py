@@ -172,3 +172,35 @@ def test_the_scan_sees_each_kind_of_call():
     ]:
         assert triple in found, triple
     assert ("", "secrets", "get") not in found
+
+
+def test_the_chart_installs_the_stage_status_policy_unless_told_not_to():
+    """The chart's policy is operator/admission.py's (through files/stage-status-policy.yaml), bound with
+    Deny; the namespaced variant (no cluster-scoped objects) and rbac.stageStatusPolicy=false leave it out."""
+    from opd_operator.admission import guarded_fields, policy_spec
+
+    from chart_support import CHART, by_kind, one, render
+
+    objs = render()
+    policy, binding = one(objs, "ValidatingAdmissionPolicy"), one(objs, "ValidatingAdmissionPolicyBinding")
+    assert policy["spec"] == policy_spec()
+    assert binding["spec"] == {"policyName": policy["metadata"]["name"], "validationActions": ["Deny"]}
+    assert {"phase", "stages", "conditions", "evalScore"} <= set(
+        guarded_fields()
+    ) and "progress" not in guarded_fields()
+    assert not by_kind(render(sets={"rbac.stageStatusPolicy": "false"}), "ValidatingAdmissionPolicy")
+    assert not by_kind(render(CHART / "ci" / "namespaced-values.yaml"), "ValidatingAdmissionPolicy")
+
+
+def test_the_admission_command_prints_the_policy_and_its_binding():
+    import subprocess
+    import sys
+
+    import yaml
+
+    from opd_operator.admission import stage_status_policy
+
+    out = subprocess.run(
+        [sys.executable, "-m", "opd_operator.admission"], capture_output=True, text=True, check=True
+    ).stdout
+    assert list(yaml.safe_load_all(out)) == stage_status_policy()
