@@ -204,3 +204,19 @@ def test_the_admission_command_prints_the_policy_and_its_binding():
         [sys.executable, "-m", "opd_operator.admission"], capture_output=True, text=True, check=True
     ).stdout
     assert list(yaml.safe_load_all(out)) == stage_status_policy()
+
+
+def test_leader_election_holds_exactly_the_lease_verbs_it_uses():
+    """leader.py's Lease requests (HTTP methods read from its source) are the verbs of
+    ``rbac.leader_election_rules``, granted in the operator's own namespace only (not in ``USES``)."""
+    verb_of = {"GET": "get", "POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}
+    used = {
+        verb_of[literal(node.args[0]) or "?"]
+        for node in ast.walk(tree("leader"))
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "request" and node.args
+    }
+    rules = rbac.leader_election_rules("opd-operator")
+    assert used == {v for rule in rules for v in rule["verbs"]} == {"get", "create", "update"}
+    assert all(rule["apiGroups"] == ["coordination.k8s.io"] and rule["resources"] == ["leases"] for rule in rules)
+    assert [r.get("resourceNames") for r in rules if set(r["verbs"]) & {"get", "update"}] == [["opd-operator"]]
+    assert ("coordination.k8s.io", "leases") not in rbac.USES
