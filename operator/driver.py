@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from . import leader, metrics
+from .cache import OVERLAY, Children
 from .conditions import READY, set_condition
 from .kube import Api, ApiError, apply_action, list_children, post_event
 from .observe import observe, unlisted_claims
@@ -37,13 +38,21 @@ def merge_patch(old: Any, new: Any) -> Any:
     return patch or None
 
 
-def reconcile_once(api: Api, namespace: str, name: str, now: datetime | None = None) -> Decision | None:
-    """Reconcile run ``namespace/name``; None when it is gone or being deleted (its children go with it)."""
+def reconcile_once(
+    api: Api, namespace: str, name: str, now: datetime | None = None, indexed: Children | None = None
+) -> Decision | None:
+    """Reconcile run ``namespace/name``; None when it is gone or being deleted (its children go with it).
+    ``indexed``: the children as the watches saw them (cache.py); None LISTs them."""
     now = now or datetime.now(UTC)
     obj = api.get("DistillationRun", namespace, name)
     if obj is None or obj["metadata"].get("deletionTimestamp"):
+        OVERLAY.forget(namespace, name)
         return None
-    found = list_children(api, namespace, name)
+    if indexed is None:
+        found = list_children(api, namespace, name)
+        OVERLAY.forget(namespace, name)  # the LIST is the truth: nothing of ours is pending any more
+    else:
+        found = OVERLAY.apply(namespace, name, indexed)
     claims = [c for c in (api.get("PersistentVolumeClaim", namespace, n) for n in unlisted_claims(found)) if c]
     decision = decide(obj, observe(name, found, claims), now)
     old = {k: v for k, v in (obj.get("status") or {}).items() if k != "progress"}
@@ -51,6 +60,7 @@ def reconcile_once(api: Api, namespace: str, name: str, now: datetime | None = N
     for action in decision.actions:
         try:
             apply_action(api, namespace, action)
+            OVERLAY.record(namespace, name, action)
         except ApiError as err:  # e.g. admission refused a pod spec, or a quota: say so on the run
             reason = getattr(err, "reason", "ReconcileError")  # ForeignObject: a name taken by another object
             report_refusal(api, obj, old, f"{action.verb} {action.kind} {action.name}: {err}", now, reason)
@@ -94,11 +104,11 @@ def report_refusal(
         post_event(api, obj, Event("Warning", reason, message), rfc3339(now))
 
 
-def reconcile_safely(api: Api, namespace: str, name: str) -> float | None:
+def reconcile_safely(api: Api, namespace: str, name: str, indexed: Children | None = None) -> float | None:
     """``reconcile_once`` that counts and logs errors instead of raising; returns the requeue delay."""
     metrics.RECONCILES.inc()
     try:
-        decision = reconcile_once(api, namespace, name)
+        decision = reconcile_once(api, namespace, name, indexed=indexed)
     except Exception:  # the next round retries; the error is counted and logged with its traceback
         metrics.RECONCILE_ERRORS.inc()
         log.exception("reconcile of %s/%s failed", namespace, name)

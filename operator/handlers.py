@@ -6,7 +6,9 @@ deadline (``Decision.requeue_after``), or the resync (OPD_RESYNC_SECONDS, defaul
 changes a run's state is one of those events, so the resync is only a safety net (a missed watch event,
 an object changed behind the operator's back) and an idle run costs one reconcile — a GET and a LIST of
 each child kind — per resync, not per few seconds. A pod that cannot be scheduled or pulled wakes the
-run at once (its Stalled condition shows within a second or two).
+run at once (its Stalled condition shows within a second or two). A round woken by an event reads the
+children from kopf's index (``run_children``, cache.py) instead of LISTing them; the first round and each
+resync LIST.
 
 kopf watches the children kinds with a server-side label selector (the operator's
 ``app.kubernetes.io/managed-by``), so a shared cluster's other pods never reach the operator. kopf
@@ -16,6 +18,7 @@ restarts the daemons of existing runs when the operator starts again, so a resta
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import os
 from collections.abc import Mapping
@@ -25,15 +28,19 @@ import kopf
 
 from opd_runtime.contract import GROUP, PLURAL, VERSION
 
-from . import driver, metrics, names
-from .kube import RestApi
+from . import cache, driver, metrics, names
+from .kube import RESOURCES, RestApi
+from .observe import KINDS
 
 log = logging.getLogger("opd_operator")
 RESYNC_SECONDS = float(os.environ.get("OPD_RESYNC_SECONDS", "60"))
 METRICS_PORT = int(os.environ.get("OPD_METRICS_PORT", "8000"))
 CHILD_LABELS: dict[str, Any] = {names.RUN_LABEL: kopf.PRESENT, "app.kubernetes.io/managed-by": names.MANAGER}
-# The children kinds whose events wake their run: (group, plural) as kopf names them.
-WATCHED_CHILDREN = (("batch", "jobs"), ("apps", "deployments"), ("", "pods"), ("", "persistentvolumeclaims"))
+# The children kinds kopf watches (server-side selected by label) and indexes: (group, version, plural).
+WATCHED_CHILDREN = tuple(
+    ("" if prefix == "/api/v1" else prefix.split("/")[2], prefix.split("/")[-1], plural)
+    for prefix, plural in (RESOURCES[kind] for kind in KINDS)
+)
 
 _wakers: dict[tuple[str, str], asyncio.Event] = {}
 _api: RestApi | None = None
@@ -55,7 +62,7 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     )
     settings.posting.enabled = False  # the reconciler posts its own, meaningful Events
     settings.watching.server_timeout = 300
-    for group, plural in WATCHED_CHILDREN:  # server-side: only the operator's own children are streamed
+    for group, _, plural in WATCHED_CHILDREN:  # server-side: only the operator's own children are streamed
         settings.watching.label_selectors[group, plural] = f"app.kubernetes.io/managed-by={names.MANAGER}"
     if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)  # not "Handler ... succeeded" per event
@@ -83,25 +90,48 @@ async def child_changed(namespace: str | None, labels: Mapping[str, str], **_: A
     _wake(namespace, labels.get(names.RUN_LABEL))
 
 
-async def _sleep(wake: asyncio.Event, stopped: kopf.DaemonStopped, seconds: float) -> None:
+def run_children(
+    namespace: str | None, labels: Mapping[str, str], body: kopf.Body, resource: kopf.Resource, **_: Any
+) -> dict[tuple[str, str], dict[str, Any]]:
+    """kopf's index of the runs' children (cache.py): (namespace, run) -> {kind, body} per object, for
+    every kind in ``observe.KINDS``. kopf starts no daemon before it holds the initial listing of each."""
+    return {(namespace or "", labels[names.RUN_LABEL]): {"kind": resource.kind, "body": copy.deepcopy(dict(body))}}
+
+
+for _group, _version, _plural in WATCHED_CHILDREN:
+    run_children = kopf.index(_group, _version, _plural, labels=CHILD_LABELS)(run_children)
+
+
+async def _sleep(wake: asyncio.Event, stopped: kopf.DaemonStopped, seconds: float) -> bool:
+    """Wait for a wake-up, the daemon's stop or ``seconds``; True when an event woke it."""
     waiters = [asyncio.ensure_future(wake.wait()), asyncio.ensure_future(stopped.wait())]
     try:
         await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
     finally:
         for waiter in waiters:
             waiter.cancel()
+    woken = wake.is_set()
     wake.clear()
+    return woken
 
 
 @kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=10.0)
-async def reconcile_run(namespace: str | None, name: str, stopped: kopf.DaemonStopped, **_: Any) -> None:
+async def reconcile_run(
+    namespace: str | None, name: str, stopped: kopf.DaemonStopped, run_children: kopf.Index, **_: Any
+) -> None:
+    """The run's loop. A round woken by an event reads the children from the index; the first round and
+    every resync LIST them (the truth: it also corrects anything the watches might have missed)."""
     assert namespace is not None  # DistillationRuns are namespaced
     wake = _wakers.setdefault((namespace, name), asyncio.Event())
+    indexed: cache.Children | None = None
     try:
         while not stopped:
-            delay = await asyncio.to_thread(driver.reconcile_safely, api(), namespace, name)
+            delay = await asyncio.to_thread(driver.reconcile_safely, api(), namespace, name, indexed)
             wait = RESYNC_SECONDS if delay is None else min(RESYNC_SECONDS, max(0.5, delay))
-            await _sleep(wake, stopped, wait)
+            woken = await _sleep(wake, stopped, wait)
+            # copied here, in the event loop that updates the index, not in the reconcile's thread
+            indexed = cache.from_index(run_children.get((namespace, name), [])) if woken else None
     finally:
         _wakers.pop((namespace, name), None)
+        cache.OVERLAY.forget(namespace, name)
         metrics.forget(namespace, name)

@@ -34,6 +34,7 @@ _CREATE = "kube.apply_action: reconcile creates it (create)"
 _GET_ON_CONFLICT = "kube.apply_action: a create answered 409 reads the existing object to check it is the run's"
 _LIST = "kube.list_children: observe lists each run's children by label"
 _KOPF_WATCH = "handlers.child_changed: kopf lists and watches it to wake the run's reconcile"
+_INDEX = "handlers.run_children: kopf lists and watches it to keep each run's children in memory (cache.py)"
 
 # (API group, resource) -> verb -> the code path that needs it. Verbs not listed here are not granted.
 USES: dict[tuple[str, str], dict[str, str]] = {
@@ -65,6 +66,7 @@ USES: dict[tuple[str, str], dict[str, str]] = {
         "create": _CREATE,
         "get": _GET_ON_CONFLICT,
         "list": _LIST,
+        "watch": _INDEX,
         "delete": "reconcile._Walk.stop_teacher: removes the teacher's Service (drop_ranks_service too)",
     },
     (CORE, "persistentvolumeclaims"): {
@@ -78,16 +80,18 @@ USES: dict[tuple[str, str], dict[str, str]] = {
         "create": _CREATE,
         "get": _GET_ON_CONFLICT,
         "list": _LIST,
+        "watch": _INDEX,
         "patch": "reconcile._Walk.spec_freeze: writes an edited spec into <run>-spec",
     },
-    (CORE, "serviceaccounts"): {"create": _CREATE, "get": _GET_ON_CONFLICT, "list": _LIST},
-    (RBAC, "roles"): {"create": _CREATE, "get": _GET_ON_CONFLICT, "list": _LIST},
-    (RBAC, "rolebindings"): {"create": _CREATE, "get": _GET_ON_CONFLICT, "list": _LIST},
+    (CORE, "serviceaccounts"): {"create": _CREATE, "get": _GET_ON_CONFLICT, "list": _LIST, "watch": _INDEX},
+    (RBAC, "roles"): {"create": _CREATE, "get": _GET_ON_CONFLICT, "list": _LIST, "watch": _INDEX},
+    (RBAC, "rolebindings"): {"create": _CREATE, "get": _GET_ON_CONFLICT, "list": _LIST, "watch": _INDEX},
     ("networking.k8s.io", "networkpolicies"): {
+        "delete": "reconcile._Walk.plumbing: removes the teacher's policy once spec turns it off",
         "create": _CREATE,
         "get": _GET_ON_CONFLICT,
         "list": _LIST,
-        "delete": "reconcile._Walk.plumbing: removes the teacher's policy once spec turns it off",
+        "watch": _INDEX,
     },
     (CORE, "pods"): {"list": _LIST, "watch": _KOPF_WATCH},
     # one core/v1 Event per occurrence, never patched; kopf's own posting is off (handlers.configure)

@@ -19,8 +19,10 @@ import pytest
 from test_operator_k8s import TIMEOUT, Operator, Run, cp, ns, operator_kubeconfig, tiny_math
 
 from opd_operator.__main__ import main as operator_main
+from opd_operator.cache import Overlay, from_index
 from opd_operator.kube import request_kind
 from opd_operator.rbac import cluster_role, leader_election_rules
+from opd_operator.reconcile import Action
 
 from controlplane import HELD_IMAGE, ControlPlane
 
@@ -94,6 +96,34 @@ def test_requests_are_counted_by_rbac_verb_and_resource():
     )
     assert request_kind("PUT", "/apis/coordination.k8s.io/v1/namespaces/s/leases/l") == ("update", "leases")
     assert request_kind("POST", "/api/v1/namespaces/a/events") == ("create", "events")
+
+
+def job(name: str, **meta: str) -> dict:
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": name, **meta}}
+
+
+def test_the_operators_own_create_shows_until_the_index_has_it():
+    overlay = Overlay()
+    overlay.record("ns", "r", Action("create", "Job", "r-sft-1", job("r-sft-1")))
+    empty = from_index([])
+    (shown,) = overlay.apply("ns", "r", empty)["Job"]  # the watch event has not arrived yet
+    assert shown["metadata"]["name"] == "r-sft-1" and shown["metadata"]["creationTimestamp"]
+    assert overlay.apply("ns", "other-run", empty)["Job"] == []
+    real = job("r-sft-1", uid="u1")
+    assert overlay.apply("ns", "r", from_index([{"kind": "Job", "body": real}]))["Job"] == [real]
+    assert overlay.apply("ns", "r", empty)["Job"] == []  # confirmed once: the index alone from then on
+
+
+def test_the_operators_own_delete_shows_as_deleting_until_the_index_drops_it():
+    overlay = Overlay()
+    teacher = {"kind": "Deployment", "body": {"metadata": {"name": "r-teacher"}}}
+    overlay.record("ns", "r", Action("delete", "Deployment", "r-teacher"))
+    (going,) = overlay.apply("ns", "r", from_index([teacher]))["Deployment"]
+    assert going["metadata"]["deletionTimestamp"] and "deletionTimestamp" not in teacher["body"]["metadata"]
+    assert overlay.apply("ns", "r", from_index([]))["Deployment"] == []
+    overlay.record("ns", "r", Action("delete", "Deployment", "r-teacher"))
+    overlay.forget("ns", "r")  # after a LIST: nothing pending
+    assert overlay.apply("ns", "r", from_index([teacher]))["Deployment"] == [teacher["body"]]
 
 
 @pytest.fixture(scope="module")
@@ -215,7 +245,7 @@ def test_two_replicas_one_acts_and_the_standby_takes_over_when_the_leader_dies(
 
 
 @pytest.mark.k8s
-def test_an_idle_run_lists_nothing_until_a_pod_event_wakes_it(
+def test_an_idle_run_costs_no_request_and_events_wake_it_without_lists(
     cp: ControlPlane, ns: str, operator_kubeconfig: Path, tmp_path: Path
 ):
     # The operator's default resync (60 s): a reconcile in the windows below comes from an event, or it is
@@ -251,6 +281,15 @@ def test_an_idle_run_lists_nothing_until_a_pod_event_wakes_it(
         )
         woke = time.monotonic() - changed  # the last reconcile was >= 12 s before: a resync would need ~48 s
         print(f"Stalled {woke:.1f}s after the pod's waiting state was written")
-        assert api_requests(op).get(("list", "jobs"), 0) > before.get(("list", "jobs"), 0)  # it did reconcile
+        # That round read the children from the watch-fed index: a GET of the run, no LIST.
+        after = api_requests(op)
+        assert after[("get", "distillationruns")] > before[("get", "distillationruns")]
+        assert {k: v for k, v in after.items() if k[0] == "list"} == {k: v for k, v in before.items() if k[0] == "list"}
+
+        # A stage's progress report (every 10 s while a stage runs) wakes the run too, and costs no LIST.
+        run.report_progress("sft", 7, 400)
+        run.wait("step 7", lambda st: st.get("step") == 7)
+        lists = {k: v for k, v in api_requests(op).items() if k[0] == "list"}
+        assert lists == {k: v for k, v in before.items() if k[0] == "list"}
     finally:
         op.stop()
