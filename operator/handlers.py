@@ -62,7 +62,7 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     )
     settings.posting.enabled = False  # the reconciler posts its own, meaningful Events
     settings.watching.server_timeout = 300
-    for group, _, plural in WATCHED_CHILDREN:  # server-side: only the operator's own children are streamed
+    for group, _version, plural in WATCHED_CHILDREN:  # server-side: only the operator's own children are streamed
         settings.watching.label_selectors[group, plural] = f"app.kubernetes.io/managed-by={names.MANAGER}"
     if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)  # not "Handler ... succeeded" per event
@@ -98,8 +98,8 @@ def run_children(
     return {(namespace or "", labels[names.RUN_LABEL]): {"kind": resource.kind, "body": copy.deepcopy(dict(body))}}
 
 
-for _group, _version, _plural in WATCHED_CHILDREN:
-    run_children = kopf.index(_group, _version, _plural, labels=CHILD_LABELS)(run_children)
+for _group, _version, _plural in WATCHED_CHILDREN:  # registers the same index for every kind
+    kopf.index(_group, _version, _plural, labels=CHILD_LABELS)(run_children)
 
 
 async def _sleep(wake: asyncio.Event, stopped: kopf.DaemonStopped, seconds: float) -> bool:
@@ -116,12 +116,11 @@ async def _sleep(wake: asyncio.Event, stopped: kopf.DaemonStopped, seconds: floa
 
 
 @kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=10.0)
-async def reconcile_run(
-    namespace: str | None, name: str, stopped: kopf.DaemonStopped, run_children: kopf.Index, **_: Any
-) -> None:
+async def reconcile_run(namespace: str | None, name: str, stopped: kopf.DaemonStopped, **kwargs: Any) -> None:
     """The run's loop. A round woken by an event reads the children from the index; the first round and
     every resync LIST them (the truth: it also corrects anything the watches might have missed)."""
     assert namespace is not None  # DistillationRuns are namespaced
+    index: kopf.Index[tuple[str, str], dict[str, Any]] = kwargs["run_children"]  # kopf passes indexes by name
     wake = _wakers.setdefault((namespace, name), asyncio.Event())
     indexed: cache.Children | None = None
     try:
@@ -130,7 +129,7 @@ async def reconcile_run(
             wait = RESYNC_SECONDS if delay is None else min(RESYNC_SECONDS, max(0.5, delay))
             woken = await _sleep(wake, stopped, wait)
             # copied here, in the event loop that updates the index, not in the reconcile's thread
-            indexed = cache.from_index(run_children.get((namespace, name), [])) if woken else None
+            indexed = cache.from_index(index.get((namespace, name), [])) if woken else None
     finally:
         _wakers.pop((namespace, name), None)
         cache.OVERLAY.forget(namespace, name)
