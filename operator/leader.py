@@ -1,11 +1,13 @@
 """Leader election over a ``coordination.k8s.io/v1`` Lease, with client-go's semantics.
 
 Why a Lease and not kopf's peering: kopf peering is presence, not a lock. Peers post keep-alives into a
-KopfPeering object and the lower-priority ones pause; peers of *equal* priority (two replicas of one
-Deployment) both keep running and kopf only logs a warning, and two peers starting at once each see
-nobody for a moment. It also needs its own CRD. A Lease update carries ``metadata.resourceVersion``, so
-of two candidates racing for an expired Lease the API server lets exactly one write win (the other gets
-409) — the same lock every Kubernetes controller (kube-controller-manager, controller-runtime) uses.
+KopfPeering object (its own CRD) every ``settings.peering.lifetime`` (60 s by default) and a peer pauses
+while one of *higher* priority is alive; by kopf's documentation, peers of *equal* priority — two replicas
+of one Deployment — all warn and freeze, leaving the cluster unserved, so replicas would need distinct
+priorities (a standby then resumes only once the other's keep-alive has expired), and two peers starting
+at once each see nobody for a moment. A Lease update carries ``metadata.resourceVersion``, so of two
+candidates racing for an expired Lease the API server lets exactly one write win (the other gets 409) —
+the lock every Kubernetes controller (kube-controller-manager, controller-runtime) uses.
 
 How it runs (operator/__main__.py): a candidate does nothing but read the Lease every ``retry_period``
 until it holds it; only then does it start kopf (watches, daemons, writes). So a standby makes no
