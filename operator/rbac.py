@@ -9,11 +9,12 @@ under the chart's RBAC on a real API server, compares the audit log with these r
 removing a rule makes its step fail with 403.
 
 ``stage_rules(run)`` is the Role the operator creates per run for the ServiceAccount ``<run>-stage`` of its
-stage pods: get and merge-patch their own run's status; the ValidatingAdmissionPolicy of ``admission.py``
-(installed by the chart) lets the API server admit only changes to ``status.progress`` from them.
+stage pods: merge-patch their own run's status (they never read it); the ValidatingAdmissionPolicy of
+``admission.py`` (installed by the chart) lets the API server admit only changes to ``status.progress``
+from them.
 
 Creating that Role needs no ``escalate``/``bind`` verbs: RBAC lets a subject grant permissions it holds,
-which is why the operator holds ``get`` on ``distillationruns/status`` although it never calls it.
+and the operator holds ``patch`` on ``distillationruns/status`` itself.
 
 Adding a permission (other features): add the verb to ``USES`` with the function that calls it — e.g.
 ``("coordination.k8s.io", "leases"): {"get": ..., "create": ..., "update": ...}`` for leader election, or
@@ -45,8 +46,7 @@ USES: dict[tuple[str, str], dict[str, str]] = {
         "patch": "handlers.configure: kopf patches its finalizer and annotations onto the run",
     },
     (GROUP, f"{PLURAL}/status"): {
-        "patch": "driver.reconcile_once: writes the status (driver.report_refusal too)",
-        "get": "rbac.stage_rules: granted onward to the stage Role (RBAC grants only what the granter holds)",
+        "patch": "driver.reconcile_once: writes the status (report_refusal too); granted onward in stage_rules",
     },
     (BATCH, "jobs"): {
         "create": _CREATE,
@@ -126,13 +126,14 @@ OPERATOR_RULES: list[Rule] = _rules()
 
 
 def stage_rules(run_name: str) -> list[Rule]:
-    """The Role of ``<run>-stage``: get and patch this one run's status, nothing else."""
+    """The Role of ``<run>-stage``: patch this one run's status, nothing else (stage_report.StatusPatcher only
+    patches; RBAC lets the operator grant this because it holds the same verb)."""
     return [
         {
             "apiGroups": [GROUP],
             "resources": [f"{PLURAL}/status"],
             "resourceNames": [run_name],
-            "verbs": ["get", "patch"],
+            "verbs": ["patch"],
         }
     ]
 

@@ -65,7 +65,7 @@ def test_rbac_rules_are_data():
     verbs = {
         (g, r): set(rule["verbs"]) for rule in OPERATOR_RULES for g in rule["apiGroups"] for r in rule["resources"]
     }
-    assert verbs[("opd.dev", "distillationruns/status")] == {"get", "patch"}  # get: granted onward (stage Role)
+    assert verbs[("opd.dev", "distillationruns/status")] == {"patch"}  # no get: nothing reads it separately
     assert ("", "secrets") not in verbs and not any("update" in v and g == "" for (g, _), v in verbs.items())
     # each verb's reason and the proof that the code uses it: tests/test_rbac.py, tests/test_rbac_k8s.py
     assert stage_rules("r")[0]["resourceNames"] == ["r"]

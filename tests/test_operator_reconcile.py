@@ -77,7 +77,7 @@ def test_stage_role_allows_only_this_runs_status():
             "apiGroups": ["opd.dev"],
             "resources": ["distillationruns/status"],
             "resourceNames": ["tiny"],
-            "verbs": ["get", "patch"],
+            "verbs": ["patch"],
         }
     ]
 
