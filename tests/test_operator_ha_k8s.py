@@ -293,3 +293,25 @@ def test_an_idle_run_costs_no_request_and_events_wake_it_without_lists(
         assert lists == {k: v for k, v in before.items() if k[0] == "list"}
     finally:
         op.stop()
+
+
+@pytest.mark.k8s
+def test_a_leader_that_loses_its_lease_exits_before_another_may_act(
+    cp: ControlPlane, election: tuple[Path, str], replicas: list[Operator]
+):
+    _, home = election
+    leader = replicas[0]
+    leader.start()
+    cp.wait("the replica to lead", lambda: gauge(leader, "opd_operator_leader") == 1.0, timeout=TIMEOUT)
+    # Another holder takes the Lease behind its back (as after a network partition): its renewals fail.
+    path = f"/apis/coordination.k8s.io/v1/namespaces/{home}/leases/{LEASE}"
+    lease = cp.get(path)
+    lease["spec"]["holderIdentity"] = "someone-else"
+    cp.request("PUT", path, lease)
+    assert leader.proc is not None
+    taken = time.monotonic()
+    assert leader.proc.wait(timeout=TIMEOUT) == 1  # leader.EXIT_LOST: the kubelet restarts it as a standby
+    stopped_after = time.monotonic() - taken
+    assert stopped_after < LEASE_SECONDS + 2, f"kept running {stopped_after:.1f}s without the Lease"
+    assert "not renewed for" in leader.log.read_text()
+    assert holder(cp, home) == "someone-else"  # it did not take the Lease back by force
