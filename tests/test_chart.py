@@ -71,7 +71,12 @@ def test_leader_election_is_granted_its_lease_in_the_release_namespace_only():
     granted = [r for cr in by_kind(objs, "ClusterRole") for r in cr["rules"]]
     assert not any("leases" in r["resources"] for r in granted)
 
+    pdb = one(objs, "PodDisruptionBudget")  # a drain evicts one replica at a time
+    assert pdb["spec"]["maxUnavailable"] == 1
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= dep["spec"]["template"]["metadata"]["labels"].items()
+
     single = render(namespace=NS, sets={"leaderElection.enabled": "false", "replicas": "1"})
+    assert not by_kind(single, "PodDisruptionBudget")
     spec = one(single, "Deployment")["spec"]
     assert spec["replicas"] == 1 and spec["strategy"] == {"type": "Recreate"}
     assert "--leader-elect" not in spec["template"]["spec"]["containers"][0]["args"]
