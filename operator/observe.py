@@ -108,6 +108,7 @@ class Observed:
     present: frozenset[tuple[str, str]]  # (kind, name) of every child found
     jobs: tuple[JobView, ...] = ()
     live_pods: dict[str, tuple[str, ...]] = field(default_factory=dict)  # stage -> pods not yet finished
+    going: frozenset[str] = frozenset()  # pods being deleted (deletionTimestamp set): live, but on their way out
     waiting: dict[str, Waiting] = field(default_factory=dict)  # stage -> why its pods do not run (see waiting)
     teacher: TeacherView | None = None
     pvc: Manifest | None = None
@@ -404,6 +405,7 @@ def observe(run_name: str, children: dict[str, list[Manifest]], claims: Sequence
         present=present,
         jobs=jobs,
         live_pods={k: tuple(v) for k, v in live.items()},
+        going=frozenset(p["metadata"]["name"] for p in pods if p["metadata"].get("deletionTimestamp")),
         waiting=waiting(pods, by_name),
         teacher=teacher_view(deployment) if deployment else None,
         pvc=pvc,

@@ -187,8 +187,13 @@ class _Walk:
                 False,
                 "ChangedWhileRunning",
                 f"{', '.join(paths[:5])}{' ...' if len(paths) > 5 else ''} changed while the {what} stage "
-                f"runs; it keeps running with the previous spec and later stages get the new one. Revert "
-                f"the edit, or suspend and resume the run to restart {what} with it.",
+                + (
+                    f"waits in its queue (Job {active[0].name} is suspended); it will run with the previous spec"
+                    if active[0].suspended
+                    else "runs; it keeps running with the previous spec"
+                )
+                + f" and later stages get the new one. Revert the edit, or suspend and resume the run to restart "
+                f"{what} with it.",
             )
             before = conditions.get(self.old.get("conditions") or [], conditions.SPEC_ACCEPTED) or {}
             if before.get("status") != "False":
@@ -577,7 +582,10 @@ class _Walk:
             stuck = self.observed.waiting.get(stage)
             if stuck is not None:
                 self.stalled = (stage, stuck)
-            self.keep_stall = latest.failure_reason is not None or not self.observed.live_pods.get(stage)
+            # Pods on their way out (a deadline's, seen before the Job's FailureTarget reaches a watch-fed view)
+            # say nothing new: Stalled keeps what it said, so the failure can name what the attempt waited for.
+            staying = [p for p in self.observed.live_pods.get(stage, ()) if p not in self.observed.going]
+            self.keep_stall = latest.failure_reason is not None or not staying
             return "busy"
         ss.pop("ranks", None)  # no attempt runs
         if latest is not None and latest.state == "succeeded":

@@ -185,6 +185,25 @@ def test_a_queue_name_edit_is_no_spec_change_for_a_running_stage():
     assert s.api.get("Job", "ns", "tiny-distill-1")["metadata"]["labels"][names.KUEUE_QUEUE_LABEL] == "team-b"
 
 
+def test_an_edit_while_the_stage_is_queued_is_refused_saying_it_is_queued():
+    s = Story(queueName=QUEUE)
+    s.reconcile()
+    s.reconcile()
+    s.api.edit_spec(sft={"steps": 7})
+    s.reconcile()
+    refused = cond(s.status, "SpecAccepted")
+    assert (
+        refused["status"] == "False"
+        and "sft stage waits in its queue (Job tiny-sft-1 is suspended)" in refused["message"]
+    )
+    s.api.edit_spec(suspend=True)  # the documented way: suspend and resume, a new Job with the new spec
+    s.reconcile()
+    s.api.edit_spec(suspend=False)
+    s.reconcile()
+    assert s.jobs() == ["tiny-sft-2"] and cond(s.status, "SpecAccepted")["status"] == "True"
+    assert "steps: 7" in s.api.get("ConfigMap", "ns", "tiny-spec")["data"]["run.yaml"]
+
+
 def gated_teacher_pod(s: Story, *, gated: bool) -> None:
     """What Kueue's pod integration does to a teacher pod: a scheduling gate until it admits the pod."""
     labels = {**names.labels("tiny", "teacher"), names.KUEUE_QUEUE_LABEL: QUEUE}

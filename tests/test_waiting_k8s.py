@@ -192,6 +192,18 @@ def test_a_missed_stage_deadline_fails_the_attempt_naming_the_field_and_is_retri
     assert s.jobs() == ["tiny-sft-1", "tiny-sft-2"]
 
 
+def test_stalled_is_kept_while_the_stuck_pod_is_deleted_before_the_job_says_why():
+    # a watch-fed view can show the deadline's pod deletion before the Job's FailureTarget: Stalled must
+    # survive that round, or the failure could not name what the attempt waited for
+    s = Story()
+    s.reconcile()
+    stick(s, "tiny-sft-1", phase="Pending", conditions=[UNSCHEDULABLE])
+    s.reconcile()
+    s.api.objects[("Pod", "ns", "tiny-sft-1-pod")]["metadata"]["deletionTimestamp"] = "2026-11-25T12:00:03Z"
+    s.reconcile()
+    assert cond(s.status, "Stalled")["status"] == "True"
+
+
 def teacher_created_at(s: Story, when: str) -> None:
     s.api.objects[("Deployment", "ns", "tiny-teacher")]["metadata"]["creationTimestamp"] = when
 
