@@ -53,9 +53,11 @@ pytestmark = [pytest.mark.k8s, pytest.mark.vllm]
 DASHBOARD = CHART / "dashboards" / "opd.json"
 RUN = "dash"
 SCRAPE_INTERVAL_S = 1
-# Grafana's $__rate_interval: max(4 x the scrape interval, the query step + the scrape interval).
-RATE_INTERVAL = f"{4 * SCRAPE_INTERVAL_S}s"
-DISTILL_STEPS = 40
+# Grafana's $__rate_interval: max(4 x the data source's scrape interval, the query step + that interval);
+# with Grafana's default scrape interval (15 s) it is at least 1 m. A window of seconds would leave the
+# latency quantile NaN whenever one OPD step (one teacher request) takes longer, as on a loaded machine.
+RATE_INTERVAL = "1m"
+DISTILL_STEPS = 20  # ~1 s each: the learner has to stay up until Prometheus holds a few scrapes of it
 SCENARIO_TIMEOUT_S = 420  # a vLLM engine takes ~25 s to start on 2 idle cores, minutes on a loaded one
 EVAL_RESULT = {"stage": "eval", "eval_score": 0.375, "scores": {"distill/tinymath": 0.375}}
 
@@ -167,6 +169,12 @@ def scraped(control_plane: ControlPlane, tmp_path_factory) -> Iterator[Scraped]:
         ws.resolve(model)
 
     with ExitStack() as stack:
+        # The teacher's vLLM engine (the slowest part: ~25 s on 2 idle cores) starts first, meanwhile the rest.
+        argv, teacher_env = stage_argv(run, "teacher", tmp, host="127.0.0.1")
+        teacher_log = tmp / "teacher.log"
+        with open(teacher_log, "w") as out:
+            teacher = subprocess.Popen(argv, env=teacher_env, stdout=out, stderr=subprocess.STDOUT)
+        stack.callback(stop, teacher)
         install(
             cp,
             RUN,
@@ -223,12 +231,6 @@ def scraped(control_plane: ControlPlane, tmp_path_factory) -> Iterator[Scraped]:
                 stderr=subprocess.STDOUT,
             )
         stack.callback(stop, operator)
-        # The teacher's vLLM engine starts while the operator works (its Deployment is created first).
-        argv, teacher_env = stage_argv(run, "teacher", tmp, host="127.0.0.1")
-        teacher_log = tmp / "teacher.log"
-        with open(teacher_log, "w") as out:
-            teacher = subprocess.Popen(argv, env=teacher_env, stdout=out, stderr=subprocess.STDOUT)
-        stack.callback(stop, teacher)
         cp.apply(doc, namespace=ns)
 
         def logs() -> str:
@@ -240,6 +242,7 @@ def scraped(control_plane: ControlPlane, tmp_path_factory) -> Iterator[Scraped]:
         termination = tmp / "distill.termination"
         ended: set[str] = set()
         live_at = end_at = None
+        learner_started = 0.0
         deadline = time.monotonic() + SCENARIO_TIMEOUT_S
         while end_at is None:
             assert time.monotonic() < deadline, f"the scenario did not finish in {SCENARIO_TIMEOUT_S} s\n{logs()}"
@@ -253,6 +256,7 @@ def scraped(control_plane: ControlPlane, tmp_path_factory) -> Iterator[Scraped]:
                     learner_env["OPD_TERMINATION_LOG"] = str(termination)
                     with open(tmp / "distill.log", "w") as out:
                         learner = subprocess.Popen(argv, env=learner_env, stdout=out, stderr=subprocess.STDOUT)
+                    learner_started = time.time()
                     stack.callback(stop, learner)
                 elif stage == "distill" and learner is not None and learner.poll() is not None:
                     assert live_at is not None, f"the learner ended before Prometheus had its metrics\n{logs()}"
@@ -278,7 +282,11 @@ def scraped(control_plane: ControlPlane, tmp_path_factory) -> Iterator[Scraped]:
             if phase == "Succeeded" and prom.query(f'opd_operator_run_eval_score{{namespace="{ns}"}}'):
                 end_at = time.time()
             time.sleep(0.5)
-        print(f"scenario: {end_at - prom_started:.0f} s from Prometheus' start to the run's end")
+        print(
+            "scenario from Prometheus' start: learner started (teacher ready) at"
+            f" {learner_started - prom_started:.0f} s, live at {live_at - prom_started:.0f} s,"
+            f" run succeeded and scraped at {end_at - prom_started:.0f} s"
+        )
         yield Scraped(prom, ns, live_at, end_at, math.ceil(end_at - prom_started) + 5)
 
 
