@@ -107,7 +107,8 @@ def ensure_prometheus() -> Path:
                 prometheus_dir().parent.mkdir(parents=True, exist_ok=True)
                 shutil.move(str(unpacked), prometheus_dir())
     proc = subprocess.run([str(binary), "--version"], capture_output=True, text=True)
-    if proc.returncode != 0 or "prometheus, version 2.42.0" not in proc.stdout + proc.stderr:
+    upstream = PROMETHEUS_VERSION.split("+")[0]  # 2.42.0+ds-5+deb12u1 -> 2.42.0
+    if proc.returncode != 0 or f"prometheus, version {upstream}" not in proc.stdout + proc.stderr:
         raise RuntimeError(f"{binary} --version failed (exit {proc.returncode}): {proc.stdout}{proc.stderr}")
     return binary
 
