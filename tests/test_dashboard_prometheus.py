@@ -247,6 +247,16 @@ def scraped(control_plane: ControlPlane, tmp_path_factory) -> Iterator[Scraped]:
         while end_at is None:
             assert time.monotonic() < deadline, f"the scenario did not finish in {SCENARIO_TIMEOUT_S} s\n{logs()}"
             assert operator.poll() is None and teacher.poll() is None, f"a process exited\n{logs()}"
+            # Live: three steps done, and the teacher's target scraped for a few seconds, a second ago (a
+            # moment already scraped, so the learner's series cannot turn stale after it).
+            moment = time.time() - SCRAPE_INTERVAL_S
+            if (
+                learner is not None
+                and live_at is None
+                and prom.query(f'opd_step{{namespace="{ns}"}} >= 3', at=moment)
+                and prom.query(f'count_over_time(vllm:prompt_tokens_total{{namespace="{ns}"}}[10s]) >= 5', at=moment)
+            ):
+                live_at = moment
             for pod in cp.pods(ns, "app.kubernetes.io/name=opd"):
                 stage, name = pod["metadata"]["labels"].get("opd.dev/stage"), pod["metadata"]["name"]
                 if name in ended or pod["status"].get("phase") != "Running":
@@ -266,15 +276,6 @@ def scraped(control_plane: ControlPlane, tmp_path_factory) -> Iterator[Scraped]:
                 elif stage == "eval":
                     cp.set_pod_exit(ns, name, 0, json.dumps(EVAL_RESULT))
                     ended.add(name)
-            # Live: three steps done, and the learner's and the teacher's targets scraped for a few seconds.
-            if (
-                learner is not None
-                and live_at is None
-                and learner.poll() is None
-                and prom.query(f'opd_step{{namespace="{ns}"}} >= 3')
-                and prom.query(f'count_over_time(vllm:prompt_tokens_total{{namespace="{ns}"}}[10s]) >= 5')
-            ):
-                live_at = time.time()
             phase = (
                 json.loads(cp.kubectl("get", "dr", RUN, "-n", ns, "-o", "json").stdout).get("status", {}).get("phase")
             )
