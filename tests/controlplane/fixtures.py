@@ -3,7 +3,7 @@
 ``control_plane`` (session): one cluster shared by every test that asks for it, started on first use
 (binaries built on the very first run, then taken from the cache) and stopped at the end of the session.
 If it cannot be built or started the test FAILS with the error, never skips.
-``k8s_namespace`` (function): a fresh namespace with PodSecurity ``restricted`` enforced.
+``k8s_namespace`` (function): a fresh namespace with PodSecurity ``restricted`` enforced, deleted after the test.
 A failing test that used the cluster gets the components' last log lines in its report.
 """
 
@@ -42,9 +42,13 @@ def control_plane(request: pytest.FixtureRequest) -> Iterator[ControlPlane]:
 
 
 @pytest.fixture
-def k8s_namespace(control_plane: ControlPlane, request: pytest.FixtureRequest) -> str:
+def k8s_namespace(control_plane: ControlPlane, request: pytest.FixtureRequest) -> Iterator[str]:
     prefix = re.sub(r"[^a-z0-9-]+", "-", request.node.name.lower().removeprefix("test_"))[:40].strip("-")
-    return control_plane.new_namespace(prefix or "test")
+    name = control_plane.new_namespace(prefix or "test")
+    yield name
+    # Deleted (without waiting) so what a test left running -- a teacher holding the fake node's 8 GPUs --
+    # cannot make a later test's pods unschedulable: the suite's outcome must not depend on test order.
+    control_plane.request("DELETE", f"/api/v1/namespaces/{name}", ok=(200, 202, 404))
 
 
 @pytest.hookimpl(wrapper=True)
