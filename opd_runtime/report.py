@@ -79,13 +79,21 @@ def _mean(x) -> float:
     return sum(x) / len(x) if isinstance(x, list) else float(x)
 
 
-def accuracy_table(ws: Workspace) -> list[tuple[str, str, float, float]]:
-    """(target title, dataset, pass@1, majority vote) rows from results/eval.json, pipeline order."""
+def method_name(run: DistillationRun) -> str:
+    """What the distill stage did, for the report's words: `RL` with objective rl, else `OPD`."""
+    d = run.spec.distill
+    return "RL" if d is not None and d.objective == "rl" else "OPD"
+
+
+def accuracy_table(ws: Workspace, method: str = "OPD") -> list[tuple[str, str, float, float]]:
+    """(target title, dataset, pass@1, majority vote) rows from results/eval.json, pipeline order; the
+    distill stage's model is `after <method>`."""
     summary = _json(ws.result("eval")) or {"targets": {}}
+    titles = {**TARGET_TITLES, "distill": f"after {method}"}
     rows = []
     for target in sorted(summary["targets"], key=lambda t: list(TARGET_TITLES).index(t) if t in TARGET_TITLES else 99):
         for label, r in summary["targets"][target].items():
-            rows.append((TARGET_TITLES.get(target, target), label, r["pass_at_1"], r["majority_vote"]))
+            rows.append((titles.get(target, target), label, r["pass_at_1"], r["majority_vote"]))
     return rows
 
 
@@ -96,7 +104,7 @@ def _fmt_flops(x: float) -> str:
     return f"{x:.2e} FLOP"
 
 
-def plot(ws: Workspace, out_dir: Path) -> list[Path]:
+def plot(ws: Workspace, out_dir: Path, method: str = "OPD") -> list[Path]:
     """PNG plots: OPD reverse KL per step, SFT loss per step, accuracy per model."""
     import matplotlib
 
@@ -121,7 +129,7 @@ def plot(ws: Workspace, out_dir: Path) -> list[Path]:
         ax.plot([r["step"] for r in sft], [r["loss"] for r in sft], lw=1)
         ax.set(xlabel="SFT step", ylabel="loss (nats/token)", title="SFT loss")
         written.append(_save(fig, out_dir / "sft_loss.png"))
-    rows = accuracy_table(ws)
+    rows = accuracy_table(ws, method)
     if rows:
         fig, ax = plt.subplots(figsize=(6, 3.5))
         labels = [f"{t}\n{d}" if len({r[1] for r in rows}) > 1 else t for t, d, _, _ in rows]
@@ -177,12 +185,14 @@ def curve_rows(ws: Workspace) -> list[tuple[str, str, int, int, tuple[float, flo
     return out
 
 
-def gap_closed(rows: list[tuple[str, str, float, float]]) -> dict[str, float] | None:
-    """Share of the after-SFT -> teacher accuracy gap that OPD closed, per dataset (needs all three rows)."""
+def gap_closed(rows: list[tuple[str, str, float, float]], method: str = "OPD") -> dict[str, float] | None:
+    """Share of the after-SFT -> teacher accuracy gap that the distill stage (OPD or RL) closed, per dataset
+    (needs all three rows)."""
     acc = {(t, d): p for t, d, p, _ in rows}
+    titles = {**TARGET_TITLES, "distill": f"after {method}"}
     out = {}
     for d in {d for _, d, _, _ in rows}:
-        sft, opd, teacher = (acc.get((TARGET_TITLES[t], d)) for t in ("sft", "distill", "teacher"))
+        sft, opd, teacher = (acc.get((titles[t], d)) for t in ("sft", "distill", "teacher"))
         if sft is not None and opd is not None and teacher is not None and teacher > sft:
             out[d] = (opd - sft) / (teacher - sft)
     return out or None
@@ -192,7 +202,8 @@ def write_report(
     run: DistillationRun, ws: Workspace, stage_times: dict[str, dict], stages: list[str], echo=print
 ) -> dict:
     """Print the results table and write report.md with its plots; returns the numbers in it."""
-    rows = accuracy_table(ws)
+    method = method_name(run)
+    rows = accuracy_table(ws, method)
     distill = [r for r in _records(ws, "distill") if r.get("reverse_kl") is not None]  # none with objective rl
     flops = stage_flops(run, ws)
     kl = None
@@ -204,16 +215,19 @@ def write_report(
             "window": k,
             "steps": len(distill),
         }
-    plots = plot(ws, ws.root)
+    plots = plot(ws, ws.root, method)
 
     lines = [f"# Run `{run.metadata.name}`", ""]
     if rows:
         lines += ["## Held-out accuracy", "", "| model | dataset | pass@1 | majority vote |", "|---|---|---|---|"]
         lines += [f"| {t} | {d} | {100 * p:.1f}% | {100 * m:.1f}% |" for t, d, p, m in rows]
         lines.append("")
-    gaps = gap_closed(rows)
+    gaps = gap_closed(rows, method)
     for d, share in sorted((gaps or {}).items()):
-        lines += [f"OPD closed {share:.0%} of the gap between the SFT student and the teacher on {d} (pass@1).", ""]
+        lines += [
+            f"{method} closed {share:.0%} of the gap between the SFT student and the teacher on {d} (pass@1).",
+            "",
+        ]
     curves = curve_rows(ws)
     if curves:
         lines += [
@@ -258,7 +272,7 @@ def write_report(
         for target, d, p, m in rows:
             echo(f"{target:<{width}}  {d:<12} {100 * p:>6.1f}% {100 * m:>8.1f}%")
     for d, share in sorted((gaps or {}).items()):
-        echo(f"OPD closed {share:.0%} of the SFT -> teacher gap on {d}")
+        echo(f"{method} closed {share:.0%} of the SFT -> teacher gap on {d}")
     if kl:
         echo(
             f"OPD reverse KL (means of {kl['window']} steps): {kl['first']:.3f} -> {kl['last']:.3f} "

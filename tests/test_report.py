@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from opd_runtime.report import curve_rows, gap_closed, mean_se, window, write_report
-from opd_runtime.spec import parse_run
+from opd_runtime.spec import load_run, parse_run
 from opd_runtime.workspace import Workspace
 
 
@@ -80,3 +80,26 @@ def test_curves_average_the_first_and_last_steps_and_the_report_states_the_gap_c
 
 def test_no_gap_is_claimed_without_the_sft_row():
     assert gap_closed([("after OPD", "d", 0.6, 0.6), ("teacher", "d", 1.0, 1.0)]) is None
+
+
+def test_an_rl_run_reports_rl_not_opd(tmp_path: Path):
+    """examples/tiny-math-rl.yaml's report: its distill stage is RL, so the row and the gap say RL."""
+    ws = Workspace(tmp_path)
+    ws.result("eval").parent.mkdir(parents=True, exist_ok=True)
+    ws.result("eval").write_text(
+        json.dumps(
+            {
+                "targets": {
+                    t: {"tinymath": {"pass_at_1": p, "majority_vote": p}}
+                    for t, p in (("sft", 0.5), ("distill", 0.8), ("teacher", 1.0))
+                }
+            }
+        )
+    )
+    run = load_run(Path(__file__).resolve().parents[1] / "examples" / "tiny-math-rl.yaml")
+    echoed: list[str] = []
+    out = write_report(run, ws, {}, [], echo=echoed.append)
+    assert [a["model"] for a in out["accuracy"]] == ["after SFT", "after RL", "teacher"]
+    assert out["gap_closed"] == {"tinymath": pytest.approx(0.6)}
+    assert "RL closed 60% of the SFT -> teacher gap on tinymath" in echoed
+    assert not [line for line in echoed if "OPD" in line]
