@@ -165,9 +165,9 @@ def test_opd_lowers_reverse_kl_and_raises_heldout_accuracy(world, tmp_path):
 
 
 IS_KL_PROMPTS = 128  # held-out prompts x 4 samples for the exact reverse KL of the IS test
-# Exact held-out reverse KL after `importance_sampling` OPD below this share of the start's: half the drop
-# measured (x0.951 on 2026-12-02, see the test's docstring).
-IS_KL_RATIO = 0.975
+# Exact held-out reverse KL after `importance_sampling` OPD below this share of the start's: half the smaller
+# drop measured on two worlds (x0.887 and x0.910 on 2026-12-02, see the test's docstring).
+IS_KL_RATIO = 0.955
 
 
 @torch.no_grad()
@@ -194,11 +194,13 @@ def exact_heldout_reverse_kl(model_dir: Path, teacher_model, n_prompts: int = IS
 
 def test_importance_sampling_lowers_exact_heldout_reverse_kl(world, tmp_path):
     """The recipe's own loss (`importance_sampling`, no gradient clipping, sampled-token advantage) moves the
-    weak student toward the teacher: the exact reverse KL on fresh held-out samples falls. Measured once
-    (2026-12-02, this machine's default world, load average 7-18 from other jobs: 37 min instead of the
-    ~2-3 min it should take alone): 0.7069 -> 0.6721 (x0.951), batch reverse KL (10-step means) 0.762 ->
-    0.742; the same run in bench/opd_sweep.py: sampled-token held-out estimate 0.718 -> 0.632, greedy
-    accuracy 20.0% -> 20.5% (within noise, so accuracy is not asserted). IS_KL_RATIO is half that drop."""
+    weak student toward the teacher: the exact reverse KL on fresh held-out samples falls. 100 steps, because
+    40 were within run-to-run noise on a second world. Measured 2026-12-02 (one run per world, lr 1e-4):
+    default world 0.7069 -> 0.6267 (x0.887, 168 s alone), world ``threads=1`` 0.7396 -> 0.6731 (x0.910);
+    with 40 steps the same worlds gave x0.951 and x1.040 / x0.986 (seeds 0 / 1), and lr 2e-4 x1.050 / x0.935,
+    lr 4e-4 x1.088 on the second world. Greedy accuracy of this weak student moves within noise in a run this
+    short, so it is not asserted (the demo shows it: examples/tiny-math.yaml). IS_KL_RATIO is half the
+    smaller drop."""
     run = world_run(
         world,
         "opd-is-tinymath",
@@ -206,14 +208,14 @@ def test_importance_sampling_lowers_exact_heldout_reverse_kl(world, tmp_path):
   distill:
     prompts: {name: tinymath, split: train, difficulty: 2}
     loss: importance_sampling
-    steps: 40
+    steps: 100
     promptsPerStep: 64
     samplesPerPrompt: 4
     microBatchSize: 128
     gradientCheckpointing: false
     maxNewTokens: 64
     optimizer: {learningRate: 1.0e-4, warmupSteps: 10}
-    checkpointing: {every: 40, keep: 1}
+    checkpointing: {every: 100, keep: 1}
     metricsPort: 0
 """,
     )
