@@ -112,6 +112,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def stop_process(proc: subprocess.Popen | None, timeout: float = 60) -> None:
+    """SIGTERM a child the test started (a served teacher, an operator, a learner), SIGKILL it after
+    ``timeout`` seconds; nothing when it is None or has already exited."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def run_doc(student: Path | str, teacher: Path | str, *, student_tokenizer: str | None = None, **distill) -> dict:
     """A DistillationRun like examples/tiny-math.yaml, shrunk; ``distill`` overrides spec.distill keys."""
     spec_distill = {

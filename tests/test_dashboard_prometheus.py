@@ -27,7 +27,6 @@ import json
 import math
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -42,7 +41,7 @@ import yaml
 
 import monitoring_crds
 from chart_support import CHART
-from conftest import free_port, opd_env
+from conftest import free_port, opd_env, stop_process
 from controlplane import ControlPlane
 from metric_names import promql_metric_names
 from prometheus_server import KubernetesDiscovery, Prometheus, ensure_prometheus, monitor_scrape_configs
@@ -121,17 +120,6 @@ def stage_argv(run, stage: str, workdir: Path, **kw) -> tuple[list[str], dict[st
     return [sys.executable, "-m", "opd_runtime", *cmd.argv[1:]], env
 
 
-def stop(proc: subprocess.Popen | None) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 def log_tail(path: Path, lines: int = 40) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else "(no log)"
 
@@ -174,7 +162,7 @@ def scraped(control_plane: ControlPlane, tmp_path_factory) -> Iterator[Scraped]:
         teacher_log = tmp / "teacher.log"
         with open(teacher_log, "w") as out:
             teacher = subprocess.Popen(argv, env=teacher_env, stdout=out, stderr=subprocess.STDOUT)
-        stack.callback(stop, teacher)
+        stack.callback(stop_process, teacher)
         install(
             cp,
             RUN,
@@ -230,7 +218,7 @@ def scraped(control_plane: ControlPlane, tmp_path_factory) -> Iterator[Scraped]:
                 stdout=out,
                 stderr=subprocess.STDOUT,
             )
-        stack.callback(stop, operator)
+        stack.callback(stop_process, operator)
         cp.apply(doc, namespace=ns)
 
         def logs() -> str:
@@ -267,7 +255,7 @@ def scraped(control_plane: ControlPlane, tmp_path_factory) -> Iterator[Scraped]:
                     with open(tmp / "distill.log", "w") as out:
                         learner = subprocess.Popen(argv, env=learner_env, stdout=out, stderr=subprocess.STDOUT)
                     learner_started = time.time()
-                    stack.callback(stop, learner)
+                    stack.callback(stop_process, learner)
                 elif stage == "distill" and learner is not None and learner.poll() is not None:
                     assert live_at is not None, f"the learner ended before Prometheus had its metrics\n{logs()}"
                     message = termination.read_text() if termination.exists() else ""

@@ -36,7 +36,7 @@ from opd_operator.driver import reconcile_once
 from opd_operator.kube import ApiError, RestApi
 from opd_runtime.stage_report import StatusPatcher
 
-from conftest import free_port
+from conftest import free_port, stop_process
 from controlplane import ControlPlane
 
 pytestmark = pytest.mark.k8s
@@ -99,15 +99,6 @@ def start_operator(cp: ControlPlane, kubeconfig: Path, ns: str, log: Path) -> su
         )
 
 
-def stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 def test_the_operator_uses_every_verb_it_holds_and_no_other(control_plane: ControlPlane, release, tmp_path):
     cp, (ns, kubeconfig) = control_plane, release
     user = f"system:serviceaccount:{ns}:{RELEASE}-opd-operator"
@@ -155,7 +146,7 @@ def test_the_operator_uses_every_verb_it_holds_and_no_other(control_plane: Contr
         log = (tmp_path / "operator.log").read_text()
         assert "Forbidden" not in log and "403" not in log, log[-3000:]
     finally:
-        stop(proc)
+        stop_process(proc, timeout=20)
     used = used_by(cp, user)
     granted = triples(rbac.OPERATOR_RULES)
     assert set(used) <= granted, f"used but not granted: {sorted(set(used) - granted)}"

@@ -35,7 +35,7 @@ from opd_runtime.generation import sample, stop_token_ids
 from opd_runtime.training.batches import prompt_ids, right_pad, token_logprobs
 from opd_runtime.workspace import Workspace
 
-from conftest import free_port, opd_cmd, opd_env
+from conftest import free_port, opd_cmd, opd_env, stop_process
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -159,13 +159,7 @@ def server(world, tmp_path_factory):
             start_seconds=time.monotonic() - started,
         )
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc)
 
 
 def post(url: str, payload: dict) -> dict:

@@ -6,7 +6,6 @@ with a wrong one; the learner's client with the key is answered. The key is neve
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import urllib.error
 import urllib.request
@@ -18,7 +17,7 @@ from test_vllm import SERVER_START_S, run_doc, wait_for_line, world  # noqa: F40
 from opd_runtime.contract import TEACHER_API_KEY_ENV
 from opd_runtime.distill.server_teacher import ServerTeacher, TeacherRequestError
 
-from conftest import free_port, opd_cmd, opd_env
+from conftest import free_port, opd_cmd, opd_env, stop_process
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 KEY = "k3y-for-the-teacher"
@@ -53,10 +52,4 @@ def test_served_teacher_answers_only_with_its_key(world, tmp_path):  # noqa: F81
         assert ServerTeacher(url, api_key=KEY).model()
         assert KEY not in log.read_text()  # serve-teacher logs vLLM's argv: the key is not in it
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc)
