@@ -62,8 +62,7 @@ def reconcile_once(
             apply_action(api, namespace, action)
             OVERLAY.record(namespace, name, action)
         except ApiError as err:  # e.g. admission refused a pod spec, or a quota: say so on the run
-            reason = getattr(err, "reason", "ReconcileError")  # ForeignObject: a name taken by another object
-            report_refusal(api, obj, old, f"{action.verb} {action.kind} {action.name}: {err}", now, reason)
+            report_refusal(api, obj, old, f"{action.verb} {action.kind} {action.name}: {err}", now, err.reason)
             raise
     patch = merge_patch(old, without_none(decision.status))
     if patch:

@@ -41,6 +41,8 @@ RESOURCES: dict[str, tuple[str, str]] = {
 
 
 class ApiError(RuntimeError):
+    reason = "ReconcileError"  # the run's Ready condition and Event reason when the API refuses an action
+
     def __init__(self, status: int, message: str):
         super().__init__(f"HTTP {status}: {message}")
         self.status = status
