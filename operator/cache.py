@@ -1,7 +1,7 @@
 """A run's children as the operator's watches last saw them, with its own recent writes laid over them.
 
-kopf indexes every labelled child of the kinds in ``observe.KINDS`` by run (handlers.children), fed by
-watch streams, so a reconcile woken by an event reads the children from memory instead of nine LISTs.
+kopf indexes every labelled child of the kinds in ``observe.KINDS`` by run (handlers.run_children), fed
+by watch streams, so a reconcile woken by an event reads the children from memory instead of a LIST per kind.
 A watch event arrives some milliseconds after the write that caused it, and the reconcile that the
 operator's own status patch wakes would otherwise read the cluster as it was before its last round:
 a Job it just created would look lost and be counted as a failure. So ``Overlay`` remembers this
@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from .observe import KINDS
-from .reconcile import Action
+from .reconcile import Action, rfc3339
 
 Manifest = dict[str, Any]
 Children = dict[str, list[Manifest]]  # kind -> objects, as kube.list_children returns
@@ -51,7 +51,7 @@ class Overlay:
             return
         body = copy.deepcopy(action.body) if action.verb == "create" else None
         if body is not None:  # what the API server would have added that the reconciler reads
-            body["metadata"].setdefault("creationTimestamp", datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))
+            body["metadata"].setdefault("creationTimestamp", rfc3339(datetime.now(UTC)))
         with self._lock:
             self._pending.setdefault((namespace, run), {})[action.kind, action.name] = (time.monotonic(), body)
 
@@ -81,7 +81,7 @@ class Overlay:
                     del pending[key]  # deleted by us, and the index shows it gone or going
                 else:  # still listed as it was: show it as a LIST would, being deleted
                     going = copy.deepcopy(objs[at])
-                    going["metadata"]["deletionTimestamp"] = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+                    going["metadata"]["deletionTimestamp"] = rfc3339(datetime.now(UTC))
                     objs[at] = going
         return out
 
