@@ -25,6 +25,12 @@ Each method gets the same budget of optimizer steps, each step sampling ``--prom
   same teacher) with as many sequences per step as ours (one completion per prompt, so prompts x samples
   prompts).
 
+``--seeds 0 1 2`` runs every method once per seed (the prompt order and the sampling; the start, the
+held-out problems and the teacher stay the same), in OUT/seed-N; the tables give at each step the mean
+accuracy, its sample standard deviation over the seeds and each seed's accuracy, and the ratio of the mean
+curves beside each seed's own. ``--methods`` picks which run; ``--opd-prompts/--opd-samples`` give the OPD
+run its own batch shape (its row is then named e.g. ``opd-128x1``), e.g. TRL's DistillationTrainer's.
+
 Held-out greedy accuracy (``--heldout`` tinymath test problems, as the demo's eval grades them) is measured
 at the start and every ``--eval-every`` steps (our runs: their checkpoints; TRL: the final model).
 
@@ -56,6 +62,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from statistics import mean, stdev
 from typing import Any
 
 import torch
@@ -65,9 +72,11 @@ import yaml
 @dataclass
 class Curve:
     method: str
-    points: list[dict] = field(default_factory=list)  # {step, flops, seconds, accuracy}
+    # {step, flops, seconds, accuracy}; a mean over seeds adds "accuracies": each seed's, in --seeds order
+    points: list[dict] = field(default_factory=list)
     step_seconds: float = 0.0  # mean wall-clock seconds per optimizer step
-    note: str = ""
+    last10: dict[str, float] = field(default_factory=dict)  # batch metrics, mean of the last 10 steps
+    note: str = ""  # what the tables say after the gain; empty: the last10 metrics
 
 
 def parameters(model_dir: Path) -> int:
@@ -92,7 +101,21 @@ def accuracy_of(model_dir: Path, problems) -> float:
     return heldout_accuracy(modeling.load_causal_lm(str(model_dir), dtype="float32"), tok, problems)
 
 
+def shape(args, objective: str) -> tuple[int, int]:
+    """(prompts, samples) per step of one of our runs: ``--opd-prompts/--opd-samples`` for OPD when given."""
+    if objective == "distill":
+        return args.opd_prompts or args.prompts, args.opd_samples or args.samples
+    return args.prompts, args.samples
+
+
+def opd_name(args) -> str:
+    """ "opd", or "opd-PxS" when the OPD run's batch shape is not the others'."""
+    prompts, samples = shape(args, "distill")
+    return "opd" if (prompts, samples) == (args.prompts, args.samples) else f"opd-{prompts}x{samples}"
+
+
 def run_yaml(args, objective: str, start: Path, teacher: Path, lr: float) -> str:
+    prompts, samples = shape(args, objective)
     clip = "null" if args.max_grad_norm is None else args.max_grad_norm
     extra = (
         "".join(f"\n    {kv.partition('=')[0]}: {kv.partition('=')[2]}" for kv in args.opd_set)
@@ -111,9 +134,9 @@ spec:
     prompts: {{name: tinymath, split: train, difficulty: 2}}
     loss: {args.opd_loss if objective == "distill" else args.rl_loss}
     steps: {args.steps}
-    promptsPerStep: {args.prompts}
-    samplesPerPrompt: {args.samples}
-    microBatchSize: {args.prompts * args.samples}
+    promptsPerStep: {prompts}
+    samplesPerPrompt: {samples}
+    microBatchSize: {prompts * samples}
     gradientCheckpointing: false
     maxNewTokens: 64
     seed: {args.seed}
@@ -187,7 +210,7 @@ def ours(args, objective: str, start: Path, teacher: Path, problems, n_student: 
         return accuracy_of(ws / "checkpoints" / "distill" / f"step-{step:06d}" / "model", problems)
 
     curve = curve_from_steps(
-        "opd" if objective == "distill" else "rl",
+        opd_name(args) if objective == "distill" else "rl",
         lines,
         prompt_tokens,
         per_token,
@@ -195,15 +218,16 @@ def ours(args, objective: str, start: Path, teacher: Path, problems, n_student: 
         args.start_accuracy,
         accuracy_at,
     )
-    extra = lines[-10:]
-    if objective == "rl":
-        curve.note = (
-            f"last 10 steps: reward {sum(r['reward_mean'] for r in extra) / len(extra):.3f}, "
-            f"zero-variance groups {sum(r['zero_variance_group_fraction'] for r in extra) / len(extra):.0%}"
-        )
-    else:
-        curve.note = f"last 10 steps: batch reverse KL {sum(r['reverse_kl'] for r in extra) / len(extra):.3f}"
+    keys = ("reward_mean", "zero_variance_group_fraction") if objective == "rl" else ("reverse_kl",)
+    curve.last10 = {k: sum(r[k] for r in lines[-10:]) / len(lines[-10:]) for k in keys}
     return curve
+
+
+def describe(last10: dict[str, float]) -> str:
+    """The notes column: batch metrics of the last 10 steps."""
+    names = {"reward_mean": "reward {:.3f}", "reverse_kl": "batch reverse KL {:.3f}"}
+    names |= {"zero_variance_group_fraction": "zero-variance groups {:.0%}"}
+    return ("last 10 steps: " + ", ".join(names[k].format(v) for k, v in last10.items())) if last10 else ""
 
 
 def trl_dataset(args):
@@ -319,7 +343,7 @@ def trl_grpo(args, start: Path, problems, n_student: int, prompt_len: float, wor
     curve = trl_curve("trl-grpo", trainer, tok, timer, args, problems, prompt_len, 8.0 * n_student)
     rewards = [log["reward"] for log in timer.logs if "reward" in log][-10:]
     if rewards:
-        curve.note = f"last 10 steps: reward {sum(rewards) / len(rewards):.3f}"
+        curve.last10 = {"reward_mean": sum(rewards) / len(rewards)}
     return curve
 
 
@@ -363,26 +387,62 @@ def compute_ratio(opd: Curve, rl_curve: Curve) -> dict:
     return out | {"opd_flops": c_opd["flops"], "opd_step": c_opd["step"], "ratio": ratio, "text": f"{ratio:.1f}x"}
 
 
-def tables(curves: list[Curve], ratio: dict | None, start_label: str) -> str:
+def mean_curve(runs: list[Curve]) -> Curve:
+    """One method's curve over several seeds: mean compute, seconds and accuracy at each evaluated step, with
+    each seed's accuracy kept (``accuracies``) and the last-10-step metrics averaged."""
+    steps = [[p["step"] for p in c.points] for c in runs]
+    if any(s != steps[0] for s in steps) or len({c.method for c in runs}) != 1:
+        raise ValueError(f"seeds of one method must share its evaluated steps: {[c.method for c in runs]}, {steps}")
+    out = Curve(runs[0].method, step_seconds=mean([c.step_seconds for c in runs]))
+    for i, step in enumerate(steps[0]):
+        at = [c.points[i] for c in runs]
+        accuracies = [p["accuracy"] for p in at]
+        out.points.append(
+            {
+                "step": step,
+                "flops": mean([p["flops"] for p in at]),
+                "seconds": mean([p["seconds"] for p in at]),
+                "accuracy": mean(accuracies),
+                "accuracies": accuracies,
+            }
+        )
+    out.last10 = {k: mean([c.last10[k] for c in runs]) for k in runs[0].last10 if all(k in c.last10 for c in runs)}
+    return out
+
+
+def accuracy_text(point: dict) -> str:
+    """ "75.5%" for one seed; over seeds "75.5% ± 1.3 (74.0 / 76.0 / 76.5)": mean, sample standard deviation
+    in points, and each seed's accuracy."""
+    accs = point.get("accuracies", [point["accuracy"]])
+    if len(accs) < 2:
+        return f"{point['accuracy']:.1%}"
+    return f"{point['accuracy']:.1%} ± {100 * stdev(accs):.1f} ({' / '.join(f'{100 * a:.1f}' for a in accs)})"
+
+
+def tables(curves: list[Curve], ratio: dict | None, start_label: str, seed_ratios: list[str] | None = None) -> str:
     """The bench's Markdown tables: accuracy vs compute at each evaluated step, then per method its step
-    time and gain, then the compute ratio; the first line says where every method started."""
+    time and gain, then the compute ratio (of the mean curves, then per seed when there are several); the
+    first line says where every method started."""
     out = [f"Start (every method): {start_label}", "", "| method | step | GFLOP | wall s | held-out greedy accuracy |"]
     out.append("|---|---|---|---|---|")
     for c in curves:
         for p in c.points:
             out.append(
-                f"| {c.method} | {p['step']} | {p['flops'] / 1e9:.1f} | {p['seconds']:.0f} | {p['accuracy']:.1%} |"
+                f"| {c.method} | {p['step']} | {p['flops'] / 1e9:.1f} | {p['seconds']:.0f} | {accuracy_text(p)} |"
             )
     out += ["", "| method | s / step | accuracy gain (start -> end) | notes |", "|---|---|---|---|"]
     for c in curves:
-        a0, a1 = c.points[0]["accuracy"], c.points[-1]["accuracy"]
-        out.append(f"| {c.method} | {c.step_seconds:.2f} | {a0:.1%} -> {a1:.1%} ({a1 - a0:+.1%}) | {c.note} |")
+        first, last = c.points[0], c.points[-1]
+        gain = f"{first['accuracy']:.1%} -> {accuracy_text(last)} ({last['accuracy'] - first['accuracy']:+.1%})"
+        out.append(f"| {c.method} | {c.step_seconds:.2f} | {gain} | {c.note or describe(c.last10)} |")
     if ratio is not None:
         out += [
             "",
             f"RL's best: {ratio['rl_best_accuracy']:.1%} at step {ratio['rl_step']} "
             f"({ratio['rl_flops'] / 1e9:.1f} GFLOP); compute RL needed / compute OPD needed for it: {ratio['text']}",
         ]
+        if seed_ratios:
+            out.append(f"The same ratio of each seed's own curves: {', '.join(seed_ratios)}")
     return "\n".join(out) + "\n"
 
 
@@ -404,6 +464,7 @@ def plot(curves: list[Curve], path: Path) -> None:
     plt.close(fig)
 
 
+METHODS = ("opd", "rl", "trl-grpo", "trl-distill")
 DEMO = Path(__file__).resolve().parents[1] / "examples" / "tiny-math.yaml"
 # the measured bench, and --quick: a smoke test of every part in a few minutes (numbers meaningless)
 FULL: dict[str, Any] = dict(
@@ -475,9 +536,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument(
         "--start", type=Path, help="start model (default: the demo's SFT checkpoint, made in OUT/sft-start)"
     )
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="run every method once per seed (prompt order, sampling); tables give the mean, spread and each seed's",
+    )
+    ap.add_argument("--opd-prompts", type=int, help="prompts per step of the OPD run only (default --prompts)")
+    ap.add_argument("--opd-samples", type=int, help="completions per prompt of the OPD run only (default --samples)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: tiny models gain nothing from more)")
-    ap.add_argument("--no-trl", action="store_true", help="skip the TRL rows")
+    ap.add_argument(
+        "--methods", nargs="+", choices=METHODS, default=list(METHODS), help="which to run (default: all four)"
+    )
+    ap.add_argument("--no-trl", action="store_true", help="skip the TRL rows (--methods opd rl)")
     ap.add_argument("--out", type=Path, help="output folder (default runs/opd-vs-rl; --quick runs/opd-vs-rl-quick)")
     args = ap.parse_args(argv)
     for key, value in (QUICK if args.quick else FULL).items():
@@ -486,6 +558,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.steps % args.eval_every:
         ap.error(f"--steps ({args.steps}) must be a multiple of --eval-every ({args.eval_every})")
     args.trl_distill_lr = args.trl_distill_lr or args.opd_lr
+    if args.no_trl:
+        args.methods = [m for m in args.methods if not m.startswith("trl")]
+    if len(set(args.seeds)) != len(args.seeds):
+        ap.error(f"--seeds repeats a seed: {args.seeds}")
+    args.seed = args.seeds[0]  # the seed of the run being made: main sets each in turn
     return args
 
 
@@ -508,40 +585,68 @@ def main() -> None:
     args.start_label = (
         f"{start_how}, held-out greedy {args.start_accuracy:.1%} of {args.heldout}; {args.steps} steps x "
         f"{args.prompts} prompts x {args.samples} samples each"
+        + ("" if opd_name(args) == "opd" else f" (OPD: {' x '.join(map(str, shape(args, 'distill')))})")
     )
     tok = modeling.load_tokenizer(str(start))
     train = tinymath.generate(500, split="train", seed=0, difficulty=2)
     prompt_len = sum(len(prompt_ids(tok, tinymath.chat_messages(p.problem))) for p in train) / len(train)
     print(f"start: {args.start_label}; student {n_student:,} parameters, teacher {n_teacher:,}", flush=True)
 
-    curves = []
-    for objective in ("distill", "rl"):
-        t0 = time.perf_counter()
-        curves.append(ours(args, objective, start, teacher, problems, n_student, n_teacher, args.out))
-        print(f"{curves[-1].method}: {time.perf_counter() - t0:.0f} s with evaluations", flush=True)
+    runs: dict[int, list[Curve]] = {}
     trl_error = None
-    if not args.no_trl:
-        try:
-            t0 = time.perf_counter()
-            curves.append(trl_grpo(args, start, problems, n_student, prompt_len, args.out))
-            print(f"trl-grpo: {time.perf_counter() - t0:.0f} s", flush=True)
-            t0 = time.perf_counter()
-            curves.append(trl_distill(args, start, teacher, problems, n_student, n_teacher, prompt_len, args.out))
-            print(f"trl-distill: {time.perf_counter() - t0:.0f} s", flush=True)
-        except ImportError as err:  # the `bench` extra is not installed
-            trl_error = f"TRL rows skipped: {err} (pip install 'opd[bench]')"
-            print(trl_error)
-    ratio = compute_ratio(curves[0], curves[1])
-    print("\n" + tables(curves, ratio, args.start_label))
+    for seed in args.seeds:
+        args.seed = seed
+        runs[seed], trl_error = one_seed(args, start, teacher, problems, n_student, n_teacher, prompt_len)
+    curves = [mean_curve([runs[seed][i] for seed in args.seeds]) for i in range(len(runs[args.seeds[0]]))]
+    ratio, seed_ratios = None, None
+    if "opd" in args.methods and "rl" in args.methods:
+        ratio = compute_ratio(curves[0], curves[1])
+        if len(args.seeds) > 1:
+            seed_ratios = [f"seed {seed} {compute_ratio(runs[seed][0], runs[seed][1])['text']}" for seed in args.seeds]
+    seeds = f"seed {args.seeds[0]}" if len(args.seeds) == 1 else f"mean of seeds {', '.join(map(str, args.seeds))}"
+    print("\n" + tables(curves, ratio, f"{args.start_label}; {seeds}", seed_ratios))
     plot(curves, args.out / "accuracy_vs_flops.png")
-    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "out"}
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in ("out", "seed")}
     (args.out / "results.json").write_text(
         json.dumps(
-            {"settings": settings, "curves": [asdict(c) for c in curves], "ratio": ratio, "trl_error": trl_error},
+            {
+                "settings": settings,
+                "curves": [asdict(c) for c in curves],  # means over the seeds
+                "ratio": ratio,
+                "seeds": {seed: [asdict(c) for c in runs[seed]] for seed in args.seeds},
+                "seed_ratios": seed_ratios,
+                "trl_error": trl_error,
+            },
             indent=2,
         )
     )
     print(f"{args.out}/accuracy_vs_flops.png, {args.out}/results.json; {time.perf_counter() - t_all:.0f} s in all")
+
+
+def one_seed(args, start, teacher, problems, n_student, n_teacher, prompt_len) -> tuple[list[Curve], str | None]:
+    """Every method of ``args.methods`` with seed ``args.seed``, in OUT/seed-N (OUT itself for one seed 0,
+    as before seeds were an option), in METHODS order."""
+    workdir = args.out if args.seeds == [0] else args.out / f"seed-{args.seed}"
+    workdir.mkdir(parents=True, exist_ok=True)
+    curves: list[Curve] = []
+    for method in args.methods:
+        t0 = time.perf_counter()
+        try:
+            if method in ("opd", "rl"):
+                objective = "distill" if method == "opd" else "rl"
+                curves.append(ours(args, objective, start, teacher, problems, n_student, n_teacher, workdir))
+            elif method == "trl-grpo":
+                curves.append(trl_grpo(args, start, problems, n_student, prompt_len, workdir))
+            else:
+                curves.append(trl_distill(args, start, teacher, problems, n_student, n_teacher, prompt_len, workdir))
+        except ImportError as err:  # the `bench` extra is not installed
+            if not method.startswith("trl"):
+                raise
+            error = f"TRL rows skipped: {err} (pip install 'opd[bench]')"
+            print(error)
+            return curves, error
+        print(f"seed {args.seed}: {curves[-1].method}: {time.perf_counter() - t0:.0f} s", flush=True)
+    return curves, None
 
 
 if __name__ == "__main__":

@@ -143,13 +143,22 @@ def cmd_run(args) -> int:
 
 def cmd_report(args) -> int:
     from .plan import planned_stages
-    from .report import write_report
+    from .report import Side, write_report
     from .runner import RUN_FILE, STATE_FILE, RunState
+    from .spec import SpecError
     from .workspace import Workspace
 
     ws = Workspace(Path(args.workspace))
     run = _load(args.config or str(ws.root / RUN_FILE))
-    write_report(run, ws, RunState.load(ws.root / STATE_FILE).stages, planned_stages(run))
+    compare = []
+    for other in args.compare:
+        root = Path(other)
+        if not (root / RUN_FILE).exists():
+            raise SpecError(f"--compare {other}: no {RUN_FILE} there; give the workdir of a finished `opd run`")
+        other_ws = Workspace(root)
+        other_run = _load(str(root / RUN_FILE))
+        compare.append(Side(other, other_run, other_ws, RunState.load(root / STATE_FILE).stages))
+    write_report(run, ws, RunState.load(ws.root / STATE_FILE).stages, planned_stages(run), compare=compare)
     return EXIT_OK
 
 
@@ -280,6 +289,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--workspace", required=True, help="workspace directory")
     p.add_argument("--config", default=None, help="run file (default WORKSPACE/run.yaml)")
+    p.add_argument(
+        "--compare",
+        action="append",
+        default=[],
+        metavar="WORKDIR",
+        help="another run's workdir to set beside this one (e.g. the demo's RL baseline; repeatable)",
+    )
     p.set_defaults(fn=cmd_report)
 
     p = stage("sft", "stage 1: supervised fine-tuning of the student on teacher traces", cmd_sft)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import struct
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .spec import DistillationRun
@@ -53,8 +54,9 @@ def _json(path: Path) -> dict | None:
 def stage_flops(run: DistillationRun, ws: Workspace) -> dict[str, float]:
     """Estimated FLOPs per stage from the tokens each stage recorded."""
     flops: dict[str, float] = {}
-    student = count_parameters(ws.resolve(run.spec.student.model))
-    teacher = count_parameters(ws.resolve(run.spec.teacher.model))
+    # build=False: a report only reads; a tiny world that is not in the workspace is not built for it
+    student = count_parameters(ws.resolve(run.spec.student.model, build=False))
+    teacher = count_parameters(ws.resolve(run.spec.teacher.model, build=False))
     sft = _records(ws, "sft")
     if sft and student:
         flops["sft"] = 6.0 * student * sum(r.get("tokens", r["completion_tokens"]) for r in sft)
@@ -198,10 +200,109 @@ def gap_closed(rows: list[tuple[str, str, float, float]], method: str = "OPD") -
     return out or None
 
 
+@dataclass
+class Side:
+    """One run of a side-by-side comparison (``opd report --compare``): its label, run file, workspace and
+    stage wall times (``RunState.stages``)."""
+
+    label: str
+    run: DistillationRun
+    ws: Workspace
+    stage_times: dict[str, dict]
+
+
+@dataclass
+class Compared:
+    """One row of ``comparison``: a run's distill stage on one eval dataset (accuracies are fractions)."""
+
+    run: str
+    method: str  # OPD or RL
+    budget: str  # steps × prompts × samples
+    dataset: str
+    after_sft: float | None
+    after: float | None
+    teacher: float | None
+    flops: float | None  # the stage's estimated compute
+    seconds: float | None  # the stage's wall time
+
+    @property
+    def gap_closed(self) -> float | None:
+        if self.after_sft is None or self.after is None or self.teacher is None or self.teacher <= self.after_sft:
+            return None
+        return (self.after - self.after_sft) / (self.teacher - self.after_sft)
+
+
+def _pct(x: float | None) -> str:
+    return "—" if x is None else f"{100 * x:.1f}%"
+
+
+def comparison(sides: list[Side]) -> tuple[list[Compared], list[str]]:
+    """Runs side by side, per eval dataset: the distill stage's method and budget, accuracy after SFT, after
+    the stage and of the teacher, the share of the gap closed, the stage's estimated compute and wall time.
+    Returns the rows and the Markdown (table, then what can be said from one run each)."""
+    rows = []
+    for side in sides:
+        method, d = method_name(side.run), side.run.spec.distill
+        acc = {(t, ds): p for t, ds, p, _ in accuracy_table(side.ws, method)}
+        for ds in sorted({ds for _, ds in acc}):
+            rows.append(
+                Compared(
+                    run=side.label,
+                    method=method,
+                    budget=f"{d.steps} × {d.prompts_per_step} × {d.samples_per_prompt}" if d else "—",
+                    dataset=ds,
+                    after_sft=acc.get(("after SFT", ds)),
+                    after=acc.get((f"after {method}", ds)),
+                    teacher=acc.get(("teacher", ds)),
+                    flops=stage_flops(side.run, side.ws).get("distill"),
+                    seconds=side.stage_times.get("distill", {}).get("seconds"),
+                )
+            )
+    lines = [
+        "| run | method | steps × prompts × samples | dataset | after SFT | after the stage | teacher | gap closed "
+        "| compute | wall time |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        gap = "—" if r.gap_closed is None else f"{r.gap_closed:.0%}"
+        flops = "—" if r.flops is None else _fmt_flops(r.flops)
+        secs = "—" if r.seconds is None else f"{r.seconds:.0f} s"
+        lines.append(
+            f"| {r.run} | {r.method} | {r.budget} | {r.dataset} | {_pct(r.after_sft)} | {_pct(r.after)} "
+            f"| {_pct(r.teacher)} | {gap} | {flops} | {secs} |"
+        )
+    lines.append("")
+    for ds in sorted({r.dataset for r in rows}):
+        here = [r for r in rows if r.dataset == ds]
+        starts = sorted({r.after_sft for r in here if r.after_sft is not None})
+        if len(starts) > 1:
+            seen = ", ".join(_pct(s) for s in starts)
+            lines.append(
+                f"On {ds} the runs did not start from the same SFT accuracy ({seen}): their gains do not compare."
+            )
+            continue
+        a, b = here if len(here) == 2 else (None, None)
+        if a and b and a.after is not None and b.after is not None and a.flops and b.flops:
+            lines.append(
+                f"On {ds}, from the same SFT accuracy ({_pct(a.after_sft)}): {a.method} ({a.run}) {_pct(a.after)} "
+                f"with {_fmt_flops(a.flops)}, {b.method} ({b.run}) {_pct(b.after)} with {_fmt_flops(b.flops)}: "
+                f"{100 * (a.after - b.after):+.1f} points for {a.flops / b.flops:.2f}× the compute. One run each: an "
+                "accuracy on a few hundred problems is uncertain by a few points; `bench/opd_vs_rl.py --seeds` "
+                "measures the spread over seeds and the compute each method needs to reach a given accuracy."
+            )
+    return rows, [*lines, ""]
+
+
 def write_report(
-    run: DistillationRun, ws: Workspace, stage_times: dict[str, dict], stages: list[str], echo=print
+    run: DistillationRun,
+    ws: Workspace,
+    stage_times: dict[str, dict],
+    stages: list[str],
+    echo=print,
+    compare: list[Side] | None = None,
 ) -> dict:
-    """Print the results table and write report.md with its plots; returns the numbers in it."""
+    """Print the results table and write report.md with its plots; returns the numbers in it. ``compare``:
+    other runs (e.g. the demo's RL baseline) to set beside this one in a section of their own."""
     method = method_name(run)
     rows = accuracy_table(ws, method)
     distill = [r for r in _records(ws, "distill") if r.get("reverse_kl") is not None]  # none with objective rl
@@ -228,6 +329,10 @@ def write_report(
             f"{method} closed {share:.0%} of the gap between the SFT student and the teacher on {d} (pass@1).",
             "",
         ]
+    compared: list[Compared] = []
+    if compare:
+        compared, table = comparison([Side("this run", run, ws, stage_times), *compare])
+        lines += ["## Compared", "", *table]
     curves = curve_rows(ws)
     if curves:
         lines += [
@@ -284,6 +389,13 @@ def write_report(
             echo(
                 f"{stage:<8} {times['seconds']:>7.0f} s" + (f"   ~{_fmt_flops(flops[stage])}" if stage in flops else "")
             )
+    if compared:
+        echo("compared:")
+        for r in compared:
+            echo(
+                f"  {r.run:<20} {r.method:<4} {r.dataset:<12} {_pct(r.after_sft)} -> {_pct(r.after)}"
+                + (f"   ~{_fmt_flops(r.flops)}" if r.flops else "")
+            )
     echo(f"report: {ws.root / 'report.md'}")
     return {
         "accuracy": [{"model": t, "dataset": d, "pass_at_1": p, "majority_vote": m} for t, d, p, m in rows],
@@ -291,4 +403,5 @@ def write_report(
         "gap_closed": gaps,
         "flops": flops,
         "stage_seconds": {s: t["seconds"] for s, t in stage_times.items()},
+        "compared": [asdict(r) | {"gap_closed": r.gap_closed} for r in compared],
     }

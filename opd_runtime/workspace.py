@@ -36,15 +36,17 @@ class Workspace:
     def eval_dir(self, target: str) -> Path:
         return self.root / "eval" / target
 
-    def resolve(self, path_or_id: str) -> str:
+    def resolve(self, path_or_id: str, build: bool = True) -> str:
         """A relative local path is taken relative to the workspace; hub ids pass through.
 
         ``tiny://NAME`` names a model of the tiny world (``teacher``, ``student-init``, ``student``,
         ``tokenizer``), built into ``models/`` of the workspace on first use. It lets one run file work
-        unchanged locally, in CI and on a kind cluster, where no stage can download a model.
+        unchanged locally, in CI and on a kind cluster, where no stage can download a model. ``build=False``
+        (readers such as the report) gives where it is or would be, without building it.
         """
         if path_or_id.startswith(TINY_SCHEME):
-            return str(ensure_tiny_world(self.root / "models") / path_or_id[len(TINY_SCHEME) :])
+            models = ensure_tiny_world(self.root / "models") if build else self.root / "models"
+            return str(models / path_or_id[len(TINY_SCHEME) :])
         p = Path(path_or_id)
         if p.is_absolute():
             return str(p)

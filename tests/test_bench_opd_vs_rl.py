@@ -84,6 +84,44 @@ def test_tables_name_the_start_then_list_points_gains_and_the_ratio(bench):
     assert lines[-1].startswith("RL's best: 68.5% at step 20 (576.4 GFLOP)") and lines[-1].endswith(": 0.7x")
 
 
+def test_seeds_are_averaged_per_step_and_each_seed_is_shown(bench):
+    seeds = [
+        curve(bench, "opd", [(0, 0, 0.625), (20, 780, 0.70)]),
+        curve(bench, "opd", [(0, 0, 0.625), (20, 790, 0.74)]),
+        curve(bench, "opd", [(0, 0, 0.625), (20, 800, 0.72)]),
+    ]
+    for c, kl in zip(seeds, (0.1, 0.2, 0.3), strict=True):
+        c.last10 = {"reverse_kl": kl}
+    mean = bench.mean_curve(seeds)
+    assert [p["step"] for p in mean.points] == [0, 20]
+    end = mean.points[-1]
+    assert end["flops"] == pytest.approx(790e9) and end["accuracy"] == pytest.approx(0.72)
+    assert end["accuracies"] == [0.70, 0.74, 0.72] and mean.last10 == {"reverse_kl": pytest.approx(0.2)}
+    # mean, sample standard deviation (2.0 points) and every seed, in --seeds order
+    assert bench.accuracy_text(end) == "72.0% ± 2.0 (70.0 / 74.0 / 72.0)"
+    assert bench.accuracy_text(bench.mean_curve(seeds[:1]).points[-1]) == "70.0%"
+    rl = bench.mean_curve([curve(bench, "rl", [(0, 0, 0.625), (20, 576, 0.68)])] * 3)
+    text = bench.tables([mean, rl], bench.compute_ratio(mean, rl), "X", ["seed 0 1.0x", "seed 1 0.7x", "seed 2 0.7x"])
+    assert "| opd | 20 | 790.0 | 20 | 72.0% ± 2.0 (70.0 / 74.0 / 72.0) |" in text.splitlines()
+    assert (
+        "| opd | 1.50 | 62.5% -> 72.0% ± 2.0 (70.0 / 74.0 / 72.0) (+9.5%) | last 10 steps: batch reverse KL 0.200 |"
+        in text
+    )
+    assert text.splitlines()[-1] == "The same ratio of each seed's own curves: seed 0 1.0x, seed 1 0.7x, seed 2 0.7x"
+    with pytest.raises(ValueError):  # seeds evaluated at other steps cannot be averaged
+        bench.mean_curve([seeds[0], curve(bench, "opd", [(0, 0, 0.625), (10, 400, 0.7)])])
+
+
+def test_opd_can_take_its_own_batch_shape(bench):
+    args = bench.parse_args(["--opd-prompts", "128", "--opd-samples", "1", "--methods", "opd", "trl-distill"])
+    assert bench.opd_name(args) == "opd-128x1" and args.methods == ["opd", "trl-distill"]
+    d = parse_run(yaml.safe_load(bench.run_yaml(args, "distill", Path("/s"), Path("/t"), 1e-4))).spec.distill
+    assert (d.prompts_per_step, d.samples_per_prompt, d.micro_batch_size) == (128, 1, 128)
+    r = parse_run(yaml.safe_load(bench.run_yaml(args, "rl", Path("/s"), Path("/t"), 1e-4))).spec.distill
+    assert (r.prompts_per_step, r.samples_per_prompt) == (32, 4)  # RL keeps its groups
+    assert bench.opd_name(bench.parse_args([])) == "opd"
+
+
 def test_quick_settings_fill_only_what_is_not_given(bench):
     quick = bench.parse_args(["--quick", "--steps", "6"])
     assert (quick.steps, quick.prompts, quick.samples, quick.eval_every, quick.heldout) == (6, 4, 2, 2, 20)
@@ -96,8 +134,12 @@ def test_quick_settings_fill_only_what_is_not_given(bench):
         None,
         Path("runs/opd-vs-rl"),
     )
+    assert full.seeds == [0] and full.methods == ["opd", "rl", "trl-grpo", "trl-distill"]
+    assert bench.parse_args(["--no-trl", "--seeds", "0", "1"]).methods == ["opd", "rl"]
     with pytest.raises(SystemExit):
         bench.parse_args(["--steps", "50"])  # not a multiple of --eval-every 20
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--seeds", "1", "1"])
 
 
 def test_the_start_is_the_demos_sft_stage_and_the_runs_are_valid(bench):
