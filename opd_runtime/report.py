@@ -258,6 +258,9 @@ def comparison(sides: list[Side]) -> tuple[list[Compared], list[str]]:
                     seconds=side.stage_times.get("distill", {}).get("seconds"),
                 )
             )
+    if not rows:
+        labels = ", ".join(side.label for side in sides)
+        return rows, [f"Nothing to compare: no eval results (results/eval.json) in {labels}.", ""]
     lines = [
         "| run | method | steps × prompts × samples | dataset | after SFT | after the stage | teacher | gap closed "
         "| compute | wall time |",

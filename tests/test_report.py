@@ -150,6 +150,10 @@ def test_compare_sets_the_rl_baseline_beside_the_demo(tmp_path: Path):
         and "did not start from the same SFT accuracy (40.0%, 50.0%): their gains do not compare." in report
     )
     assert [r["method"] for r in out["compared"]] == ["OPD", "RL"] and "compared:" in echoed
+    assert comparison([Side("a", opd_run, Workspace(tmp_path / "empty"), {})]) == (
+        [],
+        ["Nothing to compare: no eval results (results/eval.json) in a.", ""],
+    )
 
 
 def test_compare_names_the_flag_when_the_other_workdir_is_not_a_run(tmp_path: Path, capsys):
