@@ -76,7 +76,6 @@ class Curve:
     points: list[dict] = field(default_factory=list)
     step_seconds: float = 0.0  # mean wall-clock seconds per optimizer step
     last10: dict[str, float] = field(default_factory=dict)  # batch metrics, mean of the last 10 steps
-    note: str = ""  # what the tables say after the gain; empty: the last10 metrics
 
 
 def parameters(model_dir: Path) -> int:
@@ -434,7 +433,7 @@ def tables(curves: list[Curve], ratio: dict | None, start_label: str, seed_ratio
     for c in curves:
         first, last = c.points[0], c.points[-1]
         gain = f"{first['accuracy']:.1%} -> {accuracy_text(last)} ({last['accuracy'] - first['accuracy']:+.1%})"
-        out.append(f"| {c.method} | {c.step_seconds:.2f} | {gain} | {c.note or describe(c.last10)} |")
+        out.append(f"| {c.method} | {c.step_seconds:.2f} | {gain} | {describe(c.last10)} |")
     if ratio is not None:
         out += [
             "",
@@ -558,8 +557,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.steps % args.eval_every:
         ap.error(f"--steps ({args.steps}) must be a multiple of --eval-every ({args.eval_every})")
     args.trl_distill_lr = args.trl_distill_lr or args.opd_lr
-    if args.no_trl:
-        args.methods = [m for m in args.methods if not m.startswith("trl")]
+    # METHODS order whatever the order given: main's ratio takes opd and rl as the first two curves
+    args.methods = [m for m in METHODS if m in args.methods and not (args.no_trl and m.startswith("trl"))]
     if len(set(args.seeds)) != len(args.seeds):
         ap.error(f"--seeds repeats a seed: {args.seeds}")
     args.seed = args.seeds[0]  # the seed of the run being made: main sets each in turn

@@ -87,11 +87,16 @@ def method_name(run: DistillationRun) -> str:
     return "RL" if d is not None and d.objective == "rl" else "OPD"
 
 
+def _titles(method: str) -> dict[str, str]:
+    """Eval target -> its title in the report, the distill stage's model being `after <method>`."""
+    return {**TARGET_TITLES, "distill": f"after {method}"}
+
+
 def accuracy_table(ws: Workspace, method: str = "OPD") -> list[tuple[str, str, float, float]]:
     """(target title, dataset, pass@1, majority vote) rows from results/eval.json, pipeline order; the
     distill stage's model is `after <method>`."""
     summary = _json(ws.result("eval")) or {"targets": {}}
-    titles = {**TARGET_TITLES, "distill": f"after {method}"}
+    titles = _titles(method)
     rows = []
     for target in sorted(summary["targets"], key=lambda t: list(TARGET_TITLES).index(t) if t in TARGET_TITLES else 99):
         for label, r in summary["targets"][target].items():
@@ -191,7 +196,7 @@ def gap_closed(rows: list[tuple[str, str, float, float]], method: str = "OPD") -
     """Share of the after-SFT -> teacher accuracy gap that the distill stage (OPD or RL) closed, per dataset
     (needs all three rows)."""
     acc = {(t, d): p for t, d, p, _ in rows}
-    titles = {**TARGET_TITLES, "distill": f"after {method}"}
+    titles = _titles(method)
     out = {}
     for d in {d for _, d, _, _ in rows}:
         sft, opd, teacher = (acc.get((titles[t], d)) for t in ("sft", "distill", "teacher"))
@@ -222,14 +227,9 @@ class Compared:
     after_sft: float | None
     after: float | None
     teacher: float | None
+    gap_closed: float | None  # share of the SFT -> teacher gap the stage closed (gap_closed)
     flops: float | None  # the stage's estimated compute
     seconds: float | None  # the stage's wall time
-
-    @property
-    def gap_closed(self) -> float | None:
-        if self.after_sft is None or self.after is None or self.teacher is None or self.teacher <= self.after_sft:
-            return None
-        return (self.after - self.after_sft) / (self.teacher - self.after_sft)
 
 
 def _pct(x: float | None) -> str:
@@ -243,7 +243,10 @@ def comparison(sides: list[Side]) -> tuple[list[Compared], list[str]]:
     rows = []
     for side in sides:
         method, d = method_name(side.run), side.run.spec.distill
-        acc = {(t, ds): p for t, ds, p, _ in accuracy_table(side.ws, method)}
+        table, titles = accuracy_table(side.ws, method), _titles(method)
+        acc = {(t, ds): p for t, ds, p, _ in table}
+        gaps = gap_closed(table, method) or {}
+        flops = stage_flops(side.run, side.ws).get("distill")  # once per run: it reads every metrics line
         for ds in sorted({ds for _, ds in acc}):
             rows.append(
                 Compared(
@@ -251,10 +254,11 @@ def comparison(sides: list[Side]) -> tuple[list[Compared], list[str]]:
                     method=method,
                     budget=f"{d.steps} × {d.prompts_per_step} × {d.samples_per_prompt}" if d else "—",
                     dataset=ds,
-                    after_sft=acc.get(("after SFT", ds)),
-                    after=acc.get((f"after {method}", ds)),
-                    teacher=acc.get(("teacher", ds)),
-                    flops=stage_flops(side.run, side.ws).get("distill"),
+                    after_sft=acc.get((titles["sft"], ds)),
+                    after=acc.get((titles["distill"], ds)),
+                    teacher=acc.get((titles["teacher"], ds)),
+                    gap_closed=gaps.get(ds),
+                    flops=flops,
                     seconds=side.stage_times.get("distill", {}).get("seconds"),
                 )
             )
@@ -268,11 +272,11 @@ def comparison(sides: list[Side]) -> tuple[list[Compared], list[str]]:
     ]
     for r in rows:
         gap = "—" if r.gap_closed is None else f"{r.gap_closed:.0%}"
-        flops = "—" if r.flops is None else _fmt_flops(r.flops)
+        compute = "—" if r.flops is None else _fmt_flops(r.flops)
         secs = "—" if r.seconds is None else f"{r.seconds:.0f} s"
         lines.append(
             f"| {r.run} | {r.method} | {r.budget} | {r.dataset} | {_pct(r.after_sft)} | {_pct(r.after)} "
-            f"| {_pct(r.teacher)} | {gap} | {flops} | {secs} |"
+            f"| {_pct(r.teacher)} | {gap} | {compute} | {secs} |"
         )
     lines.append("")
     for ds in sorted({r.dataset for r in rows}):
@@ -406,5 +410,5 @@ def write_report(
         "gap_closed": gaps,
         "flops": flops,
         "stage_seconds": {s: t["seconds"] for s, t in stage_times.items()},
-        "compared": [asdict(r) | {"gap_closed": r.gap_closed} for r in compared],
+        "compared": [asdict(r) for r in compared],
     }

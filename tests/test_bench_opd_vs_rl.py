@@ -75,7 +75,7 @@ def test_curve_accumulates_flops_and_seconds_up_to_each_evaluated_step(bench):
 def test_tables_name_the_start_then_list_points_gains_and_the_ratio(bench):
     opd = curve(bench, "opd", [(0, 0, 0.625), (20, 785, 0.71)])
     rl = curve(bench, "rl", [(0, 0, 0.625), (20, 576.4, 0.685)])
-    opd.note = "last 10 steps: batch reverse KL 0.110"
+    opd.last10 = {"reverse_kl": 0.110}
     text = bench.tables([opd, rl], bench.compute_ratio(opd, rl), "the demo's SFT checkpoint X, held-out 62.5%")
     lines = text.splitlines()
     assert lines[0] == "Start (every method): the demo's SFT checkpoint X, held-out 62.5%"
