@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from typing import Any
 
 import yaml
@@ -30,6 +31,7 @@ from . import names
 from .rbac import stage_rules
 
 Manifest = dict[str, Any]
+PROBE_PERIOD_S = 10  # the teacher's /health probes
 # Fields that change how the operator drives the run, not what a stage computes: editing them never
 # conflicts with a running stage.
 OPERATIONAL_FIELDS = ("suspend", "retries", "backoffSeconds", "queueName")
@@ -499,9 +501,12 @@ def teacher_deployment(obj: Manifest, run: DistillationRun) -> Manifest:
         cache_root=MODEL_CACHE_MOUNT,
     )
     container["ports"] = [{"name": "http", "containerPort": serving.port}]
-    probe = {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 10}
-    # Loading a large model takes minutes: a long startup budget, then quick readiness checks.
-    container["startupProbe"] = {**probe, "failureThreshold": 180}
+    probe = {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": PROBE_PERIOD_S}
+    # Loading a large model takes minutes: the startup budget is the whole readyTimeoutSeconds (rounded up
+    # to a period), so the kubelet never restarts a teacher the operator still waits for; then quick
+    # readiness checks.
+    startup_failures = max(1, math.ceil(serving.ready_timeout_seconds / PROBE_PERIOD_S))
+    container["startupProbe"] = {**probe, "failureThreshold": startup_failures}
     container["readinessProbe"] = {**probe, "failureThreshold": 3}
     pod_labels = names.labels(run_name, "teacher")
     digest = spec_hash(run)

@@ -437,3 +437,14 @@ def test_a_refused_create_is_reported_on_the_run_and_retried_unchanged():
     s.reconcile()
     assert s.jobs() == ["tiny-sft-1"] and s.status["stages"]["sft"]["attempts"] == 1
     assert cond(s.status, "Ready")["reason"] == "InProgress"
+
+
+@pytest.mark.parametrize("ready_timeout_s", [1, 600, 1800, 7205])
+def test_teacher_startup_probe_gives_the_whole_ready_timeout_before_the_kubelet_restarts_it(ready_timeout_s):
+    obj = tiny_run()
+    obj["spec"]["teacher"]["serving"]["readyTimeoutSeconds"] = ready_timeout_s
+    dep = children.teacher_deployment(obj, parse_run(obj))
+    probe = dep["spec"]["template"]["spec"]["containers"][0]["startupProbe"]
+    budget_s = probe["failureThreshold"] * probe["periodSeconds"]
+    # at least the timeout (a 32B teacher loading for an hour is not restarted), at most one period more
+    assert ready_timeout_s <= budget_s < ready_timeout_s + probe["periodSeconds"]
