@@ -41,8 +41,10 @@ def step_dir(root: Path, step: int) -> Path:
 
 def rng_state() -> dict[str, Any]:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():  # GPU sampling draws from the CUDA generators
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available():
+        # GPU sampling draws from this process's own GPU's generator; the *_all variants would open a
+        # CUDA context on every visible GPU from every rank
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -51,7 +53,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def write_atomic_text(path: Path, text: str) -> None:
@@ -183,7 +185,13 @@ def resumable(root: Path, resume: bool, run=None, stage: str | None = None) -> P
 
 
 def load_state(path: Path) -> dict[str, Any]:
-    return torch.load(path / STATE_FILE, weights_only=False)
+    """The trainer state of checkpoint ``path``, every tensor in CPU memory.
+
+    Rank 0 of a GPU run wrote it, so its tensors name ``cuda:0``: loaded as written, every rank would put
+    a whole copy of the optimizer state on GPU 0. On the CPU (the RNG states must be there anyway),
+    ``optimizer.load_state_dict`` then moves each moment to its parameter's device, the rank's own. Memory
+    mapped, so the ranks of one node share the file's pages instead of each reading a copy."""
+    return torch.load(path / STATE_FILE, map_location="cpu", mmap=True, weights_only=False)
 
 
 def restore(path: Path, optimizer, scheduler, model=None) -> int:
