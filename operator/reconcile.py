@@ -148,8 +148,16 @@ class _Walk:
         for manifest in wanted:
             if not self.observed.has(manifest["kind"], manifest["metadata"]["name"]):
                 self.create(manifest)
-        policy = names.teacher(self.name)  # spec.teacher.serving.networkPolicy turned off (or nothing served)
-        if self.observed.has("NetworkPolicy", policy) and not any(o["kind"] == "NetworkPolicy" for o in wanted):
+        # The policy goes when spec.teacher.serving.networkPolicy is turned off, or once no teacher runs: an
+        # edit that takes the teacher out of the plan leaves it serving the distill attempt that runs with the
+        # previous spec, and it must stay closed to everyone else until it is gone.
+        policy = names.teacher(self.name)
+        keep = self.run.spec.teacher.serving.network_policy and self.observed.teacher is not None
+        if (
+            self.observed.has("NetworkPolicy", policy)
+            and not keep
+            and not any(o["kind"] == "NetworkPolicy" for o in wanted)
+        ):
             self.delete("NetworkPolicy", policy)
         pvc = self.observed.pvc
         if pvc is not None and not self.run.spec.workspace.existing_claim:
@@ -262,6 +270,20 @@ class _Walk:
                 "Stopped" if reason == "Finished" else reason,
                 "The teacher server is not running.",
             )
+
+    def drop_unplanned_teacher(self) -> None:
+        """An edit took the teacher out of the plan (``serving.url``, objective ``rl``, backend ``local``):
+        its GPUs are freed once no distill attempt that may still call it runs (one started with the previous
+        spec keeps it until it ends)."""
+        if any(j.stage == "distill" and j.state == "active" and not j.deleting for j in self.observed.jobs):
+            return
+        if self.observed.live_pods.get("distill"):
+            return
+        if self.observed.teacher is not None and not self.observed.teacher.deleting:
+            self.event("Normal", "TeacherStopped", "The spec no longer serves a teacher; the teacher server is removed")
+        self.stop_teacher(reason="NotPlanned")
+        self.stages.pop("teacher", None)
+        self.conds = [c for c in self.conds if c.get("type") != conditions.TEACHER_READY]
 
     def teacher_ready(self) -> Literal["ready", "waiting", "failed"]:
         """Ensure a teacher Deployment serving the accepted spec and its Service exist: "ready" once it is
@@ -725,6 +747,8 @@ class _Walk:
         teacher_up = self.observed.teacher is not None or self.observed.has("Service", names.teacher(self.name))
         if "teacher" in self.planned and teacher_up and (distill_over or outcome == "failed" or current == "sft"):
             self.stop_teacher(reason="Finished" if distill_over and outcome != "failed" else "Stopped")
+        elif "teacher" not in self.planned and teacher_up:
+            self.drop_unplanned_teacher()
         self.status["stage"] = current or ""
         if outcome == "failed" and current is not None:
             ss = self.stages[current]

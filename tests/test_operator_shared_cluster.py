@@ -1,0 +1,76 @@
+"""The operator on a shared cluster, without a cluster: edits that change what a run needs, a spec that
+turns invalid, children deleted behind the operator's back, leader election around writes.
+
+Each test drives ``driver.reconcile_once`` against ``FakeApi`` (tests/opd_fake_cluster.py) as a story.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from opd_operator import driver
+
+from opd_fake_cluster import FakeApi, tiny_run
+
+T0 = datetime(2026, 11, 25, 12, 0, 0, tzinfo=UTC)
+
+
+class Story:
+    def __init__(self, **spec):
+        self.api = FakeApi()
+        self.api.add_run(tiny_run(**spec))
+        self.now = T0
+
+    def reconcile(self, seconds: float = 1.0):
+        self.now += timedelta(seconds=seconds)
+        return driver.reconcile_once(self.api, "ns", "tiny", now=self.now)
+
+    @property
+    def status(self) -> dict:
+        return self.api.run()["status"]
+
+    def to_distill(self) -> None:
+        self.reconcile()
+        self.api.finish_job("tiny-sft-1", 0, {"stage": "sft", "step": 400, "checkpoint": "/workspace/sft/final"})
+        self.reconcile()
+        self.api.make_available("tiny-teacher")
+        self.reconcile()
+        assert self.api.names("Job") == ["tiny-distill-1", "tiny-sft-1"]
+
+
+def cond(status: dict, type_: str) -> dict:
+    return next(c for c in status["conditions"] if c["type"] == type_)
+
+
+# ---- an edit that takes the teacher out of the plan ----------------------------------------------------
+
+
+def test_an_edit_that_drops_the_teacher_keeps_its_policy_while_it_serves_and_removes_it_after_distill():
+    s = Story()
+    s.to_distill()
+    assert s.api.names("NetworkPolicy") == ["tiny-teacher"]
+    s.api.edit_spec(teacher={"serving": {"url": "http://elsewhere:8000"}})  # no own teacher from now on
+    s.reconcile()
+    # distill keeps running with the previous spec and its teacher: the teacher stays closed to others
+    assert cond(s.status, "SpecAccepted")["status"] == "False"
+    assert s.api.names("Deployment") == ["tiny-teacher"]
+    assert s.api.names("NetworkPolicy") == ["tiny-teacher"]
+    s.api.finish_job("tiny-distill-1", 0, {"stage": "distill", "step": 200})
+    s.reconcile()
+    # distill is over and no stage needs this teacher: its GPUs are freed, then its policy goes too
+    assert s.api.names("Deployment") == [] and s.api.names("Service") == []
+    s.reconcile()
+    assert s.api.names("NetworkPolicy") == []
+    assert "teacher" not in s.status["stages"]
+
+
+def test_objective_rl_while_queued_for_the_teacher_removes_the_teacher_at_once():
+    s = Story()
+    s.reconcile()
+    s.api.finish_job("tiny-sft-1", 0, {"stage": "sft", "step": 400})
+    s.reconcile()
+    assert s.api.names("Deployment") == ["tiny-teacher"]  # distill waits for it
+    s.api.edit_spec(distill={"objective": "rl"})
+    s.reconcile()
+    assert s.api.names("Deployment") == [] and s.api.names("Service") == []
+    assert s.api.names("Job") == ["tiny-distill-1", "tiny-sft-1"]
