@@ -74,3 +74,23 @@ def test_objective_rl_while_queued_for_the_teacher_removes_the_teacher_at_once()
     s.reconcile()
     assert s.api.names("Deployment") == [] and s.api.names("Service") == []
     assert s.api.names("Job") == ["tiny-distill-1", "tiny-sft-1"]
+
+
+# ---- the kopf the operator needs ------------------------------------------------------------------------
+
+
+def test_the_kopf_floor_has_the_watch_label_selectors_the_operator_configures():
+    """handlers.configure sets ``settings.watching.label_selectors`` (server-side selection of the children
+    it watches): kopf 1.44.6 has no such setting (its kopf/_cogs/configs/configuration.py lacks it; 1.45.0
+    has it), so an operator installed at an older floor fails at startup."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    from opd_fake_cluster import ROOT
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    (kopf,) = [Requirement(r) for r in extras["operator"] if Requirement(r).name == "kopf"]
+    (floor,) = [Version(s.version) for s in kopf.specifier if s.operator == ">="]
+    assert floor >= Version("1.45"), f"pyproject: kopf>={floor}, but the operator uses kopf 1.45's API"
