@@ -811,10 +811,25 @@ class _Walk:
         return self.d
 
 
-def invalid(obj: Manifest, err: SpecError, now: datetime) -> Decision:
-    """A run whose spec the models reject (the CRD schema let it through): Failed, with the reasons."""
+def invalid(obj: Manifest, err: SpecError, now: datetime, observed: Observed | None = None) -> Decision:
+    """A run whose spec the models reject (the CRD schema let it through): Failed, with the reasons. A run
+    edited into an invalid spec stops what runs (stage Jobs, the teacher), as a suspend does: Failed holds no
+    GPUs, and a fixed spec resumes the stopped stage from its last checkpoint, without counting a failure."""
     old = obj.get("status") or {}
     status = {k: v for k, v in copy.deepcopy(old).items() if k != "progress"}
+    actions: list[Action] = []
+    run_name = obj["metadata"]["name"]
+    if observed is not None:
+        actions += [Action("delete", "Job", j.name) for j in observed.jobs if j.state == "active" and not j.deleting]
+        if observed.teacher is not None and not observed.teacher.deleting:
+            actions.append(Action("delete", "Deployment", names.teacher(run_name)))
+        if observed.has("Service", names.teacher(run_name)):
+            actions.append(Action("delete", "Service", names.teacher(run_name)))
+    for ss in (status.get("stages") or {}).values():
+        if ss.get("phase") in ("Running", "Waiting", "Retrying"):
+            ss["phase"] = "Pending"
+            for key in ("ranks", "queue"):
+                ss.pop(key, None)
     gen = obj["metadata"].get("generation")
     text = str(err).split(":\n", 1)[-1].replace("\n", "; ")
     conds = conditions.set_condition(
@@ -824,8 +839,10 @@ def invalid(obj: Manifest, err: SpecError, now: datetime) -> Decision:
         conds, conditions.READY, False, "InvalidSpec", text, now=rfc3339(now), generation=gen
     )
     status.update(phase="Failed", message=f"invalid spec: {text}"[:1000], conditions=conds, observedGeneration=gen)
+    if actions:
+        text += "; its Jobs and teacher are stopped: fix the spec to resume from the last checkpoint"
     events = [] if old.get("phase") == "Failed" else [Event("Warning", "InvalidSpec", text[:1000])]
-    return Decision(status=status, events=events)
+    return Decision(actions=actions, status=status, events=events)
 
 
 def decide(obj: Manifest, observed: Observed, now: datetime) -> Decision:
@@ -834,8 +851,8 @@ def decide(obj: Manifest, observed: Observed, now: datetime) -> Decision:
     try:
         run = parse_run(obj, source=source)
     except SpecError as err:
-        return invalid(obj, err, now)
+        return invalid(obj, err, now, observed)
     problems = children.cluster_problems(run)
     if problems:
-        return invalid(obj, SpecError(f"{source}: cannot run on Kubernetes:\n" + "\n".join(problems)), now)
+        return invalid(obj, SpecError(f"{source}: cannot run on Kubernetes:\n" + "\n".join(problems)), now, observed)
     return _Walk(obj, run, observed, now).decide()

@@ -94,3 +94,27 @@ def test_the_kopf_floor_has_the_watch_label_selectors_the_operator_configures():
     (kopf,) = [Requirement(r) for r in extras["operator"] if Requirement(r).name == "kopf"]
     (floor,) = [Version(s.version) for s in kopf.specifier if s.operator == ">="]
     assert floor >= Version("1.45"), f"pyproject: kopf>={floor}, but the operator uses kopf 1.45's API"
+
+
+# ---- an edit into an invalid spec -----------------------------------------------------------------------
+
+
+def test_a_run_edited_into_an_invalid_spec_stops_its_jobs_and_teacher_and_resumes_once_fixed():
+    s = Story()
+    s.to_distill()
+    s.api.edit_spec(distill={"steps": -1})
+    d = s.reconcile()
+    assert s.status["phase"] == "Failed" and cond(s.status, "Ready")["reason"] == "InvalidSpec"
+    # Failed means nothing runs: no GPUs held for a run that cannot go on
+    assert s.api.names("Job") == ["tiny-sft-1"]
+    assert s.api.names("Deployment") == [] and s.api.names("Service") == []
+    assert s.status["stages"]["distill"]["phase"] == "Pending"
+    assert "spec.distill.steps" in s.status["message"]
+    assert [e.reason for e in d.events] == ["InvalidSpec"]
+    s.api.edit_spec(distill={"steps": 200})
+    s.reconcile()
+    assert s.status["phase"] == "Running" and s.api.names("Deployment") == ["tiny-teacher"]
+    s.api.make_available("tiny-teacher")
+    s.reconcile()
+    assert s.api.names("Job") == ["tiny-distill-2", "tiny-sft-1"]  # from its last checkpoint (--resume)
+    assert s.status["stages"]["distill"]["failures"] == 0  # the stop was no failure of the stage
