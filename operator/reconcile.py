@@ -490,6 +490,35 @@ class _Walk:
             f"{f' with exit code {code}' if code is not None else ''}: {error or 'no message'}"[:1000],
         )
 
+    def record_vanished(self, stage: str, ss: Manifest, latest: JobView | None) -> None:
+        """The attempt's Job is gone, or going, before it finished, and not by the operator's hand (its own
+        deletions, on suspend or an invalid spec, set the stage Pending first): a failure of the attempt,
+        so the back-off and ``spec.retries`` bound how often it is started again."""
+        attempt = ss.get("attempts", 0)
+        if (
+            attempt == 0
+            or ss.get("lastFailedAttempt") == attempt
+            or ss.get("job") != names.job(self.name, stage, attempt)
+        ):
+            return
+        if not (ss.get("phase") == "Running" or (ss.get("phase") == "Waiting" and ss.get("queue"))):
+            return
+        if latest is not None and not (latest.deleting and latest.state == "active"):
+            return
+        job = ss["job"]
+        message = (
+            f"Job {job} was deleted before it finished (not by the operator); attempt {attempt} counts as a "
+            "failure: delete the run, or set spec.suspend, to stop it"
+        )
+        ss.update(
+            failures=ss.get("failures", 0) + 1,
+            lastFailedAttempt=attempt,
+            exitCode=None,
+            lastFailureTime=self.ts(),
+            message=message,
+        )
+        self.event("Warning", "JobDeleted", f"{stage}: {message}")
+
     # ---- Kueue and disruptions ---------------------------------------------------------------------
     def job_admission(self, stage: str, ss: Manifest, job: JobView) -> str:
         """Kueue's verdict on the stage's Job (``spec.queueName``, or a Job some admission controller
@@ -610,6 +639,7 @@ class _Walk:
             self.keep_stall = latest.failure_reason is not None or not staying
             return "busy"
         ss.pop("ranks", None)  # no attempt runs
+        self.record_vanished(stage, ss, latest)
         if latest is not None and latest.state == "succeeded":
             self.record_success(stage, ss, latest)
             self.drop_ranks_service(stage)

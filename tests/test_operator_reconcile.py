@@ -320,7 +320,7 @@ def test_a_new_attempt_waits_for_the_previous_pod_to_stop():
     s.reconcile()
     assert s.jobs() == [] and s.status["stages"]["sft"]["phase"] == "Waiting"
     del s.api.objects[("Pod", "ns", "tiny-sft-1-pod")]
-    s.reconcile()
+    s.reconcile(seconds=600)  # past the back-off: a Job deleted by someone else is a failed attempt
     assert s.jobs() == ["tiny-sft-2"]
 
 

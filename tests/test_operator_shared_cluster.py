@@ -118,3 +118,39 @@ def test_a_run_edited_into_an_invalid_spec_stops_its_jobs_and_teacher_and_resume
     s.reconcile()
     assert s.api.names("Job") == ["tiny-distill-2", "tiny-sft-1"]  # from its last checkpoint (--resume)
     assert s.status["stages"]["distill"]["failures"] == 0  # the stop was no failure of the stage
+
+
+# ---- a Job deleted behind the operator's back ------------------------------------------------------------
+
+
+def test_a_stage_job_deleted_by_someone_else_counts_as_a_failure_with_back_off_and_retries():
+    s = Story(retries=1, backoffSeconds=30)
+    s.reconcile()
+    s.api.delete("Job", "ns", "tiny-sft-1")
+    d = s.reconcile()
+    sft = s.status["stages"]["sft"]
+    assert s.api.names("Job") == []  # not re-created at once
+    assert sft["failures"] == 1 and sft["phase"] == "Retrying"
+    assert "tiny-sft-1 was deleted" in sft["message"]
+    assert "JobDeleted" in [e.reason for e in d.events]
+    s.reconcile(seconds=10)
+    assert s.api.names("Job") == []  # the back-off holds
+    s.reconcile(seconds=25)
+    assert s.api.names("Job") == ["tiny-sft-2"]
+    s.api.delete("Job", "ns", "tiny-sft-2")
+    s.reconcile()
+    assert s.api.names("Job") == []
+    assert s.status["phase"] == "Failed" and s.status["stages"]["sft"]["reason"] == "RetriesExhausted"
+    s.reconcile(seconds=3600)
+    assert s.api.names("Job") == []  # bounded: no third attempt
+
+
+def test_the_operators_own_job_deletions_count_no_failure():
+    s = Story(retries=0)
+    s.reconcile()
+    s.api.edit_spec(suspend=True)
+    s.reconcile()
+    assert s.api.names("Job") == []
+    s.api.edit_spec(suspend=False)
+    s.reconcile()
+    assert s.api.names("Job") == ["tiny-sft-2"] and s.status["stages"]["sft"]["failures"] == 0
