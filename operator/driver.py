@@ -56,8 +56,11 @@ def reconcile_once(
     claims = [c for c in (api.get("PersistentVolumeClaim", namespace, n) for n in unlisted_claims(found)) if c]
     decision = decide(obj, observe(name, found, claims), now)
     old = {k: v for k, v in (obj.get("status") or {}).items() if k != "progress"}
-    leader.ensure_leading()  # with leader election: exits here unless the Lease is still ours
+    # With leader election each write is checked on its own: a batch of writes may take longer than the
+    # margin between our last renewal and another candidate's takeover.
+    write_seconds = float(getattr(api, "timeout", 0.0))
     for action in decision.actions:
+        leader.ensure_leading(write_seconds)
         try:
             apply_action(api, namespace, action)
             OVERLAY.record(namespace, name, action)
@@ -65,9 +68,11 @@ def reconcile_once(
             report_refusal(api, obj, old, f"{action.verb} {action.kind} {action.name}: {err}", now, err.reason)
             raise
     patch = merge_patch(old, without_none(decision.status))
+    leader.ensure_leading(write_seconds)
     if patch:
         api.patch("DistillationRun", namespace, name, {"status": patch}, subresource="status")
     for event in decision.events:
+        leader.ensure_leading(write_seconds)
         post_event(api, obj, event, rfc3339(now))
         log.info("%s/%s: %s: %s", namespace, name, event.reason, event.message)
     for outcome in decision.outcomes:
@@ -92,6 +97,7 @@ def report_refusal(
         generation=obj["metadata"].get("generation"),
     )
     meta = obj["metadata"]
+    leader.ensure_leading(float(getattr(api, "timeout", 0.0)))
     api.patch(
         "DistillationRun",
         meta["namespace"],

@@ -28,7 +28,7 @@ import kopf
 
 from opd_runtime.contract import GROUP, PLURAL, VERSION
 
-from . import cache, driver, metrics, names
+from . import cache, driver, leader, metrics, names
 from .kube import RESOURCES, RestApi
 from .observe import KINDS
 
@@ -49,7 +49,7 @@ _api: RestApi | None = None
 def api() -> RestApi:
     global _api
     if _api is None:
-        _api = RestApi()
+        _api = RestApi(timeout=leader.request_timeout(30.0))
     return _api
 
 

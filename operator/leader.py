@@ -177,13 +177,24 @@ class LeaderElector:
                 log.warning("leader election: renewing the Lease failed: %s", err)
             self.ensure_leading()
 
-    def leading(self) -> bool:
+    def leading(self, request_seconds: float = 0.0) -> bool:
+        """Renewed within ``renew_deadline``, and a request that starts now and takes up to
+        ``request_seconds`` ends before another candidate may take the Lease (``lease_duration`` after our
+        last renewal): a write must never land once another leader may be acting."""
         renewed = self._renewed_at
-        return renewed is not None and time.monotonic() - renewed < self.settings.renew_deadline
+        if renewed is None:
+            return False
+        since = time.monotonic() - renewed
+        return since < self.settings.renew_deadline and since + request_seconds < self.settings.lease_duration
 
-    def ensure_leading(self) -> None:
-        """Exit the process at once unless the Lease was renewed within ``renew_deadline``."""
-        if self._stop.is_set() or self.leading():
+    def write_timeout(self) -> float:
+        """How long one of the leader's requests may take: half the time from the renewal before last to
+        the Lease's expiry, so a write that starts as late as ``leading`` allows still ends in time."""
+        return (self.settings.lease_duration - self.settings.retry_period) / 2
+
+    def ensure_leading(self, request_seconds: float = 0.0) -> None:
+        """Exit the process at once unless ``leading(request_seconds)``."""
+        if self._stop.is_set() or self.leading(request_seconds):
             return
         log.critical(
             "leader election: Lease %s/%s not renewed for %.0fs; exiting so that nothing acts without it",
@@ -220,7 +231,14 @@ def set_current(elector: LeaderElector | None) -> None:
     _current = elector
 
 
-def ensure_leading() -> None:
-    """Called before the operator writes: a no-op without leader election, else exits when not leading."""
+def ensure_leading(request_seconds: float = 0.0) -> None:
+    """Called before each write (one request of up to ``request_seconds``): a no-op without leader
+    election, else exits unless the write ends before the Lease could pass to another."""
     if _current is not None:
-        _current.ensure_leading()
+        _current.ensure_leading(request_seconds)
+
+
+def request_timeout(default: float) -> float:
+    """The operator's request timeout: ``default`` without leader election, else the elector's
+    ``write_timeout`` (a 30 s request would outlive a 15 s Lease)."""
+    return default if _current is None else min(default, _current.write_timeout())

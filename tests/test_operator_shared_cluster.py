@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+import pytest
+
 from opd_operator import driver
 
 from opd_fake_cluster import FakeApi, tiny_run
@@ -154,3 +156,65 @@ def test_the_operators_own_job_deletions_count_no_failure():
     s.api.edit_spec(suspend=False)
     s.reconcile()
     assert s.api.names("Job") == ["tiny-sft-2"] and s.status["stages"]["sft"]["failures"] == 0
+
+
+# ---- leader election around each write ------------------------------------------------------------------
+
+
+class SlowApi(FakeApi):
+    """Each create takes ``seconds`` of the leader's clock (a slow API server): the elector's last renewal
+    recedes by that much, as it would while the renew thread's requests hang too."""
+
+    def __init__(self, elector, seconds: float):
+        super().__init__()
+        self.elector, self.seconds, self.timeout = elector, seconds, elector.write_timeout()
+
+    def create(self, namespace, body):
+        self.elector._renewed_at -= self.seconds
+        return super().create(namespace, body)
+
+
+def test_with_leader_election_every_write_is_checked_not_only_the_first(monkeypatch):
+    import time
+
+    from opd_operator import leader
+
+    elector = leader.LeaderElector(leader.LeaseSettings(namespace="ns"), api=object())
+    elector._renewed_at = time.monotonic()
+    exits = []
+
+    def exit_(code):
+        exits.append(code)
+        raise SystemExit(code)
+
+    monkeypatch.setattr(leader.os, "_exit", exit_)
+    monkeypatch.setattr(leader.logging, "shutdown", lambda: None)
+    leader.set_current(elector)
+    try:
+        api = SlowApi(elector, seconds=4.5)
+        api.add_run(tiny_run())
+        with pytest.raises(SystemExit):
+            driver.reconcile_once(api, "ns", "tiny", now=T0)
+    finally:
+        leader.set_current(None)
+    # the first round would create 6 objects; after two slow creates (9 s since the renewal: still within
+    # the 10 s renew deadline) a third, which may take write_timeout (6.5 s), could land after the 15 s
+    # Lease passed to another: the operator stops before it
+    assert exits == [leader.EXIT_LOST]
+    assert [c for c in api.calls if c[0] == "create"] == [
+        ("create", "ServiceAccount", "tiny-stage"),
+        ("create", "Role", "tiny-stage"),
+    ]
+
+
+def test_a_write_that_could_outlive_the_lease_is_not_started():
+    import time
+
+    from opd_operator import leader
+
+    elector = leader.LeaderElector(leader.LeaseSettings(namespace="ns"), api=object())
+    elector._renewed_at = time.monotonic() - 3.0
+    assert elector.leading(request_seconds=elector.write_timeout())
+    assert not elector.leading(request_seconds=30.0)  # the client's default timeout: longer than the Lease
+    elector._renewed_at = time.monotonic() - 9.0  # within renew_deadline (10 s), but 9 + 6.5 > 15
+    assert not elector.leading(request_seconds=elector.write_timeout())
