@@ -479,3 +479,15 @@ def test_vllm_metric_names_come_from_the_installed_vllm_and_the_pin_matches_it()
         "vllm:e2e_request_latency_seconds_bucket",
     } <= names
     assert names >= VLLM_PINNED, sorted(VLLM_PINNED - names)
+
+
+def test_the_chart_refuses_kubernetes_releases_that_do_not_serve_its_admission_policy():
+    """templates/stage-status-policy.yaml renders admissionregistration.k8s.io/v1 ValidatingAdmissionPolicy,
+    which Kubernetes serves from 1.30: an older cluster must be refused at install, naming the floor."""
+    old = helm("template", RELEASE, str(CHART), "--kube-version", "1.29.9", check=False)
+    assert old.returncode != 0 and "kubeVersion" in old.stderr and "1.30" in old.stderr, old.stderr
+    objs = [
+        d for d in yaml.safe_load_all(helm("template", RELEASE, str(CHART), "--kube-version", "1.30.0").stdout) if d
+    ]
+    (policy,) = [o for o in objs if o["kind"] == "ValidatingAdmissionPolicy"]
+    assert policy["apiVersion"] == "admissionregistration.k8s.io/v1"
