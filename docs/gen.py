@@ -54,7 +54,7 @@ def distillationrun() -> str:
         "Every field of a run file (`apiVersion: opd.dev/v1alpha1`, `kind: DistillationRun`), from the spec\n"
         "models' field descriptions, which are also the CRD's (`kubectl explain distillationrun.spec`) and\n"
         "what `opd spec-reference` prints. Stages left out of a run are not run. An object that appears at\n"
-        "several places is listed in full once, at its shortest path, and its other places say \"Same fields\n"
+        'several places is listed in full once, at its shortest path, and its other places say "Same fields\n'
         'as ..." (the pod inputs of each stage and of the teacher pods, for one, are the fields of `spec.pod`).\n\n'
         f"{reference.BEGIN}\n{reference.markdown()}{reference.END}\n"
     )
