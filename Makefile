@@ -22,7 +22,7 @@ UV_FLAGS ?= $(foreach d,$(FIND_LINKS),$(if $(wildcard $(d)/*),--find-links $(d))
 EXTRAS ?= runtime,operator,test
 WORKDIR ?= runs/tiny-math
 
-.PHONY: crds controlplane venv lint lint-fix test test-fast run compare bench clean help images kind-e2e chart
+.PHONY: crds controlplane venv lint lint-fix test test-fast run compare bench clean help images kind-e2e chart docs
 
 help:
 	@echo "make run        run the demo (examples/tiny-math.yaml) on tiny models, locally"
@@ -30,6 +30,7 @@ help:
 	@echo "make test       lint, then the whole test suite (control plane and vLLM included)"
 	@echo "make test-fast  lint, then the tests that need neither the control plane nor vLLM, nor are slow"
 	@echo "make lint       ruff (lint + format check) and mypy; make lint-fix rewrites what ruff can fix"
+	@echo "make docs       regenerate the reference pages (docs/gen.py), then build the site into site/"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -142,6 +143,12 @@ images:
 # kind cluster + images + chart + examples/tiny-math.yaml until Succeeded (needs docker, kind, kubectl, helm).
 kind-e2e:
 	REGISTRY=$(REGISTRY) TAG=$(TAG) images/kind-e2e.sh
+
+# The docs site: the generated reference pages rewritten from the code, then `mkdocs build --strict`
+# (tests/test_docs.py checks both: a stale page, a broken link or a page missing from the nav fails).
+docs: venv
+	$(BIN)/python docs/gen.py --write
+	$(BIN)/mkdocs build --strict
 
 # The DistillationRun CRD, generated from the spec models (a test fails when crds/ is stale).
 crds: venv
