@@ -62,9 +62,9 @@ class WorldConfig:
 
     ``threads`` fixes torch's intra-op thread count for the build (and is part of the cache key): the
     float sums inside a matmul are split by thread, so another count trains another world. With the
-    count, the seeds and deterministic algorithms fixed, a build repeats bit for bit on one machine;
-    another CPU (other vector kernels) still trains a somewhat different world, which is why the
-    learning tests judge gains relative to the world they get.
+    count, the seeds and deterministic algorithms fixed, and the build's float kernels pinned to ones
+    every x86-64 CPU runs alike (``PORTABLE_MATH_ENV``), a build repeats bit for bit on any such machine:
+    everyone gets the world whose weights ``RECORDED_WORLDS`` lists.
     """
 
     difficulty: int = 2
@@ -183,9 +183,69 @@ class StepReporter:
         self.log(f"{self.phase}: step {done}/{self.total}, loss {loss:.3f}, {elapsed:.0f}s{eta}")
 
 
+# The float kernels a build runs, chosen so that every x86-64 CPU computes the same bits: torch's own
+# vectorised kernels at their baseline (the AVX2/AVX-512 variants sum in other orders) and MKL's
+# conditional numerical reproducibility mode (otherwise MKL picks a GEMM kernel per instruction set).
+# Both are read once, when a process first uses them, so a build runs in a child process started with
+# them. Measured on 6 training steps: without them, MKL_ENABLE_INSTRUCTIONS=AVX2/SSE4_2 (how MKL imitates
+# older CPUs) and ATEN_CPU_CAPABILITY=avx2/default each trained other weights; with them, all were equal.
+PORTABLE_MATH_ENV = {"ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "COMPATIBLE"}
+
+
+def portable_math() -> bool:
+    """Whether this process computes with ``PORTABLE_MATH_ENV`` (set before torch first used them)."""
+    import os
+
+    import torch
+
+    return (
+        os.environ.get("MKL_CBWR") == PORTABLE_MATH_ENV["MKL_CBWR"]
+        and torch.backends.cpu.get_cpu_capability() == "DEFAULT"
+    )
+
+
 def build(out: Path, cfg: WorldConfig, log=print) -> dict:
+    """Train the world into ``out`` (in a child process with ``PORTABLE_MATH_ENV`` unless this process
+    already computes that way) and return its ``world.json``."""
+    if not portable_math():
+        return _build_in_child(out, cfg, log)
     with reproducible(cfg.threads, cfg.seed):
         return _build(out, cfg, log)
+
+
+def _build_in_child(out: Path, cfg: WorldConfig, log) -> dict:
+    import os
+    import subprocess
+    import sys
+
+    argv = [sys.executable, "-m", "opd_runtime.tiny_models", "--out", str(out), "--config", json.dumps(asdict(cfg))]
+    # the caller's other settings (threads, MKL_ENABLE_INSTRUCTIONS, ...) pass through: the build fixes
+    # what matters itself, and a test imitates other CPUs through them
+    env = {**os.environ, **PORTABLE_MATH_ENV, "PYTHONSAFEPATH": "1"}
+    with subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as child:
+        assert child.stdout is not None
+        lines = []
+        for line in child.stdout:
+            lines.append(line.rstrip("\n"))
+            log(lines[-1])
+    if child.returncode != 0:
+        tail = "\n".join(lines[-20:])
+        raise RuntimeError(f"tiny world: the build exited with {child.returncode}:\n{tail}")
+    return json.loads((out / "world.json").read_text())
+
+
+def weights_sha256(model) -> str:
+    """One hash over every tensor's name, dtype, shape and bytes: equal hashes mean bit-identical weights."""
+    import hashlib
+
+    import torch
+
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().contiguous().cpu()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def _build(out: Path, cfg: WorldConfig, log) -> dict:
@@ -206,7 +266,12 @@ def _build(out: Path, cfg: WorldConfig, log) -> dict:
         model.save_pretrained(out / name)
         tokenizer.save_pretrained(out / name)
         n_params = sum(p.numel() for p in model.parameters())
-        report[name] = {"accuracy": acc, "parameters": n_params, "train_seconds": round(seconds, 1)}
+        report[name] = {
+            "accuracy": acc,
+            "parameters": n_params,
+            "train_seconds": round(seconds, 1),
+            "weights_sha256": weights_sha256(model),
+        }
         log(f"{name}: {n_params / 1e6:.2f}M parameters, held-out greedy accuracy {acc:.1%} ({seconds:.0f}s)")
 
     t0 = time.time()
@@ -248,7 +313,7 @@ def _build(out: Path, cfg: WorldConfig, log) -> dict:
 
 BUILD_MINUTES = 6  # a build of the default WorldConfig, measured on 2 cores (README)
 # Bump when build() changes what it trains; the modules below are hashed as well.
-BUILD_VERSION = 2
+BUILD_VERSION = 3
 # The code that decides the world's weights (data, tokenizer, training loop), so a change to it
 # invalidates cached builds while unrelated edits do not.
 _WEIGHT_SOURCES = (
@@ -268,10 +333,9 @@ def _cache_key(cfg: WorldConfig) -> str:
     import transformers
 
     h = hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True).encode())
-    # the CPU's vector kernels (AVX2, AVX512, ...) change float sums as thread counts do
+    # no CPU in the key: the build's kernels are pinned (PORTABLE_MATH_ENV), so every CPU builds one world
     h.update(
-        f"{BUILD_VERSION}/{torch.__version__}/{transformers.__version__}/"
-        f"{torch.backends.cpu.get_cpu_capability()}".encode()
+        f"{BUILD_VERSION}/{torch.__version__}/{transformers.__version__}/{sorted(PORTABLE_MATH_ENV.items())}".encode()
     )
     here = Path(__file__).parent
     for src in _WEIGHT_SOURCES:
@@ -313,10 +377,78 @@ def build_cached(out: Path, cfg: WorldConfig, cache_dir: Path | None, log=print)
             shutil.rmtree(dest) if dest.is_dir() else dest.unlink()
         (shutil.copytree if item.is_dir() else shutil.copy2)(item, dest)
     log(f"tiny world: copied into {out}")
-    return json.loads((entry / "world.json").read_text())
+    report = json.loads((entry / "world.json").read_text())
+    log(compare_with_record(cfg, report))
+    return report
+
+
+# What every machine's build of a config is expected to write (by cache key: the config, the code and the
+# library versions): the weights' hashes and the accuracies. `opd tiny-models --record` adds an entry.
+RECORDED_WORLDS = Path(__file__).parent / "data" / "tiny_worlds.json"
+RECORDED_MODELS = ("teacher", "student-init", "student")
+
+
+def recorded_world(cfg: WorldConfig) -> dict | None:
+    records = json.loads(RECORDED_WORLDS.read_text()) if RECORDED_WORLDS.exists() else {}
+    return records.get(_cache_key(cfg))
+
+
+def world_record(report: dict) -> dict:
+    """The part of a build's world.json that every machine must reproduce."""
+    return {m: {k: report[m][k] for k in ("weights_sha256", "accuracy")} for m in RECORDED_MODELS}
+
+
+def compare_with_record(cfg: WorldConfig, report: dict) -> str:
+    """One line saying whether this build equals the recorded one for its key."""
+    record, key = recorded_world(cfg), _cache_key(cfg)
+    if record is None:
+        return (
+            f"tiny world: no recorded build for key {key} (this config, code and library versions): its numbers "
+            "may differ from the published ones"
+        )
+    differ = [m for m in RECORDED_MODELS if record[m]["weights_sha256"] != report.get(m, {}).get("weights_sha256")]
+    if differ:
+        return (
+            f"tiny world: WARNING: {', '.join(differ)} differ from the recorded build {key}: this machine's float "
+            "kernels are not the pinned ones, so its numbers will differ from the published ones"
+        )
+    return f"tiny world: identical to the recorded build {key} (weights sha256 match)"
+
+
+def record(cfg: WorldConfig, report: dict) -> None:
+    """Add this build to ``RECORDED_WORLDS`` (a maintainer's step after changing what the world trains)."""
+    records = json.loads(RECORDED_WORLDS.read_text()) if RECORDED_WORLDS.exists() else {}
+    records[_cache_key(cfg)] = world_record(report)
+    RECORDED_WORLDS.write_text(json.dumps(records, indent=2, sort_keys=True) + "\n")
 
 
 def default_cache_dir() -> Path:
     import os
 
     return Path(os.environ.get("OPD_CACHE_DIR") or Path.home() / ".cache" / "opd")
+
+
+def config_from_json(text: str) -> WorldConfig:
+    fields = json.loads(text)
+    return WorldConfig(
+        **{**fields, "teacher": ModelShape(**fields["teacher"]), "student": ModelShape(**fields["student"])}
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The child a build runs in: ``python -m opd_runtime.tiny_models --out DIR --config JSON``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m opd_runtime.tiny_models")
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--config", required=True, help="a WorldConfig as JSON")
+    args = parser.parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # save_pretrained's bars would fill the build log
+    build(args.out, config_from_json(args.config), log=lambda line: print(line, flush=True))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

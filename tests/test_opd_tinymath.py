@@ -263,24 +263,75 @@ def test_sft_on_fresh_tinymath_traces_raises_accuracy(world, tmp_path):
     assert gain >= SFT_GAP_SHARE * gap, f"closed less than {SFT_GAP_SHARE:.0%} of the gap to the teacher"
 
 
-def test_world_build_repeats_bit_for_bit_whatever_the_callers_threads(tmp_path):
-    """The build fixes its own thread count, deterministic algorithms and seeds: two builds of one config
-    from callers with different thread settings write identical weights (a shortened config here)."""
+# Trains a few steps of the teacher's shape outside the build's pinned kernels and prints the weights' hash:
+# the control that shows MKL_ENABLE_INSTRUCTIONS really changes the float results on this machine, so that
+# the equal hashes of the portable builds below mean something.
+UNPINNED_STEPS = """
+import sys, torch
+from opd_runtime import tiny_models as tm, tinymath
+from opd_runtime.tokenizer_build import build_tokenizer, chat_template
+from opd_runtime.training.supervised import fit
+cfg = tm.WorldConfig()
+with tm.reproducible(cfg.threads, cfg.seed):
+    tok = build_tokenizer(tm._corpus(cfg, chat_template()))
+    model = tm.new_model(cfg.teacher, tok, 0)
+    traces = tm.trace_examples(tok, tinymath.generate(256, split="train", seed=0, difficulty=2))
+    fit(model, traces, pad_id=tok.pad_token_id, steps=3, batch_size=32, lr=3e-3, warmup_steps=1, seed=0)
+print(tm.portable_math(), tm.weights_sha256(model))
+"""
+
+# How MKL is told to run as on an older CPU (its documented switch); torch's own kernels are imitated with
+# ATEN_CPU_CAPABILITY. SSE4_2 stands for a CPU without AVX, AVX2 for one without AVX-512.
+OTHER_CPUS = (
+    {},
+    {"MKL_ENABLE_INSTRUCTIONS": "SSE4_2", "ATEN_CPU_CAPABILITY": "avx2"},
+    {"MKL_ENABLE_INSTRUCTIONS": "AVX2"},
+)
+
+
+def test_world_build_repeats_bit_for_bit_on_other_cpus_and_thread_settings(tmp_path):
+    """A build fixes its threads, seeds and deterministic algorithms and runs with float kernels every x86-64
+    CPU computes alike (tiny_models.PORTABLE_MATH_ENV): builds of one (shortened) config from callers that
+    imitate other CPUs and use other thread counts write identical weights. The control: the same training
+    outside the pinned kernels gives other weights under those imitations, so the imitation is real."""
+    import subprocess
+    import sys
+
     from opd_runtime.tiny_models import build
+
+    unpinned = set()
+    for other_cpu in OTHER_CPUS[1:]:
+        env = {k: v for k, v in os.environ.items() if k not in ("MKL_CBWR", "ATEN_CPU_CAPABILITY")}
+        env["PYTHONSAFEPATH"] = "1"
+        out = subprocess.run(
+            [sys.executable, "-c", UNPINNED_STEPS], env={**env, **other_cpu}, capture_output=True, text=True, check=True
+        ).stdout.split()
+        assert out[0] == "False", "the control must run outside the pinned kernels"
+        unpinned.add(out[1])
+    assert len(unpinned) == 2, "MKL_ENABLE_INSTRUCTIONS did not change the unpinned results: the test proves nothing"
 
     cfg = WorldConfig(
         teacher_traces=2000, teacher_steps=20, student_traces=200, student_steps=10, batch_size=16, eval_problems=16
     )
-    files = {}
-    for callers_threads in (1, 2):
-        torch.set_num_threads(callers_threads)
-        out = tmp_path / f"caller-{callers_threads}"
-        build(out, cfg, log=lambda *_: None)
-        assert torch.get_num_threads() == callers_threads  # restored
-        files[callers_threads] = {
+    files, hashes = {}, {}
+    for n, other_cpu in enumerate(OTHER_CPUS):
+        saved = {k: os.environ.get(k) for k in other_cpu}
+        os.environ.update(other_cpu)
+        torch.set_num_threads(1 + n % 2)
+        try:
+            out = tmp_path / f"cpu-{n}"
+            report = build(out, cfg, log=lambda *_: None)
+        finally:
+            for k, v in saved.items():
+                os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+        hashes[n] = {name: report[name]["weights_sha256"] for name in ("teacher", "student-init", "student")}
+        files[n] = {
             p.relative_to(out): p.read_bytes()
             for p in sorted(out.rglob("*"))
             if p.suffix in (".safetensors", ".json") and p.name != "world.json"
         }
-    assert files[1].keys() == files[2].keys() and len(files[1]) >= 6
-    assert [k for k in files[1] if files[1][k] != files[2][k]] == []
+    assert len(files[0]) >= 6
+    for n in range(1, len(OTHER_CPUS)):
+        assert hashes[n] == hashes[0], OTHER_CPUS[n]
+        assert files[n].keys() == files[0].keys()
+        assert [k for k in files[0] if files[n][k] != files[0][k]] == [], OTHER_CPUS[n]
