@@ -15,6 +15,11 @@ VERSION: Final = "v1alpha1"
 API_VERSION: Final = "opd.dev/v1alpha1"  # GROUP/VERSION, spelled out: type checkers then see the literal
 KIND: Final = "DistillationRun"
 PLURAL: Final = "distillationruns"
+# The controller name of an operator started without --controller-name: it acts on runs whose
+# spec.managedBy is unset or this name, and an operator with another name acts only on runs naming it.
+DEFAULT_CONTROLLER: Final = "opd.dev/operator"
+# A controller name: a domain-prefixed path, as Job's spec.managedBy.
+CONTROLLER_NAME_PATTERN: Final = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?/[-A-Za-z0-9_.]+$"
 # A run's name, checked alike by the spec (`opd validate`, `opd run`) and the CRD (the API server). Child
 # objects are named <run>-<suffix>: the longest, a stage Job `<run>-distill-<attempt>`, adds up to 12
 # characters, and the Job controller adds 6 more (`-xxxxx`) to each pod's name, whose Job name is also a

@@ -20,11 +20,14 @@ import argparse
 import contextlib
 import http.server
 import os
+import re
 import sys
 import threading
 import urllib.parse
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
+
+from opd_runtime.contract import CONTROLLER_NAME_PATTERN
 
 if TYPE_CHECKING:
     from . import leader as leader_types
@@ -87,6 +90,12 @@ def main(argv: list[str] | None = None) -> int:
         default=2.0,
         help="seconds between Lease renewals and between a standby's attempts (default 2)",
     )
+    parser.add_argument(
+        "--controller-name",
+        default=None,
+        help="act only on runs whose spec.managedBy is this name; runs without one belong to the default "
+        "name (default: $OPD_CONTROLLER_NAME, else opd.dev/operator)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true")
     parser.add_argument("--debug", action="store_true")
     args = parser.parse_args(args_in)
@@ -94,6 +103,13 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["OPD_METRICS_PORT"] = str(args.metrics_port)
     if args.resync_seconds is not None:
         os.environ["OPD_RESYNC_SECONDS"] = str(args.resync_seconds)
+    if args.controller_name is not None:
+        if not re.match(CONTROLLER_NAME_PATTERN, args.controller_name):
+            parser.error(
+                f"--controller-name {args.controller_name!r}: a domain-prefixed path such as "
+                "example.com/opd-team-a (what spec.managedBy names)"
+            )
+        os.environ["OPD_CONTROLLER_NAME"] = args.controller_name
     namespaces = args.namespace or [n for n in os.environ.get("OPD_WATCH_NAMESPACES", "").split(",") if n]
 
     settings = lease_settings(args, parser) if args.leader_elect else None  # bad flags fail before anything runs

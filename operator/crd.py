@@ -62,6 +62,12 @@ SPEC_RULES: list[tuple[tuple[str, ...], list[dict[str, str]]]] = [
                 "message": "spec.eval.targets names a stage this run does not enable (`sft` or `distill`): enable "
                 "that stage or remove it from spec.eval.targets",
             },
+            {
+                "rule": "(has(self.managedBy) ? self.managedBy : '') == "
+                "(has(oldSelf.managedBy) ? oldSelf.managedBy : '')",
+                "message": "spec.managedBy is immutable: the controller that acts on a run is chosen when it is "
+                "created; create a new DistillationRun for another controller",
+            },
         ],
     ),
     (("student", "model"), [_immutable("spec.student.model")]),

@@ -6,6 +6,8 @@ import logging
 from datetime import UTC, datetime
 from typing import Any
 
+from opd_runtime.contract import DEFAULT_CONTROLLER
+
 from . import leader, metrics
 from .cache import OVERLAY, Children
 from .conditions import READY, set_condition
@@ -38,14 +40,26 @@ def merge_patch(old: Any, new: Any) -> Any:
     return patch or None
 
 
+def manages(obj: Manifest, controller: str = DEFAULT_CONTROLLER) -> bool:
+    """Whether the operator named ``controller`` acts on run ``obj`` (its ``spec.managedBy``; unset means
+    the default controller)."""
+    return ((obj.get("spec") or {}).get("managedBy") or DEFAULT_CONTROLLER) == controller
+
+
 def reconcile_once(
-    api: Api, namespace: str, name: str, now: datetime | None = None, indexed: Children | None = None
+    api: Api,
+    namespace: str,
+    name: str,
+    now: datetime | None = None,
+    indexed: Children | None = None,
+    controller: str = DEFAULT_CONTROLLER,
 ) -> Decision | None:
-    """Reconcile run ``namespace/name``; None when it is gone or being deleted (its children go with it).
-    ``indexed``: the children as the watches saw them (cache.py); None LISTs them."""
+    """Reconcile run ``namespace/name``; None when it is gone, being deleted (its children go with it) or
+    managed by another controller (``spec.managedBy``). ``indexed``: the children as the watches saw them
+    (cache.py); None LISTs them."""
     now = now or datetime.now(UTC)
     obj = api.get("DistillationRun", namespace, name)
-    if obj is None or obj["metadata"].get("deletionTimestamp"):
+    if obj is None or obj["metadata"].get("deletionTimestamp") or not manages(obj, controller):
         OVERLAY.forget(namespace, name)
         return None
     if indexed is None:
@@ -109,11 +123,13 @@ def report_refusal(
         post_event(api, obj, Event("Warning", reason, message), rfc3339(now))
 
 
-def reconcile_safely(api: Api, namespace: str, name: str, indexed: Children | None = None) -> float | None:
+def reconcile_safely(
+    api: Api, namespace: str, name: str, indexed: Children | None = None, controller: str = DEFAULT_CONTROLLER
+) -> float | None:
     """``reconcile_once`` that counts and logs errors instead of raising; returns the requeue delay."""
     metrics.RECONCILES.inc()
     try:
-        decision = reconcile_once(api, namespace, name, indexed=indexed)
+        decision = reconcile_once(api, namespace, name, indexed=indexed, controller=controller)
     except Exception:  # the next round retries; the error is counted and logged with its traceback
         metrics.RECONCILE_ERRORS.inc()
         log.exception("reconcile of %s/%s failed", namespace, name)

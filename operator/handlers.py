@@ -26,7 +26,7 @@ from typing import Any
 
 import kopf
 
-from opd_runtime.contract import GROUP, PLURAL, VERSION
+from opd_runtime.contract import DEFAULT_CONTROLLER, GROUP, PLURAL, VERSION
 
 from . import cache, driver, leader, metrics, names
 from .kube import RESOURCES, RestApi
@@ -35,6 +35,8 @@ from .observe import KINDS
 log = logging.getLogger("opd_operator")
 RESYNC_SECONDS = float(os.environ.get("OPD_RESYNC_SECONDS", "60"))
 METRICS_PORT = int(os.environ.get("OPD_METRICS_PORT", "8000"))
+# This operator acts only on runs whose spec.managedBy names it (unset: the default name); see driver.manages.
+CONTROLLER_NAME = os.environ.get("OPD_CONTROLLER_NAME") or DEFAULT_CONTROLLER
 CHILD_LABELS: dict[str, Any] = {names.RUN_LABEL: kopf.PRESENT, "app.kubernetes.io/managed-by": names.MANAGER}
 # The children kinds kopf watches (server-side selected by label) and indexes: (group, version, plural).
 WATCHED_CHILDREN = tuple(
@@ -115,7 +117,13 @@ async def _sleep(wake: asyncio.Event, stopped: kopf.DaemonStopped, seconds: floa
     return woken
 
 
-@kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=10.0)
+def ours(body: kopf.Body, **_: Any) -> bool:
+    """A run of this operator (spec.managedBy): kopf starts no daemon for another's, and so puts no
+    finalizer on it either."""
+    return driver.manages(dict(body), CONTROLLER_NAME)
+
+
+@kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=10.0, when=ours)
 async def reconcile_run(namespace: str | None, name: str, stopped: kopf.DaemonStopped, **kwargs: Any) -> None:
     """The run's loop. A round woken by an event reads the children from the index; the first round and
     every resync LIST them (the truth: it also corrects anything the watches might have missed)."""
@@ -125,7 +133,7 @@ async def reconcile_run(namespace: str | None, name: str, stopped: kopf.DaemonSt
     indexed: cache.Children | None = None
     try:
         while not stopped:
-            delay = await asyncio.to_thread(driver.reconcile_safely, api(), namespace, name, indexed)
+            delay = await asyncio.to_thread(driver.reconcile_safely, api(), namespace, name, indexed, CONTROLLER_NAME)
             wait = RESYNC_SECONDS if delay is None else min(RESYNC_SECONDS, max(0.5, delay))
             woken = await _sleep(wake, stopped, wait)
             # copied here, in the event loop that updates the index, not in the reconcile's thread

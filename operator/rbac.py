@@ -45,6 +45,12 @@ USES: dict[tuple[str, str], dict[str, str]] = {
         "watch": "handlers.reconcile_run: kopf lists and watches runs (daemons, run_changed)",
         "patch": "handlers.configure: kopf patches its finalizer and annotations onto the run",
     },
+    # Children carry an ownerReference with blockOwnerDeletion (names.owner_reference), so the garbage
+    # collector deletes them before the run; the OwnerReferencesPermissionEnforcement admission plugin (on in
+    # OpenShift) admits such a reference only from a subject that may update the owner's finalizers.
+    (GROUP, f"{PLURAL}/finalizers"): {
+        "update": "names.owner_reference: blockOwnerDeletion on every child's reference to its run",
+    },
     (GROUP, f"{PLURAL}/status"): {
         "patch": "driver.reconcile_once: writes the status (report_refusal too); granted onward in stage_rules",
     },

@@ -218,3 +218,39 @@ def test_a_write_that_could_outlive_the_lease_is_not_started():
     assert not elector.leading(request_seconds=30.0)  # the client's default timeout: longer than the Lease
     elector._renewed_at = time.monotonic() - 9.0  # within renew_deadline (10 s), but 9 + 6.5 > 15
     assert not elector.leading(request_seconds=elector.write_timeout())
+
+
+# ---- spec.managedBy: two installs never both act on one run -----------------------------------------------
+
+
+def test_an_operator_acts_only_on_runs_whose_managed_by_names_it():
+    api = FakeApi()
+    api.add_run(tiny_run("mine", managedBy="example.com/team-a"))
+    api.add_run(tiny_run("default"))
+    assert driver.reconcile_once(api, "ns", "mine", now=T0, controller="example.com/team-b") is None
+    assert driver.reconcile_once(api, "ns", "default", now=T0, controller="example.com/team-b") is None
+    assert driver.reconcile_once(api, "ns", "mine", now=T0) is None  # the default operator leaves it alone too
+    assert api.calls == [] and "status" not in api.run(name="mine") and "status" not in api.run(name="default")
+    assert driver.reconcile_once(api, "ns", "mine", now=T0, controller="example.com/team-a") is not None
+    assert driver.reconcile_once(api, "ns", "default", now=T0) is not None
+    assert api.names("Job") == ["default-sft-1", "mine-sft-1"]
+
+
+def test_kopf_starts_no_daemon_and_so_puts_no_finalizer_on_another_controllers_run():
+    import kopf
+
+    from opd_operator import handlers
+
+    registry = kopf.get_default_registry()
+    (daemon,) = registry._spawning.get_all_handlers()
+    assert daemon.when is handlers.ours
+    assert handlers.ours(body=tiny_run()) and not handlers.ours(body=tiny_run(managedBy="example.com/other"))
+
+
+def test_managed_by_is_not_part_of_what_stages_compute():
+    from opd_operator import children
+    from opd_runtime.spec import parse_run
+
+    assert children.spec_hash(parse_run(tiny_run())) == children.spec_hash(
+        parse_run(tiny_run(managedBy="example.com/team-a"))
+    )

@@ -9,7 +9,7 @@ import ast
 import importlib
 from pathlib import Path
 
-from opd_operator import kube, rbac
+from opd_operator import kube, names, rbac
 from opd_operator.observe import KINDS
 
 OPERATOR = Path(__file__).resolve().parents[1] / "operator"
@@ -87,6 +87,10 @@ def requests_in_code() -> set[Triple]:
             verb, kind = literal(node.args[0]), literal(node.args[1])
             if verb and kind:  # Action("patch", "ConfigMap", ...); self.create/self.delete wrap the others
                 add(kind, verb)
+    # OwnerReferencesPermissionEnforcement: a reference with blockOwnerDeletion needs update on the owner's
+    # finalizers, whatever the child's kind
+    if names.owner_reference({"metadata": {"name": "x", "uid": "u"}}).get("blockOwnerDeletion"):
+        add("DistillationRun", "update", "finalizers")
     for kind in created_kinds():
         add(kind, "create")
         if kind != "Event":  # kube.apply_action reads an object that answered a create with 409

@@ -236,8 +236,10 @@ def reconcile_until(api: RestApi, ns: str, done, run: str = "tiny-math") -> None
         ("batch", "jobs", "create", "jobs"),
         # RBAC refuses the stage Role (it grants a verb the operator lacks), then the status patch that says so
         ("opd.dev", "distillationruns/status", "patch", 'cannot patch resource "distillationruns/status"'),
+        # OwnerReferencesPermissionEnforcement (enabled in the test API server): the children's blockOwnerDeletion
+        ("opd.dev", "distillationruns/finalizers", "update", "cannot set blockOwnerDeletion"),
     ],
-    ids=["run-get", "pods-list", "configmaps-create", "jobs-create", "status-patch"],
+    ids=["run-get", "pods-list", "configmaps-create", "jobs-create", "status-patch", "finalizers-update"],
 )
 def test_removing_a_rule_fails_its_step(crd: ControlPlane, k8s_namespace: str, group, resource, verb, refused):
     """The operator's reconcile (in this process: the code the operator runs) under its rules less one verb:

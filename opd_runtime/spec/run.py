@@ -8,7 +8,15 @@ from typing import Any, Literal, Self
 
 from pydantic import ConfigDict, Field, ValidationError, model_validator
 
-from ..contract import API_VERSION, BATCH_STAGES, KIND, MAX_RUN_NAME_LENGTH, RUN_NAME_PATTERN
+from ..contract import (
+    API_VERSION,
+    BATCH_STAGES,
+    CONTROLLER_NAME_PATTERN,
+    DEFAULT_CONTROLLER,
+    KIND,
+    MAX_RUN_NAME_LENGTH,
+    RUN_NAME_PATTERN,
+)
 from .base import SpecModel
 from .models import QUANTITY, SINGLE_NODE_ACCESS, AccessMode, ModelSpec, TeacherSpec
 from .pods import QUEUE_NAME, PodSpecInputs
@@ -67,6 +75,17 @@ class DistillationRunSpec(SpecModel):
         "`deployment` for the teacher) and a LocalQueue of this name; without Kueue in the cluster, a Job "
         "created suspended waits forever (the run says Queued). Unset: no Kueue label, Jobs start at once. "
         "Kubernetes only.",
+    )
+    managed_by: str | None = Field(
+        None,
+        pattern=CONTROLLER_NAME_PATTERN,
+        max_length=63,
+        description="The controller that acts on this run, as a domain-prefixed path. Unset: the opd "
+        f"operator started with the default controller name `{DEFAULT_CONTROLLER}`. An operator started "
+        "with `--controller-name NAME` (the chart's `controllerName`) acts only on runs whose managedBy is "
+        "NAME and leaves every other run untouched (no finalizer, no status, no children), so two installs "
+        "on one cluster (say one cluster-wide and one namespaced) never both act on one run. Immutable: "
+        "set it when creating the run. Kubernetes only.",
     )
     suspend: bool = Field(
         False,

@@ -649,8 +649,10 @@ def _start(cp: ControlPlane, timeout: float) -> None:
             f"--service-account-signing-key-file={pki / 'sa.key'}",
             f"--service-cluster-ip-range={SERVICE_CIDR}",
             "--authorization-mode=Node,RBAC",
-            # PodSecurity is on by default; named here because the tests rely on it.
-            "--enable-admission-plugins=NodeRestriction,PodSecurity",
+            # PodSecurity is on by default; named here because the tests rely on it. OwnerReferencesPermission-
+            # Enforcement (on in OpenShift) admits an ownerReference with blockOwnerDeletion only from a subject
+            # that may update the owner's finalizers: the operator's RBAC must say so.
+            "--enable-admission-plugins=NodeRestriction,PodSecurity,OwnerReferencesPermissionEnforcement",
             "--allow-privileged=true",  # privileged pods are refused by PodSecurity, not by this switch
             # The `kubernetes` Service cannot point at a loopback address; nothing in the tests dials it.
             "--endpoint-reconciler-type=none",
