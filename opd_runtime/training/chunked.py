@@ -26,6 +26,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from ..distill import loss as L
+from .precision import head_compute_dtype
 
 # Tokens per chunk. 512 x 151,936 fp32 logits are ~300 MB per copy (a chunk's forward and backward hold a
 # few); large enough that the head's matrix multiply runs at full speed on a GPU.
@@ -129,26 +130,36 @@ class _HeadIntoGrad(torch.autograd.Function):
     (V x D) fp32 tensors at once, 3.5 GiB for Qwen3's head, whatever the chunk size. Accumulating in
     place keeps it to the one ``.grad``. Used only for a plain, unsharded ``nn.Linear`` head (see
     ``_plain_weight``); LoRA-wrapped or sharded heads go through autograd as usual.
+
+    ``compute_VD``: the weight in the run's compute dtype (bf16 under mixed precision), or None to
+    multiply by ``weight_VD`` itself. A custom function runs outside autocast, so the casts are explicit:
+    the products (logits, and both of the backward's) take bf16 operands, as autocast would give them,
+    and each chunk's weight gradient is added into the float32 master's ``.grad``.
     """
 
     @staticmethod
-    def forward(ctx, hidden_CD: torch.Tensor, weight_VD: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(hidden_CD)
-        ctx.weight = weight_VD
-        return hidden_CD @ weight_VD.t()
+    def forward(ctx, hidden_CD: torch.Tensor, weight_VD: torch.Tensor, compute_VD: torch.Tensor | None) -> torch.Tensor:
+        operand_VD = weight_VD.detach() if compute_VD is None else compute_VD
+        hidden_in_CD = hidden_CD.to(operand_VD.dtype)
+        ctx.save_for_backward(hidden_in_CD)
+        ctx.weight, ctx.operand, ctx.hidden_dtype = weight_VD, operand_VD, hidden_CD.dtype
+        return hidden_in_CD @ operand_VD.t()
 
     @staticmethod
     def backward(ctx, grad_CV: torch.Tensor):
-        (hidden_CD,) = ctx.saved_tensors
-        weight = ctx.weight
-        grad_hidden = grad_CV @ weight.detach() if ctx.needs_input_grad[0] else None
+        (hidden_in_CD,) = ctx.saved_tensors
+        weight, operand_VD = ctx.weight, ctx.operand
+        grad_CV = grad_CV.to(operand_VD.dtype)
+        grad_hidden = (grad_CV @ operand_VD).to(ctx.hidden_dtype) if ctx.needs_input_grad[0] else None
         if weight.requires_grad:
             with torch.no_grad():
                 if weight.grad is None:
-                    weight.grad = grad_CV.t() @ hidden_CD.to(grad_CV.dtype)
-                else:
-                    weight.grad.addmm_(grad_CV.t().to(weight.grad.dtype), hidden_CD.to(weight.grad.dtype))
-        return grad_hidden, None
+                    weight.grad = (grad_CV.t() @ hidden_in_CD).to(weight.dtype)
+                elif operand_VD.dtype == weight.grad.dtype:
+                    weight.grad.addmm_(grad_CV.t(), hidden_in_CD)
+                else:  # a bf16 product (V x D, half the bytes of .grad) added into the fp32 gradient
+                    weight.grad.add_(grad_CV.t() @ hidden_in_CD)
+        return grad_hidden, None, None
 
 
 def _plain_weight(head: torch.nn.Module) -> torch.Tensor | None:
@@ -160,11 +171,21 @@ def _plain_weight(head: torch.nn.Module) -> torch.Tensor | None:
     return weight if type(weight) is torch.nn.Parameter else None
 
 
-def _logits(head: torch.nn.Module, hidden_CD: torch.Tensor) -> torch.Tensor:
+def _compute_weight(head: torch.nn.Module) -> torch.Tensor | None:
+    """The plain head's weight cast once to the run's compute dtype (``precision.attach``), for all the
+    chunks of one call (recomputation included); None where no cast is needed or the head is not plain."""
+    weight = _plain_weight(head)
+    dtype = head_compute_dtype(head)
+    if weight is None or dtype is None or weight.dtype == dtype or not torch.is_grad_enabled():
+        return None
+    return weight.detach().to(dtype)
+
+
+def _logits(head: torch.nn.Module, hidden_CD: torch.Tensor, compute_VD: torch.Tensor | None) -> torch.Tensor:
     weight = _plain_weight(head)
     if weight is None or not torch.is_grad_enabled():
-        return head(hidden_CD)
-    return _HeadIntoGrad.apply(hidden_CD, weight)
+        return head(hidden_CD)  # the module's own forward: autocast, LoRA, FSDP's all-gather
+    return _HeadIntoGrad.apply(hidden_CD, weight, compute_VD)
 
 
 def _chunk(
@@ -173,12 +194,14 @@ def _chunk(
     entropy: bool,
     kl: KlKind | None,
     teacher_head: torch.nn.Module | None,
+    head_compute_VD: torch.Tensor | None,
     hidden_CD: torch.Tensor,
     targets_C: torch.Tensor,
     *teacher_CX: torch.Tensor,
 ) -> tuple[torch.Tensor, ...]:
     """The per-token values of one chunk of C positions (the function each checkpoint recomputes)."""
-    logits_CV = _logits(head, hidden_CD).float()
+    # whatever dtype the head computed in, the log-softmax and all that follows are float32
+    logits_CV = _logits(head, hidden_CD, head_compute_VD).float()
     if temperature != 1.0:
         logits_CV = logits_CV / temperature
     logp_CV = torch.log_softmax(logits_CV, dim=-1)
@@ -215,8 +238,10 @@ def token_terms(
 
     The student's distribution is softmax(head(h) / temperature); the teacher's is taken at temperature 1
     (as a served teacher returns it). With a ``DenseTeacherRows`` teacher the teacher's log-probs of the
-    targets come out too. Values are exact (fp32 log-softmax over the whole vocabulary per position); only
-    the memory differs from the dense computation.
+    targets come out too. Values are those of the dense computation (fp32 log-softmax over the whole
+    vocabulary per position); only the memory differs. The head's matrix multiply runs in the run's
+    compute dtype (bf16 under mixed precision, ``precision.attach``): a plain head's weight is cast once
+    per call and the cast kept until backward (V x D bf16, 0.6 GiB for Qwen3-1.7B).
 
     ``chunk_tokens`` (default): ``CHUNK_TOKENS``, halved with a dense teacher, whose logits and log-probs
     are a second (chunk x vocabulary) set beside the student's; so a chunk holds about as much as a
@@ -240,6 +265,7 @@ def token_terms(
     pieces: list[list[torch.Tensor]] = [[] for _ in range(n_out)]
     # checkpoint only where something will be differentiated (the hidden states, or LoRA on the head)
     recompute = torch.is_grad_enabled() and (hidden_ND.requires_grad or any(p.requires_grad for p in head.parameters()))
+    head_compute_VD = _compute_weight(head)
     for start in range(0, N, chunk_tokens):
         end = min(N, start + chunk_tokens)
         args = (
@@ -248,6 +274,7 @@ def token_terms(
             entropy,
             kl,
             teacher_head,
+            head_compute_VD,
             hidden_ND[start:end],
             targets_N[start:end],
             *(t[start:end] for t in teacher_ND),

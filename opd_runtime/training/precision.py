@@ -88,6 +88,8 @@ def attach(model, precision: Precision, dev: torch.device):
         head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
         if head is not None:
             head.forward = _autocast_forward(head.forward, dev.type, precision.compute)
+            # read by the chunked loss, whose plain-Linear path multiplies by the weight itself
+            head._opd_compute_dtype = precision.compute
     return model
 
 
@@ -98,6 +100,11 @@ def _autocast_forward(forward, device_type: str, dtype: torch.dtype):
             return forward(*args, **kwargs)
 
     return run
+
+
+def head_compute_dtype(head: torch.nn.Module) -> torch.dtype | None:
+    """The dtype ``attach`` set the output head to compute in (None: the weight's own)."""
+    return getattr(head, "_opd_compute_dtype", None)
 
 
 def precision_of(model) -> Precision:
