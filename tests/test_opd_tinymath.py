@@ -65,6 +65,20 @@ def world(tmp_path_factory) -> Path:
     return root
 
 
+def test_this_machine_builds_the_recorded_world(world):
+    """Every machine builds the same world (its kernels are pinned: see the bit-for-bit test below), so the
+    weights this machine built must be the ones recorded in opd_runtime/data/tiny_worlds.json for this config,
+    code and library versions. A change to what the world trains records the new build with
+    ``opd tiny-models --out DIR --record`` (then the published numbers need re-measuring too)."""
+    from opd_runtime.tiny_models import recorded_world, world_record
+
+    cfg = world_config_under_test()
+    recorded = recorded_world(cfg)
+    assert recorded is not None, f"no recorded build for {cfg}: record one with `opd tiny-models --record`"
+    built = world_record(json.loads((world / "models" / "world.json").read_text()))
+    assert built == recorded
+
+
 def world_run(world: Path, name: str, stage_yaml: str):
     """A run on the trained world's student and teacher; ``stage_yaml`` is the stage section."""
     return parse_run(
