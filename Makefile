@@ -79,11 +79,13 @@ lint-fix: $(BIN)/ruff
 	$(BIN)/ruff format .
 
 # The control plane's binaries are built (first run on a machine, ~15 min) or found in the cache before
-# pytest starts, so that time shows up here rather than inside the first Kubernetes test; so is the
-# Prometheus the dashboard test scrapes with (Debian's package, unpacked into the cache once).
+# pytest starts, so that time shows up here rather than inside the first Kubernetes test; so are the
+# operator and runtime-cpu images (Docker from Debian, started if none runs; cached by the hash of their
+# inputs) and the Prometheus the dashboard test scrapes with (Debian's package, unpacked into the cache once).
 test: $(VENV)/.installed-vllm
 	$(MAKE) --no-print-directory lint
 	$(BIN)/python tests/controlplane/binaries.py
+	$(BIN)/python tests/controlplane/images.py
 	$(BIN)/python tests/prometheus_server.py
 	$(BIN)/pytest -q --durations=20
 
@@ -132,12 +134,16 @@ IMAGE_NAME_runtime-cpu := opd-runtime-cpu
 IMAGE_NAME_runtime-gpu := opd-runtime
 DOCKER ?= docker
 
+# The base images are build arguments: `make images PYTHON_IMAGE=my-mirror/python:3.12-slim-bookworm
+# VLLM_IMAGE=my-mirror/vllm-openai:v0.32.0` (unset: each Dockerfile's default).
+BUILD_ARGS = $(if $(PYTHON_IMAGE),--build-arg PYTHON_IMAGE=$(PYTHON_IMAGE)) $(if $(VLLM_IMAGE),--build-arg VLLM_IMAGE=$(VLLM_IMAGE))
+
 images:
 	@$(DOCKER) info >/dev/null 2>&1 || { echo "make images: no Docker engine is reachable ($(DOCKER) info failed); images can only be built where one runs" >&2; exit 1; }
 	@set -e; for t in $(IMAGE_TARGETS); do \
 	  case $$t in operator) n=$(IMAGE_NAME_operator);; runtime-cpu) n=$(IMAGE_NAME_runtime-cpu);; runtime-gpu) n=$(IMAGE_NAME_runtime-gpu);; *) echo "unknown image $$t" >&2; exit 1;; esac; \
-	  echo "docker build -f images/$$t/Dockerfile -t $(REGISTRY)/$$n:$(TAG) ."; \
-	  $(DOCKER) build -f images/$$t/Dockerfile -t $(REGISTRY)/$$n:$(TAG) .; \
+	  echo "docker build -f images/$$t/Dockerfile $(strip $(BUILD_ARGS)) -t $(REGISTRY)/$$n:$(TAG) ."; \
+	  $(DOCKER) build -f images/$$t/Dockerfile $(BUILD_ARGS) -t $(REGISTRY)/$$n:$(TAG) .; \
 	done
 
 # kind cluster + images + chart + examples/tiny-math.yaml until Succeeded (needs docker, kind, kubectl, helm).

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # End to end on a local kind cluster (needs a Docker engine, kind, kubectl and helm on PATH):
 #   1. create the kind cluster $KIND_CLUSTER (kept if it exists),
-#   2. build the operator and CPU runtime images (make images) and load them into the cluster,
+#   2. build the operator and CPU runtime images with the test suite's own build (tests/controlplane/
+#      images.py: base image, docker build, cache by the hash of the inputs), tag them
+#      $REGISTRY/<image>:$TAG and load them into the cluster,
 #   3. install charts/opd-operator into $NAMESPACE,
 #   4. apply examples/tiny-math.yaml there and wait until its phase is Succeeded (or Failed).
 # `make kind-e2e` runs this; KEEP_CLUSTER=0 deletes the cluster at the end.
@@ -14,6 +16,8 @@ TAG="${TAG:-$(sed -n 's/^version = "\(.*\)"/\1/p' "$ROOT/pyproject.toml" | head 
 REGISTRY="${REGISTRY:-ghcr.io/opd-dev}"
 TIMEOUT="${TIMEOUT:-3600}"     # seconds to wait for the run
 KEEP_CLUSTER="${KEEP_CLUSTER:-1}"
+PYTHON="${PYTHON:-python3}"    # any CPython >= 3.11: the build helper uses the standard library only
+# OPD_PYTHON_IMAGE: the base image (the Dockerfiles' PYTHON_IMAGE); unset, their default is pulled.
 
 die() { echo "kind-e2e: $*" >&2; exit 1; }
 for tool in docker kind kubectl helm; do
@@ -30,7 +34,10 @@ k() { kubectl --context "$ctx" "$@"; }
 cleanup() { [ "$KEEP_CLUSTER" = 1 ] || kind delete cluster --name "$KIND_CLUSTER"; }
 trap cleanup EXIT
 
-make images IMAGE_TARGETS="operator runtime-cpu" REGISTRY="$REGISTRY" TAG="$TAG"
+# The suite's build (the real-node test builds the same images the same way): prints `<image> <local tag>`.
+PYTHONSAFEPATH=1 "$PYTHON" tests/controlplane/images.py | while read -r image built; do
+  docker tag "$built" "$REGISTRY/opd-$image:$TAG"
+done
 kind load docker-image --name "$KIND_CLUSTER" "$REGISTRY/opd-operator:$TAG" "$REGISTRY/opd-runtime-cpu:$TAG"
 
 helm --kube-context "$ctx" upgrade --install opd-operator charts/opd-operator \

