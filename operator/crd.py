@@ -45,7 +45,44 @@ def _immutable(what: str) -> dict[str, str]:
     }
 
 
-# (path below spec, rules) for cross-field and transition rules the per-field schema cannot express.
+# Access modes that let only one node mount a volume (opd_runtime.spec.models.SINGLE_NODE_ACCESS).
+_MULTI_NODE = "{0}.exists(m, m != 'ReadWriteOnce' && m != 'ReadWriteOncePod')"
+
+
+def _multi_node(stage: str) -> dict[str, str]:
+    return {
+        "rule": f"!has(self.{stage}) || !self.{stage}.enabled || !has(self.{stage}.resources) || "
+        f"!has(self.{stage}.resources.nodes) || self.{stage}.resources.nodes <= 1 || "
+        + _MULTI_NODE.format("self.workspace.accessModes"),
+        "message": f"spec.{stage}.resources.nodes > 1 puts the stage on several nodes, but workspace.accessModes "
+        "let only one node mount the workspace: set `workspace.accessModes: [ReadWriteMany]` (with a "
+        f"storageClassName that provides it) or `{stage}.resources.nodes: 1`",
+    }
+
+
+def _strategy(stage: str) -> list[dict[str, str]]:
+    rules = [
+        {
+            "rule": "!has(self.strategy) || self.strategy != 'fsdp' || !has(self.lora) || !self.lora.enabled",
+            "message": f"spec.{stage}: strategy fsdp shards full fine-tuning; with a LoRA adapter use "
+            "`strategy: ddp` (or `auto`)",
+        }
+    ]
+    if stage == "distill":
+        rules.append(
+            {
+                "rule": "!has(self.strategy) || self.strategy != 'fsdp' || !has(self.sampler) || "
+                "self.sampler.backend != 'vllm'",
+                "message": "spec.distill: strategy fsdp does not feed the vllm sampler: use `strategy: ddp` "
+                "(or `auto`), or `sampler.backend: hf`",
+            }
+        )
+    return rules
+
+
+# (path below spec, rules) for cross-field and transition rules the per-field schema cannot express. Each
+# sits on the node whose pydantic validator makes the same check, so the API server and `opd validate`
+# name the same field (tests/test_admission_k8s.py applies tests/invalid_specs.py to both).
 SPEC_RULES: list[tuple[tuple[str, ...], list[dict[str, str]]]] = [
     (
         (),
@@ -68,6 +105,21 @@ SPEC_RULES: list[tuple[tuple[str, ...], list[dict[str, str]]]] = [
                 "message": "spec.managedBy is immutable: the controller that acts on a run is chosen when it is "
                 "created; create a new DistillationRun for another controller",
             },
+        ],
+    ),
+    ((), [_multi_node("sft"), _multi_node("distill")]),
+    (("sft",), _strategy("sft")),
+    (("distill",), _strategy("distill")),
+    (
+        ("teacher", "serving"),
+        [
+            {
+                "rule": "!has(self.replicas) || self.replicas <= 1 || !has(self.modelCache) || "
+                "!has(self.modelCache.existingClaim) || " + _MULTI_NODE.format("self.modelCache.accessModes"),
+                "message": "spec.teacher.serving: replicas > 1 share modelCache.existingClaim, whose accessModes "
+                "let only one node mount it: use a ReadWriteMany claim and `modelCache.accessModes: "
+                "[ReadWriteMany]`, drop modelCache.existingClaim, or set `replicas: 1`",
+            }
         ],
     ),
     (("student", "model"), [_immutable("spec.student.model")]),
@@ -94,7 +146,22 @@ SPEC_RULES: list[tuple[tuple[str, ...], list[dict[str, str]]]] = [
             {
                 "rule": "self.microBatchSize <= self.promptsPerStep * self.samplesPerPrompt",
                 "message": "spec.distill.microBatchSize cannot exceed promptsPerStep x samplesPerPrompt",
-            }
+            },
+            {
+                "rule": "self.objective != 'rl' || self.loss == 'importance_sampling' || self.loss == 'ppo'",
+                "message": "spec.distill: objective rl has no teacher distribution for this loss: set `loss: "
+                "importance_sampling` (or `ppo`), or `objective: distill`",
+            },
+            {
+                "rule": "self.objective != 'rl' || self.samplesPerPrompt >= 2",
+                "message": "spec.distill: objective rl compares the samples of each prompt: set samplesPerPrompt "
+                "to 2 or more",
+            },
+            {
+                "rule": "!has(self.importanceRatioCap) || self.loss == 'importance_sampling'",
+                "message": "spec.distill: importanceRatioCap caps the ratio of the `importance_sampling` loss only: "
+                "remove it or set `loss: importance_sampling`",
+            },
         ],
     ),
     (("eval", "datasets", "[]"), [_ONE_SOURCE]),

