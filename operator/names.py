@@ -8,6 +8,9 @@ from opd_runtime.contract import API_VERSION, KIND
 
 APP = "opd"
 MANAGER = "opd-operator"
+# kopf's finalizer on every run the operator acts on: deleting a run waits for the operator to let it go
+# (docs/operator/shared-cluster.md says how an admin removes it when the operator is gone).
+FINALIZER = "opd.dev/operator"
 RUN_LABEL = "opd.dev/run"
 STAGE_LABEL = "opd.dev/stage"
 ATTEMPT_LABEL = "opd.dev/attempt"
