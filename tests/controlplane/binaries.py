@@ -42,14 +42,25 @@ KUBECTL_LAYER_VERSION = "2.0.1"
 KUBECTL_VERSION = "v1.36.3"
 HELM_VERSION = "v4.2.3"
 
+# The real node (node.py): kubelet and kube-proxy from the control plane's own Kubernetes source, the pod
+# sandbox's pause from that source's build/pause/linux/pause.c, CoreDNS and a dynamic volume provisioner.
+COREDNS_VERSION = "v1.15.0"
+LOCAL_PATH_VERSION = "v0.0.30"
+
 KUBE_COMPONENTS = ("kube-apiserver", "kube-controller-manager", "kube-scheduler")
 COMPONENTS = ("etcd", *KUBE_COMPONENTS, "kwok", "kubectl", "helm")
+NODE_KUBE_COMPONENTS = ("kubelet", "kube-proxy")
+NODE_COMPONENTS = (*NODE_KUBE_COMPONENTS, "pause", "coredns", "local-path-provisioner")
 VERSIONS = {
     "etcd": ETCD_VERSION,
     **dict.fromkeys(KUBE_COMPONENTS, K8S_VERSION),
     "kwok": KWOK_VERSION,
     "kubectl": KUBECTL_VERSION,
     "helm": HELM_VERSION,
+    **dict.fromkeys(NODE_KUBE_COMPONENTS, K8S_VERSION),
+    "pause": K8S_VERSION,
+    "coredns": COREDNS_VERSION,
+    "local-path-provisioner": LOCAL_PATH_VERSION,
 }
 
 
@@ -138,28 +149,32 @@ def _staging_modules(env: dict[str, str], work: Path) -> list[str]:
     return sorted(replaced & required)
 
 
+def _kubernetes_wrapper(work: Path, env: dict[str, str]) -> str:
+    """Write the wrapper module's go.mod into ``work``; return the -ldflags that stamp the version (what
+    ``--version`` and the /version endpoint report)."""
+    minor = K8S_VERSION.split(".")[1]
+    patch = K8S_VERSION.split(".")[2]
+    (work / "go.mod").write_text("module opd.dev/k8s-build\n\ngo 1.26\n")
+    staging = _staging_modules(env, work)
+    replaces = "".join(f"replace {m} => {m} v0.{minor}.{patch}\n" for m in staging)
+    (work / "go.mod").write_text(
+        "module opd.dev/k8s-build\n\ngo 1.26\n\n"
+        f"require (\n\tk8s.io/kubernetes {K8S_VERSION}\n\tgo.etcd.io/etcd/server/v3 {ETCD_VERSION}\n)\n\n" + replaces
+    )
+    ver_pkg = "k8s.io/component-base/version"
+    return (
+        f"-s -w -X {ver_pkg}.gitVersion={K8S_VERSION} -X {ver_pkg}.gitMajor=1 "
+        f"-X {ver_pkg}.gitMinor={minor} -X {ver_pkg}.gitTreeState=clean "
+        f"-X {ver_pkg}.buildDate=1970-01-01T00:00:00Z"
+    )
+
+
 def build_kubernetes() -> None:
     """etcd + kube-apiserver/-controller-manager/-scheduler in one ``go build`` (shared packages compile once)."""
     env = go_env()
-    minor = K8S_VERSION.split(".")[1]
-    patch = K8S_VERSION.split(".")[2]
     with tempfile.TemporaryDirectory(prefix="opd-k8s-build-") as tmp:
         work = Path(tmp)
-        (work / "go.mod").write_text("module opd.dev/k8s-build\n\ngo 1.26\n")
-        staging = _staging_modules(env, work)
-        replaces = "".join(f"replace {m} => {m} v0.{minor}.{patch}\n" for m in staging)
-        (work / "go.mod").write_text(
-            "module opd.dev/k8s-build\n\ngo 1.26\n\n"
-            f"require (\n\tk8s.io/kubernetes {K8S_VERSION}\n\tgo.etcd.io/etcd/server/v3 {ETCD_VERSION}\n)\n\n"
-            + replaces
-        )
-        # The -ldflags -X values are what `kube-apiserver --version` and the /version endpoint report.
-        ver_pkg = "k8s.io/component-base/version"
-        ldflags = (
-            f"-s -w -X {ver_pkg}.gitVersion={K8S_VERSION} -X {ver_pkg}.gitMajor=1 "
-            f"-X {ver_pkg}.gitMinor={minor} -X {ver_pkg}.gitTreeState=clean "
-            f"-X {ver_pkg}.buildDate=1970-01-01T00:00:00Z"
-        )
+        ldflags = _kubernetes_wrapper(work, env)
         out = work / "bin"
         out.mkdir()
         t0 = time.monotonic()
@@ -251,9 +266,91 @@ def fetch_kubectl_helm() -> None:
             _install(path, name)
 
 
-def missing() -> list[str]:
+def build_node_kubernetes() -> None:
+    """kubelet + kube-proxy from the control plane's wrapper module (the Go build cache shares its packages),
+    and pause: the sandbox process of every pod, a static C build of the same source tree's pause.c."""
+    env = go_env()
+    with tempfile.TemporaryDirectory(prefix="opd-k8s-node-build-") as tmp:
+        work = Path(tmp)
+        ldflags = _kubernetes_wrapper(work, env)
+        out = work / "bin"
+        out.mkdir()
+        t0 = time.monotonic()
+        log(f"building kubelet and kube-proxy {K8S_VERSION}")
+        _run(
+            [
+                _go(),
+                "build",
+                "-trimpath",
+                f"-ldflags={ldflags}",
+                "-o",
+                str(out),
+                *(f"k8s.io/kubernetes/cmd/{c}" for c in NODE_KUBE_COMPONENTS),
+            ],
+            work,
+            env,
+        )
+        log(f"built kubelet and kube-proxy in {time.monotonic() - t0:.0f}s")
+        for c in NODE_KUBE_COMPONENTS:
+            _install(out / c, c)
+        proc = subprocess.run(
+            [_go(), "list", "-m", "-f", "{{.Dir}}", "k8s.io/kubernetes"],
+            cwd=work,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        pause_c = Path(proc.stdout.strip()) / "build" / "pause" / "linux" / "pause.c"
+        if not pause_c.is_file():
+            raise RuntimeError(f"pause.c not found in the k8s.io/kubernetes module ({pause_c}): {proc.stderr}")
+        cc = shutil.which("cc") or shutil.which("gcc")
+        if cc is None:
+            raise RuntimeError("a C compiler (cc/gcc, Debian: gcc libc6-dev) is needed to build pause")
+        _run([cc, "-Os", "-static", f"-DVERSION={K8S_VERSION}", "-o", str(out / "pause"), str(pause_c)], work, env)
+        _install(out / "pause", "pause")
+
+
+# Client libraries that CoreDNS and the provisioner share with the Kubernetes build: required at its versions,
+# so their packages come out of the Go build cache instead of compiling a second, older copy.
+SHARED_K8S_MODULES = ("k8s.io/api", "k8s.io/apimachinery", "k8s.io/client-go")
+
+
+def _build_module(component: str, module: str, version: str, package: str) -> None:
+    """An ordinary Go module's main package, built from a wrapper module that requires it."""
+    env = go_env()
+    minor, patch = K8S_VERSION.split(".")[1:]
+    shared = "".join(f"\t{m} v0.{minor}.{patch}\n" for m in SHARED_K8S_MODULES)
+    with tempfile.TemporaryDirectory(prefix=f"opd-{component}-build-") as tmp:
+        work = Path(tmp)
+        (work / "go.mod").write_text(
+            f"module opd.dev/{component}-build\n\ngo 1.26\n\nrequire (\n\t{module} {version}\n{shared})\n"
+        )
+        t0 = time.monotonic()
+        log(f"building {component} {version}")
+        _run([_go(), "build", "-trimpath", "-ldflags=-s -w", "-o", str(work / component), package], work, env)
+        log(f"built {component} in {time.monotonic() - t0:.0f}s")
+        _install(work / component, component)
+
+
+def missing(components: tuple[str, ...] = COMPONENTS) -> list[str]:
     """The components not in the cache yet."""
-    return [c for c in COMPONENTS if not binary_path(c).is_file()]
+    return [c for c in components if not binary_path(c).is_file()]
+
+
+def ensure_node_binaries() -> dict[str, Path]:
+    """Paths of the real node's components, building the missing ones first (under the same file lock)."""
+    paths = {c: binary_path(c) for c in NODE_COMPONENTS}
+    if not missing(NODE_COMPONENTS):
+        return paths
+    with _locked(cache_root() / "k8s" / ".build.lock"):
+        if missing((*NODE_KUBE_COMPONENTS, "pause")):
+            build_node_kubernetes()
+        if not binary_path("coredns").is_file():
+            _build_module("coredns", "github.com/coredns/coredns", COREDNS_VERSION, "github.com/coredns/coredns")
+        if not binary_path("local-path-provisioner").is_file():
+            module = "github.com/rancher/local-path-provisioner"
+            _build_module("local-path-provisioner", module, LOCAL_PATH_VERSION, module)
+    return paths
 
 
 def ensure_binaries() -> dict[str, Path]:
@@ -273,7 +370,10 @@ def ensure_binaries() -> dict[str, Path]:
 
 def main() -> int:
     t0 = time.monotonic()
-    for component, path in ensure_binaries().items():
+    paths = ensure_binaries()
+    if "--node" in sys.argv[1:]:
+        paths |= ensure_node_binaries()
+    for component, path in paths.items():
         print(f"{component:24} {VERSIONS[component]:8} {path}")
     log(f"control-plane binaries ready in {time.monotonic() - t0:.1f}s")
     return 0

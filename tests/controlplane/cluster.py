@@ -135,9 +135,10 @@ def _openssl(*args: str, cwd: Path) -> None:
         raise ControlPlaneError(f"`openssl {' '.join(args)}` failed:\n{proc.stderr}")
 
 
-def make_pki(pki: Path) -> None:
-    """A CA; the API server's serving certificate; the admin client certificate (system:masters); the
-    service-account signing key pair. ECDSA P-256 throughout: key generation takes milliseconds."""
+def make_pki(pki: Path, extra_ips: tuple[str, ...] = ()) -> None:
+    """A CA; the API server's serving certificate (also valid for ``extra_ips``); the admin client
+    certificate (system:masters); the service-account signing key pair. ECDSA P-256 throughout: key
+    generation takes milliseconds."""
     if shutil.which("openssl") is None:
         raise ControlPlaneError("openssl is needed to make the control plane's certificates; not on PATH")
     pki.mkdir(parents=True)
@@ -166,6 +167,7 @@ def make_pki(pki: Path) -> None:
         [
             "IP:127.0.0.1",
             "IP:10.0.0.1",
+            *(f"IP:{ip}" for ip in extra_ips),
             "DNS:localhost",
             "DNS:kubernetes",
             "DNS:kubernetes.default",
@@ -355,7 +357,7 @@ class ControlPlane:
         if body is not None:
             data = body if isinstance(body, (bytes, str)) else json.dumps(body)
             headers["Content-Type"] = content_type
-        conn = http.client.HTTPSConnection("127.0.0.1", self.port, context=self._ssl_context(), timeout=30)
+        conn = http.client.HTTPSConnection(self.host, self.port, context=self._ssl_context(), timeout=30)
         try:
             conn.request(method, path, body=data, headers=headers)
             resp = conn.getresponse()
@@ -376,6 +378,10 @@ class ControlPlane:
     @property
     def port(self) -> int:
         return int(self.api_url.rsplit(":", 1)[1])
+
+    @property
+    def host(self) -> str:
+        return self.api_url.removeprefix("https://").rsplit(":", 1)[0]
 
     # ---- clients ---------------------------------------------------------------------------------
     @property
@@ -571,17 +577,23 @@ def _run_client(
     return proc
 
 
-def start(*, base_dir: Path | None = None, timeout: float = 120.0) -> ControlPlane:
+def start(
+    *, base_dir: Path | None = None, timeout: float = 120.0, address: str = "127.0.0.1", kwok: bool = True
+) -> ControlPlane:
     """Build/fetch the binaries if needed, start a cluster and return it once the node is Ready and the
     controllers work. On any failure everything started is stopped and ControlPlaneError (with the failing
-    component's log tail) is raised."""
+    component's log tail) is raised.
+
+    ``address``: where the API server listens and what it advertises (the real node, node.py, passes its
+    bridge's address so pods reach it through the ``kubernetes`` Service). ``kwok=False``: no fake node and
+    no kwok StorageClass (the real node brings its own kubelet and provisioner)."""
     bins = binaries.ensure_binaries()
     t0 = time.monotonic()
     cdir = Path(tempfile.mkdtemp(prefix="opd-k8s-", dir=base_dir))
     cp = ControlPlane(dir=cdir, binaries=bins)
     atexit.register(cp.stop)
     try:
-        _start(cp, timeout)
+        _start(cp, timeout, address, kwok)
     except BaseException:
         atexit.unregister(cp.stop)
         cp.stop(keep_dir=True)  # the error names a log file in it
@@ -591,11 +603,11 @@ def start(*, base_dir: Path | None = None, timeout: float = 120.0) -> ControlPla
     return cp
 
 
-def _start(cp: ControlPlane, timeout: float) -> None:
-    make_pki(cp.pki)
+def _start(cp: ControlPlane, timeout: float, address: str, kwok: bool) -> None:
+    make_pki(cp.pki, extra_ips=() if address == "127.0.0.1" else (address,))
     pki = cp.pki
     etcd_port, etcd_peer, api_port = _free_port(), _free_port(), _free_port()
-    cp.api_url = f"https://127.0.0.1:{api_port}"
+    cp.api_url = f"https://{address}:{api_port}"
     cp.kubeconfig.write_text(
         _kubeconfig(
             cp.api_url,
@@ -638,8 +650,8 @@ def _start(cp: ControlPlane, timeout: float) -> None:
         "kube-apiserver",
         [
             f"--etcd-servers={etcd_url}",
-            "--bind-address=127.0.0.1",
-            "--advertise-address=127.0.0.1",
+            f"--bind-address={address}",
+            f"--advertise-address={address}",
             f"--secure-port={api_port}",
             f"--tls-cert-file={pki / 'apiserver.crt'}",
             f"--tls-private-key-file={pki / 'apiserver.key'}",
@@ -654,8 +666,12 @@ def _start(cp: ControlPlane, timeout: float) -> None:
             # that may update the owner's finalizers: the operator's RBAC must say so.
             "--enable-admission-plugins=NodeRestriction,PodSecurity,OwnerReferencesPermissionEnforcement",
             "--allow-privileged=true",  # privileged pods are refused by PodSecurity, not by this switch
-            # The `kubernetes` Service cannot point at a loopback address; nothing in the tests dials it.
-            "--endpoint-reconciler-type=none",
+            # The `kubernetes` Service cannot point at a loopback address; with kwok nothing dials it.
+            *(["--endpoint-reconciler-type=none"] if address == "127.0.0.1" else []),
+            # A real kubelet's name does not resolve: `kubectl logs/exec` reach it by its InternalIP.
+            "--kubelet-preferred-address-types=InternalIP",
+            f"--kubelet-client-certificate={pki / 'admin.crt'}",
+            f"--kubelet-client-key={pki / 'admin.key'}",
             "--profiling=false",
             f"--audit-policy-file={audit_policy}",
             f"--audit-log-path={cp.logs / 'audit.log'}",
@@ -686,6 +702,20 @@ def _start(cp: ControlPlane, timeout: float) -> None:
         ],
     )
     cp._spawn("kube-scheduler", common)
+    if kwok:
+        _start_kwok(cp, timeout)
+    # The controller-manager is working once the default namespace's ServiceAccount exists.
+    cp.wait(
+        "the controller-manager (the default ServiceAccount)",
+        lambda: (
+            cp.get("/api/v1/namespaces/default/serviceaccounts/default", ok=(200, 404)).get("kind") == "ServiceAccount"
+        ),
+        timeout=timeout,
+        component="kube-controller-manager",
+    )
+
+
+def _start_kwok(cp: ControlPlane, timeout: float) -> None:
     cp._spawn(
         "kwok",
         [
@@ -706,12 +736,3 @@ def _start(cp: ControlPlane, timeout: float) -> None:
         return any(c["type"] == "Ready" and c["status"] == "True" for c in node["status"].get("conditions", []))
 
     cp.wait(f"node {NODE_NAME} to be Ready (kwok)", node_ready, timeout=timeout, component="kwok")
-    # The controller-manager is working once the default namespace's ServiceAccount exists.
-    cp.wait(
-        "the controller-manager (the default ServiceAccount)",
-        lambda: (
-            cp.get("/api/v1/namespaces/default/serviceaccounts/default", ok=(200, 404)).get("kind") == "ServiceAccount"
-        ),
-        timeout=timeout,
-        component="kube-controller-manager",
-    )

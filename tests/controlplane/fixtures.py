@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from . import binaries
+from . import binaries, node
 from .cluster import ControlPlane, start
 
 _FAILED_TO_START: list[str] = []
@@ -41,6 +41,27 @@ def control_plane(request: pytest.FixtureRequest) -> Iterator[ControlPlane]:
         cp.stop()
 
 
+@pytest.fixture(scope="session")
+def real_node(request: pytest.FixtureRequest) -> Iterator[node.RealNode]:
+    """A second control plane with one real node (``node.py``): pods run in containers. Fails, never
+    skips, when it cannot start; its teardown fails the run if it leaves anything on the machine."""
+    try:
+        if binaries.missing(binaries.COMPONENTS + binaries.NODE_COMPONENTS):
+            capman = request.config.pluginmanager.getplugin("capturemanager")
+            with capman.global_and_fixture_disabled() if capman else contextlib.nullcontext():
+                binaries.ensure_binaries()
+                binaries.ensure_node_binaries()
+        rn = node.start()
+    except Exception as err:
+        pytest.fail(f"cannot start the real node: {type(err).__name__}: {err}", pytrace=False)
+    try:
+        yield rn
+    finally:
+        rn.stop()
+        left = node.leftovers(rn)
+        assert not left, f"the real node's teardown left: {left}"
+
+
 @pytest.fixture
 def k8s_namespace(control_plane: ControlPlane, request: pytest.FixtureRequest) -> Iterator[str]:
     prefix = re.sub(r"[^a-z0-9-]+", "-", request.node.name.lower().removeprefix("test_"))[:40].strip("-")
@@ -58,4 +79,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
         cp = item.funcargs.get("control_plane")
         if isinstance(cp, ControlPlane):
             report.sections.append(("control plane logs", cp.dump()))
+    if report.failed and call.when == "call" and "real_node" in getattr(item, "fixturenames", ()):
+        rn = item.funcargs.get("real_node")
+        if isinstance(rn, node.RealNode) and rn.cp is not None:
+            report.sections.append(("real node logs", rn.cp.dump()))
     return report
