@@ -1,9 +1,10 @@
-"""bench/gpu_check.sh, the prepared GPU check, run here in its small shape (``--tiny``) on the CPU.
+"""bench/gpu_check.sh, the GPU check, run here in its small shape (``--tiny``) on the CPU.
 
-The script is meant for a GPU machine that this project may only get for minutes, so it must work the
-first time: the same script and the same opd code paths (build_trainable, the SFT micro-batch loss, the
-OPD ``train_on_samples``, the optimizer step) run here, on one process and on two (the launcher path,
-FSDP over gloo), and the printed numbers are checked for sense.
+The check is meant for a GPU machine this project may get for minutes, once, so it must start the first
+time: the same entry script and the same opd code paths run here, on one process and on two (the launcher
+path, FSDP over gloo), with the main venv's python and - exactly as the lent machine runs it - with a
+python holding that machine's torch and transformers and no pydantic, given the carried wheels folder.
+A part that is asked for and cannot run must fail the command, never pass as skipped.
 """
 
 from __future__ import annotations
@@ -17,46 +18,99 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+PARTS = {"numerics", "collectives", "size", "vllm"}
+# what runs in --tiny on a CPU: every check but the vLLM part, which needs a GPU
+TINY_CHECKS = {
+    ("numerics", "sft loss precision"),
+    ("numerics", "opd loss precision"),
+    ("numerics", "packed == unpacked"),
+    ("numerics", "all-reduce"),
+    ("numerics", "fsdp2 bf16 policy"),
+    ("numerics", "dcp save/load"),
+    ("numerics", "resume device"),
+    ("size", "sft full 1 packed row x 256 tokens"),
+    ("size", "sft full 1 packed row x 512 tokens"),
+    ("size", "opd full 4 x 128 tokens"),
+    ("size", "sft lora r8 1 packed row x 256 tokens"),
+    ("size", "sft lora r8 1 packed row x 512 tokens"),
+    ("size", "opd lora r8 4 x 128 tokens"),
+}
 
 
-def gpu_check(tmp_path: Path, **env) -> tuple[subprocess.CompletedProcess, dict]:
-    out = tmp_path / "numbers.json"
-    proc = subprocess.run(
-        ["bash", str(ROOT / "bench" / "gpu_check.sh"), "--tiny", "--workdir", str(tmp_path), "--json", str(out)],
-        env={**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", **env},
+def gpu_check(tmp_path: Path, *args: str, python: str = sys.executable, **env) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["bash", str(ROOT / "bench" / "gpu_check.sh"), *args],
+        env={**os.environ, "PYTHON": python, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", **env},
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=900,
+        cwd=tmp_path,
     )
+
+
+def tiny(tmp_path: Path, python: str = sys.executable, **env) -> tuple[subprocess.CompletedProcess, dict]:
+    out = tmp_path / "numbers.json"
+    proc = gpu_check(tmp_path, "--tiny", "--workdir", str(tmp_path), "--json", str(out), python=python, **env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc, json.loads(out.read_text())
 
 
-def check_rows(numbers: dict, world: int) -> None:
-    sft, opd = numbers["rows"]
-    assert numbers["world"] == world
-    assert sft["tokens"] == 256 * world and opd["tokens"] == 8 * 64 * world
-    # the tiny shape: 2 layers x 2 heads x head_dim 32; SFT packs 4 traces of 64, OPD has 8 rows of 64
-    params = numbers["params"]
+def check_tiny_run(proc: subprocess.CompletedProcess, numbers: dict, world: int) -> None:
+    checks = {(c["part"], c["name"]): c for c in numbers["checks"]}
+    assert set(checks) == TINY_CHECKS | {("vllm", "vllm beside the trainer")}, sorted(checks)
+    for key in TINY_CHECKS:
+        assert checks[key]["status"] == "passed", checks[key]
+    assert checks["vllm", "vllm beside the trainer"]["status"] == "NOT CHECKED"
+    assert numbers["world"] == world and numbers["device"] == "cpu"
+    for part in PARTS:
+        assert f"[{part}]" in proc.stdout
+    assert f"{len(TINY_CHECKS)} passed, 0 failed, 1 not checked" in proc.stdout
+    sft = checks["size", "sft full 1 packed row x 256 tokens"]["numbers"]
+    # the tiny shape: 2 layers x 2 heads x head_dim 32; the row packs 4 traces of 64 tokens
     attention = 6 * 2 * 2 * 32
-    assert sft["model_flops"] == pytest.approx(world * (6 * params * 256 + attention * 4 * 64**2))
-    assert opd["model_flops"] == pytest.approx(world * (6 * params * 512 + attention * 8 * 64**2))
-    for row in (sft, opd):
-        assert row["tokens_per_second"] > 0 and row["peak_memory_gib"] > 0
-        assert row["mfu"] is None  # no accelerator peak to divide by on a CPU
+    assert sft["tokens"] == 256 * world
+    assert sft["model_flops"] == pytest.approx(world * (6 * sft["params"] * 256 + attention * 4 * 64**2))
+    assert sft["tokens_per_second"] > 0 and sft["peak_memory_gib"] > 0 and sft["mfu"] is None
 
 
-def test_gpu_check_runs_in_small_shape_on_one_process(tmp_path):
-    proc, numbers = gpu_check(tmp_path)
-    assert "no GPU, running on the CPU" in proc.stdout
-    assert "strategy ddp" in proc.stdout and "tokens/s" in proc.stdout and "peak memory" in proc.stdout
-    assert "vllm engines: skipped (no GPU)" in proc.stdout and numbers["vllm_engines"] is None
-    check_rows(numbers, 1)
+def test_gpu_check_runs_every_part_in_small_shape_on_one_process(tmp_path):
+    proc, numbers = tiny(tmp_path)
+    assert "gpu_check: cpu x 1 (gloo)" in proc.stdout
+    check_tiny_run(proc, numbers, 1)
+
+
+@pytest.mark.parametrize(
+    ("flag", "says"),
+    [("--require-gpu", "no CUDA device is visible"), ("--require-vllm", "no GPU")],
+)
+def test_a_required_part_that_cannot_run_fails_the_command(tmp_path, flag, says):
+    proc = gpu_check(tmp_path, "--tiny", flag)
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert says in proc.stderr and "passed" not in proc.stdout
+
+
+def test_a_python_without_torch_fails_at_once(tmp_path):
+    proc = gpu_check(tmp_path, "--tiny", python="/usr/bin/false")
+    assert proc.returncode == 2 and "cannot import torch and transformers" in proc.stderr
 
 
 @pytest.mark.slow
 def test_gpu_check_starts_one_process_per_device_under_the_launcher(tmp_path):
-    proc, numbers = gpu_check(tmp_path, GPU_CHECK_NPROC="2")
-    assert "2 processes, one per GPU (FSDP)" in proc.stdout
-    assert "strategy fsdp" in proc.stdout
-    check_rows(numbers, 2)
+    proc, numbers = tiny(tmp_path, GPU_CHECK_NPROC="2")
+    assert "2 processes, one per GPU" in proc.stdout and "cpu x 2 (gloo)" in proc.stdout
+    check_tiny_run(proc, numbers, 2)
+
+
+@pytest.mark.slow
+def test_gpu_check_starts_with_the_lent_machines_libraries_and_the_carried_wheels(tmp_path):
+    """The device command's way: the stand-in python (torch and transformers at pyproject's floors, the
+    lent machine's versions, and no pydantic), the checkout not installed, pydantic from .gpu-wheels."""
+    from floor_env import floor_venv
+
+    python = floor_venv() / "bin" / "python"
+    assert subprocess.run([str(python), "-c", "import pydantic"], capture_output=True).returncode != 0
+    subprocess.run(["bash", str(ROOT / "bench" / "gpu_wheels.sh")], check=True)
+    proc, numbers = tiny(tmp_path, python=str(python))
+    assert "pydantic from" in proc.stdout and ".gpu-wheels" in proc.stdout
+    assert numbers["torch"].startswith("2.11.0") and numbers["transformers"] == "5.17.0"
+    check_tiny_run(proc, numbers, 1)
