@@ -157,6 +157,7 @@ def _cni_config(d: Path) -> dict:
                 "type": "bridge",
                 "bridge": BRIDGE,
                 "isGateway": True,
+                "isDefaultGateway": True,  # Service addresses are routed through the host (kube-proxy)
                 "ipMasq": False,  # pods never reach beyond this machine
                 "hairpinMode": True,  # a pod reaches itself through its own Service
                 "ipam": {
@@ -385,7 +386,7 @@ class RealNode:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             with contextlib.suppress(NodeError, subprocess.TimeoutExpired):
-                if not self.ctr("containers", "list", "--quiet", timeout=10).split():
+                if "RUNNING" not in self.ctr("tasks", "list", timeout=10):
                     return
             time.sleep(0.5)
 
