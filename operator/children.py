@@ -63,8 +63,29 @@ def stage_spec(run: DistillationRun) -> dict[str, Any]:
     return spec
 
 
+def _digest(spec: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def spec_hash(run: DistillationRun) -> str:
-    return hashlib.sha256(json.dumps(stage_spec(run), sort_keys=True).encode()).hexdigest()[:16]
+    """What a stage computes, as a digest: the spec without operational fields and without any field at
+    its default value, so a release that adds a defaulted field (or a CRD that defaults it) leaves the
+    digest of every existing run as it was, and restarts nothing."""
+    spec = run.spec.model_dump(mode="json", by_alias=True, exclude_defaults=True)
+    for key in OPERATIONAL_FIELDS:
+        spec.pop(key, None)
+    spec.get("workspace", {}).pop("retentionPolicy", None)
+    serving = spec.get("teacher", {}).get("serving", {})
+    for key in ("queueName", "networkPolicy"):
+        serving.pop(key, None)
+    return _digest(spec)
+
+
+def same_spec(digest: str | None, run: DistillationRun) -> bool:
+    """Whether a child annotated with ``digest`` runs ``run``'s current spec: ``spec_hash``, or the digest
+    of the whole defaulted spec that operators before ``spec_hash`` wrote (children they started keep
+    running after an upgrade)."""
+    return digest in (spec_hash(run), _digest(stage_spec(run)))
 
 
 def run_yaml(run: DistillationRun, namespace: str) -> str:

@@ -13,20 +13,24 @@ duplicating anything.
 from __future__ import annotations
 
 import copy
+import logging
+import typing
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 import yaml
+from pydantic import BaseModel
 
 from opd_runtime.contract import BATCH_STAGES, EXIT_BAD_CONFIG, TRAINING_STAGES
 from opd_runtime.plan import planned_stages, processes_per_pod
-from opd_runtime.spec import DistillationRun, SpecError, parse_run
+from opd_runtime.spec import DistillationRun, DistillationRunSpec, SpecError, parse_run
 
 from . import children, conditions, names
 from .conditions import STAGE_CONDITIONS
 from .observe import JobView, Observed, Waiting
 
+log = logging.getLogger("opd_operator")
 Manifest = dict[str, Any]
 MAX_BACKOFF_SECONDS = 600
 
@@ -186,7 +190,7 @@ class _Walk:
         active = [j for j in self.observed.jobs if j.state == "active" and not j.deleting]
         running = next((j.spec_hash for j in active), None)
         cm = self.observed.config_map
-        if running is not None and running != want:
+        if running is not None and not children.same_spec(running, self.run):
             frozen = yaml.safe_load((cm or {}).get("data", {}).get(names.CONFIG_FILE, "") or "{}") or {}
             paths = changed_paths(frozen.get("spec", {}), children.stage_spec(self.run)) or ["spec"]
             what = active[0].stage
@@ -303,7 +307,7 @@ class _Walk:
             return "failed"
         if teacher is not None and teacher.deleting:
             return self.teacher_waiting(f"waiting for the previous teacher Deployment {name} to go")
-        if teacher is not None and teacher.spec_hash != children.spec_hash(self.run):
+        if teacher is not None and not children.same_spec(teacher.spec_hash, self.run):
             # It serves an older run file (the spec changed while no Job ran): a learner started now would
             # read the new file and score against the old teacher. Replace it; the learner waits.
             self.delete("Deployment", name)
@@ -875,9 +879,46 @@ def invalid(obj: Manifest, err: SpecError, now: datetime, observed: Observed | N
     return Decision(actions=actions, status=status, events=events)
 
 
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    """The spec model a field holds (directly, in a list, or optional), else None (free-form values)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        model = _model_of(arg)
+        if model is not None:
+            return model
+    return None
+
+
+def unknown_fields(value: Any, model: type[BaseModel], prefix: str) -> list[str]:
+    """Drop, in place, the keys of ``value`` that ``model`` does not know (fields a newer CRD added), and
+    return their paths. The operator tolerates them, where `opd validate` refuses them (typos)."""
+    if isinstance(value, list):
+        return [p for i, item in enumerate(value) for p in unknown_fields(item, model, f"{prefix}[{i}]")]
+    if not isinstance(value, dict):
+        return []
+    fields = {(f.alias or n): f for n, f in model.model_fields.items()}
+    found: list[str] = []
+    for key in list(value):
+        if key not in fields:
+            del value[key]
+            found.append(f"{prefix}.{key}")
+            continue
+        sub = _model_of(fields[key].annotation)
+        if sub is not None:
+            found += unknown_fields(value[key], sub, f"{prefix}.{key}")
+    return found
+
+
 def decide(obj: Manifest, observed: Observed, now: datetime) -> Decision:
     """What should exist for run ``obj`` given its ``observed`` children, and its new status."""
     source = f"DistillationRun {obj['metadata']['name']}"
+    spec = copy.deepcopy(obj.get("spec"))
+    ignored = unknown_fields(spec, DistillationRunSpec, "spec") if isinstance(spec, dict) else []
+    if ignored:
+        # a CRD newer than this operator: its new fields have no effect here, and fail nothing
+        log.warning("%s: fields this operator does not know are ignored: %s", source, ", ".join(ignored))
+        obj = {**obj, "spec": spec}
     try:
         run = parse_run(obj, source=source)
     except SpecError as err:

@@ -254,3 +254,45 @@ def test_managed_by_is_not_part_of_what_stages_compute():
     assert children.spec_hash(parse_run(tiny_run())) == children.spec_hash(
         parse_run(tiny_run(managedBy="example.com/team-a"))
     )
+
+
+# ---- upgrades: new defaulted fields, unknown fields ------------------------------------------------------
+
+
+def test_the_spec_hash_ignores_a_field_a_newer_release_adds_with_a_default():
+    from pydantic import Field, create_model
+
+    from opd_operator import children
+    from opd_runtime.spec import DistillationRunSpec, parse_run
+    from opd_runtime.spec.stages import SftSpec
+
+    run = parse_run(tiny_run())
+    # the next release's models: one more defaulted field in spec.sft
+    new_sft = create_model("SftSpec", __base__=SftSpec, future_option=(bool, Field(False, description="new")))
+    new_spec = create_model("DistillationRunSpec", __base__=DistillationRunSpec, sft=(new_sft | None, None))
+    wire = run.spec.to_wire()
+    upgraded = run.model_copy(update={"spec": new_spec.model_validate(wire)})
+    assert upgraded.spec.to_wire()["sft"]["futureOption"] is False
+    assert children.spec_hash(upgraded) == children.spec_hash(run)  # no running stage or teacher restarts
+
+
+def test_children_started_under_the_previous_digest_keep_running_after_the_upgrade():
+    from opd_operator import children
+    from opd_runtime.spec import parse_run
+
+    s = Story()
+    s.to_distill()
+    legacy = children._digest(children.stage_spec(parse_run(s.api.run())))
+    for kind, name in (("Job", "tiny-distill-1"), ("Deployment", "tiny-teacher")):
+        s.api.objects[(kind, "ns", name)]["metadata"]["annotations"][children.names.SPEC_HASH_ANNOTATION] = legacy
+    d = s.reconcile()
+    assert cond(s.status, "SpecAccepted")["status"] == "True"
+    assert [a.verb for a in d.actions if a.kind in ("Job", "Deployment")] == []
+
+
+def test_fields_of_a_newer_crd_are_ignored_not_a_failure():
+    s = Story()
+    s.api.run()["spec"]["sft"]["futureOption"] = True  # a field this operator's models do not know
+    s.api.run()["spec"]["pod"] = {"env": [{"name": "A", "value": "1", "fromNewerRelease": {"x": 1}}]}
+    s.reconcile()
+    assert s.status["phase"] == "Running" and s.api.names("Job") == ["tiny-sft-1"]
