@@ -6,7 +6,9 @@ terms around ln(vocab), whose rounding errors mostly cancel: 1e-2 relative (2.5 
 it with room, and is far below what a wrong mask, position or reduction does (a single misplaced trace
 moves it by tens of percent). Gradients are compared by cosine: bf16 noise leaves it above 0.99 (an error
 of ~10% of the norm would be needed to go below), a wrong gradient (missing tokens, a dropped reduction)
-does not. Between two float32 paths the same bounds hold a fortiori.
+does not. Between two float32 paths the same bounds hold a fortiori. The OPD loss is a mean of signed
+terms that can cancel to near zero, so its error is taken relative to the size of those terms (the mean
+|teacher - sampler| log-prob gap) when that is larger than the loss.
 """
 
 from __future__ import annotations
@@ -52,10 +54,6 @@ def _full(p: torch.Tensor) -> torch.Tensor:
 
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.dot(a.double(), b.double()) / (a.double().norm() * b.double().norm()).clamp_min(1e-30))
-
-
-def _rel(a: float, b: float) -> float:
-    return abs(a - b) / max(abs(b), 1e-12)
 
 
 def _examples(config: dict, lengths: list[int], gen: torch.Generator) -> list[tuple[list[int], list[int]]]:
@@ -132,6 +130,12 @@ def _opd_loss_and_grads(model, samples, teacher_lp) -> tuple[float, torch.Tensor
     return float(stats.loss), _grads(model)
 
 
+def _mean_advantage(samples, teacher_lp) -> float:
+    """Mean |teacher - sampler| log-prob over the completion tokens: the size of the OPD loss's terms."""
+    gaps = [abs(t - b) for s, ts in zip(samples, teacher_lp) for t, b in zip(ts, s.logprobs)]
+    return sum(gaps) / max(1, len(gaps))
+
+
 def _opd_batch(config: dict, lengths: list[int], gen: torch.Generator):
     from ..generation import Sample
 
@@ -143,8 +147,12 @@ def _opd_batch(config: dict, lengths: list[int], gen: torch.Generator):
     return samples, teacher_lp
 
 
-def _compare(name: str, what: str, got: tuple[float, torch.Tensor], ref: tuple[float, torch.Tensor]) -> Check:
-    rel, cos = _rel(got[0], ref[0]), _cosine(got[1], ref[1])
+def _compare(
+    name: str, what: str, got: tuple[float, torch.Tensor], ref: tuple[float, torch.Tensor], scale: float = 0.0
+) -> Check:
+    """``scale``: the size of the loss's terms where the loss itself can be near zero (a mean of signed
+    terms), so the error is relative to what was summed rather than to a value that cancelled."""
+    rel, cos = abs(got[0] - ref[0]) / max(abs(ref[0]), scale, 1e-12), _cosine(got[1], ref[1])
     ok = math.isfinite(got[0]) and rel <= LOSS_RTOL and cos >= GRAD_COSINE_MIN
     detail = (
         f"{what}: loss {got[0]:.5f} vs {ref[0]:.5f} (relative {rel:.1e}, bound {LOSS_RTOL:.0e}), "
@@ -175,6 +183,7 @@ def precision_and_packing(work: Path, config: dict, lengths: list[int], dev: tor
             f"OPD importance sampling, {where}",
             dev_opd,
             ref_opd,
+            scale=_mean_advantage(samples, teacher_lp),
         ),
         _compare(
             "packed == unpacked",
