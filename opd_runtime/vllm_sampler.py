@@ -169,13 +169,16 @@ def trainer_state_dict(model, dtype: torch.dtype | None = None) -> dict[str, tor
         if "lora_" in key:
             continue
         key = key.replace(".base_layer.", ".")
-        tensor = merged.get(key, value).detach()
-        if dtype is not None and tensor.is_floating_point():
-            tensor = tensor.to(dtype)
-        out[key] = tensor.to("cpu").contiguous()
+        out[key] = _to_host(merged.get(key, value).detach(), dtype)
     if getattr(base.config, "tie_word_embeddings", False):
         out.pop("lm_head.weight", None)  # vLLM ties it to the embedding itself
     return out
+
+
+def _to_host(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    if dtype is not None and tensor.is_floating_point():
+        tensor = tensor.to(dtype)  # on the tensor's device, before the copy
+    return tensor.to("cpu").contiguous()
 
 
 def _is_peft(model) -> bool:
@@ -184,17 +187,25 @@ def _is_peft(model) -> bool:
     return isinstance(model, PeftModel)
 
 
-def _base_state_dict(model) -> dict[str, torch.Tensor]:
-    """The base weights of a PEFT model under Hugging Face names, without its adapters."""
+def _base_state_dict(model, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The base weights of a PEFT model under Hugging Face names, without its adapters, floating point in
+    ``dtype`` (cast before the copy to the host)."""
     base = model.get_base_model()
     out = {
-        key.replace(".base_layer.", "."): value.detach().to("cpu").contiguous()
+        key.replace(".base_layer.", "."): _to_host(value.detach(), dtype)
         for key, value in base.state_dict().items()
         if "lora_" not in key
     }
     if getattr(base.config, "tie_word_embeddings", False):
         out.pop("lm_head.weight", None)
     return out
+
+
+def engine_weights(model, *, base_only: bool, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The weights a sync writes for the engine, in host memory, floating point in ``dtype``: the base
+    weights of a PEFT model (``base_only``), else the trainer's with LoRA merged in."""
+    # cast where the weights are, then copy: half the bytes cross to the host for bf16 from float32 masters
+    return _base_state_dict(model, dtype) if base_only else trainer_state_dict(model, dtype)
 
 
 def weights_version(model) -> int:
@@ -461,11 +472,7 @@ class VllmSampler:
         adapter = self.lora_adapters and _is_peft(model)
         if not adapter or self._base_for != id(model):
             path = self._scratch / "model.safetensors"
-            state = _base_state_dict(model) if adapter else trainer_state_dict(model)
-            save_file(
-                {k: v.to(getattr(torch, self.dtype)) if v.is_floating_point() else v for k, v in state.items()},
-                str(path),
-            )
+            save_file(engine_weights(model, base_only=adapter, dtype=getattr(torch, self.dtype)), str(path))
             self.llm.collective_rpc("opd_reload_weights", args=(str(self._scratch),))
             path.unlink()
             self.full_reloads += 1

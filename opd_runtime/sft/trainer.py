@@ -41,7 +41,8 @@ def micro_batch_nll(model, examples, *, packing: bool, pad_id: int) -> torch.Ten
     if packing:
         rows = pack(examples, None, pad_id)
         ids_BT, mask_BT = rows.input_ids_BT.to(dev), rows.loss_mask_BT.to(dev)
-        hidden_BTD = chunked.final_hidden_states(model, ids_BT, position_ids_BT=rows.position_ids_BT.to(dev))
+        # the position ids stay in host memory: the attention's split into traces is read from them there
+        hidden_BTD = chunked.final_hidden_states(model, ids_BT, position_ids_BT=rows.position_ids_BT)
     else:
         batch = right_pad([p for p, _ in examples], [c for _, c in examples], pad_id)
         ids_BT, mask_BT = batch.input_ids_BT.to(dev), batch.loss_mask_BT.to(dev)

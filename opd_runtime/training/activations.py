@@ -6,8 +6,6 @@ teacher), kept apart from model building so that sharding and precision can chan
 
 from __future__ import annotations
 
-import importlib.util
-
 from . import attention
 from .chunked import base_model
 
@@ -32,19 +30,16 @@ def use_gradient_checkpointing(model, enabled: bool) -> None:
 def use_fast_attention(model, log=None) -> str:
     """The mask-free attention for packed rows; returns the implementation in use.
 
-    On CUDA with the ``flash-attn`` package: ``flash_attention_2``, which takes packed rows as varlen
-    sequences (cu_seqlens derived from the restarted position ids). Elsewhere (CPU, or a GPU without it):
-    ``sdpa_varlen`` (``training.attention``), sdpa run once per trace of a packed row, which builds no
-    T x T mask either; rows that are not packed, padding masks and cached decoding run as plain sdpa.
-    Models with sliding-window layers or not causal keep sdpa.
+    ``sdpa_varlen`` (``training.attention``), on GPUs and CPUs alike: sdpa run once per trace of a packed
+    row, which builds no T x T mask; rows that are not packed, padding masks and cached decoding run as
+    plain sdpa. Models with sliding-window layers or not causal keep sdpa. Not ``flash_attention_2``: the
+    ``flash-attn`` package has no prebuilt wheel on the package index (vLLM ships its own kernels), so
+    the GPU image does not have it, and one path serves every device.
     """
     base = base_model(model)
     cfg = base.config
     current = getattr(cfg, "_attn_implementation", None) or "eager"
-    on_cuda = any(p.is_cuda for p in base.parameters())
-    if on_cuda and importlib.util.find_spec("flash_attn") is not None:
-        wanted = "flash_attention_2"
-    elif getattr(cfg, "is_causal", True) and not _has_sliding_layers(cfg):
+    if getattr(cfg, "is_causal", True) and not _has_sliding_layers(cfg):
         wanted = attention.register()
     else:
         wanted = "sdpa"

@@ -1,5 +1,5 @@
-"""Attention over packed rows with no T x T mask: sdpa run once per trace ("varlen"), for CPUs and GPUs
-without flash-attention.
+"""Attention over packed rows with no T x T mask: sdpa run once per trace ("varlen"), on GPUs and CPUs
+(opd does not use the flash-attn package: ``activations.use_fast_attention`` says why).
 
 A packed row holds several traces, told apart by position ids that restart at 0 (``sft.packing``). Given
 such a row, transformers' ``sdpa`` builds a boolean block-diagonal causal mask of T x T per row (256 MiB at
@@ -8,12 +8,13 @@ grouped-query sdpa with a mask). One Qwen3 attention layer at Qwen3-1.7B's width
 head_dim 128) on a 16,384-token row of 4 traces, forward and backward, measured +2.44 GiB and 439 s that
 way against +1.33 GiB and 119 s here (``bench/memory.py --cases attn-naive-16384,attn-new-16384``).
 
-``sdpa_varlen`` is the CPU counterpart of flash-attention's varlen mode: it finds where the position ids
-restart (the traces' cu_seqlens) and calls ``scaled_dot_product_attention`` with ``is_causal=True`` on
-each trace's slice of queries, keys and values (``enable_gqa``: no key/value copies), so nothing of size
-T x T exists. The result is the same attention (float rounding apart): a token sees exactly the earlier
-tokens of its own trace. Everything else goes to transformers' own sdpa unchanged: a 2D padding mask (as
-``generate`` passes), a query shorter than its keys (decoding with a cache), non-causal attention.
+``sdpa_varlen`` does what flash-attention's varlen mode does: it takes where the position ids restart (the
+traces' cu_seqlens, found once per forward on the host: ``row_trace_starts``) and calls
+``scaled_dot_product_attention`` with ``is_causal=True`` on each trace's slice of queries, keys and values
+(``enable_gqa``: no key/value copies), so nothing of size T x T exists. The result is the same attention
+(float rounding apart): a token sees exactly the earlier tokens of its own trace. Everything else goes to
+transformers' own sdpa unchanged: a 2D padding mask (as ``generate`` passes), a query shorter than its keys
+(decoding with a cache), non-causal attention.
 
 ``register()`` adds the implementation to transformers' ``AttentionInterface`` and a mask builder to its
 ``AttentionMaskInterface`` that builds no mask where this function needs none (and sdpa's mask wherever
@@ -28,6 +29,9 @@ import torch
 import torch.nn.functional as F
 
 NAME = "sdpa_varlen"
+# Keyword under which ``chunked.final_hidden_states`` hands every attention layer the traces of each row,
+# found once per forward on the host (``row_trace_starts``); the model's forward passes it through.
+TRACE_STARTS = "opd_trace_starts"
 
 
 def trace_starts(position_ids_T: torch.Tensor) -> list[int]:
@@ -36,6 +40,16 @@ def trace_starts(position_ids_T: torch.Tensor) -> list[int]:
     T = position_ids_T.shape[0]
     restarts = (torch.diff(position_ids_T) != 1).nonzero().flatten() + 1
     return [0, *restarts.tolist(), T]
+
+
+def row_trace_starts(position_ids_BT: torch.Tensor) -> tuple[tuple[int, ...], ...]:
+    """``trace_starts`` of every row, from one read of the position ids into host memory (none at all when
+    they are there already, as the packer makes them), so that no layer has to wait for the device."""
+    out = []
+    for pos in position_ids_BT.tolist():
+        restarts = [t for t in range(1, len(pos)) if pos[t] != pos[t - 1] + 1]
+        out.append((0, *restarts, len(pos)))
+    return tuple(out)
 
 
 def sdpa_varlen_forward(
@@ -56,6 +70,7 @@ def sdpa_varlen_forward(
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     B, H, T, _ = query_BHTd.shape
+    given_rows = kwargs.pop(TRACE_STARTS, None)
     is_causal = kwargs.get("is_causal")
     causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
     if attention_mask is not None or key_BKSd.shape[2] != T or not causal or T <= 1:
@@ -74,9 +89,11 @@ def sdpa_varlen_forward(
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling, is_causal=True, enable_gqa=gqa)
         return out.transpose(1, 2)  # (b, t, H, d)
 
-    if position_ids is None:
+    if given_rows is not None and len(given_rows) == B and all(starts[-1] == T for starts in given_rows):
+        rows = [list(starts) for starts in given_rows]
+    elif position_ids is None:
         rows = [[0, T]] * B
-    else:
+    else:  # a caller that did not find the traces itself: found here, at a device sync per layer
         pos_BT = position_ids.expand(B, -1) if position_ids.shape[0] != B else position_ids
         rows = [trace_starts(pos_BT[b]) for b in range(B)]
     if all(len(starts) == 2 for starts in rows):  # no row is packed: one call for the whole batch

@@ -26,6 +26,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from ..distill import loss as L
+from . import attention
 from .precision import head_compute_dtype
 
 # Tokens per chunk. 512 x 151,936 fp32 logits are ~300 MB per copy (a chunk's forward and backward hold a
@@ -58,11 +59,22 @@ def final_hidden_states(
     with ``logits_to_keep`` an empty index, which makes the head compute logits for no position, and the
     hidden states are taken from the decoder's output by a forward hook. No attention mask is passed:
     right-padded rows need none under a causal mask (real tokens never look right, at the padding), and
-    packed rows are told apart by their restarted ``position_ids`` (transformers derives cu_seqlens for
-    flash-attention, or a block-diagonal mask for sdpa/eager). ``use_cache=False``: with a cache,
+    packed rows are told apart by their restarted ``position_ids`` (``sdpa_varlen`` splits the rows there;
+    transformers' sdpa/eager build a block-diagonal mask). ``use_cache=False``: with a cache,
     transformers ignores the packing and the traces would attend to each other.
+
+    Under ``sdpa_varlen`` the traces of each row are found here, once, on the host (pass the position ids
+    in host memory, as the packer makes them, and nothing waits for the device) and handed to every layer.
     """
-    decoder = base_model(model).get_decoder()
+    base = base_model(model)
+    extra = {}
+    if getattr(base.config, "_attn_implementation", None) == attention.NAME:
+        B, T = input_ids_BT.shape
+        rows = ((0, T),) * B if position_ids_BT is None else attention.row_trace_starts(position_ids_BT)
+        extra[attention.TRACE_STARTS] = rows
+    if position_ids_BT is not None:
+        position_ids_BT = position_ids_BT.to(input_ids_BT.device)
+    decoder = base.get_decoder()
     captured: list[torch.Tensor] = []
 
     def grab(_module, _args, output):
@@ -75,6 +87,7 @@ def final_hidden_states(
             position_ids=position_ids_BT,
             use_cache=False,
             logits_to_keep=torch.empty(0, dtype=torch.long, device=input_ids_BT.device),
+            **extra,
         )
     finally:
         handle.remove()
