@@ -75,6 +75,10 @@ def cmd_tiny_models(args) -> int:
     if args.student_steps is not None:
         cfg.student_steps = args.student_steps
     report = build_cached(Path(args.out), cfg, None if args.no_cache else default_cache_dir())
+    if args.record:
+        from .tiny_models import record
+
+        record(cfg, report)
     print(json.dumps({k: v for k, v in report.items() if k != "config"}, indent=2))
     return EXIT_OK
 
@@ -105,10 +109,6 @@ def cmd_distill(args) -> int:
         )
         run = run.model_copy(update={"spec": run.spec.model_copy(update={"teacher": teacher})})
     on_step = _and_report(show, args.report, run.spec.distill.steps if run.spec.distill else None)
-    if args.record:
-        from .tiny_models import record
-
-        record(cfg, report)
     result = run_distill(run, Path(args.workspace), resume=args.resume, on_step=on_step)
     if _rank() == 0:
         print(json.dumps(result, indent=2))
@@ -401,6 +401,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="always build; by default an identical earlier build under $OPD_CACHE_DIR is reused",
     )
+    p.add_argument(
+        "--record",
+        action="store_true",
+        help="record this build's weight hashes and accuracies as the expected ones for its config, code and "
+        "library versions (opd_runtime/data/tiny_worlds.json; a maintainer's step after changing the world)",
+    )
     p.set_defaults(fn=cmd_tiny_models)
     return parser
 
@@ -439,12 +445,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         _report_failure(report, EXIT_BAD_CONFIG, str(err))
         return EXIT_BAD_CONFIG
-    p.add_argument(
-        "--record",
-        action="store_true",
-        help="record this build's weight hashes and accuracies as the expected ones for its config, code and "
-        "library versions (opd_runtime/data/tiny_worlds.json; a maintainer's step after changing the world)",
-    )
     except Exception as err:  # a traceback and exit 1 (retry); the operator gets the error line too
         _report_failure(report, EXIT_RETRY, f"{type(err).__name__}: {err}")
         raise
