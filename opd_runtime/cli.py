@@ -59,10 +59,13 @@ def _report_failure(report: StageReport | None, exit_code: int, error: str) -> N
 
 
 def cmd_validate(args) -> int:
+    from .preflight import check_context
+
     run = _load(args.config)
     print(f"{args.config}: valid DistillationRun {run.metadata.name!r}; stages: {', '.join(run.spec.enabled_stages())}")
     for note in run.spec.notes():
         print(f"note: {note}")
+    check_context(run)  # every eval/sampling length against its model's positions (exit 2 if one cannot fit)
     return EXIT_OK
 
 
@@ -231,7 +234,7 @@ def cmd_spec_reference(args) -> int:
 
 
 def cmd_preflight(args) -> int:
-    from .preflight import check_pair
+    from .preflight import check_context, check_pair
 
     run = _load(args.config)
     s, t = run.spec.student, run.spec.teacher
@@ -244,6 +247,8 @@ def cmd_preflight(args) -> int:
         revision_t=t.revision,
     )
     print("pre-flight: student and teacher tokenizers, special tokens and chat templates match")
+    check_context(run)
+    print("pre-flight: sampling and eval lengths fit the models' positions")
     return EXIT_OK
 
 

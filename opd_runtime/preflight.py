@@ -3,11 +3,23 @@
 OPD compares log-probs token by token, so the two models must share the tokenizer (same ids for the
 same strings), the special tokens and the chat template; otherwise the teacher scores a different
 sequence than the student sampled and training silently goes wrong. This check loads only tokenizers.
+
+The context check (``check_context``, also run by ``opd validate``) refuses settings whose tokens cannot
+fit their model's positions (an eval asking for more new tokens than the model holds would otherwise fail
+only when eval starts, after SFT and OPD), from the models' configs where this machine has them and from a
+table of known models where it has not.
 """
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .spec import DistillationRun
 
 PROBE_MESSAGES = [
     {"role": "user", "content": "What is 12 * 7? Put the final answer in \\boxed{}."},
@@ -124,3 +136,75 @@ def check_pair(
     mismatches = compare_tokenizers(s, t)
     if mismatches:
         raise TokenizerMismatch(mismatches, student_tokenizer or student, teacher_tokenizer or teacher)
+
+
+# --- context lengths: what each stage asks of its models' positions ---------------------------------------
+
+# max_position_embeddings of hub models whose config is not on this machine (``opd validate`` runs
+# offline, before anything is downloaded), from the published config.json files: Qwen3's post-trained
+# dense models hold 40,960 positions, its Base models 32,768. First match wins; a model no row names is
+# checked only where its config is reachable.
+KNOWN_POSITIONS: tuple[tuple[str, int], ...] = (
+    (r"Qwen/Qwen3-[0-9.]+B-Base", 32768),
+    (r"Qwen/Qwen3-(0\.6|1\.7|4|8|14|32)B(-FP8)?", 40960),
+)
+
+
+def model_positions(model: str, *, root: Path | None = None, revision: str | None = None) -> tuple[int | None, str]:
+    """``max_position_embeddings`` of ``model`` and where it was read: the config of a local directory
+    (relative paths against ``root``), of the Hugging Face cache, else ``KNOWN_POSITIONS``; (None, why)
+    when none of them knows."""
+    path = Path(model).expanduser()
+    if not path.is_absolute() and root is not None and model.startswith(("./", "../")):
+        path = root / path
+    config: Path | None = path / "config.json" if path.is_dir() else None
+    if config is None and model.count("/") == 1 and not model.startswith(("./", "../", "/")):
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(model, "config.json", revision=revision)
+        config = Path(cached) if isinstance(cached, str) else None
+    if config is not None and config.is_file():
+        values = json.loads(config.read_text())
+        positions = values.get("max_position_embeddings", values.get("text_config", {}).get("max_position_embeddings"))
+        if isinstance(positions, int):
+            return positions, f"its config {config}"
+    for pattern, positions in KNOWN_POSITIONS:
+        if re.fullmatch(pattern, model):
+            return positions, "the known-model table (its config is not on this machine)"
+    return None, "no config on this machine and not in the known-model table"
+
+
+def context_problems(run: DistillationRun, root: Path | None = None) -> list[str]:
+    """Each setting whose tokens a vLLM engine must fit into its model's positions and cannot, as messages
+    naming the field: OPD samples with the vllm sampler and eval answers with a vLLM backend
+    (``maxNewTokens`` plus at least one prompt token; eval checks the exact prompt lengths again when it
+    has the prompts). The hf paths are not refused: they can run past the positions."""
+    spec = run.spec
+    problems: list[str] = []
+
+    def check(field: str, new_tokens: int, label: str, m) -> None:
+        positions, source = model_positions(m.model, root=root, revision=m.revision)
+        if positions is not None and new_tokens + 1 > positions:
+            problems.append(
+                f"{field}: {new_tokens} new tokens after a prompt of at least one token need more than the "
+                f"{positions} positions {label} ({m.model}) holds (max_position_embeddings, from {source}); "
+                f"set {field} to at most {positions} minus the longest prompt"
+            )
+
+    distill = spec.distill
+    if distill is not None and distill.enabled and distill.sampler is not None and distill.sampler.backend == "vllm":
+        check("spec.distill.maxNewTokens", distill.max_new_tokens, "the student", spec.student)
+    if spec.eval is not None and spec.eval.enabled and spec.eval.backend != "hf":
+        for target in spec.eval.targets:
+            m = spec.teacher if target == "teacher" else spec.student  # sft and distill outputs keep its config
+            check("spec.eval.maxNewTokens", spec.eval.max_new_tokens, f"eval target `{target}`", m)
+    return problems
+
+
+def check_context(run: DistillationRun, root: Path | None = None) -> None:
+    """Raise SpecError (exit 2) listing every setting that ``context_problems`` finds."""
+    from .spec import SpecError
+
+    problems = context_problems(run, root)
+    if problems:
+        raise SpecError("\n".join(problems))
