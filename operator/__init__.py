@@ -1,4 +1,4 @@
-"""opd_operator: the kopf operator that reconciles DistillationRun resources (see issue 5).
+"""opd_operator: the kopf operator that reconciles DistillationRun resources.
 
 It imports the spec models from ``opd_runtime.spec`` (no torch) so the operator image stays slim.
 """
