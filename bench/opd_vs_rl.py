@@ -1,5 +1,5 @@
-"""OPD vs RL from the same SFT checkpoint, compute-matched, with TRL's trainers beside ours (issue 14's claim,
-"on-policy distillation reaches RL's accuracy for a fraction of its compute", in miniature).
+"""OPD vs RL from the same SFT checkpoint, compute-matched, with TRL's trainers beside ours: the claim
+"on-policy distillation reaches RL's accuracy for a fraction of its compute", in miniature.
 
     make bench   (or: nice -n 10 .venv/bin/python bench/opd_vs_rl.py [--steps N] [--out DIR])
     smoke test, a few minutes: .venv/bin/python bench/opd_vs_rl.py --quick
