@@ -1,5 +1,5 @@
 """Sweep OPD settings on the tiny world: which losses, learning rates, batches and estimator options move a
-weak SFT student toward the teacher (README, "What we measured").
+weak SFT student toward the teacher (docs/results/2026-12-02-opd-sweep.md).
 
 Each configuration is one `opd distill` run (``run_distill``, local teacher) from the same start model, then
 a held-out measurement: greedy accuracy on the eval set of ``examples/tiny-math.yaml`` (200 tinymath test
