@@ -3,8 +3,8 @@
 Each row carries position ids that restart at every trace. No attention mask is passed with them:
 transformers then finds the traces from the restarts (``masking_utils.find_packed_sequence_indices``)
 and keeps them apart: flash-attention (GPU) runs varlen over cu_seqlens with no mask at all; sdpa and
-eager (CPU) build a boolean block-diagonal causal mask internally (T x T bits per row, not the
-B x 1 x T x T float mask this module used to build). A packed row therefore computes exactly what the
+eager (CPU) build a boolean block-diagonal causal mask internally (T x T booleans per row
+rather than a B x 1 x T x T float mask). A packed row therefore computes exactly what the
 traces would compute one by one. Rows shorter than the longest are right-padded; padding sits after
 every real token, so under the causal mask no real token sees it, and it carries no loss.
 """
