@@ -1,7 +1,7 @@
 """The DistillationRun spec (group opd.dev, version v1alpha1). Imports without torch.
 
-The field descriptions here are the single source of documentation: the README's reference table is
-generated from them (``opd spec-reference``), and the CRD's OpenAPI schema is to be generated the same way.
+The field descriptions here are the single source of documentation: the docs' reference page
+(docs/reference/distillationrun.md, ``opd spec-reference``) and the CRD's OpenAPI schema are generated from them.
 """
 
 from ..contract import API_VERSION, GROUP, KIND, VERSION
