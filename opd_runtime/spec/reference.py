@@ -1,7 +1,7 @@
 """The spec reference in Markdown, generated from the models' field descriptions.
 
-``opd spec-reference`` prints it; the README embeds it between markers and a test keeps that copy
-current, so the documentation cannot drift from the models.
+``opd spec-reference`` prints it; docs/reference/distillationrun.md embeds it between markers (written by
+docs/gen.py) and a test keeps that copy current, so the documentation cannot drift from the models.
 """
 
 from __future__ import annotations
