@@ -1,6 +1,6 @@
 """bench/opd_vs_rl.py's own code on tiny inputs: the compute ratio, the curves from per-step metrics, the
 tables, the settings (--quick) and the run files it writes. No training here: the bench's measurement is
-run by hand (`--quick` for a smoke test) and its tables go into the README."""
+run by hand (`--quick` for a smoke test) and its tables go on a dated page of docs/results."""
 
 from __future__ import annotations
 
