@@ -249,7 +249,7 @@ def test_an_idle_run_costs_no_request_and_events_wake_it_without_lists(
     cp: ControlPlane, ns: str, operator_kubeconfig: Path, tmp_path: Path
 ):
     # The operator's default resync (60 s): a reconcile in the windows below comes from an event, or it is
-    # the resync that the old 10 s default made (nine LISTs each time).
+    # a resync (a LIST of every child kind each time).
     op = Operator(cp, operator_kubeconfig, ns, tmp_path, resync_seconds=None)
     op.start()
     try:
