@@ -311,7 +311,7 @@ def _build(out: Path, cfg: WorldConfig, log) -> dict:
     return report
 
 
-BUILD_MINUTES = 6  # a build of the default WorldConfig, measured on 2 cores (README)
+BUILD_MINUTES = 6  # a build of the default WorldConfig, on 2 cores (docs/getting-started/local.md)
 # Bump when build() changes what it trains; the modules below are hashed as well.
 BUILD_VERSION = 3
 # The code that decides the world's weights (data, tokenizer, training loop), so a change to it
