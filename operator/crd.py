@@ -211,7 +211,7 @@ def spec_schema() -> Schema:
         _at(schema, path).update(extra)
     for path, rules in SPEC_RULES:
         _at(schema, path).setdefault("x-kubernetes-validations", []).extend(rules)
-    schema["description"] = "What to train, from what, and how (see the README's DistillationRun reference)."
+    schema["description"] = "What to train, from what, and how (every field is in docs/reference/distillationrun.md)."
     return schema
 
 
