@@ -22,13 +22,14 @@ UV_FLAGS ?= $(foreach d,$(FIND_LINKS),$(if $(wildcard $(d)/*),--find-links $(d))
 EXTRAS ?= runtime,operator,test
 WORKDIR ?= runs/tiny-math
 
-.PHONY: crds controlplane venv lint lint-fix test test-fast run compare bench clean help images kind-e2e chart docs
+.PHONY: crds controlplane venv lint lint-fix test test-fast test-portability run compare bench clean help images kind-e2e chart docs
 
 help:
 	@echo "make run        run the demo (examples/tiny-math.yaml) on tiny models, locally"
 	@echo "make compare    make run, then its RL baseline (examples/tiny-math-rl.yaml) and both side by side"
 	@echo "make test       lint, then the whole test suite (control plane and vLLM included)"
 	@echo "make test-fast  lint, then the tests that need neither the control plane nor vLLM, nor are slow"
+	@echo "make test-portability  the cpu_kernels tests again as if on CPUs with AVX2 or no vector extensions"
 	@echo "make lint       ruff (lint + format check) and mypy; make lint-fix rewrites what ruff can fix"
 	@echo "make docs       regenerate the reference pages (docs/gen.py), then build the site into site/"
 
@@ -88,6 +89,17 @@ test: $(VENV)/.installed-vllm
 	$(BIN)/python tests/controlplane/images.py
 	$(BIN)/python tests/prometheus_server.py
 	$(BIN)/pytest -q --durations=20
+	$(MAKE) --no-print-directory test-portability
+
+# The tests marked cpu_kernels (numerical results that depend on CPU kernels) once more as if on other
+# CPUs: PyTorch's AVX2 and plain (default) kernels, with MKL and oneDNN held to the same instruction sets;
+# the plain run also on one thread, which splits reductions otherwise. The main run above covers this
+# machine's own kernels. docs/development/portability.md says why and how to imitate a CPU by hand.
+CPU_AVX2 := ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2
+CPU_DEFAULT := ATEN_CPU_CAPABILITY=default MKL_ENABLE_INSTRUCTIONS=SSE4_2 ONEDNN_MAX_CPU_ISA=SSE41 OMP_NUM_THREADS=1
+test-portability: venv
+	$(CPU_AVX2) $(BIN)/pytest -q -p no:cacheprovider -m cpu_kernels
+	$(CPU_DEFAULT) $(BIN)/pytest -q -p no:cacheprovider -m cpu_kernels
 
 # No control plane (no Go build), no vLLM, nothing marked slow: minutes on a fresh clone once the venv exists.
 test-fast: venv
