@@ -147,10 +147,8 @@ def report(name: str, before: Measured, after: Measured, teacher_acc: float) -> 
 
 
 def test_opd_lowers_reverse_kl_and_raises_heldout_accuracy(world, tmp_path):
-    """Runs behind the margins (200 held-out problems then): the README's world (student 24%, teacher
-    100%): 24% -> 41% (22% of the gap), batch reverse KL 0.73 -> 0.52; the 2026-12-01 world of another
-    2-core machine (student 18%, teacher 99.5%) passed the old bounds (+8 points: >= 10% of the gap,
-    held-out reverse KL below 0.85x). OPD_GAP_SHARE is half the smaller share."""
+    """OPD_GAP_SHARE is half the smaller share of the gap closed over the worlds measured in
+    docs/results/2026-12-02-tinymath-margins.md."""
     run = world_run(
         world,
         "opd-tinymath",
@@ -180,7 +178,7 @@ def test_opd_lowers_reverse_kl_and_raises_heldout_accuracy(world, tmp_path):
 
 IS_KL_PROMPTS = 128  # held-out prompts x 4 samples for the exact reverse KL of the IS test
 # Exact held-out reverse KL after `importance_sampling` OPD below this share of the start's: half the smaller
-# drop measured on two worlds (x0.887 and x0.910 on 2026-12-02, see the test's docstring).
+# drop measured on two worlds (docs/results/2026-12-02-tinymath-margins.md).
 IS_KL_RATIO = 0.955
 
 
@@ -209,12 +207,9 @@ def exact_heldout_reverse_kl(model_dir: Path, teacher_model, n_prompts: int = IS
 def test_importance_sampling_lowers_exact_heldout_reverse_kl(world, tmp_path):
     """The recipe's own loss (`importance_sampling`, no gradient clipping, sampled-token advantage) moves the
     weak student toward the teacher: the exact reverse KL on fresh held-out samples falls. 100 steps, because
-    40 were within run-to-run noise on a second world. Measured 2026-12-02 (one run per world, lr 1e-4):
-    default world 0.7069 -> 0.6267 (x0.887, 168 s alone), world ``threads=1`` 0.7396 -> 0.6731 (x0.910);
-    with 40 steps the same worlds gave x0.951 and x1.040 / x0.986 (seeds 0 / 1), and lr 2e-4 x1.050 / x0.935,
-    lr 4e-4 x1.088 on the second world. Greedy accuracy of this weak student moves within noise in a run this
-    short, so it is not asserted (the demo shows it: examples/tiny-math.yaml). IS_KL_RATIO is half the
-    smaller drop."""
+    40 were within run-to-run noise on a second world (docs/results/2026-12-02-tinymath-margins.md).
+    Greedy accuracy of this weak student moves within noise in a run this short, so it is not asserted (the
+    demo shows it: examples/tiny-math.yaml). IS_KL_RATIO is half the smaller drop."""
     run = world_run(
         world,
         "opd-is-tinymath",
@@ -247,12 +242,9 @@ def test_importance_sampling_lowers_exact_heldout_reverse_kl(world, tmp_path):
 
 
 def test_sft_on_fresh_tinymath_traces_raises_accuracy(world, tmp_path):
-    """Runs behind the margins (200 held-out problems then): the README's world (student 24%): 24% ->
-    41.5% (23% of the gap to the teacher); the 2026-12-01 world of another 2-core machine (student 18%,
-    teacher 99.5%): 18% -> 25.5% (9% of the gap; the old absolute +10 points failed there). On 400
-    problems, 2026-12-02, world A (threads=1; student 17% on world.json's 200, teacher 100%): 22.8% ->
-    27.8% (+5.0 points = 2.0 paired SE, 6% of the gap), solution NLL 0.109 -> 0.084 (x0.77). Each bound
-    is about half the smallest measured: NLL x0.9, 1 SE, 3% of the gap."""
+    """Each bound is about half the smallest effect measured over the worlds in
+    docs/results/2026-12-02-tinymath-margins.md: NLL x0.9, 1 SE, 3% of the gap (an absolute gain failed on
+    a weaker world)."""
     run = world_run(
         world,
         "sft-tinymath",
