@@ -58,7 +58,20 @@ def _report_failure(report: StageReport | None, exit_code: int, error: str) -> N
         report.failed(exit_code, error)
 
 
+def _memory_plans(run, workspace: str | None):
+    """Each planned stage's memory plan (model paths resolve against ``workspace``, else the current
+    directory); raises SpecError with every stage that does not fit."""
+    from . import memory_plan
+    from .plan import planned_stages
+    from .spec import SpecError
+
+    plans = memory_plan.plan(run, planned_stages(run), root=Path(workspace) if workspace else Path.cwd())
+    refusals = [m for p in plans if (m := p.refusal()) is not None]
+    return plans, (SpecError("\n".join(refusals)) if refusals else None)
+
+
 def cmd_validate(args) -> int:
+    from . import memory_plan
     from .preflight import check_context
 
     run = _load(args.config)
@@ -66,6 +79,22 @@ def cmd_validate(args) -> int:
     for note in run.spec.notes():
         print(f"note: {note}")
     check_context(run)  # every eval/sampling length against its model's positions (exit 2 if one cannot fit)
+    plans, refused = _memory_plans(run, args.workspace)
+    for p in plans:
+        print(memory_plan.summary(p))
+    if refused is not None:
+        raise refused
+    return EXIT_OK
+
+
+def cmd_plan(args) -> int:
+    from . import memory_plan
+
+    run = _load(args.config)
+    plans, refused = _memory_plans(run, args.workspace)
+    print("\n".join(memory_plan.report_lines(plans)))
+    if refused is not None:
+        raise refused
     return EXIT_OK
 
 
@@ -336,7 +365,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--resume", action="store_true", help="reuse results already written for the same model and settings"
     )
-    stage("validate", "check a DistillationRun file and exit", cmd_validate)
+    p = stage("validate", "check a DistillationRun file (its memory plan included) and exit", cmd_validate)
+    p.add_argument("--workspace", default=None, help="where relative model paths resolve (default: here)")
+    p = stage(
+        "plan",
+        "print each stage's predicted peak memory per GPU (weights, gradients, optimizer, activations, vLLM, "
+        "teacher); exits 2 when a stage does not fit its GPU",
+        cmd_plan,
+    )
+    p.add_argument("--workspace", default=None, help="where relative model paths resolve (default: here)")
     p = stage(
         "serve-teacher",
         "serve the teacher model with vLLM's OpenAI-compatible server (what the learner's "

@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from opd_runtime.contract import EXIT_BAD_CONFIG, TEACHER_API_KEY_ENV, TRAINING_STAGES
+from opd_runtime.memory_plan import problems as memory_problems
 from opd_runtime.plan import (
     RENDEZVOUS_PORT,
     launcher_argv,
@@ -481,7 +482,13 @@ def _teacher_volumes(obj: Manifest, run: DistillationRun) -> list[Manifest]:
 
 def cluster_problems(run: DistillationRun) -> list[str]:
     """What the spec models accept but a cluster cannot run: a served teacher model that lives where
-    teacher pods cannot read it. Each message names the field and the fix (the run fails as InvalidSpec)."""
+    teacher pods cannot read it, a stage whose predicted memory exceeds its GPU (``memory_plan``: models of
+    a known family; a path the operator cannot read is not predicted). Each message names the field and
+    the fix (the run fails as InvalidSpec)."""
+    return _teacher_model_problems(run) + memory_problems(run, planned_stages(run))
+
+
+def _teacher_model_problems(run: DistillationRun) -> list[str]:
     if not serves_teacher(run):
         return []
     model, cache = run.spec.teacher.model, run.spec.teacher.serving.model_cache

@@ -41,8 +41,11 @@ HEAVY = (
 LAYERS: dict[str, tuple[list[str], set[str]]] = {
     "contract": (["opd_runtime/contract.py"], set()),
     "spec": (["opd_runtime/spec/*.py"], {"opd_runtime.contract", "opd_runtime.spec"}),
-    "plan": (["opd_runtime/plan.py"], {"opd_runtime.contract", "opd_runtime.spec"}),
-    "operator": (["operator/*.py"], {"opd_runtime.contract", "opd_runtime.spec", "opd_runtime.plan", "opd_operator"}),
+    "plan": (["opd_runtime/plan.py", "opd_runtime/memory_plan.py"], {"opd_runtime.contract", "opd_runtime.spec"}),
+    "operator": (
+        ["operator/*.py"],
+        {"opd_runtime.contract", "opd_runtime.spec", "opd_runtime.plan", "opd_runtime.memory_plan", "opd_operator"},
+    ),
 }
 # What the light modules may import from outside: the standard library and these.
 THIRD_PARTY = {"pydantic", "pydantic_core", "yaml", "kopf", "kubernetes", "urllib3", "prometheus_client"}

@@ -7,6 +7,7 @@ from typing import Any, Literal, Self
 from pydantic import Field, model_validator
 
 from .base import SpecModel
+from .gpus import DEFAULT_GPU, GPU_MEMORY_MIB, known_gpu
 from .pods import MERGE_RULE, QUEUE_NAME, PodSpecInputs
 
 Dtype = Literal["auto", "bfloat16", "float16", "float32"]
@@ -262,6 +263,28 @@ class ResourcesSpec(SpecModel):
     gpus: int = Field(1, ge=0, description="GPUs (nvidia.com/gpu) the stage's pod requests.")
     cpu: str | None = Field(None, pattern=QUANTITY, description="CPU request and limit, e.g. `8`.")
     memory: str | None = Field(None, pattern=QUANTITY, description="Memory request and limit, e.g. `64Gi`.")
+    gpu_type: str | None = Field(
+        None,
+        description=f"The GPU model the pods get, for the memory plan (`opd plan`): one of "
+        f"{', '.join(GPU_MEMORY_MIB)}. Validation refuses a stage whose predicted peak per GPU exceeds its "
+        f"memory. Empty (with gpuMemory empty too): planned for an 80 GB {DEFAULT_GPU}. Does not choose "
+        "nodes: use nodeSelector or affinity for that.",
+    )
+    gpu_memory: str | None = Field(
+        None,
+        pattern=QUANTITY,
+        description="Memory of one GPU for the memory plan, e.g. `96Gi`, for a GPU not in gpuType's list; "
+        "overrides gpuType's memory.",
+    )
+
+    @model_validator(mode="after")
+    def _gpu_known(self) -> Self:
+        if self.gpu_type is not None and known_gpu(self.gpu_type) is None:
+            raise ValueError(
+                f"gpuType {self.gpu_type!r} is not one of {', '.join(GPU_MEMORY_MIB)}: name one of them, or "
+                "give the GPU's memory as gpuMemory (e.g. `96Gi`)"
+            )
+        return self
 
 
 class TrainingResourcesSpec(ResourcesSpec):

@@ -35,6 +35,25 @@ def _check_strategy(stage: SftSpec | DistillSpec) -> None:
         )
 
 
+def resolve_strategy(strategy: str, *, lora: bool, world: int) -> str:
+    """``ddp`` or ``fsdp`` for this process count; ``fsdp`` on one process has nothing to shard (``ddp``,
+    which with one process is plain training)."""
+    if strategy == "auto":
+        strategy = "fsdp" if not lora and world > 1 else "ddp"
+    if strategy == "fsdp" and (lora or world <= 1):
+        return "ddp"
+    return strategy
+
+
+def stage_strategy(stage: SftSpec | DistillSpec) -> str:
+    """A stage spec's ``strategy`` as the trainer takes it: ``auto`` stays ddp beside the vllm sampler,
+    whose engine on each rank would need the gathered weights (not done yet)."""
+    sampler = getattr(stage, "sampler", None)
+    if stage.strategy == "auto" and sampler is not None and sampler.backend == "vllm":
+        return "ddp"
+    return stage.strategy
+
+
 TIMEOUT_HELP = (
     "Deadline of one attempt in seconds (the Job's activeDeadlineSeconds), counted from the Job's start, "
     "time spent unschedulable or pulling the image included: past it Kubernetes stops the pods and the "

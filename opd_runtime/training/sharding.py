@@ -32,31 +32,14 @@ from typing import TypeVar
 
 import torch
 
+# decided in the spec layer, torch-free, where the memory plan reads them too
+from ..spec.stages import resolve_strategy, stage_strategy  # noqa: F401
 from . import distributed
 from .precision import Precision
 
 T = TypeVar("T")
 
 DCP_DIR = "dcp"
-
-
-def resolve_strategy(strategy: str, *, lora: bool, world: int) -> str:
-    """``ddp`` or ``fsdp`` for this process count; ``fsdp`` on one process has nothing to shard (``ddp``,
-    which with one process is plain training)."""
-    if strategy == "auto":
-        strategy = "fsdp" if not lora and world > 1 else "ddp"
-    if strategy == "fsdp" and (lora or world <= 1):
-        return "ddp"
-    return strategy
-
-
-def stage_strategy(stage) -> str:
-    """A stage spec's ``strategy`` as ``build_trainable`` takes it: ``auto`` stays ddp beside the vllm
-    sampler, whose engine on each rank would need the gathered weights (not done yet)."""
-    sampler = getattr(stage, "sampler", None)
-    if stage.strategy == "auto" and sampler is not None and sampler.backend == "vllm":
-        return "ddp"
-    return stage.strategy
 
 
 def is_sharded(model) -> bool:
