@@ -16,8 +16,8 @@ lost overlap of communication with the backward pass is small next to sampling i
 Rank 0 alone writes checkpoints, metrics, results and the final export, and serves Prometheus. RNG:
 in a multi-process run every rank reseeds its generators at the start of each step from (seed, step,
 rank), so ranks sample differently and a resumed run continues exactly, whatever checkpoint it starts
-from. A single process (no ``WORLD_SIZE`` > 1) creates no process group and behaves as before: every
-function here is then a no-op or the identity.
+from. A single process (no ``WORLD_SIZE`` > 1) creates no process group and runs as if this module did
+not exist: every function here is then a no-op or the identity.
 """
 
 from __future__ import annotations
