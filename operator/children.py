@@ -26,7 +26,7 @@ from opd_runtime.plan import (
 )
 from opd_runtime.spec import DistillationRun, ResourcesSpec
 from opd_runtime.spec.models import MODEL_CACHE_MOUNT
-from opd_runtime.spec.pods import PodSpecInputs
+from opd_runtime.spec.pods import DEFAULT_GPU_RESOURCE, PodSpecInputs
 
 from . import names
 from .rbac import stage_rules
@@ -211,6 +211,9 @@ def pod_security_context() -> Manifest:
         "runAsUser": names.RUN_AS_USER,
         "runAsGroup": names.RUN_AS_USER,
         "fsGroup": names.RUN_AS_USER,
+        # chown the volumes only when their root's group is not already fsGroup, not the whole workspace
+        # (checkpoints, models: minutes on a large volume) at every pod start
+        "fsGroupChangePolicy": "OnRootMismatch",
         "seccompProfile": {"type": "RuntimeDefault"},
     }
 
@@ -224,15 +227,16 @@ def container_security_context() -> Manifest:
     }
 
 
-def resources(spec: ResourcesSpec) -> Manifest:
-    """Requests equal limits: cpu/memory as given, ``nvidia.com/gpu`` when the stage wants GPUs."""
+def resources(spec: ResourcesSpec, gpu_resource: str = DEFAULT_GPU_RESOURCE) -> Manifest:
+    """Requests equal limits: cpu/memory as given, ``gpu_resource`` (the pod inputs' gpuResourceName) when
+    the stage wants GPUs."""
     amounts: dict[str, str] = {}
     if spec.cpu:
         amounts["cpu"] = spec.cpu
     if spec.memory:
         amounts["memory"] = spec.memory
     if spec.gpus:
-        amounts["nvidia.com/gpu"] = str(spec.gpus)
+        amounts[gpu_resource] = str(spec.gpus)
     return {"requests": dict(amounts), "limits": dict(amounts)} if amounts else {}
 
 
@@ -297,7 +301,7 @@ def _container(
         "command": list(argv),
         # the user's variables first: the operator's (OPD_*, HF_HOME; the spec refuses those names) follow
         "env": [e.manifest() for e in inputs.env] + _env(obj, env, cache_root=cache_root) + teacher_key_env(run, stage),
-        "resources": resources(res),
+        "resources": resources(res, inputs.gpu_resource_name or DEFAULT_GPU_RESOURCE),
         "volumeMounts": [dict(m) for m in mounts],
         "terminationMessagePath": names.TERMINATION_LOG,
         "terminationMessagePolicy": "FallbackToLogsOnError",
@@ -341,7 +345,20 @@ def _pod_spec(
         spec["priorityClassName"] = inputs.priority_class_name
     if inputs.runtime_class_name:
         spec["runtimeClassName"] = inputs.runtime_class_name
+    if inputs.scheduler_name:
+        spec["schedulerName"] = inputs.scheduler_name
     return spec
+
+
+def pod_metadata(run: DistillationRun, stage: str, labels: Manifest, annotations: Manifest | None = None) -> Manifest:
+    """A pod template's metadata: the pod inputs' labels and annotations under the operator's own, which
+    win (selectors, the spec digest and Kueue's queue label must stay the operator's)."""
+    inputs = pod_inputs(run, stage)
+    meta: Manifest = {"labels": {**inputs.labels, **labels}}
+    merged = {**inputs.annotations, **(annotations or {})}
+    if merged:
+        meta["annotations"] = merged
+    return meta
 
 
 def nodes(run: DistillationRun, stage: str) -> int:
@@ -432,7 +449,7 @@ def stage_job(obj: Manifest, run: DistillationRun, stage: str, attempt: int) -> 
     if pods > 1:
         spec["completionMode"] = "Indexed"
         pod_spec["subdomain"] = names.ranks_service(run_name, stage)
-    spec["template"] = {"metadata": {"labels": pod_labels}, "spec": pod_spec}
+    spec["template"] = {"metadata": pod_metadata(run, stage, pod_labels), "spec": pod_spec}
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": spec}
 
 
@@ -559,7 +576,7 @@ def teacher_deployment(obj: Manifest, run: DistillationRun) -> Manifest:
             "template": {
                 # the run file the pods read: a changed spec means other pods (see reconcile: the teacher
                 # follows the accepted spec)
-                "metadata": {"labels": pod_labels, "annotations": {names.SPEC_HASH_ANNOTATION: digest}},
+                "metadata": pod_metadata(run, "teacher", pod_labels, {names.SPEC_HASH_ANNOTATION: digest}),
                 "spec": _pod_spec(obj, run, container, account=None, volumes=_teacher_volumes(obj, run)),
             },
         },

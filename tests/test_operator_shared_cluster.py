@@ -296,3 +296,44 @@ def test_fields_of_a_newer_crd_are_ignored_not_a_failure():
     s.api.run()["spec"]["pod"] = {"env": [{"name": "A", "value": "1", "fromNewerRelease": {"x": 1}}]}
     s.reconcile()
     assert s.status["phase"] == "Running" and s.api.names("Job") == ["tiny-sft-1"]
+
+
+# ---- pass-through to stage and teacher pods --------------------------------------------------------------
+
+
+def test_labels_annotations_scheduler_and_gpu_resource_reach_stage_and_teacher_pods():
+    from opd_operator import children, names
+    from opd_runtime.spec import parse_run
+
+    obj = tiny_run(
+        pod={
+            "labels": {"kueue.x-k8s.io/priority-class": "high", names.RUN_LABEL: "not-this"},
+            "annotations": {"sidecar.istio.io/inject": "false"},
+            "schedulerName": "volcano",
+            "gpuResourceName": "nvidia.com/mig-1g.10gb",
+        },
+        sft={**tiny_run()["spec"]["sft"], "resources": {"gpus": 1}, "pod": {"labels": {"team": "a"}}},
+    )
+    run = parse_run(obj)
+    job = children.stage_job(obj, run, "sft", 1)["spec"]["template"]
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/priority-class"] == "high"
+    assert job["metadata"]["labels"]["team"] == "a"
+    assert job["metadata"]["labels"][names.RUN_LABEL] == "tiny"  # the operator's own labels win
+    assert job["metadata"]["annotations"] == {"sidecar.istio.io/inject": "false"}
+    assert job["spec"]["schedulerName"] == "volcano"
+    (container,) = job["spec"]["containers"]
+    assert container["resources"]["limits"] == {"nvidia.com/mig-1g.10gb": "1"}
+    assert job["spec"]["securityContext"]["fsGroupChangePolicy"] == "OnRootMismatch"
+    teacher = children.teacher_deployment(obj, run)["spec"]["template"]
+    assert teacher["metadata"]["annotations"]["sidecar.istio.io/inject"] == "false"
+    assert names.SPEC_HASH_ANNOTATION in teacher["metadata"]["annotations"]
+    assert "team" not in teacher["metadata"]["labels"] and teacher["spec"]["schedulerName"] == "volcano"
+
+
+def test_gpus_default_to_nvidia():
+    from opd_operator import children
+    from opd_runtime.spec import parse_run
+
+    obj = tiny_run(sft={**tiny_run()["spec"]["sft"], "resources": {"gpus": 2}})
+    (container,) = children.stage_job(obj, parse_run(obj), "sft", 1)["spec"]["template"]["spec"]["containers"]
+    assert container["resources"]["requests"]["nvidia.com/gpu"] == "2"

@@ -113,8 +113,12 @@ class EnvFromSource(SpecModel):
 MERGE_RULE = (
     "Merged with the run's `spec.pod`: `env` by name (the stage's entry wins), `envFrom`, "
     "`imagePullSecrets` and `tolerations` appended to the run's, `nodeSelector` by key (the stage's wins), "
-    "`priorityClassName`, `runtimeClassName`, `affinity` and `shmSize` replaced when set here."
+    "`priorityClassName`, `runtimeClassName`, `affinity` and `shmSize` replaced when set here; `labels` and "
+    "`annotations` by key (the stage's wins); `schedulerName` and `gpuResourceName` replaced when set here."
 )
+DEFAULT_GPU_RESOURCE = "nvidia.com/gpu"
+# An extended resource name: a domain-prefixed name (nvidia.com/gpu, nvidia.com/mig-1g.10gb, amd.com/gpu).
+GPU_RESOURCE = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?/[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
 
 
 class PodSpecInputs(SpecModel):
@@ -153,6 +157,29 @@ class PodSpecInputs(SpecModel):
         "`16Gi`; NCCL and dataloader workers use it. Empty: no limit of its own (the pod's memory limit applies).",
     )
 
+    labels: dict[str, str] = Field(
+        default_factory=dict,
+        description="Labels added to the pods (e.g. `kueue.x-k8s.io/priority-class`, a cost centre, a "
+        "sidecar opt-out). The operator's own labels (app.kubernetes.io/*, opd.dev/*) win over these.",
+    )
+    annotations: dict[str, str] = Field(
+        default_factory=dict,
+        description="Annotations added to the pods (e.g. a topology-aware scheduling request, a service "
+        "mesh opt-out); the operator's own (opd.dev/*) win over these.",
+    )
+    scheduler_name: str | None = Field(
+        None,
+        max_length=253,
+        description="Scheduler of the pods (e.g. `volcano` for gang scheduling); empty: the default scheduler.",
+    )
+    gpu_resource_name: str | None = Field(
+        None,
+        pattern=GPU_RESOURCE,
+        max_length=253,
+        description="Extended resource that `resources.gpus` requests, e.g. `nvidia.com/mig-1g.10gb` for a "
+        f"MIG slice or `amd.com/gpu`. Empty: `{DEFAULT_GPU_RESOURCE}`.",
+    )
+
     def merged(self, stage: PodSpecInputs | None) -> PodSpecInputs:
         """These run-level inputs with a stage's own on top (``MERGE_RULE``)."""
         if stage is None:
@@ -169,5 +196,9 @@ class PodSpecInputs(SpecModel):
                 "tolerations": [*self.tolerations, *stage.tolerations],
                 "affinity": stage.affinity if stage.affinity is not None else self.affinity,
                 "shm_size": stage.shm_size or self.shm_size,
+                "labels": {**self.labels, **stage.labels},
+                "annotations": {**self.annotations, **stage.annotations},
+                "scheduler_name": stage.scheduler_name or self.scheduler_name,
+                "gpu_resource_name": stage.gpu_resource_name or self.gpu_resource_name,
             }
         )
