@@ -2,8 +2,9 @@
 
 Uses the trained tiny world (``opd tiny-models``; built once, then reused from the cache directory):
 a teacher that solves nearly every held-out problem and a weak student SFT'd on a small trace budget.
-That world is not the same on every machine (another CPU's kernels train another one: its student
-scored 24% on one machine, 18% on another), so the assertions are relative to the world the test gets:
+Every machine builds the same world (its build pins its float kernels: docs/development/tiny-world.md),
+but the stages these tests run use the machine's own kernels, and the bounds must also hold for another
+world (another config or code version), so the assertions are relative to the world the test gets:
 the gain is measured on the same held-out problems before and after (paired), must be significant
 (``Z_MIN`` standard errors of the paired difference) and must close a share of the gap between the
 start and the teacher. A learner that does not learn gains nothing and fails both.
@@ -42,7 +43,9 @@ HELDOUT = 400  # held-out problems: the paired standard error of a gain is ~1.5-
 # adds noise; one that does not change the model gains exactly 0 and fails the gap-share bound below).
 Z_MIN = 2.5
 # Margins: half the smallest share measured (see each test's docstring for the runs)
-OPD_KL_RATIO = 0.85  # held-out reverse KL after OPD below this share of the start's
+# held-out reverse KL after OPD below this share of the start's: measured x0.843, x0.779 (two earlier worlds)
+# and x0.841 (the pinned world): half the smallest drop (15.7%) is 7.9%
+OPD_KL_RATIO = 0.92
 OPD_GAP_SHARE = 0.05  # OPD closes at least this share of the accuracy gap between start and teacher
 # SFT's 60 steps move accuracy less than OPD does; its nearly noise-free signal is the solution NLL.
 SFT_NLL_RATIO = 0.9  # held-out solution NLL after SFT below this share of the start's
@@ -147,8 +150,8 @@ def report(name: str, before: Measured, after: Measured, teacher_acc: float) -> 
 
 
 def test_opd_lowers_reverse_kl_and_raises_heldout_accuracy(world, tmp_path):
-    """OPD_GAP_SHARE is half the smaller share of the gap closed over the worlds measured in
-    docs/results/2026-12-02-tinymath-margins.md."""
+    """OPD_GAP_SHARE is half the smallest share of the gap closed over the worlds measured in
+    docs/results/2026-12-02-tinymath-margins.md and docs/results/2026-12-07-tinymath-margins.md."""
     run = world_run(
         world,
         "opd-tinymath",
@@ -177,8 +180,8 @@ def test_opd_lowers_reverse_kl_and_raises_heldout_accuracy(world, tmp_path):
 
 
 IS_KL_PROMPTS = 128  # held-out prompts x 4 samples for the exact reverse KL of the IS test
-# Exact held-out reverse KL after `importance_sampling` OPD below this share of the start's: half the smaller
-# drop measured on two worlds (docs/results/2026-12-02-tinymath-margins.md).
+# Exact held-out reverse KL after `importance_sampling` OPD below this share of the start's: half the smallest
+# drop measured on three worlds (x0.887, x0.910, x0.904: docs/results/2026-12-0{2,7}-tinymath-margins.md).
 IS_KL_RATIO = 0.955
 
 
