@@ -337,7 +337,7 @@ def build_image(name: str, base: str, extra_args: dict[str, str] | None = None) 
         logfile.unlink(missing_ok=True)
         t0 = time.monotonic()
         log(f"building {tag} from images/{name}/Dockerfile on {base} (log {logfile})")
-        cmd = ["docker", "build", "-f", f"images/{name}/Dockerfile", "-t", tag]
+        cmd = ["docker", "build", "--force-rm", "-f", f"images/{name}/Dockerfile", "-t", tag]
         for key, value in build_args.items():
             cmd += ["--build-arg", f"{key}={value}"]
         _run_logged([*cmd, str(ROOT)], logfile)
@@ -378,7 +378,7 @@ def gpu_stand_in(runtime_cpu: str) -> str:
             log(f"building {tag} (the vLLM image's layout on {runtime_cpu}; log {logfile})")
             with tempfile.TemporaryDirectory() as tmp:
                 (Path(tmp) / "Dockerfile").write_text(recipe)
-                _run_logged(["docker", "build", "-t", tag, tmp], logfile)
+                _run_logged(["docker", "build", "--force-rm", "-t", tag, tmp], logfile)
     return tag
 
 
