@@ -310,21 +310,12 @@ def build_node_kubernetes() -> None:
         _install(out / "pause", "pause")
 
 
-# Client libraries that CoreDNS and the provisioner share with the Kubernetes build: required at its versions,
-# so their packages come out of the Go build cache instead of compiling a second, older copy.
-SHARED_K8S_MODULES = ("k8s.io/api", "k8s.io/apimachinery", "k8s.io/client-go")
-
-
 def _build_module(component: str, module: str, version: str, package: str) -> None:
     """An ordinary Go module's main package, built from a wrapper module that requires it."""
     env = go_env()
-    minor, patch = K8S_VERSION.split(".")[1:]
-    shared = "".join(f"\t{m} v0.{minor}.{patch}\n" for m in SHARED_K8S_MODULES)
     with tempfile.TemporaryDirectory(prefix=f"opd-{component}-build-") as tmp:
         work = Path(tmp)
-        (work / "go.mod").write_text(
-            f"module opd.dev/{component}-build\n\ngo 1.26\n\nrequire (\n\t{module} {version}\n{shared})\n"
-        )
+        (work / "go.mod").write_text(f"module opd.dev/{component}-build\n\ngo 1.26\n\nrequire {module} {version}\n")
         t0 = time.monotonic()
         log(f"building {component} {version}")
         _run([_go(), "build", "-trimpath", "-ldflags=-s -w", "-o", str(work / component), package], work, env)
