@@ -364,6 +364,7 @@ class RealNode:
         if self.cp is not None and os.environ.get("OPD_KEEP_CLUSTER") != "1":
             shutil.rmtree(self.cp.dir, ignore_errors=True)
         if self._lock is not None:
+            self._lock.truncate(0)  # type: ignore[attr-defined]  # nothing left for the next start to clean
             self._lock.close()  # type: ignore[attr-defined]
             self._lock = None
         if errors:
