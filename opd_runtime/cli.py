@@ -281,6 +281,21 @@ def cmd_preflight(args) -> int:
     return EXIT_OK
 
 
+def cmd_gpu_check(args) -> int:
+    """The GPU check in this process (one GPU, or the CPU with --tiny); several GPUs: one process each."""
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus > 1 and not os.environ.get("WORLD_SIZE"):
+        import subprocess
+
+        launcher = [sys.executable, "-m", "opd_runtime.launch", "--standalone", f"--nproc-per-node={gpus}"]
+        return subprocess.call([*launcher, "-m", "opd_runtime.gpu_check", *args.check_args])
+    from .gpu_check.__main__ import main as gpu_check
+
+    return gpu_check(args.check_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="opd",
@@ -450,6 +465,15 @@ def build_parser() -> argparse.ArgumentParser:
         "library versions (opd_runtime/data/tiny_worlds.json; a maintainer's step after changing the world)",
     )
     p.set_defaults(fn=cmd_tiny_models)
+
+    p = sub.add_parser(
+        "gpu-check",
+        help="prove the training path on this machine's GPU: numerics, a Qwen3-1.7B at real sizes, vLLM",
+        description="The GPU check (docs/guides/gpu-check.md); `opd gpu-check --help` lists its options.",
+        add_help=False,
+    )
+    p.add_argument("check_args", nargs=argparse.REMAINDER, help="--tiny, --require-gpu, --require-vllm, --json F...")
+    p.set_defaults(fn=cmd_gpu_check)
     return parser
 
 
@@ -474,6 +498,9 @@ def _processes(command: str):
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["gpu-check"]:  # its own options (argparse would not pass leading options through)
+        return cmd_gpu_check(argparse.Namespace(check_args=argv[1:]))
     args = build_parser().parse_args(argv)
     _stop_on_ctrl_c()
     from .preflight import TokenizerMismatch

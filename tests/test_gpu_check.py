@@ -114,3 +114,18 @@ def test_gpu_check_starts_with_the_lent_machines_libraries_and_the_carried_wheel
     assert "pydantic from" in proc.stdout and ".gpu-wheels" in proc.stdout
     assert numbers["torch"].startswith("2.11.0") and numbers["transformers"] == "5.17.0"
     check_tiny_run(proc, numbers, 1)
+
+
+def test_opd_gpu_check_is_the_same_check_for_cluster_users(tmp_path):
+    """`opd gpu-check` (the runtime image's entry, run as a one-GPU Job) passes its options through to the
+    check: a required GPU that is absent fails it with the check's own exit code."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "opd_runtime", "gpu-check", "--tiny", "--require-gpu", "--workdir", str(tmp_path)],
+        env={**os.environ, "PYTHONSAFEPATH": "1", "CUDA_VISIBLE_DEVICES": ""},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert "no CUDA device is visible" in proc.stderr
