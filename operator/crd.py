@@ -174,6 +174,8 @@ SPEC_LIMITS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
     (("workspace", "existingClaim"), {"maxLength": 253}),
     (("workspace", "storageClassName"), {"maxLength": 253}),
     (("workspace", "accessModes"), {"maxItems": 3}),
+    (("teacher", "serving", "modelCache", "accessModes"), {"maxItems": 3}),
+    (("teacher", "serving", "modelCache", "existingClaim"), {"maxLength": 253}),
 ]
 
 PRINTER_COLUMNS = [
