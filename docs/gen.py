@@ -85,6 +85,7 @@ def _subcommands(parser: argparse.ArgumentParser) -> list[str]:
 def cli() -> str:
     from opd_operator.__main__ import main as operator_main
     from opd_runtime.cli import build_parser
+    from opd_runtime.cli import main as cli_main
 
     parts = [
         f"{NOTICE}\n# Command-line reference\n",
@@ -96,7 +97,8 @@ def cli() -> str:
     ]
     for name in _subcommands(build_parser()):
         parts.append(f"### opd {name}\n")
-        parts.append("```text\n" + _help(lambda n=name: build_parser().parse_args([n, "--help"])) + "```\n")
+        # through main(), which hands a subcommand with options of its own (gpu-check) its arguments
+        parts.append("```text\n" + _help(lambda n=name: cli_main([n, "--help"])) + "```\n")
     parts.append("## opd-operator\n")
     parts.append("```text\n" + _help(lambda: operator_main(["--help"])) + "```\n")
     parts.append("### opd-operator render\n")
