@@ -94,7 +94,7 @@ def _trainable(path: Path, strategy: str):
 
 
 def _as_stages_run(model):
-    """The attention the stages pick (flash-attention or sdpa_varlen for packed rows), in train mode."""
+    """The attention the stages pick (sdpa_varlen for packed rows), in train mode."""
     from ..training import activations
 
     activations.use_fast_attention(model, lambda *_: None)

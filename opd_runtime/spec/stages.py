@@ -85,7 +85,8 @@ class SftSpec(SpecModel):
     packing: bool = Field(
         True,
         description="Pack the traces of a micro-batch into one row with restarted "
-        "position ids and no padding (flash-attention varlen on GPU, no attention mask); "
+        "position ids and no padding (attention runs per trace with sdpa_varlen on every device, no "
+        "attention mask); "
         "`false`: one right-padded row per trace.",
     )
     max_tokens_per_micro_batch: int | None = Field(
