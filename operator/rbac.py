@@ -81,6 +81,9 @@ USES: dict[tuple[str, str], dict[str, str]] = {
         "list": _LIST,
         "patch": "reconcile._Walk.plumbing: sets or clears the workspace's ownerReference (retentionPolicy)",
         "watch": _KOPF_WATCH,
+        # never requested: OwnerReferencesPermissionEnforcement (on in OpenShift) admits a change to an existing
+        # object's ownerReferences only from a subject that may delete that object
+        "delete": "reconcile._Walk.plumbing: its ownerReference patch on the workspace claim (admission checks delete)",
     },
     (CORE, "configmaps"): {
         "create": _CREATE,

@@ -897,7 +897,13 @@ def unknown_fields(value: Any, model: type[BaseModel], prefix: str) -> list[str]
         return [p for i, item in enumerate(value) for p in unknown_fields(item, model, f"{prefix}[{i}]")]
     if not isinstance(value, dict):
         return []
-    fields = {(f.alias or n): f for n, f in model.model_fields.items()}
+    # every key validation accepts: the alias (set, or made by the alias generator: pydantic leaves
+    # FieldInfo.alias unset for some generated ones) and, with populate_by_name, the field's own name
+    generate = model.model_config.get("alias_generator")
+    fields: dict[str, Any] = {}
+    for name, info in model.model_fields.items():
+        keys = {name, info.alias or (generate(name) if callable(generate) else name)}
+        fields.update(dict.fromkeys(keys, info))
     found: list[str] = []
     for key in list(value):
         if key not in fields:

@@ -298,6 +298,24 @@ def test_fields_of_a_newer_crd_are_ignored_not_a_failure():
     assert s.status["phase"] == "Running" and s.api.names("Job") == ["tiny-sft-1"]
 
 
+@pytest.mark.parametrize("example", ["tiny-math.yaml", "tiny-math-rl.yaml", "qwen3-1.7b-aime.yaml"])
+def test_no_field_of_a_valid_spec_is_taken_for_a_newer_crds(example):
+    """Every key validation accepts is known, in camelCase and by field name: an alias the generator makes
+    (pydantic leaves some of them off FieldInfo.alias, e.g. teacher.serving.modelCache) is no unknown field."""
+    from pathlib import Path
+
+    import yaml
+
+    from opd_operator.reconcile import unknown_fields
+    from opd_runtime.spec.run import DistillationRunSpec
+
+    doc = yaml.safe_load((Path(__file__).resolve().parents[1] / "examples" / example).read_text())
+    spec = doc["spec"]
+    spec.setdefault("teacher", {}).setdefault("serving", {})["modelCache"] = {"accessModes": ["ReadWriteOnce"]}
+    assert unknown_fields(spec, DistillationRunSpec, "spec") == []
+    assert "modelCache" in spec["teacher"]["serving"]
+
+
 # ---- pass-through to stage and teacher pods --------------------------------------------------------------
 
 

@@ -91,6 +91,9 @@ def requests_in_code() -> set[Triple]:
     # finalizers, whatever the child's kind
     if names.owner_reference({"metadata": {"name": "x", "uid": "u"}}).get("blockOwnerDeletion"):
         add("DistillationRun", "update", "finalizers")
+    # ... and a change to an existing object's ownerReferences needs delete on that object: the workspace
+    # claim's reference is patched when retentionPolicy changes (a created child is exempt)
+    add("PersistentVolumeClaim", "delete")
     for kind in created_kinds():
         add(kind, "create")
         if kind != "Event":  # kube.apply_action reads an object that answered a create with 409
