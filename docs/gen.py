@@ -206,10 +206,10 @@ def _schema_type(schema: dict[str, Any], path: str) -> str:
     return " \\| ".join(kind) if isinstance(kind, list) else kind
 
 
-def helm_values() -> str:
-    text = (CHART / "values.yaml").read_text()
+def helm_values(chart: Path = CHART) -> str:
+    text = (chart / "values.yaml").read_text()
     values = yaml.safe_load(text)
-    schema = json.loads((CHART / "values.schema.json").read_text())
+    schema = json.loads((chart / "values.schema.json").read_text())
     comments = _values_comments(text)
     rows = ["| value | type | default | description |", "|---|---|---|---|"]
 
@@ -241,17 +241,19 @@ def helm_values() -> str:
     )
 
 
-PAGES: dict[str, Callable[[], str]] = {
-    "reference/distillationrun.md": distillationrun,
-    "reference/cli.md": cli,
-    "reference/metrics.md": metrics,
-    "reference/helm-values.md": helm_values,
-}
+def pages(chart: Path = CHART) -> dict[str, Callable[[], str]]:
+    """Each generated page (relative to docs/) and what writes it; ``chart`` is the chart it documents."""
+    return {
+        "reference/distillationrun.md": distillationrun,
+        "reference/cli.md": cli,
+        "reference/metrics.md": metrics,
+        "reference/helm-values.md": lambda: helm_values(chart),
+    }
 
 
-def stale_pages() -> list[str]:
+def stale_pages(docs: Path = DOCS, chart: Path = CHART) -> list[str]:
     """The generated pages whose committed text differs from a fresh generation."""
-    return [page for page, make in PAGES.items() if not (DOCS / page).exists() or (DOCS / page).read_text() != make()]
+    return [p for p, make in pages(chart).items() if not (docs / p).exists() or (docs / p).read_text() != make()]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -259,14 +261,16 @@ def main(argv: list[str] | None = None) -> int:
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--write", action="store_true", help="rewrite the generated pages")
     mode.add_argument("--check", action="store_true", help="exit 1 if a generated page is stale")
+    parser.add_argument("--docs", type=Path, default=DOCS, help="the docs folder (default: this one)")
+    parser.add_argument("--chart", type=Path, default=CHART, help="the chart the values page documents")
     args = parser.parse_args(argv)
     if args.write:
-        for page, make in PAGES.items():
-            (DOCS / page).parent.mkdir(parents=True, exist_ok=True)
-            (DOCS / page).write_text(make())
+        for page, make in pages(args.chart).items():
+            (args.docs / page).parent.mkdir(parents=True, exist_ok=True)
+            (args.docs / page).write_text(make())
             print(f"docs/{page}")
         return 0
-    stale = stale_pages()
+    stale = stale_pages(args.docs, args.chart)
     for page in stale:
         print(f"docs/{page} is stale: run `make docs`", file=sys.stderr)
     return 1 if stale else 0

@@ -25,7 +25,7 @@ def _gen():
 
 def test_every_generated_page_equals_a_fresh_generation():
     gen = _gen()
-    assert set(gen.PAGES) == {
+    assert set(gen.pages()) == {
         "reference/distillationrun.md",
         "reference/cli.md",
         "reference/metrics.md",
@@ -34,7 +34,7 @@ def test_every_generated_page_equals_a_fresh_generation():
     assert gen.stale_pages() == [], "run `make docs` (python docs/gen.py --write) and commit the pages"
 
 
-def test_a_changed_source_makes_its_page_stale(tmp_path, monkeypatch):
+def test_a_changed_source_makes_its_page_stale(tmp_path):
     """The check compares against the code, not against itself: pages written now are current, and a
     value added to the chart afterwards makes the values page, and only it, stale."""
     gen = _gen()
@@ -42,15 +42,14 @@ def test_a_changed_source_makes_its_page_stale(tmp_path, monkeypatch):
     chart.mkdir()
     for name in ("values.yaml", "values.schema.json"):
         (chart / name).write_text((gen.CHART / name).read_text())
-    monkeypatch.setattr(gen, "CHART", chart)
-    monkeypatch.setattr(gen, "DOCS", tmp_path / "docs")
-    assert gen.main(["--write"]) == 0
-    assert gen.stale_pages() == []
+    where = ["--docs", str(tmp_path / "docs"), "--chart", str(chart)]
+    assert gen.main(["--write", *where]) == 0
+    assert gen.stale_pages(tmp_path / "docs", chart) == []
     with open(chart / "values.yaml", "a") as f:
         f.write("\n# A value added after the page was written.\naddedValue: 3\n")
-    assert gen.stale_pages() == ["reference/helm-values.md"]
-    assert gen.main(["--check"]) == 1
-    assert "| `addedValue` |  | `3` | A value added after the page was written. |" in gen.helm_values()
+    assert gen.stale_pages(tmp_path / "docs", chart) == ["reference/helm-values.md"]
+    assert gen.main(["--check", *where]) == 1
+    assert "| `addedValue` |  | `3` | A value added after the page was written. |" in gen.helm_values(chart)
 
 
 def test_cli_page_covers_every_subcommand():
