@@ -34,9 +34,10 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NoReturn
 
 from . import metrics
 from .kube import ApiError, RestApi, path
@@ -85,11 +86,20 @@ def micro_time(moment: datetime) -> str:
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+def _exit_lost() -> NoReturn:
+    logging.shutdown()
+    os._exit(EXIT_LOST)
+
+
 class LeaderElector:
     """Acquire, renew and release one Lease for this process."""
 
-    def __init__(self, settings: LeaseSettings, api: RestApi | None = None):
+    def __init__(
+        self, settings: LeaseSettings, api: RestApi | None = None, on_lost: Callable[[], NoReturn] | None = None
+    ):
         self.settings = settings
+        # what losing the Lease does: end the process at once (no cleanup that could still write)
+        self.on_lost = on_lost or _exit_lost
         self.identity = settings.identity or f"{socket.gethostname()}_{uuid.uuid4().hex[:8]}"
         # each request must end well before the renew deadline, or a hung request would outlive it
         self.api = api or RestApi(timeout=max(1.0, settings.renew_deadline / 2))
@@ -202,8 +212,7 @@ class LeaderElector:
             self.settings.name,
             self.settings.renew_deadline,
         )
-        logging.shutdown()
-        os._exit(EXIT_LOST)
+        self.on_lost()
 
     def release(self) -> None:
         """Stop renewing and hand the Lease back (holder emptied), so a standby takes over at once."""

@@ -174,21 +174,19 @@ class SlowApi(FakeApi):
         return super().create(namespace, body)
 
 
-def test_with_leader_election_every_write_is_checked_not_only_the_first(monkeypatch):
+def test_with_leader_election_every_write_is_checked_not_only_the_first():
     import time
 
     from opd_operator import leader
 
-    elector = leader.LeaderElector(leader.LeaseSettings(namespace="ns"), api=object())
-    elector._renewed_at = time.monotonic()
     exits = []
 
-    def exit_(code):
-        exits.append(code)
-        raise SystemExit(code)
+    def lost():
+        exits.append(leader.EXIT_LOST)
+        raise SystemExit(leader.EXIT_LOST)
 
-    monkeypatch.setattr(leader.os, "_exit", exit_)
-    monkeypatch.setattr(leader.logging, "shutdown", lambda: None)
+    elector = leader.LeaderElector(leader.LeaseSettings(namespace="ns"), api=object(), on_lost=lost)
+    elector._renewed_at = time.monotonic()
     leader.set_current(elector)
     try:
         api = SlowApi(elector, seconds=4.5)
