@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import itertools
 import json
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -172,3 +173,40 @@ def _merge(target: Manifest, patch: Manifest) -> None:
             _merge(target[key], value)
         else:
             target[key] = value
+
+
+T0 = datetime(2026, 11, 25, 12, 0, 0, tzinfo=UTC)
+
+
+def cond(status: Manifest, type_: str) -> Manifest:
+    return next(c for c in status["conditions"] if c["type"] == type_)
+
+
+class Story:
+    """One run in a FakeApi, reconciled at a controllable clock."""
+
+    def __init__(self, **spec: Any):
+        self.api = FakeApi()
+        self.api.add_run(tiny_run(**spec))
+        self.now = T0
+
+    def reconcile(self, seconds: float = 1.0):
+        from opd_operator import driver
+
+        self.now += timedelta(seconds=seconds)
+        return driver.reconcile_once(self.api, "ns", "tiny", now=self.now)
+
+    @property
+    def status(self) -> Manifest:
+        return self.api.run()["status"]
+
+    def jobs(self) -> list[str]:
+        return self.api.names("Job")
+
+    def to_distill(self) -> None:
+        """sft finished and the teacher available: the distill Job is created."""
+        self.reconcile()
+        self.api.finish_job("tiny-sft-1", 0, {"stage": "sft", "step": 400, "checkpoint": "/workspace/sft/final"})
+        self.reconcile()
+        self.api.make_available("tiny-teacher")
+        self.reconcile()

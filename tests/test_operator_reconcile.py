@@ -6,7 +6,7 @@ reads as a story: apply the run, reconcile, finish a Job, reconcile again, check
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 import pytest
 
@@ -16,40 +16,7 @@ from opd_operator.reconcile import backoff_seconds, changed_paths, decide
 from opd_runtime.plan import stage_command
 from opd_runtime.spec import parse_run
 
-from opd_fake_cluster import FakeApi, tiny_run
-
-T0 = datetime(2026, 11, 25, 12, 0, 0, tzinfo=UTC)
-
-
-def cond(status: dict, type_: str) -> dict:
-    return next(c for c in status["conditions"] if c["type"] == type_)
-
-
-class Story:
-    """One run in a FakeApi, reconciled at a controllable clock."""
-
-    def __init__(self, **spec):
-        self.api = FakeApi()
-        self.api.add_run(tiny_run(**spec))
-        self.now = T0
-
-    def reconcile(self, seconds: float = 1.0):
-        self.now += timedelta(seconds=seconds)
-        return driver.reconcile_once(self.api, "ns", "tiny", now=self.now)
-
-    @property
-    def status(self) -> dict:
-        return self.api.run()["status"]
-
-    def jobs(self) -> list[str]:
-        return self.api.names("Job")
-
-    def to_distill(self) -> None:
-        self.reconcile()
-        self.api.finish_job("tiny-sft-1", 0, {"stage": "sft", "step": 400, "checkpoint": "/workspace/sft/final"})
-        self.reconcile()
-        self.api.make_available("tiny-teacher")
-        self.reconcile()
+from opd_fake_cluster import T0, Story, cond, tiny_run
 
 
 def test_a_new_run_gets_its_plumbing_and_the_first_stage_job():

@@ -6,42 +6,18 @@ Each test drives ``driver.reconcile_once`` against ``FakeApi`` (tests/opd_fake_c
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
-
 import pytest
 
 from opd_operator import driver
 
-from opd_fake_cluster import FakeApi, tiny_run
+import opd_fake_cluster as fake
+from opd_fake_cluster import T0, FakeApi, cond, tiny_run
 
-T0 = datetime(2026, 11, 25, 12, 0, 0, tzinfo=UTC)
 
-
-class Story:
-    def __init__(self, **spec):
-        self.api = FakeApi()
-        self.api.add_run(tiny_run(**spec))
-        self.now = T0
-
-    def reconcile(self, seconds: float = 1.0):
-        self.now += timedelta(seconds=seconds)
-        return driver.reconcile_once(self.api, "ns", "tiny", now=self.now)
-
-    @property
-    def status(self) -> dict:
-        return self.api.run()["status"]
-
+class Story(fake.Story):
     def to_distill(self) -> None:
-        self.reconcile()
-        self.api.finish_job("tiny-sft-1", 0, {"stage": "sft", "step": 400, "checkpoint": "/workspace/sft/final"})
-        self.reconcile()
-        self.api.make_available("tiny-teacher")
-        self.reconcile()
+        super().to_distill()
         assert self.api.names("Job") == ["tiny-distill-1", "tiny-sft-1"]
-
-
-def cond(status: dict, type_: str) -> dict:
-    return next(c for c in status["conditions"] if c["type"] == type_)
 
 
 # ---- an edit that takes the teacher out of the plan ----------------------------------------------------
