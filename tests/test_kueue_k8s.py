@@ -23,7 +23,6 @@ from typing import Any
 import pytest
 from test_multinode_k8s import gang, gpu_nodes, sft_only
 from test_operator_k8s import TIMEOUT, Operator, Run, cp, ns, operator, operator_kubeconfig, tiny_math
-from test_operator_reconcile import Story, cond
 from test_waiting_k8s import count_events, events_of
 
 from opd_operator import children, names
@@ -31,7 +30,7 @@ from opd_operator.observe import job_view, pod_waiting
 from opd_runtime.spec import SpecError, parse_run
 
 from controlplane import ControlPlane
-from opd_fake_cluster import tiny_run
+from opd_fake_cluster import Story, cond, tiny_run
 
 __all__ = ["cp", "gpu_nodes", "ns", "operator", "operator_kubeconfig"]  # fixtures shared with other tests
 

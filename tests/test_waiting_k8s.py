@@ -14,14 +14,13 @@ from typing import Any
 
 import pytest
 from test_operator_k8s import TIMEOUT, Operator, Run, cp, exists, ns, operator, operator_kubeconfig, tiny_math
-from test_operator_reconcile import Story, cond
 
 from opd_operator import children
 from opd_operator.observe import pod_waiting, unlisted_claims
 from opd_runtime.spec import parse_run
 
 from controlplane import HELD_IMAGE, ControlPlane
-from opd_fake_cluster import tiny_run
+from opd_fake_cluster import Story, cond, tiny_run
 
 __all__ = ["cp", "ns", "operator", "operator_kubeconfig"]  # fixtures shared with test_operator_k8s
 
