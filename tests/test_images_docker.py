@@ -41,20 +41,19 @@ def test_the_operator_image_runs_its_command_as_a_non_root_user(built):
     assert proc.returncode != 0 and "No module named 'torch'" in proc.stderr
 
 
+def validate_the_example(tag: str) -> subprocess.CompletedProcess[str]:
+    """`opd validate` of examples/tiny-math.yaml inside image ``tag``, with no network."""
+    proc = docker_run(
+        "--network", "none", "-v", f"{ROOT / 'examples'}:/examples:ro", tag,
+        "opd", "validate", "--config", "/examples/tiny-math.yaml",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return proc
+
+
 def test_the_runtime_cpu_image_validates_the_example_run(built):
     tag = built["runtime-cpu"]
-    proc = docker_run(
-        "--network",
-        "none",
-        "-v",
-        f"{ROOT / 'examples'}:/examples:ro",
-        tag,
-        "opd",
-        "validate",
-        "--config",
-        "/examples/tiny-math.yaml",
-    )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    proc = validate_the_example(tag)
     assert "valid DistillationRun 'tiny-math'" in proc.stdout
 
 
@@ -82,18 +81,7 @@ def test_the_runtime_gpu_dockerfile_builds_on_a_stand_in_with_the_vllm_images_la
     tag = images.build_image("runtime-gpu", stand_in)
     user = images.docker("image", "inspect", "--format", "{{.Config.User}}", tag).stdout.strip()
     assert user == "10001"
-    proc = docker_run(
-        "--network",
-        "none",
-        "-v",
-        f"{ROOT / 'examples'}:/examples:ro",
-        tag,
-        "opd",
-        "validate",
-        "--config",
-        "/examples/tiny-math.yaml",
-    )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    validate_the_example(tag)
     code = "from importlib.metadata import version; print(version('vllm'), version('opd'))"
     proc = docker_run("--network", "none", tag, "python3", "-c", code)
     assert proc.returncode == 0, proc.stderr[-2000:]
