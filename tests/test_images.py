@@ -6,7 +6,6 @@ entrypoints that exist, non-root users, a build context that carries what the Do
 from __future__ import annotations
 
 import importlib.util
-import os
 import re
 import shlex
 import shutil
@@ -269,63 +268,6 @@ def test_kind_e2e_script_is_wired_and_parses():
     assert "images/kind-e2e.sh" in make
 
 
-def build_context(dest: Path) -> None:
-    """Copy what `docker build .` would send (the working tree filtered by .dockerignore) into ``dest``."""
-    for top in ROOT.iterdir():
-        if dockerignored(top.name):
-            continue
-        for path in [top] if top.is_file() else sorted(top.rglob("*")):
-            rel = path.relative_to(ROOT).as_posix()
-            if path.is_file() and not dockerignored(rel):
-                (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(path, dest / rel)
-
-
-@pytest.mark.slow
-def test_operator_image_install_step_runs_in_a_scratch_environment(tmp_path):
-    """The operator image's build-stage RUN, executed here (no engine needed) on its COPY'd context only,
-    with the stage's ENV: the extras resolve from PyPI, the package builds from exactly what the
-    Dockerfile copies, and torch stays out."""
-    context, workdir, prefix = tmp_path / "context", tmp_path / "src", tmp_path / "opt-opd"
-    context.mkdir()
-    workdir.mkdir()
-    build_context(context)
-    stage = instructions("operator")
-    stage = stage[: [i for i, (w, _) in enumerate(stage) if w == "FROM"][1]]  # the `build` stage
-    for word, rest in stage:
-        if word == "COPY":
-            *sources, dest = shlex.split(rest)
-            for src in sources:
-                target = workdir / dest if dest not in ("./", ".") else workdir
-                if (context / src).is_dir():
-                    shutil.copytree(context / src, workdir / dest)
-                else:
-                    shutil.copy2(context / src, target)
-    (run,) = [rest for word, rest in stage if word == "RUN"]
-    assert "/opt/opd" in run
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("VIRTUAL_ENV", "PYTHON"))}
-    for word, value in stages("operator")[0]:
-        if word == "ENV":
-            env.update(zip(value[::2], value[1::2]))
-    proc = subprocess.run(
-        ["bash", "-c", run.replace("/opt/opd", str(prefix))],
-        cwd=workdir,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    check = subprocess.run(
-        [str(prefix / "bin" / "python"), "-c", "import opd_operator.handlers, kopf"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert check.returncode == 0, check.stderr[-2000:]
-
-
 # The platform of the vLLM image: CPython 3.12 on glibc 2.35 (Ubuntu 22.04), x86_64.
 GPU_PYTHON, GPU_PLATFORM = "3.12", "x86_64-manylinux_2_35"
 
@@ -343,7 +285,7 @@ def pins(lock: str) -> dict[str, str]:
     return dict(re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)", lock, flags=re.M))
 
 
-@pytest.mark.slow
+@pytest.mark.gpu_image
 def test_runtime_gpu_install_resolves_against_the_vllm_release_of_its_base(tmp_path):
     """The GPU image cannot be built here (its base lives on a registry this machine cannot reach); what its
     install step resolves can be checked. vLLM's release (the base image's tag) resolved for that image's

@@ -73,6 +73,7 @@ def test_the_runtime_cpu_image_runs_torch_on_cpu_with_the_makefiles_torch(built)
     assert rest == "[[5.0, 14.0], [14.0, 50.0]] False"
 
 
+@pytest.mark.gpu_image
 def test_the_runtime_gpu_dockerfile_builds_on_a_stand_in_with_the_vllm_images_layout(built):
     """The GPU image's own base is out of reach here; its RUN steps run on a stand-in with the same Python
     layout (system-wide python3 with torch, vllm, transformers, tokenizers; uv on PATH; the guard against
