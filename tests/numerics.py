@@ -57,3 +57,24 @@ def assert_close(actual, expected, *, rel: float, why: str, what: str = "") -> N
 # (no gain). Two correct paths through them (batched or not, packed or padded, chunked or dense) differ by
 # at most this, relative to the largest value compared.
 TINY_MODEL_REL = sum_rel(384 + 128)  # ~1.2e-4
+
+
+# Log-probs of the trained tiny world (the teacher's logits reach |20|; its longest dot product is the MLP's
+# 384 terms). A log-prob's rounding error is absolute: |logit| times the logits' relative error. Summed in
+# another order, 384 float32 terms typically move by about sqrt(384) * eps of their scale (rounding errors
+# add like a random walk; the worst case, 384 * eps, is 20x looser and not what kernels show):
+# 20 * sqrt(384) * 1.2e-7 ~ 5e-5 nats. vLLM's CPU kernels and PyTorch's were measured ~1e-6 apart on an
+# AVX-512 CPU. A real fault (a wrong token, a temperature not applied, weights one step stale) moves
+# log-probs by 1e-2 nats or more, far above this.
+WORLD_LOGPROB_ATOL = 1e-4
+
+
+# Weights after a few AdamW steps computed two ways (one process vs several, DDP vs FSDP, resumed vs not),
+# compared normwise per tensor. The gradients differ by reduction order (a relative ~1e-6 for the tiny
+# models' batches); AdamW divides by sqrt(v), which passes that through where successive gradients agree in
+# sign and magnifies it where the first moment nearly cancels. Measured after 3 steps with two processes
+# (LoRA SFT / FSDP full fine-tune): 2.3e-7 / 4.4e-6 with AVX-512 kernels, 1.0e-7 / 5.7e-7 with AVX2,
+# 2.7e-7 / 3.5e-6 with the plain kernels on one thread. A real fault (a rank's batch dropped or counted
+# twice, a shard not synced) moves some weight by about the learning rate per step, ~1e-3 of the
+# largest weight here.
+ADAMW_WEIGHTS_REL = 1e-5

@@ -22,7 +22,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from numerics import TINY_MODEL_REL, assert_close
+from numerics import TINY_MODEL_REL, WORLD_LOGPROB_ATOL, assert_close
 from safetensors.torch import load_file
 
 from opd_runtime import cli, modeling, tinymath
@@ -266,7 +266,8 @@ def self_distill(tiny_world, tmp_path_factory):
 def test_student_as_its_own_teacher_has_zero_reverse_kl(self_distill):
     (line,) = metrics_lines(self_distill.ws)
     assert line["step"] == 1 and line["completion_tokens"] > 0
-    assert abs(line["reverse_kl"]) < 1e-6
+    # a mean of per-token differences between two float32 forward passes of one model, each a rounding error
+    assert abs(line["reverse_kl"]) < WORLD_LOGPROB_ATOL
 
 
 def prom_value(exposition: str, name: str) -> float:
@@ -326,13 +327,17 @@ def test_same_model_as_teacher_gives_zero_gradients(tiny_world, student_and_samp
     other = LocalTeacher(modeling.load_causal_lm(str(tiny_world.other_student), dtype="float32"))
     cfg = spec()
     stats, grads = grads_of(model, samples, same.score(samples), cfg, tok.pad_token_id)
-    assert abs(stats.reverse_kl) < 1e-6
+    assert abs(stats.reverse_kl) < WORLD_LOGPROB_ATOL  # two float32 passes of one model: rounding only
     worst = max(g.abs().max().item() for g in grads.values())
-    assert worst < 1e-6, f"largest gradient {worst} with the student as its own teacher"
     # the same check with a different teacher does produce gradients: the one above can fail
     stats_o, grads_o = grads_of(model, samples, other.score(samples), cfg, tok.pad_token_id)
     assert abs(stats_o.reverse_kl) > 1e-3
-    assert max(g.abs().max().item() for g in grads_o.values()) > 1e-3
+    worst_o = max(g.abs().max().item() for g in grads_o.values())
+    assert worst_o > 1e-3
+    # The gradient is linear in the per-token advantage: with the student as its own teacher the advantage is
+    # a rounding error (below WORLD_LOGPROB_ATOL), with the other teacher it is of the size of its reverse KL.
+    bound = worst_o * WORLD_LOGPROB_ATOL / abs(stats_o.reverse_kl)
+    assert worst < bound, f"largest gradient {worst:.2e} with the student as its own teacher (bound {bound:.2e})"
 
 
 @pytest.mark.cpu_kernels
