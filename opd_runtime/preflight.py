@@ -13,10 +13,12 @@ table of known models where it has not.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from . import positions
+from .positions import known_positions
 
 if TYPE_CHECKING:
     from .spec import DistillationRun
@@ -140,20 +142,11 @@ def check_pair(
 
 # --- context lengths: what each stage asks of its models' positions ---------------------------------------
 
-# max_position_embeddings of hub models whose config is not on this machine (``opd validate`` runs
-# offline, before anything is downloaded), from the published config.json files: Qwen3's post-trained
-# dense models hold 40,960 positions, its Base models 32,768. First match wins; a model no row names is
-# checked only where its config is reachable.
-KNOWN_POSITIONS: tuple[tuple[str, int], ...] = (
-    (r"Qwen/Qwen3-[0-9.]+B-Base", 32768),
-    (r"Qwen/Qwen3-(0\.6|1\.7|4|8|14|32)B(-FP8)?", 40960),
-)
-
 
 def model_positions(model: str, *, root: Path | None = None, revision: str | None = None) -> tuple[int | None, str]:
     """``max_position_embeddings`` of ``model`` and where it was read: the config of a local directory
-    (relative paths against ``root``), of the Hugging Face cache, else ``KNOWN_POSITIONS``; (None, why)
-    when none of them knows."""
+    (relative paths against ``root``), of the Hugging Face cache, else ``positions.KNOWN_POSITIONS``;
+    (None, why) when none of them knows."""
     path = Path(model).expanduser()
     if not path.is_absolute() and root is not None and model.startswith(("./", "../")):
         path = root / path
@@ -165,40 +158,16 @@ def model_positions(model: str, *, root: Path | None = None, revision: str | Non
         config = Path(cached) if isinstance(cached, str) else None
     if config is not None and config.is_file():
         values = json.loads(config.read_text())
-        positions = values.get("max_position_embeddings", values.get("text_config", {}).get("max_position_embeddings"))
-        if isinstance(positions, int):
-            return positions, f"its config {config}"
-    for pattern, positions in KNOWN_POSITIONS:
-        if re.fullmatch(pattern, model):
-            return positions, "the known-model table (its config is not on this machine)"
-    return None, "no config on this machine and not in the known-model table"
+        held = values.get("max_position_embeddings", values.get("text_config", {}).get("max_position_embeddings"))
+        if isinstance(held, int):
+            return held, f"its config {config}"
+    return known_positions(model)
 
 
 def context_problems(run: DistillationRun, root: Path | None = None) -> list[str]:
-    """Each setting whose tokens a vLLM engine must fit into its model's positions and cannot, as messages
-    naming the field: OPD samples with the vllm sampler and eval answers with a vLLM backend
-    (``maxNewTokens`` plus at least one prompt token; eval checks the exact prompt lengths again when it
-    has the prompts). The hf paths are not refused: they can run past the positions."""
-    spec = run.spec
-    problems: list[str] = []
-
-    def check(field: str, new_tokens: int, label: str, m) -> None:
-        positions, source = model_positions(m.model, root=root, revision=m.revision)
-        if positions is not None and new_tokens + 1 > positions:
-            problems.append(
-                f"{field}: {new_tokens} new tokens after a prompt of at least one token need more than the "
-                f"{positions} positions {label} ({m.model}) holds (max_position_embeddings, from {source}); "
-                f"set {field} to at most {positions} minus the longest prompt"
-            )
-
-    distill = spec.distill
-    if distill is not None and distill.enabled and distill.sampler is not None and distill.sampler.backend == "vllm":
-        check("spec.distill.maxNewTokens", distill.max_new_tokens, "the student", spec.student)
-    if spec.eval is not None and spec.eval.enabled and spec.eval.backend != "hf":
-        for target in spec.eval.targets:
-            m = spec.teacher if target == "teacher" else spec.student  # sft and distill outputs keep its config
-            check("spec.eval.maxNewTokens", spec.eval.max_new_tokens, f"eval target `{target}`", m)
-    return problems
+    """``positions.context_problems`` with each model's positions read from its config where this machine
+    has it (relative paths against ``root``), else from the known-model table."""
+    return positions.context_problems(run, lambda m: model_positions(m.model, root=root, revision=m.revision))
 
 
 def check_context(run: DistillationRun, root: Path | None = None) -> None:

@@ -24,6 +24,7 @@ from opd_runtime.plan import (
     stage_command,
     teacher_resources,
 )
+from opd_runtime.positions import context_problems
 from opd_runtime.spec import DistillationRun, ResourcesSpec
 from opd_runtime.spec.models import MODEL_CACHE_MOUNT
 from opd_runtime.spec.pods import DEFAULT_GPU_RESOURCE, PodSpecInputs
@@ -500,9 +501,10 @@ def _teacher_volumes(obj: Manifest, run: DistillationRun) -> list[Manifest]:
 def cluster_problems(run: DistillationRun) -> list[str]:
     """What the spec models accept but a cluster cannot run: a served teacher model that lives where
     teacher pods cannot read it, a stage whose predicted memory exceeds its GPU (``memory_plan``: models of
-    a known family; a path the operator cannot read is not predicted). Each message names the field and
-    the fix (the run fails as InvalidSpec)."""
-    return _teacher_model_problems(run) + memory_problems(run, planned_stages(run))
+    a known family; a path the operator cannot read is not predicted), new tokens beyond a known model's
+    positions (``positions``: eval would fail only after SFT and OPD). Each message names the field and the
+    fix (the run fails as InvalidSpec)."""
+    return _teacher_model_problems(run) + memory_problems(run, planned_stages(run)) + context_problems(run)
 
 
 def _teacher_model_problems(run: DistillationRun) -> list[str]:

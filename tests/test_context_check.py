@@ -94,3 +94,15 @@ def test_opd_validate_refuses_with_exit_2_naming_the_field(tmp_path, capsys):
     config.write_text(yaml.safe_dump(doc))
     assert cli.main(["validate", "--config", str(config)]) == EXIT_BAD_CONFIG
     assert "spec.eval.maxNewTokens: 2000 new tokens" in capsys.readouterr().err
+
+
+def test_the_operator_refuses_what_the_table_knows_and_leaves_the_rest_to_the_stages():
+    """The operator reads no model files: its validation (``children.cluster_problems``, which fails the run
+    as InvalidSpec before any Job exists) checks hub models from the table, and the published example
+    passes it."""
+    from opd_operator import children
+
+    (problem,) = children.cluster_problems(run_with("Qwen/Qwen3-1.7B-Base", eval_tokens=32768))
+    assert problem.startswith("spec.eval.maxNewTokens: 32768 new tokens") and "known-model table" in problem
+    assert children.cluster_problems(run_with("someone/unknown-model", eval_tokens=10**6)) == []
+    assert children.cluster_problems(load_run(str(EXAMPLE))) == []

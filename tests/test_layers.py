@@ -41,10 +41,20 @@ HEAVY = (
 LAYERS: dict[str, tuple[list[str], set[str]]] = {
     "contract": (["opd_runtime/contract.py"], set()),
     "spec": (["opd_runtime/spec/*.py"], {"opd_runtime.contract", "opd_runtime.spec"}),
-    "plan": (["opd_runtime/plan.py", "opd_runtime/memory_plan.py"], {"opd_runtime.contract", "opd_runtime.spec"}),
+    "plan": (
+        ["opd_runtime/plan.py", "opd_runtime/memory_plan.py", "opd_runtime/positions.py"],
+        {"opd_runtime.contract", "opd_runtime.spec"},
+    ),
     "operator": (
         ["operator/*.py"],
-        {"opd_runtime.contract", "opd_runtime.spec", "opd_runtime.plan", "opd_runtime.memory_plan", "opd_operator"},
+        {
+            "opd_runtime.contract",
+            "opd_runtime.spec",
+            "opd_runtime.plan",
+            "opd_runtime.memory_plan",
+            "opd_runtime.positions",
+            "opd_operator",
+        },
     ),
 }
 # What the light modules may import from outside: the standard library and these.
