@@ -1,6 +1,7 @@
 """The operator's decisions: ``decide(run, observed children, now) -> actions + status + events`` (pure).
 
-A run walks its planned stages in order (``opd_runtime.plan.planned_stages``):
+A run walks its stages in order (``children.operator_stages``: the planned stages, a sidecar teacher
+left to the distill pods):
 workspace plumbing -> ``sft`` Job -> teacher Deployment + Service (until Available) -> ``distill`` Job ->
 ``eval`` Job -> teacher removed -> Succeeded. Each batch stage runs as Jobs ``<run>-<stage>-<attempt>``
 with ``backoffLimit: 0``; a failed attempt (exit 1, or a pod that vanished) is retried after
@@ -23,7 +24,7 @@ import yaml
 from pydantic import BaseModel
 
 from opd_runtime.contract import BATCH_STAGES, EXIT_BAD_CONFIG, TRAINING_STAGES
-from opd_runtime.plan import planned_stages, processes_per_pod
+from opd_runtime.plan import processes_per_pod
 from opd_runtime.spec import DistillationRun, DistillationRunSpec, SpecError, parse_run
 
 from . import children, conditions, names
@@ -104,7 +105,7 @@ class _Walk:
         self.stages: Manifest = status.setdefault("stages", {})
         self.conds: list[Manifest] = status.get("conditions") or []
         self.d = Decision()
-        self.planned = planned_stages(run)
+        self.planned = children.operator_stages(run)
         self.stalled: tuple[str, Waiting] | None = None  # (stage, why) when the current stage's pods are stuck
         self.failed_stage: str | None = None  # "teacher" when the teacher's retries are used up
         # the stage's pods are gone or going (a deadline stops them): Stalled keeps what it said, so the

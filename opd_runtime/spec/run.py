@@ -148,6 +148,17 @@ class DistillationRunSpec(SpecModel):
                 )
         return self
 
+    @model_validator(mode="after")
+    def _sidecar_port_free(self) -> Self:
+        # a sidecar teacher shares the distill pod's network namespace with the learner's metrics endpoint
+        serving, d = self.teacher.serving, self.distill
+        if serving.placement == "sidecar" and d is not None and d.enabled and d.metrics_port == serving.port:
+            raise ValueError(
+                f"teacher.serving.port {serving.port} is also distill.metricsPort: with placement `sidecar` the "
+                "teacher and the learner share one pod's ports; change one of them"
+            )
+        return self
+
     def enabled_stages(self) -> list[str]:
         return [name for name in BATCH_STAGES if getattr(self, name) is not None and getattr(self, name).enabled]
 
