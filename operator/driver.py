@@ -8,7 +8,7 @@ from typing import Any
 
 from opd_runtime.contract import DEFAULT_CONTROLLER
 
-from . import leader, metrics
+from . import leader, metrics, ttl
 from .cache import OVERLAY, Children
 from .conditions import READY, set_condition
 from .kube import Api, ApiError, apply_action, list_children, post_event
@@ -53,10 +53,11 @@ def reconcile_once(
     now: datetime | None = None,
     indexed: Children | None = None,
     controller: str = DEFAULT_CONTROLLER,
+    default_ttl: int | None = None,
 ) -> Decision | None:
     """Reconcile run ``namespace/name``; None when it is gone, being deleted (its children go with it) or
     managed by another controller (``spec.managedBy``). ``indexed``: the children as the watches saw them
-    (cache.py); None LISTs them."""
+    (cache.py); None LISTs them. ``default_ttl``: ttlSecondsAfterFinished of runs that set none (ttl.py)."""
     now = now or datetime.now(UTC)
     obj = api.get("DistillationRun", namespace, name)
     if obj is None or obj["metadata"].get("deletionTimestamp") or not manages(obj, controller):
@@ -68,7 +69,9 @@ def reconcile_once(
     else:
         found = OVERLAY.apply(namespace, name, indexed)
     claims = [c for c in (api.get("PersistentVolumeClaim", namespace, n) for n in unlisted_claims(found)) if c]
-    decision = decide(obj, observe(name, found, claims), now)
+    expiry = ttl.due(obj, default_ttl)
+    observed = observe(name, found, claims)
+    decision = ttl.expire(obj, observed, now) if expiry is not None and now >= expiry else decide(obj, observed, now)
     old = {k: v for k, v in (obj.get("status") or {}).items() if k != "progress"}
     # With leader election each write is checked on its own: a batch of writes may take longer than the
     # margin between our last renewal and another candidate's takeover.
@@ -124,12 +127,17 @@ def report_refusal(
 
 
 def reconcile_safely(
-    api: Api, namespace: str, name: str, indexed: Children | None = None, controller: str = DEFAULT_CONTROLLER
+    api: Api,
+    namespace: str,
+    name: str,
+    indexed: Children | None = None,
+    controller: str = DEFAULT_CONTROLLER,
+    default_ttl: int | None = None,
 ) -> float | None:
     """``reconcile_once`` that counts and logs errors instead of raising; returns the requeue delay."""
     metrics.RECONCILES.inc()
     try:
-        decision = reconcile_once(api, namespace, name, indexed=indexed, controller=controller)
+        decision = reconcile_once(api, namespace, name, indexed=indexed, controller=controller, default_ttl=default_ttl)
     except Exception:  # the next round retries; the error is counted and logged with its traceback
         metrics.RECONCILE_ERRORS.inc()
         log.exception("reconcile of %s/%s failed", namespace, name)

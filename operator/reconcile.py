@@ -100,6 +100,7 @@ class _Walk:
         self.old: Manifest = obj.get("status") or {}
         status = copy.deepcopy(self.old)
         status.pop("progress", None)
+        status.pop("childrenDeletedTime", None)  # the walk makes the run's children again (ttl.py)
         self.status = status
         self.stages: Manifest = status.setdefault("stages", {})
         self.conds: list[Manifest] = status.get("conditions") or []
@@ -873,6 +874,7 @@ def invalid(obj: Manifest, err: SpecError, now: datetime, observed: Observed | N
         conds, conditions.READY, False, "InvalidSpec", text, now=rfc3339(now), generation=gen
     )
     status.update(phase="Failed", message=f"invalid spec: {text}"[:1000], conditions=conds, observedGeneration=gen)
+    status.setdefault("completionTime", rfc3339(now))  # a finished run's TTL counts from here (ttl.py)
     if actions:
         text += "; its Jobs and teacher are stopped: fix the spec to resume from the last checkpoint"
     events = [] if old.get("phase") == "Failed" else [Event("Warning", "InvalidSpec", text[:1000])]

@@ -9,7 +9,7 @@ import ast
 import importlib
 from pathlib import Path
 
-from opd_operator import kube, names, rbac
+from opd_operator import kube, names, rbac, ttl
 from opd_operator.observe import KINDS
 
 OPERATOR = Path(__file__).resolve().parents[1] / "operator"
@@ -82,6 +82,8 @@ def requests_in_code() -> set[Triple]:
         add(kind, "list")
     for call in calls("reconcile", "self", "delete"):
         add(literal(call.args[0]) or "?", "delete")
+    for kind in ttl.DELETED_KINDS:  # ttl.expire: a finished run's children, once its TTL has passed
+        add(kind, "delete")
     for node in ast.walk(tree("reconcile")):
         if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "Action" and len(node.args) >= 2:
             verb, kind = literal(node.args[0]), literal(node.args[1])

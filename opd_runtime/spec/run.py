@@ -94,6 +94,17 @@ class DistillationRunSpec(SpecModel):
         "owns), the workspace is kept; unsetting it starts each unfinished stage again as a new attempt "
         "(not counted as a failure) that resumes from its last checkpoint, with the spec as it is then.",
     )
+    ttl_seconds_after_finished: int | None = Field(
+        None,
+        ge=0,
+        description="Seconds after the run finished (status.completionTime, phase Succeeded or Failed) "
+        "when the operator deletes its children: stage Jobs and their pods, the teacher, Services, the "
+        "NetworkPolicy, the run's ConfigMap, ServiceAccount, Role and RoleBinding. The run itself stays, with "
+        "its status and results (status.childrenDeletedTime says when). The workspace PVC goes too only "
+        "with workspace.retentionPolicy Delete (never an existingClaim). Unset: the operator's default "
+        "(the chart's `operator.ttlSecondsAfterFinished`; none there keeps the children until the run is "
+        "deleted). Editing the spec of a finished run starts it again as any edit does. Kubernetes only.",
+    )
     retries: int = Field(
         2,
         ge=0,
