@@ -35,7 +35,15 @@ Manifest = dict[str, Any]
 PROBE_PERIOD_S = 10  # the teacher's /health probes
 # Fields that change how the operator drives the run, not what a stage computes: editing them never
 # conflicts with a running stage.
-OPERATIONAL_FIELDS = ("suspend", "retries", "backoffSeconds", "queueName", "managedBy", "ttlSecondsAfterFinished")
+OPERATIONAL_FIELDS = (
+    "suspend",
+    "retries",
+    "backoffSeconds",
+    "queueName",
+    "managedBy",
+    "ttlSecondsAfterFinished",
+    "startTimeoutSeconds",
+)
 
 
 def _meta(

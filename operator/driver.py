@@ -12,7 +12,7 @@ from . import leader, metrics, ttl
 from .cache import OVERLAY, Children
 from .conditions import READY, set_condition
 from .kube import Api, ApiError, apply_action, list_children, post_event
-from .observe import observe, unlisted_claims
+from .observe import failed_create, observe, podless_jobs, unlisted_claims
 from .reconcile import Decision, Event, decide, rfc3339
 
 log = logging.getLogger("opd_operator")
@@ -70,7 +70,12 @@ def reconcile_once(
         found = OVERLAY.apply(namespace, name, indexed)
     claims = [c for c in (api.get("PersistentVolumeClaim", namespace, n) for n in unlisted_claims(found)) if c]
     expiry = ttl.due(obj, default_ttl)
-    observed = observe(name, found, claims)
+    refused = [
+        why
+        for job in podless_jobs(found, now)
+        if (why := failed_create(job, api.list("Event", namespace, "", f"involvedObject.uid={job['metadata']['uid']}")))
+    ]
+    observed = observe(name, found, claims, refused)
     decision = ttl.expire(obj, observed, now) if expiry is not None and now >= expiry else decide(obj, observed, now)
     old = {k: v for k, v in (obj.get("status") or {}).items() if k != "progress"}
     # With leader election each write is checked on its own: a batch of writes may take longer than the

@@ -125,7 +125,11 @@ USES: dict[tuple[str, str], dict[str, str]] = {
     },
     (CORE, "pods"): {"list": _LIST, "watch": _KOPF_WATCH},
     # one core/v1 Event per occurrence, never patched; kopf's own posting is off (handlers.configure)
-    (CORE, "events"): {"create": "kube.post_event: posts the run's Events"},
+    (CORE, "events"): {
+        "create": "kube.post_event: posts the run's Events",
+        "list": "driver.reconcile_once: a pod-less stage Job's Events (FailedCreate: why the API server refuses "
+        "its pods), by field selector involvedObject.uid",
+    },
     # cluster-scoped, kopf's discovery (the chart's rbac.clusterDiscovery)
     (CORE, "namespaces"): {
         "list": "handlers.configure: kopf's namespace observer when serving named namespaces",

@@ -28,7 +28,7 @@ from opd_runtime.spec import DistillationRun, DistillationRunSpec, SpecError, pa
 
 from . import children, conditions, names
 from .conditions import STAGE_CONDITIONS
-from .observe import JobView, Observed, Waiting
+from .observe import FAILED_CREATE_AFTER_SECONDS, JobView, Observed, Waiting, parse_time
 
 log = logging.getLogger("opd_operator")
 Manifest = dict[str, Any]
@@ -68,12 +68,6 @@ class Decision:
 
 def rfc3339(t: datetime) -> str:
     return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def parse_time(text: str | None) -> datetime | None:
-    if not text:
-        return None
-    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
 
 
 def backoff_seconds(base: int, failures: int) -> float:
@@ -524,6 +518,31 @@ class _Walk:
         )
         self.event("Warning", "JobDeleted", f"{stage}: {message}")
 
+    def start_timed_out(self, stage: str, ss: Manifest, job: JobView, stuck: Waiting | None) -> bool:
+        """No pod of the attempt has run for ``spec.startTimeoutSeconds`` since its Job started: the Job is
+        deleted and the attempt counts as a failure naming what it waited for (True). Otherwise a reconcile
+        is scheduled for the deadline, and for the moment a pod-less Job's Events are worth reading."""
+        limit = self.run.spec.start_timeout_seconds
+        waited = self.seconds_since(job.start_time)
+        if waited < limit:
+            self.requeue(limit - waited)
+            if not job.has_pods and waited < FAILED_CREATE_AFTER_SECONDS:
+                self.requeue(FAILED_CREATE_AFTER_SECONDS - waited)
+            return False
+        why = f"no pod of Job {job.name} ran within spec.startTimeoutSeconds ({limit}s)" + (
+            f": {stuck.message}" if stuck else ""
+        )
+        ss.update(
+            failures=ss.get("failures", 0) + 1,
+            lastFailedAttempt=job.attempt,
+            exitCode=None,
+            lastFailureTime=self.ts(),
+            message=why[:1000],
+        )
+        self.delete("Job", job.name)
+        self.event("Warning", "StageStartTimeout", f"{stage} attempt {job.attempt}: {why}"[:1000])
+        return True
+
     # ---- Kueue and disruptions ---------------------------------------------------------------------
     def job_admission(self, stage: str, ss: Manifest, job: JobView) -> str:
         """Kueue's verdict on the stage's Job (``spec.queueName``, or a Job some admission controller
@@ -638,6 +657,9 @@ class _Walk:
             stuck = self.observed.waiting.get(stage)
             if stuck is not None:
                 self.stalled = (stage, stuck)
+            if not latest.started and not latest.suspended and self.start_timed_out(stage, ss, latest, stuck):
+                self.keep_stall = True
+                return "busy"
             # Pods on their way out (a deadline's, seen before the Job's FailureTarget reaches a watch-fed view)
             # say nothing new: Stalled keeps what it said, so the failure can name what the attempt waited for.
             staying = [p for p in self.observed.live_pods.get(stage, ()) if p not in self.observed.going]

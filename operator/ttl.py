@@ -20,8 +20,8 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from . import names
-from .observe import Observed
-from .reconcile import Action, Decision, Event, parse_time, rfc3339
+from .observe import Observed, parse_time
+from .reconcile import Action, Decision, Event, rfc3339
 
 Manifest = dict[str, Any]
 FINISHED = ("Succeeded", "Failed")

@@ -78,6 +78,8 @@ def requests_in_code() -> set[Triple]:
     for call in calls("driver", "api", "patch"):
         sub = next((literal(k.value) for k in call.keywords if k.arg == "subresource"), "") or ""
         add(literal(call.args[0]) or "?", "patch", sub)
+    for call in calls("driver", "api", "list"):  # e.g. a pod-less Job's Events
+        add(literal(call.args[0]) or "?", "list")
     for kind in KINDS:  # kube.list_children (kopf's watches and indexes: kopf_requests)
         add(kind, "list")
     for call in calls("reconcile", "self", "delete"):

@@ -94,6 +94,19 @@ class DistillationRunSpec(SpecModel):
         "owns), the workspace is kept; unsetting it starts each unfinished stage again as a new attempt "
         "(not counted as a failure) that resumes from its last checkpoint, with the spec as it is then.",
     )
+    start_timeout_seconds: int = Field(
+        3600,
+        ge=1,
+        le=7 * 24 * 3600,
+        description="Seconds a stage attempt may wait for its first pod to run, counted from its Job's start "
+        "(time queued in Kueue does not count). Default 3600 (one hour): long enough for a GPU node to be "
+        "added by an autoscaler and a large image to be pulled, short enough that a stage whose pods the API "
+        "server refuses (a ResourceQuota, a policy webhook; the run shows Stalled with reason FailedCreate), "
+        "that no node can take (Unschedulable) or whose image cannot be pulled does not wait forever. When it "
+        "passes, the attempt's Job is deleted and the attempt counts as a failure (its message names what it "
+        "waited for), retried per spec.retries. The stage's timeoutSeconds, when set, bounds the whole attempt. "
+        "Kubernetes only.",
+    )
     ttl_seconds_after_finished: int | None = Field(
         None,
         ge=0,
