@@ -12,8 +12,9 @@ from . import leader, metrics, ttl
 from .cache import OVERLAY, Children
 from .conditions import READY, set_condition
 from .kube import Api, ApiError, apply_action, list_children, post_event
-from .observe import failed_create, observe, podless_jobs, unlisted_claims
-from .reconcile import Decision, Event, decide, rfc3339
+from .observe import clip, failed_create, observe, podless_jobs, unlisted_claims
+from .reconcile import decide
+from .walk import Decision, Event, rfc3339
 
 log = logging.getLogger("opd_operator")
 Manifest = dict[str, Any]
@@ -114,7 +115,7 @@ def report_refusal(
         READY,
         False,
         reason,
-        message[:1000],
+        clip(message),
         now=rfc3339(now),
         generation=obj["metadata"].get("generation"),
     )
@@ -124,10 +125,10 @@ def report_refusal(
         "DistillationRun",
         meta["namespace"],
         meta["name"],
-        {"status": {"message": message[:1000], "conditions": conds}},
+        {"status": {"message": clip(message), "conditions": conds}},
         subresource="status",
     )
-    if old.get("message") != message[:1000]:
+    if old.get("message") != clip(message):
         post_event(api, obj, Event("Warning", reason, message), rfc3339(now))
 
 

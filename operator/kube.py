@@ -17,7 +17,7 @@ from opd_runtime.contract import API_VERSION, GROUP, PLURAL, VERSION
 
 from . import metrics, names
 from .observe import KINDS
-from .reconcile import Action, Event
+from .walk import Action, Event
 
 Manifest = dict[str, Any]
 log = logging.getLogger("opd_operator")

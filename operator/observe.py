@@ -145,6 +145,11 @@ MESSAGE_FIELDS: dict[str, str] = {
 MAX_MESSAGE_STRING = 1000  # characters of a string field kept (the status message is cut to this too)
 
 
+def clip(text: str) -> str:
+    """A message as the status, its conditions and Events hold it: its first ``MAX_MESSAGE_STRING`` characters."""
+    return text[:MAX_MESSAGE_STRING]
+
+
 def _checked(value: Any, kind: str) -> tuple[Any, str | None]:
     """``value`` as a status field of JSON type ``kind``, or (None, why not)."""
     if value is None:
@@ -254,7 +259,7 @@ def pod_waiting(pod: Manifest, claims: dict[str, Manifest]) -> Waiting | None:
             )
     if refused and scheduled.get("reason") in ("Unschedulable", "SchedulingGated"):
         why = (scheduled.get("message") or "no node fits").strip()
-        return Waiting(str(scheduled["reason"]), f"pod {name} cannot be scheduled: {why}"[:1000], name)
+        return Waiting(str(scheduled["reason"]), clip(f"pod {name} cannot be scheduled: {why}"), name)
     for cs in [*(status.get("initContainerStatuses") or []), *(status.get("containerStatuses") or [])]:
         waiting = (cs.get("state") or {}).get("waiting") or {}
         reason, detail = waiting.get("reason"), (waiting.get("message") or "").strip()
@@ -265,7 +270,7 @@ def pod_waiting(pod: Manifest, claims: dict[str, Manifest]) -> Waiting | None:
         ):
             if reason in reasons:
                 text = f"pod {name} container {cs.get('name')}: {reason}" + (f": {detail}" if detail else "")
-                return Waiting(kind, text[:1000], name)
+                return Waiting(kind, clip(text), name)
     return None
 
 
@@ -383,8 +388,10 @@ def failed_create(job: Manifest, events: Sequence[Manifest]) -> Waiting | None:
     text = str(last.get("message") or "").strip()
     return Waiting(
         "FailedCreate",
-        f"Job {name} cannot create its pods: {text} (fix the quota or policy, or lower the stage's resources; "
-        "the Job controller keeps retrying)",
+        clip(
+            f"Job {name} cannot create its pods: {text} (fix the quota or policy, or lower the stage's resources; "
+            "the Job controller keeps retrying)"
+        ),
         name,
     )
 
@@ -405,7 +412,7 @@ def _replica_failure(deployment: Manifest) -> Waiting | None:
         return None
     name = deployment["metadata"]["name"]
     why = f"{found.get('reason') or 'ReplicaFailure'}: {(found.get('message') or '').strip()}"
-    return Waiting("FailedCreate", f"Deployment {name} cannot create pods: {why}"[:1000], name)
+    return Waiting("FailedCreate", clip(f"Deployment {name} cannot create pods: {why}"), name)
 
 
 def teacher_view(deployment: Manifest) -> TeacherView:

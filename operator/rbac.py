@@ -67,14 +67,14 @@ USES: dict[tuple[str, str], dict[str, str]] = {
         "get": _GET_ON_CONFLICT,
         "list": _LIST,
         "watch": _KOPF_WATCH,
-        "delete": "reconcile._Walk.stop_teacher: removes the teacher (also a stale or failed one)",
+        "delete": "teacher.TeacherSteps.stop_teacher: removes the teacher (also a stale or failed one)",
     },
     (CORE, "services"): {
         "create": _CREATE,
         "get": _GET_ON_CONFLICT,
         "list": _LIST,
         "watch": _INDEX,
-        "delete": "reconcile._Walk.stop_teacher: removes the teacher's Service (drop_ranks_service too)",
+        "delete": "teacher.TeacherSteps.stop_teacher: removes the teacher's Service (drop_ranks_service too)",
     },
     (CORE, "persistentvolumeclaims"): {
         "create": _CREATE,

@@ -21,7 +21,7 @@ from typing import Any
 
 from . import names
 from .observe import Observed, parse_time
-from .reconcile import Action, Decision, Event, rfc3339
+from .walk import Action, Decision, Event, rfc3339
 
 Manifest = dict[str, Any]
 FINISHED = ("Succeeded", "Failed")

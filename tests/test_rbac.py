@@ -82,8 +82,9 @@ def requests_in_code() -> set[Triple]:
         add(literal(call.args[0]) or "?", "list")
     for kind in KINDS:  # kube.list_children (kopf's watches and indexes: kopf_requests)
         add(kind, "list")
-    for call in calls("reconcile", "self", "delete"):
-        add(literal(call.args[0]) or "?", "delete")
+    for module in ("reconcile", "teacher"):
+        for call in calls(module, "self", "delete"):
+            add(literal(call.args[0]) or "?", "delete")
     for kind in ttl.DELETED_KINDS:  # ttl.expire: a finished run's children, once its TTL has passed
         add(kind, "delete")
     for node in ast.walk(tree("reconcile")):
