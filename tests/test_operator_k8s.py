@@ -599,6 +599,8 @@ def test_a_finished_run_costs_no_api_requests_until_it_is_edited(cp: ControlPlan
     time.sleep(3)
     assert api_requests(operator) == before, "a finished run still costs requests"
     assert 'opd_operator_runs{phase="Failed"} 1.0' in operator.metrics()
+    # no loop, no finalizer: deleting a finished run needs no operator
+    assert "opd.dev/operator" not in run.obj()["metadata"].get("finalizers", [])
     # an edit brings its loop back: exit code 2 is retried once the spec changes
     cp.kubectl("patch", "dr", run.name, "-n", ns, "--type=merge", "-p", '{"spec": {"retries": 3}}')
     run.wait("the retried sft attempt", lambda st: st.get("stages", {}).get("sft", {}).get("attempts") == 2)
