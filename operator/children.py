@@ -38,7 +38,15 @@ PROBE_TIMEOUT_S = 5  # one /health request of a sidecar teacher's exec probe
 LOOPBACK = "127.0.0.1"  # where a sidecar teacher listens: reachable from its own pod only
 # Fields that change how the operator drives the run, not what a stage computes: editing them never
 # conflicts with a running stage.
-OPERATIONAL_FIELDS = ("suspend", "retries", "backoffSeconds", "queueName", "managedBy")
+OPERATIONAL_FIELDS = (
+    "suspend",
+    "retries",
+    "backoffSeconds",
+    "queueName",
+    "managedBy",
+    "ttlSecondsAfterFinished",
+    "startTimeoutSeconds",
+)
 
 
 def _meta(
