@@ -260,6 +260,9 @@ class _Walk(TeacherSteps):
         deleted and the attempt counts as a failure naming what it waited for (True). Otherwise a reconcile
         is scheduled for the deadline, and for the moment a pod-less Job's Events are worth reading."""
         limit = self.run.spec.start_timeout_seconds
+        if stage == "distill" and children.teacher_sidecar(self.run):
+            # the pod stays initializing while its sidecar teacher loads the model: that has its own budget
+            limit += self.run.spec.teacher.serving.ready_timeout_seconds
         waited = self.seconds_since(job.start_time)
         if waited < limit:
             self.requeue(limit - waited)

@@ -84,6 +84,23 @@ def test_a_sidecar_run_walks_to_succeeded_without_a_teacher_stage():
     assert s.api.names("Deployment") == []
 
 
+def test_a_pod_whose_sidecar_teacher_still_loads_has_not_failed_to_start():
+    """The distill pod stays initializing (Pending) while its sidecar loads the model: the start deadline
+    counts from the end of the teacher's own budget (readyTimeoutSeconds), not from the Job's start."""
+    s = Story(teacher=teacher(readyTimeoutSeconds=600), startTimeoutSeconds=120)
+    s.reconcile()
+    s.api.finish_job("tiny-sft-1", 0, {"stage": "sft", "step": 400, "checkpoint": "/workspace/sft/final"})
+    s.reconcile()
+    s.api.objects[("Job", "ns", "tiny-distill-1")]["status"] = {"startTime": "2026-11-25T12:00:02Z"}
+    (pod,) = [o for o in s.api.of_kind("Pod") if o["metadata"]["labels"].get("job-name") == "tiny-distill-1"]
+    pod["status"] = {"phase": "Pending", "initContainerStatuses": [{"name": "teacher", "started": True}]}
+    d = s.reconcile(300)  # past startTimeoutSeconds alone, within it plus the teacher's 600 s
+    assert "tiny-distill-1" in s.jobs() and s.status["stages"]["distill"]["failures"] == 0
+    assert 400 < d.requeue_after <= 720 + 1
+    d = s.reconcile(d.requeue_after + 1)
+    assert "StageStartTimeout" in [e.reason for e in d.events]
+
+
 def test_the_memory_plan_still_counts_the_teacher_and_the_deployment_placement_is_unchanged():
     run = parse_run(tiny_run(teacher=teacher()))
     assert "teacher" in planned_stages(run)  # its GPUs and memory are still planned
