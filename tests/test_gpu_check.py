@@ -129,3 +129,22 @@ def test_opd_gpu_check_is_the_same_check_for_cluster_users(tmp_path):
     )
     assert proc.returncode == 3, proc.stdout + proc.stderr
     assert "no CUDA device is visible" in proc.stderr
+
+
+def test_the_process_gpu_is_pinned_by_index(monkeypatch):
+    """``modeling.device()`` says ``cuda`` with no index, which ``torch.cuda.set_device`` refuses before it
+    reaches the driver; the check pins ``cuda:LOCAL_RANK``. Only the driver call is replaced (no GPU
+    here): torch's own index resolution runs as on the GPU machine."""
+    import torch
+
+    from opd_runtime.gpu_check.numerics import pin_device
+
+    pinned: list[int] = []
+    monkeypatch.setattr(torch._C, "_cuda_setDevice", pinned.append, raising=False)
+    with pytest.raises(ValueError, match="specified index"):
+        torch.cuda.set_device(torch.device("cuda"))  # what the check did before it pinned by index
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert pin_device(torch.device("cuda")) == torch.device("cuda", 0) and pinned == [0]
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert pin_device(torch.device("cuda")) == torch.device("cuda", 1) and pinned == [0, 1]
+    assert pin_device(torch.device("cpu")) == torch.device("cpu") and pinned == [0, 1]

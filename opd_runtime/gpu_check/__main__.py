@@ -88,8 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_MISSING
     started = time.perf_counter()
     with distributed.session():
+        dev = numerics.pin_device(dev)
         group = numerics.one_process_group(dev)
-        dev = torch.device("cuda", torch.cuda.current_device()) if dev.type == "cuda" else dev
         say = print if distributed.is_main() else (lambda *_: None)
         world = distributed.world_size()
         say(
