@@ -13,7 +13,8 @@
 # bench/gpu_wheels.sh) into a temporary folder (bench/unpack_wheels.py: no pip needed). Several visible GPUs: one process per GPU under
 # `python -m opd_runtime.launch` (torchrun). GPU_CHECK_TIMEOUT (seconds, default 480) bounds the run.
 # Exit codes: those of `python -m opd_runtime.gpu_check` (0 all passed, 1 a check failed, 3 a required
-# part cannot run here), 2 when this script cannot set up, 124 past the time limit.
+# part cannot run here), 2 when this script cannot set up, 124 past the time limit (SIGTERM: the check
+# writes its --json with what it had done and the part it was in; SIGKILL 20 s later if it cannot).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 PY=${PYTHON:-python3}
@@ -48,9 +49,9 @@ limit=${GPU_CHECK_TIMEOUT:-480}
 set +e
 if [ "$gpus" -gt 1 ]; then
   echo "gpu_check: $gpus processes, one per GPU"
-  timeout "$limit" "$PY" -m opd_runtime.launch --standalone --nproc-per-node="$gpus" -m opd_runtime.gpu_check "$@"
+  timeout -k 20 "$limit" "$PY" -m opd_runtime.launch --standalone --nproc-per-node="$gpus" -m opd_runtime.gpu_check "$@"
 else
-  timeout "$limit" "$PY" -m opd_runtime.gpu_check "$@"
+  timeout -k 20 "$limit" "$PY" -m opd_runtime.gpu_check "$@"
 fi
 rc=$?
 [ "$rc" -eq 124 ] && echo "gpu_check: stopped after GPU_CHECK_TIMEOUT=${limit}s" >&2
