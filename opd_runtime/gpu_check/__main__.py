@@ -103,11 +103,17 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     with distributed.session():
         dev = numerics.pin_device(dev)
-        group = numerics.one_process_group(dev)
+        checks: list[Check] = []
+        try:
+            group = numerics.one_process_group(dev)
+        except Exception as err:  # the parts that need no process group still run; collectives then fail
+            group = None
+            checks.append(failed("collectives", "process group", err))
         say = print if distributed.is_main() else (lambda *_: None)
         world = distributed.world_size()
+        backend = torch.distributed.get_backend() if distributed.active() else "no process group"
         say(
-            f"gpu_check: {dev} x {world} ({torch.distributed.get_backend()}), torch {torch.__version__}, "
+            f"gpu_check: {dev} x {world} ({backend}), torch {torch.__version__}, "
             f"transformers {transformers.__version__}, python {sys.version.split()[0]}"
             + (f", {torch.cuda.get_device_name(dev)}" if dev.type == "cuda" else "")
         )
@@ -116,11 +122,13 @@ def main(argv: list[str] | None = None) -> int:
         small = shapes.TINY if args.tiny else shapes.NUMERICS
         big = shapes.TINY if args.tiny else shapes.QWEN3_1_7B
         lengths = [40, 64, 23, 90] if args.tiny else [1500, 3000, 700, 2900]
-        env = report.environment(dev)
-        say("gpu_check: " + ", ".join(f"{k} {v}" for k, v in env["packages"].items()))
+        try:
+            env = report.environment(dev)
+        except Exception as err:  # the report of the machine must never stop the check itself
+            env = {"error": failed("environment", "environment", err).traceback}
+        say("gpu_check: " + ", ".join(f"{k} {v}" for k, v in env.get("packages", {}).items()))
         if "nvidia_smi" in env:
             say(env["nvidia_smi"].rstrip())
-        checks: list[Check] = []
 
         def record(complete: bool) -> None:
             if args.json and distributed.is_main():

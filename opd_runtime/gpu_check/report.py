@@ -53,9 +53,27 @@ def environment(dev: torch.device) -> dict:
             cudnn=torch.backends.cudnn.version(),
             flash_sdpa_built=torch.backends.cuda.is_flash_attention_available(),
             bf16_supported=torch.cuda.is_bf16_supported(),
+            sdpa_gqa_kernels=_sdpa_kernels(dev),
             nvidia_smi=_nvidia_smi(),
         )
     return env
+
+
+def _sdpa_kernels(dev: torch.device) -> dict:
+    """Whether torch's flash and memory-efficient kernels accept the attention ``sdpa_varlen`` calls in
+    training (bf16, Qwen3-1.7B's 16 query / 8 key-value heads of 128, causal, ``enable_gqa``); where
+    neither does, sdpa falls back to its math kernel (a T x T matrix per head). ``debug`` prints the
+    reasons a kernel refuses to stderr, into the log."""
+    try:
+        q = torch.zeros(1, 16, 256, 128, dtype=torch.bfloat16, device=dev)
+        kv = torch.zeros(1, 8, 256, 128, dtype=torch.bfloat16, device=dev)
+        params = torch.backends.cuda.SDPAParams(q, kv, kv, None, 0.0, True, True)
+        return {
+            "flash": torch.backends.cuda.can_use_flash_attention(params, debug=True),
+            "efficient": torch.backends.cuda.can_use_efficient_attention(params, debug=True),
+        }
+    except Exception as err:  # a report, not a check: say why and carry on
+        return {"error": f"{type(err).__name__}: {err}"}
 
 
 def write(path: str | Path, dev: torch.device, world: int, env: dict, checks: list, *, complete: bool) -> None:
