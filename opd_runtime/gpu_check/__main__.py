@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         if "vllm" in args.parts:
             parts.append(("vllm", vllm_part))
         record(False)
-        stopped = None
+        stopped: str | None = None  # the part running, while one runs
         previous = signal.signal(signal.SIGTERM, _stop)
         try:
             for name, fn in parts:
@@ -158,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
                 record(False)
             stopped = None
         except Stopped:
+            stopped = stopped or "the summary"  # between the last part and the handler's removal
             checks.append(
                 Check(
                     stopped,
