@@ -20,6 +20,8 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 PY=${PYTHON:-python3}
 wheels=${GPU_CHECK_WHEELS:-$root/.gpu-wheels}
 export PYTHONSAFEPATH=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+# no progress bars: a log read afterwards (or only its tail) must hold the check's lines, not redraws
+export HF_HUB_DISABLE_PROGRESS_BARS=1
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 fail() { echo "gpu_check: $*" >&2; exit 2; }
 

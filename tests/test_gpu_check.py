@@ -65,6 +65,7 @@ def check_tiny_run(proc: subprocess.CompletedProcess, numbers: dict, world: int)
     for part in PARTS:
         assert f"[{part}]" in proc.stdout
     assert f"{len(TINY_CHECKS)} passed, 0 failed, 1 not checked" in proc.stdout
+    assert "Loading weights" not in proc.stdout + proc.stderr  # progress bars would bury the log's lines
     sft = checks["size", "sft full 1 packed row x 256 tokens"]["numbers"]
     # the tiny shape: 2 layers x 2 heads x head_dim 32; the row packs 4 traces of 64 tokens
     attention = 6 * 2 * 2 * 32
