@@ -31,7 +31,7 @@ from opd_runtime.distill import loss as L
 from opd_runtime.distill.health import heldout_reverse_kl
 from opd_runtime.distill.server_teacher import ServerTeacher, TeacherRequestError, TeacherUnavailable
 from opd_runtime.distill.teacher import LocalTeacher
-from opd_runtime.generation import sample, stop_token_ids
+from opd_runtime.generation import SamplingArgs, sample, stop_token_ids
 from opd_runtime.training.batches import prompt_ids, right_pad, token_logprobs
 from opd_runtime.workspace import Workspace
 
@@ -447,7 +447,7 @@ def test_vllm_sampler_takes_the_new_weights_after_an_optimizer_step(vllm_sampler
     L.full_forward_kl_loss(logits, teacher, batch.loss_mask_BT, float(batch.loss_mask_BT.sum())).backward()
     optimizer.step()
 
-    stale = vllm_sampler.sample(prompts, stop_ids=stop_token_ids(tok), n=2, max_new_tokens=64, seed=1)
+    stale = vllm_sampler.sample(prompts, SamplingArgs(n=2, max_new_tokens=64), stop_ids=stop_token_ids(tok), seed=1)
     stale_err = max_diff(model, stale, 1.0)
     fresh = vllm_sampler(model, tok, prompts, n=2, temperature=1.0, max_new_tokens=64)
     assert vllm_sampler.syncs == syncs + 1  # the step was noticed and the weights reloaded

