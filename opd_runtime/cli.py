@@ -237,7 +237,7 @@ def cmd_serve_teacher(args) -> int:
 
 
 def cmd_grade(args) -> int:
-    from .grading import GradeInputError, grade_file
+    from .grading.files import GradeInputError, grade_file
 
     try:
         report = grade_file(

@@ -298,7 +298,7 @@ def evaluate_dataset(
     """Sample, grade and aggregate one dataset with one target's ``generate`` (an ``HfGenerator`` or a
     ``VllmGenerator``); the report of eval/<target>/<label>.json."""
     from .generation import SamplingArgs
-    from .grading import judge_many
+    from .grading import grade_many
     from .training.batches import prompt_ids
 
     cfg = eval_spec(run)
@@ -314,7 +314,7 @@ def evaluate_dataset(
     sample_seconds = time.monotonic() - t0
     texts = tokenizer.batch_decode([s.completion_ids for s in samples], skip_special_tokens=True)
     t1 = time.monotonic()
-    graded = judge_many([(t, prompts[i // n].answer) for i, t in enumerate(texts)], ds.kind)
+    graded = grade_many([(t, prompts[i // n].answer) for i, t in enumerate(texts)], ds.kind)
     grade_seconds = time.monotonic() - t1
     problems = []
     for j, p in enumerate(prompts):

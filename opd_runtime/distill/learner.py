@@ -22,7 +22,7 @@ from .. import modeling
 from ..contract import TEACHER_API_KEY_ENV
 from ..data_sources import load_prompts
 from ..generation import Sample, sample
-from ..grading import judge_many
+from ..grading import grade_many
 from ..metrics import MetricsSink, NullSink
 from ..preflight import TokenizerMismatch, compare_tokenizers
 from ..spec import DistillationRun, DistillSpec, SpecError
@@ -367,7 +367,7 @@ def _graded(tokenizer, samples: Sequence[Sample], answers: Sequence[str | None],
     if not graded:
         return 0, 0
     texts = tokenizer.batch_decode([s.completion_ids for s, _ in graded], skip_special_tokens=True)
-    return sum(g.correct for g in judge_many([(t, a) for t, (_, a) in zip(texts, graded)], kind)), len(graded)
+    return sum(g.correct for g in grade_many([(t, a) for t, (_, a) in zip(texts, graded)], kind)), len(graded)
 
 
 @dataclass
