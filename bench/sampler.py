@@ -35,7 +35,7 @@ import torch
 from opd_runtime import modeling, tinymath
 from opd_runtime.generation import Sample, SamplingArgs, stop_token_ids
 from opd_runtime.training.batches import prompt_ids, right_pad, token_logprobs
-from opd_runtime.workspace import Workspace
+from opd_runtime.workspace import MODELS_DIR, Workspace, ensure_tiny_world
 
 MAX_NEW_TOKENS = 64  # the tiny world's OPD and eval length
 SAMPLES_PER_PROMPT = 4
@@ -187,6 +187,7 @@ def main() -> None:
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as tmp:
         ws = Workspace(Path(tmp))
+        ensure_tiny_world(ws.root / MODELS_DIR)
         student, teacher = ws.resolve("tiny://student"), ws.resolve("tiny://teacher")
         tok = modeling.load_tokenizer(student)
         problems = tinymath.generate(args.prompts, split="test", seed=0, difficulty=2)

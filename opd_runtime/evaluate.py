@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING
 
 from .spec import DistillationRun, EvalDatasetSpec, EvalSpec, SpecError
 from .workspace import Workspace
+from .world_step import ensure_world
 
 if TYPE_CHECKING:  # generation imports torch, which a report of finished results never needs
     from .generation import SamplingArgs
@@ -376,6 +377,7 @@ def run_eval(
     ``batch_size`` (``opd eval --batch-size``) overrides ``spec.eval.batchSize``."""
     cfg = eval_spec(run)
     ws = Workspace(Path(workspace))
+    ensure_world(run, ws)
     targets = resolve_targets(run, ws)
     labels = [dataset_label(ds) for ds in cfg.datasets]
     for i, label in enumerate(labels):

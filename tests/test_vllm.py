@@ -33,7 +33,7 @@ from opd_runtime.distill.server_teacher import ServerTeacher, TeacherRequestErro
 from opd_runtime.distill.teacher import LocalTeacher
 from opd_runtime.generation import SamplingArgs, sample, stop_token_ids
 from opd_runtime.training.batches import prompt_ids, right_pad, token_logprobs
-from opd_runtime.workspace import Workspace
+from opd_runtime.workspace import MODELS_DIR, Workspace, ensure_tiny_world
 
 from conftest import free_port, opd_cmd, opd_env, stop_process
 
@@ -86,6 +86,7 @@ def world(tmp_path_factory) -> SimpleNamespace:
     torch.set_num_threads(2)  # conftest's tiny_world drops to 1 thread for the mechanics tests
     root = tmp_path_factory.mktemp("vllm-world")
     ws = Workspace(root)
+    ensure_tiny_world(root / MODELS_DIR)
     teacher_dir, student_dir = Path(ws.resolve("tiny://teacher")), Path(ws.resolve("tiny://student"))
     tok = modeling.load_tokenizer(str(student_dir))
     problems = tinymath.generate(64, split="test", seed=0, difficulty=2)

@@ -40,6 +40,7 @@ from ..training.loop import (
 )
 from ..training.order import batch_at
 from ..workspace import Workspace
+from ..world_step import ensure_world
 from . import loss as L
 from . import rl
 from .teacher import LocalTeacher, Teacher, TeacherHidden
@@ -284,6 +285,7 @@ def _setup(run: DistillationRun, workspace: Path, resume: bool, log: Callable[[s
     is written, then find the checkpoint to resume from and load the prompts."""
     cfg = enabled_spec(run.spec.distill, "distill")
     ws = Workspace(Path(workspace))
+    ensure_world(run, ws)
     init = init_model_path(run, ws)
     teacher_name = ws.resolve(run.spec.teacher.model)
     student = run.spec.student

@@ -31,6 +31,7 @@ from ..training.loop import (
 )
 from ..training.order import batch_at
 from ..workspace import Workspace
+from ..world_step import ensure_world
 from .packing import pack
 from .trace_store import TraceStore, store_path, write_store
 from .traces import load_traces, tokenize
@@ -79,6 +80,7 @@ def run_sft(
     cfg = enabled_spec(run.spec.sft, "sft")
     log = rank_log(log)
     ws = Workspace(Path(workspace))
+    ensure_world(run, ws)
     ckpt_root = ws.checkpoints("sft")
     existing = checkpoint.resumable(ckpt_root, resume, run, "sft")
     student = run.spec.student
