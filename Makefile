@@ -20,7 +20,7 @@ TRANSFORMERS_VERSION ?= 5.19.0
 FIND_LINKS ?= $(PIP_FIND_LINKS)
 UV_FLAGS ?= $(foreach d,$(FIND_LINKS),$(if $(wildcard $(d)/*),--find-links $(d)))
 EXTRAS ?= runtime,operator,test
-WORKDIR ?= runs/tiny-math
+WORKSPACE ?= runs/tiny-math
 
 .PHONY: crds controlplane venv lint lint-fix test test-fast test-portability test-gpu-image run compare bench clean help images kind-e2e chart docs
 
@@ -116,17 +116,17 @@ test-fast: venv
 	$(BIN)/pytest -q -m "not slow and not vllm and not k8s"
 
 # The demo: `opd run` validates the run file, then runs SFT, OPD and eval here with the commands the
-# operator would put in pods, and writes $(WORKDIR)/report.md. Re-running continues (or re-uses) the
-# previous run in $(WORKDIR) instead of overwriting it.
+# operator would put in pods, and writes $(WORKSPACE)/report.md. Re-running continues (or re-uses) the
+# previous run in $(WORKSPACE) instead of overwriting it.
 run: venv
-	$(BIN)/opd run examples/tiny-math.yaml --workdir $(WORKDIR) --resume
+	$(BIN)/opd run examples/tiny-math.yaml --workspace $(WORKSPACE) --resume
 
 # The demo beside its RL baseline: `make run`, then examples/tiny-math-rl.yaml (the same run with
-# objective rl: same SFT stage, budget and loss, no teacher) in $(WORKDIR)-rl, then the demo's report with
+# objective rl: same SFT stage, budget and loss, no teacher) in $(WORKSPACE)-rl, then the demo's report with
 # both side by side (accuracy, gap closed, compute). ~10 more minutes on 2 cores.
 compare: run
-	$(BIN)/opd run examples/tiny-math-rl.yaml --workdir $(WORKDIR)-rl --resume
-	$(BIN)/opd report --workspace $(WORKDIR) --compare $(WORKDIR)-rl
+	$(BIN)/opd run examples/tiny-math-rl.yaml --workspace $(WORKSPACE)-rl --resume
+	$(BIN)/opd report --workspace $(WORKSPACE) --compare $(WORKSPACE)-rl
 
 # The test control plane's binaries (etcd, kube-apiserver, -controller-manager, -scheduler, kwok,
 # kubectl, helm), built once with Go into $(OPD_CACHE_DIR)/k8s; the k8s tests do this themselves if needed.

@@ -37,7 +37,7 @@ CASES = {
 
 
 COMMANDS = {
-    "opd run": lambda path, ws: ["run", str(path), "--workdir", str(ws)],
+    "opd run": lambda path, ws: ["run", str(path), "--workspace", str(ws)],
     "opd distill": lambda path, ws: ["distill", "--config", str(path), "--workspace", str(ws)],
 }
 

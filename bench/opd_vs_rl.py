@@ -496,7 +496,7 @@ def sft_start(args) -> tuple[Path, str]:
     doc = sft_only_run(yaml.safe_load(DEMO.read_text()), args.sft_steps)
     run_file = args.out / "sft-start.yaml"
     run_file.write_text(yaml.safe_dump(doc, sort_keys=False))
-    cmd = [opd_program(), "run", str(run_file), "--workdir", str(workdir), "--resume", "--no-progress"]
+    cmd = [opd_program(), "run", str(run_file), "--workspace", str(workdir), "--resume", "--no-progress"]
     print("start:", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
     final = workdir / "checkpoints" / "sft" / "final"

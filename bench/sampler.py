@@ -33,9 +33,9 @@ from pathlib import Path
 import torch
 
 from opd_runtime import modeling, tinymath
-from opd_runtime.generation import Sample, stop_token_ids
+from opd_runtime.generation import Sample, SamplingArgs, stop_token_ids
 from opd_runtime.training.batches import prompt_ids, right_pad, token_logprobs
-from opd_runtime.workspace import Workspace
+from opd_runtime.workspace import MODELS_DIR, Workspace, ensure_tiny_world
 
 MAX_NEW_TOKENS = 64  # the tiny world's OPD and eval length
 SAMPLES_PER_PROMPT = 4
@@ -72,7 +72,8 @@ def raw_generate(llm, prompts: list[list[int]], stop_ids: list[int], *, logprobs
 
 
 def sampler_table(student_dir: str, prompts: list[list[int]], repeats: int) -> tuple[list[tuple], list[float], float]:
-    from opd_runtime.vllm_sampler import VllmSampler, engine_sample
+    from opd_runtime.vllm_engine import engine_sample
+    from opd_runtime.vllm_sampler import VllmSampler
 
     tok = modeling.load_tokenizer(student_dir)
     model = modeling.load_causal_lm(student_dir, dtype="float32")
@@ -91,7 +92,11 @@ def sampler_table(student_dir: str, prompts: list[list[int]], repeats: int) -> t
                 sampler.llm, prompts, stop_ids, logprobs=True, seed=r
             ),
             "engine_sample (the sampler's requests: one per prompt, own seed)": lambda r: engine_sample(
-                sampler.llm, prompts, stop_ids=stop_ids, n=SAMPLES_PER_PROMPT, max_new_tokens=MAX_NEW_TOKENS, seed=r
+                sampler.llm,
+                prompts,
+                SamplingArgs(n=SAMPLES_PER_PROMPT, max_new_tokens=MAX_NEW_TOKENS),
+                stop_ids=stop_ids,
+                seed=r,
             ),
             "opd VllmSampler (log-probs)": lambda r: sampler(model, tok, prompts, **kw),
         }
@@ -134,11 +139,17 @@ def eval_table(teacher_dir: str, prompts: list[list[int]], hf_batch: int) -> lis
 
     target = Target("teacher", teacher_dir, teacher_dir, "float32")
     tok = modeling.load_tokenizer(teacher_dir)
-    kw = dict(n=SAMPLES_PER_PROMPT, temperature=EVAL_TEMPERATURE, top_p=EVAL_TOP_P, max_new_tokens=MAX_NEW_TOKENS)
+    args = SamplingArgs(
+        n=SAMPLES_PER_PROMPT,
+        temperature=EVAL_TEMPERATURE,
+        top_p=EVAL_TOP_P,
+        max_new_tokens=MAX_NEW_TOKENS,
+        logprobs=False,
+    )
     rows = []
     hf = HfGenerator(target, hf_batch)
-    hf(tok, prompts[:4], **kw, seed=0)  # warm-up
-    seconds, tokens = timed(lambda: hf(tok, prompts, **kw, seed=1))
+    hf(tok, prompts[:4], args, seed=0)  # warm-up
+    seconds, tokens = timed(lambda: hf(tok, prompts, args, seed=1))
     rows.append((f"hf generate (batch {hf_batch})", seconds, tokens, tokens / seconds))
     hf.close()
     t0 = time.perf_counter()
@@ -147,8 +158,8 @@ def eval_table(teacher_dir: str, prompts: list[list[int]], hf_batch: int) -> lis
     )
     start_s = time.perf_counter() - t0
     try:
-        engine(tok, prompts[:4], **kw, seed=0)
-        seconds, tokens = timed(lambda: engine(tok, prompts, **kw, seed=1))
+        engine(tok, prompts[:4], args, seed=0)
+        seconds, tokens = timed(lambda: engine(tok, prompts, args, seed=1))
     finally:
         engine.close()
     rows.append((f"vllm (engine start {start_s:.0f} s, not counted)", seconds, tokens, tokens / seconds))
@@ -176,6 +187,7 @@ def main() -> None:
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as tmp:
         ws = Workspace(Path(tmp))
+        ensure_tiny_world(ws.root / MODELS_DIR)
         student, teacher = ws.resolve("tiny://student"), ws.resolve("tiny://teacher")
         tok = modeling.load_tokenizer(student)
         problems = tinymath.generate(args.prompts, split="test", seed=0, difficulty=2)

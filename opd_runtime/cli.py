@@ -151,13 +151,13 @@ def cmd_distill(args) -> int:
 def cmd_run(args) -> int:
     from .runner import RunOptions, StageFailed, log_tail, run_all
 
-    workdir = Path(args.workdir) if args.workdir else None
+    workdir = Path(args.workspace) if args.workspace else None
     if workdir is None:
         workdir = Path("runs") / _load(args.file).metadata.name
     opts = RunOptions(
         source=Path(args.file), workdir=workdir, resume=args.resume, teacher=args.teacher, progress=not args.no_progress
     )
-    resume_cmd = f"opd run {args.file} --workdir {workdir} --resume"
+    resume_cmd = f"opd run {args.file} --workspace {workdir} --resume"
     try:
         run_all(opts)
     except StageFailed as err:
@@ -169,7 +169,7 @@ def cmd_run(args) -> int:
         return EXIT_BAD_CONFIG if err.returncode == EXIT_BAD_CONFIG else EXIT_RETRY
     except KeyboardInterrupt as err:  # Ctrl-C, SIGTERM or SIGHUP (runner.Stopped): 128 + the signal
         print(
-            f"\ninterrupted; the workdir keeps every finished stage and the last checkpoint. "
+            f"\ninterrupted; the workspace keeps every finished stage and the last checkpoint. "
             f"Continue with: {resume_cmd}",
             file=sys.stderr,
         )
@@ -190,7 +190,7 @@ def cmd_report(args) -> int:
     for other in args.compare:
         root = Path(other)
         if not (root / RUN_FILE).exists():
-            raise SpecError(f"--compare {other}: no {RUN_FILE} there; give the workdir of a finished `opd run`")
+            raise SpecError(f"--compare {other}: no {RUN_FILE} there; give the workspace of a finished `opd run`")
         other_ws = Workspace(root)
         other_run = _load(str(root / RUN_FILE))
         compare.append(Side(other, other_run, other_ws, RunState.load(root / STATE_FILE).stages))
@@ -237,7 +237,7 @@ def cmd_serve_teacher(args) -> int:
 
 
 def cmd_grade(args) -> int:
-    from .grading import GradeInputError, grade_file
+    from .grading.files import GradeInputError, grade_file
 
     try:
         report = grade_file(
@@ -317,10 +317,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="run every stage of a DistillationRun on this machine",
         description="Validate a DistillationRun file, then run its stages (SFT, teacher "
         "serving, OPD, eval) here as subprocesses, with the same commands the operator puts "
-        "in pods. Ends with a results table and WORKDIR/report.md with plots.",
+        "in pods. Ends with a results table and WORKSPACE/report.md with plots.",
     )
     p.add_argument("file", help="DistillationRun YAML file (the one you would kubectl apply)")
-    p.add_argument("--workdir", default=None, help="workspace directory (default runs/<metadata.name>)")
+    p.add_argument("--workspace", default=None, help="workspace directory (default runs/<metadata.name>)")
+    # the flag's earlier name, kept hidden: the dated results pages give their commands with it
+    p.add_argument("--workdir", dest="workspace", default=None, help=argparse.SUPPRESS)
     p.add_argument(
         "--resume",
         action="store_true",
@@ -346,8 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--compare",
         action="append",
         default=[],
-        metavar="WORKDIR",
-        help="another run's workdir to set beside this one (e.g. the demo's RL baseline; repeatable)",
+        metavar="WORKSPACE",
+        help="another run's workspace to set beside this one (e.g. the demo's RL baseline; repeatable)",
     )
     p.set_defaults(fn=cmd_report)
 

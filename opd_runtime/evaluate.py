@@ -32,6 +32,7 @@ loads or torch is imported.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import time
@@ -39,9 +40,14 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .spec import DistillationRun, EvalDatasetSpec, EvalSpec, SpecError
 from .workspace import Workspace
+from .world_step import ensure_world
+
+if TYPE_CHECKING:  # generation imports torch, which a report of finished results never needs
+    from .generation import SamplingArgs
 
 DEFAULT_BATCH_SIZE = 64  # hf backend, when neither spec.eval.batchSize nor --batch-size says
 SEED = 0
@@ -196,23 +202,13 @@ class HfGenerator:
         )
         self.batch_size = batch_size
 
-    def __call__(self, tokenizer, ids, *, n, temperature, top_p, max_new_tokens, seed):
+    def __call__(self, tokenizer, ids, args: SamplingArgs, *, seed: int):
         import torch
 
         from .generation import sample
 
         torch.manual_seed(seed)
-        return sample(
-            self.model,
-            tokenizer,
-            ids,
-            n=n,
-            temperature=temperature,
-            top_p=top_p,
-            max_new_tokens=max_new_tokens,
-            batch_size=self.batch_size,
-            logprobs=False,
-        )
+        return sample(self.model, tokenizer, ids, batch_size=self.batch_size, **dataclasses.asdict(args))
 
     def close(self) -> None:
         del self.model
@@ -233,7 +229,7 @@ class VllmGenerator:
         max_num_seqs: int | None,
         seed: int = SEED,
     ):
-        from .vllm_sampler import start_engine
+        from .vllm_engine import start_engine
 
         self.llm = start_engine(
             target.model,
@@ -248,24 +244,14 @@ class VllmGenerator:
             processed_logprobs=False,
         )
 
-    def __call__(self, tokenizer, ids, *, n, temperature, top_p, max_new_tokens, seed):
+    def __call__(self, tokenizer, ids, args: SamplingArgs, *, seed: int):
         from .generation import stop_token_ids
-        from .vllm_sampler import engine_sample
+        from .vllm_engine import engine_sample
 
-        return engine_sample(
-            self.llm,
-            ids,
-            stop_ids=stop_token_ids(tokenizer),
-            n=n,
-            temperature=temperature,
-            top_p=top_p,
-            max_new_tokens=max_new_tokens,
-            seed=seed,
-            logprobs=False,
-        )
+        return engine_sample(self.llm, ids, args, stop_ids=stop_token_ids(tokenizer), seed=seed)
 
     def close(self) -> None:
-        from .vllm_sampler import shutdown_engine
+        from .vllm_engine import shutdown_engine
 
         shutdown_engine(self.llm)
         del self.llm
@@ -312,7 +298,8 @@ def evaluate_dataset(
 ) -> dict:
     """Sample, grade and aggregate one dataset with one target's ``generate`` (an ``HfGenerator`` or a
     ``VllmGenerator``); the report of eval/<target>/<label>.json."""
-    from .grading import judge_many
+    from .generation import SamplingArgs
+    from .grading import grade_many
     from .training.batches import prompt_ids
 
     cfg = eval_spec(run)
@@ -321,13 +308,14 @@ def evaluate_dataset(
     if ids is None:
         ids = [prompt_ids(tokenizer, p.messages) for p in prompts]
     t0 = time.monotonic()
-    samples = generate(
-        tokenizer, ids, n=n, temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, seed=seed
+    args = SamplingArgs(
+        n=n, temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, logprobs=False
     )
+    samples = generate(tokenizer, ids, args, seed=seed)
     sample_seconds = time.monotonic() - t0
     texts = tokenizer.batch_decode([s.completion_ids for s in samples], skip_special_tokens=True)
     t1 = time.monotonic()
-    graded = judge_many([(t, prompts[i // n].answer) for i, t in enumerate(texts)], ds.kind)
+    graded = grade_many([(t, prompts[i // n].answer) for i, t in enumerate(texts)], ds.kind)
     grade_seconds = time.monotonic() - t1
     problems = []
     for j, p in enumerate(prompts):
@@ -389,6 +377,7 @@ def run_eval(
     ``batch_size`` (``opd eval --batch-size``) overrides ``spec.eval.batchSize``."""
     cfg = eval_spec(run)
     ws = Workspace(Path(workspace))
+    ensure_world(run, ws)
     targets = resolve_targets(run, ws)
     labels = [dataset_label(ds) for ds in cfg.datasets]
     for i, label in enumerate(labels):

@@ -27,6 +27,18 @@ class Sample:
     finished: bool = True  # False when cut by max_new_tokens before a stop token
 
 
+@dataclass(frozen=True)
+class SamplingArgs:
+    """How completions are drawn, whichever sampler draws them (``sample`` here, ``vllm_engine``'s
+    ``engine_sample`` and the ``VllmSampler`` over it). The field names are ``sample``'s keyword arguments."""
+
+    n: int = 1  # completions per prompt
+    temperature: float = 1.0  # 0 or less: greedy
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+    logprobs: bool = True  # the sampler's log-prob of each completion token (evaluation needs none)
+
+
 def stop_token_ids(tokenizer) -> list[int]:
     ids = {tokenizer.eos_token_id}
     for tok in ("<|im_end|>", "<|endoftext|>"):

@@ -54,9 +54,9 @@ def _json(path: Path) -> dict | None:
 def stage_flops(run: DistillationRun, ws: Workspace) -> dict[str, float]:
     """Estimated FLOPs per stage from the tokens each stage recorded."""
     flops: dict[str, float] = {}
-    # build=False: a report only reads; a tiny world that is not in the workspace is not built for it
-    student = count_parameters(ws.resolve(run.spec.student.model, build=False))
-    teacher = count_parameters(ws.resolve(run.spec.teacher.model, build=False))
+    # a report only reads: a tiny world that is not in the workspace is not built for it
+    student = count_parameters(ws.resolve(run.spec.student.model))
+    teacher = count_parameters(ws.resolve(run.spec.teacher.model))
     sft = _records(ws, "sft")
     if sft and student:
         flops["sft"] = 6.0 * student * sum(r.get("tokens", r["completion_tokens"]) for r in sft)

@@ -103,7 +103,7 @@ def workdir_lock(workdir: Path) -> Iterator[None]:
             f.seek(0)
             holder = f.read().strip() or "unknown"
             raise WorkdirBusy(
-                f"--workdir {workdir}: another `opd run` (PID {holder}) is running in it; wait "
+                f"--workspace {workdir}: another `opd run` (PID {holder}) is running in it; wait "
                 f"for it to finish or stop it (kill -INT {holder}), then continue with "
                 "--resume"
             ) from None
@@ -195,8 +195,8 @@ def prepare_workdir(source: Path, workdir: Path, *, resume: bool, teacher: str) 
     started = [p for p in (workdir / "results", workdir / "checkpoints") if p.exists() and any(p.iterdir())]
     if started and not resume:
         raise SpecError(
-            f"--workdir {workdir}: already holds a run ({started[0].name}/); pass --resume to "
-            "continue it, or choose another --workdir"
+            f"--workspace {workdir}: already holds a run ({started[0].name}/); pass --resume to "
+            "continue it, or choose another --workspace"
         )
     workdir.mkdir(parents=True, exist_ok=True)
     config = workdir / RUN_FILE

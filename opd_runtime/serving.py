@@ -30,6 +30,7 @@ from pathlib import Path
 from .contract import NO_USAGE_STATS_ENV, TEACHER_API_KEY_ENV
 from .spec import DistillationRun, SpecError
 from .workspace import Workspace
+from .world_step import ensure_world
 
 # On CPU vLLM reserves this share of *host* memory for the KV cache (0.1 of 24 GiB was plenty for the
 # tiny world; the spec's default of 0.9 would not even start beside a learner).
@@ -180,6 +181,7 @@ def serve_teacher(
     if not vllm_installed():
         raise SpecError(VLLM_MISSING)
     ws = Workspace(Path(workspace))
+    ensure_world(run, ws)
     model_dir = ws.resolve(run.spec.teacher.model)
     port = port or run.spec.teacher.serving.port
     cuda = cuda_available()

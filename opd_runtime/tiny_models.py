@@ -106,7 +106,7 @@ def trace_examples(tokenizer, problems) -> list[tuple[list[int], list[int]]]:
 def solved(model, tokenizer, problems, *, temperature: float = 0.0, max_new_tokens: int = 96) -> list[bool]:
     """Whether the model's answer to each problem is right (greedy by default), in problem order."""
     from .generation import sample
-    from .grading import is_correct_integer
+    from .grading.answers import is_correct_integer
     from .training.batches import prompt_ids
 
     prompts = [prompt_ids(tokenizer, tinymath.chat_messages(p.problem)) for p in problems]

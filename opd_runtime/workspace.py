@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 TINY_SCHEME = "tiny://"
+MODELS_DIR = "models"  # under the workspace: where tiny:// models are (ensure_tiny_world puts them there)
 
 
 @dataclass(frozen=True)
@@ -36,17 +37,16 @@ class Workspace:
     def eval_dir(self, target: str) -> Path:
         return self.root / "eval" / target
 
-    def resolve(self, path_or_id: str, build: bool = True) -> str:
+    def resolve(self, path_or_id: str) -> str:
         """A relative local path is taken relative to the workspace; hub ids pass through.
 
         ``tiny://NAME`` names a model of the tiny world (``teacher``, ``student-init``, ``student``,
-        ``tokenizer``), built into ``models/`` of the workspace on first use. It lets one run file work
-        unchanged locally, in CI and on a kind cluster, where no stage can download a model. ``build=False``
-        (readers such as the report) gives where it is or would be, without building it.
+        ``tokenizer``) in ``models/`` of the workspace. It lets one run file work unchanged locally, in CI
+        and on a kind cluster, where no stage can download a model. Resolving only names the folder: a
+        stage that loads the models builds the world first (``world_step.ensure_world``).
         """
         if path_or_id.startswith(TINY_SCHEME):
-            models = ensure_tiny_world(self.root / "models") if build else self.root / "models"
-            return str(models / path_or_id[len(TINY_SCHEME) :])
+            return str(self.root / MODELS_DIR / path_or_id[len(TINY_SCHEME) :])
         p = Path(path_or_id)
         if p.is_absolute():
             return str(p)

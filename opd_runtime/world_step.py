@@ -1,7 +1,7 @@
 """``opd run``'s first step when a run names ``tiny://`` models: build (or copy from the cache) the tiny
 world into ``<workdir>/models`` as a step of its own, with its progress on the terminal.
 
-Without it the first stage would build the world inside its own process on first use (``Workspace.resolve``)
+Without it the first stage would build the world inside its own process as its first step (``ensure_world``)
 while ``opd run`` could only show that stage at step 0 for the ~6 minutes of a first build. The build runs
 as ``python -m opd_runtime.world_step MODELS_DIR``: its lines (where the cache is, what is trained, a
 progress line every ``tiny_models.PROGRESS_SECONDS``) are shown prefixed with ``[world]`` and kept in
@@ -19,9 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .spec import DistillationRun
-from .workspace import TINY_SCHEME
-
-MODELS_DIR = "models"  # under the workdir, where Workspace.resolve puts tiny:// models
+from .workspace import MODELS_DIR, TINY_SCHEME, Workspace, ensure_tiny_world
 
 
 def tiny_model_names(run: DistillationRun) -> list[str]:
@@ -31,6 +29,14 @@ def tiny_model_names(run: DistillationRun) -> list[str]:
     if spec.distill is not None:
         names.append(spec.distill.init_from)
     return [n for n in names if n is not None and n.startswith(TINY_SCHEME)]
+
+
+def ensure_world(run: DistillationRun, ws: Workspace) -> None:
+    """The first step of every stage that loads models: the tiny world in the workspace when the run names
+    ``tiny://`` models, built (or copied from the cache) in this process the first time. Under ``opd run``
+    it is already there (``build_world`` ran before the first stage, with its progress shown)."""
+    if tiny_model_names(run):
+        ensure_tiny_world(ws.root / MODELS_DIR)
 
 
 def build_world(
@@ -91,8 +97,6 @@ def world_log(workdir: Path) -> Path:
 
 
 def main(argv: list[str]) -> int:
-    from .workspace import ensure_tiny_world
-
     if len(argv) != 1:
         print("usage: python -m opd_runtime.world_step MODELS_DIR", file=sys.stderr)
         return 2
@@ -100,7 +104,7 @@ def main(argv: list[str]) -> int:
     if models.exists() and not models.is_dir():
         print(f"error: {models} is not a directory; move it away so the tiny world can be put there", file=sys.stderr)
         return 2
-    ensure_tiny_world(models)  # what a stage would do on first use, with the same lock and cache
+    ensure_tiny_world(models)  # what ensure_world does in a stage, with the same lock and cache
     return 0
 
 

@@ -136,6 +136,7 @@ def url_ok(url: str) -> bool:
 def scraped(control_plane: ControlPlane, tmp_path_factory) -> Iterator[Scraped]:
     from opd_runtime.spec import DistillationRun
     from opd_runtime.workspace import Workspace
+    from opd_runtime.world_step import ensure_world
 
     cp = control_plane
     try:
@@ -152,9 +153,7 @@ def scraped(control_plane: ControlPlane, tmp_path_factory) -> Iterator[Scraped]:
     doc = run_doc(learner_port, teacher_port)
     run = DistillationRun.model_validate(doc)
     (tmp / "run.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
-    ws = Workspace(tmp)
-    for model in ("tiny://teacher", "tiny://student"):  # copied from the cache (built there once)
-        ws.resolve(model)
+    ensure_world(run, Workspace(tmp))  # the tiny world, copied from the cache (built there once)
 
     with ExitStack() as stack:
         # The teacher's vLLM engine (the slowest part: ~25 s on 2 idle cores) starts first, meanwhile the rest.

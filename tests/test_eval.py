@@ -392,20 +392,23 @@ def test_vllm_generator_greedy_tokens_equal_hf_tokens(tiny_world):
     # answer, so here the two backends' greedy completions are compared token by token.
     from opd_runtime import modeling, tinymath
     from opd_runtime.evaluate import HfGenerator, Target, VllmGenerator
+    from opd_runtime.generation import SamplingArgs
     from opd_runtime.training.batches import prompt_ids
 
     target = Target("student", str(tiny_world.student), str(tiny_world.student), "float32")
     tok = modeling.load_tokenizer(target.tokenizer)
     problems = tinymath.generate(8, split="test", seed=0, difficulty=2)
     ids = [prompt_ids(tok, tinymath.chat_messages(p.problem)) for p in problems]
-    kw = dict(n=1, temperature=0.0, top_p=1.0, max_new_tokens=24, seed=0)
-    hf = HfGenerator(target, 4)(tok, ids, **kw)
+    greedy = SamplingArgs(n=1, temperature=0.0, top_p=1.0, max_new_tokens=24, logprobs=False)
+    hf = HfGenerator(target, 4)(tok, ids, greedy, seed=0)
     engine = VllmGenerator(
         target, max_model_len=max(map(len, ids)) + 24, tensor_parallel=1, memory=0.1, max_num_seqs=None
     )
     try:
-        vl = engine(tok, ids, **kw)
-        sampled = engine(tok, ids[:2], n=3, temperature=1.0, top_p=1.0, max_new_tokens=24, seed=0)
+        vl = engine(tok, ids, greedy, seed=0)
+        sampled = engine(
+            tok, ids[:2], SamplingArgs(n=3, temperature=1.0, top_p=1.0, max_new_tokens=24, logprobs=False), seed=0
+        )
     finally:
         engine.close()
     assert [s.completion_ids for s in vl] == [s.completion_ids for s in hf]

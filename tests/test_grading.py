@@ -11,39 +11,41 @@ from pathlib import Path
 import pytest
 
 from opd_runtime import cli
-from opd_runtime.grading import GradeInputError, grade, grade_many, judge, last_boxed, read_grade_file
+from opd_runtime.grading import grade, grade_many
+from opd_runtime.grading.answers import last_boxed
+from opd_runtime.grading.files import GradeInputError, read_grade_file
 
 from conftest import opd_env
 
 
 def test_boxed_integer_with_leading_zeros_equals_the_integer():
-    assert grade("so the answer is \\boxed{025}", "25", kind="aime")
-    assert grade("\\boxed{025}", 25, kind="math")
-    assert grade("\\boxed{ 1,000 }", "1000", kind="aime")
-    assert not grade("\\boxed{026}", "25", kind="aime")
+    assert grade("so the answer is \\boxed{025}", "25", kind="aime").correct
+    assert grade("\\boxed{025}", 25, kind="math").correct
+    assert grade("\\boxed{ 1,000 }", "1000", kind="aime").correct
+    assert not grade("\\boxed{026}", "25", kind="aime").correct
 
 
 def test_integral_decimals_count_for_aime_but_nothing_else_does():
-    assert grade("\\boxed{25.0}", "25", kind="aime")
-    assert not grade("\\boxed{25.5}", "25", kind="aime")
-    assert not grade("\\boxed{\\frac{50}{2}}", "25", kind="aime")  # aime wants the integer itself
-    assert grade("\\boxed{\\frac{50}{2}}", "25", kind="math")  # math-verify: the same number
+    assert grade("\\boxed{25.0}", "25", kind="aime").correct
+    assert not grade("\\boxed{25.5}", "25", kind="aime").correct
+    assert not grade("\\boxed{\\frac{50}{2}}", "25", kind="aime").correct  # aime wants the integer itself
+    assert grade("\\boxed{\\frac{50}{2}}", "25", kind="math").correct  # math-verify: the same number
 
 
 def test_nested_braces_and_fractions():
     assert last_boxed("x \\boxed{\\frac{1}{2}} y") == "\\frac{1}{2}"
-    assert grade("The answer is $\\boxed{\\frac{1}{2}}$.", "1/2", kind="math")
-    assert grade("\\boxed{\\frac12}", "\\frac{1}{2}", kind="math")
-    assert grade("\\boxed{\\dfrac{\\sqrt{3}}{2}}", "\\frac{\\sqrt3}{2}", kind="math")
-    assert grade("\\fbox{0.5}", "\\frac{1}{2}", kind="math")
-    assert not grade("\\boxed{\\frac{1}{3}}", "1/2", kind="math")
+    assert grade("The answer is $\\boxed{\\frac{1}{2}}$.", "1/2", kind="math").correct
+    assert grade("\\boxed{\\frac12}", "\\frac{1}{2}", kind="math").correct
+    assert grade("\\boxed{\\dfrac{\\sqrt{3}}{2}}", "\\frac{\\sqrt3}{2}", kind="math").correct
+    assert grade("\\fbox{0.5}", "\\frac{1}{2}", kind="math").correct
+    assert not grade("\\boxed{\\frac{1}{3}}", "1/2", kind="math").correct
 
 
 def test_the_last_boxed_answer_wins():
     text = "first \\boxed{7}, then on reflection \\boxed{12}"
     assert last_boxed(text) == "12"
-    assert grade(text, "12", kind="aime")
-    assert not grade(text, "7", kind="aime")
+    assert grade(text, "12", kind="aime").correct
+    assert not grade(text, "7", kind="aime").correct
     # an unfinished box at the end does not replace the last complete one
     assert last_boxed("\\boxed{3} and \\boxed{4") == "3"
     # a box inside a box: the inner one starts last
@@ -51,30 +53,30 @@ def test_the_last_boxed_answer_wins():
 
 
 def test_no_boxed_answer_is_wrong_not_an_error():
-    g = judge("The answer is 25.", "25", kind="aime")
+    g = grade("The answer is 25.", "25", kind="aime")
     assert (g.correct, g.extracted, g.key) == (False, None, None)
-    assert not grade("", "1/2", kind="math")
-    assert not grade("\\boxed", "1/2", kind="math")
+    assert not grade("", "1/2", kind="math").correct
+    assert not grade("\\boxed", "1/2", kind="math").correct
 
 
 def test_garbage_returns_wrong():
     megabyte = 1 << 20
     unbalanced = "\\boxed{" * (megabyte // 7)
-    assert grade(unbalanced, "1", kind="math") is False
-    assert grade("}" * megabyte + "{" * megabyte + "\\boxed{{{", "1", kind="aime") is False
+    assert grade(unbalanced, "1", kind="math").correct is False
+    assert grade("}" * megabyte + "{" * megabyte + "\\boxed{{{", "1", kind="aime").correct is False
     huge_box = "\\boxed{" + "x+(" * (megabyte // 3) + "}"
-    assert grade(huge_box, "1", kind="math") is False
+    assert grade(huge_box, "1", kind="math").correct is False
     noise = "".join(chr(33 + (i * 7919) % 90) for i in range(megabyte))
-    assert grade(noise, "1/2", kind="math") is False
-    assert grade("\\boxed{\\frac{\\frac{}{}}{\\sqrt[}}", "1/2", kind="math") is False
+    assert grade(noise, "1/2", kind="math").correct is False
+    assert grade("\\boxed{\\frac{\\frac{}{}}{\\sqrt[}}", "1/2", kind="math").correct is False
 
 
 def test_a_comparison_that_hangs_is_cut_off_and_wrong():
     # sympy does not finish evaluating this: the worker is killed at the time limit
-    g = judge("\\boxed{10!!!!!}", "5", kind="math", timeout_s=1.0)
+    g = grade("\\boxed{10!!!!!}", "5", kind="math", timeout_s=1.0)
     assert (g.correct, g.method) == (False, "timeout")
     # and the pool goes on grading with a fresh worker
-    assert grade("\\boxed{\\frac{2}{4}}", "1/2", kind="math")
+    assert grade("\\boxed{\\frac{2}{4}}", "1/2", kind="math").correct
 
 
 def test_without_math_verify_normalised_strings_decide(tmp_path):
@@ -83,10 +85,10 @@ def test_without_math_verify_normalised_strings_decide(tmp_path):
     env = opd_env()
     env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), *filter(None, [env.get("PYTHONPATH")])])
     code = (
-        "import json; from opd_runtime.grading import judge; print(json.dumps(["
-        "judge('\\\\boxed{\\\\dfrac{1}{2}}', '\\\\frac{1}{2}').correct, "
-        "judge('\\\\boxed{0.5}', '1/2').method, judge('\\\\boxed{0.5}', '1/2').correct, "
-        "judge('\\\\boxed{025}', '25', 'aime').correct]))"
+        "import json; from opd_runtime.grading import grade; print(json.dumps(["
+        "grade('\\\\boxed{\\\\dfrac{1}{2}}', '\\\\frac{1}{2}').correct, "
+        "grade('\\\\boxed{0.5}', '1/2').method, grade('\\\\boxed{0.5}', '1/2').correct, "
+        "grade('\\\\boxed{025}', '25', 'aime').correct]))"
     )
     proc = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path
@@ -103,8 +105,20 @@ def test_grade_many_mixes_kinds_and_keeps_order():
         ("\\boxed{x=2}", "2", "math"),
         ("\\boxed{2.5}", "2.5", "aime"),
     ]
-    assert grade_many(items, kind="aime", timeout_s=10, workers=2) == [True, False, False, True, True]
-    assert grade_many(items, kind="math", timeout_s=10, workers=2) == [True, True, False, True, True]
+    assert [g.correct for g in grade_many(items, kind="aime", timeout_s=10, workers=2)] == [
+        True,
+        False,
+        False,
+        True,
+        True,
+    ]
+    assert [g.correct for g in grade_many(items, kind="math", timeout_s=10, workers=2)] == [
+        True,
+        True,
+        False,
+        True,
+        True,
+    ]
 
 
 def write_lines(path: Path, rows) -> Path:

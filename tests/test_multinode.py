@@ -7,7 +7,7 @@ import pytest
 
 from opd_operator.observe import Termination, gang_termination
 from opd_runtime.plan import launcher_argv, processes_per_pod
-from opd_runtime.vllm_sampler import rank_device_env
+from opd_runtime.vllm_engine import rank_device_env
 
 
 def test_launcher_prefix_for_one_and_many_nodes():

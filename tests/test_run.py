@@ -111,7 +111,7 @@ def start_run(src: Path, workdir: Path) -> subprocess.Popen:
             "opd_runtime",
             "run",
             str(src),
-            "--workdir",
+            "--workspace",
             str(workdir),
             "--teacher",
             "local",
@@ -162,7 +162,7 @@ def running(pid: int) -> bool:
 def test_run_executes_every_stage_with_the_pod_commands_and_writes_a_report(tiny_world, tmp_path):
     src = run_file(tmp_path, tiny_world)
     workdir = tmp_path / "work"
-    proc = opd_run(str(src), "--workdir", str(workdir), "--teacher", "local")
+    proc = opd_run(str(src), "--workspace", str(workdir), "--teacher", "local")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "scored in-process" in proc.stdout
 
@@ -198,9 +198,9 @@ def test_run_executes_every_stage_with_the_pod_commands_and_writes_a_report(tiny
         assert re.search(rf"^\| {stage} \| \d+ s \| 1 \| \d[\d.]*(e[+-]\d+)? [GTP]?FLOP \|$", report, re.M), report
 
     # running again without --resume refuses to overwrite; with --resume everything is skipped
-    again = opd_run(str(src), "--workdir", str(workdir), "--teacher", "local")
+    again = opd_run(str(src), "--workspace", str(workdir), "--teacher", "local")
     assert again.returncode == 2 and "--resume" in again.stderr
-    resumed = opd_run(str(src), "--workdir", str(workdir), "--teacher", "local", "--resume")
+    resumed = opd_run(str(src), "--workspace", str(workdir), "--teacher", "local", "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert all(f"[{s}] already finished" in resumed.stdout for s in ("sft", "distill", "eval"))
 
@@ -218,13 +218,13 @@ def test_interrupted_run_resumes_without_redoing_finished_stages(tiny_world, tmp
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, out + err
-    assert f"opd run {src} --workdir {workdir} --resume" in err
+    assert f"opd run {src} --workspace {workdir} --resume" in err
     assert not (workdir / "results" / "distill.json").exists()
     sft_result = (workdir / "results" / "sft.json").stat().st_mtime_ns
     sft_metrics = (workdir / "metrics" / "sft.jsonl").read_text()
     interrupted_at = max(metric_steps(workdir, "distill"))
 
-    resumed = opd_run(str(src), "--workdir", str(workdir), "--teacher", "local", "--resume")
+    resumed = opd_run(str(src), "--workspace", str(workdir), "--teacher", "local", "--resume")
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "[sft] already finished" in resumed.stdout
     assert (workdir / "results" / "sft.json").stat().st_mtime_ns == sft_result
@@ -246,7 +246,7 @@ def test_sigterm_and_sighup_stop_the_run_as_ctrl_c_does_and_the_workdir_is_locke
     stages = children(proc.pid)
     assert len(stages) == 1 and running(stages[0])
 
-    second = opd_run(str(src), "--workdir", str(workdir), "--teacher", "local", "--resume")
+    second = opd_run(str(src), "--workspace", str(workdir), "--teacher", "local", "--resume")
     assert second.returncode == 2, second.stdout + second.stderr
     assert f"another `opd run` (PID {proc.pid}) is running in it" in second.stderr
     assert proc.poll() is None  # the first run went on
@@ -254,7 +254,7 @@ def test_sigterm_and_sighup_stop_the_run_as_ctrl_c_does_and_the_workdir_is_locke
     os.kill(proc.pid, sig)  # the run's process only, as kill and timeout do
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + sig, out + err
-    assert f"Continue with: opd run {src} --workdir {workdir} --resume" in err
+    assert f"Continue with: opd run {src} --workspace {workdir} --resume" in err
     assert not running(stages[0])
     distill_log = (workdir / "logs" / "distill.log").read_text()
     assert "interrupted; the workspace keeps the last checkpoint" in distill_log  # stopped by its SIGINT
@@ -306,11 +306,11 @@ def test_a_stage_started_with_sigint_ignored_still_stops_on_sigint(tiny_world, t
 def test_failed_stage_stops_the_run_with_its_log_tail_and_the_resume_command(tiny_world, tmp_path):
     src = run_file(tmp_path, tiny_world, sft_dataset={"path": str(tmp_path / "missing.jsonl")})
     workdir = tmp_path / "work"
-    proc = opd_run(str(src), "--workdir", str(workdir), "--teacher", "local")
+    proc = opd_run(str(src), "--workspace", str(workdir), "--teacher", "local")
     assert proc.returncode == 2, proc.stdout + proc.stderr  # a config error: retrying would not help
     assert "stage sft failed" in proc.stderr
     assert "missing.jsonl" in proc.stderr  # the stage's own error, from its log tail
-    assert f"opd run {src} --workdir {workdir} --resume" in proc.stderr
+    assert f"opd run {src} --workspace {workdir} --resume" in proc.stderr
     assert not (workdir / "metrics" / "distill.jsonl").exists()
 
 
@@ -338,7 +338,7 @@ def test_bad_run_file_fails_before_torch_loads(tiny_world, tmp_path, case):
     src.write_text(yaml.safe_dump(doc))
     code = (
         "import sys\nfrom opd_runtime.cli import main\n"
-        f"rc = main(['run', {str(src)!r}, '--workdir', {str(tmp_path / 'w')!r}])\n"
+        f"rc = main(['run', {str(src)!r}, '--workspace', {str(tmp_path / 'w')!r}])\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\nsys.exit(rc)"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=opd_env(), timeout=60)
@@ -357,7 +357,7 @@ def test_run_serves_the_teacher_with_vllm_and_stops_it_after_opd(tiny_world, tmp
     src = tmp_path / "vllm.yaml"
     src.write_text(yaml.safe_dump(doc, sort_keys=False))
     workdir = tmp_path / "work"
-    proc = opd_run(str(src), "--workdir", str(workdir), "--teacher", "vllm")
+    proc = opd_run(str(src), "--workspace", str(workdir), "--teacher", "vllm")
     assert proc.returncode == 0, (
         proc.stdout + proc.stderr + "\n" + (workdir / "logs" / "teacher.log").read_text()[-3000:]
     )

@@ -32,9 +32,9 @@ from opd_runtime.distill import loss as L
 from opd_runtime.distill.health import heldout_reverse_kl
 from opd_runtime.distill.server_teacher import ServerTeacher, TeacherRequestError, TeacherUnavailable
 from opd_runtime.distill.teacher import LocalTeacher
-from opd_runtime.generation import sample, stop_token_ids
+from opd_runtime.generation import SamplingArgs, sample, stop_token_ids
 from opd_runtime.training.batches import prompt_ids, right_pad, token_logprobs
-from opd_runtime.workspace import Workspace
+from opd_runtime.workspace import MODELS_DIR, Workspace, ensure_tiny_world
 
 from conftest import free_port, opd_cmd, opd_env, stop_process
 
@@ -87,6 +87,7 @@ def world(tmp_path_factory) -> SimpleNamespace:
     torch.set_num_threads(2)  # conftest's tiny_world drops to 1 thread for the mechanics tests
     root = tmp_path_factory.mktemp("vllm-world")
     ws = Workspace(root)
+    ensure_tiny_world(root / MODELS_DIR)
     teacher_dir, student_dir = Path(ws.resolve("tiny://teacher")), Path(ws.resolve("tiny://student"))
     tok = modeling.load_tokenizer(str(student_dir))
     problems = tinymath.generate(64, split="test", seed=0, difficulty=2)
@@ -448,7 +449,7 @@ def test_vllm_sampler_takes_the_new_weights_after_an_optimizer_step(vllm_sampler
     L.full_forward_kl_loss(logits, teacher, batch.loss_mask_BT, float(batch.loss_mask_BT.sum())).backward()
     optimizer.step()
 
-    stale = vllm_sampler.sample(prompts, stop_ids=stop_token_ids(tok), n=2, max_new_tokens=64, seed=1)
+    stale = vllm_sampler.sample(prompts, SamplingArgs(n=2, max_new_tokens=64), stop_ids=stop_token_ids(tok), seed=1)
     stale_err = max_diff(model, stale, 1.0)
     fresh = vllm_sampler(model, tok, prompts, n=2, temperature=1.0, max_new_tokens=64)
     assert vllm_sampler.syncs == syncs + 1  # the step was noticed and the weights reloaded

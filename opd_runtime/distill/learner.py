@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -21,16 +22,25 @@ from .. import modeling
 from ..contract import TEACHER_API_KEY_ENV
 from ..data_sources import load_prompts
 from ..generation import Sample, sample
-from ..grading import judge_many
+from ..grading import grade_many
 from ..metrics import MetricsSink, NullSink
 from ..preflight import TokenizerMismatch, compare_tokenizers
 from ..spec import DistillationRun, DistillSpec, SpecError
 from ..training import activations, checkpoint, chunked, distributed, sharding
 from ..training.batches import length_groups, prompt_ids, right_pad
-from ..training.loop import end_step, finish_stage, optimizer_step
-from ..training.model_setup import build_trainable, optimizer_for
+from ..training.loop import (
+    Optimization,
+    enabled_spec,
+    end_step,
+    finish_stage,
+    optimizer_step,
+    rank_log,
+    start_optimization,
+    train_model,
+)
 from ..training.order import batch_at
 from ..workspace import Workspace
+from ..world_step import ensure_world
 from . import loss as L
 from . import rl
 from .teacher import LocalTeacher, Teacher, TeacherHidden
@@ -251,35 +261,31 @@ def _sampler(run: DistillationRun, cfg: DistillSpec, init: str, log: Callable[[s
     )
 
 
-def _graded(tokenizer, samples: Sequence[Sample], answers: Sequence[str | None], kind: str) -> tuple[int, int]:
-    """(correct, graded): samples whose answer matches, out of those with a reference answer, compared as
-    the prompts' ``kind`` says (as eval compares them)."""
-    graded = [(s, a) for s, a in zip(samples, answers) if a is not None]
-    if not graded:
-        return 0, 0
-    texts = tokenizer.batch_decode([s.completion_ids for s, _ in graded], skip_special_tokens=True)
-    return sum(g.correct for g in judge_many([(t, a) for t, (_, a) in zip(texts, graded)], kind)), len(graded)
+@dataclass
+class _Setup:
+    """What the loop reads from the run and the workspace before its first step."""
+
+    cfg: DistillSpec
+    ws: Workspace
+    init: str  # where the student starts (``init_model_path``)
+    from_checkpoint: bool  # init is a stage's output (it carries its tokenizer), not the student model
+    tokenizer: Any
+    records: list  # the prompt records (``data_sources.load_prompts``)
+    reward_kind: str  # how answers are graded (``rl.dataset_kind``)
+    existing: Path | None  # the checkpoint to resume from
+
+    @property
+    def is_rl(self) -> bool:
+        """Objective rl: the reward is the graded answer, and no teacher is loaded or contacted."""
+        return self.cfg.objective == "rl"
 
 
-def _quiet(*_args) -> None:
-    pass
-
-
-def run_distill(
-    run: DistillationRun,
-    workspace: Path,
-    *,
-    resume: bool = False,
-    log: Callable[[str], None] = print,
-    on_step: Callable[[dict], None] | None = None,
-) -> dict:
-    cfg = run.spec.distill
-    if cfg is None or not cfg.enabled:
-        raise SpecError("spec.distill: the distill stage is not enabled in this run")
-    if not distributed.is_main():  # rank 0 reports for all processes
-        log = _quiet
+def _setup(run: DistillationRun, workspace: Path, resume: bool, log: Callable[[str], None]) -> _Setup:
+    """Check the run (a tokenizer pair the teacher cannot score, prompts rl cannot grade) before anything
+    is written, then find the checkpoint to resume from and load the prompts."""
+    cfg = enabled_spec(run.spec.distill, "distill")
     ws = Workspace(Path(workspace))
-    ckpt_root = ws.checkpoints("distill")
+    ensure_world(run, ws)
     init = init_model_path(run, ws)
     teacher_name = ws.resolve(run.spec.teacher.model)
     student = run.spec.student
@@ -287,7 +293,7 @@ def run_distill(
     tokenizer = modeling.load_tokenizer(
         init if from_checkpoint or not student.tokenizer else ws.resolve(student.tokenizer), revision=student.revision
     )
-    is_rl = cfg.objective == "rl"  # the reward is the graded answer: no teacher is loaded or contacted
+    is_rl = cfg.objective == "rl"
     if not is_rl:
         teacher_tok = modeling.load_tokenizer(
             (run.spec.teacher.tokenizer and ws.resolve(run.spec.teacher.tokenizer)) or teacher_name,
@@ -297,7 +303,7 @@ def run_distill(
         if mismatches:
             raise TokenizerMismatch(mismatches, init, teacher_name)
     # after the pair check: a refused pair leaves the workspace untouched (resumable records a fingerprint)
-    existing = checkpoint.resumable(ckpt_root, resume, run, "distill")
+    existing = checkpoint.resumable(ws.checkpoints("distill"), resume, run, "distill")
 
     records = load_prompts(cfg.prompts, ws.root, field="spec.distill.prompts")
     reward_kind = rl.dataset_kind(cfg.prompts)
@@ -316,147 +322,252 @@ def run_distill(
         f"distill ({cfg.objective}): student {init}, {source}, "
         f"{len(records)} prompts, {cfg.steps} steps x {cfg.prompts_per_step} prompts x {cfg.samples_per_prompt} samples"
     )
+    return _Setup(cfg, ws, init, from_checkpoint, tokenizer, records, reward_kind, existing)
 
-    torch.manual_seed(cfg.seed)
-    model = build_trainable(
-        init,
-        cfg.lora,
-        student.dtype,
-        existing,
-        revision=None if from_checkpoint else student.revision,
-        trust_remote_code=student.trust_remote_code,
+
+def _step_prompts(setup: _Setup, step: int, cache: dict[str, list[int]]) -> tuple[list, list[list[int]]]:
+    """This process's share of the step's prompt records (all of them for a single process) and their
+    token ids (each prompt tokenized once per stage, in ``cache``)."""
+    cfg = setup.cfg
+    batch = distributed.share(batch_at(setup.records, step * cfg.prompts_per_step, cfg.prompts_per_step, cfg.seed))
+    for r in batch:
+        if r.id not in cache:
+            cache[r.id] = prompt_ids(setup.tokenizer, r.messages)
+    return batch, [cache[r.id] for r in batch]
+
+
+@dataclass
+class _Scores:
+    """What the loss needs besides the samples: the teacher's log-probs (objective distill) or the
+    rewards and their group advantages (objective rl)."""
+
+    # per sample, the teacher's log-prob of each completion token; None when the loss reads them from the
+    # teacher's forward inside train_on_samples (a local teacher with a full-distribution loss), or for rl
+    teacher_logprobs: list[list[float]] | None = None
+    rewards_PG: list[float] | None = None  # rl: 1.0 per correct sample, prompts x samplesPerPrompt
+    advantages_PG: list[float] | None = None  # rl: group-normalised rewards, same layout
+
+
+def _score(setup: _Setup, teacher: Teacher | None, samples: Sequence[Sample], answers: Sequence[str | None]) -> _Scores:
+    cfg = setup.cfg
+    if teacher is None:  # rl: grade each completion, then compare the samples of each prompt
+        texts = setup.tokenizer.batch_decode([s.completion_ids for s in samples], skip_special_tokens=True)
+        rewards_PG = rl.rewards(texts, answers, setup.reward_kind)
+        advantages_PG = rl.group_advantages(rewards_PG, cfg.samples_per_prompt, scale_by_std=cfg.rl.scale_by_std)
+        return _Scores(rewards_PG=rewards_PG, advantages_PG=advantages_PG)
+    if cfg.loss in FULL_KL and teacher.scores_from_kl_targets:
+        # the teacher runs once per micro-batch inside train_on_samples, giving the distributions and these
+        # log-probs together
+        return _Scores()
+    return _Scores(teacher_logprobs=teacher.score(samples))
+
+
+def _graded(tokenizer, samples: Sequence[Sample], answers: Sequence[str | None], kind: str) -> tuple[int, int]:
+    """(correct, graded): samples whose answer matches, out of those with a reference answer, compared as
+    the prompts' ``kind`` says (as eval compares them)."""
+    graded = [(s, a) for s, a in zip(samples, answers) if a is not None]
+    if not graded:
+        return 0, 0
+    texts = tokenizer.batch_decode([s.completion_ids for s, _ in graded], skip_special_tokens=True)
+    return sum(g.correct for g in grade_many([(t, a) for t, (_, a) in zip(texts, graded)], kind)), len(graded)
+
+
+@dataclass
+class _StepTimes:
+    """``time.perf_counter()`` at the step's start and after sampling, scoring and the optimizer step."""
+
+    start: float
+    sampled: float
+    scored: float
+    trained: float
+
+
+def _record(
+    setup: _Setup,
+    step: int,
+    *,
+    samples: Sequence[Sample],
+    answers: Sequence[str | None],
+    prompts_here: int,
+    scores: _Scores,
+    stats: StepStats,
+    n_tokens: int,
+    grad_norm: float,
+    lr: float,
+    times: _StepTimes,
+    weight_sync_seconds: float,
+) -> dict:
+    """The step's metrics line, over all processes (each process's loss, KL and entropy are already
+    divided by the whole step's completion tokens, ``n_tokens``)."""
+    cfg, is_rl, rewards_PG = setup.cfg, setup.is_rl, scores.rewards_PG
+    # rl graded every sample already (all have answers): its rewards are the sample accuracy
+    if rewards_PG is not None:
+        correct_graded = (int(sum(rewards_PG)), len(rewards_PG))
+    else:
+        correct_graded = _graded(setup.tokenizer, samples, answers, cfg.prompts.kind)
+    loss, reverse_kl, entropy, n_samples, finished, correct, graded, ratio_sum, capped = distributed.all_sum(
+        stats.loss,
+        stats.reverse_kl,
+        stats.entropy,
+        len(samples),
+        sum(s.finished for s in samples),
+        *correct_graded,
+        stats.ratio.ratio_sum,
+        stats.ratio.capped,
+    )
+    ratio_max = distributed.all_max(stats.ratio.ratio_max)
+    reward_sum, zero_var_groups, groups = distributed.all_sum(
+        sum(rewards_PG or ()),
+        rl.zero_variance_fraction(rewards_PG or (), cfg.samples_per_prompt) * prompts_here,
+        prompts_here,
+    )
+    step_seconds = times.trained - times.start
+    return {
+        "step": step + 1,
+        "reverse_kl": None if is_rl else reverse_kl,  # rl has no teacher to measure against
+        # objective rl: mean reward of the step's samples, and the share of prompts whose samples all
+        # earned the same reward (advantage 0, no signal); None with objective distill
+        "reward_mean": reward_sum / n_samples if is_rl else None,
+        "zero_variance_group_fraction": zero_var_groups / groups if is_rl else None,
+        "entropy": entropy,
+        "loss": loss,
+        "completion_tokens": n_tokens,
+        "mean_completion_length": n_tokens / n_samples,
+        "finished_fraction": finished / n_samples,
+        "sample_accuracy": correct / graded if graded else None,
+        "learning_rate": lr,
+        "grad_norm": grad_norm,
+        "sample_seconds": times.sampled - times.start,
+        "teacher_seconds": times.scored - times.sampled,
+        "train_seconds": times.trained - times.scored,
+        "step_seconds": step_seconds,
+        "tokens_per_second": n_tokens / step_seconds,
+        # part of sample_seconds: loading the trainer's weights into a vLLM sampler (0 for hf)
+        "weight_sync_seconds": weight_sync_seconds,
+        # p_trainer / p_sampler per completion token: 1 when the sampler is exactly the trainer
+        "importance_ratio_mean": ratio_sum / max(n_tokens, 1),
+        "importance_ratio_max": ratio_max,
+        "importance_ratio_capped_fraction": (
+            capped / max(n_tokens, 1) if cfg.importance_ratio_cap is not None else None
+        ),
+    }
+
+
+def _train(
+    setup: _Setup, model, samples: Sequence[Sample], scores: _Scores, teacher: Teacher | None, opt: Optimization
+) -> tuple[StepStats, int, float, float]:
+    """One optimizer step on the step's samples over all processes: (this process's stats, the step's
+    completion tokens, gradient norm, learning rate)."""
+    cfg = setup.cfg
+    n_tokens = int(distributed.all_sum(sum(len(s.completion_ids) for s in samples))[0])
+    stats = train_on_samples(
+        model,
+        samples,
+        scores.teacher_logprobs,
+        cfg,
+        setup.tokenizer.pad_token_id,
+        teacher,
+        total_tokens=n_tokens,
+        sample_advantages=scores.advantages_PG,
+    )
+    distributed.all_reduce_gradients(model)
+    grad_norm, lr = optimizer_step(model, opt.optimizer, opt.scheduler, cfg.optimizer.max_grad_norm)
+    return stats, n_tokens, grad_norm, lr
+
+
+def _step(
+    setup: _Setup, step: int, model, teacher: Teacher | None, sampler, opt: Optimization, cache: dict[str, list[int]]
+) -> dict:
+    """Sample from the current weights, score the samples, train on them; the step's metrics line."""
+    cfg = setup.cfg
+    t0 = time.perf_counter()
+    distributed.seed_step(cfg.seed, step)
+    batch, prompts = _step_prompts(setup, step, cache)
+    samples = sampler(
+        model,
+        setup.tokenizer,
+        prompts,
+        n=cfg.samples_per_prompt,
+        temperature=cfg.temperature,
+        max_new_tokens=cfg.max_new_tokens,
+        batch_size=cfg.sampler.batch_size,
+    )
+    t1 = time.perf_counter()
+    answers = [r.answer for r in batch for _ in range(cfg.samples_per_prompt)]
+    scores = _score(setup, teacher, samples, answers)
+    t2 = time.perf_counter()
+    stats, n_tokens, grad_norm, lr = _train(setup, model, samples, scores, teacher, opt)
+    return _record(
+        setup,
+        step,
+        samples=samples,
+        answers=answers,
+        prompts_here=len(batch),
+        scores=scores,
+        stats=stats,
+        n_tokens=n_tokens,
+        grad_norm=grad_norm,
+        lr=lr,
+        times=_StepTimes(t0, t1, t2, time.perf_counter()),
+        weight_sync_seconds=getattr(sampler, "last_sync_seconds", 0.0),
+    )
+
+
+def run_distill(
+    run: DistillationRun,
+    workspace: Path,
+    *,
+    resume: bool = False,
+    log: Callable[[str], None] = print,
+    on_step: Callable[[dict], None] | None = None,
+) -> dict:
+    log = rank_log(log)
+    setup = _setup(run, workspace, resume, log)
+    cfg, ws = setup.cfg, setup.ws
+    student = run.spec.student
+    model = train_model(
+        cfg,
+        setup.init,
+        setup.existing,
+        student,
+        revision=None if setup.from_checkpoint else student.revision,
         strategy=sharding.stage_strategy(cfg),
+        log=log,
     )
-    activations.use_gradient_checkpointing(model, cfg.gradient_checkpointing)
-    activations.use_fast_attention(model, log)
-    distributed.broadcast_parameters(model)
-    model.train()
-    teacher = None if is_rl else _teacher(run, ws, cfg)
-    sampler = _sampler(run, cfg, init, log)  # a vLLM sampler loads the trainer's weights before each sampling
-    opt = cfg.optimizer
-    optimizer, scheduler = optimizer_for(model.parameters(), opt, cfg.steps)
-    sink = (
-        MetricsSink(ws.metrics("distill"), port=cfg.metrics_port, total_steps=cfg.steps)
-        if distributed.is_main()
-        else NullSink()
-    )
-    start_step = checkpoint.restore(existing, optimizer, scheduler, model) if existing is not None else 0
-    sink.begin(start_step)
-    if start_step:
-        log(f"distill: resumed from {existing} (step {start_step})")
-
-    prompt_cache: dict[str, list[int]] = {}
-    pad_id = tokenizer.pad_token_id
-    for step in range(start_step, cfg.steps):
-        t0 = time.perf_counter()
-        distributed.seed_step(cfg.seed, step)
-        # this process's share of the step's prompts (all of them for a single process)
-        batch = distributed.share(batch_at(records, step * cfg.prompts_per_step, cfg.prompts_per_step, cfg.seed))
-        prompts = []
-        for r in batch:
-            if r.id not in prompt_cache:
-                prompt_cache[r.id] = prompt_ids(tokenizer, r.messages)
-            prompts.append(prompt_cache[r.id])
-        samples = sampler(
-            model,
-            tokenizer,
-            prompts,
-            n=cfg.samples_per_prompt,
-            temperature=cfg.temperature,
-            max_new_tokens=cfg.max_new_tokens,
-            batch_size=cfg.sampler.batch_size,
+    teacher = None if setup.is_rl else _teacher(run, ws, cfg)
+    sampler = _sampler(run, cfg, setup.init, log)  # a vLLM sampler loads the trainer's weights before each sampling
+    try:
+        sink = (
+            MetricsSink(ws.metrics("distill"), port=cfg.metrics_port, total_steps=cfg.steps)
+            if distributed.is_main()
+            else NullSink()
         )
-        t1 = time.perf_counter()
-        answers = [r.answer for r in batch for _ in range(cfg.samples_per_prompt)]
-        teacher_lp = rewards_PG = advantages_PG = None
-        if teacher is None:  # rl: grade each completion, then compare the samples of each prompt
-            texts = tokenizer.batch_decode([s.completion_ids for s in samples], skip_special_tokens=True)
-            rewards_PG = rl.rewards(texts, answers, reward_kind)
-            advantages_PG = rl.group_advantages(rewards_PG, cfg.samples_per_prompt, scale_by_std=cfg.rl.scale_by_std)
-        elif not (cfg.loss in FULL_KL and teacher.scores_from_kl_targets):
-            # a local teacher with a full-distribution loss runs once per micro-batch inside train_on_samples,
-            # giving the distributions and these log-probs together; otherwise it scores the samples here
-            teacher_lp = teacher.score(samples)
-        t2 = time.perf_counter()
-        n_tokens = int(distributed.all_sum(sum(len(s.completion_ids) for s in samples))[0])
-        stats = train_on_samples(
-            model, samples, teacher_lp, cfg, pad_id, teacher, total_tokens=n_tokens, sample_advantages=advantages_PG
-        )
-        distributed.all_reduce_gradients(model)
-        grad_norm, lr = optimizer_step(model, optimizer, scheduler, opt.max_grad_norm)
-        t3 = time.perf_counter()
-        # rl graded every sample already (all have answers): its rewards are the sample accuracy
-        if rewards_PG is not None:
-            correct_graded = (int(sum(rewards_PG)), len(rewards_PG))
-        else:
-            correct_graded = _graded(tokenizer, samples, answers, cfg.prompts.kind)
-        # the step's numbers over all processes (each process's values are already per global token)
-        loss, reverse_kl, entropy, n_samples, finished, correct, graded, ratio_sum, capped = distributed.all_sum(
-            stats.loss,
-            stats.reverse_kl,
-            stats.entropy,
-            len(samples),
-            sum(s.finished for s in samples),
-            *correct_graded,
-            stats.ratio.ratio_sum,
-            stats.ratio.capped,
-        )
-        ratio_max = distributed.all_max(stats.ratio.ratio_max)
-        reward_sum, zero_var_groups, groups = distributed.all_sum(
-            sum(rewards_PG or ()),
-            rl.zero_variance_fraction(rewards_PG or (), cfg.samples_per_prompt) * len(batch),
-            len(batch),
-        )
-        record = {
-            "step": step + 1,
-            "reverse_kl": None if is_rl else reverse_kl,  # rl has no teacher to measure against
-            # objective rl: mean reward of the step's samples, and the share of prompts whose samples all
-            # earned the same reward (advantage 0, no signal); None with objective distill
-            "reward_mean": reward_sum / n_samples if is_rl else None,
-            "zero_variance_group_fraction": zero_var_groups / groups if is_rl else None,
-            "entropy": entropy,
-            "loss": loss,
-            "completion_tokens": n_tokens,
-            "mean_completion_length": n_tokens / n_samples,
-            "finished_fraction": finished / n_samples,
-            "sample_accuracy": correct / graded if graded else None,
-            "learning_rate": lr,
-            "grad_norm": grad_norm,
-            "sample_seconds": t1 - t0,
-            "teacher_seconds": t2 - t1,
-            "train_seconds": t3 - t2,
-            "step_seconds": t3 - t0,
-            "tokens_per_second": n_tokens / (t3 - t0),
-            # part of sample_seconds: loading the trainer's weights into a vLLM sampler (0 for hf)
-            "weight_sync_seconds": getattr(sampler, "last_sync_seconds", 0.0),
-            # p_trainer / p_sampler per completion token: 1 when the sampler is exactly the trainer
-            "importance_ratio_mean": ratio_sum / max(n_tokens, 1),
-            "importance_ratio_max": ratio_max,
-            "importance_ratio_capped_fraction": (
-                capped / max(n_tokens, 1) if cfg.importance_ratio_cap is not None else None
-            ),
-        }
-        end_step(
-            record,
-            sink=sink,
-            on_step=on_step,
-            ckpt_root=ckpt_root,
-            checkpointing=cfg.checkpointing,
-            total_steps=cfg.steps,
-            data_position=(step + 1) * cfg.prompts_per_step,
-            model=model,
-            tokenizer=tokenizer,
-            optimizer=optimizer,
-            scheduler=scheduler,
-        )
-    if hasattr(sampler, "close"):
-        sampler.close()
+        opt = start_optimization("distill", cfg, model, setup.existing, sink, log)
+        prompt_cache: dict[str, list[int]] = {}
+        for step in range(opt.start_step, cfg.steps):
+            end_step(
+                _step(setup, step, model, teacher, sampler, opt, prompt_cache),
+                sink=sink,
+                on_step=on_step,
+                ckpt_root=ws.checkpoints("distill"),
+                checkpointing=cfg.checkpointing,
+                total_steps=cfg.steps,
+                data_position=(step + 1) * cfg.prompts_per_step,
+                model=model,
+                tokenizer=setup.tokenizer,
+                optimizer=opt.optimizer,
+                scheduler=opt.scheduler,
+            )
+    finally:
+        # the vLLM engine runs in processes of its own and holds memory until they stop
+        if hasattr(sampler, "close"):
+            sampler.close()
     return finish_stage(
         "distill",
         ws,
         model,
-        tokenizer,
+        setup.tokenizer,
         lora_enabled=cfg.lora.enabled,
         steps=cfg.steps,
-        summary_metric="reward_mean" if is_rl else "reverse_kl",
+        summary_metric="reward_mean" if setup.is_rl else "reverse_kl",
     )

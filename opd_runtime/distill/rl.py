@@ -2,7 +2,7 @@
 group-normalised advantages.
 
 The reward of a completion is 1.0 when its last ``\\boxed{}`` answer is the prompt's reference answer,
-graded exactly as ``opd eval`` grades (``grading.judge_many`` with the dataset's ``kind``: ``aime``
+graded exactly as ``opd eval`` grades (``grading.grade_many`` with the dataset's ``kind``: ``aime``
 compares integers, ``math`` integers or normalised strings, then math-verify), else 0.0. A completion
 without a box earns 0.
 
@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from ..grading import judge_many
+from ..grading import grade_many
 
 STD_EPS = 1e-4  # added to the group's standard deviation, as in TRL's GRPOTrainer
 
@@ -40,7 +40,7 @@ def rewards(completions: Sequence[str], answers: Sequence[str | None], kind: str
     missing = sum(a is None for a in answers)
     if missing:
         raise ValueError(f"{missing} of {len(answers)} prompts have no reference answer to grade against")
-    graded = judge_many([(c, a) for c, a in zip(completions, answers)], kind)
+    graded = grade_many([(c, a) for c, a in zip(completions, answers)], kind)
     return [1.0 if g.correct else 0.0 for g in graded]
 
 

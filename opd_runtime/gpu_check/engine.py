@@ -143,7 +143,7 @@ def run(model_dir: Path, config: dict, args, dev: torch.device, say) -> list[Che
             )
         )
     finally:
-        from ..vllm_sampler import shutdown_engine
+        from ..vllm_engine import shutdown_engine
 
         shutdown_engine(sampler.llm)
     return checks

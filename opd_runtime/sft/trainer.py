@@ -18,12 +18,20 @@ import torch
 from .. import modeling
 from ..metrics import MetricsSink, NullSink
 from ..spec import DistillationRun, SpecError
-from ..training import activations, checkpoint, chunked, distributed, sharding
+from ..training import checkpoint, chunked, distributed, sharding
 from ..training.batches import length_groups, right_pad
-from ..training.loop import end_step, finish_stage, optimizer_step
-from ..training.model_setup import build_trainable, optimizer_for
+from ..training.loop import (
+    enabled_spec,
+    end_step,
+    finish_stage,
+    optimizer_step,
+    rank_log,
+    start_optimization,
+    train_model,
+)
 from ..training.order import batch_at
 from ..workspace import Workspace
+from ..world_step import ensure_world
 from .packing import pack
 from .trace_store import TraceStore, store_path, write_store
 from .traces import load_traces, tokenize
@@ -61,10 +69,6 @@ def micro_batches(examples, cfg) -> list[list[int]]:
     )
 
 
-def _quiet(*_args) -> None:
-    pass
-
-
 def run_sft(
     run: DistillationRun,
     workspace: Path,
@@ -73,12 +77,10 @@ def run_sft(
     log: Callable[[str], None] = print,
     on_step: Callable[[dict], None] | None = None,
 ) -> dict:
-    cfg = run.spec.sft
-    if cfg is None or not cfg.enabled:
-        raise SpecError("spec.sft: the sft stage is not enabled in this run")
-    if not distributed.is_main():  # rank 0 reports for all processes
-        log = _quiet
+    cfg = enabled_spec(run.spec.sft, "sft")
+    log = rank_log(log)
     ws = Workspace(Path(workspace))
+    ensure_world(run, ws)
     ckpt_root = ws.checkpoints("sft")
     existing = checkpoint.resumable(ckpt_root, resume, run, "sft")
     student = run.spec.student
@@ -109,27 +111,10 @@ def run_sft(
         + (f", split over {distributed.world_size()} processes" if distributed.world_size() > 1 else "")
     )
 
-    torch.manual_seed(cfg.seed)
-    model = build_trainable(
-        init,
-        cfg.lora,
-        student.dtype,
-        existing,
-        revision=student.revision,
-        trust_remote_code=student.trust_remote_code,
-        strategy=cfg.strategy,
-    )
-    activations.use_gradient_checkpointing(model, cfg.gradient_checkpointing)
-    activations.use_fast_attention(model, log)
-    distributed.broadcast_parameters(model)
-    model.train()
-    opt = cfg.optimizer
-    optimizer, scheduler = optimizer_for(model.parameters(), opt, cfg.steps)
+    model = train_model(cfg, init, existing, student, revision=student.revision, strategy=cfg.strategy, log=log)
     sink = MetricsSink(ws.metrics("sft")) if distributed.is_main() else NullSink()
-    start_step = checkpoint.restore(existing, optimizer, scheduler, model) if existing is not None else 0
-    sink.begin(start_step)
-    if start_step:
-        log(f"sft: resumed from {existing} (step {start_step})")
+    opt = start_optimization("sft", cfg, model, existing, sink, log)
+    optimizer, scheduler, start_step = opt.optimizer, opt.scheduler, opt.start_step
 
     pad_id = tokenizer.pad_token_id
     order = list(range(len(traces)))
@@ -148,7 +133,7 @@ def run_sft(
             nll.backward()
             total += nll.item()
         distributed.all_reduce_gradients(model)
-        grad_norm, lr = optimizer_step(model, optimizer, scheduler, opt.max_grad_norm)
+        grad_norm, lr = optimizer_step(model, optimizer, scheduler, cfg.optimizer.max_grad_norm)
         total, tokens = distributed.all_sum(total, sum(len(p) + len(c) for p, c in examples))
         seconds = time.perf_counter() - t0
         record = {

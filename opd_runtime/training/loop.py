@@ -1,18 +1,83 @@
-"""The parts of a training stage's loop that SFT and the OPD learner share: the optimizer step, the
-end-of-step bookkeeping (metrics line, checkpoint cadence) and the stage's final output and summary."""
+"""The parts of a training stage that SFT and the OPD learner share: the prologue (the stage's spec, the
+model to train, the optimizer and a resumed checkpoint), the optimizer step, the end-of-step bookkeeping
+(metrics line, checkpoint cadence) and the stage's final output and summary."""
 
 from __future__ import annotations
 
 import json
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 
 from ..metrics import MetricsSink, NullSink
+from ..spec import SpecError
 from ..workspace import Workspace
-from . import checkpoint, distributed, sharding
-from .model_setup import export_final
+from . import activations, checkpoint, distributed, sharding
+from .model_setup import build_trainable, export_final, optimizer_for
+
+
+def enabled_spec(cfg, stage: str):
+    """The stage's spec section (``spec.sft``, ``spec.distill``); a SpecError when the run leaves it off."""
+    if cfg is None or not cfg.enabled:
+        raise SpecError(f"spec.{stage}: the {stage} stage is not enabled in this run")
+    return cfg
+
+
+def _quiet(*_args) -> None:
+    pass
+
+
+def rank_log(log: Callable[[str], None]) -> Callable[[str], None]:
+    """``log`` on rank 0, silence on the others: rank 0 reports for all processes."""
+    return log if distributed.is_main() else _quiet
+
+
+def train_model(cfg, init: str, existing: Path | None, student, *, revision: str | None, strategy: str, log):
+    """The model a stage trains, seeded by ``cfg.seed``, in training mode and the same on every rank.
+
+    ``cfg`` is the stage's spec (``lora``, ``seed``, ``gradientCheckpointing``), ``student`` the run's
+    student spec (``dtype``, ``trustRemoteCode``); ``existing`` is the checkpoint to resume from."""
+    torch.manual_seed(cfg.seed)
+    model = build_trainable(
+        init,
+        cfg.lora,
+        student.dtype,
+        existing,
+        revision=revision,
+        trust_remote_code=student.trust_remote_code,
+        strategy=strategy,
+    )
+    activations.use_gradient_checkpointing(model, cfg.gradient_checkpointing)
+    activations.use_fast_attention(model, log)
+    distributed.broadcast_parameters(model)
+    model.train()
+    return model
+
+
+@dataclass
+class Optimization:
+    """The optimizer, its schedule and the step to start from (0, or the resumed checkpoint's)."""
+
+    optimizer: Any
+    scheduler: Any
+    start_step: int
+
+
+def start_optimization(
+    stage: str, cfg, model, existing: Path | None, sink: MetricsSink | NullSink, log
+) -> Optimization:
+    """The optimizer over ``cfg.steps``; with ``existing``, its state, the schedule's and the model's are
+    restored from that checkpoint. The sink starts a fresh metrics file or keeps the resumed steps' lines."""
+    optimizer, scheduler = optimizer_for(model.parameters(), cfg.optimizer, cfg.steps)
+    start_step = checkpoint.restore(existing, optimizer, scheduler, model) if existing is not None else 0
+    sink.begin(start_step)
+    if start_step:
+        log(f"{stage}: resumed from {existing} (step {start_step})")
+    return Optimization(optimizer, scheduler, start_step)
 
 
 def optimizer_step(model, optimizer, scheduler, max_grad_norm: float | None) -> tuple[float, float]:

@@ -1,4 +1,5 @@
-"""A math-verify worker process for ``opd_runtime.grading`` (run as a script; imports nothing of opd).
+"""A math-verify worker process for ``opd_runtime.grading.verify_pool`` (run as a script; imports nothing
+of opd).
 
 Protocol, one JSON object per line: it first writes ``{"ready": true}`` (or false when math-verify cannot
 be imported), then answers every request ``{"gold", "pred", "alarm"}`` on stdin with ``{"ok": true|false}``,
