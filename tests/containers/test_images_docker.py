@@ -1,5 +1,5 @@
 """The operator and runtime-cpu images, built from images/*/Dockerfile with a real Docker engine
-(tests/controlplane/images.py: the engine, a base image and the builds, cached by the hash of their
+(tests/support/controlplane/images.py: the engine, a base image and the builds, cached by the hash of their
 inputs) and run: the operator's command as the image's non-root user, `opd validate` of the example run
 and CPU torch inside the runtime image."""
 
@@ -11,11 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from controlplane import images
+from support.controlplane import images
 
-pytestmark = pytest.mark.containers
-
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

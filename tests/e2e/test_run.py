@@ -1,6 +1,6 @@
 """``opd run``: a whole DistillationRun on one machine, with the pod commands, resume and a report.
 
-Runs on the untrained tiny models of conftest (mechanics, not learning): SFT -> OPD -> eval as real
+Runs on the untrained random models (``random_models``: mechanics, not learning): SFT -> OPD -> eval as real
 subprocesses, an interrupted run continued with --resume, a failing stage, and bad files rejected before
 torch loads. Runs that get signals start with SIGINT ignored, as every background job of a script does,
 so they show that ``opd run`` and its stages install their own handlers whatever started the suite.
@@ -24,7 +24,8 @@ from opd_runtime.plan import stage_command
 from opd_runtime.runner import LOCK_FILE
 from opd_runtime.spec import load_run
 
-from conftest import opd_cmd, opd_env, write_run
+from support.processes import opd_cmd, opd_env
+from support.runs import write_run
 
 
 def run_file(tmp_path: Path, world, *, distill_steps: int = 3, sft_dataset: dict | None = None) -> Path:
@@ -159,8 +160,8 @@ def running(pid: int) -> bool:
 
 
 @pytest.mark.slow  # a whole SFT -> OPD -> eval run: minutes on 2 cores
-def test_run_executes_every_stage_with_the_pod_commands_and_writes_a_report(tiny_world, tmp_path):
-    src = run_file(tmp_path, tiny_world)
+def test_run_executes_every_stage_with_the_pod_commands_and_writes_a_report(random_models, tmp_path):
+    src = run_file(tmp_path, random_models)
     workdir = tmp_path / "work"
     proc = opd_run(str(src), "--workdir", str(workdir), "--teacher", "local")
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -206,9 +207,9 @@ def test_run_executes_every_stage_with_the_pod_commands_and_writes_a_report(tiny
 
 
 @pytest.mark.slow
-def test_interrupted_run_resumes_without_redoing_finished_stages(tiny_world, tmp_path):
+def test_interrupted_run_resumes_without_redoing_finished_stages(random_models, tmp_path):
     """Ctrl-C stops the run with 130 even though it started with SIGINT ignored; --resume continues it."""
-    src = run_file(tmp_path, tiny_world, distill_steps=40)
+    src = run_file(tmp_path, random_models, distill_steps=40)
     doc = yaml.safe_load(src.read_text())
     doc["spec"]["eval"]["targets"] = ["distill"]  # eval is not what is resumed here; one model is enough
     src.write_text(yaml.safe_dump(doc, sort_keys=False))
@@ -236,10 +237,10 @@ def test_interrupted_run_resumes_without_redoing_finished_stages(tiny_world, tmp
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
-def test_sigterm_and_sighup_stop_the_run_as_ctrl_c_does_and_the_workdir_is_locked(tiny_world, tmp_path, sig):
+def test_sigterm_and_sighup_stop_the_run_as_ctrl_c_does_and_the_workdir_is_locked(random_models, tmp_path, sig):
     """`kill`, `timeout`, a cancelled CI job (SIGTERM) or a closed terminal (SIGHUP): the stage stops between
     steps as on Ctrl-C, no stage is left running, and a second run on the workdir is refused meanwhile."""
-    src = distill_run_file(tmp_path, tiny_world, distill_steps=500)
+    src = distill_run_file(tmp_path, random_models, distill_steps=500)
     workdir = tmp_path / "work"
     proc = start_run(src, workdir)
     wait_for_checkpoint(proc, workdir / "checkpoints" / "distill", 1)
@@ -262,9 +263,9 @@ def test_sigterm_and_sighup_stop_the_run_as_ctrl_c_does_and_the_workdir_is_locke
     assert not (workdir / "results" / "distill.json").exists()
 
 
-def test_a_killed_run_takes_its_stage_with_it_and_frees_the_workdir(tiny_world, tmp_path):
+def test_a_killed_run_takes_its_stage_with_it_and_frees_the_workdir(random_models, tmp_path):
     """kill -9 of `opd run` (no chance to clean up): the kernel's parent-death signal ends the stage."""
-    src = distill_run_file(tmp_path, tiny_world, distill_steps=500)
+    src = distill_run_file(tmp_path, random_models, distill_steps=500)
     workdir = tmp_path / "work"
     proc = start_run(src, workdir)
     wait_for_checkpoint(proc, workdir / "checkpoints" / "distill", 1)
@@ -282,9 +283,9 @@ def test_a_killed_run_takes_its_stage_with_it_and_frees_the_workdir(tiny_world, 
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
-def test_a_stage_started_with_sigint_ignored_still_stops_on_sigint(tiny_world, tmp_path):
+def test_a_stage_started_with_sigint_ignored_still_stops_on_sigint(random_models, tmp_path):
     """`opd distill` run by hand or by a script in the background: Ctrl-C stops it with 130."""
-    config = write_run(tmp_path / "run.yaml", tiny_world.student, tiny_world.teacher, steps=500)
+    config = write_run(tmp_path / "run.yaml", random_models.student, random_models.teacher, steps=500)
     ws = tmp_path / "ws"
     proc = subprocess.Popen(
         opd_cmd("distill", "--config", str(config), "--workspace", str(ws)),
@@ -303,8 +304,8 @@ def test_a_stage_started_with_sigint_ignored_still_stops_on_sigint(tiny_world, t
     assert not (ws / "results" / "distill.json").exists()
 
 
-def test_failed_stage_stops_the_run_with_its_log_tail_and_the_resume_command(tiny_world, tmp_path):
-    src = run_file(tmp_path, tiny_world, sft_dataset={"path": str(tmp_path / "missing.jsonl")})
+def test_failed_stage_stops_the_run_with_its_log_tail_and_the_resume_command(random_models, tmp_path):
+    src = run_file(tmp_path, random_models, sft_dataset={"path": str(tmp_path / "missing.jsonl")})
     workdir = tmp_path / "work"
     proc = opd_run(str(src), "--workdir", str(workdir), "--teacher", "local")
     assert proc.returncode == 2, proc.stdout + proc.stderr  # a config error: retrying would not help
@@ -330,9 +331,9 @@ BAD = {
 
 
 @pytest.mark.parametrize("case", sorted(BAD))
-def test_bad_run_file_fails_before_torch_loads(tiny_world, tmp_path, case):
+def test_bad_run_file_fails_before_torch_loads(random_models, tmp_path, case):
     mutate, field, hint = BAD[case]
-    doc = yaml.safe_load(run_file(tmp_path, tiny_world).read_text())
+    doc = yaml.safe_load(run_file(tmp_path, random_models).read_text())
     mutate(doc["spec"])
     src = tmp_path / "bad.yaml"
     src.write_text(yaml.safe_dump(doc))
@@ -348,9 +349,9 @@ def test_bad_run_file_fails_before_torch_loads(tiny_world, tmp_path, case):
 
 
 @pytest.mark.vllm
-def test_run_serves_the_teacher_with_vllm_and_stops_it_after_opd(tiny_world, tmp_path):
+def test_run_serves_the_teacher_with_vllm_and_stops_it_after_opd(random_models, tmp_path):
     """`--teacher vllm`: `opd serve-teacher` (real vLLM) runs beside OPD, which scores over HTTP."""
-    doc = yaml.safe_load(run_file(tmp_path, tiny_world, distill_steps=2).read_text())
+    doc = yaml.safe_load(run_file(tmp_path, random_models, distill_steps=2).read_text())
     doc["spec"].pop("sft")
     doc["spec"]["eval"]["targets"] = ["distill"]
     doc["spec"]["teacher"]["serving"] = {"maxModelLen": 256, "gpuMemoryUtilization": 0.1}

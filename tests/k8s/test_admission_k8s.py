@@ -1,4 +1,4 @@
-"""Admission parity: every spec of the invalid-spec corpus (tests/invalid_specs.py) is refused by the spec
+"""Admission parity: every spec of the invalid-spec corpus (tests/support/invalid_specs.py) is refused by the spec
 models (`opd validate`) and by the real API server at ``kubectl apply`` (the CRD's CEL rules), both naming
 the same field."""
 
@@ -7,12 +7,12 @@ from __future__ import annotations
 import re
 
 import pytest
-from invalid_specs import CASES, Case, invalid_run
-from test_operator_k8s import CRD_FILE
 
 from opd_runtime.spec import SpecError, parse_run
 
-from controlplane import ControlPlane
+from support.controlplane import ControlPlane
+from support.invalid_specs import CASES, Case, invalid_run
+from support.operator_harness import CRD_FILE
 
 
 def dotted(path: str) -> str:

@@ -1,4 +1,4 @@
-"""charts/opd-operator against the real API server of the test control plane (tests/controlplane):
+"""charts/opd-operator against the real API server of the test control plane (tests/support/controlplane):
 
 - every object each documented variant renders is accepted (server-side dry-run apply, PodSecurity
   `restricted` enforced in the namespace, the prometheus-operator CRDs installed for the monitors);
@@ -22,14 +22,11 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-import monitoring_crds
-from chart_support import CHART, ROOT, VALUES_FILES, load_sync, render_text, rule_triples
-from conftest import free_port
-from controlplane import ControlPlane
+from support import monitoring_crds
+from support.chart import CHART, CRD, ROOT, VALUES_FILES, install, load_sync, render_text, rule_triples, uninstall
+from support.controlplane import ControlPlane
+from support.processes import free_port
 
-pytestmark = pytest.mark.k8s
-
-CRD = "distillationruns.opd.dev"
 # What every authenticated identity may do (the system:basic-user and system:discovery ClusterRoles).
 BASIC = {
     ("authorization.k8s.io", "selfsubjectaccessreviews", "create"),
@@ -49,29 +46,6 @@ def cp(control_plane: ControlPlane) -> ControlPlane:
 
 def sa_user(namespace: str, release: str) -> str:
     return f"system:serviceaccount:{namespace}:{release}-opd-operator"
-
-
-def adopt_crd(cp: ControlPlane, release: str, namespace: str) -> None:
-    """Let this release take over the DistillationRun CRD if it already exists (installed by another
-    release or by `kubectl apply -f crds/`): Helm adopts objects that carry its ownership metadata."""
-    if cp.kubectl("get", "crd", CRD, check=False).returncode != 0:
-        return
-    cp.kubectl(
-        "annotate",
-        "--overwrite",
-        "crd",
-        CRD,
-        f"meta.helm.sh/release-name={release}",
-        f"meta.helm.sh/release-namespace={namespace}",
-    )
-    cp.kubectl("label", "--overwrite", "crd", CRD, "app.kubernetes.io/managed-by=Helm")
-
-
-def install(cp: ControlPlane, release: str, namespace: str, *args: str) -> str:
-    adopt_crd(cp, release, namespace)
-    return cp.helm(
-        "install", release, str(CHART), "--namespace", namespace, "--wait", "--timeout", "120s", *args
-    ).stdout
 
 
 def review(cp: ControlPlane, user: str, verb: str, group: str, resource: str, namespace: str | None) -> bool:
@@ -234,11 +208,6 @@ def test_helm_install_rejects_values_outside_the_schema(cp: ControlPlane, tmp_pa
 
 
 # ---- least privilege ----------------------------------------------------------------------------------
-
-
-def uninstall(cp: ControlPlane, release: str, namespace: str) -> None:
-    """Remove a release (the session's cluster is shared: leave no releases behind for other tests)."""
-    cp.helm("uninstall", release, "--namespace", namespace, "--wait", "--timeout", "120s", check=False)
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,7 @@ import json
 
 import pytest
 
-from controlplane import NODE_NAME, STORAGE_CLASS, ApiError, ControlPlane, container
-
-pytestmark = pytest.mark.k8s
+from support.controlplane import NODE_NAME, STORAGE_CLASS, ApiError, ControlPlane, container
 
 
 def job(name: str, *, backoff_limit: int = 0, gpus: int = 1) -> dict:

@@ -1,12 +1,12 @@
 """The Grafana dashboard (charts/opd-operator/dashboards/opd.json) against a real Prometheus and real data.
 
-One scenario feeds a real Prometheus (Debian's package, tests/prometheus_server.py):
+One scenario feeds a real Prometheus (Debian's package, tests/support/prometheus_server.py):
 
 - the chart is installed with its ServiceMonitor and PodMonitor (interval 1 s) on the test control plane;
   Prometheus gets the scrape jobs prometheus-operator generates from those two monitors as the API server
   stores them, with Kubernetes discovery against the same API server (Debian's Prometheus is built without
-  it: tests/prometheus_server.py serves the same targets and labels over HTTP discovery). The pods are kwok's, so each
-  target's address is rewritten to 127.0.0.1 (same port): their processes run here, not in the pods;
+  it: tests/support/prometheus_server.py serves the same targets and labels over HTTP discovery). The pods
+  are kwok's, so each target's address is rewritten to 127.0.0.1 (same port): their processes run here, not in the pods;
 - the operator (``python -m opd_operator``, the chart's ServiceAccount token, ``--metrics-port``) drives a
   DistillationRun teacher -> distill -> eval;
 - while the distill pod is Running, its stage command (``opd_runtime.plan.stage_command``, ``metricsPort``
@@ -39,15 +39,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-import monitoring_crds
-from chart_support import CHART
-from conftest import free_port, opd_env, stop_process
-from controlplane import ControlPlane
-from metric_names import promql_metric_names
-from prometheus_server import KubernetesDiscovery, Prometheus, ensure_prometheus, monitor_scrape_configs
-from test_chart_k8s import install, uninstall
+from support import monitoring_crds
+from support.chart import CHART, install, uninstall
+from support.controlplane import ControlPlane
+from support.metric_names import promql_metric_names
+from support.processes import free_port, opd_env, stop_process
+from support.prometheus_server import KubernetesDiscovery, Prometheus, ensure_prometheus, monitor_scrape_configs
 
-pytestmark = [pytest.mark.k8s, pytest.mark.vllm]
+pytestmark = pytest.mark.vllm  # k8s: from the control_plane fixture (tests/conftest.py)
 
 DASHBOARD = CHART / "dashboards" / "opd.json"
 RUN = "dash"

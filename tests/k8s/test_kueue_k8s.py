@@ -21,18 +21,14 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from test_multinode_k8s import gang, gpu_nodes, sft_only
-from test_operator_k8s import TIMEOUT, Operator, Run, cp, ns, operator, operator_kubeconfig, tiny_math
-from test_waiting_k8s import count_events, events_of
 
 from opd_operator import children, names
 from opd_operator.observe import job_view, pod_waiting
 from opd_runtime.spec import SpecError, parse_run
 
-from controlplane import ControlPlane
-from opd_fake_cluster import Story, cond, tiny_run
-
-__all__ = ["cp", "gpu_nodes", "ns", "operator", "operator_kubeconfig"]  # fixtures shared with other tests
+from support.controlplane import ControlPlane
+from support.opd_fake_cluster import Story, cond, tiny_run
+from support.operator_harness import TIMEOUT, Operator, Run, count_events, events_of, gang, sft_only, tiny_math
 
 QUEUE = "team-a"
 

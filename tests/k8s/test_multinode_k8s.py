@@ -1,4 +1,4 @@
-"""Multi-node training stages on the real control plane (tests/controlplane; kwok plays the kubelet).
+"""Multi-node training stages on the real control plane (tests/support/controlplane; kwok plays the kubelet).
 
 ``resources.nodes: 2`` makes a stage an Indexed Job of two pods plus a headless Service for torchrun's
 rendezvous on pod 0. Checked here: the objects and each pod's command and environment as the Job
@@ -16,78 +16,19 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-import test_operator_k8s as base
 import torch
 import yaml
-from numerics import ADAMW_WEIGHTS_REL
 from safetensors.torch import load_file
-from test_operator_k8s import TIMEOUT, Run, exists, tiny_math
 
 from opd_runtime.sft.trainer import run_sft
 from opd_runtime.spec import parse_run
 
-from conftest import free_port, opd_env
-from controlplane import ControlPlane
-
-pytestmark = pytest.mark.k8s
-# The control plane, the operator and a namespace per test, as test_operator_k8s sets them up.
-cp, operator_kubeconfig, ns, operator = base.cp, base.operator_kubeconfig, base.ns, base.operator
+from support.numerics import ADAMW_WEIGHTS_REL
+from support.operator_harness import INDEX, TIMEOUT, Run, exists, gang, sft_only
+from support.processes import free_port, opd_env
 
 BIN = Path(sys.executable).parent
-INDEX = "batch.kubernetes.io/job-completion-index"
 LAUNCH_TIMEOUT_S = 300
-
-
-def sft_only(name: str, sft: dict, **spec) -> dict:
-    """examples/tiny-math.yaml with only its sft stage, on a ReadWriteMany workspace (every pod mounts it)."""
-    doc = tiny_math(name, workspace={"size": "2Gi", "accessModes": ["ReadWriteMany"]}, **spec)
-    doc["spec"]["sft"].update(sft)
-    doc["spec"]["distill"]["enabled"] = False
-    doc["spec"]["eval"]["enabled"] = False
-    return doc
-
-
-@pytest.fixture
-def gpu_nodes(cp: ControlPlane, ns: str):
-    """Two fake nodes of 4 GPUs each (kwok plays their kubelets), tainted for this test alone: pods of
-    other tests that hold gpu-node-0's GPUs cannot starve the gang, and one pod of 4 GPUs fits per node,
-    so the two pods land on two nodes. Yields the spec fields that send a run's pods there."""
-    pool = {"key": "opd.dev/test-pool", "value": ns}
-    names = [f"{ns}-{i}"[-63:] for i in "ab"]
-    amounts = {"cpu": "64", "memory": "512Gi", "pods": "110", "nvidia.com/gpu": "4", "ephemeral-storage": "1Ti"}
-    cp.apply(
-        [
-            {
-                "apiVersion": "v1",
-                "kind": "Node",
-                "metadata": {
-                    "name": name,
-                    "annotations": {"kwok.x-k8s.io/node": "fake", "node.alpha.kubernetes.io/ttl": "0"},
-                    "labels": {"kubernetes.io/hostname": name, "type": "kwok", pool["key"]: ns},
-                },
-                "spec": {"taints": [{**pool, "effect": "NoSchedule"}]},
-                "status": {"allocatable": amounts, "capacity": amounts},
-            }
-            for name in names
-        ]
-    )
-    yield {
-        "nodeSelector": {pool["key"]: ns},
-        "tolerations": [{**pool, "operator": "Equal", "effect": "NoSchedule"}],
-    }
-    for name in names:
-        cp.kubectl("delete", "node", name, "--wait=false", check=False)
-
-
-def gang(cp: ControlPlane, ns: str, job: str, count: int = 2) -> list[dict]:
-    """The Job's ``count`` pods once all run, in index order."""
-
-    def running() -> list[dict] | None:
-        pods = [p for p in cp.pods(ns, f"job-name={job}") if p["status"].get("phase") == "Running"]
-        return sorted(pods, key=lambda p: int(p["metadata"]["annotations"][INDEX])) if len(pods) == count else None
-
-    return cp.wait(f"{count} running pods of {job}", running, timeout=TIMEOUT)
 
 
 def flag(argv: list[str], name: str) -> str:
@@ -159,7 +100,7 @@ def expand(argv: list[str], env: dict[str, str]) -> list[str]:
     return [re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: env[m.group(1)], a) for a in argv]
 
 
-def test_the_pods_command_line_trains_two_processes_to_the_weights_of_one(cp, ns, operator, tiny_world, tmp_path):
+def test_the_pods_command_line_trains_two_processes_to_the_weights_of_one(cp, ns, operator, random_models, tmp_path):
     """sft on two one-process "nodes" (CPU pods) started with the command and environment of the two pods
     the Job controller created; only what a cluster provides is replaced: the mounts (/etc/opd/run.yaml
     holds the ConfigMap's run file, /workspace is one shared folder), pod 0's DNS name (127.0.0.1) and the
@@ -177,7 +118,7 @@ def test_the_pods_command_line_trains_two_processes_to_the_weights_of_one(cp, ns
         "resources": {"gpus": 0, "nodes": 2},
     }
     doc = sft_only("cpu-gang", sft)
-    doc["spec"]["student"] = {"model": str(tiny_world.student), "dtype": "float32"}
+    doc["spec"]["student"] = {"model": str(random_models.student), "dtype": "float32"}
     run = Run(cp, ns, doc)
     pods = gang(cp, ns, "cpu-gang-sft-1")
     run_file = yaml.safe_load(cp.get(f"/api/v1/namespaces/{ns}/configmaps/cpu-gang-spec")["data"]["run.yaml"])
@@ -215,7 +156,7 @@ def test_the_pods_command_line_trains_two_processes_to_the_weights_of_one(cp, ns
         torch.set_num_threads(before)
     a = load_file(str(one / "checkpoints" / "sft" / "final" / "model.safetensors"))
     b = load_file(str(ws / "checkpoints" / "sft" / "final" / "model.safetensors"))
-    init = load_file(str(tiny_world.student / "model.safetensors"))
+    init = load_file(str(random_models.student / "model.safetensors"))
     assert a.keys() == b.keys()
     worst = max(float((a[k] - b[k]).abs().max() / a[k].abs().max().clamp_min(1e-12)) for k in a)
     moved = max(float((a[k] - init[k]).abs().max()) for k in a)

@@ -16,7 +16,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_operator_k8s import TIMEOUT, Operator, Run, cp, ns, operator_kubeconfig, tiny_math
 
 from opd_operator.__main__ import main as operator_main
 from opd_operator.cache import Overlay, from_index
@@ -24,9 +23,8 @@ from opd_operator.kube import request_kind
 from opd_operator.rbac import cluster_role, leader_election_rules
 from opd_operator.reconcile import Action
 
-from controlplane import HELD_IMAGE, ControlPlane
-
-__all__ = ["cp", "ns", "operator_kubeconfig"]  # fixtures shared with test_operator_k8s
+from support.controlplane import HELD_IMAGE, ControlPlane
+from support.operator_harness import TIMEOUT, Operator, Run, tiny_math
 
 LEASE = "opd-operator"
 LEASE_SECONDS, RENEW_SECONDS, RETRY_SECONDS = 4, 3, 0.5
@@ -193,7 +191,6 @@ def identity(op: Operator) -> str | None:
     return found.group(1) if found else None
 
 
-@pytest.mark.k8s
 def test_two_replicas_one_acts_and_the_standby_takes_over_when_the_leader_dies(
     cp: ControlPlane, ns: str, election: tuple[Path, str], replicas: list[Operator]
 ):
@@ -244,7 +241,6 @@ def test_two_replicas_one_acts_and_the_standby_takes_over_when_the_leader_dies(
     assert cp.get(f"/apis/apps/v1/namespaces/{ns}/deployments")["items"] == []
 
 
-@pytest.mark.k8s
 def test_an_idle_run_costs_no_request_and_events_wake_it_without_lists(
     cp: ControlPlane, ns: str, operator_kubeconfig: Path, tmp_path: Path
 ):
@@ -295,7 +291,6 @@ def test_an_idle_run_costs_no_request_and_events_wake_it_without_lists(
         op.stop()
 
 
-@pytest.mark.k8s
 def test_a_leader_that_loses_its_lease_exits_before_another_may_act(
     cp: ControlPlane, election: tuple[Path, str], replicas: list[Operator]
 ):

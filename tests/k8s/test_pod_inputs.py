@@ -11,15 +11,13 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from test_operator_k8s import Operator, Run, cp, ns, operator, operator_kubeconfig, tiny_math
 
 from opd_operator import children
 from opd_runtime.spec import SpecError, parse_run
 
-from controlplane import ControlPlane
-from opd_fake_cluster import tiny_run
-
-__all__ = ["cp", "ns", "operator", "operator_kubeconfig"]  # fixtures shared with test_operator_k8s
+from support.controlplane import ControlPlane
+from support.opd_fake_cluster import tiny_run
+from support.operator_harness import Operator, Run, tiny_math
 
 HF_TOKEN = {"secretRef": {"name": "hf-token"}}
 AFFINITY = {

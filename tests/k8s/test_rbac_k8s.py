@@ -1,4 +1,4 @@
-"""Least privilege, proven on the real API server (tests/controlplane, RBAC authorisation, audit log).
+"""Least privilege, proven on the real API server (tests/support/controlplane, RBAC authorisation, audit log).
 
 - The chart is installed (namespaced); ``opd-operator`` runs as the chart's ServiceAccount (a real token)
   and drives a run through a foreign ConfigMap in its way, a suspend, a spec edit, every stage, and its
@@ -29,17 +29,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_operator_k8s import CRD_FILE, Run, exists, tiny_math
 
 from opd_operator import rbac
 from opd_operator.driver import reconcile_once
 from opd_operator.kube import ApiError, RestApi
 from opd_runtime.stage_report import StatusPatcher
 
-from conftest import free_port, stop_process
-from controlplane import ControlPlane
-
-pytestmark = pytest.mark.k8s
+from support.controlplane import ControlPlane
+from support.operator_harness import CRD_FILE, Run, exists, tiny_math
+from support.processes import free_port, stop_process
 
 RELEASE = "opd-lp"
 # The granted verbs the end-to-end scenario does not reach, and where they are reached instead.
@@ -85,7 +83,7 @@ def release(control_plane: ControlPlane) -> Iterator[tuple[str, Path]]:
     real token of the chart's ServiceAccount."""
     cp = control_plane
     ns = cp.new_namespace("opd-least-privilege")
-    from test_chart_k8s import install, uninstall
+    from support.chart import install, uninstall
 
     install(cp, RELEASE, ns, "--set", "watch.allNamespaces=false")
     yield ns, cp.serviceaccount_kubeconfig(ns, f"{RELEASE}-opd-operator")

@@ -22,10 +22,10 @@ from opd_operator.render import PLACEHOLDER_UID, render
 from opd_runtime.plan import serves_teacher
 from opd_runtime.spec import parse_run
 
-from controlplane import ControlPlane
-from opd_fake_cluster import FakeApi
+from support.controlplane import ControlPlane
+from support.opd_fake_cluster import FakeApi
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
 T0 = datetime(2026, 12, 2, 3, 0, 0, tzinfo=UTC)
 

@@ -7,17 +7,12 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
-import test_operator_k8s
-from test_operator_k8s import Operator, Run, exists, tiny_math
-
 from opd_operator import names
 
-from controlplane import ControlPlane
+from support.controlplane import ControlPlane
+from support.operator_harness import Operator, Run, exists, tiny_math
 
-# the fixtures of test_operator_k8s: the control plane with the CRD, the operator's ServiceAccount
-cp = test_operator_k8s.cp
-operator_kubeconfig = test_operator_k8s.operator_kubeconfig
-DOC = Path(__file__).resolve().parents[1] / "docs" / "operator" / "shared-cluster.md"
+DOC = Path(__file__).resolve().parents[2] / "docs" / "operator" / "shared-cluster.md"
 
 
 def documented_command(marker: str) -> list[str]:

@@ -10,17 +10,15 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from test_operator_k8s import TIMEOUT, Operator, Run, cp, exists, ns, operator, operator_kubeconfig, tiny_math
 
 from opd_operator import children
 from opd_operator.observe import observe
 from opd_operator.reconcile import decide
 from opd_runtime.spec import SpecError, parse_run
 
-from controlplane import ControlPlane, ControlPlaneError
-from opd_fake_cluster import tiny_run
-
-__all__ = ["cp", "ns", "operator", "operator_kubeconfig"]  # fixtures shared with test_operator_k8s
+from support.controlplane import ControlPlane, ControlPlaneError
+from support.opd_fake_cluster import tiny_run
+from support.operator_harness import TIMEOUT, Operator, Run, exists, tiny_math
 
 T0 = datetime(2026, 12, 2, 3, 0, 0, tzinfo=UTC)
 

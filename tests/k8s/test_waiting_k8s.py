@@ -9,20 +9,17 @@ and a pod of image ``HELD_IMAGE`` is left Pending by kwok so the test writes wha
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import pytest
-from test_operator_k8s import TIMEOUT, Operator, Run, cp, exists, ns, operator, operator_kubeconfig, tiny_math
 
 from opd_operator import children
 from opd_operator.observe import pod_waiting, unlisted_claims
 from opd_runtime.spec import parse_run
 
-from controlplane import HELD_IMAGE, ControlPlane
-from opd_fake_cluster import Story, cond, tiny_run
-
-__all__ = ["cp", "ns", "operator", "operator_kubeconfig"]  # fixtures shared with test_operator_k8s
+from support.controlplane import HELD_IMAGE, ControlPlane
+from support.opd_fake_cluster import Story, cond, tiny_run
+from support.operator_harness import TIMEOUT, Operator, Run, count_events, exists, tiny_math
 
 
 def pod(
@@ -310,19 +307,6 @@ def stalled(run: Run, reason: str) -> dict:
             c["type"] == "Stalled" and c["status"] == "True" and c["reason"] == reason for c in st.get("conditions", [])
         ),
     )
-
-
-def events_of(cp: ControlPlane, ns: str, run: str, reason: str) -> list[dict]:
-    items = cp.get(f"/api/v1/namespaces/{ns}/events")["items"]
-    return [e for e in items if e["involvedObject"].get("name") == run and e["reason"] == reason]
-
-
-def count_events(cp: ControlPlane, ns: str, run: str, reason: str, at_least: int = 1) -> int:
-    """How many ``reason`` Events the run has, once it has ``at_least`` and a few more resyncs (the operator
-    runs with --resync-seconds 0.5) had the chance to post a duplicate."""
-    cp.wait(f"{at_least} {reason} event(s)", lambda: len(events_of(cp, ns, run, reason)) >= at_least, timeout=TIMEOUT)
-    time.sleep(2)
-    return len(events_of(cp, ns, run, reason))
 
 
 def test_an_unschedulable_stage_is_reported_then_its_deadline_fails_it(cp: ControlPlane, ns: str, operator: Operator):

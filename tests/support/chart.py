@@ -1,6 +1,7 @@
-"""Helpers for the tests of charts/opd-operator: the helm binary, rendering, the operator's RBAC rules.
+"""Helpers for the tests of charts/opd-operator: the helm binary, rendering, the operator's RBAC rules, and
+``install``/``uninstall`` of a release on the test control plane.
 
-helm is the static release binary the control-plane helper caches (``controlplane.binaries``); only it is
+helm is the static release binary the control-plane helper caches (``support.controlplane.binaries``); only it is
 fetched here (no cluster is needed to lint or render a chart).
 """
 
@@ -9,19 +10,23 @@ from __future__ import annotations
 import importlib.util
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+if TYPE_CHECKING:
+    from support.controlplane import ControlPlane
+
+ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "opd-operator"
 # The documented variants of the chart's values (each also linted and rendered).
 VALUES_FILES = sorted((CHART / "ci").glob("*.yaml"))
 RELEASE = "opd"
+CRD = "distillationruns.opd.dev"
 
 
 def helm_binary() -> Path:
-    from controlplane import binaries
+    from support.controlplane import binaries
 
     path = binaries.binary_path("helm")
     if not path.is_file():
@@ -78,3 +83,31 @@ def load_sync():
 def rule_triples(rules: list[dict]) -> set[tuple[str, str, str]]:
     """(API group, resource, verb) for every combination a list of RBAC rules grants."""
     return {(g, r, v) for rule in rules for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
+
+
+def adopt_crd(cp: ControlPlane, release: str, namespace: str) -> None:
+    """Let this release take over the DistillationRun CRD if it already exists (installed by another
+    release or by `kubectl apply -f crds/`): Helm adopts objects that carry its ownership metadata."""
+    if cp.kubectl("get", "crd", CRD, check=False).returncode != 0:
+        return
+    cp.kubectl(
+        "annotate",
+        "--overwrite",
+        "crd",
+        CRD,
+        f"meta.helm.sh/release-name={release}",
+        f"meta.helm.sh/release-namespace={namespace}",
+    )
+    cp.kubectl("label", "--overwrite", "crd", CRD, "app.kubernetes.io/managed-by=Helm")
+
+
+def install(cp: ControlPlane, release: str, namespace: str, *args: str) -> str:
+    adopt_crd(cp, release, namespace)
+    return cp.helm(
+        "install", release, str(CHART), "--namespace", namespace, "--wait", "--timeout", "120s", *args
+    ).stdout
+
+
+def uninstall(cp: ControlPlane, release: str, namespace: str) -> None:
+    """Remove a release (the session's cluster is shared: leave no releases behind for other tests)."""
+    cp.helm("uninstall", release, "--namespace", namespace, "--wait", "--timeout", "120s", check=False)

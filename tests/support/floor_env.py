@@ -8,7 +8,7 @@ doubles as a stand-in for the lent GPU machine, whose python has the same torch 
 pydantic (which opd's GPU check carries as wheels): pydantic, which transformers' own dependencies pull
 in here, is removed, and opd itself is never installed (the source runs from the checkout, as there).
 
-    python tests/floor_env.py     # build (or find) it and print its python
+    python tests/support/floor_env.py     # build (or find) it and print its python
 
 Cold, most of the time is the download of torch's CUDA libraries (the PyPI wheels pull them); uv's cache
 makes a second build of the same set a copy.
@@ -26,7 +26,7 @@ import sys
 import tomllib
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 UV = ROOT / ".venv" / "bin" / "uv"
 # The lent GPU machine has no pydantic: the stand-in has none either (typer, a dependency of transformers,
 # pulls it in here; transformers imports typer only for its own command line).

@@ -1,6 +1,6 @@
 """The invalid-spec corpus: cross-field mistakes that `opd validate` refuses, each with the field it names.
 
-Each case is examples/tiny-math.yaml with one edit. tests/test_admission_k8s.py holds both sides to it:
+Each case is examples/tiny-math.yaml with one edit. tests/k8s/test_admission_k8s.py holds both sides to it:
 the spec models refuse each one naming ``field``, and so does the API server at ``kubectl apply`` (the
 CRD's CEL rules, operator/crd.py and the models' ``x-kubernetes-validations``).
 """
@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 Manifest = dict[str, Any]
 SECRET_REF = {"secretKeyRef": {"name": "s", "key": "k"}}
 

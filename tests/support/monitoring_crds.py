@@ -6,7 +6,7 @@ They are generated the way prometheus-operator generates its own: controller-gen
 ``github.com/prometheus-operator/prometheus-operator/pkg/apis/monitoring``, both built from the Go module
 proxy in a throwaway wrapper module. The output is cached by version in
 ``$OPD_CACHE_DIR/k8s/monitoring-crds-<version>/`` (Go caches as in ``controlplane.binaries``).
-``python tests/monitoring_crds.py`` builds them and prints the folder.
+``python tests/support/monitoring_crds.py`` builds them and prints the folder.
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ import tempfile
 import time
 from pathlib import Path
 
-try:  # as part of the test session (tests/ on sys.path), or as a script from tests/
-    from controlplane import binaries
+try:  # as part of the test session (tests/ on sys.path), or as a script (python tests/support/...)
+    from support.controlplane import binaries
 except ImportError:  # pragma: no cover
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from controlplane import binaries
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from support.controlplane import binaries
 
 PROMETHEUS_OPERATOR_VERSION = "v0.95.2"
 CONTROLLER_TOOLS_VERSION = "v0.23.0"

@@ -52,7 +52,7 @@ def assert_close(actual, expected, *, rel: float, why: str, what: str = "") -> N
     assert err <= rel, f"{what + ': ' if what else ''}normwise error {err:.3e} > {rel:.1e} ({why})"
 
 
-# The conftest's untrained tiny models (hidden 64, MLP 128, a 384-token vocabulary): their longest float32
+# The untrained random models of support.models (hidden 64, MLP 128, a 384-token vocabulary): their longest float32
 # sums are the vocabulary's softmax and the MLP's down-projection, and their random-init logits stay below 1
 # (no gain). Two correct paths through them (batched or not, packed or padded, chunked or dense) differ by
 # at most this, relative to the largest value compared.

@@ -4,7 +4,7 @@
   ``PROMETHEUS_VERSION``, unpacked once into ``$OPD_CACHE_DIR/prometheus-<version>/`` (``dpkg-deb -x``,
   nothing installed). The .deb comes from ``apt-get download`` (apt checks it against the signed archive)
   or, where apt has no such version, from deb.debian.org, checked against ``DEB_SHA256``. The binary is a
-  Go program linked against libc only. ``python tests/prometheus_server.py`` fetches it (``make test``
+  Go program linked against libc only. ``python tests/support/prometheus_server.py`` fetches it (``make test``
   does, before pytest, like the control-plane binaries).
 - Debian builds Prometheus without Kubernetes service discovery (``kubernetes_sd_configs`` is unknown to
   it): ``KubernetesDiscovery`` serves the targets and ``__meta_kubernetes_*`` labels that discovery would
@@ -35,13 +35,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-try:  # as part of the test session (tests/ on sys.path), or as a script from tests/
-    from controlplane import binaries
-    from controlplane.cluster import _set_pdeathsig
+try:  # as part of the test session (tests/ on sys.path), or as a script (python tests/support/...)
+    from support.controlplane import binaries
+    from support.controlplane.cluster import _set_pdeathsig
 except ImportError:  # pragma: no cover
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from controlplane import binaries
-    from controlplane.cluster import _set_pdeathsig
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from support.controlplane import binaries
+    from support.controlplane.cluster import _set_pdeathsig
 
 PROMETHEUS_VERSION = "2.42.0+ds-5+deb12u1"  # Debian 12 (bookworm)
 DEB_URL = "https://deb.debian.org/debian/pool/main/p/prometheus/prometheus_{version}_{arch}.deb"

@@ -19,7 +19,7 @@ import torch.serialization
 
 from opd_runtime.training import checkpoint
 
-from conftest import free_port
+from support.processes import free_port
 
 WORLD = 2
 

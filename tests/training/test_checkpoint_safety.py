@@ -17,7 +17,7 @@ from opd_runtime.contract import EXIT_BAD_CONFIG, EXIT_OK
 from opd_runtime.spec import SpecError, load_run, parse_run
 from opd_runtime.training import checkpoint
 
-from conftest import run_doc
+from support.runs import run_doc
 
 
 def fake_checkpoint(path: Path, tag: str) -> Path:
@@ -81,9 +81,9 @@ def test_pruning_never_deletes_latest_even_below_an_abandoned_later_step(tmp_pat
     assert tag_of(checkpoint.latest(root)) == "resumed"
 
 
-def test_real_save_at_a_step_already_written_replaces_it(tiny_world, tmp_path):
-    model = modeling.load_causal_lm(str(tiny_world.student), dtype="float32")
-    tokenizer = modeling.load_tokenizer(str(tiny_world.student))
+def test_real_save_at_a_step_already_written_replaces_it(random_models, tmp_path):
+    model = modeling.load_causal_lm(str(random_models.student), dtype="float32")
+    tokenizer = modeling.load_tokenizer(str(random_models.student))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     root = tmp_path / "ckpt"
@@ -145,15 +145,15 @@ def test_fingerprint_fields_the_record_predates_are_not_compared(tmp_path):
     assert "spec.distill.prompts.name" in values and "spec.teacher.model" in values
 
 
-def test_opd_distill_refuses_with_exit_2_over_a_workspace_of_another_spec(tiny_world, tmp_path):
+def test_opd_distill_refuses_with_exit_2_over_a_workspace_of_another_spec(random_models, tmp_path):
     """The retained-PVC case end to end: the stage command on a workspace holding another spec's checkpoints."""
     ws = tmp_path / "ws"
     first = tmp_path / "first.yaml"
-    first.write_text(yaml.safe_dump(run_doc(tiny_world.student, tiny_world.teacher, steps=1), sort_keys=False))
+    first.write_text(yaml.safe_dump(run_doc(random_models.student, random_models.teacher, steps=1), sort_keys=False))
     assert opd("distill", "--config", str(first), "--workspace", str(ws), "--resume")[0] == EXIT_OK
 
     second = tmp_path / "second.yaml"
-    doc = run_doc(tiny_world.student, tiny_world.teacher, steps=2, samplesPerPrompt=3)
+    doc = run_doc(random_models.student, random_models.teacher, steps=2, samplesPerPrompt=3)
     second.write_text(yaml.safe_dump(doc, sort_keys=False))
     code, out, err = opd("distill", "--config", str(second), "--workspace", str(ws), "--resume")
     assert code == EXIT_BAD_CONFIG, out + err

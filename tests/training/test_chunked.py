@@ -8,11 +8,12 @@ import functools
 
 import pytest
 import torch
-from numerics import assert_close, sum_rel
 
 from opd_runtime.distill import loss as L
 from opd_runtime.training import activations, chunked
 from opd_runtime.training.batches import token_logprobs
+
+from support.numerics import assert_close, sum_rel
 
 N, D, V = 23, 16, 50
 # Chunked and dense paths reorder float32 sums of up to D + V terms (a logit is a D-term dot product, a

@@ -22,7 +22,7 @@ from opd_runtime.generation import Sample
 from opd_runtime.sft.traces import load_traces
 from opd_runtime.spec import DatasetSpec, EvalDatasetSpec, ProblemSetSpec, SpecError, parse_run
 
-from conftest import run_doc
+from support.runs import run_doc
 
 PROBLEM = "What is 2+2?"
 SYSTEM = "You are a careful mathematician."
@@ -198,13 +198,13 @@ def test_filter_and_shuffle_are_validated():
 
 
 @pytest.mark.parametrize("kind", ["missing", "directory", "not-json"])
-def test_a_bad_prompts_path_exits_2_naming_spec_distill_prompts_path(tiny_world, tmp_path, kind):
+def test_a_bad_prompts_path_exits_2_naming_spec_distill_prompts_path(random_models, tmp_path, kind):
     target = tmp_path / "prompts.jsonl"
     if kind == "directory":
         target.mkdir()
     elif kind == "not-json":
         target.write_text("[1, 2]\n")
-    doc = run_doc(tiny_world.student, tiny_world.teacher, prompts={"path": str(target)})
+    doc = run_doc(random_models.student, random_models.teacher, prompts={"path": str(target)})
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump(doc, sort_keys=False))
     out, err = io.StringIO(), io.StringIO()
@@ -217,8 +217,8 @@ def test_a_bad_prompts_path_exits_2_naming_spec_distill_prompts_path(tiny_world,
 # ---- sample_accuracy grades as eval does: by the prompts' kind ----------------------------------------------
 
 
-def test_opd_sample_accuracy_grades_by_the_datasets_kind(tiny_world):
-    tokenizer = AutoTokenizer.from_pretrained(tiny_world.tokenizer)
+def test_opd_sample_accuracy_grades_by_the_datasets_kind(random_models):
+    tokenizer = AutoTokenizer.from_pretrained(random_models.tokenizer)
 
     def graded(completions: list[str], answers: list[str], kind: str) -> tuple[int, int]:
         samples = [Sample([], tokenizer(c, add_special_tokens=False)["input_ids"]) for c in completions]

@@ -21,7 +21,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
-from numerics import ADAMW_WEIGHTS_REL
 from safetensors.torch import load_file
 
 from opd_runtime import cli, modeling
@@ -37,7 +36,9 @@ from opd_runtime.training.batches import prompt_ids
 from opd_runtime.training.distributed import share_bounds, step_seed
 from opd_runtime.training.order import batch_at
 
-from conftest import free_port, opd_env, run_doc
+from support.numerics import ADAMW_WEIGHTS_REL
+from support.processes import free_port, opd_env
+from support.runs import run_doc
 
 pytestmark = pytest.mark.slow
 
@@ -111,8 +112,8 @@ def test_each_rank_gets_a_contiguous_share_and_all_of_the_batch_is_covered():
             assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
 
 
-def test_launcher_prefix_for_stage_pods(tiny_world, tmp_path):
-    run = parse_run(run_doc(tiny_world.student, tiny_world.teacher))
+def test_launcher_prefix_for_stage_pods(random_models, tmp_path):
+    run = parse_run(run_doc(random_models.student, random_models.teacher))
     assert launcher_argv(1) == ()
     argv = launcher_argv(4) + stage_command(run, "distill", config="/etc/opd/run.yaml", workspace="/ws").argv
     assert argv[:6] == ("python3", "-m", "opd_runtime.launch", "--standalone", "--nproc-per-node=4", "--no-python")
@@ -146,13 +147,13 @@ def test_strategy_auto_shards_full_fine_tuning_on_several_processes_only():
 # --- a.: SFT, two processes against one ----------------------------------------------------------------
 
 
-def test_sft_on_two_processes_gives_the_weights_of_one(tiny_world, tmp_path):
+def test_sft_on_two_processes_gives_the_weights_of_one(random_models, tmp_path):
     """LoRA, packed rows (4D masks) and a batch of 5 traces that the ranks split 3 + 2: the micro-batches
     differ from the single process's, the step's gradient must not."""
-    from test_sft import sft_run
+    from support.runs import sft_run
 
     doc = sft_run(
-        tiny_world.student,
+        random_models.student,
         {"name": "tinymath", "maxSamples": 40},
         steps=3,
         batchSize=5,
@@ -169,7 +170,7 @@ def test_sft_on_two_processes_gives_the_weights_of_one(tiny_world, tmp_path):
     one_w, two_w, init = (
         final_weights(tmp_path / "one", "sft"),
         final_weights(tmp_path / "two", "sft"),
-        load_file(str(tiny_world.student / "model.safetensors")),
+        load_file(str(random_models.student / "model.safetensors")),
     )
     assert one_w.keys() == two_w.keys() == init.keys()
     worst = max(float((one_w[k] - two_w[k]).abs().max() / one_w[k].abs().max().clamp_min(1e-12)) for k in one_w)
@@ -193,26 +194,26 @@ def test_sft_on_two_processes_gives_the_weights_of_one(tiny_world, tmp_path):
 # --- b. / c.: OPD on two processes; a failing rank; resume ----------------------------------------------
 
 
-def opd_config(path: Path, tiny_world, *, port: int = 0) -> Path:
+def opd_config(path: Path, random_models, *, port: int = 0) -> Path:
     path.write_text(
         yaml.safe_dump(
-            run_doc(tiny_world.student, tiny_world.teacher, metricsPort=port, **OPD_SETTINGS), sort_keys=False
+            run_doc(random_models.student, random_models.teacher, metricsPort=port, **OPD_SETTINGS), sort_keys=False
         )
     )
     return path
 
 
 @pytest.fixture(scope="module")
-def opd_runs(tiny_world, tmp_path_factory):
+def opd_runs(random_models, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("opd-dist")
     with one_thread():
-        run_distill(load_run(opd_config(tmp / "one.yaml", tiny_world)), tmp / "one", log=quiet)
+        run_distill(load_run(opd_config(tmp / "one.yaml", random_models)), tmp / "one", log=quiet)
     # a metrics port: a second rank serving Prometheus too would fail on the taken port
     two = torchrun(
         tmp / "two.log",
         "distill",
         "--config",
-        str(opd_config(tmp / "two.yaml", tiny_world, port=free_port())),
+        str(opd_config(tmp / "two.yaml", random_models, port=free_port())),
         "--workspace",
         str(tmp / "two"),
     )
@@ -244,14 +245,14 @@ def test_distill_on_two_processes_logs_what_one_process_logs(opd_runs):
     print(f"torchrun distill, 2 processes, {OPD_STEPS} steps: {opd_runs.two_run.seconds:.1f}s")
 
 
-def test_distill_step_totals_are_the_sums_of_the_ranks_shares(opd_runs, tiny_world):
+def test_distill_step_totals_are_the_sums_of_the_ranks_shares(opd_runs, random_models):
     """Step 1 again, rank by rank in this process: each rank's half of the prompts, sampled with its own
     seed; the logged tokens and reverse KL are those of the union."""
     run = load_run(opd_runs.tmp / "two.yaml")
     cfg = run.spec.distill
-    tok = modeling.load_tokenizer(str(tiny_world.student))
-    student = modeling.load_causal_lm(str(tiny_world.student), dtype="float32")
-    teacher = LocalTeacher(modeling.load_causal_lm(str(tiny_world.teacher), dtype="float32"))
+    tok = modeling.load_tokenizer(str(random_models.student))
+    student = modeling.load_causal_lm(str(random_models.student), dtype="float32")
+    teacher = LocalTeacher(modeling.load_causal_lm(str(random_models.teacher), dtype="float32"))
     batch = batch_at(load_prompts(cfg.prompts, opd_runs.two), 0, cfg.prompts_per_step, cfg.seed)
     tokens, kl_sum, finished, shares = 0, 0.0, 0, []
     with one_thread():
@@ -279,10 +280,10 @@ def test_distill_step_totals_are_the_sums_of_the_ranks_shares(opd_runs, tiny_wor
     assert first["finished_fraction"] == finished / 8
 
 
-def test_a_failing_rank_ends_the_run_and_resume_continues_it_exactly(opd_runs, tiny_world, tmp_path):
+def test_a_failing_rank_ends_the_run_and_resume_continues_it_exactly(opd_runs, random_models, tmp_path):
     script = tmp_path / "fail_on_rank_1.py"
     script.write_text(FAIL_ON_RANK_1)
-    config = opd_config(tmp_path / "run.yaml", tiny_world)
+    config = opd_config(tmp_path / "run.yaml", random_models)
     ws = tmp_path / "ws"
     failed = torchrun(
         tmp_path / "failed.log", "distill", "--config", str(config), "--workspace", str(ws), program=str(script)
@@ -306,7 +307,7 @@ def test_a_failing_rank_ends_the_run_and_resume_continues_it_exactly(opd_runs, t
         assert {k: x[k] for k in deterministic} == {k: y[k] for k in deterministic}
 
 
-def test_bad_configuration_keeps_exit_code_2_through_the_launcher(opd_runs, tiny_world):
+def test_bad_configuration_keeps_exit_code_2_through_the_launcher(opd_runs, random_models):
     """Starting over a workspace with checkpoints and no --resume is a "do not retry" error on every rank;
     plain torchrun would report 1, ``opd_runtime.launch`` (the stage pods' prefix) reports 2."""
     run = load_run(opd_runs.tmp / "two.yaml")
@@ -352,13 +353,13 @@ sys.exit(cli.main(sys.argv[1:]))
 """
 
 
-def fsdp_sft_doc(tiny_world) -> dict:
+def fsdp_sft_doc(random_models) -> dict:
     """Full fine-tuning (FSDP shards only that), 5 traces a step split 3 + 2 (micro-batches of 2: rank 0
     runs 2 passes, rank 1 one real one and one zero-weight pass)."""
-    from test_sft import sft_run
+    from support.runs import sft_run
 
     return sft_run(
-        tiny_world.student,
+        random_models.student,
         {"name": "tinymath", "maxSamples": 40},
         steps=FSDP_STEPS,
         batchSize=5,
@@ -369,9 +370,9 @@ def fsdp_sft_doc(tiny_world) -> dict:
 
 
 @pytest.fixture(scope="module")
-def fsdp_runs(tiny_world, tmp_path_factory):
+def fsdp_runs(random_models, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fsdp")
-    doc = fsdp_sft_doc(tiny_world)
+    doc = fsdp_sft_doc(random_models)
     config = tmp / "sft.yaml"
     config.write_text(yaml.safe_dump(doc, sort_keys=False))
     with one_thread():
@@ -381,10 +382,10 @@ def fsdp_runs(tiny_world, tmp_path_factory):
     return SimpleNamespace(tmp=tmp, config=config, one=tmp / "one", two=tmp / "two", two_run=two)
 
 
-def test_fsdp_on_two_processes_gives_the_weights_of_one(fsdp_runs, tiny_world):
+def test_fsdp_on_two_processes_gives_the_weights_of_one(fsdp_runs, random_models):
     print(f"torchrun sft under FSDP, 2 processes, {FSDP_STEPS} steps: {fsdp_runs.two_run.seconds:.1f}s")
     one_w, two_w = final_weights(fsdp_runs.one, "sft"), final_weights(fsdp_runs.two, "sft")
-    init = load_file(str(tiny_world.student / "model.safetensors"))
+    init = load_file(str(random_models.student / "model.safetensors"))
     assert one_w.keys() == two_w.keys() == init.keys()  # the usual Hugging Face layout, gathered on rank 0
     worst = max(float((one_w[k] - two_w[k]).abs().max() / one_w[k].abs().max().clamp_min(1e-12)) for k in one_w)
     moved = max(float((one_w[k] - init[k]).abs().max()) for k in one_w)
@@ -428,7 +429,7 @@ def test_fsdp_resumes_exactly_after_a_killed_rank(fsdp_runs, tmp_path):
         assert (x["loss"], x["grad_norm"]) == (y["loss"], y["grad_norm"])
 
 
-def test_a_sharded_checkpoint_resumes_on_one_process(fsdp_runs, tiny_world, tmp_path):
+def test_a_sharded_checkpoint_resumes_on_one_process(fsdp_runs, random_models, tmp_path):
     """DCP reshards on load: the 2-process run's step-2 checkpoint, continued by a single process, ends
     where the 2-process run ended (float tolerance: the reductions differ)."""
     import shutil
@@ -439,20 +440,20 @@ def test_a_sharded_checkpoint_resumes_on_one_process(fsdp_runs, tiny_world, tmp_
     shutil.copytree(fsdp_runs.two / "checkpoints" / "sft" / "step-000002", root / "step-000002")
     (root / "latest").write_text("step-000002\n")
     with one_thread():
-        run_sft(parse_run(fsdp_sft_doc(tiny_world)), ws, resume=True, log=quiet)
+        run_sft(parse_run(fsdp_sft_doc(random_models)), ws, resume=True, log=quiet)
     a, b = final_weights(ws, "sft"), final_weights(fsdp_runs.two, "sft")
     worst = max(float((a[k] - b[k]).abs().max() / b[k].abs().max().clamp_min(1e-12)) for k in a)
     assert worst < ADAMW_WEIGHTS_REL
 
 
-def test_distill_under_fsdp_samples_and_steps_as_ddp_does(opd_runs, tiny_world, tmp_path):
+def test_distill_under_fsdp_samples_and_steps_as_ddp_does(opd_runs, random_models, tmp_path):
     """The OPD learner sharded: the hf sampler's generate runs with synced_gpus (a rank whose sequences
     ended keeps joining the all-gathers) and draws exactly what the data-parallel run drew, and the
     first step's loss and gradient norm match it within float tolerance."""
     config = tmp_path / "fsdp.yaml"
     config.write_text(
         yaml.safe_dump(
-            run_doc(tiny_world.student, tiny_world.teacher, strategy="fsdp", **OPD_SETTINGS), sort_keys=False
+            run_doc(random_models.student, random_models.teacher, strategy="fsdp", **OPD_SETTINGS), sort_keys=False
         )
     )
     fsdp = torchrun(tmp_path / "fsdp.log", "distill", "--config", str(config), "--workspace", str(tmp_path / "ws"))
@@ -469,7 +470,7 @@ def test_distill_under_fsdp_samples_and_steps_as_ddp_does(opd_runs, tiny_world, 
     assert final_weights(tmp_path / "ws", "distill").keys() == final_weights(opd_runs.two, "distill").keys()
 
 
-def test_a_one_process_checkpoint_resumes_under_fsdp(fsdp_runs, tiny_world, tmp_path):
+def test_a_one_process_checkpoint_resumes_under_fsdp(fsdp_runs, random_models, tmp_path):
     """The other direction: the single process's step-2 checkpoint (full weights, unsharded AdamW state),
     continued by two FSDP processes, ends where the two-process run ended (float tolerance)."""
     import shutil

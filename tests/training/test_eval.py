@@ -20,7 +20,7 @@ from opd_runtime.data_sources import load_prompts
 from opd_runtime.evaluate import aggregate, majority_vote
 from opd_runtime.spec import load_run
 
-from conftest import run_doc
+from support.runs import run_doc
 
 SUMMARY_FIELDS = {"pass_at_1", "majority_vote", "n_problems", "samples_per_problem"}
 
@@ -59,9 +59,9 @@ def opd(*argv: str) -> tuple[int, str, str]:
 
 
 @pytest.fixture(scope="module")
-def evaluated(tiny_world, tmp_path_factory):
+def evaluated(random_models, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("eval")
-    config = write_eval_run(tmp / "run.yaml", tiny_world.student, tiny_world.teacher)
+    config = write_eval_run(tmp / "run.yaml", random_models.student, random_models.teacher)
     ws = tmp / "ws"
     code, out, err = opd("eval", "--config", str(config), "--workspace", str(ws))
     assert code == 0, out + err
@@ -115,11 +115,11 @@ def test_opd_eval_summary_lists_every_target_and_dataset(evaluated):
     assert not list(ws.rglob("*.tmp-*"))  # atomic writes leave no temporaries
 
 
-def test_greedy_eval_takes_one_sample_per_problem(tiny_world, tmp_path):
+def test_greedy_eval_takes_one_sample_per_problem(random_models, tmp_path):
     config = write_eval_run(
         tmp_path / "run.yaml",
-        tiny_world.student,
-        tiny_world.teacher,
+        random_models.student,
+        random_models.teacher,
         targets=["student"],
         temperature=0.0,
         samplesPerProblem=4,
@@ -172,9 +172,9 @@ def test_pass_at_1_and_majority_vote_on_known_samples():
     )
 
 
-def test_missing_target_model_is_a_configuration_error(tiny_world, tmp_path):
+def test_missing_target_model_is_a_configuration_error(random_models, tmp_path):
     config = write_eval_run(
-        tmp_path / "run.yaml", tiny_world.student, tiny_world.teacher, targets=["student", "distill"]
+        tmp_path / "run.yaml", random_models.student, random_models.teacher, targets=["student", "distill"]
     )
     ws = tmp_path / "ws"
     code, out, err = opd("eval", "--config", str(config), "--workspace", str(ws))
@@ -183,7 +183,7 @@ def test_missing_target_model_is_a_configuration_error(tiny_world, tmp_path):
     assert not (ws / "eval").exists() and not (ws / "results").exists()  # refused before any model ran
 
     missing = tmp_path / "no-such-teacher"
-    config = write_eval_run(tmp_path / "run2.yaml", tiny_world.student, missing, targets=["teacher"])
+    config = write_eval_run(tmp_path / "run2.yaml", random_models.student, missing, targets=["teacher"])
     code, out, err = opd("eval", "--config", str(config), "--workspace", str(ws))
     assert code == 2, out + err
     assert "target `teacher`" in err and str(missing) in err
@@ -202,8 +202,8 @@ def test_opd_eval_appends_a_progress_line_per_target_and_dataset(evaluated):
 # --- resume -------------------------------------------------------------------------------------------------
 
 
-def test_resume_skips_finished_targets_and_datasets(tiny_world, tmp_path):
-    config = write_eval_run(tmp_path / "run.yaml", tiny_world.student, tiny_world.teacher, targets=["student"])
+def test_resume_skips_finished_targets_and_datasets(random_models, tmp_path):
+    config = write_eval_run(tmp_path / "run.yaml", random_models.student, random_models.teacher, targets=["student"])
     ws = tmp_path / "ws"
     assert opd("eval", "--config", str(config), "--workspace", str(ws))[0] == 0
     # mark the finished reports: a recomputed report would not carry the mark
@@ -214,7 +214,7 @@ def test_resume_skips_finished_targets_and_datasets(tiny_world, tmp_path):
     (student_dir / "aime24.json").unlink()  # as if the eval had been stopped during this dataset
 
     config = write_eval_run(
-        tmp_path / "run.yaml", tiny_world.student, tiny_world.teacher, targets=["student", "teacher"]
+        tmp_path / "run.yaml", random_models.student, random_models.teacher, targets=["student", "teacher"]
     )
     code, out, err = opd("eval", "--config", str(config), "--workspace", str(ws), "--resume")
     assert code == 0, out + err
@@ -232,7 +232,7 @@ def test_resume_skips_finished_targets_and_datasets(tiny_world, tmp_path):
     assert "loading" not in out and "starting vLLM" not in out
     # other settings are not reused
     config = write_eval_run(
-        tmp_path / "run.yaml", tiny_world.student, tiny_world.teacher, targets=["student"], maxNewTokens=12
+        tmp_path / "run.yaml", random_models.student, random_models.teacher, targets=["student"], maxNewTokens=12
     )
     code, out, err = opd("eval", "--config", str(config), "--workspace", str(ws), "--resume")
     assert code == 0, out + err
@@ -240,7 +240,7 @@ def test_resume_skips_finished_targets_and_datasets(tiny_world, tmp_path):
     assert "mark" not in json.loads((student_dir / "tinymath-test.json").read_text())
 
 
-def test_spec_batch_size_and_the_cli_override(tiny_world, tmp_path):
+def test_spec_batch_size_and_the_cli_override(random_models, tmp_path):
     from opd_runtime.evaluate import DEFAULT_BATCH_SIZE, HfGenerator, resolve_targets, run_eval
     from opd_runtime.workspace import Workspace
 
@@ -253,8 +253,8 @@ def test_spec_batch_size_and_the_cli_override(tiny_world, tmp_path):
 
     config = write_eval_run(
         tmp_path / "run.yaml",
-        tiny_world.student,
-        tiny_world.teacher,
+        random_models.student,
+        random_models.teacher,
         targets=["student"],
         batchSize=5,
         datasets=[{"name": "tinymath", "split": "test", "maxSamples": 2}],
@@ -269,8 +269,8 @@ def test_spec_batch_size_and_the_cli_override(tiny_world, tmp_path):
             load_run(
                 write_eval_run(
                     tmp_path / "run2.yaml",
-                    tiny_world.student,
-                    tiny_world.teacher,
+                    random_models.student,
+                    random_models.teacher,
                     targets=["student"],
                     datasets=[{"name": "tinymath", "split": "test", "maxSamples": 2}],
                 )
@@ -287,13 +287,13 @@ def test_spec_batch_size_and_the_cli_override(tiny_world, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def greedy_vllm_and_hf(tiny_world, tmp_path_factory):
+def greedy_vllm_and_hf(random_models, tmp_path_factory):
     """The same greedy eval of two targets on two datasets with each backend."""
     tmp = tmp_path_factory.mktemp("eval-backends")
     out = {}
     for backend in ("hf", "vllm"):
         config = write_eval_run(
-            tmp / f"{backend}.yaml", tiny_world.student, tiny_world.teacher, backend=backend, temperature=0.0
+            tmp / f"{backend}.yaml", random_models.student, random_models.teacher, backend=backend, temperature=0.0
         )
         code, stdout, stderr = opd("eval", "--config", str(config), "--workspace", str(tmp / backend))
         assert code == 0, stdout + stderr
@@ -329,11 +329,11 @@ def test_vllm_eval_equals_hf_eval_on_a_greedy_run(greedy_vllm_and_hf):
 
 @pytest.mark.vllm
 @pytest.mark.slow
-def test_vllm_eval_takes_n_samples_per_problem_and_resumes_without_an_engine(tiny_world, tmp_path):
+def test_vllm_eval_takes_n_samples_per_problem_and_resumes_without_an_engine(random_models, tmp_path):
     config = write_eval_run(
         tmp_path / "run.yaml",
-        tiny_world.student,
-        tiny_world.teacher,
+        random_models.student,
+        random_models.teacher,
         backend="vllm",
         targets=["student"],
         samplesPerProblem=4,
@@ -359,12 +359,12 @@ def test_vllm_eval_takes_n_samples_per_problem_and_resumes_without_an_engine(tin
 
 
 @pytest.mark.vllm
-def test_vllm_eval_refuses_a_context_longer_than_the_model(tiny_world, tmp_path):
+def test_vllm_eval_refuses_a_context_longer_than_the_model(random_models, tmp_path):
     # the tiny models have 1024 positions
     config = write_eval_run(
         tmp_path / "run.yaml",
-        tiny_world.student,
-        tiny_world.teacher,
+        random_models.student,
+        random_models.teacher,
         backend="vllm",
         targets=["student"],
         maxNewTokens=1000,
@@ -387,14 +387,14 @@ def test_tensor_parallel_size_divides_the_attention_heads():
 
 @pytest.mark.vllm
 @pytest.mark.slow
-def test_vllm_generator_greedy_tokens_equal_hf_tokens(tiny_world):
+def test_vllm_generator_greedy_tokens_equal_hf_tokens(random_models):
     # The reports keep lengths and extracted answers, not tokens; the untrained models never stop or box an
     # answer, so here the two backends' greedy completions are compared token by token.
     from opd_runtime import modeling, tinymath
     from opd_runtime.evaluate import HfGenerator, Target, VllmGenerator
     from opd_runtime.training.batches import prompt_ids
 
-    target = Target("student", str(tiny_world.student), str(tiny_world.student), "float32")
+    target = Target("student", str(random_models.student), str(random_models.student), "float32")
     tok = modeling.load_tokenizer(target.tokenizer)
     problems = tinymath.generate(8, split="test", seed=0, difficulty=2)
     ids = [prompt_ids(tok, tinymath.chat_messages(p.problem)) for p in problems]

@@ -4,7 +4,7 @@
 what the lent GPU machine has) in a venv of its own, cached by version set, without pydantic and without
 opd installed, as on that machine. The training unit tests then run there from the checkout, with pydantic
 from the wheels bench/gpu_check.sh carries (at pyproject's pydantic floor). The GPU check's tiny mode in
-that venv is tests/test_gpu_check.py's stand-in test.
+that venv is tests/training/test_gpu_check.py's stand-in test.
 """
 
 from __future__ import annotations
@@ -14,11 +14,17 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from floor_env import floor_venv, floors, installed_floors
 
-ROOT = Path(__file__).resolve().parents[1]
+from support.floor_env import floor_venv, floors, installed_floors
+
+ROOT = Path(__file__).resolve().parents[2]
 # The training path's unit tests that need no tiny world, no vLLM and no control plane (about a minute).
-TRAINING_TESTS = ["tests/test_chunked.py", "tests/test_loss.py", "tests/test_precision.py", "tests/test_sft.py"]
+TRAINING_TESTS = [
+    "tests/training/test_chunked.py",
+    "tests/training/test_loss.py",
+    "tests/training/test_precision.py",
+    "tests/training/test_sft.py",
+]
 
 MARKERS = "not slow and not vllm and not k8s"
 

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from numerics import TINY_MODEL_REL, assert_close
 
 from opd_runtime import modeling, tinymath
 from opd_runtime.generation import sample, stop_token_ids
 from opd_runtime.training.batches import prompt_ids
+
+from support.numerics import TINY_MODEL_REL, assert_close
 
 # the hf sampler and generate (or one batch and several) run the same tiny model's float32 sums, perhaps
 # blocked otherwise; a token's log-prob taken at the wrong position or temperature is off by O(1)
@@ -58,9 +59,9 @@ def reference_sample(model, tokenizer, prompts, *, n, temperature, top_p, max_ne
 
 @pytest.mark.cpu_kernels
 @pytest.mark.parametrize(("temperature", "top_p"), [(1.0, 1.0), (0.7, 0.9), (0.0, 1.0)])
-def test_hf_sampler_matches_generate_with_output_scores(tiny_world, temperature, top_p):
-    tok = modeling.load_tokenizer(str(tiny_world.student))
-    model = modeling.load_causal_lm(str(tiny_world.student), dtype="float32")
+def test_hf_sampler_matches_generate_with_output_scores(random_models, temperature, top_p):
+    tok = modeling.load_tokenizer(str(random_models.student))
+    model = modeling.load_causal_lm(str(random_models.student), dtype="float32")
     problems = tinymath.generate(6, split="test", seed=0, difficulty=2)
     prompts = [prompt_ids(tok, tinymath.chat_messages(p.problem)) for p in problems]
     torch.manual_seed(3)
@@ -79,9 +80,9 @@ def test_hf_sampler_matches_generate_with_output_scores(tiny_world, temperature,
 
 
 @pytest.mark.cpu_kernels
-def test_hf_sampler_log_probs_split_over_batches_equal_one_batch(tiny_world):
-    tok = modeling.load_tokenizer(str(tiny_world.student))
-    model = modeling.load_causal_lm(str(tiny_world.student), dtype="float32")
+def test_hf_sampler_log_probs_split_over_batches_equal_one_batch(random_models):
+    tok = modeling.load_tokenizer(str(random_models.student))
+    model = modeling.load_causal_lm(str(random_models.student), dtype="float32")
     problems = tinymath.generate(4, split="test", seed=1, difficulty=2)
     prompts = [prompt_ids(tok, tinymath.chat_messages(p.problem)) for p in problems]
     # greedy: the same tokens whatever the batching; the log-probs agree within float rounding

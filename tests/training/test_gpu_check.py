@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PARTS = {"numerics", "collectives", "size", "vllm"}
 # what runs in --tiny on a CPU: every check but the vLLM part, which needs a GPU
 TINY_CHECKS = {
@@ -105,7 +105,7 @@ def test_gpu_check_starts_one_process_per_device_under_the_launcher(tmp_path):
 def test_gpu_check_starts_with_the_lent_machines_libraries_and_the_carried_wheels(tmp_path):
     """The device command's way: the stand-in python (torch and transformers at pyproject's floors, the
     lent machine's versions, and no pydantic), the checkout not installed, pydantic from .gpu-wheels."""
-    from floor_env import floor_venv
+    from support.floor_env import floor_venv
 
     python = floor_venv() / "bin" / "python"
     assert subprocess.run([str(python), "-c", "import pydantic"], capture_output=True).returncode != 0

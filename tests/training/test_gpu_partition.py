@@ -16,7 +16,7 @@ from opd_runtime.gpu_plan import partition
 from opd_runtime.plan import launcher_argv, planned_stages, stage_command
 from opd_runtime.spec import DistillationRun, SpecError, parse_run
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = yaml.safe_load((ROOT / "examples" / "tiny-math.yaml").read_text())
 QWEN = yaml.safe_load((ROOT / "examples" / "qwen3-1.7b-aime.yaml").read_text())
 ALL = ("sft", "teacher", "distill", "eval")
@@ -164,13 +164,13 @@ def test_opd_run_refuses_a_spec_larger_than_the_machine_before_touching_the_work
 
 
 @pytest.mark.slow  # two processes start torch, transformers and gloo: ~70 s on the shared 2-core machine
-def test_opd_run_starts_a_two_gpu_stage_as_two_processes_under_the_launcher(tmp_path, tiny_world, monkeypatch):
+def test_opd_run_starts_a_two_gpu_stage_as_two_processes_under_the_launcher(tmp_path, random_models, monkeypatch):
     # No GPU here: the two processes see CUDA_VISIBLE_DEVICES=0,1 and no device, so they train on the CPU
     # over gloo; what is checked is the command line and the environment `opd run` gave the stage.
     monkeypatch.setattr(runner, "visible_gpus", lambda: devices(2))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     lines: list[str] = []
-    opts = runner.RunOptions(sft_only(tmp_path, tiny_world, gpus=2), tmp_path / "work", progress=False)
+    opts = runner.RunOptions(sft_only(tmp_path, random_models, gpus=2), tmp_path / "work", progress=False)
     runner.run_all(opts, log=lines.append)
     assert "GPUs: 2 visible (0,1)" in lines and "  sft: GPUs 0,1, 2 processes (torchrun, one per GPU)" in lines
     first = (tmp_path / "work" / "logs" / "sft.log").read_text().splitlines()[0]

@@ -22,7 +22,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from numerics import TINY_MODEL_REL, WORLD_LOGPROB_ATOL, assert_close
 from safetensors.torch import load_file
 
 from opd_runtime import cli, modeling, tinymath
@@ -33,7 +32,9 @@ from opd_runtime.spec import DistillSpec, load_run
 from opd_runtime.training import checkpoint
 from opd_runtime.training.batches import prompt_ids, right_pad, token_logprobs
 
-from conftest import free_port, opd_cmd, opd_env, write_run
+from support.numerics import TINY_MODEL_REL, WORLD_LOGPROB_ATOL, assert_close
+from support.processes import free_port, opd_cmd, opd_env
+from support.runs import write_run
 
 RESUME_STEPS = 20  # long enough that the kill after the first checkpoint lands well before the end
 PROMPTS_PER_STEP = 2
@@ -110,13 +111,13 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def resume_runs(tiny_world, tmp_path_factory):
+def resume_runs(random_models, tmp_path_factory):
     """A CLI run SIGKILLed after its first checkpoint then resumed with --resume, and an uninterrupted run."""
     tmp = tmp_path_factory.mktemp("resume")
     config = write_run(
         tmp / "run.yaml",
-        tiny_world.student,
-        tiny_world.teacher,
+        random_models.student,
+        random_models.teacher,
         steps=RESUME_STEPS,
         promptsPerStep=PROMPTS_PER_STEP,
         checkpointing={"every": 2, "keep": 2},
@@ -174,7 +175,7 @@ def resume_runs(tiny_world, tmp_path_factory):
     )
 
 
-def test_resume_after_kill_gives_identical_weights(resume_runs, tiny_world):
+def test_resume_after_kill_gives_identical_weights(resume_runs, random_models):
     r = resume_runs
     start = int(r.at_kill.latest.name.split("-")[1])
     assert f"resumed from {r.at_kill.latest}" in r.resumed_output
@@ -182,7 +183,7 @@ def test_resume_after_kill_gives_identical_weights(resume_runs, tiny_world):
 
     final_full = weights(r.full / "checkpoints" / "distill" / "final")
     final_resumed = weights(r.killed / "checkpoints" / "distill" / "final")
-    initial = weights(tiny_world.student)
+    initial = weights(random_models.student)
     assert final_full.keys() == final_resumed.keys() == initial.keys()
     for name in final_full:
         assert torch.equal(final_full[name], final_resumed[name]), f"{name} differs after resume"
@@ -250,12 +251,12 @@ def test_metrics_checkpoints_and_results_of_a_finished_run(resume_runs):
 
 
 @pytest.fixture(scope="module")
-def self_distill(tiny_world, tmp_path_factory):
+def self_distill(random_models, tmp_path_factory):
     """One learner step with the student as its own teacher, exporting metrics on a free port."""
     tmp = tmp_path_factory.mktemp("self")
     port = free_port()
     config = write_run(
-        tmp / "run.yaml", tiny_world.student, tiny_world.student, steps=1, promptsPerStep=3, metricsPort=port
+        tmp / "run.yaml", random_models.student, random_models.student, steps=1, promptsPerStep=3, metricsPort=port
     )
     result = run_distill(load_run(config), tmp / "ws", log=quiet)
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
@@ -293,9 +294,9 @@ def test_prometheus_exporter_serves_the_step_metrics(self_distill):
 
 
 @pytest.fixture(scope="module")
-def student_and_samples(tiny_world):
-    tok = modeling.load_tokenizer(str(tiny_world.student))
-    model = modeling.load_causal_lm(str(tiny_world.student), dtype="float32")
+def student_and_samples(random_models):
+    tok = modeling.load_tokenizer(str(random_models.student))
+    model = modeling.load_causal_lm(str(random_models.student), dtype="float32")
     prompts = prompts_of_different_lengths(tok, 3)
     torch.manual_seed(0)
     samples = sample(model, tok, prompts, n=2, max_new_tokens=12)
@@ -321,10 +322,10 @@ def grads_of(model, samples, teacher_lp, cfg, pad_id, teacher=None):
 
 
 @pytest.mark.cpu_kernels
-def test_same_model_as_teacher_gives_zero_gradients(tiny_world, student_and_samples):
+def test_same_model_as_teacher_gives_zero_gradients(random_models, student_and_samples):
     tok, model, samples = student_and_samples
-    same = LocalTeacher(modeling.load_causal_lm(str(tiny_world.student), dtype="float32"))
-    other = LocalTeacher(modeling.load_causal_lm(str(tiny_world.other_student), dtype="float32"))
+    same = LocalTeacher(modeling.load_causal_lm(str(random_models.student), dtype="float32"))
+    other = LocalTeacher(modeling.load_causal_lm(str(random_models.other_student), dtype="float32"))
     cfg = spec()
     stats, grads = grads_of(model, samples, same.score(samples), cfg, tok.pad_token_id)
     assert abs(stats.reverse_kl) < WORLD_LOGPROB_ATOL  # two float32 passes of one model: rounding only
@@ -342,12 +343,12 @@ def test_same_model_as_teacher_gives_zero_gradients(tiny_world, student_and_samp
 
 @pytest.mark.cpu_kernels
 @pytest.mark.parametrize("loss", ["importance_sampling", "ppo", "full_reverse_kl"])
-def test_only_completion_tokens_carry_loss(tiny_world, student_and_samples, loss):
+def test_only_completion_tokens_carry_loss(random_models, student_and_samples, loss):
     """train_on_samples (padded, micro-batched) against the loss computed by hand, one unpadded sequence
     at a time over its completion tokens only: gradients, reverse KL and entropy. The pad id must not
     matter either."""
     tok, model, samples = student_and_samples
-    teacher = LocalTeacher(modeling.load_causal_lm(str(tiny_world.other_student), dtype="float32"))
+    teacher = LocalTeacher(modeling.load_causal_lm(str(random_models.other_student), dtype="float32"))
     gen = torch.Generator().manual_seed(1)
     # behaviour log-probs off by some noise so the ratio is not 1 (and PPO clips); arbitrary teacher log-probs
     noisy = [
@@ -404,12 +405,12 @@ def test_only_completion_tokens_carry_loss(tiny_world, student_and_samples, loss
 
 @pytest.mark.cpu_kernels
 @pytest.mark.parametrize("loss", ["full_forward_kl", "full_reverse_kl"])
-def test_local_teacher_runs_once_per_micro_batch_for_full_kl(tiny_world, student_and_samples, loss):
+def test_local_teacher_runs_once_per_micro_batch_for_full_kl(random_models, student_and_samples, loss):
     """A local teacher with a full-distribution loss: no separate ``score`` pass; one teacher forward per
     micro-batch gives both its distributions and the sampled tokens' log-probs, and the step is the same
     as with the log-probs scored beforehand."""
     tok, model, samples = student_and_samples
-    teacher = LocalTeacher(modeling.load_causal_lm(str(tiny_world.other_student), dtype="float32"))
+    teacher = LocalTeacher(modeling.load_causal_lm(str(random_models.other_student), dtype="float32"))
     cfg = spec(loss=loss)
     scored = teacher.score(samples)
     teacher.forwards = 0
@@ -429,9 +430,9 @@ def test_local_teacher_runs_once_per_micro_batch_for_full_kl(tiny_world, student
 
 @pytest.mark.cpu_kernels
 @pytest.mark.parametrize("loss", ["importance_sampling", "full_reverse_kl"])
-def test_token_budget_micro_batches_leave_the_step_unchanged(tiny_world, student_and_samples, loss):
+def test_token_budget_micro_batches_leave_the_step_unchanged(random_models, student_and_samples, loss):
     tok, model, samples = student_and_samples
-    teacher = LocalTeacher(modeling.load_causal_lm(str(tiny_world.other_student), dtype="float32"))
+    teacher = LocalTeacher(modeling.load_causal_lm(str(random_models.other_student), dtype="float32"))
     teacher_lp = teacher.score(samples)
     lengths = sorted(len(s.prompt_ids) + len(s.completion_ids) for s in samples)
     by_count = spec(loss=loss, micro_batch_size=6)
@@ -479,15 +480,15 @@ class Crash(Exception):
     pass
 
 
-def test_lora_run_resumes_and_exports_a_merged_model(tiny_world, tmp_path):
+def test_lora_run_resumes_and_exports_a_merged_model(random_models, tmp_path):
     from transformers import AutoModelForCausalLM
 
     lora = {"enabled": True, "rank": 4, "alpha": 8.0}
     config = load_run(
         write_run(
             tmp_path / "run.yaml",
-            tiny_world.student,
-            tiny_world.teacher,
+            random_models.student,
+            random_models.teacher,
             steps=2,
             lora=lora,
             checkpointing={"every": 1, "keep": 2},
@@ -521,7 +522,7 @@ def test_lora_run_resumes_and_exports_a_merged_model(tiny_world, tmp_path):
     _model, info = AutoModelForCausalLM.from_pretrained(final, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
 
-    merged, base = weights(final), weights(tiny_world.student)
+    merged, base = weights(final), weights(random_models.student)
     assert merged.keys() == base.keys() and not any("lora" in k for k in merged)
     changed = {k for k in base if not torch.equal(merged[k], base[k])}
     assert any("q_proj" in k for k in changed) and any("down_proj" in k for k in changed)

@@ -4,9 +4,10 @@ import math
 
 import pytest
 import torch
-from numerics import TINY_MODEL_REL, assert_close, normwise_error, sum_rel
 
 from opd_runtime.distill import loss as L
+
+from support.numerics import TINY_MODEL_REL, assert_close, normwise_error, sum_rel
 
 pytestmark = pytest.mark.cpu_kernels  # hand-computed values and the learner's gradients
 
@@ -162,7 +163,7 @@ def test_ratio_cap_is_off_by_default_and_validated():
             parse_run(distill_doc(importanceRatioCap=2, loss=loss))
 
 
-def test_learner_caps_the_ratio_and_reports_it(tiny_world):
+def test_learner_caps_the_ratio_and_reports_it(random_models):
     """train_on_samples on real samples of a tiny student whose behaviour log-probs are made lower than the
     trainer's at every other token (ratio 4): with a cap of 2 its gradient is the uncapped one at ratio 2
     (the advantage kept equal by shifting the teacher's log-probs alike), and RatioStats sees ratio 4."""
@@ -173,9 +174,9 @@ def test_learner_caps_the_ratio_and_reports_it(tiny_world):
     from opd_runtime.spec import DistillSpec
     from opd_runtime.training.batches import prompt_ids
 
-    tok = modeling.load_tokenizer(str(tiny_world.student))
-    model = modeling.load_causal_lm(str(tiny_world.student), dtype="float32")
-    teacher = LocalTeacher(modeling.load_causal_lm(str(tiny_world.teacher), dtype="float32"))
+    tok = modeling.load_tokenizer(str(random_models.student))
+    model = modeling.load_causal_lm(str(random_models.student), dtype="float32")
+    teacher = LocalTeacher(modeling.load_causal_lm(str(random_models.teacher), dtype="float32"))
     prompts = [prompt_ids(tok, [{"role": "user", "content": f"What is {a} + {a}?"}]) for a in (3, 41)]
     torch.manual_seed(0)
     samples = sample(model, tok, prompts, n=2, max_new_tokens=8)

@@ -35,7 +35,7 @@ from opd_runtime.tiny_models import WorldConfig, build_cached, solved, trace_exa
 from opd_runtime.training.batches import prompt_ids, right_pad
 from opd_runtime.training.supervised import completion_nll
 
-from conftest import cache_dir
+from support.models import cache_dir
 
 pytestmark = pytest.mark.slow
 HELDOUT = 400  # held-out problems: the paired standard error of a gain is ~1.5-2.5 points at this size

@@ -58,7 +58,7 @@ def train(model, ids: torch.Tensor, steps: int, lr: float, on_step=None) -> None
 
 
 @pytest.mark.cpu_kernels
-def test_master_weights_learn_where_bf16_weights_cannot(tiny_world):
+def test_master_weights_learn_where_bf16_weights_cannot(random_models):
     """lr 1e-4: each AdamW update (about lr in size) is far below half the bf16 gap at 1.0 (2^-9 ~ 2e-3).
 
     bf16-only weights (the model dtype for weights and optimizer, no masters): the norm weights never
@@ -69,12 +69,14 @@ def test_master_weights_learn_where_bf16_weights_cannot(tiny_world):
     ids = torch.randint(3, 200, (2, 24))
     steps, lr = 50, 1e-4
 
-    bf16_only = modeling.load_causal_lm(str(tiny_world.student), load_dtype=torch.bfloat16, dev=CPU)
+    bf16_only = modeling.load_causal_lm(str(random_models.student), load_dtype=torch.bfloat16, dev=CPU)
     assert norm_weights(bf16_only).eq(1.0).all()
     train(bf16_only, ids, steps, lr)
     assert norm_weights(bf16_only).eq(1.0).all(), "bf16 weights moved: the test's premise is wrong"
 
-    mixed = attach(modeling.load_causal_lm(str(tiny_world.student), load_dtype=torch.float32, dev=CPU), MIXED_BF16, CPU)
+    mixed = attach(
+        modeling.load_causal_lm(str(random_models.student), load_dtype=torch.float32, dev=CPU), MIXED_BF16, CPU
+    )
     seen: dict[int, tuple[float, float]] = {}
 
     def record(step: int, optimizer) -> None:
@@ -102,8 +104,10 @@ def test_master_weights_learn_where_bf16_weights_cannot(tiny_world):
 
 
 @pytest.mark.cpu_kernels
-def test_forward_runs_in_bf16_with_float32_gradients(tiny_world):
-    model = attach(modeling.load_causal_lm(str(tiny_world.student), load_dtype=torch.float32, dev=CPU), MIXED_BF16, CPU)
+def test_forward_runs_in_bf16_with_float32_gradients(random_models):
+    model = attach(
+        modeling.load_causal_lm(str(random_models.student), load_dtype=torch.float32, dev=CPU), MIXED_BF16, CPU
+    )
     ids = torch.randint(3, 200, (1, 12))
     out = model(input_ids=ids, labels=ids)
     assert out.logits.dtype == torch.bfloat16  # the matmuls ran under autocast
@@ -118,10 +122,10 @@ def test_forward_runs_in_bf16_with_float32_gradients(tiny_world):
     assert model.model.layers[0].mlp.down_proj(torch.ones(1, 128)).dtype == torch.float32  # and not without
 
 
-def test_lora_adapters_are_float32_over_a_bf16_base(tiny_world):
+def test_lora_adapters_are_float32_over_a_bf16_base(random_models):
     from peft import LoraConfig, get_peft_model
 
-    base = modeling.load_causal_lm(str(tiny_world.student), load_dtype=torch.bfloat16, dev=CPU)
+    base = modeling.load_causal_lm(str(random_models.student), load_dtype=torch.bfloat16, dev=CPU)
     lora = LoraSpec(enabled=True, rank=4, alpha=8.0)
     model = attach(
         get_peft_model(
@@ -139,9 +143,11 @@ def test_lora_adapters_are_float32_over_a_bf16_base(tiny_world):
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in trainable)
 
 
-def test_the_final_model_is_exported_in_the_spec_dtype(tiny_world, tmp_path):
-    model = attach(modeling.load_causal_lm(str(tiny_world.student), load_dtype=torch.float32, dev=CPU), MIXED_BF16, CPU)
-    tok = modeling.load_tokenizer(str(tiny_world.student))
+def test_the_final_model_is_exported_in_the_spec_dtype(random_models, tmp_path):
+    model = attach(
+        modeling.load_causal_lm(str(random_models.student), load_dtype=torch.float32, dev=CPU), MIXED_BF16, CPU
+    )
+    tok = modeling.load_tokenizer(str(random_models.student))
     export_final(model, tok, tmp_path / "final", lora_enabled=False)
     weights = load_file(str(tmp_path / "final" / "model.safetensors"))
     assert {t.dtype for t in weights.values()} == {torch.bfloat16}
@@ -158,9 +164,9 @@ def test_the_final_model_is_exported_in_the_spec_dtype(tiny_world, tmp_path):
 
 
 @pytest.mark.parametrize("name", ["float32"])
-def test_float32_runs_are_unchanged(tiny_world, name):
+def test_float32_runs_are_unchanged(random_models, name):
     model = attach(
-        modeling.load_causal_lm(str(tiny_world.student), dtype=name, dev=CPU), training_precision(name, CPU), CPU
+        modeling.load_causal_lm(str(random_models.student), dtype=name, dev=CPU), training_precision(name, CPU), CPU
     )
     ids = torch.randint(3, 200, (1, 8))
     assert model(input_ids=ids).logits.dtype == torch.float32

@@ -15,16 +15,17 @@ from opd_runtime.preflight import TokenizerMismatch, check_pair, compare_tokeniz
 from opd_runtime.spec import load_run
 from opd_runtime.tokenizer_build import EOS_TOKEN, PAD_TOKEN, build_tokenizer
 
-from conftest import fetch_qwen3_tokenizer, tinymath_corpus, write_run
+from support.models import fetch_qwen3_tokenizer, tinymath_corpus
+from support.runs import write_run
 
 QWEN3_VOCAB = 151669  # 151643 BPE tokens + 26 added tokens
 
 
 @pytest.fixture(scope="module")
-def variants(tiny_world, tmp_path_factory) -> dict[str, Path]:
-    """Tokenizer directories that each differ from the tiny world's in one respect."""
+def variants(random_models, tmp_path_factory) -> dict[str, Path]:
+    """Tokenizer directories that each differ from the random models' in one respect."""
     root = tmp_path_factory.mktemp("tokenizers")
-    base = tiny_world.tokenizer
+    base = random_models.tokenizer
     out = {}
 
     other = build_tokenizer(tinymath_corpus(200, seed=5), vocab_size=300)
@@ -69,39 +70,42 @@ def mismatches_of(student: Path, teacher: Path) -> list[str]:
     return whats
 
 
-def test_identical_tokenizers_pass(tiny_world):
-    check_pair(str(tiny_world.student), str(tiny_world.teacher))  # raises on any difference
-    a = modeling.load_tokenizer(str(tiny_world.student))
-    b = modeling.load_tokenizer(str(tiny_world.tokenizer))
+def test_identical_tokenizers_pass(random_models):
+    check_pair(str(random_models.student), str(random_models.teacher))  # raises on any difference
+    a = modeling.load_tokenizer(str(random_models.student))
+    b = modeling.load_tokenizer(str(random_models.tokenizer))
     assert compare_tokenizers(a, b) == []
 
 
-def test_different_vocabulary_is_reported(tiny_world, variants):
+def test_different_vocabulary_is_reported(random_models, variants):
     assert len(AutoTokenizer.from_pretrained(variants["vocabulary"])) != len(
-        AutoTokenizer.from_pretrained(tiny_world.tokenizer)
+        AutoTokenizer.from_pretrained(random_models.tokenizer)
     )
-    whats = mismatches_of(tiny_world.tokenizer, variants["vocabulary"])
+    whats = mismatches_of(random_models.tokenizer, variants["vocabulary"])
     assert whats[0] == "vocabulary"
 
 
-def test_modified_chat_template_is_reported(tiny_world, variants):
-    assert mismatches_of(tiny_world.tokenizer, variants["chat template"]) == ["chat template"]
+def test_modified_chat_template_is_reported(random_models, variants):
+    assert mismatches_of(random_models.tokenizer, variants["chat template"]) == ["chat template"]
 
 
-def test_different_eos_token_is_reported(tiny_world, variants):
-    whats = mismatches_of(tiny_world.tokenizer, variants["eos"])
+def test_different_eos_token_is_reported(random_models, variants):
+    whats = mismatches_of(random_models.tokenizer, variants["eos"])
     assert sorted(whats) == ["special token eos_token", "special token eos_token_id"]
 
 
-def test_different_additional_special_tokens_are_reported(tiny_world, variants):
-    whats = mismatches_of(tiny_world.tokenizer, variants["specials"])
+def test_different_additional_special_tokens_are_reported(random_models, variants):
+    whats = mismatches_of(random_models.tokenizer, variants["specials"])
     assert whats == ["special token additional_special_tokens"]
 
 
-def test_learner_refuses_a_mismatched_pair_before_training(tiny_world, variants, tmp_path):
+def test_learner_refuses_a_mismatched_pair_before_training(random_models, variants, tmp_path):
     run = load_run(
         write_run(
-            tmp_path / "run.yaml", tiny_world.student, tiny_world.teacher, student_tokenizer=str(variants["vocabulary"])
+            tmp_path / "run.yaml",
+            random_models.student,
+            random_models.teacher,
+            student_tokenizer=str(variants["vocabulary"]),
         )
     )
     ws = tmp_path / "ws"
@@ -112,9 +116,9 @@ def test_learner_refuses_a_mismatched_pair_before_training(tiny_world, variants,
 
 
 @pytest.mark.parametrize("variant", ["vocabulary", "chat template", "eos"])
-def test_cli_exits_2_naming_the_difference(tiny_world, variants, tmp_path, capsys, variant):
+def test_cli_exits_2_naming_the_difference(random_models, variants, tmp_path, capsys, variant):
     config = write_run(
-        tmp_path / "run.yaml", tiny_world.student, tiny_world.teacher, student_tokenizer=str(variants[variant])
+        tmp_path / "run.yaml", random_models.student, random_models.teacher, student_tokenizer=str(variants[variant])
     )
     expected = {
         "vocabulary": "vocabulary: sizes",
@@ -131,8 +135,8 @@ def test_cli_exits_2_naming_the_difference(tiny_world, variants, tmp_path, capsy
         assert "tokenizers differ" in err and expected in err, err
 
 
-def test_cli_preflight_passes_a_matching_pair(tiny_world, tmp_path, capsys):
-    config = write_run(tmp_path / "run.yaml", tiny_world.student, tiny_world.teacher)
+def test_cli_preflight_passes_a_matching_pair(random_models, tmp_path, capsys):
+    config = write_run(tmp_path / "run.yaml", random_models.student, random_models.teacher)
     assert cli.main(["preflight", "--config", str(config)]) == 0
     assert "match" in capsys.readouterr().out
 
@@ -157,14 +161,14 @@ def test_qwen3_tokenizer_against_itself_passes(qwen3_tokenizer_dir, tmp_path):
     check_pair(str(qwen3_tokenizer_dir), str(copy))
 
 
-def test_qwen3_tokenizer_against_the_tiny_one_is_refused(tiny_world, qwen3_tokenizer_dir, tmp_path, capsys):
-    whats = mismatches_of(qwen3_tokenizer_dir, tiny_world.tokenizer)
+def test_qwen3_tokenizer_against_the_tiny_one_is_refused(random_models, qwen3_tokenizer_dir, tmp_path, capsys):
+    whats = mismatches_of(qwen3_tokenizer_dir, random_models.tokenizer)
     assert whats[0] == "vocabulary"
     # and the learner refuses a Qwen3-tokenized student with the tiny teacher, exit code 2
     config = write_run(
-        tmp_path / "run.yaml", tiny_world.student, tiny_world.teacher, student_tokenizer=str(qwen3_tokenizer_dir)
+        tmp_path / "run.yaml", random_models.student, random_models.teacher, student_tokenizer=str(qwen3_tokenizer_dir)
     )
     code = cli.main(["distill", "--config", str(config), "--workspace", str(tmp_path / "ws")])
     err = capsys.readouterr().err
     assert code == 2
-    assert f"vocabulary: sizes {QWEN3_VOCAB} vs {len(AutoTokenizer.from_pretrained(tiny_world.tokenizer))}" in err
+    assert f"vocabulary: sizes {QWEN3_VOCAB} vs {len(AutoTokenizer.from_pretrained(random_models.tokenizer))}" in err

@@ -21,8 +21,9 @@ from opd_runtime.spec import DistillSpec, SpecError, parse_run
 from opd_runtime.tiny_models import WorldConfig, build_cached
 from opd_runtime.training.batches import prompt_ids, token_logprobs
 
-from conftest import cache_dir, run_doc
-from opd_fake_cluster import FakeApi, tiny_run
+from support.models import cache_dir
+from support.opd_fake_cluster import FakeApi, tiny_run
+from support.runs import run_doc
 
 # --- group advantages ---------------------------------------------------------------------------------
 
@@ -139,9 +140,9 @@ def test_cli_validate_prints_the_note(tmp_path, capsys):
 # --- the learner --------------------------------------------------------------------------------------------
 
 
-def test_a_positive_sample_advantage_raises_that_samples_logprob_and_a_negative_one_lowers_it(tiny_world):
-    tok = modeling.load_tokenizer(str(tiny_world.student))
-    model = modeling.load_causal_lm(str(tiny_world.student), dtype="float32")
+def test_a_positive_sample_advantage_raises_that_samples_logprob_and_a_negative_one_lowers_it(random_models):
+    tok = modeling.load_tokenizer(str(random_models.student))
+    model = modeling.load_causal_lm(str(random_models.student), dtype="float32")
     cfg = DistillSpec.model_validate(
         {"prompts": {"name": "tinymath"}, "objective": "rl", "samplesPerPrompt": 2, "microBatchSize": 2}
     )

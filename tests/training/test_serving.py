@@ -1,6 +1,6 @@
 """`opd serve-teacher`'s command line and its refusal without vLLM, and the losses on a sparse top-k teacher.
 
-No engine runs here (tests/test_vllm.py starts the real one); these are the pure parts.
+No engine runs here (tests/vllm/test_vllm.py starts the real one); these are the pure parts.
 """
 
 from __future__ import annotations
@@ -12,13 +12,13 @@ import sys
 import pytest
 import torch
 import yaml
-from numerics import assert_close, sum_rel
 
 from opd_runtime.distill import loss as L
 from opd_runtime.serving import CPU_MEMORY_UTILIZATION, local_url, server_argv
 from opd_runtime.spec import parse_run
 
-from conftest import opd_env
+from support.numerics import assert_close, sum_rel
+from support.processes import opd_env
 
 
 def teacher_run(**serving) -> object:

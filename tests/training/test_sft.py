@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import itertools
 import json
-from pathlib import Path
 
 import pytest
 import torch
-from numerics import TINY_MODEL_REL, assert_close, normwise_error
 from safetensors.torch import load_file
 
 from opd_runtime import modeling
@@ -20,30 +18,8 @@ from opd_runtime.training import activations
 from opd_runtime.training.batches import length_groups
 from opd_runtime.workspace import Workspace
 
-
-def sft_run(student: Path, dataset: dict, **sft) -> dict:
-    spec_sft = {
-        "dataset": dataset,
-        "steps": 4,
-        "batchSize": 4,
-        "microBatchSize": 2,
-        "maxSeqLength": 128,
-        "packing": True,
-        "seed": 0,
-        "optimizer": {"learningRate": 1e-2, "warmupSteps": 0, "schedule": "constant"},
-        "checkpointing": {"every": 2, "keep": 2},
-    }
-    spec_sft.update(sft)
-    return {
-        "apiVersion": "opd.dev/v1alpha1",
-        "kind": "DistillationRun",
-        "metadata": {"name": "sft-test"},
-        "spec": {
-            "student": {"model": str(student), "dtype": "float32"},
-            "teacher": {"model": str(student), "backend": "local"},
-            "sft": spec_sft,
-        },
-    }
+from support.numerics import TINY_MODEL_REL, assert_close, normwise_error
+from support.runs import sft_run
 
 
 def test_openthoughts_and_chat_records_become_messages(tmp_path):
@@ -84,8 +60,8 @@ def test_openthoughts_and_chat_records_become_messages(tmp_path):
     assert len(tm) == 3 and "\\boxed{" in tm[0].messages[-1]["content"]
 
 
-def test_loss_covers_only_the_assistant_answer(tiny_world):
-    tok = modeling.load_tokenizer(str(tiny_world.tokenizer))
+def test_loss_covers_only_the_assistant_answer(random_models):
+    tok = modeling.load_tokenizer(str(random_models.tokenizer))
     trace = Trace(
         "t",
         [
@@ -133,10 +109,10 @@ def test_token_budget_micro_batches(packed, budget):
 
 @pytest.mark.cpu_kernels
 @pytest.mark.parametrize("attn", ["sdpa", "sdpa_varlen"])
-def test_packed_rows_compute_what_separate_traces_compute(tiny_world, attn):
+def test_packed_rows_compute_what_separate_traces_compute(random_models, attn):
     """Both CPU attentions: transformers' sdpa (a block-diagonal mask from the restarts) and ours (one sdpa
     call per trace, no mask), the one ``use_fast_attention`` picks here."""
-    model = modeling.load_causal_lm(str(tiny_world.teacher), dtype="float32").eval()
+    model = modeling.load_causal_lm(str(random_models.teacher), dtype="float32").eval()
     if attn == "sdpa_varlen":
         assert activations.use_fast_attention(model) == "sdpa_varlen"
     assert model.config._attn_implementation == attn
@@ -175,11 +151,11 @@ def test_packed_rows_compute_what_separate_traces_compute(tiny_world, attn):
     model.zero_grad(set_to_none=True)
 
 
-def gqa_model(tiny_world, seed: int = 3):
+def gqa_model(random_models, seed: int = 3):
     """A tiny Qwen3 with grouped-query attention (4 query heads share 2 key/value heads), as Qwen3 has."""
     from opd_runtime.tiny_models import ModelShape, new_model
 
-    tok = modeling.load_tokenizer(str(tiny_world.tokenizer))
+    tok = modeling.load_tokenizer(str(random_models.tokenizer))
     shape = ModelShape(
         hidden_size=64,
         num_hidden_layers=2,
@@ -192,7 +168,7 @@ def gqa_model(tiny_world, seed: int = 3):
 
 
 @pytest.mark.cpu_kernels
-def test_varlen_attention_equals_sdpa_on_packed_rows_values_and_gradients(tiny_world):
+def test_varlen_attention_equals_sdpa_on_packed_rows_values_and_gradients(random_models):
     """sdpa_varlen (per-trace sdpa, GQA, no mask) == transformers' sdpa with its block-diagonal mask, on
     the SFT loss of packed rows with gradient checkpointing on: the loss and every parameter's gradient."""
     from transformers.masking_utils import create_causal_mask
@@ -207,7 +183,7 @@ def test_varlen_attention_equals_sdpa_on_packed_rows_values_and_gradients(tiny_w
     ]
     results = {}
     for attn in ("sdpa", "sdpa_varlen"):
-        model = gqa_model(tiny_world).train()
+        model = gqa_model(random_models).train()
         activations.use_gradient_checkpointing(model, True)
         model.set_attn_implementation("sdpa")
         if attn == "sdpa_varlen":
@@ -231,10 +207,10 @@ def test_varlen_attention_equals_sdpa_on_packed_rows_values_and_gradients(tiny_w
 
 
 @pytest.mark.cpu_kernels
-def test_varlen_attention_leaves_padding_masks_and_cached_decoding_to_sdpa(tiny_world):
+def test_varlen_attention_leaves_padding_masks_and_cached_decoding_to_sdpa(random_models):
     """Left-padded rows with a 2D mask (as generate passes them) and greedy decoding with a cache give
     what sdpa gives: the padding mask is honoured, not dropped."""
-    model = gqa_model(tiny_world).eval()
+    model = gqa_model(random_models).eval()
     ids_BT = torch.tensor([[0, 0, 5, 9, 7], [4, 8, 6, 6, 2]])
     mask_BT = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
     out = {}
@@ -257,12 +233,12 @@ def test_varlen_attention_leaves_padding_masks_and_cached_decoding_to_sdpa(tiny_
 
 @pytest.mark.cpu_kernels
 @pytest.mark.parametrize("packing", [True, False])
-def test_token_budget_leaves_the_step_loss_unchanged(tiny_world, packing):
+def test_token_budget_leaves_the_step_loss_unchanged(random_models, packing):
     """The step's summed NLL and gradients over token-budget micro-batches equal those of count-based ones."""
     from opd_runtime.sft.trainer import micro_batches
     from opd_runtime.spec.stages import SftSpec
 
-    model = modeling.load_causal_lm(str(tiny_world.student), dtype="float32").train()
+    model = modeling.load_causal_lm(str(random_models.student), dtype="float32").train()
     gen = torch.Generator().manual_seed(0)
     examples = [
         (
@@ -294,8 +270,8 @@ class Stop(Exception):
     pass
 
 
-def test_sft_resumes_exactly_and_feeds_the_distill_stage(tiny_world, tmp_path):
-    doc = sft_run(tiny_world.student, {"name": "tinymath", "maxSamples": 40})
+def test_sft_resumes_exactly_and_feeds_the_distill_stage(random_models, tmp_path):
+    doc = sft_run(random_models.student, {"name": "tinymath", "maxSamples": 40})
     run = parse_run(doc)
     straight = tmp_path / "straight"
     run_sft(run, straight, log=lambda *_: None)

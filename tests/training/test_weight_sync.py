@@ -1,5 +1,5 @@
 """What the vLLM sampler loads after a LoRA step: the adapters merged in float32 and rounded once to the
-engine's dtype. No engine here (``tests/test_vllm_sampler.py`` runs one): this is about the numbers written.
+engine's dtype. No engine here (``tests/vllm/test_vllm_sampler.py`` runs one): this is about the numbers written.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from transformers import AutoModelForCausalLM
 from opd_runtime.vllm_sampler import trainer_state_dict
 
 
-def test_lora_merge_rounds_once_in_the_engine_dtype(tiny_world):
-    base = AutoModelForCausalLM.from_pretrained(str(tiny_world.student), dtype=torch.bfloat16)
+def test_lora_merge_rounds_once_in_the_engine_dtype(random_models):
+    base = AutoModelForCausalLM.from_pretrained(str(random_models.student), dtype=torch.bfloat16)
     model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
     torch.manual_seed(0)
     with torch.no_grad():  # an early step's adapter: B was zero, so the deltas are about a bf16 ulp of the weights

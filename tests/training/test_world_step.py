@@ -15,7 +15,7 @@ from opd_runtime.spec import parse_run
 from opd_runtime.tiny_models import ModelShape, StepReporter, WorldConfig
 from opd_runtime.world_step import build_world, tiny_model_names, world_log
 
-from conftest import run_doc
+from support.runs import run_doc
 
 
 def test_step_reporter_prints_the_first_step_then_every_interval_and_the_last():

@@ -13,7 +13,7 @@ import yaml
 
 from opd_runtime.spec import parse_run
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

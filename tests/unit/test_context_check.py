@@ -14,7 +14,7 @@ from opd_runtime import cli, preflight
 from opd_runtime.contract import EXIT_BAD_CONFIG
 from opd_runtime.spec import SpecError, load_run, parse_run
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "qwen3-1.7b-aime.yaml"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "qwen3-1.7b-aime.yaml"
 
 
 @pytest.fixture(autouse=True)

@@ -12,7 +12,7 @@ from opd_operator import children, crd
 from opd_runtime import contract, plan
 from opd_runtime.spec import parse_run
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def tiny_math() -> tuple[dict, object]:

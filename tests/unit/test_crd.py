@@ -9,7 +9,7 @@ import yaml
 from opd_operator import crd
 from opd_operator.rbac import OPERATOR_RULES, stage_rules
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def walk(schema: dict, path: str = ""):
@@ -67,5 +67,5 @@ def test_rbac_rules_are_data():
     }
     assert verbs[("opd.dev", "distillationruns/status")] == {"patch"}  # no get: nothing reads it separately
     assert ("", "secrets") not in verbs and not any("update" in v and g == "" for (g, _), v in verbs.items())
-    # each verb's reason and the proof that the code uses it: tests/test_rbac.py, tests/test_rbac_k8s.py
+    # each verb's reason and the proof that the code uses it: tests/unit/test_rbac.py, tests/k8s/test_rbac_k8s.py
     assert stage_rules("r")[0]["resourceNames"] == ["r"]

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # The README is the front door, not a manual: what opd is, what is verified where, the two ways to run it,
 # the docs' map. Everything longer goes under docs/.
 README_MAX_LINES = 200

@@ -13,7 +13,7 @@ import pytest
 from opd_runtime import cli
 from opd_runtime.grading import GradeInputError, grade, grade_many, judge, last_boxed, read_grade_file
 
-from conftest import opd_env
+from support.processes import opd_env
 
 
 def test_boxed_integer_with_leading_zeros_equals_the_integer():

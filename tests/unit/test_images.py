@@ -1,7 +1,7 @@
 """images/: the Dockerfiles at lint level, through Docker's own parser: pinned default base images given
 as build arguments, the stdlib-shadowing guard in every stage, the pyproject extras each image installs,
 entrypoints that exist, non-root users, a build context that carries what the Dockerfiles copy; and
-`make images` failing clearly without an engine. The images built and run: tests/test_images_docker.py."""
+`make images` failing clearly without an engine. The images built and run: tests/containers/test_images_docker.py."""
 
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from controlplane.images import DEFAULT_PYTHON_IMAGE, dockerignored
+from support.controlplane.images import DEFAULT_PYTHON_IMAGE, dockerignored
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 IMAGES = ROOT / "images"
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 EXTRAS = PYPROJECT["project"]["optional-dependencies"]
@@ -187,7 +187,9 @@ def test_the_base_image_is_a_build_argument(name):
             m = re.fullmatch(r"\$\{(\w+)\}", rest.split()[0])
             assert m and m.group(1) in defaults, f"{name}: FROM {rest} is not a build argument"
     if name != "runtime-gpu":
-        assert defaults["PYTHON_IMAGE"] == DEFAULT_PYTHON_IMAGE, "tests/controlplane/images.py pulls this default"
+        assert defaults["PYTHON_IMAGE"] == DEFAULT_PYTHON_IMAGE, (
+            "tests/support/controlplane/images.py pulls this default"
+        )
 
 
 def test_runtime_gpu_keeps_its_base_versions_read_from_installed_metadata():
@@ -256,7 +258,7 @@ def test_kind_e2e_script_is_wired_and_parses():
     text = script.read_text()
     for step in (
         "kind create cluster",
-        "tests/controlplane/images.py",
+        "tests/support/controlplane/images.py",
         "docker tag",
         "kind load docker-image",
         "helm",

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 HEAVY = (
     "torch",
     "transformers",
@@ -168,3 +168,39 @@ def test_importing_the_light_layers_loads_no_heavy_package():
     )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout) == {}, f"importing these loaded heavy packages: {proc.stdout}"
+
+
+# The tests' own layer: a test module shares nothing with another test module; what two share lives in
+# tests/support (functions) or a conftest.py (fixtures), so moving or deleting one test file breaks no other.
+def imports_of_tests(sources: dict[str, str]) -> dict[str, list[str]]:
+    """File -> the test modules and conftests it imports (any import statement, at any depth)."""
+    found: dict[str, list[str]] = {}
+    for name, text in sources.items():
+        for node in ast.walk(ast.parse(text)):
+            modules = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                modules = [node.module]
+            bad = [m for m in modules if m.split(".")[-1].startswith("test_") or m.split(".")[-1] == "conftest"]
+            if bad:
+                found.setdefault(name, []).extend(bad)
+    return found
+
+
+def test_no_test_module_imports_another_test_module_or_a_conftest():
+    tests = ROOT / "tests"
+    sources = {str(p.relative_to(tests)): p.read_text() for p in sorted(tests.rglob("*.py"))}
+    assert imports_of_tests(sources) == {}
+
+
+def test_the_test_import_checker_sees_a_test_module_and_a_conftest():
+    sources = {
+        "k8s/test_a.py": "import pytest\nfrom test_operator_k8s import Run\n",
+        "vllm/test_b.py": "def f():\n    import conftest\n",
+        "unit/test_c.py": "from support.runs import run_doc\nimport test_x as base\n",
+        "unit/test_d.py": "from support import opd_fake_cluster\n",
+    }
+    assert imports_of_tests(sources) == {
+        "k8s/test_a.py": ["test_operator_k8s"],
+        "vllm/test_b.py": ["conftest"],
+        "unit/test_c.py": ["test_x"],
+    }

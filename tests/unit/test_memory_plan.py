@@ -16,7 +16,7 @@ from opd_runtime.plan import planned_stages
 from opd_runtime.spec import SpecError, parse_run
 from opd_runtime.spec.gpus import GIB, MIB
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "qwen3-1.7b-aime.yaml"
 QWEN3_1_7B, QWEN3_8B = FAMILIES["Qwen3-1.7B"], FAMILIES["Qwen3-8B"]
 

@@ -1,5 +1,5 @@
 """The pure parts of multi-GPU and multi-node stages: the launcher prefix, which pod speaks for a gang,
-and where a training rank's vLLM engine goes. The control-plane side is tests/test_multinode_k8s.py."""
+and where a training rank's vLLM engine goes. The control-plane side is tests/k8s/test_multinode_k8s.py."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The operator's decisions without a cluster: plain dicts in, actions + status out (fast).
 
-Most tests drive ``driver.reconcile_once`` against ``FakeApi`` (tests/opd_fake_cluster.py), so a test
+Most tests drive ``driver.reconcile_once`` against ``FakeApi`` (tests/support/opd_fake_cluster.py), so a test
 reads as a story: apply the run, reconcile, finish a Job, reconcile again, check what exists.
 """
 
@@ -16,7 +16,7 @@ from opd_operator.reconcile import backoff_seconds, changed_paths, decide
 from opd_runtime.plan import stage_command
 from opd_runtime.spec import parse_run
 
-from opd_fake_cluster import T0, Story, cond, tiny_run
+from support.opd_fake_cluster import T0, Story, cond, tiny_run
 
 
 def test_a_new_run_gets_its_plumbing_and_the_first_stage_job():

@@ -1,7 +1,7 @@
 """The operator on a shared cluster, without a cluster: edits that change what a run needs, a spec that
 turns invalid, children deleted behind the operator's back, leader election around writes.
 
-Each test drives ``driver.reconcile_once`` against ``FakeApi`` (tests/opd_fake_cluster.py) as a story.
+Each test drives ``driver.reconcile_once`` against ``FakeApi`` (tests/support/opd_fake_cluster.py) as a story.
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import pytest
 
 from opd_operator import driver
 
-import opd_fake_cluster as fake
-from opd_fake_cluster import T0, FakeApi, cond, tiny_run
+from support import opd_fake_cluster as fake
+from support.opd_fake_cluster import T0, FakeApi, cond, tiny_run
 
 
 class Story(fake.Story):
@@ -66,7 +66,7 @@ def test_the_kopf_floor_has_the_watch_label_selectors_the_operator_configures():
     from packaging.requirements import Requirement
     from packaging.version import Version
 
-    from opd_fake_cluster import ROOT
+    from support.opd_fake_cluster import ROOT
 
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     (kopf,) = [Requirement(r) for r in extras["operator"] if Requirement(r).name == "kopf"]
@@ -283,7 +283,7 @@ def test_no_field_of_a_valid_spec_is_taken_for_a_newer_crds(example):
     from opd_operator.reconcile import unknown_fields
     from opd_runtime.spec.run import DistillationRunSpec
 
-    doc = yaml.safe_load((Path(__file__).resolve().parents[1] / "examples" / example).read_text())
+    doc = yaml.safe_load((Path(__file__).resolve().parents[2] / "examples" / example).read_text())
     spec = doc["spec"]
     spec.setdefault("teacher", {}).setdefault("serving", {})["modelCache"] = {"accessModes": ["ReadWriteOnce"]}
     assert unknown_fields(spec, DistillationRunSpec, "spec") == []

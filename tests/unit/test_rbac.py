@@ -1,5 +1,5 @@
 """The operator's RBAC rules against its source: every request the code makes is granted, and every granted
-verb is a request the code makes (read with ``ast``, no cluster). tests/test_rbac_k8s.py proves the same
+verb is a request the code makes (read with ``ast``, no cluster). tests/k8s/test_rbac_k8s.py proves the same
 on a real API server (audit log, and 403 when a rule is removed).
 """
 
@@ -12,7 +12,7 @@ from pathlib import Path
 from opd_operator import kube, names, rbac
 from opd_operator.observe import KINDS
 
-OPERATOR = Path(__file__).resolve().parents[1] / "operator"
+OPERATOR = Path(__file__).resolve().parents[2] / "operator"
 Triple = tuple[str, str, str]
 
 # What kopf itself requests, whatever handlers are registered (kopf/_core/reactor/observation.py): the
@@ -186,7 +186,7 @@ def test_the_chart_installs_the_stage_status_policy_unless_told_not_to():
     Deny; the namespaced variant (no cluster-scoped objects) and rbac.stageStatusPolicy=false leave it out."""
     from opd_operator.admission import guarded_fields, policy_spec
 
-    from chart_support import CHART, by_kind, one, render
+    from support.chart import CHART, by_kind, one, render
 
     objs = render()
     policy, binding = one(objs, "ValidatingAdmissionPolicy"), one(objs, "ValidatingAdmissionPolicyBinding")

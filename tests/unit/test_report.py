@@ -96,7 +96,7 @@ def test_an_rl_run_reports_rl_not_opd(tmp_path: Path):
             }
         )
     )
-    run = load_run(Path(__file__).resolve().parents[1] / "examples" / "tiny-math-rl.yaml")
+    run = load_run(Path(__file__).resolve().parents[2] / "examples" / "tiny-math-rl.yaml")
     echoed: list[str] = []
     out = write_report(run, ws, {}, [], echo=echoed.append)
     assert [a["model"] for a in out["accuracy"]] == ["after SFT", "after RL", "teacher"]
@@ -116,7 +116,7 @@ def eval_summary(ws: Workspace, accuracies: dict[str, float]) -> None:
 def test_compare_sets_the_rl_baseline_beside_the_demo(tmp_path: Path):
     """`opd report --compare` (make compare): OPD and RL from the same SFT accuracy, with each one's
     budget, gap closed and compute; RL's compute has no teacher term."""
-    root = Path(__file__).resolve().parents[1] / "examples"
+    root = Path(__file__).resolve().parents[2] / "examples"
     opd_run, rl_run = load_run(root / "tiny-math.yaml"), load_run(root / "tiny-math-rl.yaml")
     opd_ws, rl_ws = Workspace(tmp_path / "opd"), Workspace(tmp_path / "rl")
     eval_summary(opd_ws, {"sft": 0.5, "distill": 0.8, "teacher": 1.0})
@@ -161,6 +161,6 @@ def test_compare_names_the_flag_when_the_other_workdir_is_not_a_run(tmp_path: Pa
 
     ws = tmp_path / "demo"
     ws.mkdir()
-    (ws / "run.yaml").write_text((Path(__file__).resolve().parents[1] / "examples" / "tiny-math.yaml").read_text())
+    (ws / "run.yaml").write_text((Path(__file__).resolve().parents[2] / "examples" / "tiny-math.yaml").read_text())
     assert main(["report", "--workspace", str(ws), "--compare", str(tmp_path / "nothing")]) == EXIT_BAD_CONFIG
     assert "--compare" in capsys.readouterr().err and not (ws / "report.md").exists()

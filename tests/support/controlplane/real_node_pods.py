@@ -1,7 +1,7 @@
 # NOT COLLECTED YET (no test_ prefix): the real node test, waiting for the CoreDNS and local-path-provisioner
-# builds (controlplane/binaries.py) to be measured; rename to tests/test_real_node_k8s.py, register the `node`
+# builds (controlplane/binaries.py) to be measured; rename to tests/k8s/test_real_node_k8s.py, register the `node`
 # marker and add `PYTHONPATH=tests $(BIN)/python -m controlplane.node` before pytest in `make test` once it passes.
-"""Pods in real containers on the real node (tests/controlplane/node.py), as a cluster runs them.
+"""Pods in real containers on the real node (tests/support/controlplane/node.py), as a cluster runs them.
 
 Under PodSecurity ``restricted``: a Deployment behind a Service with a readiness probe the kubelet runs, a
 Job that finds the Service by its DNS name, fetches from it through kube-proxy and writes to a claim that
@@ -15,8 +15,8 @@ import json
 
 import pytest
 
-from controlplane import ControlPlaneError, restricted_security_context
-from controlplane.node import BUSYBOX_IMAGE, NODE_NAME, PROVISIONER
+from support.controlplane import ControlPlaneError, restricted_security_context
+from support.controlplane.node import BUSYBOX_IMAGE, NODE_NAME, PROVISIONER
 
 pytestmark = [pytest.mark.k8s, pytest.mark.node]
 
