@@ -140,6 +140,7 @@ bench: venv $(VENV)/.installed-vllm
 	$(BIN)/python bench/opd_step.py
 	$(BIN)/python bench/memory.py
 	$(BIN)/python bench/sampler.py  # vllm sampler vs raw vLLM generate, weight sync, eval vLLM vs HF
+	$(BIN)/python bench/operator_idle.py --runs 200  # API requests/min and RSS of the operator for finished runs (test control plane)
 	$(BIN)/python bench/opd_vs_rl.py  # OPD vs RL vs TRL from the demo's SFT checkpoint (made first, then reused): 15 min after it, 2 loaded cores
 
 # The chart's copies of crds/ and of the operator's RBAC rules (operator/rbac.py); a test fails when stale.

@@ -13,12 +13,15 @@
 # bench/gpu_wheels.sh) into a temporary folder (bench/unpack_wheels.py: no pip needed). Several visible GPUs: one process per GPU under
 # `python -m opd_runtime.launch` (torchrun). GPU_CHECK_TIMEOUT (seconds, default 480) bounds the run.
 # Exit codes: those of `python -m opd_runtime.gpu_check` (0 all passed, 1 a check failed, 3 a required
-# part cannot run here), 2 when this script cannot set up, 124 past the time limit.
+# part cannot run here), 2 when this script cannot set up, 124 past the time limit (SIGTERM: the check
+# writes its --json with what it had done and the part it was in; SIGKILL 20 s later if it cannot).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 PY=${PYTHON:-python3}
 wheels=${GPU_CHECK_WHEELS:-$root/.gpu-wheels}
 export PYTHONSAFEPATH=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+# no progress bars: a log read afterwards (or only its tail) must hold the check's lines, not redraws
+export HF_HUB_DISABLE_PROGRESS_BARS=1
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 fail() { echo "gpu_check: $*" >&2; exit 2; }
 
@@ -48,9 +51,9 @@ limit=${GPU_CHECK_TIMEOUT:-480}
 set +e
 if [ "$gpus" -gt 1 ]; then
   echo "gpu_check: $gpus processes, one per GPU"
-  timeout "$limit" "$PY" -m opd_runtime.launch --standalone --nproc-per-node="$gpus" -m opd_runtime.gpu_check "$@"
+  timeout -k 20 "$limit" "$PY" -m opd_runtime.launch --standalone --nproc-per-node="$gpus" -m opd_runtime.gpu_check "$@"
 else
-  timeout "$limit" "$PY" -m opd_runtime.gpu_check "$@"
+  timeout -k 20 "$limit" "$PY" -m opd_runtime.gpu_check "$@"
 fi
 rc=$?
 [ "$rc" -eq 124 ] && echo "gpu_check: stopped after GPU_CHECK_TIMEOUT=${limit}s" >&2

@@ -165,11 +165,11 @@ def traces(tokens: int, count: int, seed: int) -> list[tuple[list[int], list[int
     ]
 
 
-# --- the naive path: the code before chunking, reproduced ---------------------------------------------
+# --- the naive path: unchunked, as a simple implementation would write it ------------------------------
 
 
 def naive_pack_mask(examples):
-    """The old packing: one row, restarted positions and a dense additive (1, 1, T, T) fp32 mask."""
+    """Simple packing: one row, restarted positions and a dense additive (1, 1, T, T) fp32 mask."""
     import torch
 
     T = sum(len(p) + len(c) for p, c in examples)
@@ -203,7 +203,7 @@ def naive_sft_nll(model, examples):
 
 
 def naive_opd_loss(model, teacher_model, samples, loss_name):
-    """The old train_on_samples for one micro-batch: full logits, dense teacher distributions, and the
+    """A simple train_on_samples for one micro-batch: full logits, dense teacher distributions, and the
     teacher scoring first (its second forward)."""
     import torch
 

@@ -60,6 +60,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metrics-port", type=int, default=None, help="Prometheus port (default 8000, 0 disables)")
     parser.add_argument("--resync-seconds", type=float, default=None, help="re-check each run this often")
     parser.add_argument(
+        "--ttl-seconds-after-finished",
+        type=int,
+        default=None,
+        help="delete a finished run's children this many seconds after it finished, for runs whose "
+        "spec.ttlSecondsAfterFinished is unset (default: $OPD_TTL_SECONDS_AFTER_FINISHED, else keep them)",
+    )
+    parser.add_argument(
         "--leader-elect",
         action=argparse.BooleanOptionalAction,
         default=os.environ.get("OPD_LEADER_ELECT", "").lower() in ("1", "true", "yes"),
@@ -103,6 +110,10 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["OPD_METRICS_PORT"] = str(args.metrics_port)
     if args.resync_seconds is not None:
         os.environ["OPD_RESYNC_SECONDS"] = str(args.resync_seconds)
+    if args.ttl_seconds_after_finished is not None:
+        if args.ttl_seconds_after_finished < 0:
+            parser.error("--ttl-seconds-after-finished: a number of seconds, 0 or more")
+        os.environ["OPD_TTL_SECONDS_AFTER_FINISHED"] = str(args.ttl_seconds_after_finished)
     if args.controller_name is not None:
         if not re.match(CONTROLLER_NAME_PATTERN, args.controller_name):
             parser.error(

@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from .observe import KINDS
-from .reconcile import Action, rfc3339
+from .walk import Action, rfc3339
 
 Manifest = dict[str, Any]
 Children = dict[str, list[Manifest]]  # kind -> objects, as kube.list_children returns

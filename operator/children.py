@@ -34,9 +34,19 @@ from .rbac import stage_rules
 
 Manifest = dict[str, Any]
 PROBE_PERIOD_S = 10  # the teacher's /health probes
+PROBE_TIMEOUT_S = 5  # one /health request of a sidecar teacher's exec probe
+LOOPBACK = "127.0.0.1"  # where a sidecar teacher listens: reachable from its own pod only
 # Fields that change how the operator drives the run, not what a stage computes: editing them never
 # conflicts with a running stage.
-OPERATIONAL_FIELDS = ("suspend", "retries", "backoffSeconds", "queueName", "managedBy")
+OPERATIONAL_FIELDS = (
+    "suspend",
+    "retries",
+    "backoffSeconds",
+    "queueName",
+    "managedBy",
+    "ttlSecondsAfterFinished",
+    "startTimeoutSeconds",
+)
 
 
 def _meta(
@@ -161,12 +171,28 @@ def role_binding(obj: Manifest) -> Manifest:
     }
 
 
+def deploys_teacher(run: DistillationRun) -> bool:
+    """The run's teacher server is a Deployment and Service of its own (``serving.placement: deployment``)."""
+    return serves_teacher(run) and run.spec.teacher.serving.placement == "deployment"
+
+
+def teacher_sidecar(run: DistillationRun) -> bool:
+    """The run's teacher server is a sidecar container of each distill pod (``serving.placement: sidecar``)."""
+    return serves_teacher(run) and run.spec.teacher.serving.placement == "sidecar"
+
+
+def operator_stages(run: DistillationRun) -> list[str]:
+    """The stages the operator walks and reports: ``planned_stages``, without the teacher when it is a
+    sidecar (it then starts and stops with each distill pod, and the distill stage's status covers it)."""
+    return [s for s in planned_stages(run) if s != "teacher" or deploys_teacher(run)]
+
+
 def plumbing(obj: Manifest, run: DistillationRun) -> list[Manifest]:
     """What every run needs before its first stage, in creation order."""
     out = [service_account(obj), role(obj), role_binding(obj), config_map(obj, run)]
     if not run.spec.workspace.existing_claim:
         out.append(workspace_pvc(obj, run))
-    if serves_teacher(run) and run.spec.teacher.serving.network_policy:
+    if deploys_teacher(run) and run.spec.teacher.serving.network_policy:
         out.append(teacher_network_policy(obj, run))  # before the teacher: its pods are never open
     return out
 
@@ -372,8 +398,9 @@ def stage_argv(obj: Manifest, run: DistillationRun, stage: str, attempt: int) ->
     that starts one process per GPU (``plan.launcher_argv``) and, on several pods, meets pod 0."""
     run_name, ns = obj["metadata"]["name"], obj["metadata"]["namespace"]
     teacher_url = None
-    if stage == "distill" and "teacher" in planned_stages(run):
-        teacher_url = names.teacher_url(run_name, ns, run.spec.teacher.serving.port)
+    if stage == "distill" and serves_teacher(run):
+        port = run.spec.teacher.serving.port
+        teacher_url = f"http://{LOOPBACK}:{port}" if teacher_sidecar(run) else names.teacher_url(run_name, ns, port)
     cmd = stage_command(run, stage, config=names.CONFIG_PATH, workspace=names.WORKSPACE_MOUNT, teacher_url=teacher_url)
     if stage not in TRAINING_STAGES:
         return cmd.argv  # eval uses its GPUs through vLLM tensor parallelism, in one process
@@ -428,6 +455,15 @@ def stage_job(obj: Manifest, run: DistillationRun, stage: str, attempt: int) -> 
     pod_labels = {**names.labels(run_name, stage), names.ATTEMPT_LABEL: str(attempt)}
     pod_spec = _pod_spec(obj, run, container, account=names.stage_account(run_name))
     pod_spec["restartPolicy"] = "Never"
+    if stage == "distill" and teacher_sidecar(run):
+        # A restartable init container (a native sidecar): the kubelet starts the learner only once the
+        # teacher's startup probe passes, restarts the teacher if it crashes, and stops it when the learner
+        # ends. Its resources are part of the pod's, so Kueue admits teacher and learner as one workload.
+        sidecar = _teacher_container(obj, run, sidecar=True)
+        sidecar["restartPolicy"] = "Always"
+        pod_spec["initContainers"] = [sidecar]
+        have = {v["name"] for v in pod_spec["volumes"]}
+        pod_spec["volumes"] += [v for v in _teacher_volumes(obj, run) if v["name"] not in have]
     meta = _meta(
         obj, names.job(run_name, stage, attempt), stage, annotations={names.SPEC_HASH_ANNOTATION: spec_hash(run)}
     )
@@ -512,7 +548,7 @@ def _teacher_model_problems(run: DistillationRun) -> list[str]:
         return []
     model, cache = run.spec.teacher.model, run.spec.teacher.serving.model_cache
     where = names.WORKSPACE_MOUNT
-    if model == where or model.startswith(where + "/"):
+    if deploys_teacher(run) and (model == where or model.startswith(where + "/")):  # a sidecar mounts it
         return [
             f"spec.teacher.model: {model} is on the run's workspace, which teacher pods do not mount (it is "
             "ReadWriteOnce by default and held by the stage pods); put the model on a claim named in "
@@ -533,10 +569,18 @@ def teacher_queue(run: DistillationRun) -> str | None:
     return run.spec.teacher.serving.queue_name or run.spec.queue_name
 
 
-def teacher_deployment(obj: Manifest, run: DistillationRun) -> Manifest:
-    run_name = obj["metadata"]["name"]
+def _teacher_container(obj: Manifest, run: DistillationRun, *, sidecar: bool) -> Manifest:
+    """The vLLM teacher server's container: in its own Deployment, or as a sidecar of a distill pod, bound to
+    the pod's loopback so that nothing outside the pod reaches it."""
     serving = run.spec.teacher.serving
-    cmd = stage_command(run, "teacher", config=names.CONFIG_PATH, workspace=MODEL_CACHE_MOUNT, port=serving.port)
+    cmd = stage_command(
+        run,
+        "teacher",
+        config=names.CONFIG_PATH,
+        workspace=MODEL_CACHE_MOUNT,
+        port=serving.port,
+        host=LOOPBACK if sidecar else "0.0.0.0",
+    )
     container = _container(
         obj,
         run,
@@ -547,14 +591,29 @@ def teacher_deployment(obj: Manifest, run: DistillationRun) -> Manifest:
         mounts=_TEACHER_MOUNTS,
         cache_root=MODEL_CACHE_MOUNT,
     )
-    container["ports"] = [{"name": "http", "containerPort": serving.port}]
-    probe = {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": PROBE_PERIOD_S}
+    probe: Manifest
+    if sidecar:
+        # the kubelet's HTTP probes come from outside the pod and cannot reach loopback: the probe runs inside
+        health = f"http://{LOOPBACK}:{serving.port}/health"
+        code = f"import urllib.request; urllib.request.urlopen({health!r}, timeout={PROBE_TIMEOUT_S})"
+        probe = {"exec": {"command": ["python3", "-c", code]}, "periodSeconds": PROBE_PERIOD_S}
+        probe["timeoutSeconds"] = PROBE_TIMEOUT_S + 5  # the interpreter's start on top of the request
+    else:
+        container["ports"] = [{"name": "http", "containerPort": serving.port}]
+        probe = {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": PROBE_PERIOD_S}
     # Loading a large model takes minutes: the startup budget is the whole readyTimeoutSeconds (rounded up
     # to a period), so the kubelet never restarts a teacher the operator still waits for; then quick
     # readiness checks.
     startup_failures = max(1, math.ceil(serving.ready_timeout_seconds / PROBE_PERIOD_S))
     container["startupProbe"] = {**probe, "failureThreshold": startup_failures}
     container["readinessProbe"] = {**probe, "failureThreshold": 3}
+    return container
+
+
+def teacher_deployment(obj: Manifest, run: DistillationRun) -> Manifest:
+    run_name = obj["metadata"]["name"]
+    serving = run.spec.teacher.serving
+    container = _teacher_container(obj, run, sidecar=False)
     pod_labels = names.labels(run_name, "teacher")
     digest = spec_hash(run)
     meta = _meta(obj, names.teacher(run_name), "teacher", annotations={names.SPEC_HASH_ANNOTATION: digest})

@@ -100,6 +100,13 @@ SPEC_RULES: list[tuple[tuple[str, ...], list[dict[str, str]]]] = [
                 "that stage or remove it from spec.eval.targets",
             },
             {
+                # the schema's defaults are applied before the rules run: placement, port and metricsPort exist
+                "rule": "!has(self.teacher.serving) || self.teacher.serving.placement != 'sidecar' || "
+                "!has(self.distill) || !self.distill.enabled || self.distill.metricsPort != self.teacher.serving.port",
+                "message": "spec: teacher.serving.port is also distill.metricsPort: with placement `sidecar` the "
+                "teacher and the learner share one pod's ports; change one of them",
+            },
+            {
                 "rule": "(has(self.managedBy) ? self.managedBy : '') == "
                 "(has(oldSelf.managedBy) ? oldSelf.managedBy : '')",
                 "message": "spec.managedBy is immutable: the controller that acts on a run is chosen when it is "
@@ -119,7 +126,12 @@ SPEC_RULES: list[tuple[tuple[str, ...], list[dict[str, str]]]] = [
                 "message": "spec.teacher.serving: replicas > 1 share modelCache.existingClaim, whose accessModes "
                 "let only one node mount it: use a ReadWriteMany claim and `modelCache.accessModes: "
                 "[ReadWriteMany]`, drop modelCache.existingClaim, or set `replicas: 1`",
-            }
+            },
+            {
+                "rule": "self.placement != 'sidecar' || self.replicas <= 1",
+                "message": "spec.teacher.serving: a sidecar teacher serves only its own distill pod: set `replicas: "
+                "1`, or `placement: deployment` for several replicas behind a Service",
+            },
         ],
     ),
     (("student", "model"), [_immutable("spec.student.model")]),

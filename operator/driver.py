@@ -8,12 +8,13 @@ from typing import Any
 
 from opd_runtime.contract import DEFAULT_CONTROLLER
 
-from . import leader, metrics
+from . import leader, metrics, ttl
 from .cache import OVERLAY, Children
 from .conditions import READY, set_condition
 from .kube import Api, ApiError, apply_action, list_children, post_event
-from .observe import observe, unlisted_claims
-from .reconcile import Decision, Event, decide, rfc3339
+from .observe import clip, failed_create, observe, podless_jobs, unlisted_claims
+from .reconcile import decide
+from .walk import Decision, Event, rfc3339
 
 log = logging.getLogger("opd_operator")
 Manifest = dict[str, Any]
@@ -53,10 +54,11 @@ def reconcile_once(
     now: datetime | None = None,
     indexed: Children | None = None,
     controller: str = DEFAULT_CONTROLLER,
+    default_ttl: int | None = None,
 ) -> Decision | None:
     """Reconcile run ``namespace/name``; None when it is gone, being deleted (its children go with it) or
     managed by another controller (``spec.managedBy``). ``indexed``: the children as the watches saw them
-    (cache.py); None LISTs them."""
+    (cache.py); None LISTs them. ``default_ttl``: ttlSecondsAfterFinished of runs that set none (ttl.py)."""
     now = now or datetime.now(UTC)
     obj = api.get("DistillationRun", namespace, name)
     if obj is None or obj["metadata"].get("deletionTimestamp") or not manages(obj, controller):
@@ -68,7 +70,14 @@ def reconcile_once(
     else:
         found = OVERLAY.apply(namespace, name, indexed)
     claims = [c for c in (api.get("PersistentVolumeClaim", namespace, n) for n in unlisted_claims(found)) if c]
-    decision = decide(obj, observe(name, found, claims), now)
+    expiry = ttl.due(obj, default_ttl)
+    refused = [
+        why
+        for job in podless_jobs(found, now)
+        if (why := failed_create(job, api.list("Event", namespace, "", f"involvedObject.uid={job['metadata']['uid']}")))
+    ]
+    observed = observe(name, found, claims, refused)
+    decision = ttl.expire(obj, observed, now) if expiry is not None and now >= expiry else decide(obj, observed, now)
     old = {k: v for k, v in (obj.get("status") or {}).items() if k != "progress"}
     # With leader election each write is checked on its own: a batch of writes may take longer than the
     # margin between our last renewal and another candidate's takeover.
@@ -106,7 +115,7 @@ def report_refusal(
         READY,
         False,
         reason,
-        message[:1000],
+        clip(message),
         now=rfc3339(now),
         generation=obj["metadata"].get("generation"),
     )
@@ -116,20 +125,25 @@ def report_refusal(
         "DistillationRun",
         meta["namespace"],
         meta["name"],
-        {"status": {"message": message[:1000], "conditions": conds}},
+        {"status": {"message": clip(message), "conditions": conds}},
         subresource="status",
     )
-    if old.get("message") != message[:1000]:
+    if old.get("message") != clip(message):
         post_event(api, obj, Event("Warning", reason, message), rfc3339(now))
 
 
 def reconcile_safely(
-    api: Api, namespace: str, name: str, indexed: Children | None = None, controller: str = DEFAULT_CONTROLLER
+    api: Api,
+    namespace: str,
+    name: str,
+    indexed: Children | None = None,
+    controller: str = DEFAULT_CONTROLLER,
+    default_ttl: int | None = None,
 ) -> float | None:
     """``reconcile_once`` that counts and logs errors instead of raising; returns the requeue delay."""
     metrics.RECONCILES.inc()
     try:
-        decision = reconcile_once(api, namespace, name, indexed=indexed, controller=controller)
+        decision = reconcile_once(api, namespace, name, indexed=indexed, controller=controller, default_ttl=default_ttl)
     except Exception:  # the next round retries; the error is counted and logged with its traceback
         metrics.RECONCILE_ERRORS.inc()
         log.exception("reconcile of %s/%s failed", namespace, name)

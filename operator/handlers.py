@@ -10,6 +10,12 @@ run at once (its Stalled condition shows within a second or two). A round woken 
 children from kopf's index (``run_children``, cache.py) instead of LISTing them; the first round and each
 resync LIST.
 
+A finished run (Succeeded or Failed for its current spec, ttl.settled) has no daemon: kopf stops it when
+the status says so and starts it again when the spec is edited (the daemon's filter), so finished runs
+cost no API request however many there are. A finished run's ``ttlSecondsAfterFinished`` is one timer in
+the event loop (``_schedule_ttl``), not a task per run; when it fires, one reconcile deletes the run's
+children (ttl.expire).
+
 kopf watches the children kinds with a server-side label selector (the operator's
 ``app.kubernetes.io/managed-by``), so a shared cluster's other pods never reach the operator. kopf
 restarts the daemons of existing runs when the operator starts again, so a restart simply continues.
@@ -22,13 +28,14 @@ import copy
 import logging
 import os
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 import kopf
 
 from opd_runtime.contract import DEFAULT_CONTROLLER, GROUP, PLURAL, VERSION
 
-from . import cache, driver, leader, metrics, names
+from . import cache, driver, leader, metrics, names, ttl
 from .kube import RESOURCES, RestApi
 from .observe import KINDS
 
@@ -37,6 +44,10 @@ RESYNC_SECONDS = float(os.environ.get("OPD_RESYNC_SECONDS", "60"))
 METRICS_PORT = int(os.environ.get("OPD_METRICS_PORT", "8000"))
 # This operator acts only on runs whose spec.managedBy names it (unset: the default name); see driver.manages.
 CONTROLLER_NAME = os.environ.get("OPD_CONTROLLER_NAME") or DEFAULT_CONTROLLER
+# ttlSecondsAfterFinished of runs that set none (the chart's operator.ttlSecondsAfterFinished); unset: none
+DEFAULT_TTL = (
+    int(os.environ["OPD_TTL_SECONDS_AFTER_FINISHED"]) if os.environ.get("OPD_TTL_SECONDS_AFTER_FINISHED") else None
+)
 CHILD_LABELS: dict[str, Any] = {names.RUN_LABEL: kopf.PRESENT, "app.kubernetes.io/managed-by": names.MANAGER}
 # The children kinds kopf watches (server-side selected by label) and indexes: (group, version, plural).
 WATCHED_CHILDREN = tuple(
@@ -45,6 +56,7 @@ WATCHED_CHILDREN = tuple(
 )
 
 _wakers: dict[tuple[str, str], asyncio.Event] = {}
+_ttl_timers: dict[tuple[str, str], tuple[datetime, asyncio.TimerHandle]] = {}
 _api: RestApi | None = None
 
 
@@ -80,8 +92,44 @@ def _wake(namespace: str | None, name: str | None) -> None:
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
-async def run_changed(namespace: str | None, name: str, **_: Any) -> None:
+async def run_changed(namespace: str | None, name: str, body: kopf.Body, type: str | None, **_: Any) -> None:
+    key = (namespace or "", name)
+    obj = dict(body)
+    if type == "DELETED" or not driver.manages(obj, CONTROLLER_NAME):
+        _cancel_ttl(key)
+        metrics.forget(*key)
+        return
     _wake(namespace, name)
+    if ttl.settled(obj):  # no daemon reports a finished run's phase: its status is what the watch shows
+        status = obj.get("status") or {}
+        metrics.set_phase(key[0], name, status.get("phase"))
+        metrics.set_eval_score(key[0], name, status.get("evalScore"))
+    _schedule_ttl(key, ttl.pending(obj, DEFAULT_TTL))
+
+
+def _cancel_ttl(key: tuple[str, str]) -> None:
+    timer = _ttl_timers.pop(key, None)
+    if timer is not None:
+        timer[1].cancel()
+
+
+def _schedule_ttl(key: tuple[str, str], due: datetime | None) -> None:
+    """(Re)arm the one timer of a finished run whose children are due for deletion at ``due``."""
+    if due is None:
+        _cancel_ttl(key)
+        return
+    if key in _ttl_timers and _ttl_timers[key][0] == due:
+        return
+    _cancel_ttl(key)
+    loop = asyncio.get_running_loop()
+    delay = max(0.0, (due - datetime.now(UTC)).total_seconds())
+    _ttl_timers[key] = (due, loop.call_later(delay, lambda: asyncio.ensure_future(_expire(key))))
+
+
+async def _expire(key: tuple[str, str]) -> None:
+    """The TTL passed: one reconcile deletes the children (it re-reads the run: an edit since wins)."""
+    _ttl_timers.pop(key, None)
+    await asyncio.to_thread(driver.reconcile_safely, api(), *key, None, CONTROLLER_NAME, DEFAULT_TTL)
 
 
 @kopf.on.event("batch", "v1", "jobs", labels=CHILD_LABELS)
@@ -117,13 +165,14 @@ async def _sleep(wake: asyncio.Event, stopped: kopf.DaemonStopped, seconds: floa
     return woken
 
 
-def ours(body: kopf.Body, **_: Any) -> bool:
-    """A run of this operator (spec.managedBy): kopf starts no daemon for another's, and so puts no
-    finalizer on it either."""
-    return driver.manages(dict(body), CONTROLLER_NAME)
+def active(body: kopf.Body, **_: Any) -> bool:
+    """A run of this operator (spec.managedBy) that has not finished for its current spec: kopf starts no
+    daemon for another's (and so puts no finalizer on it), and stops a run's daemon once it has finished."""
+    obj = dict(body)
+    return driver.manages(obj, CONTROLLER_NAME) and not ttl.settled(obj)
 
 
-@kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=10.0, when=ours)
+@kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=10.0, when=active)
 async def reconcile_run(namespace: str | None, name: str, stopped: kopf.DaemonStopped, **kwargs: Any) -> None:
     """The run's loop. A round woken by an event reads the children from the index; the first round and
     every resync LIST them (the truth: it also corrects anything the watches might have missed)."""
@@ -133,7 +182,9 @@ async def reconcile_run(namespace: str | None, name: str, stopped: kopf.DaemonSt
     indexed: cache.Children | None = None
     try:
         while not stopped:
-            delay = await asyncio.to_thread(driver.reconcile_safely, api(), namespace, name, indexed, CONTROLLER_NAME)
+            delay = await asyncio.to_thread(
+                driver.reconcile_safely, api(), namespace, name, indexed, CONTROLLER_NAME, DEFAULT_TTL
+            )
             wait = RESYNC_SECONDS if delay is None else min(RESYNC_SECONDS, max(0.5, delay))
             woken = await _sleep(wake, stopped, wait)
             # copied here, in the event loop that updates the index, not in the reconcile's thread
@@ -141,4 +192,3 @@ async def reconcile_run(namespace: str | None, name: str, stopped: kopf.DaemonSt
     finally:
         _wakers.pop((namespace, name), None)
         cache.OVERLAY.forget(namespace, name)
-        metrics.forget(namespace, name)

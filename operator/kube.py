@@ -17,7 +17,7 @@ from opd_runtime.contract import API_VERSION, GROUP, PLURAL, VERSION
 
 from . import metrics, names
 from .observe import KINDS
-from .reconcile import Action, Event
+from .walk import Action, Event
 
 Manifest = dict[str, Any]
 log = logging.getLogger("opd_operator")
@@ -66,7 +66,7 @@ class ForeignObject(ApiError):
 
 class Api(Protocol):
     def get(self, kind: str, namespace: str, name: str) -> Manifest | None: ...
-    def list(self, kind: str, namespace: str, selector: str) -> list[Manifest]: ...
+    def list(self, kind: str, namespace: str, selector: str, fields: str = "") -> list[Manifest]: ...
     def create(self, namespace: str, body: Manifest) -> bool: ...
     def patch(self, kind: str, namespace: str, name: str, patch: Manifest, *, subresource: str = "") -> None: ...
     def delete(self, kind: str, namespace: str, name: str) -> None: ...
@@ -165,8 +165,10 @@ class RestApi:
     def get(self, kind: str, namespace: str, name: str) -> Manifest | None:
         return self.request("GET", path(kind, namespace, name), ok_missing=True)
 
-    def list(self, kind: str, namespace: str, selector: str) -> list[Manifest]:
-        out = self.request("GET", path(kind, namespace), query={"labelSelector": selector}) or {}
+    def list(self, kind: str, namespace: str, selector: str, fields: str = "") -> list[Manifest]:
+        """Objects matching label ``selector`` (and field selector ``fields``, when given)."""
+        query = {"labelSelector": selector} | ({"fieldSelector": fields} if fields else {})
+        out = self.request("GET", path(kind, namespace), query=query) or {}
         items: list[Manifest] = out.get("items", [])
         return items
 

@@ -6,6 +6,7 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 from opd_runtime.contract import EXIT_BAD_CONFIG
@@ -15,6 +16,8 @@ from . import names
 Manifest = dict[str, Any]
 JobState = Literal["active", "succeeded", "failed"]
 COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"  # pod annotation set by the Job controller
+# A stage Job without pods this long after it started: its Events are read for a FailedCreate (podless_jobs).
+FAILED_CREATE_AFTER_SECONDS = 10.0
 # The kinds the operator lists per run (by label selector), and their API paths.
 KINDS = (
     "ServiceAccount",
@@ -28,6 +31,13 @@ KINDS = (
     "Service",
     "NetworkPolicy",
 )
+
+
+def parse_time(text: str | None) -> datetime | None:
+    """An API timestamp (RFC 3339, whole seconds, UTC) as a datetime; None for none."""
+    if not text:
+        return None
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
 
 
 @dataclass(frozen=True)
@@ -65,6 +75,9 @@ class JobView:
     # the Job's podFailurePolicy replaces them within the attempt (one pod) or fails the Job (a gang); their
     # exits say nothing about the stage
     disrupted: tuple[str, ...] = ()
+    started: bool = False  # a pod of the attempt has run (or ended): the attempt is past starting
+    start_time: str | None = None  # status.startTime (reset when Kueue unsuspends it), else its creation
+    has_pods: bool = False  # any pod of the attempt exists
 
     @property
     def disrupted_failure(self) -> bool:
@@ -130,6 +143,11 @@ MESSAGE_FIELDS: dict[str, str] = {
     "eval_score": "number",
 }
 MAX_MESSAGE_STRING = 1000  # characters of a string field kept (the status message is cut to this too)
+
+
+def clip(text: str) -> str:
+    """A message as the status, its conditions and Events hold it: its first ``MAX_MESSAGE_STRING`` characters."""
+    return text[:MAX_MESSAGE_STRING]
 
 
 def _checked(value: Any, kind: str) -> tuple[Any, str | None]:
@@ -241,7 +259,7 @@ def pod_waiting(pod: Manifest, claims: dict[str, Manifest]) -> Waiting | None:
             )
     if refused and scheduled.get("reason") in ("Unschedulable", "SchedulingGated"):
         why = (scheduled.get("message") or "no node fits").strip()
-        return Waiting(str(scheduled["reason"]), f"pod {name} cannot be scheduled: {why}"[:1000], name)
+        return Waiting(str(scheduled["reason"]), clip(f"pod {name} cannot be scheduled: {why}"), name)
     for cs in [*(status.get("initContainerStatuses") or []), *(status.get("containerStatuses") or [])]:
         waiting = (cs.get("state") or {}).get("waiting") or {}
         reason, detail = waiting.get("reason"), (waiting.get("message") or "").strip()
@@ -252,7 +270,7 @@ def pod_waiting(pod: Manifest, claims: dict[str, Manifest]) -> Waiting | None:
         ):
             if reason in reasons:
                 text = f"pod {name} container {cs.get('name')}: {reason}" + (f": {detail}" if detail else "")
-                return Waiting(kind, text[:1000], name)
+                return Waiting(kind, clip(text), name)
     return None
 
 
@@ -318,6 +336,7 @@ def job_view(job: Manifest, pods: list[Manifest]) -> JobView | None:
     counted = [p for p in mine if p not in disrupted]
     term = gang_termination([t for t in map(termination, counted) if t is not None])
     status = job.get("status") or {}
+    ran = [p for p in mine if (p.get("status") or {}).get("phase") in ("Running", "Succeeded", "Failed")]
     return JobView(
         name=meta["name"],
         stage=labels.get(names.STAGE_LABEL, ""),
@@ -336,6 +355,44 @@ def job_view(job: Manifest, pods: list[Manifest]) -> JobView | None:
             f"{p['metadata']['name']} ({_find(p, 'DisruptionTarget').get('reason') or 'DisruptionTarget'})"
             for p in disrupted
         ),
+        started=bool(ran) or int(status.get("succeeded") or 0) + int(status.get("failed") or 0) > 0,
+        start_time=status.get("startTime") or meta.get("creationTimestamp"),
+        has_pods=bool(mine),
+    )
+
+
+def podless_jobs(children: dict[str, list[Manifest]], now: datetime) -> list[Manifest]:
+    """Stage Jobs that should have pods by now and have none (active, admitted, not being deleted, started
+    at least ``FAILED_CREATE_AFTER_SECONDS`` ago): the driver reads their Events for why (``failed_create``).
+    The grace keeps a Job whose pod is merely on its way from costing a LIST."""
+    pods = children.get("Pod", [])
+    out = []
+    for job in children.get("Job", []):
+        view = job_view(job, pods)
+        if view is None or view.state != "active" or view.deleting or view.suspended or view.has_pods:
+            continue
+        started = parse_time(view.start_time)
+        if started is not None and (now - started).total_seconds() >= FAILED_CREATE_AFTER_SECONDS:
+            out.append(job)
+    return out
+
+
+def failed_create(job: Manifest, events: Sequence[Manifest]) -> Waiting | None:
+    """The Job controller's latest FailedCreate Event about ``job`` (the API server refused its pod: a
+    ResourceQuota, a LimitRange, a policy webhook), as a Stalled reason with the API server's message."""
+    refused = [e for e in events if e.get("reason") == "FailedCreate"]
+    if not refused:
+        return None
+    last = max(refused, key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or "")
+    name = job["metadata"]["name"]
+    text = str(last.get("message") or "").strip()
+    return Waiting(
+        "FailedCreate",
+        clip(
+            f"Job {name} cannot create its pods: {text} (fix the quota or policy, or lower the stage's resources; "
+            "the Job controller keeps retrying)"
+        ),
+        name,
     )
 
 
@@ -355,7 +412,7 @@ def _replica_failure(deployment: Manifest) -> Waiting | None:
         return None
     name = deployment["metadata"]["name"]
     why = f"{found.get('reason') or 'ReplicaFailure'}: {(found.get('message') or '').strip()}"
-    return Waiting("FailedCreate", f"Deployment {name} cannot create pods: {why}"[:1000], name)
+    return Waiting("FailedCreate", clip(f"Deployment {name} cannot create pods: {why}"), name)
 
 
 def teacher_view(deployment: Manifest) -> TeacherView:
@@ -375,9 +432,15 @@ def teacher_view(deployment: Manifest) -> TeacherView:
     )
 
 
-def observe(run_name: str, children: dict[str, list[Manifest]], claims: Sequence[Manifest] = ()) -> Observed:
+def observe(
+    run_name: str,
+    children: dict[str, list[Manifest]],
+    claims: Sequence[Manifest] = (),
+    refused: Sequence[Waiting] = (),
+) -> Observed:
     """Fold the run's children (``kind -> objects`` labelled with the run) into an ``Observed``; ``claims``:
-    other PersistentVolumeClaims its pods mount (an existingClaim, a model cache), read by name."""
+    other PersistentVolumeClaims its pods mount (an existingClaim, a model cache), read by name; ``refused``:
+    ``failed_create`` of the run's pod-less Jobs (a pod-less Job has no pod to say why it waits)."""
     present = frozenset((kind, o["metadata"]["name"]) for kind, objs in children.items() for o in objs)
     pods = children.get("Pod", [])
     jobs = tuple(v for v in (job_view(j, pods) for j in children.get("Job", [])) if v is not None)
@@ -406,8 +469,13 @@ def observe(run_name: str, children: dict[str, list[Manifest]], claims: Sequence
         jobs=jobs,
         live_pods={k: tuple(v) for k, v in live.items()},
         going=frozenset(p["metadata"]["name"] for p in pods if p["metadata"].get("deletionTimestamp")),
-        waiting=waiting(pods, by_name),
+        waiting={**_by_stage(refused, jobs), **waiting(pods, by_name)},
         teacher=teacher_view(deployment) if deployment else None,
         pvc=pvc,
         config_map=cm,
     )
+
+
+def _by_stage(refused: Sequence[Waiting], jobs: Sequence[JobView]) -> dict[str, Waiting]:
+    stage_of = {j.name: j.stage for j in jobs}
+    return {stage_of[w.pod]: w for w in refused if w.pod in stage_of}

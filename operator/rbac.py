@@ -35,6 +35,7 @@ _CREATE = "kube.apply_action: reconcile creates it (create)"
 _GET_ON_CONFLICT = "kube.apply_action: a create answered 409 reads the existing object to check it is the run's"
 _LIST = "kube.list_children: observe lists each run's children by label"
 _KOPF_WATCH = "handlers.child_changed: kopf lists and watches it to wake the run's reconcile"
+_TTL_DELETE = "ttl.expire: deletes a finished run's children once spec.ttlSecondsAfterFinished has passed"
 _INDEX = "handlers.run_children: kopf lists and watches it to keep each run's children in memory (cache.py)"
 
 # (API group, resource) -> verb -> the code path that needs it. Verbs not listed here are not granted.
@@ -66,14 +67,14 @@ USES: dict[tuple[str, str], dict[str, str]] = {
         "get": _GET_ON_CONFLICT,
         "list": _LIST,
         "watch": _KOPF_WATCH,
-        "delete": "reconcile._Walk.stop_teacher: removes the teacher (also a stale or failed one)",
+        "delete": "teacher.TeacherSteps.stop_teacher: removes the teacher (also a stale or failed one)",
     },
     (CORE, "services"): {
         "create": _CREATE,
         "get": _GET_ON_CONFLICT,
         "list": _LIST,
         "watch": _INDEX,
-        "delete": "reconcile._Walk.stop_teacher: removes the teacher's Service (drop_ranks_service too)",
+        "delete": "teacher.TeacherSteps.stop_teacher: removes the teacher's Service (drop_ranks_service too)",
     },
     (CORE, "persistentvolumeclaims"): {
         "create": _CREATE,
@@ -81,9 +82,10 @@ USES: dict[tuple[str, str], dict[str, str]] = {
         "list": _LIST,
         "patch": "reconcile._Walk.plumbing: sets or clears the workspace's ownerReference (retentionPolicy)",
         "watch": _KOPF_WATCH,
-        # never requested: OwnerReferencesPermissionEnforcement (on in OpenShift) admits a change to an existing
-        # object's ownerReferences only from a subject that may delete that object
-        "delete": "reconcile._Walk.plumbing: its ownerReference patch on the workspace claim (admission checks delete)",
+        # also what OwnerReferencesPermissionEnforcement (on in OpenShift) checks: it admits a change to an
+        # existing object's ownerReferences only from a subject that may delete that object
+        "delete": "ttl.expire: deletes a finished run's workspace (retentionPolicy Delete); plumbing's "
+        "ownerReference patch on it",
     },
     (CORE, "configmaps"): {
         "create": _CREATE,
@@ -91,10 +93,29 @@ USES: dict[tuple[str, str], dict[str, str]] = {
         "list": _LIST,
         "watch": _INDEX,
         "patch": "reconcile._Walk.spec_freeze: writes an edited spec into <run>-spec",
+        "delete": _TTL_DELETE,
     },
-    (CORE, "serviceaccounts"): {"create": _CREATE, "get": _GET_ON_CONFLICT, "list": _LIST, "watch": _INDEX},
-    (RBAC, "roles"): {"create": _CREATE, "get": _GET_ON_CONFLICT, "list": _LIST, "watch": _INDEX},
-    (RBAC, "rolebindings"): {"create": _CREATE, "get": _GET_ON_CONFLICT, "list": _LIST, "watch": _INDEX},
+    (CORE, "serviceaccounts"): {
+        "create": _CREATE,
+        "get": _GET_ON_CONFLICT,
+        "list": _LIST,
+        "watch": _INDEX,
+        "delete": _TTL_DELETE,
+    },
+    (RBAC, "roles"): {
+        "create": _CREATE,
+        "get": _GET_ON_CONFLICT,
+        "list": _LIST,
+        "watch": _INDEX,
+        "delete": _TTL_DELETE,
+    },
+    (RBAC, "rolebindings"): {
+        "create": _CREATE,
+        "get": _GET_ON_CONFLICT,
+        "list": _LIST,
+        "watch": _INDEX,
+        "delete": _TTL_DELETE,
+    },
     ("networking.k8s.io", "networkpolicies"): {
         "delete": "reconcile._Walk.plumbing: removes the teacher's policy once spec turns it off",
         "create": _CREATE,
@@ -104,7 +125,11 @@ USES: dict[tuple[str, str], dict[str, str]] = {
     },
     (CORE, "pods"): {"list": _LIST, "watch": _KOPF_WATCH},
     # one core/v1 Event per occurrence, never patched; kopf's own posting is off (handlers.configure)
-    (CORE, "events"): {"create": "kube.post_event: posts the run's Events"},
+    (CORE, "events"): {
+        "create": "kube.post_event: posts the run's Events",
+        "list": "driver.reconcile_once: a pod-less stage Job's Events (FailedCreate: why the API server refuses "
+        "its pods), by field selector involvedObject.uid",
+    },
     # cluster-scoped, kopf's discovery (the chart's rbac.clusterDiscovery)
     (CORE, "namespaces"): {
         "list": "handlers.configure: kopf's namespace observer when serving named namespaces",

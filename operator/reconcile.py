@@ -1,6 +1,7 @@
 """The operator's decisions: ``decide(run, observed children, now) -> actions + status + events`` (pure).
 
-A run walks its planned stages in order (``opd_runtime.plan.planned_stages``):
+A run walks its stages in order (``children.operator_stages``: the planned stages, a sidecar teacher
+left to the distill pods):
 workspace plumbing -> ``sft`` Job -> teacher Deployment + Service (until Available) -> ``distill`` Job ->
 ``eval`` Job -> teacher removed -> Succeeded. Each batch stage runs as Jobs ``<run>-<stage>-<attempt>``
 with ``backoffLimit: 0``; a failed attempt (exit 1, or a pod that vanished) is retried after
@@ -15,69 +16,24 @@ from __future__ import annotations
 import copy
 import logging
 import typing
-from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel
 
 from opd_runtime.contract import BATCH_STAGES, EXIT_BAD_CONFIG, TRAINING_STAGES
-from opd_runtime.plan import planned_stages, processes_per_pod
-from opd_runtime.spec import DistillationRun, DistillationRunSpec, SpecError, parse_run
+from opd_runtime.plan import processes_per_pod
+from opd_runtime.spec import DistillationRunSpec, SpecError, parse_run
 
 from . import children, conditions, names
 from .conditions import STAGE_CONDITIONS
-from .observe import JobView, Observed, Waiting
+from .observe import FAILED_CREATE_AFTER_SECONDS, MAX_MESSAGE_STRING, JobView, Observed, Waiting, clip
+from .teacher import TeacherSteps
+from .walk import Action, Decision, Event, StageOutcome, rfc3339
 
 log = logging.getLogger("opd_operator")
 Manifest = dict[str, Any]
-MAX_BACKOFF_SECONDS = 600
-
-
-@dataclass(frozen=True)
-class Action:
-    verb: Literal["create", "delete", "patch"]
-    kind: str
-    name: str
-    body: Manifest | None = None  # the object (create) or a merge patch (patch)
-
-
-@dataclass(frozen=True)
-class Event:
-    type: Literal["Normal", "Warning"]
-    reason: str
-    message: str
-
-
-@dataclass(frozen=True)
-class StageOutcome:
-    stage: str
-    outcome: Literal["succeeded", "failed"]
-    seconds: float
-
-
-@dataclass
-class Decision:
-    actions: list[Action] = field(default_factory=list)
-    status: Manifest = field(default_factory=dict)  # the whole status except `progress`
-    events: list[Event] = field(default_factory=list)
-    outcomes: list[StageOutcome] = field(default_factory=list)
-    requeue_after: float | None = None  # seconds until something is due (a retry's back-off)
-
-
-def rfc3339(t: datetime) -> str:
-    return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def parse_time(text: str | None) -> datetime | None:
-    if not text:
-        return None
-    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
-
-
-def backoff_seconds(base: int, failures: int) -> float:
-    return float(min(MAX_BACKOFF_SECONDS, base * 2 ** max(0, failures - 1)))
 
 
 def changed_paths(old: Any, new: Any, prefix: str = "spec") -> list[str]:
@@ -90,61 +46,8 @@ def changed_paths(old: Any, new: Any, prefix: str = "spec") -> list[str]:
     return [] if old == new else [prefix]
 
 
-class _Walk:
+class _Walk(TeacherSteps):
     """One reconcile of one run; ``decide`` below is its only entry point."""
-
-    def __init__(self, obj: Manifest, run: DistillationRun, observed: Observed, now: datetime):
-        self.obj, self.run, self.observed, self.now = obj, run, observed, now
-        self.name = obj["metadata"]["name"]
-        self.generation = obj["metadata"].get("generation")
-        self.old: Manifest = obj.get("status") or {}
-        status = copy.deepcopy(self.old)
-        status.pop("progress", None)
-        self.status = status
-        self.stages: Manifest = status.setdefault("stages", {})
-        self.conds: list[Manifest] = status.get("conditions") or []
-        self.d = Decision()
-        self.planned = planned_stages(run)
-        self.stalled: tuple[str, Waiting] | None = None  # (stage, why) when the current stage's pods are stuck
-        self.failed_stage: str | None = None  # "teacher" when the teacher's retries are used up
-        # the stage's pods are gone or going (a deadline stops them): Stalled keeps what it said, so the
-        # failure can name what the attempt waited for
-        self.keep_stall = False
-        self.admission: tuple[str, str] | None = None  # (Admitted/Queued/Evicted, message) of the current stage
-
-    # ---- helpers ---------------------------------------------------------------------------------
-    def ts(self) -> str:
-        return rfc3339(self.now)
-
-    def cond(self, type_: str, value: bool | None, reason: str, message: str = "") -> None:
-        self.conds = conditions.set_condition(
-            self.conds, type_, value, reason, message, now=self.ts(), generation=self.generation
-        )
-
-    def event(self, type_: Literal["Normal", "Warning"], reason: str, message: str) -> None:
-        self.d.events.append(Event(type_, reason, message))
-
-    def create(self, manifest: Manifest) -> None:
-        self.d.actions.append(Action("create", manifest["kind"], manifest["metadata"]["name"], manifest))
-
-    def delete(self, kind: str, name: str) -> None:
-        self.d.actions.append(Action("delete", kind, name))
-
-    def stage(self, name: str) -> Manifest:
-        stage: Manifest = self.stages.setdefault(name, {"phase": "Pending", "attempts": 0, "failures": 0})
-        return stage
-
-    def old_stage_phase(self, name: str) -> str | None:
-        return ((self.old.get("stages") or {}).get(name) or {}).get("phase")
-
-    def requeue(self, seconds: float) -> None:
-        """Reconcile again within ``seconds`` (a back-off or a deadline is due then)."""
-        wait = max(0.5, seconds)
-        self.d.requeue_after = wait if self.d.requeue_after is None else min(self.d.requeue_after, wait)
-
-    def seconds_since(self, start: str | None) -> float:
-        begun = parse_time(start)
-        return max(0.0, (self.now - begun).total_seconds()) if begun else 0.0
 
     # ---- plumbing: account, role, binding, spec ConfigMap, workspace PVC ---------------------------
     def plumbing(self) -> None:
@@ -251,179 +154,6 @@ class _Walk:
                 "Suspended" + (f"; deleted {', '.join(deleted)}" if deleted else "") + "; the workspace is kept",
             )
 
-    # ---- teacher ---------------------------------------------------------------------------------
-    def stop_teacher(self, reason: str) -> None:
-        teacher = self.observed.teacher
-        if teacher is not None and not teacher.deleting:
-            self.delete("Deployment", names.teacher(self.name))
-            if reason == "Finished":
-                self.event("Normal", "TeacherStopped", "Distillation finished; the teacher server is removed")
-        if self.observed.has("Service", names.teacher(self.name)):
-            self.delete("Service", names.teacher(self.name))
-        if "teacher" in self.planned:
-            ts = self.stage("teacher")
-            if ts.get("phase") == "Failed":
-                return  # its condition says why (TeacherTimeout)
-            if ts.get("phase") in ("Running", "Waiting"):
-                ts["phase"] = "Succeeded" if reason == "Finished" else "Pending"
-                if reason == "Finished":
-                    ts["completionTime"] = self.ts()
-            self.cond(
-                conditions.TEACHER_READY,
-                False,
-                "Stopped" if reason == "Finished" else reason,
-                "The teacher server is not running.",
-            )
-
-    def drop_unplanned_teacher(self) -> None:
-        """An edit took the teacher out of the plan (``serving.url``, objective ``rl``, backend ``local``):
-        its GPUs are freed once no distill attempt that may still call it runs (one started with the previous
-        spec keeps it until it ends)."""
-        if any(j.stage == "distill" and j.state == "active" and not j.deleting for j in self.observed.jobs):
-            return
-        if self.observed.live_pods.get("distill"):
-            return
-        if self.observed.teacher is not None and not self.observed.teacher.deleting:
-            self.event("Normal", "TeacherStopped", "The spec no longer serves a teacher; the teacher server is removed")
-        self.stop_teacher(reason="NotPlanned")
-        self.stages.pop("teacher", None)
-        self.conds = [c for c in self.conds if c.get("type") != conditions.TEACHER_READY]
-
-    def teacher_ready(self) -> Literal["ready", "waiting", "failed"]:
-        """Ensure a teacher Deployment serving the accepted spec and its Service exist: "ready" once it is
-        Available; "failed" once it has missed ``readyTimeoutSeconds`` more than ``spec.retries`` times."""
-        state = self.teacher_deployment()
-        if state != "failed" and not self.observed.has("Service", names.teacher(self.name)):
-            self.create(children.teacher_service(self.obj, self.run))
-        return state
-
-    def teacher_deployment(self) -> Literal["ready", "waiting", "failed"]:
-        ts = self.stage("teacher")
-        teacher = self.observed.teacher
-        name = names.teacher(self.name)
-        retries = self.run.spec.retries
-        if ts.get("phase") == "Failed":
-            self.failed_stage = "teacher"
-            return "failed"
-        if teacher is not None and teacher.deleting:
-            return self.teacher_waiting(f"waiting for the previous teacher Deployment {name} to go")
-        if teacher is not None and not children.same_spec(teacher.spec_hash, self.run):
-            # It serves an older run file (the spec changed while no Job ran): a learner started now would
-            # read the new file and score against the old teacher. Replace it; the learner waits.
-            self.delete("Deployment", name)
-            self.event("Normal", "TeacherRestarted", f"The spec changed: Deployment {name} is replaced")
-            return self.teacher_waiting("replacing the teacher for the changed spec")
-        if teacher is None:
-            if ts.get("failures", 0) > 0 and ts.get("lastFailedAttempt") == ts.get("attempts"):
-                if ts["failures"] > retries:
-                    return self.teacher_failed(ts)
-                due = parse_time(ts.get("lastFailureTime")) or self.now
-                due += timedelta(seconds=backoff_seconds(self.run.spec.backoff_seconds, ts["failures"]))
-                if self.now < due:
-                    self.requeue((due - self.now).total_seconds())
-                    return self.teacher_waiting(
-                        f"teacher: retrying in {(due - self.now).total_seconds():.0f}s after failure {ts['failures']}"
-                    )
-            self.create(children.teacher_deployment(self.obj, self.run))
-            ts.update(phase="Waiting", attempts=ts.get("attempts", 0) + 1, job=name)
-            for key in ("queue", "admittedTime"):  # they describe the previous Deployment
-                ts.pop(key, None)
-            ts.setdefault("startTime", self.ts())
-            self.event("Normal", "TeacherStarting", f"Created Deployment {name}")
-            return self.teacher_waiting()
-        if teacher.available:
-            if ts.get("phase") != "Running":
-                self.event("Normal", "TeacherReady", f"Teacher server {name} is available")
-            ts["phase"] = "Running"
-            self.cond(conditions.TEACHER_READY, True, "Available", f"Deployment {name} is available.")
-            self.teacher_admission(ts, queued=False)
-            return "ready"
-        limit = self.run.spec.teacher.serving.ready_timeout_seconds
-        stuck = self.observed.waiting.get("teacher") or teacher.replica_failure
-        queued = stuck is not None and stuck.reason == "Queued"
-        if self.teacher_admission(ts, queued=queued) in ("Queued", "Evicted"):
-            return self.teacher_waiting(f"teacher: {stuck.message if stuck else 'queued'}")  # no clock runs
-        # The ready clock runs from creation (or the last loss of availability), but not while Kueue held the
-        # pods; with a queue, the Deployment's own ProgressDeadlineExceeded may come from queueing: not used.
-        waited = self.seconds_since(
-            max(t for t in (teacher.unavailable_since, ts.get("admittedTime"), "") if t is not None)
-        )
-        deadline_exceeded = teacher.deadline_exceeded and not children.teacher_queue(self.run)
-        if deadline_exceeded or waited >= limit:
-            why = (
-                f"Deployment {name} not Available for {waited:.0f}s (spec.teacher.serving.readyTimeoutSeconds "
-                f"{limit}{'; ProgressDeadlineExceeded' if deadline_exceeded else ''})"
-                + (f": {stuck.message}" if stuck else "")
-            )
-            ts.update(
-                failures=ts.get("failures", 0) + 1,
-                lastFailedAttempt=ts.get("attempts", 0),
-                lastFailureTime=self.ts(),
-                message=why[:1000],
-            )
-            self.delete("Deployment", name)
-            self.event("Warning", "TeacherTimeout", f"teacher attempt {ts.get('attempts', 0)}: {why}"[:1000])
-            if ts["failures"] > retries:
-                return self.teacher_failed(ts)
-            return self.teacher_waiting(f"teacher: {why}; retrying")
-        self.requeue(limit - waited)
-        if stuck is not None:
-            self.stalled = ("teacher", stuck)
-        return self.teacher_waiting()
-
-    def teacher_admission(self, ts: Manifest, *, queued: bool) -> str | None:
-        """With a Kueue queue for the teacher: Queued while Kueue's scheduling gate holds its pods (Evicted when
-        that follows an admission: Kueue preempted a pod and its replacement waits), Admitted once its pods
-        run ungated (``admittedTime``: the ready clock starts there). None without a queue or pods."""
-        queue = children.teacher_queue(self.run)
-        if not queue:
-            return None
-        before = ts.get("queue")
-        if queued:
-            state = "Evicted" if before in ("Admitted", "Evicted") else "Queued"
-        elif self.observed.live_pods.get("teacher"):
-            state = "Admitted"
-        else:
-            return before  # no pods yet (or gone): nothing new to say
-        ts["queue"] = state
-        name = names.teacher(self.name)
-        if state == "Admitted":
-            msg = f"teacher: Kueue admitted the pods of Deployment {name} (LocalQueue {queue})"
-            if before != "Admitted":
-                ts["admittedTime"] = self.ts()
-                self.event("Normal", "Admitted", msg)
-        elif state == "Queued":
-            msg = f"teacher: the pods of Deployment {name} are queued in Kueue LocalQueue {queue}"
-            if before != "Queued":
-                self.event("Normal", "Queued", msg)
-        else:
-            msg = f"teacher: Kueue evicted a pod of Deployment {name}; its replacement waits in LocalQueue {queue}"
-            if before == "Admitted":
-                ts["evictions"] = ts.get("evictions", 0) + 1
-                self.event("Warning", "Evicted", msg)
-        self.admission = (state, msg)
-        return state
-
-    def teacher_waiting(self, message: str | None = None) -> Literal["waiting"]:
-        self.stage("teacher")["phase"] = "Waiting"
-        text = message or f"Waiting for Deployment {names.teacher(self.name)} to become available (model loading)."
-        self.cond(conditions.TEACHER_READY, False, "Starting", text[:1000])
-        self.status["message"] = (
-            "distill: waiting for the teacher server to become available" if message is None else text
-        )
-        return "waiting"
-
-    def teacher_failed(self, ts: Manifest) -> Literal["failed"]:
-        ts.update(phase="Failed", reason="TeacherTimeout", completionTime=ts.get("completionTime") or self.ts())
-        self.cond(
-            conditions.TEACHER_READY,
-            False,
-            "TeacherTimeout",
-            f"not Available in time {ts.get('failures', 0)} time(s); last: {ts.get('message') or ''}"[:1000],
-        )
-        self.failed_stage = "teacher"
-        return "failed"
-
     # ---- batch stages ------------------------------------------------------------------------------
     def record_success(self, stage: str, ss: Manifest, job: JobView) -> None:
         result = job.termination.result if job.termination else {}
@@ -481,7 +211,7 @@ class _Walk:
             lastFailedAttempt=job.attempt,
             exitCode=code,
             lastFailureTime=(term and term.finished_at) or self.ts(),
-            message=error[-1000:] or None,
+            message=error[-MAX_MESSAGE_STRING:] or None,
             job=job.name,
         )
         if code == EXIT_BAD_CONFIG:
@@ -490,8 +220,10 @@ class _Walk:
         self.event(
             "Warning",
             "StageFailed",
-            f"{stage} attempt {job.attempt} ({job.name}) failed"
-            f"{f' with exit code {code}' if code is not None else ''}: {error or 'no message'}"[:1000],
+            clip(
+                f"{stage} attempt {job.attempt} ({job.name}) failed"
+                f"{f' with exit code {code}' if code is not None else ''}: {error or 'no message'}"
+            ),
         )
 
     def record_vanished(self, stage: str, ss: Manifest, latest: JobView | None) -> None:
@@ -522,6 +254,34 @@ class _Walk:
             message=message,
         )
         self.event("Warning", "JobDeleted", f"{stage}: {message}")
+
+    def start_timed_out(self, stage: str, ss: Manifest, job: JobView, stuck: Waiting | None) -> bool:
+        """No pod of the attempt has run for ``spec.startTimeoutSeconds`` since its Job started: the Job is
+        deleted and the attempt counts as a failure naming what it waited for (True). Otherwise a reconcile
+        is scheduled for the deadline, and for the moment a pod-less Job's Events are worth reading."""
+        limit = self.run.spec.start_timeout_seconds
+        if stage == "distill" and children.teacher_sidecar(self.run):
+            # the pod stays initializing while its sidecar teacher loads the model: that has its own budget
+            limit += self.run.spec.teacher.serving.ready_timeout_seconds
+        waited = self.seconds_since(job.start_time)
+        if waited < limit:
+            self.requeue(limit - waited)
+            if not job.has_pods and waited < FAILED_CREATE_AFTER_SECONDS:
+                self.requeue(FAILED_CREATE_AFTER_SECONDS - waited)
+            return False
+        why = f"no pod of Job {job.name} ran within spec.startTimeoutSeconds ({limit}s)" + (
+            f": {stuck.message}" if stuck else ""
+        )
+        ss.update(
+            failures=ss.get("failures", 0) + 1,
+            lastFailedAttempt=job.attempt,
+            exitCode=None,
+            lastFailureTime=self.ts(),
+            message=clip(why),
+        )
+        self.delete("Job", job.name)
+        self.event("Warning", "StageStartTimeout", clip(f"{stage} attempt {job.attempt}: {why}"))
+        return True
 
     # ---- Kueue and disruptions ---------------------------------------------------------------------
     def job_admission(self, stage: str, ss: Manifest, job: JobView) -> str:
@@ -637,6 +397,9 @@ class _Walk:
             stuck = self.observed.waiting.get(stage)
             if stuck is not None:
                 self.stalled = (stage, stuck)
+            if not latest.started and not latest.suspended and self.start_timed_out(stage, ss, latest, stuck):
+                self.keep_stall = True
+                return "busy"
             # Pods on their way out (a deadline's, seen before the Job's FailureTarget reaches a watch-fed view)
             # say nothing new: Stalled keeps what it said, so the failure can name what the attempt waited for.
             staying = [p for p in self.observed.live_pods.get(stage, ()) if p not in self.observed.going]
@@ -683,11 +446,9 @@ class _Walk:
                 ss["phase"] = "Waiting"
                 return "busy"
         if ss.get("lastFailedAttempt") == ss["attempts"] and ss.get("failures", 0) > 0:
-            due = parse_time(ss.get("lastFailureTime")) or self.now
-            due += timedelta(seconds=backoff_seconds(self.run.spec.backoff_seconds, ss["failures"]))
-            if self.now < due:
+            wait = self.retry_wait(ss)
+            if wait > 0:
                 ss["phase"] = "Retrying"
-                wait = (due - self.now).total_seconds()
                 self.d.requeue_after = wait
                 self.status["message"] = f"{stage}: retrying in {wait:.0f}s after failure {ss['failures']}"
                 return "busy"
@@ -790,12 +551,12 @@ class _Walk:
                 f"{current} failed ({ss.get('reason')}) after {ss.get('attempts')} attempt(s): "
                 f"{ss.get('message') or 'no message'}"
             )
-            self.status.update(phase="Failed", message=msg[:1000])
+            self.status.update(phase="Failed", message=clip(msg))
             self.status.setdefault("completionTime", self.ts())
-            self.cond(conditions.FAILED, True, f"{current.capitalize()}Failed", msg[:1000])
-            self.cond(conditions.READY, False, "Failed", msg[:1000])
+            self.cond(conditions.FAILED, True, f"{current.capitalize()}Failed", clip(msg))
+            self.cond(conditions.READY, False, "Failed", clip(msg))
             if self.old.get("phase") != "Failed":
-                self.event("Warning", "RunFailed", msg[:1000])
+                self.event("Warning", "RunFailed", clip(msg))
         elif current is None:
             self.status.update(phase="Succeeded", message="All stages succeeded.")
             self.status.setdefault("completionTime", self.ts())
@@ -825,7 +586,7 @@ class _Walk:
                 self.cond(conditions.STALLED, False, "NotStalled", "")
             return
         stage, why = self.stalled
-        text = f"{stage}: {why.message}"[:1000]
+        text = clip(f"{stage}: {why.message}")
         self.status["message"] = text
         self.cond(conditions.STALLED, True, why.reason, text)
         same = before.get("status") == "True" and before.get("reason") == why.reason
@@ -836,7 +597,7 @@ class _Walk:
         self.stall()  # stalled only while a stage is in progress: suspended or finished runs clear it
         if self.admission is not None:
             state, msg = self.admission
-            self.cond(conditions.ADMITTED, state == "Admitted", state, msg[:1000])
+            self.cond(conditions.ADMITTED, state == "Admitted", state, clip(msg))
         self.stage_conditions()
         self.numbers(current)
         self.status["conditions"] = self.conds
@@ -872,10 +633,11 @@ def invalid(obj: Manifest, err: SpecError, now: datetime, observed: Observed | N
     conds = conditions.set_condition(
         conds, conditions.READY, False, "InvalidSpec", text, now=rfc3339(now), generation=gen
     )
-    status.update(phase="Failed", message=f"invalid spec: {text}"[:1000], conditions=conds, observedGeneration=gen)
+    status.update(phase="Failed", message=clip(f"invalid spec: {text}"), conditions=conds, observedGeneration=gen)
+    status.setdefault("completionTime", rfc3339(now))  # a finished run's TTL counts from here (ttl.py)
     if actions:
         text += "; its Jobs and teacher are stopped: fix the spec to resume from the last checkpoint"
-    events = [] if old.get("phase") == "Failed" else [Event("Warning", "InvalidSpec", text[:1000])]
+    events = [] if old.get("phase") == "Failed" else [Event("Warning", "InvalidSpec", clip(text))]
     return Decision(actions=actions, status=status, events=events)
 
 

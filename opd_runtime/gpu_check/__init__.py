@@ -18,6 +18,7 @@ that was asked for and could not run:
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 
 PASSED, FAILED, NOT_CHECKED = "passed", "FAILED", "NOT CHECKED"
@@ -32,3 +33,13 @@ class Check:
     status: str
     detail: str = ""
     numbers: dict = field(default_factory=dict)
+    traceback: str = ""  # a FAILED check's exception in full, for a run that can be read only afterwards
+
+
+def failed(part: str, name: str, err: BaseException) -> Check:
+    """The check ``name`` FAILED by ``err``, printed in full (stderr) and kept in full (the JSON)."""
+    import traceback
+
+    trace = "".join(traceback.format_exception(err))
+    print(trace, end="", file=sys.stderr)
+    return Check(part, name, FAILED, f"{type(err).__name__}: {err}", traceback=trace)

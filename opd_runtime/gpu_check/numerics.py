@@ -326,9 +326,21 @@ def _fsdp_one_process(path: Path, dev: torch.device):
     return _as_stages_run(sharding.shard(model, precision, dev))
 
 
+def pin_device(dev: torch.device) -> torch.device:
+    """This process's own GPU, made current and named with its index (``LOCAL_RANK``, 0 for one process);
+    ``dev`` itself on a CPU. ``modeling.device()`` says only ``cuda``, and ``torch.cuda.set_device`` refuses
+    a device without an index (ValueError), so the index is taken from the launcher, as
+    ``distributed.session`` does."""
+    if dev.type != "cuda":
+        return dev
+    index = dev.index if dev.index is not None else int(os.environ.get("LOCAL_RANK", "0"))
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
+
+
 def one_process_group(dev: torch.device):
     """A process group of this one process (NCCL on a GPU, gloo on a CPU), for the collectives; None when
-    one is already there (torchrun started several processes)."""
+    one is already there (torchrun started several processes). ``dev``: ``pin_device``'s."""
     import socket
 
     import torch.distributed as dist
@@ -340,8 +352,6 @@ def one_process_group(dev: torch.device):
         port = s.getsockname()[1]
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(port))
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
     backend = "nccl" if dev.type == "cuda" else "gloo"
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     return dist

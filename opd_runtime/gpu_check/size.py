@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from . import FAILED, PASSED, Check
-from .shapes import PEAK_BF16_FLOPS, model_flops, n_params, peak_memory_gib, reset_peak, sync
+from . import FAILED, PASSED, Check, failed
+from .shapes import PEAK_BF16_FLOPS, model_flops, n_params, peak_memory_gib, release, reset_peak, sync
 
 PART = "size"
 
@@ -180,5 +180,9 @@ def run(work: Path, config: dict, args, dev: torch.device, say) -> list[Check]:
     distributed.barrier()
     out = []
     for case in cases(args.tiny, args.lora_rank):
-        out.append(run_case(case, model_dir, config, args, dev, say))
+        try:
+            out.append(run_case(case, model_dir, config, args, dev, say))
+        except Exception as err:  # one case out of memory must not hide the others (smaller, LoRA) cases
+            out.append(failed(PART, case.name, err))
+        release(dev)  # the failed case's tensors too, once its traceback is gone
     return out

@@ -47,7 +47,22 @@ class TeacherServingSpec(SpecModel):
     gpu_memory_utilization: float = Field(
         0.9, gt=0.0, le=1.0, description="Fraction of accelerator memory vLLM may use (on CPU: of host memory)."
     )
-    replicas: int = Field(1, ge=1, description="Teacher server replicas behind the Service.")
+    replicas: int = Field(
+        1, ge=1, description="Teacher server replicas behind the Service (placement `deployment` only)."
+    )
+    placement: Literal["deployment", "sidecar"] = Field(
+        "deployment",
+        description="Where the operator runs the teacher server. `deployment`: a Deployment and Service of its "
+        "own, started before the learner so it is loaded when distillation starts; with Kueue it is admitted "
+        "apart from the learner, so it can hold its GPUs while the learner waits in the queue. `sidecar`: a "
+        "sidecar container in each distill pod (a restartable init container, Kubernetes 1.29+), bound to "
+        "127.0.0.1; the learner starts once its startup probe passes, and the teacher's GPUs and memory are "
+        "part of the distill Job, so Kueue admits teacher and learner as one workload and the teacher holds "
+        "nothing while the learner queues. A sidecar reloads the model with every distill attempt (use "
+        "`modelCache.existingClaim` to keep the download), serves only its own pod (no `replicas`) and takes "
+        "the distill stage's node selection; its `pod` env and envFrom still apply. Kubernetes only: `opd run` "
+        "serves the teacher beside the stages either way.",
+    )
     max_concurrent_requests: int = Field(
         16, ge=1, description="Scoring requests the learner keeps in flight against the teacher."
     )
@@ -131,6 +146,15 @@ class TeacherServingSpec(SpecModel):
                 "nodes would wait forever (Multi-Attach). Use a ReadWriteMany claim and set "
                 "`modelCache.accessModes: [ReadWriteMany]`, or drop `modelCache.existingClaim` (each replica "
                 "gets its own emptyDir), or set `replicas: 1`"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _one_sidecar_per_pod(self) -> Self:
+        if self.placement == "sidecar" and self.replicas > 1:
+            raise ValueError(
+                f"replicas {self.replicas} with placement `sidecar`: a sidecar teacher serves only the distill "
+                "pod it runs in; set `replicas: 1`, or `placement: deployment` for several replicas behind a Service"
             )
         return self
 

@@ -94,6 +94,30 @@ class DistillationRunSpec(SpecModel):
         "owns), the workspace is kept; unsetting it starts each unfinished stage again as a new attempt "
         "(not counted as a failure) that resumes from its last checkpoint, with the spec as it is then.",
     )
+    start_timeout_seconds: int = Field(
+        3600,
+        ge=1,
+        le=7 * 24 * 3600,
+        description="Seconds a stage attempt may wait for its first pod to run, counted from its Job's start "
+        "(time queued in Kueue does not count). Default 3600 (one hour): long enough for a GPU node to be "
+        "added by an autoscaler and a large image to be pulled, short enough that a stage whose pods the API "
+        "server refuses (a ResourceQuota, a policy webhook; the run shows Stalled with reason FailedCreate), "
+        "that no node can take (Unschedulable) or whose image cannot be pulled does not wait forever. When it "
+        "passes, the attempt's Job is deleted and the attempt counts as a failure (its message names what it "
+        "waited for), retried per spec.retries. The stage's timeoutSeconds, when set, bounds the whole attempt. "
+        "Kubernetes only.",
+    )
+    ttl_seconds_after_finished: int | None = Field(
+        None,
+        ge=0,
+        description="Seconds after the run finished (status.completionTime, phase Succeeded or Failed) "
+        "when the operator deletes its children: stage Jobs and their pods, the teacher, Services, the "
+        "NetworkPolicy, the run's ConfigMap, ServiceAccount, Role and RoleBinding. The run itself stays, with "
+        "its status and results (status.childrenDeletedTime says when). The workspace PVC goes too only "
+        "with workspace.retentionPolicy Delete (never an existingClaim). Unset: the operator's default "
+        "(the chart's `operator.ttlSecondsAfterFinished`; none there keeps the children until the run is "
+        "deleted). Editing the spec of a finished run starts it again as any edit does. Kubernetes only.",
+    )
     retries: int = Field(
         2,
         ge=0,
@@ -146,6 +170,17 @@ class DistillationRunSpec(SpecModel):
                     "[ReadWriteMany]` with a storageClassName that provides it (or an existingClaim that is "
                     f"ReadWriteMany), or `{name}.resources.nodes: 1`"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _sidecar_port_free(self) -> Self:
+        # a sidecar teacher shares the distill pod's network namespace with the learner's metrics endpoint
+        serving, d = self.teacher.serving, self.distill
+        if serving.placement == "sidecar" and d is not None and d.enabled and d.metrics_port == serving.port:
+            raise ValueError(
+                f"teacher.serving.port {serving.port} is also distill.metricsPort: with placement `sidecar` the "
+                "teacher and the learner share one pod's ports; change one of them"
+            )
         return self
 
     def enabled_stages(self) -> list[str]:

@@ -140,6 +140,11 @@ class DistillationRunStatus(StatusModel):
     workspace_claim: str | None = Field(None, description="The PVC holding the workspace.")
     start_time: str | None = Field(None, description="When the first stage started.")
     completion_time: str | None = Field(None, description="When the run succeeded or failed.")
+    children_deleted_time: str | None = Field(
+        None,
+        description="When spec.ttlSecondsAfterFinished (or the operator's default) deleted the finished run's "
+        "children; unset while they exist.",
+    )
     conditions: list[Condition] = Field(
         default_factory=list,
         description="Current state as conditions: `Ready`, `Failed`, `Suspended`, `SpecAccepted`, `Stalled` "

@@ -21,7 +21,7 @@ from opd_operator.__main__ import main as operator_main
 from opd_operator.cache import Overlay, from_index
 from opd_operator.kube import request_kind
 from opd_operator.rbac import cluster_role, leader_election_rules
-from opd_operator.reconcile import Action
+from opd_operator.walk import Action
 
 from support.controlplane import HELD_IMAGE, ControlPlane
 from support.operator_harness import TIMEOUT, Operator, Run, tiny_math

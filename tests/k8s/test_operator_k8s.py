@@ -325,3 +325,58 @@ def test_a_stage_message_of_wrong_types_leaves_the_run_patchable_and_flagged(
     items = cp.get(f"/api/v1/namespaces/{ns}/events")["items"]
     flagged = next(e["message"] for e in items if e["reason"] == "BadTerminationMessage")
     assert "step: not a number" in flagged and "checkpoint: not a string" in flagged and "reverse_kl" in flagged
+
+
+def api_requests(operator: Operator) -> float:
+    """opd_operator_api_requests_total summed over verbs and resources: every request of the operator's
+    own client (kopf's watch streams are not in it)."""
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in operator.metrics().splitlines()
+        if line.startswith("opd_operator_api_requests_total{")
+    )
+
+
+def fail_with_bad_config(run: Run) -> None:
+    run.wait("the sft stage", lambda st: st.get("stage") == "sft")
+    run.finish(f"{run.name}-sft-1", 2, {"stage": "sft", "error": "spec.sft.dataset.path: no such file"})
+    run.wait("Failed", lambda st: st.get("phase") == "Failed")
+
+
+def test_a_finished_run_costs_no_api_requests_until_it_is_edited(cp: ControlPlane, ns: str, operator: Operator):
+    # The test operator resyncs every 0.5 s: a run with a loop makes a GET and ten LISTs each time.
+    run = Run(cp, ns, tiny_math())
+    fail_with_bad_config(run)
+    time.sleep(1)  # the round that wrote Failed (and its events) is over
+    before = api_requests(operator)
+    time.sleep(3)
+    assert api_requests(operator) == before, "a finished run still costs requests"
+    assert 'opd_operator_runs{phase="Failed"} 1.0' in operator.metrics()
+    # no loop, no finalizer: deleting a finished run needs no operator
+    assert "opd.dev/operator" not in run.obj()["metadata"].get("finalizers", [])
+    # an edit brings its loop back: exit code 2 is retried once the spec changes
+    cp.kubectl("patch", "dr", run.name, "-n", ns, "--type=merge", "-p", '{"spec": {"retries": 3}}')
+    run.wait("the retried sft attempt", lambda st: st.get("stages", {}).get("sft", {}).get("attempts") == 2)
+    assert api_requests(operator) > before
+
+
+def test_ttl_after_finished_deletes_the_children_and_keeps_the_run_and_workspace(
+    cp: ControlPlane, ns: str, operator: Operator
+):
+    run = Run(cp, ns, tiny_math(ttlSecondsAfterFinished=0))
+    fail_with_bad_config(run)
+    st = run.wait("the children deleted", lambda st: st.get("childrenDeletedTime"))
+    assert st["phase"] == "Failed" and "no such file" in st["message"]
+    children = [
+        f"/apis/batch/v1/namespaces/{ns}/jobs/tiny-math-sft-1",
+        f"/api/v1/namespaces/{ns}/configmaps/tiny-math-spec",
+        f"/api/v1/namespaces/{ns}/serviceaccounts/tiny-math-stage",
+        f"/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/roles/tiny-math-stage",
+        f"/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/rolebindings/tiny-math-stage",
+    ]
+    cp.wait("the children to go", lambda: not any(exists(cp, p) for p in children), timeout=TIMEOUT)
+    assert exists(cp, f"/api/v1/namespaces/{ns}/persistentvolumeclaims/tiny-math-workspace")  # Retain
+    assert "ChildrenDeleted" in run.events()
+    before = api_requests(operator)
+    time.sleep(2)
+    assert api_requests(operator) == before, "nothing is re-created or re-checked after the TTL"

@@ -1,10 +1,10 @@
 """Least privilege, proven on the real API server (tests/support/controlplane, RBAC authorisation, audit log).
 
 - The chart is installed (namespaced); ``opd-operator`` runs as the chart's ServiceAccount (a real token)
-  and drives a run through a foreign ConfigMap in its way, a suspend, a spec edit, every stage, and its
-  deletion. The API server's audit log then says which (group, resource, verb) the operator used: each
-  is a verb of ``operator/rbac.py``'s ``USES``, and each granted verb was used, but for the few this
-  scenario cannot reach (named below, with the test that reaches them).
+  and drives a run through a foreign ConfigMap in its way, a suspend, a spec edit, every stage, its
+  ttlSecondsAfterFinished and its deletion. The API server's audit log then says which (group, resource,
+  verb) the operator used: each is a verb of ``operator/rbac.py``'s ``USES``, and each granted verb was
+  used, but for the few this scenario cannot reach (named below, with the test that reaches them).
 - Removing one rule from the operator's role makes the reconcile step that needs it fail with 403.
 - A run's stage ServiceAccount may change only ``status.progress`` of its run: RBAC lets it patch the
   status subresource, the chart's ValidatingAdmissionPolicy (operator/admission.py) refuses the rest.
@@ -49,12 +49,12 @@ NOT_REACHED = {
     ("rbac.authorization.k8s.io", "rolebindings", "get"),
     ("", "serviceaccounts", "get"),  # test_a_foreign_stage_serviceaccount_is_not_adopted
     ("", "persistentvolumeclaims", "get"),  # claims a run names but does not own (modelCache.existingClaim)
+    ("", "events", "list"),  # a Job without pods for 10 s: test_waiting_k8s's ResourceQuota of pods: 0
 }
 # Verbs that OwnerReferencesPermissionEnforcement checks on the operator's behalf, never requests of their own:
-# blockOwnerDeletion on each child (the run's finalizers) and the workspace claim's ownerReference patch.
+# blockOwnerDeletion on each child (the run's finalizers).
 CHECKED_BY_ADMISSION = {
     ("opd.dev", "distillationruns/finalizers", "update"),
-    ("", "persistentvolumeclaims", "delete"),
 }
 
 
@@ -115,7 +115,8 @@ def test_the_operator_uses_every_verb_it_holds_and_no_other(control_plane: Contr
         run = Run(cp, ns, doc)
         st = run.wait("the ForeignObject refusal", lambda st: "ForeignObject" in json.dumps(st.get("conditions")))
         assert "ConfigMap tiny-math-spec already exists without the label opd.dev/run=tiny-math" in st["message"]
-        assert "ForeignObject" in run.events()
+        # the refusal's status patch lands before its Event is posted (driver.report_refusal)
+        cp.wait("the ForeignObject event", lambda: "ForeignObject" in run.events(), timeout=10)
         assert cp.get(f"/api/v1/namespaces/{ns}/configmaps/tiny-math-spec")["data"] == {"x": "1"}  # untouched
         cp.kubectl("delete", "configmap", "tiny-math-spec", "-n", ns)
         run.wait("the sft stage", lambda st: st.get("stage") == "sft" and st.get("phase") == "Running")
@@ -146,7 +147,16 @@ def test_the_operator_uses_every_verb_it_holds_and_no_other(control_plane: Contr
         cp.wait(
             "the teacher to go", lambda: not exists(cp, f"/apis/apps/v1/namespaces/{ns}/deployments/tiny-math-teacher")
         )
-        cp.kubectl("delete", "dr", "tiny-math", "-n", ns, "--wait=true", "--timeout=60s")  # kopf's finalizer
+        # finished: ttlSecondsAfterFinished deletes the children, the workspace with them (retentionPolicy Delete)
+        cp.kubectl(
+            "patch", "dr", "tiny-math", "-n", ns, "--type=merge", "-p", '{"spec": {"ttlSecondsAfterFinished": 0}}'
+        )
+        run.wait("the children deleted", lambda st: st.get("childrenDeletedTime"))
+        cp.wait(
+            "the workspace to go",
+            lambda: not exists(cp, f"/api/v1/namespaces/{ns}/persistentvolumeclaims/tiny-math-workspace"),
+        )
+        cp.kubectl("delete", "dr", "tiny-math", "-n", ns, "--wait=true", "--timeout=60s")
         log = (tmp_path / "operator.log").read_text()
         assert "Forbidden" not in log and "403" not in log, log[-3000:]
     finally:

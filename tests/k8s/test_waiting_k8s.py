@@ -188,6 +188,53 @@ def test_a_missed_stage_deadline_fails_the_attempt_naming_the_field_and_is_retri
     assert s.jobs() == ["tiny-sft-1", "tiny-sft-2"]
 
 
+def refuse_pods(s: Story, job: str, message: str) -> None:
+    """What the API server and the Job controller do when a quota refuses the Job's pod: no pod, a Warning
+    FailedCreate Event on the Job, and a Job that keeps waiting."""
+    s.api.delete("Pod", "ns", f"{job}-pod")
+    uid = s.api.objects[("Job", "ns", job)]["metadata"]["uid"]
+    s.api.objects[("Event", "ns", f"{job}.1")] = {
+        "kind": "Event",
+        "metadata": {"name": f"{job}.1", "namespace": "ns"},
+        "involvedObject": {"kind": "Job", "name": job, "uid": uid},
+        "reason": "FailedCreate",
+        "type": "Warning",
+        "message": message,
+        "lastTimestamp": "2026-11-25T12:00:02Z",
+    }
+
+
+def test_a_job_whose_pods_are_refused_is_stalled_then_its_start_deadline_fails_the_attempt():
+    s = Story(retries=0, startTimeoutSeconds=120)
+    s.reconcile()
+    s.api.objects[("Job", "ns", "tiny-sft-1")]["status"] = {"startTime": "2026-11-25T12:00:01Z"}
+    refuse_pods(s, "tiny-sft-1", 'Error creating: pods "tiny-sft-1-x" is forbidden: exceeded quota: q, limited: pods=0')
+    d = s.reconcile(5)  # too soon: a pod may be on its way, the Events are not read yet
+    assert "Stalled" not in [c["type"] for c in s.status["conditions"]] and d.requeue_after == 5
+    d = s.reconcile(6)
+    stalled = cond(s.status, "Stalled")
+    assert stalled["status"] == "True" and stalled["reason"] == "FailedCreate"
+    assert "Job tiny-sft-1 cannot create its pods: Error creating" in stalled["message"]
+    assert "exceeded quota: q, limited: pods=0" in s.status["message"]
+    assert [e.reason for e in d.events] == ["FailedCreate"]
+    assert s.status["phase"] == "Running" and 100 < d.requeue_after <= 110  # the start deadline is due then
+    d = s.reconcile(110)
+    assert [e.reason for e in d.events] == ["StageStartTimeout"] and s.api.names("Job") == []
+    d = s.reconcile(1)
+    assert s.status["phase"] == "Failed"
+    sft = s.status["stages"]["sft"]
+    assert "no pod of Job tiny-sft-1 ran within spec.startTimeoutSeconds (120s)" in sft["message"]
+    assert "exceeded quota" in sft["message"]  # what it waited for
+
+
+def test_a_running_stage_has_no_start_deadline():
+    s = Story(startTimeoutSeconds=60)
+    s.reconcile()
+    stick(s, "tiny-sft-1", phase="Running")
+    s.reconcile(3600)
+    assert s.api.names("Job") == ["tiny-sft-1"] and s.status["stages"]["sft"]["failures"] == 0
+
+
 def test_stalled_is_kept_while_the_stuck_pod_is_deleted_before_the_job_says_why():
     # a watch-fed view can show the deadline's pod deletion before the Job's FailureTarget: Stalled must
     # survive that round, or the failure could not name what the attempt waited for
@@ -323,6 +370,25 @@ def test_an_unschedulable_stage_is_reported_then_its_deadline_fails_it(cp: Contr
     st = run.wait("Failed", lambda st: st.get("phase") == "Failed", timeout=TIMEOUT)
     assert st["stages"]["sft"]["failures"] == 2 and "RetriesExhausted" in st["message"]
     assert count_events(cp, ns, run.name, "Unschedulable", 2) == 2  # one per attempt, not one per resync
+
+
+def test_a_stage_whose_pods_a_quota_refuses_is_stalled_with_the_api_servers_reason(
+    cp: ControlPlane, ns: str, operator: Operator
+):
+    cp.apply(
+        {"apiVersion": "v1", "kind": "ResourceQuota", "metadata": {"name": "no-pods"}, "spec": {"hard": {"pods": "0"}}},
+        namespace=ns,
+    )
+    run = Run(cp, ns, tiny_math("refused"))
+    st = stalled(run, "FailedCreate")
+    assert "Job refused-sft-1 cannot create its pods" in st["message"] and "exceeded quota: no-pods" in st["message"]
+    assert st["phase"] == "Running" and count_events(cp, ns, run.name, "FailedCreate") == 1
+    cp.kubectl("delete", "resourcequota", "no-pods", "-n", ns)
+    run.wait(
+        "Stalled=False once its pod runs",
+        lambda st: any(c["type"] == "Stalled" and c["status"] == "False" for c in st.get("conditions", [])),
+        timeout=TIMEOUT,
+    )
 
 
 def test_an_unbound_workspace_claim_is_reported(cp: ControlPlane, ns: str, operator: Operator):

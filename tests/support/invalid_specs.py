@@ -58,6 +58,16 @@ CASES = [
     ),
     Case("fsdp-with-lora", {"sft": {"strategy": "fsdp", "lora": {"enabled": True}}}, "spec.sft"),
     Case("fsdp-with-vllm-sampler", {"distill": {"strategy": "fsdp", "sampler": {"backend": "vllm"}}}, "spec.distill"),
+    Case(
+        "sidecar-teacher-with-replicas",
+        {"teacher": {"serving": {"placement": "sidecar", "replicas": 2}}},
+        "spec.teacher.serving",
+    ),
+    Case(
+        "sidecar-teacher-on-the-metrics-port",
+        {"teacher": {"serving": {"placement": "sidecar", "port": 9400}}, "distill": {"metricsPort": 9400}},
+        "spec",
+    ),
 ]
 
 

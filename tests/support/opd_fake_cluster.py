@@ -37,6 +37,18 @@ def _matches(obj: Manifest, selector: str) -> bool:
     return True
 
 
+def _fields_match(obj: Manifest, fields: str) -> bool:
+    """A field selector of ``a.b=value`` terms (what the operator sends: involvedObject.uid of Events)."""
+    for term in filter(None, fields.split(",")):
+        key, value = term.split("=", 1)
+        found: Any = obj
+        for part in key.split("."):
+            found = found.get(part) if isinstance(found, dict) else None
+        if found != value:
+            return False
+    return True
+
+
 class FakeApi:
     def __init__(self) -> None:
         self.objects: dict[tuple[str, str, str], Manifest] = {}
@@ -49,11 +61,11 @@ class FakeApi:
         obj = self.objects.get((kind, namespace, name))
         return copy.deepcopy(obj) if obj is not None else None
 
-    def list(self, kind: str, namespace: str, selector: str) -> list[Manifest]:
+    def list(self, kind: str, namespace: str, selector: str, fields: str = "") -> list[Manifest]:
         return [
             copy.deepcopy(o)
             for (k, ns, _), o in self.objects.items()
-            if k == kind and ns == namespace and _matches(o, selector)
+            if k == kind and ns == namespace and _matches(o, selector) and _fields_match(o, fields)
         ]
 
     def create(self, namespace: str, body: Manifest) -> bool:

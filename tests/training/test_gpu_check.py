@@ -65,6 +65,7 @@ def check_tiny_run(proc: subprocess.CompletedProcess, numbers: dict, world: int)
     for part in PARTS:
         assert f"[{part}]" in proc.stdout
     assert f"{len(TINY_CHECKS)} passed, 0 failed, 1 not checked" in proc.stdout
+    assert "Loading weights" not in proc.stdout + proc.stderr  # progress bars would bury the log's lines
     sft = checks["size", "sft full 1 packed row x 256 tokens"]["numbers"]
     # the tiny shape: 2 layers x 2 heads x head_dim 32; the row packs 4 traces of 64 tokens
     attention = 6 * 2 * 2 * 32
@@ -129,3 +130,98 @@ def test_opd_gpu_check_is_the_same_check_for_cluster_users(tmp_path):
     )
     assert proc.returncode == 3, proc.stdout + proc.stderr
     assert "no CUDA device is visible" in proc.stderr
+
+
+def test_the_process_gpu_is_pinned_by_index(monkeypatch):
+    """``modeling.device()`` says ``cuda`` with no index, which ``torch.cuda.set_device`` refuses before it
+    reaches the driver; the check pins ``cuda:LOCAL_RANK``. Only the driver call is replaced (no GPU
+    here): torch's own index resolution runs as on the GPU machine."""
+    import torch
+
+    from opd_runtime.gpu_check.numerics import pin_device
+
+    pinned: list[int] = []
+    monkeypatch.setattr(torch._C, "_cuda_setDevice", pinned.append, raising=False)
+    with pytest.raises(ValueError, match="specified index"):
+        torch.cuda.set_device(torch.device("cuda"))  # what the check did before it pinned by index
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert pin_device(torch.device("cuda")) == torch.device("cuda", 0) and pinned == [0]
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert pin_device(torch.device("cuda")) == torch.device("cuda", 1) and pinned == [0, 1]
+    assert pin_device(torch.device("cpu")) == torch.device("cpu") and pinned == [0, 1]
+
+
+def run_check(tmp_path: Path, *args: str) -> subprocess.Popen:
+    """``python -m opd_runtime.gpu_check`` itself (no wrapper script between it and a signal)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "opd_runtime.gpu_check", "--tiny", "--workdir", str(tmp_path), *args],
+        env={**os.environ, "PYTHONSAFEPATH": "1", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+    )
+
+
+def test_a_failing_size_case_fails_alone_with_its_traceback_in_the_report(tmp_path):
+    """One size case that raises (here the LoRA cases, given a rank the spec refuses) is FAILED with its
+    traceback in the JSON, and every other case still runs and passes: on a GPU, one case out of memory
+    must not hide the rest."""
+    out = tmp_path / "report.json"
+    proc = run_check(tmp_path, "--parts", "size", "--lora-rank", "-1", "--json", str(out))
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 1, stdout + stderr
+    report = json.loads(out.read_text())
+    status = {c["name"]: c["status"] for c in report["checks"]}
+    assert [n for n, s in status.items() if s == "passed"] == [n for n in status if " full " in n]
+    lora = [c for c in report["checks"] if " lora " in c["name"]]
+    assert len(lora) == 3 and all(c["status"] == "FAILED" for c in lora)
+    assert all("Traceback" in c["traceback"] and "rank" in c["traceback"] for c in lora)
+    assert report["complete"] is True and report["torch"].startswith(report["environment"]["packages"]["torch"])
+
+
+def test_a_check_stopped_by_its_time_limit_leaves_its_report(tmp_path):
+    """SIGTERM (the wrapper's ``timeout``) while a part runs: exit 124 and a report, marked incomplete,
+    that names the part it stopped in."""
+    import signal
+    import time
+
+    out = tmp_path / "report.json"
+    proc = run_check(tmp_path, "--json", str(out))
+    deadline = time.monotonic() + 300
+    while not out.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)  # the report is first written just before the first part starts
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 124, stdout + stderr
+    report = json.loads(out.read_text())
+    assert report["complete"] is False
+    stopped = report["checks"][-1]
+    assert stopped["name"] == "stopped" and stopped["status"] == "FAILED" and stopped["part"] == "numerics"
+    assert "stopped during numerics" in stdout
+
+
+def test_each_case_starts_from_the_memory_the_previous_one_released():
+    """Under mixed precision (every GPU run) a trained model is reclaimed only by the cycle collector
+    (``precision.attach`` keeps the model's own forward in a wrapper on the model); ``reset_peak``, run
+    before each size case, must collect it, or each case would carry the previous one's float32 masters."""
+    import gc
+    import weakref
+
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    from opd_runtime.gpu_check import shapes
+    from opd_runtime.training.precision import Precision, attach
+
+    gc.disable()  # an automatic collection in between would hide what is being tested
+    try:
+        model = AutoModelForCausalLM.from_config(Qwen3Config(**shapes.TINY))
+        attach(model, Precision(torch.float32, torch.bfloat16, torch.bfloat16, torch.bfloat16), torch.device("cpu"))
+        alive = weakref.ref(model)
+        del model
+        assert alive() is not None  # the cycle this is about
+        shapes.reset_peak(torch.device("cpu"))
+        assert alive() is None
+    finally:
+        gc.enable()

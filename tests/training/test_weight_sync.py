@@ -29,15 +29,15 @@ def test_lora_merge_rounds_once_in_the_engine_dtype(random_models):
         delta = module.get_delta_weight("default").detach().float()
         once = (w.float() + delta).to(torch.bfloat16)
         assert torch.equal(merged[f"{name}.weight"], once)  # the float32 sum, rounded once
-        old = w + delta.to(w.dtype)  # the previous merge: the delta rounded to bf16, then added in bf16
-        twice += int((old != once).sum())
+        twice_rounded = w + delta.to(w.dtype)  # the naive merge: the delta rounded to bf16, then added in bf16
+        twice += int((twice_rounded != once).sum())
         lost += int(((once == w) & (delta != 0)).sum())
         changed += int((once != w).sum())
         total += w.numel()
         layers += 1
     print(
         f"{layers} LoRA layers, {total} weights: the update shows in {changed}, is below half a bf16 ulp in "
-        f"{lost}; the old double rounding differed from the single rounding in {twice}"
+        f"{lost}; the naive double rounding differed from the single rounding in {twice}"
     )
     assert layers > 0 and changed > 0
-    assert twice > 0  # the old path was off by an ulp somewhere: the test can tell the two apart
+    assert twice > 0  # the naive merge is off by an ulp somewhere: the test can tell the two apart

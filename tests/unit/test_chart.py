@@ -138,6 +138,11 @@ def test_deployment_defaults():
     assert not any(a.startswith("--namespace") for a in c["args"])  # every namespace
     lease = dep["metadata"]["name"]
     assert {"--leader-elect", f"--leader-elect-resource-name={lease}", "--resync-seconds=60"} <= set(c["args"])
+    assert not any(a.startswith("--ttl-seconds-after-finished") for a in c["args"])  # children kept by default
+    (ttl_c,) = one(render(namespace=NS, sets={"operator.ttlSecondsAfterFinished": "86400"}), "Deployment")["spec"][
+        "template"
+    ]["spec"]["containers"]
+    assert "--ttl-seconds-after-finished=86400" in ttl_c["args"]
     env = {e["name"]: e for e in c["env"]}
     assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
     anti = pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"][0]

@@ -12,7 +12,8 @@ import pytest
 
 from opd_operator import children, driver, names
 from opd_operator.observe import observe
-from opd_operator.reconcile import backoff_seconds, changed_paths, decide
+from opd_operator.reconcile import changed_paths, decide
+from opd_operator.walk import backoff_seconds
 from opd_runtime.plan import stage_command
 from opd_runtime.spec import parse_run
 

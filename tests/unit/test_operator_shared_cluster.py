@@ -217,8 +217,20 @@ def test_kopf_starts_no_daemon_and_so_puts_no_finalizer_on_another_controllers_r
 
     registry = kopf.get_default_registry()
     (daemon,) = registry._spawning.get_all_handlers()
-    assert daemon.when is handlers.ours
-    assert handlers.ours(body=tiny_run()) and not handlers.ours(body=tiny_run(managedBy="example.com/other"))
+    assert daemon.when is handlers.active
+    assert handlers.active(body=tiny_run()) and not handlers.active(body=tiny_run(managedBy="example.com/other"))
+
+
+def test_a_finished_run_keeps_no_daemon_until_its_spec_is_edited():
+    from opd_operator import handlers
+
+    run = {**tiny_run(), "status": {"phase": "Succeeded", "observedGeneration": 3}}
+    run["metadata"] = {**run["metadata"], "generation": 3}
+    assert not handlers.active(body=run)
+    assert not handlers.active(body={**run, "status": {"phase": "Failed", "observedGeneration": 3}})
+    edited = {**run, "metadata": {**run["metadata"], "generation": 4}}  # the finished status is for spec 3
+    assert handlers.active(body=edited)
+    assert handlers.active(body={**run, "status": {"phase": "Running", "observedGeneration": 3}})
 
 
 def test_managed_by_is_not_part_of_what_stages_compute():

@@ -9,7 +9,7 @@ import ast
 import importlib
 from pathlib import Path
 
-from opd_operator import kube, names, rbac
+from opd_operator import kube, names, rbac, ttl
 from opd_operator.observe import KINDS
 
 OPERATOR = Path(__file__).resolve().parents[2] / "operator"
@@ -78,10 +78,15 @@ def requests_in_code() -> set[Triple]:
     for call in calls("driver", "api", "patch"):
         sub = next((literal(k.value) for k in call.keywords if k.arg == "subresource"), "") or ""
         add(literal(call.args[0]) or "?", "patch", sub)
+    for call in calls("driver", "api", "list"):  # e.g. a pod-less Job's Events
+        add(literal(call.args[0]) or "?", "list")
     for kind in KINDS:  # kube.list_children (kopf's watches and indexes: kopf_requests)
         add(kind, "list")
-    for call in calls("reconcile", "self", "delete"):
-        add(literal(call.args[0]) or "?", "delete")
+    for module in ("reconcile", "teacher"):
+        for call in calls(module, "self", "delete"):
+            add(literal(call.args[0]) or "?", "delete")
+    for kind in ttl.DELETED_KINDS:  # ttl.expire: a finished run's children, once its TTL has passed
+        add(kind, "delete")
     for node in ast.walk(tree("reconcile")):
         if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "Action" and len(node.args) >= 2:
             verb, kind = literal(node.args[0]), literal(node.args[1])
