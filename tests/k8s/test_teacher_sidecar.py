@@ -20,8 +20,8 @@ from opd_operator import children, names
 from opd_runtime.plan import planned_stages
 from opd_runtime.spec import SpecError, parse_run
 
-from controlplane import ControlPlane
-from opd_fake_cluster import ROOT, Story, cond, tiny_run
+from support.controlplane import ControlPlane
+from support.opd_fake_cluster import ROOT, Story, cond, tiny_run
 
 EXAMPLE = ROOT / "examples" / "tiny-math.yaml"
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from opd_operator import driver, ttl
 
-from opd_fake_cluster import Story
+from support.opd_fake_cluster import Story
 
 CHILDREN = ("Job", "ConfigMap", "ServiceAccount", "Role", "RoleBinding", "Service", "Deployment", "Pod")
 
