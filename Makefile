@@ -86,9 +86,9 @@ lint-fix: $(BIN)/ruff
 # inputs) and the Prometheus the dashboard test scrapes with (Debian's package, unpacked into the cache once).
 test: $(VENV)/.installed-vllm
 	$(MAKE) --no-print-directory lint
-	$(BIN)/python tests/controlplane/binaries.py
-	$(BIN)/python tests/controlplane/images.py
-	$(BIN)/python tests/prometheus_server.py
+	$(BIN)/python tests/support/controlplane/binaries.py
+	$(BIN)/python tests/support/controlplane/images.py
+	$(BIN)/python tests/support/prometheus_server.py
 	$(BIN)/pytest -q --durations=20 -m "not gpu_image"
 	$(MAKE) --no-print-directory test-portability
 
@@ -107,7 +107,7 @@ test-portability: venv
 # Out of `make test` for time (cold: uv metadata for vLLM's whole resolution, and an 8 GB stand-in); run it
 # when images/runtime-gpu/ or the project's dependencies change.
 test-gpu-image: $(VENV)/.installed-vllm
-	$(BIN)/python tests/controlplane/images.py
+	$(BIN)/python tests/support/controlplane/images.py
 	$(BIN)/pytest -q -m gpu_image
 
 # No control plane (no Go build), no vLLM, nothing marked slow: minutes on a fresh clone once the venv exists.
@@ -131,7 +131,7 @@ compare: run
 # The test control plane's binaries (etcd, kube-apiserver, -controller-manager, -scheduler, kwok,
 # kubectl, helm), built once with Go into $(OPD_CACHE_DIR)/k8s; the k8s tests do this themselves if needed.
 controlplane: venv
-	$(BIN)/python tests/controlplane/binaries.py
+	$(BIN)/python tests/support/controlplane/binaries.py
 
 # Speed targets live here, not in unit tests: each script prints a comparison table.
 bench: venv $(VENV)/.installed-vllm
@@ -173,7 +173,7 @@ kind-e2e:
 	REGISTRY=$(REGISTRY) TAG=$(TAG) images/kind-e2e.sh
 
 # The docs site: the generated reference pages rewritten from the code, then `mkdocs build --strict`
-# (tests/test_docs.py checks both: a stale page, a broken link or a page missing from the nav fails).
+# (tests/unit/test_docs.py checks both: a stale page, a broken link or a page missing from the nav fails).
 docs: venv
 	$(BIN)/python docs/gen.py --write
 	$(BIN)/mkdocs build --strict

@@ -102,7 +102,7 @@ def measure(model_dir: Path, teacher) -> dict:
 
 def exact_reverse_kl(model, tok, teacher_model, prompts) -> float:
     """Reverse KL over the whole vocabulary at every position of fresh student samples (4 per prompt), nats
-    per completion token: no sampled-token variance (the test's measure, tests/test_opd_tinymath.py)."""
+    per completion token: no sampled-token variance (the test's measure, tests/training/test_opd_tinymath.py)."""
     import torch
 
     from opd_runtime.distill.loss import dense_kl_per_token

@@ -1,5 +1,5 @@
 """What finished DistillationRuns cost the operator: API requests per minute and its RSS, on the test
-control plane (tests/controlplane: etcd, kube-apiserver, controllers, kwok; built once, ~15 min).
+control plane (tests/support/controlplane: etcd, kube-apiserver, controllers, kwok; built once, ~15 min).
 
 N runs (examples/tiny-math.yaml) are created in a few namespaces and their status is written as the
 operator writes a finished run's (Succeeded, every stage Succeeded, observedGeneration current); then the
@@ -32,7 +32,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from controlplane import ControlPlane, start  # noqa: E402
+from support.controlplane import ControlPlane, start  # noqa: E402
 
 TARGET_REQUESTS_PER_MINUTE = 0.0  # finished runs: nothing to do until they are edited or deleted
 

@@ -2,7 +2,7 @@
 into TARGET (a folder to put on PYTHONPATH), without pip. A wheel is a zip of its installed files, so
 unpacking installs it; of each package the wheel built for this interpreter (cpXY, this machine's
 architecture) or for any (py3-none-any) is taken. Standard library only: it runs before anything else is
-importable (bench/gpu_check.sh on a GPU machine, tests/test_floor_versions.py)."""
+importable (bench/gpu_check.sh on a GPU machine, tests/training/test_floor_versions.py)."""
 
 from __future__ import annotations
 

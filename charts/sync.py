@@ -11,7 +11,7 @@ A chart can only read files inside its own folder, so two generated files live t
   ServiceAccount change only ``status.progress`` (``opd_operator.admission``).
 
 ``make chart`` (``python charts/sync.py``) rewrites them; ``--check`` exits 1 and names the stale files
-(tests/test_chart.py runs the same check).
+(tests/unit/test_chart.py runs the same check).
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ Each page comes from the one place its facts are declared, so it cannot drift fr
 - reference/helm-values.md: the chart's ``values.yaml`` (its comments and defaults) and the types of
   ``values.schema.json``.
 
-``tests/test_docs.py`` fails when a committed page is not what this script writes.
+``tests/unit/test_docs.py`` fails when a committed page is not what this script writes.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # End to end on a local kind cluster (needs a Docker engine, kind, kubectl and helm on PATH):
 #   1. create the kind cluster $KIND_CLUSTER (kept if it exists),
-#   2. build the operator and CPU runtime images with the test suite's own build (tests/controlplane/
+#   2. build the operator and CPU runtime images with the test suite's own build (tests/support/controlplane/
 #      images.py: base image, docker build, cache by the hash of the inputs), tag them
 #      $REGISTRY/<image>:$TAG and load them into the cluster,
 #   3. install charts/opd-operator into $NAMESPACE,
@@ -35,7 +35,7 @@ cleanup() { [ "$KEEP_CLUSTER" = 1 ] || kind delete cluster --name "$KIND_CLUSTER
 trap cleanup EXIT
 
 # The suite's build (the real-node test builds the same images the same way): prints `<image> <local tag>`.
-PYTHONSAFEPATH=1 "$PYTHON" tests/controlplane/images.py | while read -r image built; do
+PYTHONSAFEPATH=1 "$PYTHON" tests/support/controlplane/images.py | while read -r image built; do
   docker tag "$built" "$REGISTRY/opd-$image:$TAG"
 done
 kind load docker-image --name "$KIND_CLUSTER" "$REGISTRY/opd-operator:$TAG" "$REGISTRY/opd-runtime-cpu:$TAG"

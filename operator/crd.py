@@ -82,7 +82,7 @@ def _strategy(stage: str) -> list[dict[str, str]]:
 
 # (path below spec, rules) for cross-field and transition rules the per-field schema cannot express. Each
 # sits on the node whose pydantic validator makes the same check, so the API server and `opd validate`
-# name the same field (tests/test_admission_k8s.py applies tests/invalid_specs.py to both).
+# name the same field (tests/k8s/test_admission_k8s.py applies tests/support/invalid_specs.py to both).
 SPEC_RULES: list[tuple[tuple[str, ...], list[dict[str, str]]]] = [
     (
         (),

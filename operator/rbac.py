@@ -3,8 +3,8 @@
 ``USES`` maps each (API group, resource) the operator touches to its verbs, and each verb to the code
 path that needs it. ``OPERATOR_RULES`` — the operator's ClusterRole, which the Helm chart copies — is
 derived from it, so a verb cannot be granted without a reason. Two tests hold it to the code:
-``tests/test_rbac.py`` reads the operator's source (every API call, kopf watch and created kind maps to a
-granted verb, and every granted verb to a call), and ``tests/test_rbac_k8s.py`` runs a run end to end
+``tests/unit/test_rbac.py`` reads the operator's source (every API call, kopf watch and created kind maps to a
+granted verb, and every granted verb to a call), and ``tests/k8s/test_rbac_k8s.py`` runs a run end to end
 under the chart's RBAC on a real API server, compares the audit log with these rules, and shows that
 removing a rule makes its step fail with 403.
 
@@ -19,7 +19,7 @@ and the operator holds ``patch`` on ``distillationruns/status`` itself.
 Adding a permission (other features): add the verb to ``USES`` with the function that calls it — e.g.
 ``("coordination.k8s.io", "leases"): {"get": ..., "create": ..., "update": ...}`` for leader election, or
 ``"patch"`` on ``("batch", "jobs")`` for Kueue's ``spec.suspend`` — then ``make chart``;
-``tests/test_rbac.py`` fails until the code really makes that call.
+``tests/unit/test_rbac.py`` fails until the code really makes that call.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ samples (first weight load, checked on the probe), sleeps while the trainer take
 the trainer's), wakes, reloads the updated weights (checked on the probe again) and samples once more.
 The engine must run on its process's own GPU. Without a GPU or without vLLM this part is NOT CHECKED:
 vLLM's GPU model runner, sleep mode and CUDA graphs exist only there (the CPU engine is what
-tests/test_vllm_sampler.py covers).
+tests/vllm/test_vllm_sampler.py covers).
 """
 
 from __future__ import annotations
