@@ -87,6 +87,7 @@ test: $(VENV)/.installed-vllm
 	$(MAKE) --no-print-directory lint
 	$(BIN)/python tests/controlplane/binaries.py
 	$(BIN)/python tests/controlplane/images.py
+	PYTHONPATH=tests $(BIN)/python -m controlplane.node
 	$(BIN)/python tests/prometheus_server.py
 	$(BIN)/pytest -q --durations=20
 	$(MAKE) --no-print-directory test-portability
