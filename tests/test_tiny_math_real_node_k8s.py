@@ -211,7 +211,13 @@ def test_tiny_math_runs_in_real_containers(real_node: RealNode, tmp_path: Path):
     deadline = time.monotonic() + RUN_TIMEOUT_S
     killed: str | None = None
     status: dict = {}
+    # what ran: the operator removes the teacher once distill is done, and the deleted pod is gone
+    ready_stages: set[str] = set()
     while time.monotonic() < deadline:
+        for pod in cp.pods(ns, f"opd.dev/run={RUN}"):
+            containers = pod["status"].get("containerStatuses", [{}])
+            if pod["spec"].get("nodeName") and all(c.get("ready") for c in containers):
+                ready_stages.add(pod["metadata"]["labels"].get("opd.dev/stage"))
         if killed is None and any(checkpoints.glob("step-*")):
             pods = cp.pods(ns, f"opd.dev/run={RUN},opd.dev/stage=distill")
             running = [p for p in pods if p["status"].get("phase") == "Running"]
@@ -227,9 +233,8 @@ def test_tiny_math_runs_in_real_containers(real_node: RealNode, tmp_path: Path):
     assert status.get("phase") == "Succeeded", f"status: {json.dumps(status)[:3000]}\npods: {summary}"
     print(f"tiny-math Succeeded {time.monotonic() - t0:.0f}s after the test began; pods: {summary}")
 
-    # every stage ran in a real container on the node
-    stages = {p["metadata"]["labels"].get("opd.dev/stage") for p in pods if p["spec"].get("nodeName")}
-    assert {"sft", "teacher", "distill", "eval"} <= stages, summary
+    # every stage ran in a real container on the node, the teacher until its readiness probe passed
+    assert {"sft", "teacher", "distill", "eval"} <= ready_stages, (ready_stages, summary)
     assert killed is not None, "the distill pod was never seen with a checkpoint on the claim"
     distill_pods = sorted(
         (p for p in pods if p["metadata"]["labels"].get("opd.dev/stage") == "distill"),
@@ -245,9 +250,11 @@ def test_tiny_math_runs_in_real_containers(real_node: RealNode, tmp_path: Path):
 
     # kubectl get dr shows the score
     table = cp.kubectl("get", "dr", RUN, "-n", ns).stdout.splitlines()
-    header = table[0].split()
-    row = dict(zip(header, table[1].split()))
-    assert row["PHASE"] == "Succeeded" and float(row["SCORE"]) == pytest.approx(status["evalScore"], abs=5e-4), table
+    names = table[0].split()
+    starts = [table[0].index(f"{n} ") if n != names[-1] else table[0].rindex(n) for n in names]
+    # by column position: a finished run's STAGE cell is empty
+    row = {n: table[1][a:b].strip() for n, a, b in zip(names, starts, [*starts[1:], None])}
+    assert row["PHASE"] == "Succeeded" and float(row["SCORE"]) == status["evalScore"], table
 
     # the results off the claim, as the docs tell a user
     cp.apply(_results_pod(ns, built["runtime-cpu"]))
@@ -265,7 +272,10 @@ def test_tiny_math_runs_in_real_containers(real_node: RealNode, tmp_path: Path):
         eval_result = json.load(archive.extractfile("results/eval.json"))
         distill_metrics = archive.extractfile("metrics/distill.jsonl").read().decode().splitlines()
     assert {"results/sft.json", "results/distill.json", "checkpoints/distill/final/config.json"} <= names, names
-    assert eval_result.get("eval_score") == pytest.approx(status["evalScore"]), eval_result
+    scores = {target: sets["tinymath"]["pass_at_1"] for target, sets in eval_result["targets"].items()}
+    assert scores["distill"] == status["evalScore"], scores  # the headline score is the distilled student's
+    # the tiny world's teacher answers ~100% of held-out tinymath (examples/tiny-math.yaml): 18 of 20 at least
+    assert scores["teacher"] >= 0.9, scores
     steps = [json.loads(line)["step"] for line in distill_metrics if line.strip()]
     # the retry went on from its checkpoint: its steps continue after `step` up to the last one
     assert steps[-1] == DISTILL_STEPS and step + 1 in steps, steps
