@@ -88,6 +88,7 @@ test: $(VENV)/.installed-vllm
 	$(MAKE) --no-print-directory lint
 	$(BIN)/python tests/support/controlplane/binaries.py
 	$(BIN)/python tests/support/controlplane/images.py
+	PYTHONPATH=tests $(BIN)/python -m support.controlplane.node
 	$(BIN)/python tests/support/prometheus_server.py
 	$(BIN)/pytest -q --durations=20 -m "not gpu_image"
 	$(MAKE) --no-print-directory test-portability

@@ -32,6 +32,8 @@ def spec(
     doc = copy.deepcopy(base)
     for stage, gpus in (("sft", sft), ("distill", distill), ("eval", eval)):
         doc["spec"][stage]["resources"] = {"gpus": gpus}
+    # the teacher as on GPUs: its default resources, tensorParallelSize GPUs (the CPU example asks for none)
+    doc["spec"]["teacher"]["serving"].pop("resources", None)
     doc["spec"]["teacher"]["serving"].update(tensorParallelSize=tp, **serving)
     return parse_run(doc)
 

@@ -128,6 +128,7 @@ def test_gpus_are_requested_as_nvidia_gpu():
 
 def test_teacher_deployment_serves_the_plan_command_and_requests_tensor_parallel_gpus():
     obj = tiny_run()
+    obj["spec"]["teacher"]["serving"].pop("resources")  # the default, not the CPU example's gpus: 0
     obj["spec"]["teacher"]["serving"]["tensorParallelSize"] = 2
     run = parse_run(obj)
     dep = children.teacher_deployment(obj, run)

@@ -310,17 +310,63 @@ def build_node_kubernetes() -> None:
         _install(out / "pause", "pause")
 
 
-def _build_module(component: str, module: str, version: str, package: str) -> None:
-    """An ordinary Go module's main package, built from a wrapper module that requires it."""
+# The plugins of a cluster DNS (kubeadm's default Corefile uses these) and nothing else: the full CoreDNS
+# links every cloud provider's SDK and tracing library, which would triple the build for plugins no test uses.
+COREDNS_PLUGINS = (
+    "bind", "cache", "errors", "forward", "health", "kubernetes", "loadbalance", "log", "loop", "metrics",
+    "ready", "reload",
+)  # fmt: skip
+
+
+def _coredns_main() -> str:
+    """CoreDNS's own main (``coremain.Run``) with only ``COREDNS_PLUGINS`` linked in: each plugin registers
+    itself when imported, and the directive order is CoreDNS's (core/dnsserver), whatever is imported."""
+    imports = "".join(f'\t_ "github.com/coredns/coredns/plugin/{p}"\n' for p in COREDNS_PLUGINS)
+    return (
+        'package main\n\nimport (\n\t"github.com/coredns/coredns/coremain"\n'
+        + imports
+        + ")\n\nfunc main() { coremain.Run() }\n"
+    )
+
+
+def build_node_addons() -> None:
+    """CoreDNS (``_coredns_main``) and local-path-provisioner in one ``go build`` of one wrapper module: Go's
+    minimal version selection gives both the newer of their k8s.io/client-go versions, so client-go and
+    k8s.io/api (most of either build) compile once."""
     env = go_env()
-    with tempfile.TemporaryDirectory(prefix=f"opd-{component}-build-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="opd-node-addons-build-") as tmp:
         work = Path(tmp)
-        (work / "go.mod").write_text(f"module opd.dev/{component}-build\n\ngo 1.26\n\nrequire {module} {version}\n")
+        (work / "go.mod").write_text(
+            "module opd.dev/node-addons-build\n\ngo 1.26\n\nrequire (\n"
+            f"\tgithub.com/coredns/coredns {COREDNS_VERSION}\n"
+            f"\tgithub.com/rancher/local-path-provisioner {LOCAL_PATH_VERSION}\n)\n"
+        )
+        (work / "coredns").mkdir()
+        (work / "coredns" / "main.go").write_text(_coredns_main())
+        out = work / "bin"
+        out.mkdir()
         t0 = time.monotonic()
-        log(f"building {component} {version}")
-        _run([_go(), "build", "-trimpath", "-ldflags=-s -w", "-o", str(work / component), package], work, env)
-        log(f"built {component} in {time.monotonic() - t0:.0f}s")
-        _install(work / component, component)
+        log(
+            f"building coredns {COREDNS_VERSION} ({len(COREDNS_PLUGINS)} plugins) and "
+            f"local-path-provisioner {LOCAL_PATH_VERSION}"
+        )
+        _run(
+            [
+                _go(),
+                "build",
+                "-trimpath",
+                "-ldflags=-s -w",
+                "-o",
+                str(out),
+                "./coredns",
+                "github.com/rancher/local-path-provisioner",
+            ],
+            work,
+            env,
+        )
+        log(f"built coredns and local-path-provisioner in {time.monotonic() - t0:.0f}s")
+        _install(out / "coredns", "coredns")
+        _install(out / "local-path-provisioner", "local-path-provisioner")
 
 
 def missing(components: tuple[str, ...] = COMPONENTS) -> list[str]:
@@ -336,11 +382,8 @@ def ensure_node_binaries() -> dict[str, Path]:
     with _locked(cache_root() / "k8s" / ".build.lock"):
         if missing((*NODE_KUBE_COMPONENTS, "pause")):
             build_node_kubernetes()
-        if not binary_path("coredns").is_file():
-            _build_module("coredns", "github.com/coredns/coredns", COREDNS_VERSION, "github.com/coredns/coredns")
-        if not binary_path("local-path-provisioner").is_file():
-            module = "github.com/rancher/local-path-provisioner"
-            _build_module("local-path-provisioner", module, LOCAL_PATH_VERSION, module)
+        if missing(("coredns", "local-path-provisioner")):
+            build_node_addons()
     return paths
 
 

@@ -35,6 +35,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -116,10 +117,17 @@ def make_images(dest: Path) -> dict[str, Path]:
     }
 
 
+def image_store() -> Path:
+    """containerd's root (content, snapshots, metadata): kept in the cache between nodes, so an image
+    imported once (the runtime image unpacks to gigabytes) is there for every later node. Only one node
+    runs at a time (``LOCK``); its state (sockets, tasks, mounts) stays under the node's own directory."""
+    return binaries.cache_root() / "node" / "containerd"
+
+
 def _containerd_config(d: Path) -> str:
     return f"""\
 version = 2
-root = "{d}/containerd/root"
+root = "{image_store()}"
 state = "{d}/containerd/state"
 disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs",
   "io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.devmapper"]
@@ -230,11 +238,14 @@ def _node_certificate(pki: Path) -> None:
     )  # fmt: skip
 
 
-def _corefile(kubeconfig: Path) -> str:
+def _corefile(kubeconfig: Path, ready_port: int) -> str:
+    """The cluster's DNS zone only: pods resolve Services and pods, and nothing else (no ``forward``: they
+    need no names beyond the cluster). ``ready`` answers once the kubernetes plugin has synced."""
     return f"""\
 .:53 {{
     bind {GATEWAY}
     errors
+    ready 127.0.0.1:{ready_port}
     kubernetes cluster.local in-addr.arpa ip6.arpa {{
         kubeconfig {kubeconfig} opd-test
         pods insecure
@@ -338,6 +349,49 @@ class RealNode:
         ``imagePullPolicy: Never`` or ``IfNotPresent`` (the node pulls from nowhere)."""
         self.ctr("images", "import", "-", input_path=archive)
 
+    def image_digests(self) -> dict[str, str]:
+        """Each image name in the node's store and the digest of the manifest it names."""
+        lines = self.ctr("images", "list").splitlines()[1:]  # REF TYPE DIGEST SIZE PLATFORMS LABELS
+        return {line.split()[0]: line.split()[2] for line in lines if line.strip()}
+
+    def load_docker_image(self, tag: str, timeout: float = 1800) -> float:
+        """Copy a Docker engine's image ``tag`` (``repo:tag``) into the node (``docker save | ctr import``),
+        unless the node's store (``image_store()``, kept between nodes) has it already; other tags of
+        the same repository are removed first, so the store holds one version of each image. Returns
+        the seconds the import took (0 when the image was there)."""
+        name = tag if "/" in tag else f"docker.io/library/{tag}"  # how containerd names an unqualified ref
+        digests = self.image_digests()
+        if name in digests:
+            return 0.0
+        repo = name.rsplit(":", 1)[0]
+        # an import names the image by its ID too: every name of a replaced image's manifest goes
+        old = {d for n, d in digests.items() if n.rsplit(":", 1)[0] == repo}
+        stale = sorted(n for n, d in digests.items() if d in old)
+        if stale:
+            self.ctr("images", "remove", "--sync", *stale)
+        t0 = time.monotonic()
+        cmd = ["ctr", "--address", str(self.socket), "--namespace", "k8s.io", "images", "import", "-"]
+        save = subprocess.Popen(["docker", "save", tag], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            imp = subprocess.run(cmd, stdin=save.stdout, capture_output=True, timeout=timeout)
+        finally:
+            save.stdout.close()  # type: ignore[union-attr]
+            save_err = save.stderr.read().decode()  # type: ignore[union-attr]
+            save.wait()
+        if save.returncode != 0 or imp.returncode != 0:
+            out = imp.stdout.decode() + imp.stderr.decode()
+            raise NodeError(f"`docker save {tag} | ctr import` failed: {save_err}{out}")
+        seconds = time.monotonic() - t0
+        binaries.log(f"imported {tag} into the node's image store in {seconds:.0f}s")
+        return seconds
+
+    def _forget_containers(self) -> None:
+        """Remove every container (pod sandboxes too) from containerd's metadata, with its snapshot: the
+        image store outlives the node, its containers must not."""
+        ids = self.ctr("containers", "list", "--quiet", timeout=60).split()
+        if ids:
+            self.ctr("containers", "delete", *ids, timeout=120)
+
     # ---- teardown ---------------------------------------------------------------------------------
     def stop(self) -> None:
         """Remove everything the node made; each step runs even if an earlier one fails."""
@@ -351,6 +405,8 @@ class RealNode:
 
         if self.cp is not None:
             step("remove pods", self._remove_pods)
+            if "containerd" in self.cp.components and self.cp.components["containerd"].proc.poll() is None:
+                step("forget containers", self._forget_containers)
             step("stop processes", self.cp.stop, True)
         step("kill pod processes", self._kill_cgroup_processes)
         if self.dir is not None:
@@ -652,8 +708,17 @@ def _start_node(node: RealNode, timeout: float) -> None:
             if (root / f).exists() and not (root / f).read_text().strip():
                 (root / f).write_text((hierarchy / f).read_text())
 
-    cp._spawn("containerd", ["--config", str(d / "containerd" / "config.toml"), "--log-level", "warn"])
-    cp.wait("containerd's socket", node.socket.exists, timeout=timeout, component="containerd")
+    image_store().mkdir(parents=True, exist_ok=True)
+    _start_containerd(node, timeout)
+    if node.ctr("containers", "list", "--quiet").split():
+        # a node killed before its teardown left containers in the kept store: drop them and restart, so
+        # the CRI plugin (which reads them once, at start) begins empty
+        node._forget_containers()
+        comp = cp.components.pop("containerd")
+        comp.proc.terminate()
+        comp.proc.wait(timeout=60)
+        node.socket.unlink(missing_ok=True)
+        _start_containerd(node, timeout)
     node.images = make_images(d / "images")
     cp.wait("containerd to import images", lambda: _try_import(node), timeout=timeout, component="containerd")
 
@@ -698,7 +763,8 @@ def _start_node(node: RealNode, timeout: float) -> None:
             "--v=1",
         ],
     )
-    (d / "Corefile").write_text(_corefile(cp.kubeconfig))
+    dns_ready_port = _free_port()
+    (d / "Corefile").write_text(_corefile(cp.kubeconfig, dns_ready_port))
     cp._spawn("coredns", ["-conf", str(d / "Corefile")])
 
     def node_ready() -> bool:
@@ -707,6 +773,12 @@ def _start_node(node: RealNode, timeout: float) -> None:
         return any(c["type"] == "Ready" and c["status"] == "True" for c in conds)
 
     cp.wait(f"node {NODE_NAME} to be Ready (kubelet)", node_ready, timeout=timeout, component="kubelet")
+    cp.wait(
+        "CoreDNS to be ready",
+        lambda: _http_ok(f"http://127.0.0.1:{dns_ready_port}/ready"),
+        timeout=timeout,
+        component="coredns",
+    )
 
     cp.apply(_storage_manifest(d / "volumes"))
     cp._spawn(
@@ -721,6 +793,27 @@ def _start_node(node: RealNode, timeout: float) -> None:
             f"--helper-image={BUSYBOX_IMAGE}",
         ],
     )
+
+
+def _http_ok(url: str) -> bool:
+    with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=2) as resp:
+        return resp.status == 200
+    return False
+
+
+def _start_containerd(node: RealNode, timeout: float) -> None:
+    cp, d = node.cp, node.dir
+    assert cp is not None and d is not None
+    cp._spawn("containerd", ["--config", str(d / "containerd" / "config.toml"), "--log-level", "warn"])
+    cp.wait("containerd's socket", node.socket.exists, timeout=timeout, component="containerd")
+    cp.wait("containerd to answer", lambda: _answers(node), timeout=timeout, component="containerd")
+
+
+def _answers(node: RealNode) -> bool:
+    with contextlib.suppress(NodeError, subprocess.TimeoutExpired):
+        node.ctr("version", timeout=10)
+        return True
+    return False
 
 
 def _try_import(node: RealNode) -> bool:

@@ -1,6 +1,3 @@
-# NOT COLLECTED YET (no test_ prefix): the real node test, waiting for the CoreDNS and local-path-provisioner
-# builds (controlplane/binaries.py) to be measured; rename to tests/k8s/test_real_node_k8s.py, register the `node`
-# marker and add `PYTHONPATH=tests $(BIN)/python -m controlplane.node` before pytest in `make test` once it passes.
 """Pods in real containers on the real node (tests/support/controlplane/node.py), as a cluster runs them.
 
 Under PodSecurity ``restricted``: a Deployment behind a Service with a readiness probe the kubelet runs, a
