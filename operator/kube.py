@@ -141,18 +141,25 @@ class RestApi:
         content_type: str = "application/json",
         ok_missing: bool = False,
     ) -> Manifest | None:
+        import urllib3
+
         verb, resource = request_kind(method, url_path)
         metrics.API_REQUESTS.labels(verb=verb, resource=resource).inc()
         url = self.cfg.host.rstrip("/") + url_path + (f"?{urlencode(query)}" if query else "")
         data = json.dumps(body).encode() if body is not None else None
-        resp = self.http.request(
-            method,
-            url,
-            body=data,
-            headers=self._headers(content_type if data else None),
-            timeout=self.timeout,
-            retries=False,
-        )
+        try:
+            resp = self.http.request(
+                method,
+                url,
+                body=data,
+                headers=self._headers(content_type if data else None),
+                timeout=self.timeout,
+                retries=False,
+            )
+        except urllib3.exceptions.HTTPError as err:
+            # a timeout or a dropped connection is a failed request like a 5xx (urllib3's errors are neither
+            # ApiError nor OSError): every caller's retry or report then covers it
+            raise ApiError(0, f"no answer from the API server for {method} {url_path}: {err}") from err
         if ok_missing and resp.status == 404:
             return None
         payload = json.loads(resp.data) if resp.data else {}
