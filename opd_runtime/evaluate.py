@@ -377,7 +377,7 @@ def run_eval(
     ``batch_size`` (``opd eval --batch-size``) overrides ``spec.eval.batchSize``."""
     cfg = eval_spec(run)
     ws = Workspace(Path(workspace))
-    ensure_world(run, ws)
+    ensure_world(run, ws, "eval")
     targets = resolve_targets(run, ws)
     labels = [dataset_label(ds) for ds in cfg.datasets]
     for i, label in enumerate(labels):

@@ -181,7 +181,7 @@ def serve_teacher(
     if not vllm_installed():
         raise SpecError(VLLM_MISSING)
     ws = Workspace(Path(workspace))
-    ensure_world(run, ws)
+    ensure_world(run, ws, "teacher")
     model_dir = ws.resolve(run.spec.teacher.model)
     port = port or run.spec.teacher.serving.port
     cuda = cuda_available()

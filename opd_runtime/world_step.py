@@ -22,20 +22,31 @@ from .spec import DistillationRun
 from .workspace import MODELS_DIR, TINY_SCHEME, Workspace, ensure_tiny_world
 
 
-def tiny_model_names(run: DistillationRun) -> list[str]:
-    """Every ``tiny://`` name the run's stages will resolve (models, tokenizers, distill.initFrom)."""
+def tiny_model_names(run: DistillationRun, stage: str | None = None) -> list[str]:
+    """The ``tiny://`` names that ``stage`` resolves (models, tokenizers, distill.initFrom), or every stage
+    of the run when ``stage`` is None. A stage builds the world only for names it uses: an SFT stage whose
+    run scores with a tiny teacher later must not train that teacher first."""
     spec = run.spec
-    names = [spec.student.model, spec.student.tokenizer, spec.teacher.model, spec.teacher.tokenizer]
-    if spec.distill is not None:
-        names.append(spec.distill.init_from)
-    return [n for n in names if n is not None and n.startswith(TINY_SCHEME)]
+    student = [spec.student.model, spec.student.tokenizer]
+    teacher = [spec.teacher.model, spec.teacher.tokenizer]
+    d = spec.distill
+    distills = d is not None and d.enabled and d.objective == "distill"
+    evals_teacher = spec.eval is not None and spec.eval.enabled and "teacher" in spec.eval.targets
+    per_stage = {
+        "sft": student,
+        "distill": student + (teacher if distills else []) + [d.init_from if d is not None else None],
+        "eval": student + (teacher if evals_teacher else []),
+        "teacher": teacher,
+    }
+    names = per_stage[stage] if stage is not None else [n for v in per_stage.values() for n in v]
+    return list(dict.fromkeys(n for n in names if n is not None and n.startswith(TINY_SCHEME)))
 
 
-def ensure_world(run: DistillationRun, ws: Workspace) -> None:
-    """The first step of every stage that loads models: the tiny world in the workspace when the run names
-    ``tiny://`` models, built (or copied from the cache) in this process the first time. Under ``opd run``
-    it is already there (``build_world`` ran before the first stage, with its progress shown)."""
-    if tiny_model_names(run):
+def ensure_world(run: DistillationRun, ws: Workspace, stage: str) -> None:
+    """The first step of every stage that loads models: the tiny world in the workspace when ``stage``
+    names ``tiny://`` models, built (or copied from the cache) in this process the first time. Under
+    ``opd run`` it is already there (``build_world`` ran before the first stage, with its progress shown)."""
+    if tiny_model_names(run, stage):
         ensure_tiny_world(ws.root / MODELS_DIR)
 
 

@@ -285,7 +285,7 @@ def _setup(run: DistillationRun, workspace: Path, resume: bool, log: Callable[[s
     is written, then find the checkpoint to resume from and load the prompts."""
     cfg = enabled_spec(run.spec.distill, "distill")
     ws = Workspace(Path(workspace))
-    ensure_world(run, ws)
+    ensure_world(run, ws, "distill")
     init = init_model_path(run, ws)
     teacher_name = ws.resolve(run.spec.teacher.model)
     student = run.spec.student

@@ -80,7 +80,7 @@ def run_sft(
     cfg = enabled_spec(run.spec.sft, "sft")
     log = rank_log(log)
     ws = Workspace(Path(workspace))
-    ensure_world(run, ws)
+    ensure_world(run, ws, "sft")
     ckpt_root = ws.checkpoints("sft")
     existing = checkpoint.resumable(ckpt_root, resume, run, "sft")
     student = run.spec.student

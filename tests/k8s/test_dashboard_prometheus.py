@@ -152,7 +152,7 @@ def scraped(control_plane: ControlPlane, tmp_path_factory) -> Iterator[Scraped]:
     doc = run_doc(learner_port, teacher_port)
     run = DistillationRun.model_validate(doc)
     (tmp / "run.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
-    ensure_world(run, Workspace(tmp))  # the tiny world, copied from the cache (built there once)
+    ensure_world(run, Workspace(tmp), "distill")  # the tiny world, copied from the cache (built there once)
 
     with ExitStack() as stack:
         # The teacher's vLLM engine (the slowest part: ~25 s on 2 idle cores) starts first, meanwhile the rest.

@@ -38,6 +38,17 @@ def test_tiny_model_names_lists_every_tiny_reference():
     assert tiny_model_names(parse_run(run_doc("/models/s", "/models/t"))) == []
 
 
+def test_a_stage_builds_the_world_only_for_the_tiny_models_it_uses():
+    """An SFT stage of a run whose student is a path and whose teacher is tiny:// must not train the tiny
+    teacher first (a multi-node SFT test spent its whole timeout building the world this way)."""
+    run = parse_run(run_doc("/models/s", "tiny://teacher"))
+    assert tiny_model_names(run, "sft") == []
+    assert tiny_model_names(run, "distill") == tiny_model_names(run, "teacher") == ["tiny://teacher"]
+    rl = run_doc("/models/s", "tiny://teacher", objective="rl", loss="importance_sampling")
+    assert tiny_model_names(parse_run(rl), "distill") == []  # rl grades answers: no teacher to load
+    assert tiny_model_names(parse_run(run_doc("tiny://student-init", "/models/t")), "sft") == ["tiny://student-init"]
+
+
 def plant_cached_world(cache: Path) -> Path:
     """A cache entry for the default WorldConfig, as a finished build leaves it (models stubbed)."""
     entry = cache / "tiny-world" / tiny_models._cache_key(WorldConfig())
