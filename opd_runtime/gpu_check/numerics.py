@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from ..training.distributed import local_device
 from . import FAILED, PASSED, Check
 from .shapes import write_model
 
@@ -327,15 +328,11 @@ def _fsdp_one_process(path: Path, dev: torch.device):
 
 
 def pin_device(dev: torch.device) -> torch.device:
-    """This process's own GPU, made current and named with its index (``LOCAL_RANK``, 0 for one process);
-    ``dev`` itself on a CPU. ``modeling.device()`` says only ``cuda``, and ``torch.cuda.set_device`` refuses
-    a device without an index (ValueError), so the index is taken from the launcher, as
-    ``distributed.session`` does."""
-    if dev.type != "cuda":
-        return dev
-    index = dev.index if dev.index is not None else int(os.environ.get("LOCAL_RANK", "0"))
-    torch.cuda.set_device(index)
-    return torch.device("cuda", index)
+    """This process's own GPU (``distributed.local_device``), made current; ``dev`` itself on a CPU."""
+    dev = local_device(dev)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    return dev
 
 
 def one_process_group(dev: torch.device):

@@ -64,6 +64,15 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def local_device(dev: torch.device) -> torch.device:
+    """This process's own device: ``dev`` with the launcher's ``LOCAL_RANK`` (0 for one process) as its
+    index when it is a GPU named without one (``torch.cuda.set_device`` refuses ``cuda`` alone); ``dev``
+    itself otherwise."""
+    if dev.type != "cuda" or dev.index is not None:
+        return dev
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+
+
 @contextlib.contextmanager
 def session() -> Iterator[None]:
     """Join torchrun's process group for the duration of a stage (nothing for a single process).
@@ -76,7 +85,7 @@ def session() -> Iterator[None]:
         yield
         return
     if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(local_device(torch.device("cuda")))
         backend = "nccl"
     else:
         backend = "gloo"

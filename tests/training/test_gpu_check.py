@@ -132,23 +132,21 @@ def test_opd_gpu_check_is_the_same_check_for_cluster_users(tmp_path):
     assert "no CUDA device is visible" in proc.stderr
 
 
-def test_the_process_gpu_is_pinned_by_index(monkeypatch):
+def test_the_process_gpu_is_named_by_index(monkeypatch):
     """``modeling.device()`` says ``cuda`` with no index, which ``torch.cuda.set_device`` refuses before it
-    reaches the driver; the check pins ``cuda:LOCAL_RANK``. Only the driver call is replaced (no GPU
-    here): torch's own index resolution runs as on the GPU machine."""
+    reaches the driver; the check and the stages pin ``cuda:LOCAL_RANK`` (``distributed.local_device``)."""
     import torch
 
-    from opd_runtime.gpu_check.numerics import pin_device
+    from opd_runtime.training.distributed import local_device
 
-    pinned: list[int] = []
-    monkeypatch.setattr(torch._C, "_cuda_setDevice", pinned.append, raising=False)
     with pytest.raises(ValueError, match="specified index"):
         torch.cuda.set_device(torch.device("cuda"))  # what the check did before it pinned by index
     monkeypatch.setenv("LOCAL_RANK", "0")
-    assert pin_device(torch.device("cuda")) == torch.device("cuda", 0) and pinned == [0]
+    assert local_device(torch.device("cuda")) == torch.device("cuda", 0)
     monkeypatch.setenv("LOCAL_RANK", "1")
-    assert pin_device(torch.device("cuda")) == torch.device("cuda", 1) and pinned == [0, 1]
-    assert pin_device(torch.device("cpu")) == torch.device("cpu") and pinned == [0, 1]
+    assert local_device(torch.device("cuda")) == torch.device("cuda", 1)
+    assert local_device(torch.device("cuda", 3)) == torch.device("cuda", 3)
+    assert local_device(torch.device("cpu")) == torch.device("cpu")
 
 
 def run_check(tmp_path: Path, *args: str) -> subprocess.Popen:
